@@ -1,0 +1,27 @@
+//! Compiles the csi-addons protos with protox (a protobuf compiler written in
+//! Rust, so no `protoc` has to be installed) and generates tonic servers and
+//! clients. The file descriptor set is kept for gRPC server reflection.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/identity.proto", "proto/replication.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    println!(
+        "cargo:rerun-if-changed=proto/github.com/container-storage-interface/spec/lib/go/csi/csi.proto"
+    );
+
+    let fds = protox::compile(protos, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("csi_addons_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

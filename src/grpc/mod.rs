@@ -1,0 +1,3 @@
+//! gRPC layer: the csi-addons Identity and replication Controller services.
+
+pub mod proto;

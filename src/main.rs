@@ -1,0 +1,3 @@
+//! The csi-rbd-replicator command line.
+
+fn main() {}
