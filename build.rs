@@ -1,10 +1,15 @@
 //! Compiles the csi-addons protos with protox (a protobuf compiler written in
 //! Rust, so no `protoc` has to be installed) and generates tonic servers and
-//! clients. The file descriptor set is kept for gRPC server reflection.
+//! clients. The file descriptor set is kept for gRPC server reflection. Links
+//! librbd and librados (Debian: librbd-dev, librados-dev).
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // src/ceph/sys.rs is checked-in bindgen output; only linking happens here.
+    println!("cargo:rustc-link-lib=rbd");
+    println!("cargo:rustc-link-lib=rados");
+
     let protos = ["proto/identity.proto", "proto/replication.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
