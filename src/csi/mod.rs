@@ -1,2 +1,20 @@
 //! ceph-csi identities: volume handles, the ceph-csi `config.json` and
 //! cluster-mapping files, VolumeReplicationClass parameters.
+//!
+//! Pure parsing and validation: nothing here talks to Ceph or to gRPC, and the
+//! only I/O is reading the two config files. Every error names the input and
+//! says what is wrong, because the gRPC layer hands these messages to users as
+//! INVALID_ARGUMENT.
+
+pub mod config;
+pub mod handle;
+pub mod params;
+pub mod volume_id;
+
+#[cfg(test)]
+mod test_rng;
+
+pub use config::{ClusterConfig, ClusterMapping, ConfigError, CsiConfig, PoolLocation};
+pub use handle::{HandleError, VolumeHandle};
+pub use params::{FlattenMode, MirroringMode, ParamError, ReplicationParams, StartTime};
+pub use volume_id::{VolumeId, VolumeIdError};
