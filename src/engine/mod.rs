@@ -1,2 +1,375 @@
 //! The replication engine: volume resolution, the per-pool registry in RADOS,
-//! the snapshot replayer and replication status. No gRPC types here.
+//! the snapshot replayer and replication status. No gRPC types here: the
+//! gRPC layer validates requests into the typed models below and maps
+//! [`EngineError`] to status codes.
+//!
+//! Every Ceph call is blocking; the async entry points run them on tokio's
+//! blocking pool (`spawn_blocking`), never on runtime worker threads. Work on
+//! a volume runs to completion even if the RPC that asked for it goes away,
+//! and holds the volume's [`oplock`] until then.
+
+pub mod conn;
+pub mod copy;
+pub mod error;
+pub mod oplock;
+pub mod registry;
+pub mod replayer;
+pub mod resolve;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::ceph::Cluster;
+use crate::csi::config::{ClusterConfig, ClusterMapping, CsiConfig};
+use crate::csi::params::{MirroringMode, ReplicationParams};
+use crate::csi::volume_id::VolumeId;
+
+pub use conn::{Connections, Credentials};
+pub use copy::CopyLimits;
+pub use error::{CephContext, EngineError, Result};
+use registry::{ImageRecord, Registry, ReplayState, Role, Schedule, sync_snap_name, sync_snap_seq};
+
+/// Static configuration of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// ceph-csi's `config.json`.
+    pub csi_config: CsiConfig,
+    /// ceph-csi's cluster-mapping file (may be empty).
+    pub mapping: ClusterMapping,
+    /// The local cluster (`--cluster-id`).
+    pub local_cluster: ClusterConfig,
+    /// Credentials for background work on the local cluster.
+    pub local_creds: Credentials,
+    /// Bound on every cluster operation.
+    pub op_timeout: Duration,
+    /// Limits of one copy.
+    pub limits: CopyLimits,
+    /// How often the replayer looks for work.
+    pub poll_interval: Duration,
+    /// Pools the replayer serves; `None`: every pool with mirror peers.
+    pub pools: Option<Vec<String>>,
+    /// Images synced at once at most.
+    pub max_concurrent_syncs: usize,
+    /// A replica status older than this counts as a silent peer.
+    pub peer_stale_after: Duration,
+}
+
+/// A request naming one volume.
+#[derive(Debug, Clone)]
+pub struct VolumeRequest {
+    /// The volume.
+    pub volume: VolumeId,
+    /// Credentials from the RPC, if it carried any.
+    pub creds: Option<Credentials>,
+}
+
+/// Health of replication as `GetVolumeReplicationInfo` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Working.
+    Healthy,
+    /// Stalled or lagging; may need attention.
+    Degraded,
+    /// Broken; needs attention.
+    Error,
+}
+
+/// Replication information of a primary volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationInfo {
+    /// When the newest complete sync point was taken on the primary.
+    pub last_sync_time: DateTime<Utc>,
+    /// How long the copy of that sync point took.
+    pub last_sync_duration: Duration,
+    /// Bytes it copied.
+    pub last_sync_bytes: u64,
+    /// Health.
+    pub health: Health,
+    /// Human-readable state.
+    pub message: String,
+}
+
+/// The engine. Shared behind an `Arc` by the gRPC services and the replayer.
+pub struct Engine {
+    cfg: EngineConfig,
+    conns: Connections,
+    locks: oplock::OpLocks,
+    last_local_ok: Mutex<Option<Instant>>,
+    last_local_err: Mutex<Option<String>>,
+    cookie: String,
+}
+
+impl Engine {
+    /// An engine with `cfg`. Connects lazily.
+    pub fn new(cfg: EngineConfig) -> Arc<Self> {
+        Arc::new(Self {
+            conns: Connections::new(cfg.op_timeout),
+            cfg,
+            locks: oplock::OpLocks::default(),
+            last_local_ok: Mutex::new(None),
+            last_local_err: Mutex::new(None),
+            cookie: format!("csirr-{}", uuid::Uuid::new_v4()),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// A connection to the local cluster with the sidecar's credentials.
+    pub fn local(&self) -> Result<Arc<Cluster>> {
+        self.conns
+            .get(&self.cfg.local_cluster.mon_host(), &self.cfg.local_creds)
+    }
+
+    /// Runs blocking `f` on the blocking pool while holding the volume's
+    /// operation lock; `Busy` if another operation holds it.
+    async fn run_locked<T: Send + 'static>(
+        self: &Arc<Self>,
+        key: String,
+        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let guard = self.locks.try_lock(&key)?;
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            f(&me)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("operation on {key} failed: {e}")))?
+    }
+
+    async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| EngineError::Internal(format!("operation failed: {e}")))?
+    }
+
+    /// Pings the local cluster and records the outcome for [`Engine::probe`].
+    pub async fn check_local(self: &Arc<Self>) {
+        let r = self
+            .run(|e| e.local()?.ping().ctx(|| "pinging the local cluster".into()))
+            .await;
+        match r {
+            Ok(()) => {
+                *self.last_local_ok.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Instant::now());
+                *self
+                    .last_local_err
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "local cluster check failed");
+                *self
+                    .last_local_err
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Ready when the local cluster answered within `within`; otherwise the
+    /// reason.
+    pub fn probe(&self, within: Duration) -> std::result::Result<(), String> {
+        let ok = *self.last_local_ok.lock().unwrap_or_else(|p| p.into_inner());
+        match ok {
+            Some(t) if t.elapsed() <= within => Ok(()),
+            _ => {
+                let err = self
+                    .last_local_err
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                Err(match (ok, err) {
+                    (_, Some(e)) => format!(
+                        "local cluster {} is not answering: {e}",
+                        self.cfg.local_cluster.cluster_id
+                    ),
+                    (None, None) => format!(
+                        "local cluster {} has not been reached yet",
+                        self.cfg.local_cluster.cluster_id
+                    ),
+                    (Some(t), None) => format!(
+                        "local cluster {} last answered {}s ago",
+                        self.cfg.local_cluster.cluster_id,
+                        t.elapsed().as_secs()
+                    ),
+                })
+            }
+        }
+    }
+
+    /// EnableVolumeReplication: registers the image as a primary and takes
+    /// its first sync snapshot. Idempotent; on a replica it changes nothing.
+    pub async fn enable(
+        self: &Arc<Self>,
+        req: VolumeRequest,
+        params: ReplicationParams,
+    ) -> Result<()> {
+        if params.mirroring_mode != MirroringMode::Snapshot {
+            return Err(EngineError::InvalidArgument(format!(
+                "mirroringMode {} is not supported yet; use snapshot",
+                params.mirroring_mode
+            )));
+        }
+        let key = req.volume.to_string();
+        self.run_locked(key, move |e| e.enable_blocking(&req, &params))
+            .await
+    }
+
+    fn enable_blocking(&self, req: &VolumeRequest, params: &ReplicationParams) -> Result<()> {
+        let vol = self.resolve(&req.volume, req.creds.as_ref())?;
+        let reg = Registry::new(Arc::clone(vol.ioctx()));
+        let map = params.to_map();
+        let schedule = Schedule {
+            interval: map.get("schedulingInterval").cloned(),
+            start_time: map.get("schedulingStartTime").cloned(),
+        };
+        let span = tracing::info_span!("enable", volume = %req.volume, image = %vol.image.spec());
+        let _e = span.enter();
+        let mut rec = match reg.get(&vol.image_id)? {
+            Some(rec) if rec.role == Role::Secondary => {
+                tracing::info!("image is a replica; enable changes nothing");
+                return Ok(());
+            }
+            Some(rec) => rec,
+            None => ImageRecord {
+                version: 1,
+                image_name: vol.image.name().to_string(),
+                image_id: vol.image_id.clone(),
+                role: Role::Primary,
+                mode: MirroringMode::Snapshot.to_string(),
+                schedule: schedule.clone(),
+                volume_id: vol.handle.as_ref().map(ToString::to_string),
+                enabled_at: Utc::now(),
+                primary: None,
+                last_sync: None,
+            },
+        };
+        rec.schedule = schedule;
+        reg.put(&rec)?;
+        let snaps = vol
+            .image
+            .snap_list()
+            .ctx(|| format!("listing snapshots of {}", vol.image.spec()))?;
+        if !snaps.iter().any(|s| sync_snap_seq(&s.name).is_some()) {
+            let name = sync_snap_name(1);
+            vol.image
+                .snap_create(&name)
+                .ctx(|| format!("taking sync snapshot {name} of {}", vol.image.spec()))?;
+            tracing::info!(snapshot = %name, "replication enabled; first sync snapshot taken");
+        } else {
+            tracing::info!("replication already enabled");
+        }
+        Ok(())
+    }
+
+    /// PromoteVolume: succeeds on a primary. Promoting a replica is not
+    /// supported by this version.
+    pub async fn promote(self: &Arc<Self>, req: VolumeRequest, _force: bool) -> Result<()> {
+        let key = req.volume.to_string();
+        self.run_locked(key, move |e| {
+            let vol = e.resolve(&req.volume, req.creds.as_ref())?;
+            let reg = Registry::new(Arc::clone(vol.ioctx()));
+            match reg.get(&vol.image_id)? {
+                None => Err(EngineError::FailedPrecondition(format!(
+                    "replication is not enabled for volume {}",
+                    req.volume
+                ))),
+                Some(r) if r.role == Role::Primary => Ok(()),
+                Some(_) => Err(EngineError::Unsupported(format!(
+                    "volume {} is a replica; promoting a replica is not supported by this version",
+                    req.volume
+                ))),
+            }
+        })
+        .await
+    }
+
+    /// GetVolumeReplicationInfo on a primary: the newest complete sync point
+    /// any replica reported, and the health of replication.
+    pub async fn info(self: &Arc<Self>, req: VolumeRequest) -> Result<ReplicationInfo> {
+        self.run(move |e| e.info_blocking(&req)).await
+    }
+
+    fn info_blocking(&self, req: &VolumeRequest) -> Result<ReplicationInfo> {
+        let vol = self.resolve(&req.volume, req.creds.as_ref())?;
+        let reg = Registry::new(Arc::clone(vol.ioctx()));
+        let rec = reg.get(&vol.image_id)?.ok_or_else(|| {
+            EngineError::FailedPrecondition(format!(
+                "replication is not enabled for volume {}",
+                req.volume
+            ))
+        })?;
+        if rec.role != Role::Primary {
+            return Err(EngineError::FailedPrecondition(format!(
+                "volume {} is a replica; replication info is reported on the primary",
+                req.volume
+            )));
+        }
+        let statuses = reg.statuses(&vol.image_id)?;
+        let best = statuses
+            .iter()
+            .filter(|s| s.last_sync.is_some())
+            .max_by_key(|s| s.last_sync.as_ref().map(|l| l.snap_time));
+        let Some(st) = best else {
+            let detail = statuses
+                .first()
+                .map(|s| format!(" (replica: {:?} {})", s.state, s.message))
+                .unwrap_or_default();
+            return Err(EngineError::NoInfoYet(format!(
+                "no sync of volume {} has completed yet{detail}",
+                req.volume
+            )));
+        };
+        let Some(last) = st.last_sync.clone() else {
+            return Err(EngineError::Internal("status without sync".into()));
+        };
+        let age = Utc::now()
+            .signed_duration_since(st.updated_at)
+            .to_std()
+            .unwrap_or_default();
+        let (health, message) = if st.state == ReplayState::Error {
+            (Health::Error, format!("replica error: {}", st.message))
+        } else if age > self.cfg.peer_stale_after {
+            (
+                Health::Degraded,
+                format!(
+                    "the replica's replayer has not reported for {}s (last: {:?})",
+                    age.as_secs(),
+                    st.state
+                ),
+            )
+        } else {
+            let state = match st.state {
+                ReplayState::Syncing => format!(
+                    "syncing {} {:.0}%",
+                    st.syncing_snap.as_deref().unwrap_or(""),
+                    st.percent.unwrap_or(0.0)
+                ),
+                ReplayState::Idle => "replaying, idle".to_string(),
+                ReplayState::Starting => "starting".to_string(),
+                ReplayState::Error => "error".to_string(),
+            };
+            (
+                Health::Healthy,
+                format!("{state}; last sync point {}", last.snap_name),
+            )
+        };
+        Ok(ReplicationInfo {
+            last_sync_time: last.snap_time,
+            last_sync_duration: Duration::from_millis(last.duration_ms),
+            last_sync_bytes: last.bytes,
+            health,
+            message,
+        })
+    }
+}

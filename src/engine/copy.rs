@@ -1,0 +1,384 @@
+//! The data mover: copies the extents that changed between two snapshots of
+//! the primary (or all allocated extents, for a first sync) into the replica
+//! with bounded parallel aio.
+//!
+//! Runs on a blocking thread. One scheduler loop submits aio reads while the
+//! byte budget and op limit allow, and reacts to completions arriving on a
+//! channel from librbd's completion thread: a finished read becomes a write
+//! (or nothing, for an all-zero buffer on a fresh replica, or an exact
+//! write-zeroes otherwise); a finished write returns its buffer to a free
+//! list. Memory is bounded by the budget whatever the image size.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use crate::ceph::{self, Image};
+
+use super::error::{EngineError, Result};
+
+/// Limits of one copy.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyLimits {
+    /// Bytes of data buffers in flight at most.
+    pub max_inflight_bytes: usize,
+    /// Aio operations in flight at most.
+    pub max_ops: usize,
+    /// Largest single read/write.
+    pub chunk: u64,
+}
+
+impl Default for CopyLimits {
+    fn default() -> Self {
+        Self {
+            max_inflight_bytes: 64 << 20,
+            max_ops: 32,
+            chunk: 4 << 20,
+        }
+    }
+}
+
+/// What a copy did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes read from the primary.
+    pub bytes_read: u64,
+    /// Bytes written to the replica (data).
+    pub bytes_written: u64,
+    /// Bytes zeroed on the replica.
+    pub bytes_zeroed: u64,
+    /// Bytes read that were all zero and needed no write.
+    pub bytes_skipped: u64,
+}
+
+impl CopyStats {
+    /// Bytes that crossed from primary to replica (read plus zeroed).
+    pub fn transferred(&self) -> u64 {
+        self.bytes_read + self.bytes_zeroed
+    }
+}
+
+/// A unit of work: copy `len` bytes at `off`, or zero them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Offset in bytes.
+    pub off: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// `true`: data to copy; `false`: must become zeroes.
+    pub data: bool,
+}
+
+/// Lists the extents of `src` (opened at the target snapshot) that differ from
+/// snapshot `from` (`None`: everything allocated), split at `chunk`
+/// boundaries.
+pub fn changed_extents(
+    src: &Image,
+    from: Option<&str>,
+    size: u64,
+    chunk: u64,
+) -> Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    let r = src.diff_iterate::<_, std::convert::Infallible>(
+        from,
+        0,
+        size,
+        false,
+        |off, len, exists| {
+            push_split(&mut out, off, len, exists, chunk);
+            Ok(())
+        },
+    );
+    match r {
+        Ok(()) => Ok(out),
+        Err(ceph::rbd::DiffError::Ceph(e)) => Err(EngineError::Ceph {
+            context: format!("listing changed extents of {}", src.spec()),
+            source: e,
+        }),
+        Err(ceph::rbd::DiffError::Callback(never)) => match never {},
+    }
+}
+
+/// Appends `[off, off+len)` split at multiples of `chunk`.
+fn push_split(out: &mut Vec<Extent>, off: u64, len: u64, data: bool, chunk: u64) {
+    let end = off.saturating_add(len);
+    let mut o = off;
+    while o < end {
+        let boundary = (o / chunk + 1).saturating_mul(chunk);
+        let e = boundary.min(end);
+        out.push(Extent {
+            off: o,
+            len: e - o,
+            data,
+        });
+        o = e;
+    }
+}
+
+/// Ranges allocated in `have` that `want` does not cover: what a replica
+/// holds beyond the source's allocated extents, which must become zero.
+pub fn uncovered(have: &[Extent], want: &[Extent]) -> Vec<(u64, u64)> {
+    let mut w: Vec<(u64, u64)> = want.iter().map(|e| (e.off, e.off + e.len)).collect();
+    w.sort_unstable();
+    let mut out = Vec::new();
+    for h in have {
+        let (mut s, e) = (h.off, h.off + h.len);
+        for &(ws, we) in &w {
+            if we <= s {
+                continue;
+            }
+            if ws >= e {
+                break;
+            }
+            if ws > s {
+                out.push((s, ws));
+            }
+            s = s.max(we);
+            if s >= e {
+                break;
+            }
+        }
+        if s < e {
+            out.push((s, e));
+        }
+    }
+    out
+}
+
+enum Event {
+    Read {
+        ext: Extent,
+        res: ceph::Result<usize>,
+        buf: Vec<u8>,
+    },
+    Written {
+        ext: Extent,
+        res: ceph::Result<usize>,
+        buf: Vec<u8>,
+        zero: bool,
+    },
+}
+
+/// Whether `buf` holds only zero bytes (16 bytes at a time).
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(16);
+    chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
+        && chunks.remainder().iter().all(|b| *b == 0)
+}
+
+/// Copies `extents` from `src` to `dst`. `fresh` says the replica is known
+/// to be all zeroes where not yet written (newly created), so all-zero data
+/// needs no write. `progress(done_bytes)` is called as work completes;
+/// `cancel` stops submitting and drains. Blocking.
+pub fn copy_extents(
+    src: &Image,
+    dst: &Image,
+    extents: &[Extent],
+    fresh: bool,
+    limits: CopyLimits,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(u64),
+) -> Result<CopyStats> {
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut stats = CopyStats::default();
+    let mut free: Vec<Vec<u8>> = Vec::new();
+    let mut next = 0usize;
+    let mut inflight_ops = 0usize;
+    let mut inflight_bytes = 0usize;
+    let mut done_bytes = 0u64;
+    let mut first_err: Option<EngineError> = None;
+    let budget = limits.max_inflight_bytes.max(limits.chunk as usize);
+
+    let ceph_err = |what: &str, img: &Image, e: ceph::Error| EngineError::Ceph {
+        context: format!("{what} {}", img.spec()),
+        source: e,
+    };
+
+    loop {
+        // Submit as much as the limits allow.
+        while first_err.is_none() && next < extents.len() && inflight_ops < limits.max_ops {
+            if cancel.load(Ordering::Relaxed) {
+                first_err = Some(EngineError::Unavailable("sync cancelled".into()));
+                break;
+            }
+            let ext = extents[next];
+            if ext.data {
+                let len = ext.len as usize;
+                if inflight_bytes + len > budget && inflight_ops > 0 {
+                    break;
+                }
+                let mut buf = free.pop().unwrap_or_default();
+                buf.resize(len, 0);
+                let t = tx.clone();
+                let r = src.aio_read(
+                    ext.off,
+                    buf,
+                    Box::new(move |res, buf| {
+                        let _ = t.send(Event::Read { ext, res, buf });
+                    }),
+                );
+                if let Err(e) = r {
+                    first_err = Some(ceph_err("reading", src, e));
+                    break;
+                }
+                inflight_bytes += len;
+            } else {
+                let t = tx.clone();
+                let r = dst.aio_write_zeroes(
+                    ext.off,
+                    ext.len,
+                    Box::new(move |res, buf| {
+                        let _ = t.send(Event::Written {
+                            ext,
+                            res,
+                            buf,
+                            zero: true,
+                        });
+                    }),
+                );
+                if let Err(e) = r {
+                    first_err = Some(ceph_err("zeroing", dst, e));
+                    break;
+                }
+            }
+            inflight_ops += 1;
+            next += 1;
+        }
+        if inflight_ops == 0 {
+            break;
+        }
+        let Ok(ev) = rx.recv() else { break };
+        match ev {
+            Event::Read { ext, res, buf } => match res {
+                Err(e) => {
+                    inflight_ops -= 1;
+                    inflight_bytes -= buf.len();
+                    free.push(buf);
+                    first_err.get_or_insert(ceph_err("reading", src, e));
+                }
+                Ok(_) if first_err.is_some() => {
+                    inflight_ops -= 1;
+                    inflight_bytes -= buf.len();
+                    free.push(buf);
+                }
+                Ok(_) => {
+                    stats.bytes_read += ext.len;
+                    let zero = is_zero(&buf);
+                    if zero && fresh {
+                        stats.bytes_skipped += ext.len;
+                        inflight_ops -= 1;
+                        inflight_bytes -= buf.len();
+                        free.push(buf);
+                        done_bytes += ext.len;
+                        progress(done_bytes);
+                        continue;
+                    }
+                    let t = tx.clone();
+                    let cb: ceph::aio::AioCallback = Box::new(move |res, buf| {
+                        let _ = t.send(Event::Written {
+                            ext,
+                            res,
+                            buf,
+                            zero,
+                        });
+                    });
+                    let r = if zero {
+                        // Keep the replica sparse: zero exactly, no data.
+                        free.push(buf);
+                        inflight_bytes -= ext.len as usize;
+                        dst.aio_write_zeroes(ext.off, ext.len, cb)
+                    } else {
+                        dst.aio_write(ext.off, buf, cb)
+                    };
+                    if let Err(e) = r {
+                        inflight_ops -= 1;
+                        if !zero {
+                            inflight_bytes -= ext.len as usize;
+                        }
+                        first_err.get_or_insert(ceph_err("writing", dst, e));
+                    }
+                }
+            },
+            Event::Written {
+                ext,
+                res,
+                buf,
+                zero,
+            } => {
+                inflight_ops -= 1;
+                if !zero {
+                    inflight_bytes -= buf.len();
+                }
+                if !buf.is_empty() {
+                    free.push(buf);
+                }
+                match res {
+                    Err(e) => {
+                        first_err.get_or_insert(ceph_err("writing", dst, e));
+                    }
+                    Ok(_) => {
+                        if zero {
+                            stats.bytes_zeroed += ext.len;
+                        } else {
+                            stats.bytes_written += ext.len;
+                        }
+                        done_bytes += ext.len;
+                        progress(done_bytes);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    dst.flush().map_err(|e| ceph_err("flushing", dst, e))?;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(off: u64, len: u64) -> Extent {
+        Extent {
+            off,
+            len,
+            data: true,
+        }
+    }
+
+    #[test]
+    fn split_at_chunk_boundaries() {
+        let mut v = Vec::new();
+        push_split(&mut v, 3, 10, true, 4);
+        let spans: Vec<(u64, u64)> = v.iter().map(|e| (e.off, e.len)).collect();
+        assert_eq!(spans, vec![(3, 1), (4, 4), (8, 4), (12, 1)]);
+        let total: u64 = v.iter().map(|e| e.len).sum();
+        assert_eq!(total, 10);
+    }
+
+    #[test]
+    fn uncovered_ranges() {
+        let have = [ext(0, 100), ext(200, 50)];
+        let want = [ext(10, 20), ext(50, 60), ext(220, 100)];
+        assert_eq!(uncovered(&have, &want), vec![(0, 10), (30, 50), (200, 220)]);
+        assert_eq!(uncovered(&have, &[]), vec![(0, 100), (200, 250)]);
+        assert!(uncovered(&[], &want).is_empty());
+        assert!(uncovered(&[ext(10, 5)], &[ext(0, 100)]).is_empty());
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        assert!(is_zero(&[0u8; 17]));
+        let mut b = vec![0u8; 4099];
+        b[4098] = 1;
+        assert!(!is_zero(&b));
+        b[4098] = 0;
+        b[5] = 1;
+        assert!(!is_zero(&b));
+        assert!(is_zero(&[]));
+    }
+}

@@ -1,0 +1,77 @@
+//! The engine's typed errors. Each variant says what went wrong in terms an
+//! operator understands; `crate::grpc::status` maps them to gRPC codes in one
+//! place.
+
+use crate::ceph;
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request is malformed (volume ID, parameter, secrets shape).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The volume, pool or image does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Nothing to report yet (e.g. no sync has completed).
+    #[error("{0}")]
+    NoInfoYet(String),
+    /// The cluster rejected the credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credentials lack a capability for this operation.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Another operation on the same volume is running.
+    #[error("an operation on volume {0} is already in progress")]
+    Busy(String),
+    /// The volume is not in a state that allows this (e.g. not enabled).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Retry later (e.g. a demotion snapshot is still being replayed).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A cluster did not answer in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Not supported by this version.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A Ceph call failed unexpectedly.
+    #[error("{context}: {source}")]
+    Ceph {
+        /// What the engine was doing.
+        context: String,
+        /// The failed call.
+        #[source]
+        source: ceph::Error,
+    },
+    /// A bug or an unexpected condition (e.g. a corrupt registry record).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Result of an engine operation.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Adds context to a Ceph error, keeping expected kinds typed.
+pub trait CephContext<T> {
+    /// Wraps a Ceph error with what the engine was doing.
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> CephContext<T> for ceph::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| {
+            let context = context();
+            match e.kind() {
+                ceph::ErrorKind::NotFound => EngineError::NotFound(format!("{context}: {e}")),
+                ceph::ErrorKind::PermissionDenied => {
+                    EngineError::PermissionDenied(format!("{context}: {e}"))
+                }
+                ceph::ErrorKind::TimedOut => EngineError::Timeout(format!("{context}: {e}")),
+                _ => EngineError::Ceph { context, source: e },
+            }
+        })
+    }
+}

@@ -1,0 +1,322 @@
+//! The per-pool replication registry in RADOS.
+//!
+//! Layout: one object, [`REGISTRY_OBJECT`], in each pool and RADOS namespace
+//! that holds replicated images. Its omap keys:
+//!
+//! | key | value (JSON) | written by |
+//! |---|---|---|
+//! | `image.<image id>` | [`ImageRecord`]: role, schedule, sync state | the sidecar of the cluster the image lives on |
+//! | `status.<image id>.<replica fsid>` | [`ReplicaStatus`]: how the replica of that primary image is doing | the replayer on the replica's cluster, through its peer user |
+//!
+//! The object also carries the replayer's leader lease (a cls lock named
+//! [`LEASE_NAME`]): only the lease holder of a cluster replays the pool.
+//!
+//! Sync points are RBD snapshots named `csirr-sync.<seq>` (see
+//! [`sync_snap_name`]) on the primary; the replica gets a snapshot of the same
+//! name once the delta up to it is completely copied. A process restart
+//! rebuilds all state from this object and those snapshots.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::error::{CephContext, EngineError, Result};
+use crate::ceph::{ErrorKind, IoCtx};
+
+/// Name of the registry object in each pool/namespace.
+pub const REGISTRY_OBJECT: &str = "csi-rbd-replicator.registry";
+/// Name of the replayer's lease lock on the registry object.
+pub const LEASE_NAME: &str = "csi-rbd-replicator.replayer";
+/// Prefix of sync snapshot names.
+pub const SYNC_SNAP_PREFIX: &str = "csirr-sync.";
+
+const IMAGE_KEY: &str = "image.";
+const STATUS_KEY: &str = "status.";
+
+/// The sync snapshot name of sequence number `seq`.
+pub fn sync_snap_name(seq: u64) -> String {
+    format!("{SYNC_SNAP_PREFIX}{seq:010}")
+}
+
+/// The sequence number of a sync snapshot name, `None` for other snapshots.
+pub fn sync_snap_seq(name: &str) -> Option<u64> {
+    name.strip_prefix(SYNC_SNAP_PREFIX)?.parse().ok()
+}
+
+/// Which side of a replication an image is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Written by applications; the source of sync snapshots.
+    Primary,
+    /// A replica written only by the replayer.
+    Secondary,
+}
+
+/// Replication schedule as given by the VolumeReplicationClass.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// `schedulingInterval`, e.g. `5m`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub interval: Option<String>,
+    /// `schedulingStartTime`, ISO 8601.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub start_time: Option<String>,
+}
+
+/// Where the primary of a replica lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryRef {
+    /// fsid of the primary's cluster.
+    pub fsid: String,
+    /// librbd id of the primary image.
+    pub image_id: String,
+}
+
+/// A complete sync point: a snapshot that exists on both sides with equal
+/// content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPoint {
+    /// Snapshot name (same on both sides).
+    pub snap_name: String,
+    /// When the snapshot was taken on the primary.
+    pub snap_time: DateTime<Utc>,
+    /// When the replica finished copying it.
+    pub completed_at: DateTime<Utc>,
+    /// How long the copy took, in milliseconds.
+    pub duration_ms: u64,
+    /// Bytes copied (read from the primary and written, or zeroed).
+    pub bytes: u64,
+}
+
+/// The registry record of one image on its own cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Record format version.
+    pub version: u32,
+    /// Image name.
+    pub image_name: String,
+    /// librbd image id on this cluster.
+    pub image_id: String,
+    /// Role on this cluster.
+    pub role: Role,
+    /// `snapshot` (journal later).
+    pub mode: String,
+    /// Schedule of sync snapshots (primary side).
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// The volume ID replication was enabled with, when it was a CSI handle.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub volume_id: Option<String>,
+    /// When replication was enabled (primary) or the replica created.
+    pub enabled_at: DateTime<Utc>,
+    /// For a replica: its primary.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub primary: Option<PrimaryRef>,
+    /// For a replica: the newest complete sync point.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_sync: Option<SyncPoint>,
+}
+
+/// What the replayer is doing with one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayState {
+    /// Replica being created, nothing copied yet.
+    Starting,
+    /// Copying a delta.
+    Syncing,
+    /// Up to date with the newest sync snapshot.
+    Idle,
+    /// Stopped with an error; see the message.
+    Error,
+}
+
+/// How the replica of an image is doing, as its replayer reports it to the
+/// primary's registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// fsid of the replica's cluster.
+    pub replica_fsid: String,
+    /// State.
+    pub state: ReplayState,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// Progress of the running sync, 0-100.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub percent: Option<f64>,
+    /// Snapshot being synced.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub syncing_snap: Option<String>,
+    /// Newest complete sync point.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_sync: Option<SyncPoint>,
+    /// When this status was written (a heartbeat).
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The registry of one pool/namespace.
+#[derive(Clone)]
+pub struct Registry {
+    io: Arc<IoCtx>,
+}
+
+impl Registry {
+    /// The registry in `io`'s pool and namespace.
+    pub fn new(io: Arc<IoCtx>) -> Self {
+        Self { io }
+    }
+
+    /// The ioctx.
+    pub fn ioctx(&self) -> &Arc<IoCtx> {
+        &self.io
+    }
+
+    fn read_prefix(&self, prefix: &str) -> Result<BTreeMap<String, Vec<u8>>> {
+        match self.io.omap_get_all(REGISTRY_OBJECT, prefix) {
+            Ok(m) => Ok(m),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e).ctx(|| format!("reading the registry of {}", self.io.spec())),
+        }
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(&self, key: &str, v: &[u8]) -> Result<T> {
+        serde_json::from_slice(v).map_err(|e| {
+            EngineError::Internal(format!(
+                "registry record {key} in {} is corrupt: {e}",
+                self.io.spec()
+            ))
+        })
+    }
+
+    /// The record of image `id`, if any.
+    pub fn get(&self, id: &str) -> Result<Option<ImageRecord>> {
+        let key = format!("{IMAGE_KEY}{id}");
+        let m = match self.io.omap_get_vals_by_keys(REGISTRY_OBJECT, &[&key]) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).ctx(|| format!("reading the registry of {}", self.io.spec())),
+        };
+        m.get(&key).map(|v| self.decode(&key, v)).transpose()
+    }
+
+    /// All image records.
+    pub fn list(&self) -> Result<Vec<ImageRecord>> {
+        self.read_prefix(IMAGE_KEY)?
+            .iter()
+            .map(|(k, v)| self.decode(k, v))
+            .collect()
+    }
+
+    /// Writes (creates or replaces) a record.
+    pub fn put(&self, rec: &ImageRecord) -> Result<()> {
+        let key = format!("{IMAGE_KEY}{}", rec.image_id);
+        let val = serde_json::to_vec(rec).map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.io
+            .omap_set(REGISTRY_OBJECT, &[(&key, &val)])
+            .ctx(|| format!("writing the registry of {}", self.io.spec()))
+    }
+
+    /// Removes the record of image `id` and its replica statuses.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let status_keys: Vec<String> = self
+            .read_prefix(&format!("{STATUS_KEY}{id}."))?
+            .into_keys()
+            .collect();
+        let key = format!("{IMAGE_KEY}{id}");
+        let mut keys: Vec<&str> = status_keys.iter().map(String::as_str).collect();
+        keys.push(&key);
+        match self.io.omap_rm_keys(REGISTRY_OBJECT, &keys) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            r => r.ctx(|| format!("writing the registry of {}", self.io.spec())),
+        }
+    }
+
+    /// Statuses reported by the replicas of primary image `id`.
+    pub fn statuses(&self, id: &str) -> Result<Vec<ReplicaStatus>> {
+        self.read_prefix(&format!("{STATUS_KEY}{id}."))?
+            .iter()
+            .map(|(k, v)| self.decode(k, v))
+            .collect()
+    }
+
+    /// Reports the status of the replica (on cluster `st.replica_fsid`) of
+    /// primary image `id`.
+    pub fn put_status(&self, id: &str, st: &ReplicaStatus) -> Result<()> {
+        let key = format!("{STATUS_KEY}{id}.{}", st.replica_fsid);
+        let val = serde_json::to_vec(st).map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.io
+            .omap_set(REGISTRY_OBJECT, &[(&key, &val)])
+            .ctx(|| format!("reporting status to {}", self.io.spec()))
+    }
+
+    /// Takes or renews the replayer lease for `ttl`. `Ok(false)` when another
+    /// process holds it.
+    pub fn acquire_lease(&self, cookie: &str, ttl: Duration) -> Result<bool> {
+        // The lock needs the object to exist.
+        let mut op = crate::ceph::WriteOp::new().ctx(|| "creating a write op".into())?;
+        op.create(false);
+        op.operate(&self.io, REGISTRY_OBJECT)
+            .ctx(|| format!("creating the registry of {}", self.io.spec()))?;
+        match self.io.lock_exclusive(
+            REGISTRY_OBJECT,
+            LEASE_NAME,
+            cookie,
+            "csi-rbd-replicator replayer lease",
+            Some(ttl),
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::AlreadyExists) => Ok(false),
+            Err(e) => Err(e).ctx(|| format!("taking the replayer lease on {}", self.io.spec())),
+        }
+    }
+
+    /// Gives the lease up (on shutdown).
+    pub fn release_lease(&self, cookie: &str) {
+        let _ = self.io.unlock(REGISTRY_OBJECT, LEASE_NAME, cookie);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snap_names_round_trip_and_sort() {
+        assert_eq!(sync_snap_name(7), "csirr-sync.0000000007");
+        assert_eq!(sync_snap_seq("csirr-sync.0000000007"), Some(7));
+        assert_eq!(sync_snap_seq("user-snap"), None);
+        assert_eq!(sync_snap_seq("csirr-sync.x"), None);
+        assert!(sync_snap_name(9) < sync_snap_name(10));
+    }
+
+    #[test]
+    fn record_json_round_trip() {
+        let r = ImageRecord {
+            version: 1,
+            image_name: "csi-vol-1".into(),
+            image_id: "abc".into(),
+            role: Role::Secondary,
+            mode: "snapshot".into(),
+            schedule: Schedule {
+                interval: Some("5m".into()),
+                start_time: None,
+            },
+            volume_id: None,
+            enabled_at: Utc::now(),
+            primary: Some(PrimaryRef {
+                fsid: "f".into(),
+                image_id: "p".into(),
+            }),
+            last_sync: None,
+        };
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(j.contains("\"role\":\"secondary\""), "{j}");
+        let back: ImageRecord = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,605 @@
+//! The snapshot replayer: pulls primary images of the peer cluster into
+//! replicas on the local cluster.
+//!
+//! Every poll interval it lists the local pools (or `--pools`), reads each
+//! pool's Ceph mirror peers and their `mon_host`/`key` attributes (what
+//! `rbd mirror pool peer bootstrap import` stores), takes the pool's replayer
+//! lease so that one process per cluster replays, and reads the peer's
+//! registry in the same pool name and every namespace. For each primary image
+//! there it runs [`sync_image`] on the blocking pool, a bounded number at a
+//! time: create the replica if needed (same pool, namespace and name, same
+//! size and features, plus exclusive-lock), keep it open and locked so that
+//! nobody else can write it, copy the delta from the newest common sync
+//! snapshot to the primary's newest one, then snapshot the replica and record
+//! the sync point on both sides.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::ceph::{self, Cluster, ErrorKind, Image, IoCtx, features};
+
+use super::copy::{self, Extent};
+use super::error::{CephContext, EngineError, Result};
+use super::registry::{
+    ImageRecord, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role, SyncPoint, sync_snap_seq,
+};
+use super::{Credentials, Engine};
+
+/// One image to replicate: where its primary is.
+#[derive(Clone)]
+pub struct Job {
+    /// Pool name (same on both sides).
+    pub pool: String,
+    /// RADOS namespace (same on both sides).
+    pub namespace: String,
+    /// The peer cluster holding the primary.
+    pub peer: Arc<Cluster>,
+    /// The primary's registry record.
+    pub primary: ImageRecord,
+}
+
+impl Job {
+    fn key(&self) -> String {
+        format!(
+            "{}/{}/{}",
+            self.pool, self.namespace, self.primary.image_name
+        )
+    }
+}
+
+/// Pools (and namespaces) whose replayer lease this process holds.
+type Leases = HashSet<(String, String)>;
+
+/// Replicas this process holds open and locked, by `pool/ns/name`.
+#[derive(Default)]
+pub struct OpenReplicas {
+    open: Mutex<HashMap<String, Image>>,
+}
+
+impl OpenReplicas {
+    fn get(&self, key: &str) -> Option<Image> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn put(&self, key: &str, img: Image) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string(), img);
+    }
+
+    fn drop_key(&self, key: &str) {
+        let img = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        if let Some(img) = img {
+            let _ = img.lock_release();
+        }
+    }
+
+    fn retain(&self, keep: &HashSet<String>) {
+        let gone: Vec<Image> = {
+            let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<String> = m.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+            keys.into_iter().filter_map(|k| m.remove(&k)).collect()
+        };
+        for img in gone {
+            let _ = img.lock_release();
+        }
+    }
+}
+
+/// Runs the replayer until `cancel`.
+pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
+    let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
+    let replicas = Arc::new(OpenReplicas::default());
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut leased: HashSet<(String, String)> = HashSet::new();
+    loop {
+        let e = Arc::clone(&engine);
+        let discovered = tokio::task::spawn_blocking(move || e.discover()).await;
+        match discovered {
+            Ok(Ok((jobs, pools))) => {
+                leased = pools;
+                let keep: HashSet<String> = jobs.iter().map(Job::key).collect();
+                let r = Arc::clone(&replicas);
+                let _ = tokio::task::spawn_blocking(move || r.retain(&keep)).await;
+                for job in jobs {
+                    let key = job.key();
+                    if !running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone())
+                    {
+                        continue;
+                    }
+                    let (e, r, s, run, stop) = (
+                        Arc::clone(&engine),
+                        Arc::clone(&replicas),
+                        Arc::clone(&sem),
+                        Arc::clone(&running),
+                        Arc::clone(&stop),
+                    );
+                    tasks.spawn(async move {
+                        if let Ok(_permit) = s.acquire_owned().await {
+                            let span = tracing::info_span!("sync", image = %key);
+                            let k2 = key.clone();
+                            let res = tokio::task::spawn_blocking(move || {
+                                let _e = span.enter();
+                                sync_image(&e, &r, &job, &stop)
+                            })
+                            .await;
+                            match res {
+                                Ok(Ok(())) => {}
+                                Ok(Err(err)) => {
+                                    tracing::warn!(image = %k2, error = %err, "sync failed")
+                                }
+                                Err(err) => {
+                                    tracing::error!(image = %k2, error = %err, "sync task panicked")
+                                }
+                            }
+                        }
+                        run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                    });
+                }
+            }
+            Ok(Err(err)) => tracing::warn!(error = %err, "replayer discovery failed"),
+            Err(err) => tracing::error!(error = %err, "replayer discovery panicked"),
+        }
+        while tasks.try_join_next().is_some() {}
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(engine.cfg.poll_interval) => {}
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        running = tasks.len(),
+        "replayer stopping; waiting for syncs to stop"
+    );
+    while tasks.join_next().await.is_some() {}
+    let e = Arc::clone(&engine);
+    let _ = tokio::task::spawn_blocking(move || {
+        replicas.retain(&HashSet::new());
+        e.release_leases(&leased);
+    })
+    .await;
+}
+
+impl Engine {
+    /// Finds the images to replicate. Returns the jobs and the pools whose
+    /// lease this process holds. Blocking.
+    fn discover(&self) -> Result<(Vec<Job>, Leases)> {
+        let local = self.local()?;
+        let pools = match &self.cfg.pools {
+            Some(p) => p.clone(),
+            None => local.pool_list().ctx(|| "listing pools".into())?,
+        };
+        let mut jobs = Vec::new();
+        let mut leased = HashSet::new();
+        for pool in pools {
+            let io = match local.ioctx(&pool, "") {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::debug!(pool = %pool, error = %e, "skipping pool");
+                    continue;
+                }
+            };
+            let peers = match ceph::rbd::mirror_peer_list(&io) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(pool = %pool, error = %e, "no mirror peers readable");
+                    continue;
+                }
+            };
+            if peers.is_empty() {
+                continue;
+            }
+            let reg = Registry::new(Arc::clone(&io));
+            if !reg.acquire_lease(
+                &self.cookie,
+                self.cfg.poll_interval * 6 + Duration::from_secs(10),
+            )? {
+                tracing::debug!(pool = %pool, "another replayer holds the lease");
+                continue;
+            }
+            leased.insert((pool.clone(), String::new()));
+            for peer in peers {
+                match self.peer_jobs(&io, &pool, &peer) {
+                    Ok(mut j) => jobs.append(&mut j),
+                    Err(e) => {
+                        tracing::warn!(pool = %pool, peer = %peer.site_name, error = %e, "cannot read peer")
+                    }
+                }
+            }
+        }
+        Ok((jobs, leased))
+    }
+
+    fn peer_jobs(&self, io: &IoCtx, pool: &str, peer: &ceph::MirrorPeer) -> Result<Vec<Job>> {
+        let attrs = ceph::rbd::mirror_peer_attributes(io, &peer.uuid).ctx(|| {
+            format!(
+                "reading the attributes of mirror peer {} of pool {pool}",
+                peer.site_name
+            )
+        })?;
+        let (Some(mon), Some(key)) = (attrs.get("mon_host"), attrs.get("key")) else {
+            return Err(EngineError::FailedPrecondition(format!(
+                "mirror peer {} of pool {pool} has no mon_host/key attributes \
+                 (add the peer with `rbd mirror pool peer bootstrap import`)",
+                peer.site_name
+            )));
+        };
+        let creds = Credentials::new(&peer.client_name, key)?;
+        let cluster = self.conns.get(mon, &creds)?;
+        let pio = match cluster.ioctx(pool, "") {
+            Ok(p) => p,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e).ctx(|| format!("opening pool {pool} on peer {}", peer.site_name));
+            }
+        };
+        let mut namespaces = vec![String::new()];
+        match ceph::rbd::namespace_list(&pio) {
+            Ok(mut ns) => namespaces.append(&mut ns),
+            Err(e) => tracing::debug!(pool, error = %e, "cannot list namespaces on peer"),
+        }
+        let mut jobs = Vec::new();
+        for ns in namespaces {
+            let nio = if ns.is_empty() {
+                Arc::clone(&pio)
+            } else {
+                cluster
+                    .ioctx(pool, &ns)
+                    .ctx(|| format!("opening {pool}/{ns} on peer {}", peer.site_name))?
+            };
+            for rec in Registry::new(nio).list()? {
+                if rec.role == Role::Primary {
+                    jobs.push(Job {
+                        pool: pool.to_string(),
+                        namespace: ns.clone(),
+                        peer: Arc::clone(&cluster),
+                        primary: rec,
+                    });
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn release_leases(&self, leased: &HashSet<(String, String)>) {
+        let Ok(local) = self.local() else { return };
+        for (pool, ns) in leased {
+            if let Ok(io) = local.ioctx(pool, ns) {
+                Registry::new(io).release_lease(&self.cookie);
+            }
+        }
+    }
+}
+
+fn snap_time(img: &Image, id: u64) -> DateTime<Utc> {
+    img.snap_timestamp(id)
+        .ok()
+        .and_then(|s| Utc.timestamp_opt(s, 0).single())
+        .unwrap_or_else(Utc::now)
+}
+
+/// Sync snapshots of an image by name, with their ids, in sequence order.
+fn sync_snaps(img: &Image) -> Result<BTreeMap<u64, ceph::SnapInfo>> {
+    Ok(img
+        .snap_list()
+        .ctx(|| format!("listing snapshots of {}", img.spec()))?
+        .into_iter()
+        .filter_map(|s| sync_snap_seq(&s.name).map(|q| (q, s)))
+        .collect())
+}
+
+/// Brings the replica of `job` up to the primary's newest sync snapshot.
+/// Blocking.
+pub fn sync_image(
+    engine: &Engine,
+    replicas: &OpenReplicas,
+    job: &Job,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let key = job.key();
+    let local = engine.local()?;
+    let peer_io = job
+        .peer
+        .ioctx(&job.pool, &job.namespace)
+        .ctx(|| format!("opening {key} on the peer"))?;
+    let peer_reg = Registry::new(Arc::clone(&peer_io));
+    let local_fsid = local.fsid().to_string();
+    let report = |state: ReplayState,
+                  message: String,
+                  percent: Option<f64>,
+                  syncing: Option<String>,
+                  last: Option<SyncPoint>| {
+        let st = ReplicaStatus {
+            replica_fsid: local_fsid.clone(),
+            state,
+            message,
+            percent,
+            syncing_snap: syncing,
+            last_sync: last,
+            updated_at: Utc::now(),
+        };
+        if let Err(e) = peer_reg.put_status(&job.primary.image_id, &st) {
+            tracing::warn!(error = %e, "cannot report status to the primary");
+        }
+    };
+    let result = sync_inner(engine, &local, replicas, job, &peer_io, stop, &report);
+    if let Err(e) = &result {
+        replicas.drop_key(&key);
+        let last = Registry::new(local.ioctx(&job.pool, &job.namespace).ctx(|| key.clone())?)
+            .list()
+            .ok()
+            .and_then(|l| {
+                l.into_iter()
+                    .find(|r| r.image_name == job.primary.image_name)
+                    .and_then(|r| r.last_sync)
+            });
+        report(ReplayState::Error, e.to_string(), None, None, last);
+    }
+    result
+}
+
+type Report<'a> = dyn Fn(ReplayState, String, Option<f64>, Option<String>, Option<SyncPoint>) + 'a;
+
+fn sync_inner(
+    engine: &Engine,
+    local: &Arc<Cluster>,
+    replicas: &OpenReplicas,
+    job: &Job,
+    peer_io: &Arc<IoCtx>,
+    stop: &AtomicBool,
+    report: &Report<'_>,
+) -> Result<()> {
+    let key = job.key();
+    let local_io = local.ioctx(&job.pool, &job.namespace).ctx(|| {
+        format!(
+            "opening {}/{} on the local cluster",
+            job.pool, job.namespace
+        )
+    })?;
+    let local_reg = Registry::new(Arc::clone(&local_io));
+
+    // The primary and its newest sync snapshot.
+    let primary = Image::open_by_id_read_only(peer_io, &job.primary.image_id, None)
+        .ctx(|| format!("opening primary {key}"))?;
+    let psnaps = sync_snaps(&primary)?;
+    let Some((_, target)) = psnaps.iter().next_back() else {
+        report(
+            ReplayState::Starting,
+            "waiting for the first sync snapshot".into(),
+            None,
+            None,
+            None,
+        );
+        return Ok(());
+    };
+    let target = target.clone();
+
+    // The replica: existing (must be ours), or created now.
+    let (replica, mut rec, fresh) = match replicas.get(&key) {
+        Some(img) => {
+            let id = img.id().ctx(|| format!("replica {key}"))?;
+            let rec = local_reg.get(&id)?.ok_or_else(|| {
+                EngineError::Internal(format!("replica {key} lost its registry record"))
+            })?;
+            (img, rec, false)
+        }
+        None => {
+            let (img, rec, fresh) =
+                open_or_create_replica(&local_io, &local_reg, job, &primary, &target)?;
+            img.lock_acquire(ceph::LockMode::Exclusive)
+                .ctx(|| format!("locking replica {key} against other writers"))?;
+            replicas.put(&key, img.clone());
+            (img, rec, fresh)
+        }
+    };
+    if rec.role != Role::Secondary {
+        return Err(EngineError::FailedPrecondition(format!(
+            "split-brain: {key} is primary on both clusters; nothing is copied. \
+             Demote one side and resync it"
+        )));
+    }
+
+    let rsnaps = sync_snaps(&replica)?;
+    if rsnaps.values().any(|s| s.name == target.name) {
+        report(
+            ReplayState::Idle,
+            String::new(),
+            None,
+            None,
+            rec.last_sync.clone(),
+        );
+        return Ok(());
+    }
+    // Newest sync snapshot both sides have: the base of the delta.
+    let base = rsnaps
+        .values()
+        .rev()
+        .find(|r| psnaps.values().any(|p| p.name == r.name))
+        .map(|s| s.name.clone());
+
+    let started = Instant::now();
+    let src = Image::open_by_id_read_only(peer_io, &job.primary.image_id, Some(&target.name))
+        .ctx(|| format!("opening primary {key}@{}", target.name))?;
+    let size = target.size;
+    let rsize = replica.size().ctx(|| format!("replica {key}"))?;
+    if rsize != size {
+        replica
+            .resize(size)
+            .ctx(|| format!("resizing replica {key}"))?;
+    }
+    let chunk = engine.cfg.limits.chunk;
+    let mut extents = copy::changed_extents(&src, base.as_deref(), size, chunk)?;
+    if base.is_none() && !fresh {
+        // A full copy over a replica that holds data (an interrupted first
+        // sync): whatever the source does not cover must become zero.
+        let have = copy::changed_extents(&replica, None, size, chunk)?;
+        for (s, e) in copy::uncovered(&have, &extents) {
+            extents.push(Extent {
+                off: s,
+                len: e - s,
+                data: false,
+            });
+        }
+    }
+    let total: u64 = extents.iter().map(|e| e.len).sum();
+    tracing::info!(snapshot = %target.name, base = ?base, bytes = total, extents = extents.len(), "sync started");
+    report(
+        ReplayState::Syncing,
+        String::new(),
+        Some(0.0),
+        Some(target.name.clone()),
+        rec.last_sync.clone(),
+    );
+    let mut last_report = Instant::now();
+    let mut progress = |done: u64| {
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            let pct = if total == 0 {
+                100.0
+            } else {
+                done as f64 * 100.0 / total as f64
+            };
+            report(
+                ReplayState::Syncing,
+                String::new(),
+                Some(pct),
+                Some(target.name.clone()),
+                rec.last_sync.clone(),
+            );
+        }
+    };
+    let stats = copy::copy_extents(
+        &src,
+        &replica,
+        &extents,
+        fresh,
+        engine.cfg.limits,
+        stop,
+        &mut progress,
+    )?;
+    replica
+        .snap_create(&target.name)
+        .ctx(|| format!("snapshotting replica {key}@{}", target.name))?;
+    let elapsed = started.elapsed();
+    rec.last_sync = Some(SyncPoint {
+        snap_name: target.name.clone(),
+        snap_time: snap_time(&primary, target.id),
+        completed_at: Utc::now(),
+        duration_ms: elapsed.as_millis() as u64,
+        bytes: stats.transferred(),
+    });
+    local_reg.put(&rec)?;
+    tracing::info!(
+        snapshot = %target.name,
+        bytes_read = stats.bytes_read,
+        bytes_written = stats.bytes_written,
+        bytes_zeroed = stats.bytes_zeroed,
+        bytes_skipped = stats.bytes_skipped,
+        seconds = elapsed.as_secs_f64(),
+        "sync complete"
+    );
+    report(
+        ReplayState::Idle,
+        String::new(),
+        None,
+        None,
+        rec.last_sync.clone(),
+    );
+    Ok(())
+}
+
+/// Opens the local replica of `job`, creating it if it does not exist.
+/// Refuses an existing image that is not a replica of this primary.
+fn open_or_create_replica(
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    job: &Job,
+    primary: &Image,
+    target: &ceph::SnapInfo,
+) -> Result<(Image, ImageRecord, bool)> {
+    let name = &job.primary.image_name;
+    let key = job.key();
+    match Image::open(local_io, name) {
+        Ok(img) => {
+            let id = img.id().ctx(|| format!("replica {key}"))?;
+            match local_reg.get(&id)? {
+                Some(rec) if rec.role == Role::Primary => Ok((img, rec, false)),
+                Some(rec)
+                    if rec
+                        .primary
+                        .as_ref()
+                        .is_some_and(|p| p.image_id == job.primary.image_id) =>
+                {
+                    Ok((img, rec, false))
+                }
+                Some(_) => Err(EngineError::FailedPrecondition(format!(
+                    "{key} on this cluster is a replica of another primary image; not touching it"
+                ))),
+                None => Err(EngineError::FailedPrecondition(format!(
+                    "an image {key} exists on this cluster and is not a replica; not overwriting it"
+                ))),
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let pf = primary.features().ctx(|| format!("primary {key}"))?;
+            let info = primary.stat().ctx(|| format!("primary {key}"))?;
+            // Snapshot mode never needs the journal; the exclusive lock is how
+            // the replica is protected from other writers.
+            let feats = (pf | features::EXCLUSIVE_LOCK) & !features::JOURNALING;
+            let stripe = if pf & features::STRIPINGV2 != 0 {
+                Some(primary.stripe().ctx(|| format!("primary {key}"))?)
+            } else {
+                None
+            };
+            let opts = ceph::CreateOptions {
+                features: Some(feats),
+                order: Some(info.order as u64),
+                stripe,
+                data_pool: None,
+            };
+            ceph::rbd::create(local_io, name, target.size, &opts)
+                .ctx(|| format!("creating replica {key}"))?;
+            let img = Image::open(local_io, name).ctx(|| format!("opening new replica {key}"))?;
+            let id = img.id().ctx(|| format!("replica {key}"))?;
+            let rec = ImageRecord {
+                version: 1,
+                image_name: name.clone(),
+                image_id: id,
+                role: Role::Secondary,
+                mode: job.primary.mode.clone(),
+                schedule: job.primary.schedule.clone(),
+                volume_id: job.primary.volume_id.clone(),
+                enabled_at: Utc::now(),
+                primary: Some(PrimaryRef {
+                    fsid: job.peer.fsid().to_string(),
+                    image_id: job.primary.image_id.clone(),
+                }),
+                last_sync: None,
+            };
+            local_reg.put(&rec)?;
+            tracing::info!(features = feats, size = target.size, "replica created");
+            Ok((img, rec, true))
+        }
+        Err(e) => Err(e).ctx(|| format!("opening replica {key}")),
+    }
+}

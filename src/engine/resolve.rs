@@ -1,0 +1,154 @@
+//! Volume resolution: from the volume ID a request carries to an open image.
+//!
+//! A ceph-csi volume handle names a cluster ID (monitors come from ceph-csi's
+//! `config.json`, translated through the cluster-mapping file when the handle
+//! was minted on the peer cluster), a pool ID and a uuid; the uuid's
+//! `csi.volume.<uuid>` omap object in that pool and the cluster's RADOS
+//! namespace names the image. A `pool[/namespace]/image` spec names the image
+//! on the local cluster directly.
+
+use std::sync::Arc;
+
+use crate::ceph::{ErrorKind, Image, IoCtx};
+use crate::csi::handle::VolumeHandle;
+use crate::csi::volume_id::VolumeId;
+
+use super::Engine;
+use super::conn::Credentials;
+use super::error::{CephContext, EngineError, Result};
+
+/// A resolved volume: its image, open read-write.
+pub struct Resolved {
+    /// The image.
+    pub image: Image,
+    /// librbd image id.
+    pub image_id: String,
+    /// The ceph-csi handle, when the volume was named by one.
+    pub handle: Option<VolumeHandle>,
+}
+
+impl Resolved {
+    /// The image's ioctx.
+    pub fn ioctx(&self) -> &Arc<IoCtx> {
+        self.image.ioctx()
+    }
+}
+
+const CSI_IMAGE_KEY: &str = "csi.imagename";
+const CSI_IMAGE_ID_KEY: &str = "csi.imageid";
+
+impl Engine {
+    /// Resolves `vol` with `creds` (or the sidecar's own credentials) and
+    /// opens its image. Blocking.
+    pub fn resolve(&self, vol: &VolumeId, creds: Option<&Credentials>) -> Result<Resolved> {
+        let creds = creds.unwrap_or(&self.cfg.local_creds);
+        match vol {
+            VolumeId::Spec {
+                pool,
+                namespace,
+                image,
+            } => {
+                let cluster = self.conns.get(&self.cfg.local_cluster.mon_host(), creds)?;
+                let ns = namespace.as_deref().unwrap_or("");
+                let io = cluster
+                    .ioctx(pool, ns)
+                    .ctx(|| format!("volume {vol}: opening pool {pool}"))?;
+                let img = Image::open(&io, image).ctx(|| format!("volume {vol}"))?;
+                let image_id = img.id().ctx(|| format!("volume {vol}"))?;
+                Ok(Resolved {
+                    image: img,
+                    image_id,
+                    handle: None,
+                })
+            }
+            VolumeId::Handle(h) => self.resolve_handle(h, creds),
+        }
+    }
+
+    fn resolve_handle(&self, h: &VolumeHandle, creds: &Credentials) -> Result<Resolved> {
+        // This sidecar serves one Ceph cluster: only locations whose cluster
+        // ID names it (by its monitors) are candidates. A handle minted on
+        // the peer cluster reaches here through the cluster mapping.
+        let local_mons = self.cfg.local_cluster.mon_host();
+        let locations: Vec<_> = self
+            .cfg
+            .mapping
+            .local_candidates(&self.cfg.csi_config, h.cluster_id(), h.pool_id())
+            .map_err(|e| EngineError::NotFound(format!("volume {h}: {e}")))?
+            .into_iter()
+            .filter_map(|loc| {
+                let cc = self.cfg.csi_config.cluster(&loc.cluster_id).ok()?;
+                (cc.mon_host() == local_mons).then(|| (loc, cc.clone()))
+            })
+            .collect();
+        if locations.is_empty() {
+            return Err(EngineError::NotFound(format!(
+                "volume {h}: cluster ID {:?} is not cluster {:?} that this sidecar serves, \
+                 and no cluster mapping translates it",
+                h.cluster_id(),
+                self.cfg.local_cluster.cluster_id
+            )));
+        }
+        let mut last = None;
+        for (loc, cc) in locations {
+            let cluster = self.conns.get(&cc.mon_host(), creds)?;
+            let pool = match cluster.pool_reverse_lookup(loc.pool_id) {
+                Ok(p) => p,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    last = Some(EngineError::NotFound(format!(
+                        "volume {h}: pool id {} does not exist on cluster {}",
+                        loc.pool_id, loc.cluster_id
+                    )));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(e).ctx(|| format!("volume {h}: looking up pool {}", loc.pool_id));
+                }
+            };
+            let ns = cc.rados_namespace.as_deref().unwrap_or("");
+            let io = cluster
+                .ioctx_by_id(loc.pool_id, &pool, ns)
+                .ctx(|| format!("volume {h}: opening pool {pool}"))?;
+            let oid = format!("csi.volume.{}", h.uuid());
+            let vals = match io.omap_get_vals_by_keys(&oid, &[CSI_IMAGE_KEY, CSI_IMAGE_ID_KEY]) {
+                Ok(v) => v,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    last = Some(EngineError::NotFound(format!(
+                        "volume {h}: no ceph-csi journal entry {oid} in {}",
+                        io.spec()
+                    )));
+                    continue;
+                }
+                Err(e) => return Err(e).ctx(|| format!("volume {h}: reading {oid}")),
+            };
+            let name = match vals.get(CSI_IMAGE_KEY) {
+                Some(n) if !n.is_empty() => String::from_utf8_lossy(n).into_owned(),
+                _ => {
+                    last = Some(EngineError::NotFound(format!(
+                        "volume {h}: journal entry {oid} in {} has no {CSI_IMAGE_KEY}",
+                        io.spec()
+                    )));
+                    continue;
+                }
+            };
+            let img = match Image::open(&io, &name) {
+                Ok(i) => i,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    last = Some(EngineError::NotFound(format!(
+                        "volume {h}: image {}/{name} does not exist",
+                        io.spec()
+                    )));
+                    continue;
+                }
+                Err(e) => return Err(e).ctx(|| format!("volume {h}: opening {name}")),
+            };
+            let image_id = img.id().ctx(|| format!("volume {h}"))?;
+            return Ok(Resolved {
+                image: img,
+                image_id,
+                handle: Some(h.clone()),
+            });
+        }
+        Err(last.unwrap_or_else(|| EngineError::NotFound(format!("volume {h} not found"))))
+    }
+}

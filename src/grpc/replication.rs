@@ -1,0 +1,215 @@
+//! The csi-addons replication Controller service. Each handler validates the
+//! request into a typed engine request, calls the engine, and maps its error
+//! through the one `From<EngineError> for Status`. Requests are never logged
+//! whole: they carry secrets.
+
+use std::sync::Arc;
+
+use prost_types::{Duration as PbDuration, Timestamp};
+use tonic::{Request, Response, Status};
+
+use super::proto::replication::controller_server::Controller;
+use super::proto::replication::get_volume_replication_info_response::Status as PbHealth;
+use super::proto::replication::*;
+use super::status::volume_request;
+use crate::csi::params::ReplicationParams;
+use crate::engine::{Engine, EngineError, Health};
+
+/// Replication Controller state.
+pub struct ReplicationService {
+    engine: Arc<Engine>,
+}
+
+impl ReplicationService {
+    /// A service backed by `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+}
+
+fn params(p: &std::collections::HashMap<String, String>) -> Result<ReplicationParams, EngineError> {
+    let parsed =
+        ReplicationParams::parse(p).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+    if !parsed.ignored.is_empty() {
+        tracing::debug!(keys = ?parsed.ignored, "ignoring parameters");
+    }
+    Ok(parsed)
+}
+
+/// Logs the outcome of an RPC with its volume.
+fn logged<T>(
+    rpc: &'static str,
+    volume: &str,
+    r: Result<T, EngineError>,
+) -> Result<Response<T>, Status> {
+    match r {
+        Ok(v) => {
+            tracing::info!(rpc, volume, "ok");
+            Ok(Response::new(v))
+        }
+        Err(e) => {
+            let s = Status::from(e);
+            tracing::info!(rpc, volume, code = ?s.code(), message = s.message(), "failed");
+            Err(s)
+        }
+    }
+}
+
+#[allow(deprecated)]
+#[tonic::async_trait]
+impl Controller for ReplicationService {
+    async fn enable_volume_replication(
+        &self,
+        req: Request<EnableVolumeReplicationRequest>,
+    ) -> Result<Response<EnableVolumeReplicationResponse>, Status> {
+        let r = req.into_inner();
+        let res = async {
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let p = params(&r.parameters)?;
+            self.engine.enable(vr, p).await?;
+            Ok(EnableVolumeReplicationResponse {})
+        }
+        .await;
+        logged(
+            "EnableVolumeReplication",
+            &volume_label(&r.volume_id, r.replication_source.as_ref()),
+            res,
+        )
+    }
+
+    async fn disable_volume_replication(
+        &self,
+        req: Request<DisableVolumeReplicationRequest>,
+    ) -> Result<Response<DisableVolumeReplicationResponse>, Status> {
+        let r = req.into_inner();
+        let res = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets).and_then(
+            |_| {
+                Err::<DisableVolumeReplicationResponse, _>(EngineError::Unsupported(
+                    "DisableVolumeReplication is not supported by this version".into(),
+                ))
+            },
+        );
+        logged(
+            "DisableVolumeReplication",
+            &volume_label(&r.volume_id, r.replication_source.as_ref()),
+            res,
+        )
+    }
+
+    async fn promote_volume(
+        &self,
+        req: Request<PromoteVolumeRequest>,
+    ) -> Result<Response<PromoteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let res = async {
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            self.engine.promote(vr, r.force).await?;
+            Ok(PromoteVolumeResponse {})
+        }
+        .await;
+        logged(
+            "PromoteVolume",
+            &volume_label(&r.volume_id, r.replication_source.as_ref()),
+            res,
+        )
+    }
+
+    async fn demote_volume(
+        &self,
+        req: Request<DemoteVolumeRequest>,
+    ) -> Result<Response<DemoteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let res = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets).and_then(
+            |_| {
+                Err::<DemoteVolumeResponse, _>(EngineError::Unsupported(
+                    "DemoteVolume is not supported by this version".into(),
+                ))
+            },
+        );
+        logged(
+            "DemoteVolume",
+            &volume_label(&r.volume_id, r.replication_source.as_ref()),
+            res,
+        )
+    }
+
+    async fn resync_volume(
+        &self,
+        req: Request<ResyncVolumeRequest>,
+    ) -> Result<Response<ResyncVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let res = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets).and_then(
+            |_| {
+                Err::<ResyncVolumeResponse, _>(EngineError::Unsupported(
+                    "ResyncVolume is not supported by this version".into(),
+                ))
+            },
+        );
+        logged(
+            "ResyncVolume",
+            &volume_label(&r.volume_id, r.replication_source.as_ref()),
+            res,
+        )
+    }
+
+    async fn get_volume_replication_info(
+        &self,
+        req: Request<GetVolumeReplicationInfoRequest>,
+    ) -> Result<Response<GetVolumeReplicationInfoResponse>, Status> {
+        let r = req.into_inner();
+        let res = async {
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let info = self.engine.info(vr).await?;
+            let status = match info.health {
+                Health::Healthy => PbHealth::Healthy,
+                Health::Degraded => PbHealth::Degraded,
+                Health::Error => PbHealth::Error,
+            };
+            Ok(GetVolumeReplicationInfoResponse {
+                last_sync_time: Some(Timestamp {
+                    seconds: info.last_sync_time.timestamp(),
+                    nanos: info.last_sync_time.timestamp_subsec_nanos() as i32,
+                }),
+                last_sync_duration: Some(PbDuration {
+                    seconds: info.last_sync_duration.as_secs() as i64,
+                    nanos: info.last_sync_duration.subsec_nanos() as i32,
+                }),
+                last_sync_bytes: i64::try_from(info.last_sync_bytes).unwrap_or(i64::MAX),
+                status: status as i32,
+                status_message: info.message,
+            })
+        }
+        .await;
+        let res: Result<GetVolumeReplicationInfoResponse, EngineError> = res;
+        // Polled often: log failures only at debug.
+        match res {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                let s = Status::from(e);
+                tracing::debug!(rpc = "GetVolumeReplicationInfo", code = ?s.code(), message = s.message(), "failed");
+                Err(s)
+            }
+        }
+    }
+
+    async fn get_replication_destination_info(
+        &self,
+        _req: Request<GetReplicationDestinationInfoRequest>,
+    ) -> Result<Response<GetReplicationDestinationInfoResponse>, Status> {
+        Err(EngineError::Unsupported(
+            "GetReplicationDestinationInfo is not supported: replicas keep the volume's pool, \
+             namespace and image name"
+                .into(),
+        )
+        .into())
+    }
+}
+
+/// The volume ID for log lines (never the secrets).
+fn volume_label(deprecated: &str, src: Option<&ReplicationSource>) -> String {
+    match src.and_then(|s| s.r#type.as_ref()) {
+        Some(replication_source::Type::Volume(v)) => v.volume_id.clone(),
+        Some(replication_source::Type::Volumegroup(g)) => format!("group:{}", g.volume_group_id),
+        None => deprecated.to_string(),
+    }
+}

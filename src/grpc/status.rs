@@ -1,0 +1,165 @@
+//! The one mapping from engine errors to gRPC status codes, and the
+//! validation of request fields into the engine's typed requests.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+
+use crate::csi::volume_id::VolumeId;
+use crate::engine::{Credentials, EngineError, VolumeRequest};
+
+use super::proto::replication::ReplicationSource;
+use super::proto::replication::replication_source::Type as SourceType;
+
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Self {
+        let code = match &e {
+            EngineError::InvalidArgument(_) => Code::InvalidArgument,
+            EngineError::NotFound(_) => Code::NotFound,
+            // csi-addons reads NOT_FOUND from GetVolumeReplicationInfo as
+            // "no info yet".
+            EngineError::NoInfoYet(_) => Code::NotFound,
+            EngineError::Unauthenticated(_) => Code::Unauthenticated,
+            EngineError::PermissionDenied(_) => Code::PermissionDenied,
+            EngineError::Busy(_) => Code::Aborted,
+            EngineError::FailedPrecondition(_) => Code::FailedPrecondition,
+            EngineError::Unavailable(_) => Code::Unavailable,
+            // A cluster that does not answer: the caller should retry later.
+            EngineError::Timeout(_) => Code::Unavailable,
+            EngineError::Unsupported(_) => Code::Unimplemented,
+            EngineError::Ceph { .. } => Code::Internal,
+            EngineError::Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Validates the volume of a request: `replication_source.volume.volume_id`,
+/// or the deprecated `volume_id` field older sidecars send; plus secrets.
+pub fn volume_request(
+    deprecated_volume_id: &str,
+    source: Option<&ReplicationSource>,
+    secrets: &HashMap<String, String>,
+) -> Result<VolumeRequest, EngineError> {
+    let from_source = match source.and_then(|s| s.r#type.as_ref()) {
+        Some(SourceType::Volume(v)) => Some(v.volume_id.as_str()),
+        Some(SourceType::Volumegroup(_)) => {
+            return Err(EngineError::Unsupported(
+                "volume group replication is not supported; name a single volume".into(),
+            ));
+        }
+        None => None,
+    };
+    let id = match (from_source, deprecated_volume_id) {
+        (Some(s), d) if !d.is_empty() && d != s => {
+            return Err(EngineError::InvalidArgument(format!(
+                "volume_id {d:?} and replication_source.volume.volume_id {s:?} differ"
+            )));
+        }
+        (Some(s), _) if !s.is_empty() => s,
+        (_, d) => d,
+    };
+    let volume = VolumeId::parse(id).map_err(|e| EngineError::InvalidArgument(e.to_string()))?;
+    let creds = Credentials::from_secrets(secrets)?;
+    Ok(VolumeRequest { volume, creds })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::proto::replication::replication_source::{VolumeGroupSource, VolumeSource};
+
+    const H: &str = "0001-0009-rook-ceph-0000000000000002-b0285c97-a0ce-11eb-8c66-0242ac110002";
+
+    fn src(id: &str) -> ReplicationSource {
+        ReplicationSource {
+            r#type: Some(SourceType::Volume(VolumeSource {
+                volume_id: id.into(),
+            })),
+        }
+    }
+
+    #[test]
+    fn every_engine_error_has_its_code() {
+        let cases = [
+            (
+                EngineError::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+            ),
+            (EngineError::NotFound("x".into()), Code::NotFound),
+            (EngineError::NoInfoYet("x".into()), Code::NotFound),
+            (
+                EngineError::Unauthenticated("x".into()),
+                Code::Unauthenticated,
+            ),
+            (
+                EngineError::PermissionDenied("x".into()),
+                Code::PermissionDenied,
+            ),
+            (EngineError::Busy("v".into()), Code::Aborted),
+            (
+                EngineError::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (EngineError::Unavailable("x".into()), Code::Unavailable),
+            (EngineError::Timeout("x".into()), Code::Unavailable),
+            (EngineError::Unsupported("x".into()), Code::Unimplemented),
+            (EngineError::Internal("x".into()), Code::Internal),
+            (
+                EngineError::Ceph {
+                    context: "c".into(),
+                    source: crate::ceph::Error::from_errno(libc::EIO, "rbd_open", "p/i"),
+                },
+                Code::Internal,
+            ),
+        ];
+        for (e, code) in cases {
+            let msg = e.to_string();
+            let s = Status::from(e);
+            assert_eq!(s.code(), code, "{msg}");
+            assert_eq!(s.message(), msg);
+        }
+    }
+
+    #[test]
+    fn volume_from_source_or_deprecated_field() {
+        let none = HashMap::new();
+        let r = volume_request("", Some(&src(H)), &none).unwrap();
+        assert!(matches!(r.volume, VolumeId::Handle(_)));
+        let r = volume_request("replicapool/img", None, &none).unwrap();
+        assert_eq!(r.volume.to_string(), "replicapool/img");
+        assert!(volume_request(H, Some(&src(H)), &none).is_ok());
+        assert!(matches!(
+            volume_request("replicapool/a", Some(&src("replicapool/b")), &none),
+            Err(EngineError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn bad_volume_ids_are_invalid_argument() {
+        let none = HashMap::new();
+        for bad in [
+            "",
+            "0001-0009-rook-ceph-00000000000000zz-b0285c97-a0ce-11eb-8c66-0242ac110002",
+            "a/b/c/d",
+            "pool/img@snap",
+        ] {
+            assert!(
+                matches!(
+                    volume_request(bad, None, &none),
+                    Err(EngineError::InvalidArgument(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let group = ReplicationSource {
+            r#type: Some(SourceType::Volumegroup(VolumeGroupSource {
+                volume_group_id: "g".into(),
+            })),
+        };
+        assert!(matches!(
+            volume_request("", Some(&group), &none),
+            Err(EngineError::Unsupported(_))
+        ));
+    }
+}

@@ -1,0 +1,518 @@
+//! Shared harness of the integration tests: the two-cluster pair started by
+//! `deploy/dev/ceph-pair.sh`, sidecars run as real child processes, gRPC
+//! clients over their unix sockets as the csi-addons sidecar would connect,
+//! and checksums taken with the native `rbd export`, independent of this
+//! crate's own code.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use csi_rbd_replicator::ceph::{self, Cluster, ConnectConfig, Image, IoCtx};
+use csi_rbd_replicator::grpc::proto::identity::identity_client::IdentityClient;
+use csi_rbd_replicator::grpc::proto::replication::controller_client::ControllerClient;
+use csi_rbd_replicator::grpc::proto::replication::{self as pb, ReplicationSource};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// Driver name the test sidecars report.
+pub const DRIVER: &str = "test.rbd.csi.ceph.com";
+
+/// One of the two clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// site-a, mon port 3300.
+    A,
+    /// site-b, mon port 3301.
+    B,
+}
+
+impl Site {
+    /// The cluster ID in csi-config.json.
+    pub fn id(self) -> &'static str {
+        match self {
+            Site::A => "site-a",
+            Site::B => "site-b",
+        }
+    }
+
+    /// The other site.
+    pub fn other(self) -> Site {
+        match self {
+            Site::A => Site::B,
+            Site::B => Site::A,
+        }
+    }
+
+    fn var(self, what: &str) -> String {
+        let s = match self {
+            Site::A => "A",
+            Site::B => "B",
+        };
+        env(&format!("CSIRR_SITE_{s}_{what}"))
+    }
+
+    /// Path of the site's ceph.conf.
+    pub fn conf(self) -> String {
+        self.var("CONF")
+    }
+
+    /// Path of the site's admin keyring.
+    pub fn keyring(self) -> String {
+        self.var("KEYRING")
+    }
+
+    /// Secret directory of the site's least-privilege user.
+    pub fn secret_dir(self) -> PathBuf {
+        PathBuf::from(self.var("SECRET_DIR"))
+    }
+}
+
+/// An environment variable that `ceph-pair.sh env` sets.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: these tests need the two-cluster pair. Run \
+             deploy/dev/test.sh, or `deploy/dev/ceph-pair.sh up` and \
+             `eval \"$(deploy/dev/ceph-pair.sh env)\"` first"
+        )
+    })
+}
+
+/// The test pool.
+pub fn pool() -> String {
+    env("CSIRR_POOL")
+}
+
+/// A unique name for this test run.
+pub fn unique(prefix: &str) -> String {
+    let u = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &u[..12])
+}
+
+/// Admin connection to a site through our bindings (for setup only).
+pub fn admin(site: Site) -> Arc<Cluster> {
+    Cluster::connect(&ConnectConfig {
+        conf_file: Some(site.conf()),
+        keyring: Some(site.keyring()),
+        user: "admin".into(),
+        op_timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    })
+    .expect("admin connection")
+}
+
+/// The test pool's ioctx on a site.
+pub fn ioctx(site: Site, ns: &str) -> Arc<IoCtx> {
+    admin(site).ioctx(&pool(), ns).expect("pool")
+}
+
+/// Runs the native `rbd` CLI against a site as admin.
+pub fn rbd(site: Site, args: &[&str]) -> std::process::Output {
+    Command::new("rbd")
+        .arg("-c")
+        .arg(site.conf())
+        .arg("--keyring")
+        .arg(site.keyring())
+        .args(args)
+        .output()
+        .expect("rbd runs")
+}
+
+/// Like [`rbd`], asserting success; returns stdout.
+pub fn rbd_ok(site: Site, args: &[&str]) -> String {
+    let o = rbd(site, args);
+    assert!(
+        o.status.success(),
+        "rbd {args:?} on {} failed: {}",
+        site.id(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// sha256 of `spec` (e.g. `pool/img@snap`) as `rbd export` streams it.
+pub fn checksum(site: Site, spec: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; rbd -c '{}' --keyring '{}' export --no-progress '{spec}' - | sha256sum",
+            site.conf(),
+            site.keyring()
+        ))
+        .output()
+        .expect("bash runs");
+    assert!(
+        out.status.success(),
+        "export of {spec} on {} failed: {}",
+        site.id(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Bytes allocated in `spec` according to `rbd diff` (sum of extents).
+pub fn allocated(site: Site, spec: &str) -> u64 {
+    let out = rbd_ok(site, &["diff", "--format", "json", spec]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("rbd diff json");
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["exists"].as_str() == Some("true") || e["exists"] == true)
+                .map(|e| e["length"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Snapshot names of `pool/image` on a site.
+pub fn snapshots(site: Site, image: &str) -> Vec<String> {
+    let io = ioctx(site, "");
+    match Image::open_read_only(&io, image, None) {
+        Ok(img) => img
+            .snap_list()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect(),
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Whether `pool/image` exists on a site.
+pub fn image_exists(site: Site, image: &str) -> bool {
+    Image::open_read_only(&ioctx(site, ""), image, None).is_ok()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Creates `image` of `size` bytes on a site and writes `writes`
+/// (offset, length) with pattern data.
+pub fn create_image(site: Site, image: &str, size: u64, writes: &[(u64, usize)]) -> Image {
+    let io = ioctx(site, "");
+    ceph::rbd::create(
+        &io,
+        image,
+        size,
+        &ceph::CreateOptions {
+            features: Some(
+                ceph::features::LAYERING
+                    | ceph::features::EXCLUSIVE_LOCK
+                    | ceph::features::OBJECT_MAP
+                    | ceph::features::FAST_DIFF
+                    | ceph::features::DEEP_FLATTEN,
+            ),
+            ..Default::default()
+        },
+    )
+    .expect("create image");
+    let img = Image::open(&io, image).expect("open image");
+    write(&img, writes, 1);
+    img
+}
+
+/// Writes pattern data at each (offset, length) in pieces of at most 4 MiB.
+pub fn write(img: &Image, writes: &[(u64, usize)], seed: u64) {
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(4 << 20);
+            let buf = pattern(seed * 1000 + i as u64 * 7 + done as u64, n);
+            img.write(off + done as u64, &buf).expect("write");
+            done += n;
+        }
+    }
+    img.flush().expect("flush");
+}
+
+/// A ceph-csi style volume: image `csi-vol-<uuid>` and its omap journal.
+pub struct CsiVolume {
+    /// The volume handle.
+    pub handle: String,
+    /// The image name.
+    pub image: String,
+    /// The uuid.
+    pub uuid: String,
+}
+
+/// Creates a ceph-csi style volume on a site, as ceph-csi's CreateVolume
+/// leaves it: the image and the `csi.volumes.default` / `csi.volume.<uuid>`
+/// journal entries.
+pub fn create_csi_volume(site: Site, size: u64, writes: &[(u64, usize)]) -> (CsiVolume, Image) {
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let image = format!("csi-vol-{uuid}");
+    let img = create_image(site, &image, size, writes);
+    let io = ioctx(site, "");
+    let pv = format!("pvc-{}", &uuid[..8]);
+    let id = img.id().unwrap();
+    io.omap_set(
+        "csi.volumes.default",
+        &[(&format!("csi.volume.{pv}"), uuid.as_bytes())],
+    )
+    .unwrap();
+    io.omap_set(
+        &format!("csi.volume.{uuid}"),
+        &[
+            ("csi.volname", pv.as_bytes()),
+            ("csi.imagename", image.as_bytes()),
+            ("csi.imageid", id.as_bytes()),
+            ("csi.volume.owner", b"default"),
+        ],
+    )
+    .unwrap();
+    let cid = site.id();
+    let handle = format!("0001-{:04x}-{cid}-{:016x}-{uuid}", cid.len(), io.pool_id());
+    (
+        CsiVolume {
+            handle,
+            image,
+            uuid,
+        },
+        img,
+    )
+}
+
+/// A running sidecar process.
+pub struct Sidecar {
+    /// Its site.
+    pub site: Site,
+    /// Its unix socket.
+    pub socket: PathBuf,
+    child: Child,
+    /// Where its log goes.
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts a sidecar for `site` and waits until Probe says ready.
+    pub async fn start(site: Site, extra: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("csi-addons.sock");
+        let log =
+            std::env::temp_dir().join(format!("{}.log", unique(&format!("sidecar-{}", site.id()))));
+        let logf = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
+            .arg("serve")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--drivername", DRIVER])
+            .arg("--csi-config")
+            .arg(env("CSIRR_CSI_CONFIG"))
+            .arg("--cluster-mapping")
+            .arg(env("CSIRR_CLUSTER_MAPPING"))
+            .args(["--cluster-id", site.id()])
+            .arg("--secret-dir")
+            .arg(site.secret_dir())
+            .args(["--poll-interval", "1s"])
+            // Drop stops the sidecar while the test runtime is blocked, so
+            // its clients cannot answer the HTTP/2 shutdown handshake.
+            .args(["--grace", "2s"])
+            .args(extra)
+            .env("RUST_LOG", "info,csi_rbd_replicator=debug")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .expect("sidecar starts");
+        let sc = Sidecar {
+            site,
+            socket,
+            child,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = sc.try_identity().await {
+                use csi_rbd_replicator::grpc::proto::identity::ProbeRequest;
+                if let Ok(r) = c.probe(ProbeRequest {}).await
+                    && r.into_inner().ready == Some(true)
+                {
+                    return sc;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar for {} not ready in 60s; log:\n{}",
+                site.id(),
+                sc.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The sidecar's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        let path = self.socket.clone();
+        Endpoint::try_from("http://localhost")?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(s))
+                }
+            }))
+            .await
+    }
+
+    async fn try_identity(&self) -> Result<IdentityClient<Channel>, tonic::transport::Error> {
+        Ok(IdentityClient::new(self.channel().await?))
+    }
+
+    /// An Identity client.
+    pub async fn identity(&self) -> IdentityClient<Channel> {
+        self.try_identity().await.expect("connect")
+    }
+
+    /// A replication Controller client.
+    pub async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel().await.expect("connect"))
+    }
+
+    /// Kills the process (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops the process with SIGTERM and waits.
+    pub fn stop(&mut self) {
+        // SIGTERM through the kill command: no unsafe in tests.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of sidecar {} ---\n{}",
+                self.site.id(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// `replication_source` naming one volume.
+pub fn source(volume_id: &str) -> Option<ReplicationSource> {
+    Some(ReplicationSource {
+        r#type: Some(pb::replication_source::Type::Volume(
+            pb::replication_source::VolumeSource {
+                volume_id: volume_id.to_string(),
+            },
+        )),
+    })
+}
+
+/// The least-privilege user's secrets of a site, as a VolumeReplicationClass
+/// secret would carry them.
+pub fn secrets(site: Site) -> HashMap<String, String> {
+    let d = site.secret_dir();
+    HashMap::from([
+        (
+            "userID".to_string(),
+            std::fs::read_to_string(d.join("userID")).unwrap(),
+        ),
+        (
+            "userKey".to_string(),
+            std::fs::read_to_string(d.join("userKey")).unwrap(),
+        ),
+    ])
+}
+
+/// An EnableVolumeReplication request for `volume_id` with `params`.
+pub fn enable_req(
+    site: Site,
+    volume_id: &str,
+    params: &[(&str, &str)],
+) -> pb::EnableVolumeReplicationRequest {
+    pb::EnableVolumeReplicationRequest {
+        replication_source: source(volume_id),
+        secrets: secrets(site),
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A GetVolumeReplicationInfo request.
+pub fn info_req(site: Site, volume_id: &str) -> pb::GetVolumeReplicationInfoRequest {
+    pb::GetVolumeReplicationInfoRequest {
+        replication_source: source(volume_id),
+        secrets: secrets(site),
+        ..Default::default()
+    }
+}
+
+/// Polls GetVolumeReplicationInfo until it answers OK, or panics after
+/// `timeout`.
+pub async fn wait_synced(
+    sc: &Sidecar,
+    volume_id: &str,
+    timeout: Duration,
+) -> pb::GetVolumeReplicationInfoResponse {
+    let mut c = sc.controller().await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match c
+            .get_volume_replication_info(info_req(sc.site, volume_id))
+            .await
+        {
+            Ok(r) => return r.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {}
+            Err(s) => panic!("GetVolumeReplicationInfo of {volume_id}: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls `f` until it returns true.
+pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Path helper for messages.
+pub fn show(p: &Path) -> String {
+    p.display().to_string()
+}
