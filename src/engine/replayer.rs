@@ -230,10 +230,16 @@ impl Engine {
         Ok((jobs, leased))
     }
 
-    fn peer_jobs(&self, io: &IoCtx, pool: &str, peer: &ceph::MirrorPeer) -> Result<Vec<Job>> {
+    /// Connects to mirror peer `peer` of the pool of `io` with the
+    /// `mon_host`/`key` attributes that `rbd mirror pool peer bootstrap
+    /// import` stored. Blocking.
+    pub fn connect_peer(&self, io: &IoCtx, peer: &ceph::MirrorPeer) -> Result<Arc<Cluster>> {
+        let pool = io.pool();
         let attrs = ceph::rbd::mirror_peer_attributes(io, &peer.uuid).ctx(|| {
             format!(
-                "reading the attributes of mirror peer {} of pool {pool}",
+                "reading the attributes of mirror peer {} of pool {pool} \
+                 (a least-privilege user needs mon cap \
+                 'allow command \"config-key get\" with \"key\" prefix \"rbd/mirror/peer/\"')",
                 peer.site_name
             )
         })?;
@@ -245,7 +251,28 @@ impl Engine {
             )));
         };
         let creds = Credentials::new(&peer.client_name, key)?;
-        let cluster = self.conns.get(mon, &creds)?;
+        self.conns.get(mon, &creds)
+    }
+
+    /// The peer clusters of the local pool `pool`. Blocking.
+    pub fn peers_of_pool(&self, pool: &str) -> Result<Vec<(ceph::MirrorPeer, Arc<Cluster>)>> {
+        let io = self
+            .local()?
+            .ioctx(pool, "")
+            .ctx(|| format!("opening pool {pool}"))?;
+        let peers =
+            ceph::rbd::mirror_peer_list(&io).ctx(|| format!("listing mirror peers of {pool}"))?;
+        peers
+            .into_iter()
+            .map(|p| {
+                let c = self.connect_peer(&io, &p)?;
+                Ok((p, c))
+            })
+            .collect()
+    }
+
+    fn peer_jobs(&self, io: &IoCtx, pool: &str, peer: &ceph::MirrorPeer) -> Result<Vec<Job>> {
+        let cluster = self.connect_peer(io, peer)?;
         let pio = match cluster.ioctx(pool, "") {
             Ok(p) => p,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
