@@ -280,6 +280,13 @@ pub fn mirror_peer_attributes(io: &IoCtx, uuid: &str) -> Result<BTreeMap<String,
     }
 }
 
+/// A progress callback that ignores progress. librbd's `*2`/`*_with_progress`
+/// calls invoke the callback unconditionally (its `CProgressContext` does not
+/// check for NULL), so passing none crashes as soon as progress is reported.
+extern "C" fn no_progress(_offset: u64, _total: u64, _arg: *mut c_void) -> c_int {
+    0
+}
+
 /// Copies a C string owned by librbd into a `String`.
 ///
 /// # Safety
@@ -561,21 +568,24 @@ impl Image {
 
     /// Resizes the image (shrinking allowed).
     pub fn resize(&self, size: u64) -> Result<()> {
-        // SAFETY: the handle is live; no progress callback.
-        let ret = unsafe { sys::rbd_resize2(self.raw(), size, true, None, ptr::null_mut()) };
+        // SAFETY: the handle is live; `no_progress` ignores its arguments.
+        let ret = unsafe {
+            sys::rbd_resize2(self.raw(), size, true, Some(no_progress), ptr::null_mut())
+        };
         check(ret, "rbd_resize2", || self.target()).map(|_| ())
     }
 
     /// Creates snapshot `name` without asking writers to quiesce.
     pub fn snap_create(&self, name: &str) -> Result<()> {
         let c = cstring(name, "rbd_snap_create2")?;
-        // SAFETY: the handle is live; c is NUL-terminated; no progress callback.
+        // SAFETY: the handle is live; c is NUL-terminated; `no_progress`
+        // ignores its arguments.
         let ret = unsafe {
             sys::rbd_snap_create2(
                 self.raw(),
                 c.as_ptr(),
                 sys::RBD_SNAP_CREATE_SKIP_QUIESCE,
-                None,
+                Some(no_progress),
                 ptr::null_mut(),
             )
         };
