@@ -221,7 +221,7 @@ pub struct ClusterMapping {
 
 #[derive(Deserialize)]
 struct RawMapping {
-    #[serde(rename = "clusterIDMapping", default)]
+    #[serde(rename = "clusterIDMapping", alias = "ClusterIDMapping", default)]
     cluster_ids: Option<BTreeMap<String, String>>,
     #[serde(rename = "RBDPoolIDMapping", default)]
     rbd_pool_ids: Option<Vec<BTreeMap<String, String>>>,
@@ -866,5 +866,16 @@ mod tests {
         )
         .unwrap();
         assert!(m.candidates("a", 1).is_empty());
+    }
+
+    #[test]
+    fn rooks_capitalised_mapping_key_is_accepted() {
+        // Rook writes "ClusterIDMapping"; ceph-csi (Go) reads keys
+        // case-insensitively.
+        let m = ClusterMapping::from_json(
+            r#"[{"ClusterIDMapping": {"site-a": "site-b"}, "RBDPoolIDMapping": [{"1": "2"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(m.candidates("site-a", 1).len(), 1);
     }
 }
