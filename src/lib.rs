@@ -12,3 +12,4 @@ pub mod ceph;
 pub mod csi;
 pub mod engine;
 pub mod grpc;
+pub mod omap;
