@@ -1,5 +1,5 @@
 //! The csi-rbd-replicator command line: `serve` runs the sidecar (gRPC
-//! services and the replayer).
+//! services and the replayer); `verify` compares a volume with its replica.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,15 +8,18 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-use csi_rbd_replicator::csi::config::{ClusterMapping, CsiConfig};
-use csi_rbd_replicator::csi::params::parse_interval;
+use csi_rbd_replicator::csi::config::{ClusterConfig, ClusterMapping, CsiConfig};
+use csi_rbd_replicator::csi::params::{parse_interval, parse_size};
+use csi_rbd_replicator::csi::volume_id::VolumeId;
 use csi_rbd_replicator::engine::{self, CopyLimits, Credentials, Engine, EngineConfig};
 use csi_rbd_replicator::grpc::identity::IdentityService;
 use csi_rbd_replicator::grpc::proto::identity::identity_server::IdentityServer;
 use csi_rbd_replicator::grpc::proto::replication::controller_server::ControllerServer;
 use csi_rbd_replicator::grpc::replication::ReplicationService;
 use csi_rbd_replicator::grpc::server::{self, Endpoint};
+use csi_rbd_replicator::omap;
 
 #[derive(Parser)]
 #[command(
@@ -35,17 +38,17 @@ struct Cli {
 enum Cmd {
     /// Serve the csi-addons Identity and replication services and replicate.
     Serve(ServeArgs),
+    /// Compare a volume with its replica on the peer cluster at a sync
+    /// snapshot, reading only. Exit code 0: identical, 1: different, 2: error.
+    Verify(VerifyArgs),
+    /// Create or repair ceph-csi's omap journal entries on this cluster from
+    /// PersistentVolume manifests (e.g. restored PVs of replicated volumes).
+    OmapGenerate(omap::cli::OmapGenerateArgs),
 }
 
-#[derive(Parser)]
-struct ServeArgs {
-    /// Where to listen: `unix:///path.sock` or `tcp://host:port`; repeatable.
-    #[arg(long = "endpoint", required = true)]
-    endpoints: Vec<Endpoint>,
-    /// CSI driver name to report; must equal the driver the
-    /// VolumeReplicationClass names (e.g. rook-ceph.rbd.csi.ceph.com).
-    #[arg(long)]
-    drivername: String,
+/// How to reach the local cluster (shared by the commands).
+#[derive(clap::Args)]
+struct ClusterArgs {
     /// ceph-csi's config.json (cluster IDs and monitors).
     #[arg(long, default_value = "/etc/ceph-csi-config/config.json")]
     csi_config: PathBuf,
@@ -59,6 +62,72 @@ struct ServeArgs {
     /// Secret) for background work on the local cluster.
     #[arg(long)]
     secret_dir: PathBuf,
+}
+
+impl ClusterArgs {
+    /// ceph-csi's config, the mapping, the local cluster and credentials.
+    fn load(&self) -> Result<(CsiConfig, ClusterMapping, ClusterConfig, Credentials), String> {
+        let csi_config = CsiConfig::load(&self.csi_config).map_err(|e| e.to_string())?;
+        let mapping = if self.cluster_mapping.exists() {
+            ClusterMapping::load(&self.cluster_mapping).map_err(|e| e.to_string())?
+        } else {
+            ClusterMapping::default()
+        };
+        let local_cluster = match &self.cluster_id {
+            Some(id) => csi_config.cluster(id),
+            None => csi_config.default_cluster(),
+        }
+        .map_err(|e| e.to_string())?
+        .clone();
+        let local_creds = Credentials::from_dir(&self.secret_dir).map_err(|e| e.to_string())?;
+        Ok((csi_config, mapping, local_cluster, local_creds))
+    }
+}
+
+#[derive(Parser)]
+struct VerifyArgs {
+    /// The volume: a ceph-csi volume handle, or `pool[/namespace]/image` on
+    /// the local cluster.
+    volume: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Snapshot to compare; default: the newest sync snapshot both sides have.
+    #[arg(long)]
+    snapshot: Option<String>,
+    /// Mirror peer (site name) to compare with, when several have the image.
+    #[arg(long)]
+    peer: Option<String>,
+    /// Differing extents to list at most.
+    #[arg(long, default_value_t = engine::verify::DEFAULT_MAX_EXTENTS)]
+    max_extents: usize,
+    /// Chunks (RBD objects) compared at once; each holds a buffer per side.
+    #[arg(long, default_value_t = engine::verify::DEFAULT_PARALLEL)]
+    parallel: usize,
+    /// Also read chunks that neither side has allocated (e.g. for clones,
+    /// whose parent data the allocation listing does not show).
+    #[arg(long)]
+    full: bool,
+    /// Print the report (or the error) as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Bound on each cluster operation, and on connecting.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    op_timeout: Duration,
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    #[command(flatten)]
+    pv_watch: omap::cli::WatchArgs,
+    /// Where to listen: `unix:///path.sock` or `tcp://host:port`; repeatable.
+    #[arg(long = "endpoint", required = true)]
+    endpoints: Vec<Endpoint>,
+    /// CSI driver name to report; must equal the driver the
+    /// VolumeReplicationClass names (e.g. rook-ceph.rbd.csi.ceph.com).
+    #[arg(long)]
+    drivername: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Pools to replicate (comma separated); default: every pool with mirror
     /// peers.
     #[arg(long, value_delimiter = ',')]
@@ -75,6 +144,17 @@ struct ServeArgs {
     /// Aio operations in flight per image.
     #[arg(long, default_value_t = 32)]
     max_inflight_ops: usize,
+    /// Sync snapshots kept on each side per image (at least 1).
+    #[arg(long, default_value_t = 3)]
+    keep_snapshots: usize,
+    /// How often a running delta records its progress, so that a restart
+    /// resumes it.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    checkpoint_interval: Duration,
+    /// Byte-rate cap of all replication into this cluster (e.g. 200M;
+    /// 0: unlimited). Per image: the `bandwidthLimit` parameter.
+    #[arg(long, default_value = "0", value_parser = bytes)]
+    max_bytes_per_second: usize,
     /// Images synced at once.
     #[arg(long, default_value_t = 4)]
     max_concurrent_syncs: usize,
@@ -91,35 +171,31 @@ fn duration(s: &str) -> Result<Duration, String> {
 }
 
 fn bytes(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let m = match s[i..].to_ascii_uppercase().trim_end_matches(['I', 'B']) {
-                "K" => 1usize << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "" => 1,
-                u => return Err(format!("unknown size unit {u:?} (use K, M or G)")),
-            };
-            (&s[..i], m)
-        }
-        None => (s, 1),
-    };
-    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    parse_size(s)
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // `verify` keeps stdout for its report: its logs go to stderr, warnings only.
+    let oneshot = matches!(cli.cmd, Cmd::Verify(_) | Cmd::OmapGenerate(_));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(if oneshot { "warn" } else { "info" }));
+    let writer = if oneshot {
+        BoxMakeWriter::new(std::io::stderr)
+    } else {
+        BoxMakeWriter::new(std::io::stdout)
+    };
     if cli.log_format == "json" {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
+            .with_writer(writer)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .init();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -133,6 +209,8 @@ fn main() -> std::process::ExitCode {
     };
     let res = match cli.cmd {
         Cmd::Serve(a) => rt.block_on(serve(a)),
+        Cmd::Verify(a) => return verify(a),
+        Cmd::OmapGenerate(a) => omap::cli::omap_generate(a),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -145,24 +223,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), String> {
-    let csi_config = CsiConfig::load(&a.csi_config).map_err(|e| e.to_string())?;
-    let mapping = if a.cluster_mapping.exists() {
-        ClusterMapping::load(&a.cluster_mapping).map_err(|e| e.to_string())?
-    } else {
-        ClusterMapping::default()
-    };
-    let local_cluster = match &a.cluster_id {
-        Some(id) => csi_config.cluster(id),
-        None => csi_config.default_cluster(),
-    }
-    .map_err(|e| e.to_string())?
-    .clone();
-    let local_creds = Credentials::from_dir(&a.secret_dir).map_err(|e| e.to_string())?;
+    let (csi_config, mapping, local_cluster, local_creds) = a.cluster.load()?;
     let cfg = EngineConfig {
-        csi_config,
-        mapping,
-        local_cluster,
-        local_creds,
         op_timeout: a.op_timeout,
         limits: CopyLimits {
             max_inflight_bytes: a.max_inflight_bytes,
@@ -173,6 +235,10 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         pools: a.pools.clone(),
         max_concurrent_syncs: a.max_concurrent_syncs,
         peer_stale_after: (a.poll_interval * 6).max(Duration::from_secs(60)),
+        keep_snapshots: a.keep_snapshots.max(1),
+        checkpoint_interval: a.checkpoint_interval,
+        max_bytes_per_second: a.max_bytes_per_second as u64,
+        ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
     };
     tracing::info!(
         cluster_id = %cfg.local_cluster.cluster_id,
@@ -211,6 +277,12 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
             }
         });
     }
+    let pv_watch = omap::cli::spawn_pv_watch(
+        &a.pv_watch,
+        Arc::clone(&engine),
+        a.drivername.clone(),
+        shutdown.clone(),
+    )?;
     let replayer = (!a.no_replayer)
         .then(|| tokio::spawn(engine::replayer::run(Arc::clone(&engine), shutdown.clone())));
 
@@ -229,7 +301,58 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     if let Some(r) = replayer {
         let _ = r.await;
     }
+    if let Some(w) = pv_watch {
+        let _ = w.await;
+    }
     served
+}
+
+/// `verify`: exit code 0 when identical, 1 when different, 2 on errors.
+fn verify(a: VerifyArgs) -> std::process::ExitCode {
+    use engine::verify::{ProgressPrinter, VerifyOptions, render_text};
+    let fail = |msg: String| {
+        if a.json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("csi-rbd-replicator verify: {msg}");
+        std::process::ExitCode::from(2)
+    };
+    let vol = match VolumeId::parse(&a.volume) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("volume {:?}: {e}", a.volume)),
+    };
+    let (csi_config, mapping, local_cluster, local_creds) = match a.cluster.load() {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    let engine = Engine::new(EngineConfig {
+        op_timeout: a.op_timeout,
+        ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
+    });
+    let opts = VerifyOptions {
+        snapshot: a.snapshot.clone(),
+        peer: a.peer.clone(),
+        max_extents: a.max_extents,
+        parallel: a.parallel.max(1),
+        full: a.full,
+    };
+    let mut printer = ProgressPrinter::stderr();
+    let res = engine.verify(&vol, &opts, &mut |p| printer.update(p));
+    printer.finish();
+    match res {
+        Ok(r) => {
+            if a.json {
+                match serde_json::to_string_pretty(&r) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => return fail(format!("cannot encode the report: {e}")),
+                }
+            } else {
+                print!("{}", render_text(&r));
+            }
+            std::process::ExitCode::from(if r.identical { 0 } else { 1 })
+        }
+        Err(e) => fail(e.to_string()),
+    }
 }
 
 fn spawn_signal_handler(token: CancellationToken) {
@@ -248,19 +371,4 @@ fn spawn_signal_handler(token: CancellationToken) {
         }
         token.cancel();
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(bytes("64M").unwrap(), 64 << 20);
-        assert_eq!(bytes("64MiB").unwrap(), 64 << 20);
-        assert_eq!(bytes("1G").unwrap(), 1 << 30);
-        assert_eq!(bytes("4096").unwrap(), 4096);
-        assert!(bytes("12Q").is_err());
-        assert!(bytes("M").is_err());
-    }
 }

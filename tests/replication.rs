@@ -17,8 +17,8 @@ use tonic::Code;
 const FIRST: &str = "csirr-sync.0000000001";
 const MIB: u64 = 1 << 20;
 
-fn spec(image: &str, snap: &str) -> String {
-    format!("{}/{image}@{snap}", pool())
+fn spec(pool: &TestPool, image: &str, snap: &str) -> String {
+    format!("{}/{image}@{snap}", pool.name)
 }
 
 #[tokio::test]
@@ -59,7 +59,8 @@ async fn identity_reports_driver_capabilities_and_readiness() {
 /// objects in between, and a partial object at the end.
 #[tokio::test]
 async fn csi_volume_with_holes_replicates_byte_for_byte() {
-    let a = Sidecar::start(Site::A, &["--no-replayer"]).await;
+    let pool = TestPool::new("holes");
+    let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
     let writes = [
         (0, 64 << 10),
         (5 * MIB + 12345, 300 << 10),
@@ -67,7 +68,7 @@ async fn csi_volume_with_holes_replicates_byte_for_byte() {
         (63 * MIB, 1 << 20),
         (200 * MIB - 4096, 4096),
     ];
-    let (vol, _img) = create_csi_volume(Site::A, 200 * MIB, &writes);
+    let (vol, _img) = create_csi_volume_in(&pool.ioctx(Site::A), Site::A, 200 * MIB, &writes);
     let mut ca = a.controller().await;
     ca.enable_volume_replication(enable_req(
         Site::A,
@@ -84,9 +85,9 @@ async fn csi_volume_with_holes_replicates_byte_for_byte() {
         .await
         .unwrap_err();
     assert_eq!(early.code(), Code::NotFound, "{early:?}");
-    assert!(!image_exists(Site::B, &vol.image));
+    assert!(sync_snaps_in(&pool.ioctx(Site::B), &vol.image).is_empty());
 
-    let _b = Sidecar::start(Site::B, &[]).await;
+    let _b = Sidecar::start(Site::B, &pool.args()).await;
     let info = wait_synced(&a, &vol.handle, Duration::from_secs(120)).await;
     assert_eq!(info.status, Health::Healthy as i32, "{info:?}");
     assert!(info.last_sync_time.is_some());
@@ -94,33 +95,74 @@ async fn csi_volume_with_holes_replicates_byte_for_byte() {
     let written: u64 = writes.iter().map(|w| w.1 as u64).sum();
     assert!(info.last_sync_bytes as u64 >= written, "{info:?}");
 
-    let primary = checksum(Site::A, &spec(&vol.image, FIRST));
-    let replica = checksum(Site::B, &spec(&vol.image, FIRST));
+    let primary = checksum(Site::A, &spec(&pool, &vol.image, FIRST));
+    let replica = checksum(Site::B, &spec(&pool, &vol.image, FIRST));
     assert_eq!(primary, replica, "replica of {} differs", vol.image);
 
     // Holes stay holes: the replica allocates no more than the primary.
-    let pa = allocated(Site::A, &spec(&vol.image, FIRST));
-    let pb = allocated(Site::B, &spec(&vol.image, FIRST));
+    let pa = allocated(Site::A, &spec(&pool, &vol.image, FIRST));
+    let pb = allocated(Site::B, &spec(&pool, &vol.image, FIRST));
     assert!(pb <= pa, "replica allocates {pb} bytes, primary {pa}");
     assert!(
         pb < 100 * MIB,
         "replica of a sparse image is not sparse: {pb}"
     );
+
+    // ceph-csi's journal on site-b points the volume's uuid at the replica,
+    // with the replica's own image id and the primary's PV name.
+    let rio = pool.ioctx(Site::B);
+    let replica_id = csi_rbd_replicator::ceph::Image::open_read_only(&rio, &vol.image, None)
+        .and_then(|i| i.id())
+        .unwrap();
+    let entry = rio
+        .omap_get_all(&format!("csi.volume.{}", vol.uuid), "")
+        .expect("journal entry on site-b");
+    assert_eq!(entry["csi.imagename"], vol.image.as_bytes());
+    assert_eq!(entry["csi.imageid"], replica_id.as_bytes());
+    let pv = String::from_utf8_lossy(&entry["csi.volname"]).into_owned();
+    let dir = rio
+        .omap_get_all("csi.volumes.default", "")
+        .expect("journal directory on site-b");
+    assert_eq!(dir[&format!("csi.volume.{pv}")], vol.uuid.as_bytes());
+
+    // Through the cluster mapping, site-a's original handle resolves on
+    // site-b to the replica (Enable on a replica is a no-op that succeeds).
+    let tmp = tempfile::tempdir().unwrap();
+    let mapping = pool.mapping_file(tmp.path());
+    let b2 = Sidecar::start(
+        Site::B,
+        &[
+            "--no-replayer",
+            "--pools",
+            &pool.name,
+            "--cluster-mapping",
+            mapping.to_str().unwrap(),
+        ],
+    )
+    .await;
+    b2.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::B, &vol.handle, &[]))
+        .await
+        .expect("site-a's handle resolves on site-b");
+    assert_eq!(sync_snaps_in(&rio, &vol.image), vec![FIRST.to_string()]);
 }
 
 /// More than 1 GiB, written sequentially, plus data past the 1 GiB mark.
 #[tokio::test]
 async fn large_image_replicates_and_reports_time() {
-    let a = Sidecar::start(Site::A, &["--no-replayer"]).await;
-    let _b = Sidecar::start(Site::B, &[]).await;
-    let name = unique("large");
-    create_image(
-        Site::A,
-        &name,
+    let pool = TestPool::new("large");
+    let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
+    let _b = Sidecar::start(Site::B, &pool.args()).await;
+    let name = "large";
+    create_image_in(
+        &pool.ioctx(Site::A),
+        name,
         1536 * MIB,
         &[(0, 1 << 30), (1400 * MIB, 8 << 20)],
+        1,
     );
-    let vid = format!("{}/{name}", pool());
+    let vid = format!("{}/{name}", pool.name);
     let started = Instant::now();
     a.controller()
         .await
@@ -135,29 +177,29 @@ async fn large_image_replicates_and_reports_time() {
         info.last_sync_duration
     );
     assert_eq!(
-        checksum(Site::A, &spec(&name, FIRST)),
-        checksum(Site::B, &spec(&name, FIRST))
+        checksum(Site::A, &spec(&pool, name, FIRST)),
+        checksum(Site::B, &spec(&pool, name, FIRST))
     );
 }
 
 #[tokio::test]
 async fn enable_is_idempotent_and_replica_is_locked() {
-    let a = Sidecar::start(Site::A, &["--no-replayer"]).await;
-    let _b = Sidecar::start(Site::B, &[]).await;
-    let name = unique("idem");
-    create_image(Site::A, &name, 32 * MIB, &[(0, 1 << 20)]);
-    let vid = format!("{}/{name}", pool());
+    let pool = TestPool::new("idem");
+    let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
+    let _b = Sidecar::start(Site::B, &pool.args()).await;
+    let name = "idem";
+    create_image_in(&pool.ioctx(Site::A), name, 32 * MIB, &[(0, 1 << 20)], 1);
+    let vid = format!("{}/{name}", pool.name);
     let mut ca = a.controller().await;
     for _ in 0..3 {
         ca.enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "5m")]))
             .await
             .expect("enable");
     }
-    let syncs: Vec<String> = snapshots(Site::A, &name)
-        .into_iter()
-        .filter(|s| s.starts_with("csirr-sync."))
-        .collect();
-    assert_eq!(syncs, vec![FIRST.to_string()]);
+    assert_eq!(
+        sync_snaps_in(&pool.ioctx(Site::A), name),
+        vec![FIRST.to_string()]
+    );
     wait_synced(&a, &vid, Duration::from_secs(120)).await;
 
     // Another client cannot write the replica while the replayer holds it.
@@ -173,11 +215,14 @@ async fn enable_is_idempotent_and_replica_is_locked() {
     assert!(err.contains("Read-only file system"), "{err}");
 
     // Enable on the replica's side leaves the replica alone.
-    let b = Sidecar::start(Site::B, &["--no-replayer"]).await;
+    let b = Sidecar::start(Site::B, &["--no-replayer", "--pools", &pool.name]).await;
     b.controller()
         .await
         .enable_volume_replication(enable_req(Site::B, &vid, &[]))
         .await
         .expect("enable on the replica side");
-    assert_eq!(snapshots(Site::B, &name), vec![FIRST.to_string()]);
+    assert_eq!(
+        sync_snaps_in(&pool.ioctx(Site::B), name),
+        vec![FIRST.to_string()]
+    );
 }

@@ -23,7 +23,7 @@
 #   <site>/ceph.client.admin.keyring
 #   <site>/ceph.client.csi-rbd-provisioner.keyring
 #   <site>/secret/{userID,userKey}        Kubernetes-Secret-style (0600, no newline)
-#   <site>/{mon,mgr,osd}/                 daemon data (osd: bluestore on a 10 GiB sparse file)
+#   <site>/{mon,mgr,osd}/                 daemon data (osd: bluestore on a 30 GiB sparse file)
 #   <site>/log/, <site>/run/              logs, pid files, admin sockets
 #   csi-config.json, cluster-mapping.json ceph-csi formats
 #   /etc/ceph/<site>.conf, /etc/ceph/<site>.client.admin.keyring  symlinks, so that
@@ -385,7 +385,9 @@ pid_file = $dir/run/\$name.pid
 admin_socket = $dir/run/\$name.asok
 osd_objectstore = bluestore
 bluestore_block_create = true
-bluestore_block_size = 10737418240
+# Sparse: only what is written takes disk space. 30 GiB leaves room for the
+# benchmark (4 GiB images) and for bluestore overhead with many snapshots.
+bluestore_block_size = 32212254720
 osd_memory_target = 1610612736
 
 [client.admin]

@@ -46,6 +46,9 @@ pub const SCHEDULING_START_TIME_KEY: &str = "schedulingStartTime";
 pub const FLATTEN_MODE_KEY: &str = "flattenMode";
 /// The `force` key (DisableVolumeReplication).
 pub const FORCE_KEY: &str = "force";
+/// Key of the per-image byte-rate cap (an extension of this sidecar), e.g.
+/// `50M` for 50 MiB/s.
+pub const BANDWIDTH_LIMIT_KEY: &str = "bandwidthLimit";
 
 /// The longest scheduling interval we accept.
 pub const MAX_SCHEDULING_INTERVAL: Duration = Duration::from_secs(365 * 86_400);
@@ -246,6 +249,8 @@ pub struct ReplicationParams {
     pub flatten_mode: FlattenMode,
     /// `force`, used by DisableVolumeReplication.
     pub force: bool,
+    /// `bandwidthLimit`: byte-rate cap of this image's replication, bytes/s.
+    pub bandwidth_limit: Option<u64>,
     /// Keys that were present but not used, sorted: unknown keys, and the
     /// scheduling keys in journal mode. Not part of [`to_map`](Self::to_map).
     pub ignored: Vec<String>,
@@ -263,6 +268,7 @@ impl ReplicationParams {
         let mut start = None;
         let mut flatten = None;
         let mut force = None;
+        let mut bandwidth = None;
         let mut ignored = Vec::new();
         for (key, value) in pairs {
             match key {
@@ -271,6 +277,7 @@ impl ReplicationParams {
                 SCHEDULING_START_TIME_KEY => start = Some(value),
                 FLATTEN_MODE_KEY => flatten = Some(value),
                 FORCE_KEY => force = Some(value),
+                BANDWIDTH_LIMIT_KEY => bandwidth = Some(value),
                 _ => ignored.push(key.to_owned()),
             }
         }
@@ -323,6 +330,18 @@ impl ReplicationParams {
             })?,
         };
 
+        let bandwidth_limit = bandwidth
+            .map(|v| {
+                parse_size(v).map(|n| n as u64).map_err(|reason| {
+                    ParamError::InvalidBandwidthLimit {
+                        value: v.to_owned(),
+                        reason,
+                    }
+                })
+            })
+            .transpose()?
+            .filter(|n| *n > 0);
+
         ignored.sort();
         Ok(Self {
             mirroring_mode,
@@ -330,6 +349,7 @@ impl ReplicationParams {
             scheduling_start_time,
             flatten_mode,
             force,
+            bandwidth_limit,
             ignored,
         })
     }
@@ -354,6 +374,9 @@ impl ReplicationParams {
             self.flatten_mode.as_str().to_owned(),
         );
         m.insert(FORCE_KEY.to_owned(), self.force.to_string());
+        if let Some(b) = self.bandwidth_limit {
+            m.insert(BANDWIDTH_LIMIT_KEY.to_owned(), b.to_string());
+        }
         m
     }
 }
@@ -370,6 +393,32 @@ impl TryFrom<BTreeMap<String, String>> for ReplicationParams {
     fn try_from(m: BTreeMap<String, String>) -> Result<Self, Self::Error> {
         Self::from_pairs(m.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
+}
+
+/// Parses a byte size: a number with an optional binary unit `K`, `M`, `G`
+/// or `T` (`Ki`, `KiB`, `KB`, ... alike), e.g. `64M` = 64 MiB.
+pub fn parse_size(value: &str) -> Result<usize, String> {
+    let v = value.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    if num.is_empty() {
+        return Err(format!("{value:?} does not start with a number"));
+    }
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches('B')
+        .trim_end_matches('I')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        u => return Err(format!("unknown size unit {u:?} (use K, M, G or T)")),
+    };
+    let n: usize = num.parse().map_err(|_| format!("{value:?} is too large"))?;
+    n.checked_mul(1usize << shift)
+        .ok_or_else(|| format!("{value:?} is too large"))
 }
 
 /// Parses `^\d+[smhd]$` into a duration in `1s..=365d`.
@@ -601,6 +650,14 @@ const START_TIME_FORMS: &str = "a time of day such as \"14:00\", \"14:00:00\" or
 /// A parameter that is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParamError {
+    /// `bandwidthLimit` is not a size.
+    #[error("bandwidthLimit {value:?} is not a byte rate like 50M (bytes per second): {reason}")]
+    InvalidBandwidthLimit {
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// `mirroringMode` has an unknown value.
     #[error(
         "mirroringMode {value:?} is not supported; accepted values are \"snapshot\" (the \
@@ -672,6 +729,36 @@ pub enum ParamError {
         /// The value given.
         value: String,
     },
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+    }
+
+    #[test]
+    fn bandwidth_limit_parameter() {
+        let m = HashMap::from([(BANDWIDTH_LIMIT_KEY.to_string(), "50M".to_string())]);
+        assert_eq!(
+            ReplicationParams::parse(&m).unwrap().bandwidth_limit,
+            Some(50 << 20)
+        );
+        let m = HashMap::from([(BANDWIDTH_LIMIT_KEY.to_string(), "fast".to_string())]);
+        assert!(matches!(
+            ReplicationParams::parse(&m),
+            Err(ParamError::InvalidBandwidthLimit { .. })
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -114,6 +114,22 @@ fn push_split(out: &mut Vec<Extent>, off: u64, len: u64, data: bool, chunk: u64)
     }
 }
 
+/// The extents at or above `offset` (an extent straddling it is cut).
+pub fn skip_below(extents: &[Extent], offset: u64) -> Vec<Extent> {
+    extents
+        .iter()
+        .filter(|e| e.off + e.len > offset)
+        .map(|e| {
+            let start = e.off.max(offset);
+            Extent {
+                off: start,
+                len: e.off + e.len - start,
+                data: e.data,
+            }
+        })
+        .collect()
+}
+
 /// Ranges allocated in `have` that `want` does not cover: what a replica
 /// holds beyond the source's allocated extents, which must become zero.
 pub fn uncovered(have: &[Extent], want: &[Extent]) -> Vec<(u64, u64)> {
@@ -146,16 +162,124 @@ pub fn uncovered(have: &[Extent], want: &[Extent]) -> Vec<(u64, u64)> {
 
 enum Event {
     Read {
+        idx: usize,
         ext: Extent,
         res: ceph::Result<usize>,
         buf: Vec<u8>,
     },
     Written {
+        idx: usize,
         ext: Extent,
         res: ceph::Result<usize>,
         buf: Vec<u8>,
         zero: bool,
     },
+}
+
+/// Tracks which extents are done, to report the offset below which every
+/// extent is complete: the checkpoint a resumed copy can skip to.
+struct Watermark {
+    done: Vec<bool>,
+    low: usize,
+}
+
+impl Watermark {
+    fn new(n: usize) -> Self {
+        Self {
+            done: vec![false; n],
+            low: 0,
+        }
+    }
+
+    fn complete(&mut self, idx: usize) {
+        if let Some(d) = self.done.get_mut(idx) {
+            *d = true;
+        }
+        while self.done.get(self.low).copied().unwrap_or(false) {
+            self.low += 1;
+        }
+    }
+
+    /// Offset below which all extents are complete.
+    fn offset(&self, extents: &[Extent]) -> u64 {
+        match extents.get(self.low) {
+            Some(e) => e.off,
+            None => extents.last().map_or(0, |e| e.off + e.len),
+        }
+    }
+}
+
+/// A byte-rate cap (token bucket, burst of one second), shared by every copy
+/// it applies to. A rate of 0 means unlimited; the rate can change at any
+/// time.
+#[derive(Debug)]
+pub struct Throttle {
+    rate: std::sync::atomic::AtomicU64,
+    state: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl Throttle {
+    /// A throttle of `bytes_per_sec` (0: unlimited).
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Self {
+            rate: std::sync::atomic::AtomicU64::new(bytes_per_sec),
+            state: std::sync::Mutex::new((bytes_per_sec as f64, std::time::Instant::now())),
+        }
+    }
+
+    /// Changes the rate.
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        self.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// The current rate (0: unlimited).
+    pub fn rate(&self) -> u64 {
+        self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Takes `n` bytes, or says how long to wait before trying again.
+    fn try_take(&self, n: u64) -> Result<(), std::time::Duration> {
+        let rate = self.rate() as f64;
+        if rate <= 0.0 {
+            return Ok(());
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(st.1).as_secs_f64();
+        st.0 = (st.0 + elapsed * rate).min(rate.max(n as f64));
+        st.1 = now;
+        if st.0 >= n as f64 {
+            st.0 -= n as f64;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64((n as f64 - st.0) / rate))
+        }
+    }
+}
+
+/// Takes `n` bytes from every throttle, or the longest wait among them.
+fn take_all(throttles: &[&Throttle], n: u64) -> Result<(), std::time::Duration> {
+    // Check first so that a refusal takes nothing from the others.
+    let wait = throttles.iter().filter_map(|t| t.peek_wait(n)).max();
+    if let Some(w) = wait {
+        return Err(w);
+    }
+    for t in throttles {
+        let _ = t.try_take(n);
+    }
+    Ok(())
+}
+
+impl Throttle {
+    fn peek_wait(&self, n: u64) -> Option<std::time::Duration> {
+        let rate = self.rate() as f64;
+        if rate <= 0.0 {
+            return None;
+        }
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let tokens = (st.0 + st.1.elapsed().as_secs_f64() * rate).min(rate.max(n as f64));
+        (tokens < n as f64).then(|| std::time::Duration::from_secs_f64((n as f64 - tokens) / rate))
+    }
 }
 
 /// Whether `buf` holds only zero bytes (16 bytes at a time).
@@ -167,18 +291,22 @@ fn is_zero(buf: &[u8]) -> bool {
         && chunks.remainder().iter().all(|b| *b == 0)
 }
 
-/// Copies `extents` from `src` to `dst`. `fresh` says the replica is known
-/// to be all zeroes where not yet written (newly created), so all-zero data
-/// needs no write. `progress(done_bytes)` is called as work completes;
-/// `cancel` stops submitting and drains. Blocking.
+/// Copies `extents` (sorted by offset) from `src` to `dst`. `fresh` says the
+/// replica is known to be all zeroes where not yet written (newly created),
+/// so all-zero data needs no write. `progress(done_bytes, watermark)` is
+/// called as work completes, with the offset below which every extent is
+/// complete; `throttles` cap the byte rate; `cancel` stops submitting and
+/// drains. Blocking.
+#[allow(clippy::too_many_arguments)]
 pub fn copy_extents(
     src: &Image,
     dst: &Image,
     extents: &[Extent],
     fresh: bool,
     limits: CopyLimits,
+    throttles: &[&Throttle],
     cancel: &AtomicBool,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CopyStats> {
     let (tx, rx) = mpsc::channel::<Event>();
     let mut stats = CopyStats::default();
@@ -189,6 +317,8 @@ pub fn copy_extents(
     let mut done_bytes = 0u64;
     let mut first_err: Option<EngineError> = None;
     let budget = limits.max_inflight_bytes.max(limits.chunk as usize);
+    let mut mark = Watermark::new(extents.len());
+    let mut throttle_wait: Option<std::time::Duration> = None;
 
     let ceph_err = |what: &str, img: &Image, e: ceph::Error| EngineError::Ceph {
         context: format!("{what} {}", img.spec()),
@@ -203,9 +333,14 @@ pub fn copy_extents(
                 break;
             }
             let ext = extents[next];
+            let idx = next;
             if ext.data {
                 let len = ext.len as usize;
                 if inflight_bytes + len > budget && inflight_ops > 0 {
+                    break;
+                }
+                if let Err(wait) = take_all(throttles, ext.len) {
+                    throttle_wait = Some(wait);
                     break;
                 }
                 let mut buf = free.pop().unwrap_or_default();
@@ -215,7 +350,7 @@ pub fn copy_extents(
                     ext.off,
                     buf,
                     Box::new(move |res, buf| {
-                        let _ = t.send(Event::Read { ext, res, buf });
+                        let _ = t.send(Event::Read { idx, ext, res, buf });
                     }),
                 );
                 if let Err(e) = r {
@@ -230,6 +365,7 @@ pub fn copy_extents(
                     ext.len,
                     Box::new(move |res, buf| {
                         let _ = t.send(Event::Written {
+                            idx,
                             ext,
                             res,
                             buf,
@@ -246,11 +382,28 @@ pub fn copy_extents(
             next += 1;
         }
         if inflight_ops == 0 {
-            break;
+            match throttle_wait.take() {
+                // Throttled with nothing in flight: wait, then submit again.
+                Some(wait) if first_err.is_none() => {
+                    std::thread::sleep(wait.min(std::time::Duration::from_millis(200)));
+                    continue;
+                }
+                _ => break,
+            }
         }
-        let Ok(ev) = rx.recv() else { break };
+        let ev = match throttle_wait.take() {
+            Some(wait) => match rx.recv_timeout(wait.min(std::time::Duration::from_millis(200))) {
+                Ok(ev) => ev,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(ev) => ev,
+                Err(_) => break,
+            },
+        };
         match ev {
-            Event::Read { ext, res, buf } => match res {
+            Event::Read { idx, ext, res, buf } => match res {
                 Err(e) => {
                     inflight_ops -= 1;
                     inflight_bytes -= buf.len();
@@ -271,12 +424,14 @@ pub fn copy_extents(
                         inflight_bytes -= buf.len();
                         free.push(buf);
                         done_bytes += ext.len;
-                        progress(done_bytes);
+                        mark.complete(idx);
+                        progress(done_bytes, mark.offset(extents));
                         continue;
                     }
                     let t = tx.clone();
                     let cb: ceph::aio::AioCallback = Box::new(move |res, buf| {
                         let _ = t.send(Event::Written {
+                            idx,
                             ext,
                             res,
                             buf,
@@ -301,6 +456,7 @@ pub fn copy_extents(
                 }
             },
             Event::Written {
+                idx,
                 ext,
                 res,
                 buf,
@@ -324,7 +480,8 @@ pub fn copy_extents(
                             stats.bytes_written += ext.len;
                         }
                         done_bytes += ext.len;
-                        progress(done_bytes);
+                        mark.complete(idx);
+                        progress(done_bytes, mark.offset(extents));
                     }
                 }
             }

@@ -15,6 +15,8 @@ pub mod oplock;
 pub mod registry;
 pub mod replayer;
 pub mod resolve;
+pub mod scheduler;
+pub mod verify;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,6 +56,39 @@ pub struct EngineConfig {
     pub max_concurrent_syncs: usize,
     /// A replica status older than this counts as a silent peer.
     pub peer_stale_after: Duration,
+    /// Sync snapshots kept on each side.
+    pub keep_snapshots: usize,
+    /// How often a running delta records its progress.
+    pub checkpoint_interval: Duration,
+    /// Byte-rate cap of all replication of this process (0: unlimited).
+    pub max_bytes_per_second: u64,
+}
+
+impl EngineConfig {
+    /// A configuration with the defaults of `serve` for everything but where
+    /// the local cluster is and how to authenticate to it.
+    pub fn new(
+        csi_config: CsiConfig,
+        mapping: ClusterMapping,
+        local_cluster: ClusterConfig,
+        local_creds: Credentials,
+    ) -> Self {
+        Self {
+            csi_config,
+            mapping,
+            local_cluster,
+            local_creds,
+            op_timeout: Duration::from_secs(30),
+            limits: CopyLimits::default(),
+            poll_interval: Duration::from_secs(5),
+            pools: None,
+            max_concurrent_syncs: 4,
+            peer_stale_after: Duration::from_secs(60),
+            keep_snapshots: 3,
+            checkpoint_interval: Duration::from_secs(5),
+            max_bytes_per_second: 0,
+        }
+    }
 }
 
 /// A request naming one volume.
@@ -99,6 +134,8 @@ pub struct Engine {
     last_local_ok: Mutex<Option<Instant>>,
     last_local_err: Mutex<Option<String>>,
     cookie: String,
+    /// The global byte-rate cap, shared by every copy.
+    throttle: Arc<copy::Throttle>,
 }
 
 impl Engine {
@@ -106,11 +143,12 @@ impl Engine {
     pub fn new(cfg: EngineConfig) -> Arc<Self> {
         Arc::new(Self {
             conns: Connections::new(cfg.op_timeout),
-            cfg,
             locks: oplock::OpLocks::default(),
             last_local_ok: Mutex::new(None),
             last_local_err: Mutex::new(None),
             cookie: format!("csirr-{}", uuid::Uuid::new_v4()),
+            throttle: Arc::new(copy::Throttle::new(cfg.max_bytes_per_second)),
+            cfg,
         })
     }
 
@@ -252,9 +290,12 @@ impl Engine {
                 enabled_at: Utc::now(),
                 primary: None,
                 last_sync: None,
+                checkpoint: None,
+                bandwidth_limit: None,
             },
         };
         rec.schedule = schedule;
+        rec.bandwidth_limit = params.bandwidth_limit;
         reg.put(&rec)?;
         let snaps = vol
             .image

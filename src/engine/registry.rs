@@ -119,6 +119,30 @@ pub struct ImageRecord {
     /// For a replica: the newest complete sync point.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_sync: Option<SyncPoint>,
+    /// For a replica: progress of the delta being copied, so that a restart
+    /// resumes it instead of starting over.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub checkpoint: Option<Checkpoint>,
+    /// Byte-rate cap of this image's replication (bytes/s), from the
+    /// `bandwidthLimit` parameter; applied by the replayer.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bandwidth_limit: Option<u64>,
+}
+
+/// How far a delta got: every extent below `offset` of the delta from
+/// snapshot `from` (none: the first full copy) to snapshot `to` is on the
+/// replica and flushed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Base snapshot of the delta.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub from: Option<String>,
+    /// Target snapshot of the delta.
+    pub to: String,
+    /// Offset below which the delta is complete.
+    pub offset: u64,
+    /// Bytes the delta has in all.
+    pub total: u64,
 }
 
 /// What the replayer is doing with one image.
@@ -155,6 +179,12 @@ pub struct ReplicaStatus {
     /// Newest complete sync point.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_sync: Option<SyncPoint>,
+    /// Bytes of the running sync still to copy.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bytes_pending: Option<u64>,
+    /// Copy rate of the running sync, bytes/s.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bytes_per_sec: Option<u64>,
     /// When this status was written (a heartbeat).
     pub updated_at: DateTime<Utc>,
 }
@@ -313,6 +343,8 @@ mod tests {
                 image_id: "p".into(),
             }),
             last_sync: None,
+            checkpoint: None,
+            bandwidth_limit: Some(1 << 20),
         };
         let j = serde_json::to_string(&r).unwrap();
         assert!(j.contains("\"role\":\"secondary\""), "{j}");

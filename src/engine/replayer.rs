@@ -27,8 +27,10 @@ use crate::ceph::{self, Cluster, ErrorKind, Image, IoCtx, features};
 use super::copy::{self, Extent};
 use super::error::{CephContext, EngineError, Result};
 use super::registry::{
-    ImageRecord, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role, SyncPoint, sync_snap_seq,
+    Checkpoint, ImageRecord, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role, SyncPoint,
+    sync_snap_seq,
 };
+use super::scheduler::DueCache;
 use super::{Credentials, Engine};
 
 /// One image to replicate: where its primary is.
@@ -109,6 +111,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     let stop = Arc::new(AtomicBool::new(false));
     let mut leased: HashSet<(String, String)> = HashSet::new();
+    let due = Arc::new(DueCache::default());
     loop {
         let e = Arc::clone(&engine);
         let discovered = tokio::task::spawn_blocking(move || e.discover()).await;
@@ -159,6 +162,14 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
             }
             Ok(Err(err)) => tracing::warn!(error = %err, "replayer discovery failed"),
             Err(err) => tracing::error!(error = %err, "replayer discovery panicked"),
+        }
+        // Sync snapshots of the primaries of this cluster, on their schedule.
+        let (e, l, c) = (Arc::clone(&engine), leased.clone(), Arc::clone(&due));
+        match tokio::task::spawn_blocking(move || e.schedule_leased(&l, &c)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(snapshots = n, "scheduled sync snapshots taken"),
+            Ok(Err(err)) => tracing::warn!(error = %err, "scheduler pass failed"),
+            Err(err) => tracing::error!(error = %err, "scheduler pass panicked"),
         }
         while tasks.try_join_next().is_some() {}
         tokio::select! {
@@ -308,6 +319,32 @@ impl Engine {
         Ok(jobs)
     }
 
+    /// Runs the scheduler over every namespace of the leased pools.
+    fn schedule_leased(&self, leased: &Leases, cache: &DueCache) -> Result<usize> {
+        let local = self.local()?;
+        let mut taken = 0;
+        for (pool, _) in leased {
+            let io = local
+                .ioctx(pool, "")
+                .ctx(|| format!("opening pool {pool}"))?;
+            let mut namespaces = vec![String::new()];
+            if let Ok(mut ns) = ceph::rbd::namespace_list(&io) {
+                namespaces.append(&mut ns);
+            }
+            for ns in namespaces {
+                let nio = if ns.is_empty() {
+                    Arc::clone(&io)
+                } else {
+                    local
+                        .ioctx(pool, &ns)
+                        .ctx(|| format!("opening {pool}/{ns}"))?
+                };
+                taken += self.schedule_pool(&nio, cache)?;
+            }
+        }
+        Ok(taken)
+    }
+
     fn release_leases(&self, leased: &HashSet<(String, String)>) {
         let Ok(local) = self.local() else { return };
         for (pool, ns) in leased {
@@ -325,14 +362,41 @@ fn snap_time(img: &Image, id: u64) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
-/// Sync snapshots of an image by name, with their ids, in sequence order.
-fn sync_snaps(img: &Image) -> Result<BTreeMap<u64, ceph::SnapInfo>> {
-    Ok(img
-        .snap_list()
-        .ctx(|| format!("listing snapshots of {}", img.spec()))?
-        .into_iter()
-        .filter_map(|s| sync_snap_seq(&s.name).map(|q| (q, s)))
-        .collect())
+/// Sync snapshots of an image by sequence number.
+fn sync_snaps(snaps: &[ceph::SnapInfo]) -> BTreeMap<u64, ceph::SnapInfo> {
+    snaps
+        .iter()
+        .filter_map(|s| sync_snap_seq(&s.name).map(|q| (q, s.clone())))
+        .collect()
+}
+
+/// Writes the replica's status into the primary's registry.
+struct Reporter<'a> {
+    reg: Registry,
+    image_id: &'a str,
+    fsid: String,
+}
+
+impl Reporter<'_> {
+    fn report(&self, state: ReplayState, message: String, last: Option<SyncPoint>) {
+        self.put(ReplicaStatus {
+            replica_fsid: self.fsid.clone(),
+            state,
+            message,
+            percent: None,
+            syncing_snap: None,
+            last_sync: last,
+            bytes_pending: None,
+            bytes_per_sec: None,
+            updated_at: Utc::now(),
+        });
+    }
+
+    fn put(&self, st: ReplicaStatus) {
+        if let Err(e) = self.reg.put_status(self.image_id, &st) {
+            tracing::warn!(error = %e, "cannot report status to the primary");
+        }
+    }
 }
 
 /// Brings the replica of `job` up to the primary's newest sync snapshot.
@@ -349,43 +413,29 @@ pub fn sync_image(
         .peer
         .ioctx(&job.pool, &job.namespace)
         .ctx(|| format!("opening {key} on the peer"))?;
-    let peer_reg = Registry::new(Arc::clone(&peer_io));
-    let local_fsid = local.fsid().to_string();
-    let report = |state: ReplayState,
-                  message: String,
-                  percent: Option<f64>,
-                  syncing: Option<String>,
-                  last: Option<SyncPoint>| {
-        let st = ReplicaStatus {
-            replica_fsid: local_fsid.clone(),
-            state,
-            message,
-            percent,
-            syncing_snap: syncing,
-            last_sync: last,
-            updated_at: Utc::now(),
-        };
-        if let Err(e) = peer_reg.put_status(&job.primary.image_id, &st) {
-            tracing::warn!(error = %e, "cannot report status to the primary");
-        }
+    let reporter = Reporter {
+        reg: Registry::new(Arc::clone(&peer_io)),
+        image_id: &job.primary.image_id,
+        fsid: local.fsid().to_string(),
     };
-    let result = sync_inner(engine, &local, replicas, job, &peer_io, stop, &report);
+    let result = sync_inner(engine, &local, replicas, job, &peer_io, stop, &reporter);
     if let Err(e) = &result {
         replicas.drop_key(&key);
-        let last = Registry::new(local.ioctx(&job.pool, &job.namespace).ctx(|| key.clone())?)
-            .list()
+        let last = local
+            .ioctx(&job.pool, &job.namespace)
             .ok()
+            .and_then(|io| Registry::new(io).list().ok())
             .and_then(|l| {
                 l.into_iter()
                     .find(|r| r.image_name == job.primary.image_name)
                     .and_then(|r| r.last_sync)
             });
-        report(ReplayState::Error, e.to_string(), None, None, last);
+        if !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            reporter.report(ReplayState::Error, e.to_string(), last);
+        }
     }
     result
 }
-
-type Report<'a> = dyn Fn(ReplayState, String, Option<f64>, Option<String>, Option<SyncPoint>) + 'a;
 
 fn sync_inner(
     engine: &Engine,
@@ -394,7 +444,7 @@ fn sync_inner(
     job: &Job,
     peer_io: &Arc<IoCtx>,
     stop: &AtomicBool,
-    report: &Report<'_>,
+    reporter: &Reporter<'_>,
 ) -> Result<()> {
     let key = job.key();
     let local_io = local.ioctx(&job.pool, &job.namespace).ctx(|| {
@@ -405,16 +455,19 @@ fn sync_inner(
     })?;
     let local_reg = Registry::new(Arc::clone(&local_io));
 
-    // The primary and its newest sync snapshot.
-    let primary = Image::open_by_id_read_only(peer_io, &job.primary.image_id, None)
+    // The primary (read-write handle: pruning removes its old sync
+    // snapshots; librbd forwards that to the lock owner) and its newest
+    // sync snapshot.
+    let primary = Image::open_by_id(peer_io, &job.primary.image_id)
         .ctx(|| format!("opening primary {key}"))?;
-    let psnaps = sync_snaps(&primary)?;
-    let Some((_, target)) = psnaps.iter().next_back() else {
-        report(
+    let pall = primary
+        .snap_list()
+        .ctx(|| format!("listing snapshots of primary {key}"))?;
+    let psync = sync_snaps(&pall);
+    let Some((_, target)) = psync.iter().next_back() else {
+        reporter.report(
             ReplayState::Starting,
             "waiting for the first sync snapshot".into(),
-            None,
-            None,
             None,
         );
         return Ok(());
@@ -433,9 +486,12 @@ fn sync_inner(
         None => {
             let (img, rec, fresh) =
                 open_or_create_replica(&local_io, &local_reg, job, &primary, &target)?;
-            img.lock_acquire(ceph::LockMode::Exclusive)
-                .ctx(|| format!("locking replica {key} against other writers"))?;
-            replicas.put(&key, img.clone());
+            if rec.role == Role::Secondary {
+                img.lock_acquire(ceph::LockMode::Exclusive)
+                    .ctx(|| format!("locking replica {key} against other writers"))?;
+                replicas.put(&key, img.clone());
+                ensure_csi_journal(peer_io, &local_io, job, &rec.image_id);
+            }
             (img, rec, fresh)
         }
     };
@@ -446,40 +502,153 @@ fn sync_inner(
         )));
     }
 
-    let rsnaps = sync_snaps(&replica)?;
-    if rsnaps.values().any(|s| s.name == target.name) {
-        report(
-            ReplayState::Idle,
-            String::new(),
-            None,
-            None,
-            rec.last_sync.clone(),
+    let rall = replica
+        .snap_list()
+        .ctx(|| format!("listing snapshots of replica {key}"))?;
+    let rnames: HashSet<&str> = rall.iter().map(|s| s.name.as_str()).collect();
+    if rnames.contains(target.name.as_str()) {
+        reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+        prune(
+            engine,
+            &primary,
+            &psync,
+            &replica,
+            &rall,
+            &target.name,
+            &key,
         );
         return Ok(());
     }
-    // Newest sync snapshot both sides have: the base of the delta.
-    let base = rsnaps
-        .values()
+    // Base of the delta: the newest sync snapshot both sides have.
+    let base = sync_snaps(&rall)
+        .into_values()
         .rev()
-        .find(|r| psnaps.values().any(|p| p.name == r.name))
-        .map(|s| s.name.clone());
+        .find_map(|r| psync.values().find(|p| p.name == r.name).cloned());
+    let base_id = base.as_ref().map_or(0, |b| b.id);
+    // Points to reach in order: user snapshots taken on the primary between
+    // the base and the target (the replica gets them too), then the target.
+    let mut points: Vec<ceph::SnapInfo> = pall
+        .iter()
+        .filter(|s| {
+            sync_snap_seq(&s.name).is_none()
+                && s.id > base_id
+                && s.id < target.id
+                && !rnames.contains(s.name.as_str())
+        })
+        .cloned()
+        .collect();
+    points.sort_by_key(|s| s.id);
+    points.push(target.clone());
 
     let started = Instant::now();
-    let src = Image::open_by_id_read_only(peer_io, &job.primary.image_id, Some(&target.name))
-        .ctx(|| format!("opening primary {key}@{}", target.name))?;
-    let size = target.size;
+    let mut bytes = 0u64;
+    let mut from = base.map(|b| b.name);
+    let mut fresh = fresh;
+    for point in &points {
+        let stats = delta(
+            engine,
+            job,
+            peer_io,
+            &replica,
+            &local_reg,
+            &mut rec,
+            from.as_deref(),
+            point,
+            fresh,
+            stop,
+            reporter,
+        )?;
+        bytes += stats.transferred();
+        replica
+            .snap_create(&point.name)
+            .ctx(|| format!("snapshotting replica {key}@{}", point.name))?;
+        from = Some(point.name.clone());
+        fresh = false;
+    }
+    let elapsed = started.elapsed();
+    rec.checkpoint = None;
+    rec.last_sync = Some(SyncPoint {
+        snap_name: target.name.clone(),
+        snap_time: snap_time(&primary, target.id),
+        completed_at: Utc::now(),
+        duration_ms: elapsed.as_millis() as u64,
+        bytes,
+    });
+    local_reg.put(&rec)?;
+    tracing::info!(snapshot = %target.name, bytes, seconds = elapsed.as_secs_f64(), "sync point complete");
+    reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+    let rall = replica
+        .snap_list()
+        .ctx(|| format!("listing snapshots of replica {key}"))?;
+    prune(
+        engine,
+        &primary,
+        &psync,
+        &replica,
+        &rall,
+        &target.name,
+        &key,
+    );
+    Ok(())
+}
+
+/// Writes ceph-csi's journal entries for the replica of a ceph-csi volume on
+/// this cluster (same uuid and image name, the replica's own image id), so
+/// that a PersistentVolume restored here finds its image. Best effort: a
+/// failure is logged and never stops the data sync.
+fn ensure_csi_journal(peer_io: &IoCtx, local_io: &IoCtx, job: &Job, replica_id: &str) {
+    let uuid = job
+        .primary
+        .volume_id
+        .as_deref()
+        .and_then(|v| crate::csi::handle::VolumeHandle::parse(v).ok())
+        .map(|h| h.uuid().to_owned())
+        .or_else(|| crate::omap::uuid_from_image_name(&job.primary.image_name).map(str::to_owned));
+    let Some(uuid) = uuid else { return };
+    match crate::omap::replicate_entry(peer_io, local_io, &uuid, replica_id) {
+        Ok(o) => tracing::info!(outcome = %o, uuid, "ceph-csi journal entry of the replica"),
+        Err(crate::omap::OmapError::PrimaryEntryMissing { .. }) => {
+            tracing::debug!(uuid, "not a ceph-csi volume: no journal entry to replicate")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, uuid, "cannot write the ceph-csi journal entry of the replica")
+        }
+    }
+}
+
+/// Copies the delta `from` -> `to` of the primary into the replica, resuming
+/// from the record's checkpoint when it is for the same delta.
+#[allow(clippy::too_many_arguments)]
+fn delta(
+    engine: &Engine,
+    job: &Job,
+    peer_io: &Arc<IoCtx>,
+    replica: &Image,
+    local_reg: &Registry,
+    rec: &mut ImageRecord,
+    from: Option<&str>,
+    to: &ceph::SnapInfo,
+    fresh: bool,
+    stop: &AtomicBool,
+    reporter: &Reporter<'_>,
+) -> Result<copy::CopyStats> {
+    let key = job.key();
+    let src = Image::open_by_id_read_only(peer_io, &job.primary.image_id, Some(&to.name))
+        .ctx(|| format!("opening primary {key}@{}", to.name))?;
+    let size = to.size;
     let rsize = replica.size().ctx(|| format!("replica {key}"))?;
     if rsize != size {
+        tracing::info!(from = rsize, to = size, "resizing replica");
         replica
             .resize(size)
             .ctx(|| format!("resizing replica {key}"))?;
     }
     let chunk = engine.cfg.limits.chunk;
-    let mut extents = copy::changed_extents(&src, base.as_deref(), size, chunk)?;
-    if base.is_none() && !fresh {
+    let mut extents = copy::changed_extents(&src, from, size, chunk)?;
+    if from.is_none() && !fresh {
         // A full copy over a replica that holds data (an interrupted first
         // sync): whatever the source does not cover must become zero.
-        let have = copy::changed_extents(&replica, None, size, chunk)?;
+        let have = copy::changed_extents(replica, None, size, chunk)?;
         for (s, e) in copy::uncovered(&have, &extents) {
             extents.push(Extent {
                 off: s,
@@ -487,72 +656,156 @@ fn sync_inner(
                 data: false,
             });
         }
+        extents.sort_by_key(|e| e.off);
     }
     let total: u64 = extents.iter().map(|e| e.len).sum();
-    tracing::info!(snapshot = %target.name, base = ?base, bytes = total, extents = extents.len(), "sync started");
-    report(
-        ReplayState::Syncing,
-        String::new(),
-        Some(0.0),
-        Some(target.name.clone()),
-        rec.last_sync.clone(),
+    // Resume from a checkpoint of the same delta.
+    let resume_at = rec
+        .checkpoint
+        .as_ref()
+        .filter(|c| c.from.as_deref() == from && c.to == to.name)
+        .map_or(0, |c| c.offset);
+    if resume_at > 0 {
+        extents = copy::skip_below(&extents, resume_at);
+    }
+    let remaining: u64 = extents.iter().map(|e| e.len).sum();
+    tracing::info!(
+        from = ?from,
+        to = %to.name,
+        bytes = total,
+        remaining,
+        resume_at,
+        extents = extents.len(),
+        "delta started"
     );
+    // The cap is the primary's setting (its Enable parameters).
+    let throttle = copy::Throttle::new(job.primary.bandwidth_limit.unwrap_or(0));
+    let throttles = [&*engine.throttle, &throttle];
+    let started = Instant::now();
     let mut last_report = Instant::now();
-    let mut progress = |done: u64| {
+    let mut last_checkpoint = Instant::now();
+    let every = engine.cfg.checkpoint_interval;
+    let mut ckpt_err = None;
+    let mut progress = |done: u64, mark: u64| {
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
-            let pct = if total == 0 {
-                100.0
-            } else {
-                done as f64 * 100.0 / total as f64
-            };
-            report(
-                ReplayState::Syncing,
-                String::new(),
-                Some(pct),
-                Some(target.name.clone()),
-                rec.last_sync.clone(),
-            );
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            let done_total = total - remaining + done;
+            reporter.put(ReplicaStatus {
+                replica_fsid: reporter.fsid.clone(),
+                state: ReplayState::Syncing,
+                message: String::new(),
+                percent: Some(if total == 0 {
+                    100.0
+                } else {
+                    done_total as f64 * 100.0 / total as f64
+                }),
+                syncing_snap: Some(to.name.clone()),
+                last_sync: rec.last_sync.clone(),
+                bytes_pending: Some(total.saturating_sub(done_total)),
+                bytes_per_sec: Some((done as f64 / secs) as u64),
+                updated_at: Utc::now(),
+            });
+        }
+        if last_checkpoint.elapsed() >= every && mark > resume_at {
+            last_checkpoint = Instant::now();
+            // What the checkpoint claims must be durable first.
+            let r = replica
+                .flush()
+                .ctx(|| format!("flushing replica {key}"))
+                .and_then(|()| {
+                    rec.checkpoint = Some(Checkpoint {
+                        from: from.map(str::to_string),
+                        to: to.name.clone(),
+                        offset: mark,
+                        total,
+                    });
+                    local_reg.put(rec)
+                });
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot write checkpoint");
+                ckpt_err = Some(e);
+            }
         }
     };
     let stats = copy::copy_extents(
         &src,
-        &replica,
+        replica,
         &extents,
-        fresh,
+        fresh && resume_at == 0,
         engine.cfg.limits,
+        &throttles,
         stop,
         &mut progress,
     )?;
-    replica
-        .snap_create(&target.name)
-        .ctx(|| format!("snapshotting replica {key}@{}", target.name))?;
-    let elapsed = started.elapsed();
-    rec.last_sync = Some(SyncPoint {
-        snap_name: target.name.clone(),
-        snap_time: snap_time(&primary, target.id),
-        completed_at: Utc::now(),
-        duration_ms: elapsed.as_millis() as u64,
-        bytes: stats.transferred(),
-    });
-    local_reg.put(&rec)?;
+    if let Some(e) = ckpt_err {
+        tracing::debug!(error = %e, "a checkpoint write failed during the delta");
+    }
     tracing::info!(
-        snapshot = %target.name,
+        to = %to.name,
         bytes_read = stats.bytes_read,
         bytes_written = stats.bytes_written,
         bytes_zeroed = stats.bytes_zeroed,
         bytes_skipped = stats.bytes_skipped,
-        seconds = elapsed.as_secs_f64(),
-        "sync complete"
+        seconds = started.elapsed().as_secs_f64(),
+        "delta complete"
     );
-    report(
-        ReplayState::Idle,
-        String::new(),
-        None,
-        None,
-        rec.last_sync.clone(),
-    );
-    Ok(())
+    Ok(stats)
+}
+
+/// Keeps the newest `--keep-snapshots` sync snapshots on both sides, never
+/// the one the next delta starts from (`keep_always`). Also removes user
+/// snapshots from the replica that the primary no longer has. Failures are
+/// logged: pruning is retried after every sync.
+fn prune(
+    engine: &Engine,
+    primary: &Image,
+    psync: &BTreeMap<u64, ceph::SnapInfo>,
+    replica: &Image,
+    rall: &[ceph::SnapInfo],
+    keep_always: &str,
+    key: &str,
+) {
+    let keep = engine.cfg.keep_snapshots.max(1);
+    let doomed = |sync: &BTreeMap<u64, ceph::SnapInfo>| -> Vec<String> {
+        let n = sync.len();
+        sync.values()
+            .take(n.saturating_sub(keep))
+            .filter(|s| s.name != keep_always)
+            .map(|s| s.name.clone())
+            .collect()
+    };
+    for name in doomed(psync) {
+        match primary.snap_remove(&name) {
+            Ok(()) => {
+                tracing::debug!(image = key, snapshot = %name, "pruned primary sync snapshot")
+            }
+            Err(e) => {
+                tracing::warn!(image = key, snapshot = %name, error = %e, "cannot prune primary snapshot")
+            }
+        }
+    }
+    let rsync = sync_snaps(rall);
+    let mut gone = doomed(&rsync);
+    let pnames: HashSet<String> = primary
+        .snap_list()
+        .map(|l| l.into_iter().map(|s| s.name).collect())
+        .unwrap_or_default();
+    if !pnames.is_empty() {
+        gone.extend(
+            rall.iter()
+                .filter(|s| sync_snap_seq(&s.name).is_none() && !pnames.contains(&s.name))
+                .map(|s| s.name.clone()),
+        );
+    }
+    for name in gone {
+        match replica.snap_remove(&name) {
+            Ok(()) => tracing::debug!(image = key, snapshot = %name, "pruned replica snapshot"),
+            Err(e) => {
+                tracing::warn!(image = key, snapshot = %name, error = %e, "cannot prune replica snapshot")
+            }
+        }
+    }
 }
 
 /// Opens the local replica of `job`, creating it if it does not exist.
@@ -622,6 +875,8 @@ fn open_or_create_replica(
                     image_id: job.primary.image_id.clone(),
                 }),
                 last_sync: None,
+                checkpoint: None,
+                bandwidth_limit: None,
             };
             local_reg.put(&rec)?;
             tracing::info!(features = feats, size = target.size, "replica created");

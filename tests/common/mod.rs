@@ -208,26 +208,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// Creates `image` of `size` bytes on a site and writes `writes`
 /// (offset, length) with pattern data.
 pub fn create_image(site: Site, image: &str, size: u64, writes: &[(u64, usize)]) -> Image {
-    let io = ioctx(site, "");
-    ceph::rbd::create(
-        &io,
-        image,
-        size,
-        &ceph::CreateOptions {
-            features: Some(
-                ceph::features::LAYERING
-                    | ceph::features::EXCLUSIVE_LOCK
-                    | ceph::features::OBJECT_MAP
-                    | ceph::features::FAST_DIFF
-                    | ceph::features::DEEP_FLATTEN,
-            ),
-            ..Default::default()
-        },
-    )
-    .expect("create image");
-    let img = Image::open(&io, image).expect("open image");
-    write(&img, writes, 1);
-    img
+    create_image_in(&ioctx(site, ""), image, size, writes, 1)
 }
 
 /// Writes pattern data at each (offset, length) in pieces of at most 4 MiB.
@@ -258,10 +239,19 @@ pub struct CsiVolume {
 /// leaves it: the image and the `csi.volumes.default` / `csi.volume.<uuid>`
 /// journal entries.
 pub fn create_csi_volume(site: Site, size: u64, writes: &[(u64, usize)]) -> (CsiVolume, Image) {
+    create_csi_volume_in(&ioctx(site, ""), site, size, writes)
+}
+
+/// [`create_csi_volume`] in the pool of `io`.
+pub fn create_csi_volume_in(
+    io: &Arc<IoCtx>,
+    site: Site,
+    size: u64,
+    writes: &[(u64, usize)],
+) -> (CsiVolume, Image) {
     let uuid = uuid::Uuid::new_v4().to_string();
     let image = format!("csi-vol-{uuid}");
-    let img = create_image(site, &image, size, writes);
-    let io = ioctx(site, "");
+    let img = create_image_in(io, &image, size, writes, 1);
     let pv = format!("pvc-{}", &uuid[..8]);
     let id = img.id().unwrap();
     io.omap_set(
@@ -318,12 +308,23 @@ impl Sidecar {
             .args(["--drivername", DRIVER])
             .arg("--csi-config")
             .arg(env("CSIRR_CSI_CONFIG"))
-            .arg("--cluster-mapping")
-            .arg(env("CSIRR_CLUSTER_MAPPING"))
+            .args(if extra.contains(&"--cluster-mapping") {
+                vec![]
+            } else {
+                vec![
+                    "--cluster-mapping".to_string(),
+                    env("CSIRR_CLUSTER_MAPPING"),
+                ]
+            })
             .args(["--cluster-id", site.id()])
             .arg("--secret-dir")
             .arg(site.secret_dir())
             .args(["--poll-interval", "1s"])
+            .args(if extra.contains(&"--pools") {
+                vec![]
+            } else {
+                vec!["--pools".to_string(), pool()]
+            })
             // Drop stops the sidecar while the test runtime is blocked, so
             // its clients cannot answer the HTTP/2 shutdown handshake.
             .args(["--grace", "2s"])
@@ -515,4 +516,227 @@ pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
 /// Path helper for messages.
 pub fn show(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// A pool of its own on both sites, mirror peers bootstrapped both ways with
+/// Ceph's own commands, for tests that must be the only replayer of their
+/// pool. Removed on drop (declare it before the sidecars that use it).
+pub struct TestPool {
+    /// The pool name (same on both sites).
+    pub name: String,
+}
+
+impl TestPool {
+    /// Creates the pool on both sites and bootstraps peers.
+    pub fn new(prefix: &str) -> TestPool {
+        let name = unique(prefix);
+        for site in [Site::A, Site::B] {
+            ceph_ok(site, &["osd", "pool", "create", &name, "8", "8"]);
+            rbd_ok(site, &["pool", "init", &name]);
+            rbd_ok(
+                site,
+                &[
+                    "mirror",
+                    "pool",
+                    "enable",
+                    &name,
+                    "image",
+                    "--site-name",
+                    site.id(),
+                ],
+            );
+        }
+        let token = rbd_ok(
+            Site::A,
+            &[
+                "mirror",
+                "pool",
+                "peer",
+                "bootstrap",
+                "create",
+                "--site-name",
+                "site-a",
+                &name,
+            ],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("token");
+        std::fs::write(&tf, token.trim()).unwrap();
+        rbd_ok(
+            Site::B,
+            &[
+                "mirror",
+                "pool",
+                "peer",
+                "bootstrap",
+                "import",
+                "--site-name",
+                "site-b",
+                "--direction",
+                "rx-tx",
+                &name,
+                tf.to_str().unwrap(),
+            ],
+        );
+        TestPool { name }
+    }
+
+    /// The pool's ioctx on a site.
+    pub fn ioctx(&self, site: Site) -> Arc<IoCtx> {
+        admin(site).ioctx(&self.name, "").expect("pool")
+    }
+
+    /// `--pools NAME` for a sidecar serving only this pool.
+    pub fn args(&self) -> [&str; 2] {
+        ["--pools", &self.name]
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        for site in [Site::A, Site::B] {
+            let _ = ceph(
+                site,
+                &[
+                    "osd",
+                    "pool",
+                    "rm",
+                    &self.name,
+                    &self.name,
+                    "--yes-i-really-really-mean-it",
+                ],
+            );
+        }
+    }
+}
+
+/// Runs the `ceph` CLI against a site as admin.
+pub fn ceph(site: Site, args: &[&str]) -> std::process::Output {
+    Command::new("ceph")
+        .arg("-c")
+        .arg(site.conf())
+        .arg("--keyring")
+        .arg(site.keyring())
+        .args(args)
+        .output()
+        .expect("ceph runs")
+}
+
+/// Like [`ceph`], asserting success; returns stdout.
+pub fn ceph_ok(site: Site, args: &[&str]) -> String {
+    let o = ceph(site, args);
+    assert!(
+        o.status.success(),
+        "ceph {args:?} on {} failed: {}",
+        site.id(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Creates `image` in pool `io` with standard features and `writes`.
+pub fn create_image_in(
+    io: &Arc<IoCtx>,
+    image: &str,
+    size: u64,
+    writes: &[(u64, usize)],
+    seed: u64,
+) -> Image {
+    ceph::rbd::create(
+        io,
+        image,
+        size,
+        &ceph::CreateOptions {
+            features: Some(
+                ceph::features::LAYERING
+                    | ceph::features::EXCLUSIVE_LOCK
+                    | ceph::features::OBJECT_MAP
+                    | ceph::features::FAST_DIFF
+                    | ceph::features::DEEP_FLATTEN,
+            ),
+            ..Default::default()
+        },
+    )
+    .expect("create image");
+    let img = Image::open(io, image).expect("open image");
+    write(&img, writes, seed);
+    img
+}
+
+/// Discards `[off, off+len)` and waits for it.
+pub fn discard(img: &Image, off: u64, len: u64) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    img.aio_discard(
+        off,
+        len,
+        Box::new(move |r, _| {
+            let _ = tx.send(r.map(|_| ()));
+        }),
+    )
+    .expect("submit discard");
+    rx.recv().expect("discard completes").expect("discard");
+}
+
+/// Sync snapshot names of `image` in pool `io`, oldest first.
+pub fn sync_snaps_in(io: &Arc<IoCtx>, image: &str) -> Vec<String> {
+    match Image::open_read_only(io, image, None) {
+        Ok(img) => img
+            .snap_list()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| n.starts_with("csirr-sync."))
+            .collect(),
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Polls until the replica of `image` in `pool` on site-b has snapshot `snap`.
+pub async fn wait_replica_snap(pool: &str, image: &str, snap: &str, timeout: Duration) {
+    let io = admin(Site::B).ioctx(pool, "").expect("pool");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(img) = Image::open_read_only(&io, image, None)
+            && img
+                .snap_list()
+                .unwrap_or_default()
+                .iter()
+                .any(|s| s.name == snap)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {pool}/{image} never got {snap}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The registry record of `image` on a site, as JSON.
+pub fn registry_record(io: &Arc<IoCtx>, image: &str) -> Option<serde_json::Value> {
+    let id = Image::open_read_only(io, image, None).ok()?.id().ok()?;
+    let m = io
+        .omap_get_vals_by_keys("csi-rbd-replicator.registry", &[&format!("image.{id}")])
+        .ok()?;
+    m.values()
+        .next()
+        .and_then(|v| serde_json::from_slice(v).ok())
+}
+
+impl TestPool {
+    /// Writes a ceph-csi cluster-mapping file that maps site-a to site-b and
+    /// this pool's id on site-a to its id on site-b.
+    pub fn mapping_file(&self, dir: &Path) -> PathBuf {
+        let a = self.ioctx(Site::A).pool_id();
+        let b = self.ioctx(Site::B).pool_id();
+        let path = dir.join("cluster-mapping.json");
+        let json = serde_json::json!([{
+            "clusterIDMapping": { "site-a": "site-b" },
+            "RBDPoolIDMapping": [{ a.to_string(): b.to_string() }],
+        }]);
+        std::fs::write(&path, json.to_string()).unwrap();
+        path
+    }
 }
