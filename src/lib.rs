@@ -12,4 +12,5 @@ pub mod ceph;
 pub mod csi;
 pub mod engine;
 pub mod grpc;
+pub mod metrics;
 pub mod omap;

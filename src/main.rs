@@ -19,6 +19,7 @@ use csi_rbd_replicator::grpc::proto::identity::identity_server::IdentityServer;
 use csi_rbd_replicator::grpc::proto::replication::controller_server::ControllerServer;
 use csi_rbd_replicator::grpc::replication::ReplicationService;
 use csi_rbd_replicator::grpc::server::{self, Endpoint};
+use csi_rbd_replicator::metrics::Metrics;
 use csi_rbd_replicator::omap;
 
 #[derive(Parser)]
@@ -37,13 +38,41 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve the csi-addons Identity and replication services and replicate.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Compare a volume with its replica on the peer cluster at a sync
     /// snapshot, reading only. Exit code 0: identical, 1: different, 2: error.
     Verify(VerifyArgs),
     /// Create or repair ceph-csi's omap journal entries on this cluster from
     /// PersistentVolume manifests (e.g. restored PVs of replicated volumes).
     OmapGenerate(omap::cli::OmapGenerateArgs),
+    /// Replication status of the pools of this cluster, in the spirit of
+    /// `rbd mirror pool status`. Exit code 0: healthy, 1: an image is
+    /// degraded or in error, 2: cannot read.
+    Status(StatusArgs),
+}
+
+#[derive(Parser)]
+struct StatusArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Pool to report; default: every pool with replicated images.
+    #[arg(long)]
+    pool: Option<String>,
+    /// One block per image: role, state, replicas, recovery point.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Print the status (or the error) as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// A replica that has not reported for this long is a silent peer.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    stale_after: Duration,
+    /// RPO threshold, as a multiple of each image's schedule interval.
+    #[arg(long, default_value_t = engine::status::DEFAULT_RPO_FACTOR)]
+    rpo_factor: f64,
+    /// Bound on each cluster operation, and on connecting.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    op_timeout: Duration,
 }
 
 /// How to reach the local cluster (shared by the commands).
@@ -155,12 +184,23 @@ struct ServeArgs {
     /// 0: unlimited). Per image: the `bandwidthLimit` parameter.
     #[arg(long, default_value = "0", value_parser = bytes)]
     max_bytes_per_second: usize,
+    /// Bound on PromoteVolume (a forced promotion never waits for the peer).
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    promote_timeout: Duration,
+    /// RPO threshold, as a multiple of each image's schedule interval: a
+    /// replica further behind is DEGRADED ("RPO exceeded").
+    #[arg(long, default_value_t = engine::status::DEFAULT_RPO_FACTOR)]
+    rpo_factor: f64,
     /// Images synced at once.
     #[arg(long, default_value_t = 4)]
     max_concurrent_syncs: usize,
     /// Serve gRPC only; do not replicate into this cluster.
     #[arg(long)]
     no_replayer: bool,
+    /// Serve Prometheus metrics (`/metrics`) and `/healthz` over HTTP on
+    /// this `host:port`; default: off.
+    #[arg(long)]
+    metrics_address: Option<String>,
     /// How long to let in-flight RPCs finish on SIGTERM.
     #[arg(long, default_value = "30s", value_parser = duration)]
     grace: Duration,
@@ -177,14 +217,16 @@ fn bytes(s: &str) -> Result<usize, String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `verify` keeps stdout for its report: its logs go to stderr, warnings only.
-    let oneshot = matches!(cli.cmd, Cmd::Verify(_) | Cmd::OmapGenerate(_));
+    let oneshot = matches!(
+        cli.cmd,
+        Cmd::Verify(_) | Cmd::OmapGenerate(_) | Cmd::Status(_)
+    );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if oneshot { "warn" } else { "info" }));
-    let writer = if oneshot {
-        BoxMakeWriter::new(std::io::stderr)
-    } else {
-        BoxMakeWriter::new(std::io::stdout)
-    };
+    // Logs go to stderr for every command: one-shot commands keep stdout for
+    // their report, and the sidecar's stderr is what container runtimes and
+    // the test harness collect.
+    let writer = BoxMakeWriter::new(std::io::stderr);
     if cli.log_format == "json" {
         tracing_subscriber::fmt()
             .json()
@@ -208,8 +250,9 @@ fn main() -> std::process::ExitCode {
         }
     };
     let res = match cli.cmd {
-        Cmd::Serve(a) => rt.block_on(serve(a)),
+        Cmd::Serve(a) => rt.block_on(serve(*a)),
         Cmd::Verify(a) => return verify(a),
+        Cmd::Status(a) => return status(a),
         Cmd::OmapGenerate(a) => omap::cli::omap_generate(a),
     };
     match res {
@@ -238,6 +281,8 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         keep_snapshots: a.keep_snapshots.max(1),
         checkpoint_interval: a.checkpoint_interval,
         max_bytes_per_second: a.max_bytes_per_second as u64,
+        promote_timeout: a.promote_timeout,
+        rpo_factor: a.rpo_factor,
         ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
     };
     tracing::info!(
@@ -251,14 +296,25 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone());
 
+    let metrics = Arc::clone(engine.metrics());
+    let metrics_server = match &a.metrics_address {
+        Some(addr) => Some(
+            spawn_metrics(addr, &engine, &metrics, a.poll_interval, &shutdown)
+                .await
+                .map_err(|e| format!("--metrics-address {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let (health, _) = tonic_health::server::health_reporter();
     // Local cluster liveness for Probe and gRPC health.
     {
         let (engine, health, token) = (Arc::clone(&engine), health.clone(), shutdown.clone());
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             loop {
                 engine.check_local().await;
                 let ok = engine.probe(Duration::from_secs(30)).is_ok();
+                metrics.set_local_cluster_up(ok);
                 for svc in ["identity.Identity", "replication.Controller"] {
                     if ok {
                         health
@@ -294,6 +350,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     .add_service(ControllerServer::new(ReplicationService::new(Arc::clone(
         &engine,
     ))));
+    let routes = csi_rbd_replicator::grpc::metrics::with_rpc_metrics(routes, Arc::clone(&metrics));
     let served = server::serve(a.endpoints, routes, health, shutdown.clone(), a.grace)
         .await
         .map_err(|e| e.to_string());
@@ -304,7 +361,85 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     if let Some(w) = pv_watch {
         let _ = w.await;
     }
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     served
+}
+
+/// Binds `addr` and serves `/metrics` and `/healthz` there until `shutdown`;
+/// starts the status collector that feeds the per-image gauges.
+async fn spawn_metrics(
+    addr: &str,
+    engine: &Arc<Engine>,
+    metrics: &Arc<Metrics>,
+    every: Duration,
+    shutdown: &CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(address = %listener.local_addr()?, "metrics server listening");
+    let opts = engine::status::StatusOptions::of(engine.config());
+    tokio::spawn(engine::status::collect_metrics(
+        Arc::clone(engine),
+        Arc::clone(metrics),
+        opts,
+        every.max(Duration::from_secs(1)),
+        shutdown.clone(),
+    ));
+    let e = Arc::clone(engine);
+    let health = move || e.probe(Duration::from_secs(30));
+    let serving = csi_rbd_replicator::metrics::serve_http(
+        listener,
+        Arc::clone(metrics),
+        health,
+        shutdown.clone().cancelled_owned(),
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    }))
+}
+
+/// `status`: exit code 0 when every image is healthy, 1 when one is
+/// degraded or in error, 2 when a pool cannot be read.
+fn status(a: StatusArgs) -> std::process::ExitCode {
+    use engine::status::{StatusOptions, render_text};
+    let fail = |msg: String| {
+        if a.json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("csi-rbd-replicator status: {msg}");
+        std::process::ExitCode::from(2)
+    };
+    let (csi_config, mapping, local_cluster, local_creds) = match a.cluster.load() {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    let engine = Engine::new(EngineConfig {
+        op_timeout: a.op_timeout,
+        ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
+    });
+    let opts = StatusOptions {
+        stale_after: a.stale_after,
+        rpo_factor: a.rpo_factor,
+    };
+    let report = match engine.status_report(a.pool.as_deref(), &opts) {
+        Ok(r) => r,
+        Err(e) => return fail(e.to_string()),
+    };
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(format!("cannot encode the status: {e}")),
+        }
+    } else {
+        print!("{}", render_text(&report, a.verbose));
+    }
+    for e in &report.errors {
+        eprintln!("csi-rbd-replicator status: pool {}: {}", e.pool, e.error);
+    }
+    std::process::ExitCode::from(report.exit_code())
 }
 
 /// `verify`: exit code 0 when identical, 1 when different, 2 on errors.

@@ -14,7 +14,6 @@ use csi_rbd_replicator::grpc::proto::identity::{
 use csi_rbd_replicator::grpc::proto::replication::get_volume_replication_info_response::Status as Health;
 use tonic::Code;
 
-const FIRST: &str = "csirr-sync.0000000001";
 const MIB: u64 = 1 << 20;
 
 fn spec(pool: &TestPool, image: &str, snap: &str) -> String {
@@ -95,13 +94,14 @@ async fn csi_volume_with_holes_replicates_byte_for_byte() {
     let written: u64 = writes.iter().map(|w| w.1 as u64).sum();
     assert!(info.last_sync_bytes as u64 >= written, "{info:?}");
 
-    let primary = checksum(Site::A, &spec(&pool, &vol.image, FIRST));
-    let replica = checksum(Site::B, &spec(&pool, &vol.image, FIRST));
+    let first = first_sync(&pool.ioctx(Site::A), &vol.image);
+    let primary = checksum(Site::A, &spec(&pool, &vol.image, &first));
+    let replica = checksum(Site::B, &spec(&pool, &vol.image, &first));
     assert_eq!(primary, replica, "replica of {} differs", vol.image);
 
     // Holes stay holes: the replica allocates no more than the primary.
-    let pa = allocated(Site::A, &spec(&pool, &vol.image, FIRST));
-    let pb = allocated(Site::B, &spec(&pool, &vol.image, FIRST));
+    let pa = allocated(Site::A, &spec(&pool, &vol.image, &first));
+    let pb = allocated(Site::B, &spec(&pool, &vol.image, &first));
     assert!(pb <= pa, "replica allocates {pb} bytes, primary {pa}");
     assert!(
         pb < 100 * MIB,
@@ -145,7 +145,7 @@ async fn csi_volume_with_holes_replicates_byte_for_byte() {
         .enable_volume_replication(enable_req(Site::B, &vol.handle, &[]))
         .await
         .expect("site-a's handle resolves on site-b");
-    assert_eq!(sync_snaps_in(&rio, &vol.image), vec![FIRST.to_string()]);
+    assert_eq!(sync_snaps_in(&rio, &vol.image), vec![first.clone()]);
 }
 
 /// More than 1 GiB, written sequentially, plus data past the 1 GiB mark.
@@ -177,8 +177,14 @@ async fn large_image_replicates_and_reports_time() {
         info.last_sync_duration
     );
     assert_eq!(
-        checksum(Site::A, &spec(&pool, name, FIRST)),
-        checksum(Site::B, &spec(&pool, name, FIRST))
+        checksum(
+            Site::A,
+            &spec(&pool, name, &first_sync(&pool.ioctx(Site::A), name))
+        ),
+        checksum(
+            Site::B,
+            &spec(&pool, name, &first_sync(&pool.ioctx(Site::A), name))
+        )
     );
 }
 
@@ -198,7 +204,7 @@ async fn enable_is_idempotent_and_replica_is_locked() {
     }
     assert_eq!(
         sync_snaps_in(&pool.ioctx(Site::A), name),
-        vec![FIRST.to_string()]
+        vec![first_sync(&pool.ioctx(Site::A), name)]
     );
     wait_synced(&a, &vid, Duration::from_secs(120)).await;
 
@@ -223,6 +229,6 @@ async fn enable_is_idempotent_and_replica_is_locked() {
         .expect("enable on the replica side");
     assert_eq!(
         sync_snaps_in(&pool.ioctx(Site::B), name),
-        vec![FIRST.to_string()]
+        vec![first_sync(&pool.ioctx(Site::A), name)]
     );
 }

@@ -43,7 +43,13 @@ async fn deltas_with_discards_resizes_and_user_snapshots_converge() {
         .enable_volume_replication(enable_in(&pool, name, &[]))
         .await
         .expect("enable");
-    wait_replica_snap(&pool.name, name, &sync_name(1), Duration::from_secs(60)).await;
+    wait_replica_snap(
+        &pool.name,
+        name,
+        &first_sync(&io, name),
+        Duration::from_secs(60),
+    )
+    .await;
 
     type Change = Box<dyn Fn(&csi_rbd_replicator::ceph::Image)>;
     let rounds: Vec<Change> = vec![
@@ -125,7 +131,13 @@ async fn killed_replayer_resumes_a_delta_from_its_checkpoint() {
         &pool.name,
     ];
     let mut b = Sidecar::start(Site::B, &slow).await;
-    wait_replica_snap(&pool.name, name, &sync_name(1), Duration::from_secs(60)).await;
+    wait_replica_snap(
+        &pool.name,
+        name,
+        &first_sync(&io, name),
+        Duration::from_secs(60),
+    )
+    .await;
 
     let total = 384 * MIB;
     write(&img, &[(64 * MIB, total as usize)], 2);
@@ -205,7 +217,12 @@ async fn schedules_pruning_and_rate_cap() {
     let newest = |image: &str| {
         sync_snaps_in(&io, image)
             .last()
-            .and_then(|n| n.trim_start_matches("csirr-sync.").parse::<u64>().ok())
+            .and_then(|n| {
+                n.trim_start_matches("csirr-sync.")
+                    .split('.')
+                    .next()
+                    .and_then(|q| q.parse::<u64>().ok())
+            })
             .unwrap_or(0)
     };
     let t0 = Instant::now();

@@ -60,13 +60,14 @@ async fn replicated_volume_verifies_identical_from_both_sides() {
         .await
         .expect("enable");
     wait_synced(&a, &vol.handle, Duration::from_secs(120)).await;
+    let first = first_sync(&ioctx(Site::A, ""), &vol.image);
 
     // From the primary's side, by its ceph-csi handle.
     let o = verify(Site::A, &["--json", &vol.handle]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let r = json(&o);
     assert_eq!(r["identical"], true, "{r}");
-    assert_eq!(r["snapshot"], FIRST, "{r}");
+    assert_eq!(r["snapshot"], first.as_str(), "{r}");
     assert_eq!(r["peer"], "site-b", "{r}");
     assert_eq!(r["bytes_compared"], 48 * MIB, "{r}");
     // Holes on both sides are not read: 4 chunks hold data.
@@ -79,7 +80,7 @@ async fn replicated_volume_verifies_identical_from_both_sides() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("IDENTICAL"), "{}", text(&o));
-    assert!(out.contains(FIRST), "{}", text(&o));
+    assert!(out.contains(&first), "{}", text(&o));
 
     // --full reads every chunk and agrees.
     let o = verify(Site::B, &["--json", "--full", &spec]);

@@ -569,9 +569,8 @@ impl Image {
     /// Resizes the image (shrinking allowed).
     pub fn resize(&self, size: u64) -> Result<()> {
         // SAFETY: the handle is live; `no_progress` ignores its arguments.
-        let ret = unsafe {
-            sys::rbd_resize2(self.raw(), size, true, Some(no_progress), ptr::null_mut())
-        };
+        let ret =
+            unsafe { sys::rbd_resize2(self.raw(), size, true, Some(no_progress), ptr::null_mut()) };
         check(ret, "rbd_resize2", || self.target()).map(|_| ())
     }
 

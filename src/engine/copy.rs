@@ -9,7 +9,7 @@
 //! write-zeroes otherwise); a finished write returns its buffer to a free
 //! list. Memory is bounded by the budget whatever the image size.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
 use crate::ceph::{self, Image};
@@ -295,8 +295,8 @@ fn is_zero(buf: &[u8]) -> bool {
 /// replica is known to be all zeroes where not yet written (newly created),
 /// so all-zero data needs no write. `progress(done_bytes, watermark)` is
 /// called as work completes, with the offset below which every extent is
-/// complete; `throttles` cap the byte rate; `cancel` stops submitting and
-/// drains. Blocking.
+/// complete; `throttles` cap the byte rate; `cancelled()` turning true stops
+/// submitting and drains. Blocking.
 #[allow(clippy::too_many_arguments)]
 pub fn copy_extents(
     src: &Image,
@@ -305,7 +305,7 @@ pub fn copy_extents(
     fresh: bool,
     limits: CopyLimits,
     throttles: &[&Throttle],
-    cancel: &AtomicBool,
+    cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CopyStats> {
     let (tx, rx) = mpsc::channel::<Event>();
@@ -328,7 +328,7 @@ pub fn copy_extents(
     loop {
         // Submit as much as the limits allow.
         while first_err.is_none() && next < extents.len() && inflight_ops < limits.max_ops {
-            if cancel.load(Ordering::Relaxed) {
+            if cancelled() {
                 first_err = Some(EngineError::Unavailable("sync cancelled".into()));
                 break;
             }

@@ -15,7 +15,11 @@ pub mod oplock;
 pub mod registry;
 pub mod replayer;
 pub mod resolve;
+pub mod roles;
+pub mod rollback;
 pub mod scheduler;
+pub mod slots;
+pub mod status;
 pub mod verify;
 
 use std::sync::{Arc, Mutex};
@@ -31,7 +35,7 @@ use crate::csi::volume_id::VolumeId;
 pub use conn::{Connections, Credentials};
 pub use copy::CopyLimits;
 pub use error::{CephContext, EngineError, Result};
-use registry::{ImageRecord, Registry, ReplayState, Role, Schedule, sync_snap_name, sync_snap_seq};
+use registry::{ImageRecord, Registry, Role, Schedule, sync_snap_name, sync_snap_seq};
 
 /// Static configuration of the engine.
 #[derive(Debug, Clone)]
@@ -62,6 +66,11 @@ pub struct EngineConfig {
     pub checkpoint_interval: Duration,
     /// Byte-rate cap of all replication of this process (0: unlimited).
     pub max_bytes_per_second: u64,
+    /// Bound on PromoteVolume, forced or not.
+    pub promote_timeout: Duration,
+    /// A replica more than this many schedule intervals behind is DEGRADED
+    /// ("RPO exceeded").
+    pub rpo_factor: f64,
 }
 
 impl EngineConfig {
@@ -87,6 +96,8 @@ impl EngineConfig {
             keep_snapshots: 3,
             checkpoint_interval: Duration::from_secs(5),
             max_bytes_per_second: 0,
+            promote_timeout: Duration::from_secs(60),
+            rpo_factor: status::DEFAULT_RPO_FACTOR,
         }
     }
 }
@@ -136,6 +147,17 @@ pub struct Engine {
     cookie: String,
     /// The global byte-rate cap, shared by every copy.
     throttle: Arc<copy::Throttle>,
+    /// Images this process keeps open and exclusively locked (replicas and
+    /// demoted images), so that nobody else writes them.
+    held: replayer::HeldImages,
+    /// Per-image exclusion between the replayer and role changes.
+    slots: slots::ImageSlots,
+    /// The process's metrics.
+    metrics: Arc<crate::metrics::Metrics>,
+    /// Fault injection for tests: every volume operation first sleeps this
+    /// long (`CSIRR_FAULT_OP_DELAY_MS`), which makes overlapping calls on one
+    /// volume deterministic.
+    fault_op_delay: Option<Duration>,
 }
 
 impl Engine {
@@ -148,6 +170,13 @@ impl Engine {
             last_local_err: Mutex::new(None),
             cookie: format!("csirr-{}", uuid::Uuid::new_v4()),
             throttle: Arc::new(copy::Throttle::new(cfg.max_bytes_per_second)),
+            held: replayer::HeldImages::default(),
+            slots: slots::ImageSlots::default(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            fault_op_delay: std::env::var("CSIRR_FAULT_OP_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
             cfg,
         })
     }
@@ -155,6 +184,11 @@ impl Engine {
     /// The configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// The process's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// A connection to the local cluster with the sidecar's credentials.
@@ -172,8 +206,12 @@ impl Engine {
     ) -> Result<T> {
         let guard = self.locks.try_lock(&key)?;
         let me = Arc::clone(self);
+        let delay = self.fault_op_delay;
         tokio::task::spawn_blocking(move || {
             let _guard = guard;
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
             f(&me)
         })
         .await
@@ -292,6 +330,8 @@ impl Engine {
                 last_sync: None,
                 checkpoint: None,
                 bandwidth_limit: None,
+                demotion_snap: None,
+                role_change: None,
             },
         };
         rec.schedule = schedule;
@@ -313,28 +353,6 @@ impl Engine {
         Ok(())
     }
 
-    /// PromoteVolume: succeeds on a primary. Promoting a replica is not
-    /// supported by this version.
-    pub async fn promote(self: &Arc<Self>, req: VolumeRequest, _force: bool) -> Result<()> {
-        let key = req.volume.to_string();
-        self.run_locked(key, move |e| {
-            let vol = e.resolve(&req.volume, req.creds.as_ref())?;
-            let reg = Registry::new(Arc::clone(vol.ioctx()));
-            match reg.get(&vol.image_id)? {
-                None => Err(EngineError::FailedPrecondition(format!(
-                    "replication is not enabled for volume {}",
-                    req.volume
-                ))),
-                Some(r) if r.role == Role::Primary => Ok(()),
-                Some(_) => Err(EngineError::Unsupported(format!(
-                    "volume {} is a replica; promoting a replica is not supported by this version",
-                    req.volume
-                ))),
-            }
-        })
-        .await
-    }
-
     /// GetVolumeReplicationInfo on a primary: the newest complete sync point
     /// any replica reported, and the health of replication.
     pub async fn info(self: &Arc<Self>, req: VolumeRequest) -> Result<ReplicationInfo> {
@@ -352,65 +370,45 @@ impl Engine {
         })?;
         if rec.role != Role::Primary {
             return Err(EngineError::FailedPrecondition(format!(
-                "volume {} is a replica; replication info is reported on the primary",
-                req.volume
+                "volume {} is not primary here ({:?}); replication info is reported on the \
+                 primary",
+                req.volume, rec.role
             )));
         }
         let statuses = reg.statuses(&vol.image_id)?;
-        let best = statuses
-            .iter()
-            .filter(|s| s.last_sync.is_some())
-            .max_by_key(|s| s.last_sync.as_ref().map(|l| l.snap_time));
-        let Some(st) = best else {
-            let detail = statuses
-                .first()
-                .map(|s| format!(" (replica: {:?} {})", s.state, s.message))
-                .unwrap_or_default();
-            return Err(EngineError::NoInfoYet(format!(
-                "no sync of volume {} has completed yet{detail}",
-                req.volume
-            )));
-        };
-        let Some(last) = st.last_sync.clone() else {
-            return Err(EngineError::Internal("status without sync".into()));
-        };
-        let age = Utc::now()
-            .signed_duration_since(st.updated_at)
-            .to_std()
-            .unwrap_or_default();
-        let (health, message) = if st.state == ReplayState::Error {
-            (Health::Error, format!("replica error: {}", st.message))
-        } else if age > self.cfg.peer_stale_after {
-            (
-                Health::Degraded,
-                format!(
-                    "the replica's replayer has not reported for {}s (last: {:?})",
-                    age.as_secs(),
-                    st.state
-                ),
-            )
-        } else {
-            let state = match st.state {
-                ReplayState::Syncing => format!(
-                    "syncing {} {:.0}%",
-                    st.syncing_snap.as_deref().unwrap_or(""),
-                    st.percent.unwrap_or(0.0)
-                ),
-                ReplayState::Idle => "replaying, idle".to_string(),
-                ReplayState::Starting => "starting".to_string(),
-                ReplayState::Error => "error".to_string(),
-            };
-            (
-                Health::Healthy,
-                format!("{state}; last sync point {}", last.snap_name),
-            )
+        let a = status::assess(
+            &rec,
+            &statuses,
+            Utc::now(),
+            self.cfg.peer_stale_after,
+            self.cfg.rpo_factor,
+        );
+        let last = match (&a.last_sync, a.health) {
+            (Some(l), _) => l.clone(),
+            // No sync point yet: an error (split-brain, a failing replayer)
+            // is reported now rather than as "no info yet".
+            (None, Health::Error) => {
+                return Ok(ReplicationInfo {
+                    last_sync_time: rec.enabled_at,
+                    last_sync_duration: Duration::ZERO,
+                    last_sync_bytes: 0,
+                    health: a.health,
+                    message: a.message,
+                });
+            }
+            (None, _) => {
+                return Err(EngineError::NoInfoYet(format!(
+                    "no sync of volume {} has completed yet ({})",
+                    req.volume, a.message
+                )));
+            }
         };
         Ok(ReplicationInfo {
             last_sync_time: last.snap_time,
             last_sync_duration: Duration::from_millis(last.duration_ms),
             last_sync_bytes: last.bytes,
-            health,
-            message,
+            health: a.health,
+            message: a.message,
         })
     }
 }

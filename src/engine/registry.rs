@@ -11,10 +11,16 @@
 //! The object also carries the replayer's leader lease (a cls lock named
 //! [`LEASE_NAME`]): only the lease holder of a cluster replays the pool.
 //!
-//! Sync points are RBD snapshots named `csirr-sync.<seq>` (see
+//! | `disabled.<image id>` | [`Tombstone`]: replication of this primary was disabled; its replica should go to the trash | DisableVolumeReplication on the primary; removed by the replica's replayer once handled |
+//! | `detached.<primary image id>` | [`Tombstone`]: the replica of that primary was disabled here and is a normal image now; the replayer leaves it alone | DisableVolumeReplication on the replica's side |
+//!
+//! Sync points are RBD snapshots named `csirr-sync.<seq>.<random>` (see
 //! [`sync_snap_name`]) on the primary; the replica gets a snapshot of the same
-//! name once the delta up to it is completely copied. A process restart
-//! rebuilds all state from this object and those snapshots.
+//! name once the delta up to it is completely copied. The random part makes a
+//! name unique across clusters, so two sides that both acted as primary can
+//! never hold different snapshots of the same name: "the newest sync snapshot
+//! both sides have" is exact, which resync after split-brain relies on. A
+//! process restart rebuilds all state from this object and those snapshots.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,15 +41,24 @@ pub const SYNC_SNAP_PREFIX: &str = "csirr-sync.";
 
 const IMAGE_KEY: &str = "image.";
 const STATUS_KEY: &str = "status.";
+const DISABLED_KEY: &str = "disabled.";
+const DETACHED_KEY: &str = "detached.";
 
-/// The sync snapshot name of sequence number `seq`.
+/// A new, unique sync snapshot name of sequence number `seq`.
 pub fn sync_snap_name(seq: u64) -> String {
-    format!("{SYNC_SNAP_PREFIX}{seq:010}")
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    format!("{SYNC_SNAP_PREFIX}{seq:010}.{}", &tag[..8])
 }
 
-/// The sequence number of a sync snapshot name, `None` for other snapshots.
+/// The sequence number of a sync snapshot name (`csirr-sync.<seq>` with an
+/// optional `.<tag>`), `None` for other snapshots.
 pub fn sync_snap_seq(name: &str) -> Option<u64> {
-    name.strip_prefix(SYNC_SNAP_PREFIX)?.parse().ok()
+    let rest = name.strip_prefix(SYNC_SNAP_PREFIX)?;
+    let digits = rest.split_once('.').map_or(rest, |(d, _)| d);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// Which side of a replication an image is on.
@@ -54,6 +69,10 @@ pub enum Role {
     Primary,
     /// A replica written only by the replayer.
     Secondary,
+    /// A former primary after DemoteVolume: locked against writers, its
+    /// final sync snapshot waiting to reach the peer; becomes a replica of
+    /// the new primary with ResyncVolume.
+    Demoted,
 }
 
 /// Replication schedule as given by the VolumeReplicationClass.
@@ -127,6 +146,32 @@ pub struct ImageRecord {
     /// `bandwidthLimit` parameter; applied by the replayer.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bandwidth_limit: Option<u64>,
+    /// Demoted: the final sync snapshot taken by DemoteVolume.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub demotion_snap: Option<String>,
+    /// When and how the role last changed, for operators.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub role_change: Option<RoleChange>,
+}
+
+/// The last role change of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleChange {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// What happened, e.g. `promoted (forced, rolled back 12 MiB)`.
+    pub what: String,
+}
+
+/// A marker that replication of an image was disabled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// Image id the marker is about (the primary's).
+    pub image_id: String,
+    /// Image name.
+    pub image_name: String,
+    /// When.
+    pub at: DateTime<Utc>,
 }
 
 /// How far a delta got: every extent below `offset` of the delta from
@@ -155,6 +200,9 @@ pub enum ReplayState {
     Syncing,
     /// Up to date with the newest sync snapshot.
     Idle,
+    /// Not replaying on purpose (demoted image waiting for a resync, replica
+    /// detached); see the message.
+    Stopped,
     /// Stopped with an error; see the message.
     Error,
 }
@@ -284,6 +332,58 @@ impl Registry {
             .ctx(|| format!("reporting status to {}", self.io.spec()))
     }
 
+    fn put_marker(&self, prefix: &str, t: &Tombstone) -> Result<()> {
+        let key = format!("{prefix}{}", t.image_id);
+        let val = serde_json::to_vec(t).map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.io
+            .omap_set(REGISTRY_OBJECT, &[(&key, &val)])
+            .ctx(|| format!("writing the registry of {}", self.io.spec()))
+    }
+
+    fn markers(&self, prefix: &str) -> Result<Vec<Tombstone>> {
+        self.read_prefix(prefix)?
+            .iter()
+            .map(|(k, v)| self.decode(k, v))
+            .collect()
+    }
+
+    fn remove_key(&self, key: &str) -> Result<()> {
+        match self.io.omap_rm_keys(REGISTRY_OBJECT, &[key]) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            r => r.ctx(|| format!("writing the registry of {}", self.io.spec())),
+        }
+    }
+
+    /// Records that replication of primary image `t.image_id` was disabled.
+    pub fn put_tombstone(&self, t: &Tombstone) -> Result<()> {
+        self.put_marker(DISABLED_KEY, t)
+    }
+
+    /// Disabled primaries whose replicas have not handled it yet.
+    pub fn tombstones(&self) -> Result<Vec<Tombstone>> {
+        self.markers(DISABLED_KEY)
+    }
+
+    /// Forgets a tombstone (its replica was handled).
+    pub fn remove_tombstone(&self, image_id: &str) -> Result<()> {
+        self.remove_key(&format!("{DISABLED_KEY}{image_id}"))
+    }
+
+    /// Records that the local replica of primary `t.image_id` was detached.
+    pub fn put_detached(&self, t: &Tombstone) -> Result<()> {
+        self.put_marker(DETACHED_KEY, t)
+    }
+
+    /// Primaries whose local replicas were detached.
+    pub fn detached(&self) -> Result<Vec<Tombstone>> {
+        self.markers(DETACHED_KEY)
+    }
+
+    /// Forgets a detached marker (replication of that primary resumes).
+    pub fn remove_detached(&self, primary_image_id: &str) -> Result<()> {
+        self.remove_key(&format!("{DETACHED_KEY}{primary_image_id}"))
+    }
+
     /// Takes or renews the replayer lease for `ttl`. `Ok(false)` when another
     /// process holds it.
     pub fn acquire_lease(&self, cookie: &str, ttl: Duration) -> Result<bool> {
@@ -316,11 +416,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snap_names_round_trip_and_sort() {
-        assert_eq!(sync_snap_name(7), "csirr-sync.0000000007");
+    fn snap_names_are_unique_round_trip_and_sort() {
+        let a = sync_snap_name(7);
+        assert!(a.starts_with("csirr-sync.0000000007."), "{a}");
+        assert_ne!(a, sync_snap_name(7));
+        assert_eq!(sync_snap_seq(&a), Some(7));
         assert_eq!(sync_snap_seq("csirr-sync.0000000007"), Some(7));
         assert_eq!(sync_snap_seq("user-snap"), None);
         assert_eq!(sync_snap_seq("csirr-sync.x"), None);
+        assert_eq!(sync_snap_seq("csirr-sync..abc"), None);
         assert!(sync_snap_name(9) < sync_snap_name(10));
     }
 
@@ -345,6 +449,8 @@ mod tests {
             last_sync: None,
             checkpoint: None,
             bandwidth_limit: Some(1 << 20),
+            demotion_snap: None,
+            role_change: None,
         };
         let j = serde_json::to_string(&r).unwrap();
         assert!(j.contains("\"role\":\"secondary\""), "{j}");

@@ -31,6 +31,7 @@ use super::registry::{
     sync_snap_seq,
 };
 use super::scheduler::DueCache;
+use super::slots::image_key;
 use super::{Credentials, Engine};
 
 /// One image to replicate: where its primary is.
@@ -47,25 +48,31 @@ pub struct Job {
 }
 
 impl Job {
+    fn labels(&self) -> crate::metrics::ImageLabels {
+        crate::metrics::ImageLabels::new(&self.pool, &self.namespace, &self.primary.image_name)
+    }
+
+    /// The image's key in the held images and the slots: the same key the
+    /// RPCs derive from a resolved volume.
     fn key(&self) -> String {
-        format!(
-            "{}/{}/{}",
-            self.pool, self.namespace, self.primary.image_name
-        )
+        image_key(&self.pool, &self.namespace, &self.primary.image_name)
     }
 }
 
 /// Pools (and namespaces) whose replayer lease this process holds.
 type Leases = HashSet<(String, String)>;
 
-/// Replicas this process holds open and locked, by `pool/ns/name`.
+/// Images this process holds open and exclusively locked, by
+/// `pool[/ns]/name`: replicas while they are replayed, demoted images until
+/// they are resynced. Releasing drops the lock.
 #[derive(Default)]
-pub struct OpenReplicas {
+pub struct HeldImages {
     open: Mutex<HashMap<String, Image>>,
 }
 
-impl OpenReplicas {
-    fn get(&self, key: &str) -> Option<Image> {
+impl HeldImages {
+    /// The held image `key`, if any.
+    pub fn get(&self, key: &str) -> Option<Image> {
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -73,14 +80,16 @@ impl OpenReplicas {
             .cloned()
     }
 
-    fn put(&self, key: &str, img: Image) {
+    /// Holds `img` (its lock already taken).
+    pub fn put(&self, key: &str, img: Image) {
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.to_string(), img);
     }
 
-    fn drop_key(&self, key: &str) {
+    /// Releases the lock of `key` and forgets it.
+    pub fn release(&self, key: &str) {
         let img = self
             .open
             .lock()
@@ -91,13 +100,16 @@ impl OpenReplicas {
         }
     }
 
-    fn retain(&self, keep: &HashSet<String>) {
-        let gone: Vec<Image> = {
-            let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            let keys: Vec<String> = m.keys().filter(|k| !keep.contains(*k)).cloned().collect();
-            keys.into_iter().filter_map(|k| m.remove(&k)).collect()
-        };
-        for img in gone {
+    /// Releases everything (shutdown).
+    pub fn release_all(&self) {
+        let all: Vec<Image> = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, i)| i)
+            .collect();
+        for img in all {
             let _ = img.lock_release();
         }
     }
@@ -106,7 +118,6 @@ impl OpenReplicas {
 /// Runs the replayer until `cancel`.
 pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
-    let replicas = Arc::new(OpenReplicas::default());
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
     let stop = Arc::new(AtomicBool::new(false));
@@ -118,9 +129,6 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
         match discovered {
             Ok(Ok((jobs, pools))) => {
                 leased = pools;
-                let keep: HashSet<String> = jobs.iter().map(Job::key).collect();
-                let r = Arc::clone(&replicas);
-                let _ = tokio::task::spawn_blocking(move || r.retain(&keep)).await;
                 for job in jobs {
                     let key = job.key();
                     if !running
@@ -130,9 +138,8 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                     {
                         continue;
                     }
-                    let (e, r, s, run, stop) = (
+                    let (e, s, run, stop) = (
                         Arc::clone(&engine),
-                        Arc::clone(&replicas),
                         Arc::clone(&sem),
                         Arc::clone(&running),
                         Arc::clone(&stop),
@@ -143,7 +150,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                             let k2 = key.clone();
                             let res = tokio::task::spawn_blocking(move || {
                                 let _e = span.enter();
-                                sync_image(&e, &r, &job, &stop)
+                                sync_image(&e, &job, &stop)
                             })
                             .await;
                             match res {
@@ -185,7 +192,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     while tasks.join_next().await.is_some() {}
     let e = Arc::clone(&engine);
     let _ = tokio::task::spawn_blocking(move || {
-        replicas.retain(&HashSet::new());
+        e.held.release_all();
         e.release_leases(&leased);
     })
     .await;
@@ -229,6 +236,9 @@ impl Engine {
                 continue;
             }
             leased.insert((pool.clone(), String::new()));
+            if let Err(e) = self.hold_demoted(&local, &io) {
+                tracing::warn!(pool = %pool, error = %e, "cannot lock demoted images");
+            }
             for peer in peers {
                 match self.peer_jobs(&io, &pool, &peer) {
                     Ok(mut j) => jobs.append(&mut j),
@@ -297,6 +307,7 @@ impl Engine {
             Err(e) => tracing::debug!(pool, error = %e, "cannot list namespaces on peer"),
         }
         let mut jobs = Vec::new();
+        let local = self.local()?;
         for ns in namespaces {
             let nio = if ns.is_empty() {
                 Arc::clone(&pio)
@@ -305,8 +316,49 @@ impl Engine {
                     .ioctx(pool, &ns)
                     .ctx(|| format!("opening {pool}/{ns} on peer {}", peer.site_name))?
             };
-            for rec in Registry::new(nio).list()? {
-                if rec.role == Role::Primary {
+            let preg = Registry::new(nio);
+            let Ok(lio) = local.ioctx(pool, &ns) else {
+                continue;
+            };
+            // Replicas of primaries whose replication was disabled go to
+            // the trash.
+            for t in preg.tombstones()? {
+                match self.bury(&lio, &t) {
+                    Ok(true) => {
+                        if let Err(e) = preg.remove_tombstone(&t.image_id) {
+                            tracing::warn!(error = %e, "cannot clear tombstone");
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(image = %t.image_name, error = %e, "cannot trash replica")
+                    }
+                }
+            }
+            let detached: HashSet<String> = Registry::new(Arc::clone(&lio))
+                .detached()?
+                .into_iter()
+                .map(|t| t.image_id)
+                .collect();
+            for rec in preg.list()? {
+                // A demoted primary still has its final sync snapshot to
+                // deliver.
+                if matches!(rec.role, Role::Primary | Role::Demoted) {
+                    if detached.contains(&rec.image_id) {
+                        Reporter {
+                            reg: preg.clone(),
+                            image_id: &rec.image_id,
+                            fsid: local.fsid().to_string(),
+                        }
+                        .report(
+                            ReplayState::Stopped,
+                            "replication was disabled on the replica's site; the replica is a \
+                             normal image there"
+                                .into(),
+                            None,
+                        );
+                        continue;
+                    }
                     jobs.push(Job {
                         pool: pool.to_string(),
                         namespace: ns.clone(),
@@ -343,6 +395,48 @@ impl Engine {
             }
         }
         Ok(taken)
+    }
+
+    /// Takes and keeps the lock of every demoted image of the pool of `io`
+    /// (all namespaces) that this process does not hold yet: after a restart,
+    /// demoted images refuse writers again.
+    fn hold_demoted(&self, local: &Arc<Cluster>, io: &Arc<IoCtx>) -> Result<()> {
+        let mut namespaces = vec![String::new()];
+        if let Ok(mut ns) = ceph::rbd::namespace_list(io) {
+            namespaces.append(&mut ns);
+        }
+        for ns in namespaces {
+            let nio = local
+                .ioctx(io.pool(), &ns)
+                .ctx(|| format!("opening {}/{ns}", io.pool()))?;
+            for rec in Registry::new(Arc::clone(&nio)).list()? {
+                if rec.role != Role::Demoted {
+                    continue;
+                }
+                let key = image_key(io.pool(), &ns, &rec.image_name);
+                if self.held.get(&key).is_some() {
+                    continue;
+                }
+                // A role change on it is running (e.g. a resync that just
+                // released it): leave it to that.
+                let slot = self.slots.get(&key);
+                let Some(_guard) = slot.try_enter() else {
+                    continue;
+                };
+                // Re-read under the slot: the role may have changed since.
+                if Registry::new(Arc::clone(&nio))
+                    .get(&rec.image_id)?
+                    .is_none_or(|r| r.role != Role::Demoted)
+                {
+                    continue;
+                }
+                match Image::open_by_id(&nio, &rec.image_id) {
+                    Ok(img) => self.hold_lock(&key, &img)?,
+                    Err(e) => tracing::warn!(image = %key, error = %e, "cannot open demoted image"),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn release_leases(&self, leased: &HashSet<(String, String)>) {
@@ -401,13 +495,14 @@ impl Reporter<'_> {
 
 /// Brings the replica of `job` up to the primary's newest sync snapshot.
 /// Blocking.
-pub fn sync_image(
-    engine: &Engine,
-    replicas: &OpenReplicas,
-    job: &Job,
-    stop: &AtomicBool,
-) -> Result<()> {
+pub fn sync_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Result<()> {
     let key = job.key();
+    // A role change on this image is running: skip this round.
+    let slot = engine.slots.get(&key);
+    let Some(_guard) = slot.try_enter() else {
+        return Ok(());
+    };
+    let cancelled = || stop.load(std::sync::atomic::Ordering::Relaxed) || slot.cancelled();
     let local = engine.local()?;
     let peer_io = job
         .peer
@@ -418,9 +513,9 @@ pub fn sync_image(
         image_id: &job.primary.image_id,
         fsid: local.fsid().to_string(),
     };
-    let result = sync_inner(engine, &local, replicas, job, &peer_io, stop, &reporter);
+    let result = sync_inner(engine, &local, job, &peer_io, &cancelled, &reporter);
     if let Err(e) = &result {
-        replicas.drop_key(&key);
+        engine.held.release(&key);
         let last = local
             .ioctx(&job.pool, &job.namespace)
             .ok()
@@ -430,7 +525,10 @@ pub fn sync_image(
                     .find(|r| r.image_name == job.primary.image_name)
                     .and_then(|r| r.last_sync)
             });
-        if !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if !cancelled() {
+            engine
+                .metrics
+                .sync_finished(&job.labels(), 0, Duration::ZERO, false);
             reporter.report(ReplayState::Error, e.to_string(), last);
         }
     }
@@ -440,10 +538,9 @@ pub fn sync_image(
 fn sync_inner(
     engine: &Engine,
     local: &Arc<Cluster>,
-    replicas: &OpenReplicas,
     job: &Job,
     peer_io: &Arc<IoCtx>,
-    stop: &AtomicBool,
+    cancelled: &dyn Fn() -> bool,
     reporter: &Reporter<'_>,
 ) -> Result<()> {
     let key = job.key();
@@ -475,7 +572,7 @@ fn sync_inner(
     let target = target.clone();
 
     // The replica: existing (must be ours), or created now.
-    let (replica, mut rec, fresh) = match replicas.get(&key) {
+    let (replica, mut rec, fresh) = match engine.held.get(&key) {
         Some(img) => {
             let id = img.id().ctx(|| format!("replica {key}"))?;
             let rec = local_reg.get(&id)?.ok_or_else(|| {
@@ -489,16 +586,43 @@ fn sync_inner(
             if rec.role == Role::Secondary {
                 img.lock_acquire(ceph::LockMode::Exclusive)
                     .ctx(|| format!("locking replica {key} against other writers"))?;
-                replicas.put(&key, img.clone());
+                engine.held.put(&key, img.clone());
                 ensure_csi_journal(peer_io, &local_io, job, &rec.image_id);
             }
             (img, rec, fresh)
         }
     };
-    if rec.role != Role::Secondary {
+    match rec.role {
+        Role::Secondary => {}
+        Role::Demoted => {
+            reporter.report(
+                ReplayState::Stopped,
+                format!(
+                    "{key} is demoted on the replica's site and waits for ResyncVolume \
+                     to become a replica of this primary"
+                ),
+                None,
+            );
+            return Ok(());
+        }
+        Role::Primary if job.primary.role == Role::Primary => {
+            return Err(EngineError::FailedPrecondition(format!(
+                "split-brain: {key} is primary on both sites; nothing is copied or \
+                 overwritten. Decide which site keeps its data, demote the other one and \
+                 resync it (ResyncVolume with force)"
+            )));
+        }
+        // The peer is demoted and this side primary: a finished relocation,
+        // nothing to replay.
+        Role::Primary => return Ok(()),
+    }
+    if rec
+        .primary
+        .as_ref()
+        .is_some_and(|p| p.image_id != job.primary.image_id)
+    {
         return Err(EngineError::FailedPrecondition(format!(
-            "split-brain: {key} is primary on both clusters; nothing is copied. \
-             Demote one side and resync it"
+            "{key} here replicates another primary image than the peer's; not touching it"
         )));
     }
 
@@ -507,6 +631,24 @@ fn sync_inner(
         .ctx(|| format!("listing snapshots of replica {key}"))?;
     let rnames: HashSet<&str> = rall.iter().map(|s| s.name.as_str()).collect();
     if rnames.contains(target.name.as_str()) {
+        // The replica already has the primary's newest sync point (e.g. a
+        // demoted image resynced to the peer that replayed its demotion
+        // snapshot): record it as this replica's complete sync point.
+        if rec
+            .last_sync
+            .as_ref()
+            .is_none_or(|l| l.snap_name != target.name)
+        {
+            rec.last_sync = Some(SyncPoint {
+                snap_name: target.name.clone(),
+                snap_time: snap_time(&primary, target.id),
+                completed_at: Utc::now(),
+                duration_ms: 0,
+                bytes: 0,
+            });
+            rec.checkpoint = None;
+            local_reg.put(&rec)?;
+        }
         reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
         prune(
             engine,
@@ -555,7 +697,7 @@ fn sync_inner(
             from.as_deref(),
             point,
             fresh,
-            stop,
+            cancelled,
             reporter,
         )?;
         bytes += stats.transferred();
@@ -576,6 +718,9 @@ fn sync_inner(
     });
     local_reg.put(&rec)?;
     tracing::info!(snapshot = %target.name, bytes, seconds = elapsed.as_secs_f64(), "sync point complete");
+    engine
+        .metrics
+        .sync_finished(&job.labels(), bytes, elapsed, true);
     reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
     let rall = replica
         .snap_list()
@@ -629,7 +774,7 @@ fn delta(
     from: Option<&str>,
     to: &ceph::SnapInfo,
     fresh: bool,
-    stop: &AtomicBool,
+    cancelled: &dyn Fn() -> bool,
     reporter: &Reporter<'_>,
 ) -> Result<copy::CopyStats> {
     let key = job.key();
@@ -735,7 +880,7 @@ fn delta(
         fresh && resume_at == 0,
         engine.cfg.limits,
         &throttles,
-        stop,
+        cancelled,
         &mut progress,
     )?;
     if let Some(e) = ckpt_err {
@@ -877,6 +1022,8 @@ fn open_or_create_replica(
                 last_sync: None,
                 checkpoint: None,
                 bandwidth_limit: None,
+                demotion_snap: None,
+                role_change: None,
             };
             local_reg.put(&rec)?;
             tracing::info!(features = feats, size = target.size, "replica created");

@@ -42,6 +42,8 @@ pub const BLOCK: u64 = 4096;
 pub const DEFAULT_MAX_EXTENTS: usize = 10;
 /// Chunks compared at once by default (each holds one buffer per side).
 pub const DEFAULT_PARALLEL: usize = 8;
+/// Chunks compared at once at most, whatever is asked.
+pub const MAX_PARALLEL: usize = 256;
 /// Chunk size when the image reports no object size.
 const DEFAULT_CHUNK: u64 = 4 << 20;
 
@@ -55,7 +57,7 @@ pub struct VerifyOptions {
     pub peer: Option<String>,
     /// Differing extents to report at most.
     pub max_extents: usize,
-    /// Chunks in flight at most.
+    /// Chunks in flight at most (capped at [`MAX_PARALLEL`]).
     pub parallel: usize,
     /// Read every chunk, also those that neither side has allocated.
     pub full: bool,
@@ -466,12 +468,14 @@ fn compare_chunks(
     let mut ready: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
     let mut next_submit = 0usize;
     let mut next_report = 0usize;
+    // Aio reads in flight: two per chunk.
     let mut inflight = 0usize;
+    let window = parallel.clamp(1, MAX_PARALLEL) * 2;
     let mut read = 0u64;
     let mut first_err: Option<EngineError> = None;
 
     loop {
-        while first_err.is_none() && next_submit < chunks.len() && inflight < parallel {
+        while first_err.is_none() && next_submit < chunks.len() && inflight < window {
             let pos = next_submit;
             let (off, len) = range(chunks[pos]);
             for (img, side) in [(a, Side::Local), (b, Side::Peer)] {

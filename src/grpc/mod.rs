@@ -4,6 +4,7 @@
 
 mod authority;
 pub mod identity;
+pub mod metrics;
 pub mod proto;
 pub mod replication;
 pub mod server;

@@ -82,13 +82,13 @@ impl Controller for ReplicationService {
         req: Request<DisableVolumeReplicationRequest>,
     ) -> Result<Response<DisableVolumeReplicationResponse>, Status> {
         let r = req.into_inner();
-        let res = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets).and_then(
-            |_| {
-                Err::<DisableVolumeReplicationResponse, _>(EngineError::Unsupported(
-                    "DisableVolumeReplication is not supported by this version".into(),
-                ))
-            },
-        );
+        let res = async {
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            params(&r.parameters)?;
+            self.engine.disable(vr).await?;
+            Ok(DisableVolumeReplicationResponse {})
+        }
+        .await;
         logged(
             "DisableVolumeReplication",
             &volume_label(&r.volume_id, r.replication_source.as_ref()),
@@ -119,13 +119,12 @@ impl Controller for ReplicationService {
         req: Request<DemoteVolumeRequest>,
     ) -> Result<Response<DemoteVolumeResponse>, Status> {
         let r = req.into_inner();
-        let res = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets).and_then(
-            |_| {
-                Err::<DemoteVolumeResponse, _>(EngineError::Unsupported(
-                    "DemoteVolume is not supported by this version".into(),
-                ))
-            },
-        );
+        let res = async {
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            self.engine.demote(vr, r.force).await?;
+            Ok(DemoteVolumeResponse {})
+        }
+        .await;
         logged(
             "DemoteVolume",
             &volume_label(&r.volume_id, r.replication_source.as_ref()),
@@ -138,13 +137,12 @@ impl Controller for ReplicationService {
         req: Request<ResyncVolumeRequest>,
     ) -> Result<Response<ResyncVolumeResponse>, Status> {
         let r = req.into_inner();
-        let res = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets).and_then(
-            |_| {
-                Err::<ResyncVolumeResponse, _>(EngineError::Unsupported(
-                    "ResyncVolume is not supported by this version".into(),
-                ))
-            },
-        );
+        let res = async {
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let ready = self.engine.resync(vr, r.force).await?;
+            Ok(ResyncVolumeResponse { ready })
+        }
+        .await;
         logged(
             "ResyncVolume",
             &volume_label(&r.volume_id, r.replication_source.as_ref()),

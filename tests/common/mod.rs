@@ -296,6 +296,11 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts a sidecar for `site` and waits until Probe says ready.
     pub async fn start(site: Site, extra: &[&str]) -> Sidecar {
+        Self::start_with_env(site, extra, &[]).await
+    }
+
+    /// [`Sidecar::start`] with extra environment variables.
+    pub async fn start_with_env(site: Site, extra: &[&str], envs: &[(&str, &str)]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("csi-addons.sock");
         let log =
@@ -330,6 +335,7 @@ impl Sidecar {
             .args(["--grace", "2s"])
             .args(extra)
             .env("RUST_LOG", "info,csi_rbd_replicator=debug")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -420,10 +426,20 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            eprintln!(
-                "--- log of sidecar {} ---\n{}",
+            // Never panic here (a panic while unwinding aborts): write what
+            // can be written, the log's tail only.
+            use std::io::Write;
+            let text = self.log_text();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("GetVolumeReplicationInfo"))
+                .collect();
+            let tail = lines[lines.len().saturating_sub(150)..].join("\n");
+            let _ = writeln!(
+                std::io::stderr(),
+                "--- log of sidecar {} ({}) ---\n{tail}",
                 self.site.id(),
-                self.log_text()
+                self.log.display()
             );
         }
     }
@@ -739,4 +755,109 @@ impl TestPool {
         std::fs::write(&path, json.to_string()).unwrap();
         path
     }
+}
+
+/// The name of the first sync snapshot (sequence 1) of `image` in `io`'s
+/// pool, which EnableVolumeReplication takes.
+pub fn first_sync(io: &Arc<IoCtx>, image: &str) -> String {
+    sync_snaps_in(io, image)
+        .into_iter()
+        .find(|n| n.starts_with("csirr-sync.0000000001"))
+        .unwrap_or_else(|| panic!("{image} has no first sync snapshot"))
+}
+
+/// Requests of the role RPCs, with the site's secrets.
+pub mod req {
+    use super::{Site, secrets, source};
+    use csi_rbd_replicator::grpc::proto::replication as pb;
+
+    /// PromoteVolume.
+    pub fn promote(site: Site, vid: &str, force: bool) -> pb::PromoteVolumeRequest {
+        pb::PromoteVolumeRequest {
+            replication_source: source(vid),
+            secrets: secrets(site),
+            force,
+            ..Default::default()
+        }
+    }
+
+    /// DemoteVolume.
+    pub fn demote(site: Site, vid: &str, force: bool) -> pb::DemoteVolumeRequest {
+        pb::DemoteVolumeRequest {
+            replication_source: source(vid),
+            secrets: secrets(site),
+            force,
+            ..Default::default()
+        }
+    }
+
+    /// ResyncVolume.
+    pub fn resync(site: Site, vid: &str, force: bool) -> pb::ResyncVolumeRequest {
+        pb::ResyncVolumeRequest {
+            replication_source: source(vid),
+            secrets: secrets(site),
+            force,
+            ..Default::default()
+        }
+    }
+
+    /// DisableVolumeReplication.
+    pub fn disable(site: Site, vid: &str) -> pb::DisableVolumeReplicationRequest {
+        pb::DisableVolumeReplicationRequest {
+            replication_source: source(vid),
+            secrets: secrets(site),
+            ..Default::default()
+        }
+    }
+}
+
+/// Promotes without force, retrying while the answer is UNAVAILABLE (the
+/// peer's demotion snapshot still being copied), exactly as the csi-addons
+/// controller would. Panics on any other error.
+pub async fn promote_planned(sc: &Sidecar, vid: &str, timeout: Duration) {
+    let mut c = sc.controller().await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match c.promote_volume(req::promote(sc.site, vid, false)).await {
+            Ok(_) => return,
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {}
+            Err(s) => panic!("planned promotion of {vid} on {}: {s:?}", sc.site.id()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Calls ResyncVolume until it answers ready.
+pub async fn resync_until_ready(sc: &Sidecar, vid: &str, force: bool, timeout: Duration) {
+    let mut c = sc.controller().await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = c
+            .resync_volume(req::resync(sc.site, vid, force))
+            .await
+            .unwrap_or_else(|s| panic!("resync of {vid} on {}: {s:?}", sc.site.id()));
+        if r.into_inner().ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resync of {vid} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Runs `deploy/dev/ceph-pair.sh ARGS` (stop/start daemons).
+pub fn pair_ctl(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/dev/ceph-pair.sh");
+    let o = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("ceph-pair.sh runs");
+    assert!(
+        o.status.success(),
+        "ceph-pair.sh {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
