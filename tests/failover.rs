@@ -286,3 +286,160 @@ async fn role_rpcs_reject_bad_input_with_spec_codes() {
     assert_eq!(second.code(), Code::Aborted, "{second:?}");
     first.await.unwrap().expect("the first call completes");
 }
+
+/// Disaster: site-a goes away in the middle of a delta. B is promoted by
+/// force within the timeout and holds exactly the last complete sync point
+/// (only the partially copied extents are rolled back). When A comes back it
+/// is demoted and resynced, copying only what changed, and converges to B.
+///
+/// Stops site-a's daemons: test.sh runs `exclusive_` tests alone.
+#[tokio::test]
+async fn exclusive_disaster_force_promote_then_failback() {
+    let pool = TestPool::new("disaster");
+    let mut a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
+    let slow = [
+        "--max-bytes-per-second",
+        "32M",
+        "--checkpoint-interval",
+        "1s",
+        "--op-timeout",
+        "10s",
+        "--pools",
+        &pool.name,
+    ];
+    let b = Sidecar::start(Site::B, &slow).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    let name = "db";
+    let vid = format!("{}/{name}", pool.name);
+    let img = create_image_in(&aio, name, 256 * MIB, &[(0, 16 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[]))
+        .await
+        .expect("enable");
+    let s1 = first_sync(&aio, name);
+    wait_replica_snap(&pool.name, name, &s1, LONG).await;
+    let at_s1 = checksum(Site::B, &format!("{vid}@{s1}"));
+
+    // A large delta starts replicating slowly...
+    write(&img, &[(32 * MIB, 160 << 20)], 2);
+    drop(img);
+    let s2 = "csirr-sync.0000000002.disaster";
+    csi_rbd_replicator::ceph::Image::open(&aio, name)
+        .unwrap()
+        .snap_create(s2)
+        .unwrap();
+    wait_until("the delta to be under way", LONG, || {
+        registry_record(&bio, name)
+            .and_then(|r| r["checkpoint"]["offset"].as_u64())
+            .is_some_and(|o| o > 32 * MIB)
+    })
+    .await;
+
+    // ... and site-a disappears: its sidecar, its OSD and its monitor.
+    a.kill();
+    pair_ctl(&["stop", "site-a", "osd"]);
+    pair_ctl(&["stop", "site-a", "mon"]);
+    let restore = scopeguard(|| {
+        pair_ctl(&["start", "site-a", "mon"]);
+        pair_ctl(&["start", "site-a", "osd"]);
+    });
+
+    let t = std::time::Instant::now();
+    b.controller()
+        .await
+        .promote_volume(req::promote(Site::B, &vid, true))
+        .await
+        .expect("forced promotion without the peer");
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(60),
+        "forced promotion took {took:?}"
+    );
+    // B holds exactly the last complete sync point.
+    assert_eq!(checksum(Site::B, &vid), at_s1, "B is not at {s1}");
+    let rec = registry_record(&bio, name).unwrap();
+    assert_eq!(rec["role"], "primary", "{rec}");
+    let what = rec["role_change"]["what"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        what.contains("forced") && what.contains("rolled back"),
+        "{what}"
+    );
+    let rolled: u64 = what
+        .split_whitespace()
+        .skip_while(|w| *w != "back")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        rolled > 0 && rolled < 160 * MIB,
+        "rolled back {rolled} bytes: only the partial delta"
+    );
+
+    // The application writes on B.
+    let bimg = csi_rbd_replicator::ceph::Image::open(&bio, name).unwrap();
+    write(&bimg, &[(200 * MIB, 4 << 20)], 3);
+    drop(bimg);
+
+    // Site-a comes back; its image still claims primary.
+    drop(restore);
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let mut ca = a.controller().await;
+    // Clients of the lost site leave watches that the OSD expires after its
+    // watch timeout (30 s): Demote names them and is retried, as the
+    // controller does.
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        match ca.demote_volume(req::demote(Site::A, &vid, false)).await {
+            Ok(_) => break,
+            Err(s)
+                if s.code() == Code::FailedPrecondition && std::time::Instant::now() < deadline =>
+            {
+                assert!(s.message().contains("in use by"), "{s:?}");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(s) => panic!("demote A: {s:?}"),
+        }
+    }
+    resync_until_ready(&a, &vid, true, LONG).await;
+    // B's newest sync point reaches A, copying what B changed, not the image.
+    let bsnap = loop {
+        let snaps = sync_snaps_in(&bio, name);
+        let newest = snaps.last().cloned().unwrap();
+        if newest != s1 && newest != s2 && sync_snaps_in(&aio, name).contains(&newest) {
+            break newest;
+        }
+        // B's scheduler waits for A to report before its next sync point.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if snaps.iter().all(|s| *s == s1) {
+            let bimg = csi_rbd_replicator::ceph::Image::open(&bio, name).unwrap();
+            let _ = bimg.snap_create("csirr-sync.0000000003.failback");
+        }
+    };
+    assert_eq!(
+        checksum(Site::A, &format!("{vid}@{bsnap}")),
+        checksum(Site::B, &format!("{vid}@{bsnap}")),
+    );
+    let arec = registry_record(&aio, name).unwrap();
+    let copied = arec["last_sync"]["bytes"].as_u64().unwrap();
+    assert!(
+        copied <= 16 * MIB,
+        "failback copied {copied} bytes for a 4 MiB change"
+    );
+}
+
+/// Runs `f` on drop (restarts daemons even when an assertion fails).
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct G<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for G<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    G(Some(f))
+}

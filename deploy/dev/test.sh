@@ -3,6 +3,9 @@
 #
 #   deploy/dev/test.sh [NEXTEST ARGS...]     e.g. deploy/dev/test.sh -E 'test(omap)'
 #
+# Without arguments: every test, in two passes: all but `exclusive_*` in parallel,
+# then the `exclusive_*` tests (which stop and start Ceph daemons) one at a time.
+#
 # Phases: install (Debian packages, grpcurl) -> toolchain check -> cargo fmt --check ->
 # cargo clippy -D warnings -> cargo build --all-targets -> two-cluster Ceph pair up
 # (deploy/dev/ceph-pair.sh) -> cargo nextest run (unit and integration tests, with the
@@ -103,7 +106,16 @@ pair_up() {
 
 run_tests() {
     env | grep '^CSIRR_' | sort | sed 's/^/  /' >&2
-    cargo nextest run --no-fail-fast "$@"
+    if (($#)); then
+        cargo nextest run --no-fail-fast "$@"
+        return
+    fi
+    # Tests named exclusive_* stop and start Ceph daemons (disaster drills):
+    # they run after the others, one at a time.
+    local rc=0
+    cargo nextest run --no-fail-fast -E 'not test(/^exclusive_/)' || rc=$?
+    cargo nextest run --no-fail-fast --test-threads 1 -E 'test(/^exclusive_/)' || rc=$?
+    return "$rc"
 }
 
 # --- main ---------------------------------------------------------------------------
@@ -117,6 +129,8 @@ fi
 phase "toolchain" check_toolchain
 phase "cargo fmt --check" cargo fmt --check
 phase "cargo clippy" cargo clippy --all-targets -- -D warnings
+# The PV watcher (cargo feature kube, off by default for build time) must not rot.
+phase "cargo clippy (kube)" cargo clippy --all-targets --features kube -- -D warnings
 phase "cargo build" cargo build --all-targets
 phase "ceph pair up" pair_up
 phase "cargo nextest run" run_tests "$@"

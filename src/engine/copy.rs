@@ -48,12 +48,15 @@ pub struct CopyStats {
     pub bytes_zeroed: u64,
     /// Bytes read that were all zero and needed no write.
     pub bytes_skipped: u64,
+    /// Of `bytes_zeroed`, the holes zeroed without reading anything.
+    pub bytes_holes: u64,
 }
 
 impl CopyStats {
-    /// Bytes that crossed from primary to replica (read plus zeroed).
+    /// Bytes of the delta applied: every byte read from the source, plus
+    /// holes zeroed without a read (zero buffers are not counted twice).
     pub fn transferred(&self) -> u64 {
-        self.bytes_read + self.bytes_zeroed
+        self.bytes_read + self.bytes_holes
     }
 }
 
@@ -476,6 +479,9 @@ pub fn copy_extents(
                     Ok(_) => {
                         if zero {
                             stats.bytes_zeroed += ext.len;
+                            if !ext.data {
+                                stats.bytes_holes += ext.len;
+                            }
                         } else {
                             stats.bytes_written += ext.len;
                         }

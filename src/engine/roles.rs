@@ -65,13 +65,15 @@ impl Engine {
 
     /// Takes the image's slot, stopping the replayer's work on it.
     fn take_slot(&self, key: &str) -> Result<SlotGuard> {
+        // A running delta stops between submissions, but I/O in flight to
+        // an unreachable peer only fails after the operation timeout.
+        let wait = self.cfg.op_timeout + Duration::from_secs(10);
         self.slots
             .get(key)
-            .enter_cancelling(self.cfg.op_timeout)
+            .enter_cancelling(wait)
             .ok_or_else(|| {
                 EngineError::Unavailable(format!(
-                    "the replayer did not stop working on {key} within {:?}; retry",
-                    self.cfg.op_timeout
+                    "the replayer did not stop working on {key} within {wait:?}; retry"
                 ))
             })
     }
