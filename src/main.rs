@@ -167,8 +167,9 @@ struct ServeArgs {
     /// Bound on each cluster operation, and on connecting.
     #[arg(long, default_value = "30s", value_parser = duration)]
     op_timeout: Duration,
-    /// Bytes of copy buffers in flight per image (e.g. 64M).
-    #[arg(long, default_value = "64M", value_parser = bytes)]
+    /// Bytes of copy buffers in flight in all, shared evenly by the syncs
+    /// running at once (e.g. 96M): memory stays flat whatever the images.
+    #[arg(long, default_value = "96M", value_parser = bytes)]
     max_inflight_bytes: usize,
     /// Aio operations in flight per image.
     #[arg(long, default_value_t = 32)]
@@ -192,7 +193,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = engine::status::DEFAULT_RPO_FACTOR)]
     rpo_factor: f64,
     /// Images synced at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     max_concurrent_syncs: usize,
     /// Serve gRPC only; do not replicate into this cluster.
     #[arg(long)]
@@ -270,7 +271,9 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let cfg = EngineConfig {
         op_timeout: a.op_timeout,
         limits: CopyLimits {
-            max_inflight_bytes: a.max_inflight_bytes,
+            // The budget is global: each of the concurrent syncs gets its
+            // share (at least two objects' worth).
+            max_inflight_bytes: (a.max_inflight_bytes / a.max_concurrent_syncs.max(1)).max(8 << 20),
             max_ops: a.max_inflight_ops.max(1),
             ..CopyLimits::default()
         },

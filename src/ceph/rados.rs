@@ -106,6 +106,10 @@ impl Cluster {
             this.conf_set("rados_mon_op_timeout", &secs)?;
             this.conf_set("rados_osd_op_timeout", &secs)?;
         }
+        // No librbd write-back cache: copies are large aio streams flushed at
+        // the end, and every image held open would otherwise keep up to
+        // rbd_cache_size (32 MiB) of dirty data in this process.
+        this.conf_set("rbd_cache", "false")?;
         // Quiet librados' own stderr logging; errors come back as codes.
         this.conf_set("log_to_stderr", "false")?;
         this.conf_set("err_to_stderr", "false")?;

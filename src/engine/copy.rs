@@ -172,11 +172,32 @@ enum Event {
     },
     Written {
         idx: usize,
-        ext: Extent,
+        /// Bytes this write covers (a part of the extent).
+        len: u64,
         res: ceph::Result<usize>,
         buf: Vec<u8>,
         zero: bool,
+        /// Zeroes a hole of the diff (nothing was read for it).
+        hole: bool,
     },
+}
+
+/// Granularity of zero detection inside a read buffer: runs of zero blocks
+/// are skipped on a fresh replica (it stays sparse) or zeroed exactly.
+const ZERO_BLOCK: usize = 64 << 10;
+
+/// Splits `buf` into maximal runs of all-zero and non-zero blocks of
+/// [`ZERO_BLOCK`] bytes: `(start, len, zero)`.
+fn zero_runs(buf: &[u8]) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, block) in buf.chunks(ZERO_BLOCK).enumerate() {
+        let zero = is_zero(block);
+        match runs.last_mut() {
+            Some(r) if r.2 == zero => r.1 += block.len(),
+            _ => runs.push((i * ZERO_BLOCK, block.len(), zero)),
+        }
+    }
+    runs
 }
 
 /// Tracks which extents are done, to report the offset below which every
@@ -321,6 +342,8 @@ pub fn copy_extents(
     let mut first_err: Option<EngineError> = None;
     let budget = limits.max_inflight_bytes.max(limits.chunk as usize);
     let mut mark = Watermark::new(extents.len());
+    // Writes still outstanding per extent.
+    let mut pending = vec![0u32; extents.len()];
     let mut throttle_wait: Option<std::time::Duration> = None;
 
     let ceph_err = |what: &str, img: &Image, e: ceph::Error| EngineError::Ceph {
@@ -363,16 +386,18 @@ pub fn copy_extents(
                 inflight_bytes += len;
             } else {
                 let t = tx.clone();
+                let len = ext.len;
                 let r = dst.aio_write_zeroes(
                     ext.off,
                     ext.len,
                     Box::new(move |res, buf| {
                         let _ = t.send(Event::Written {
                             idx,
-                            ext,
+                            len,
                             res,
                             buf,
                             zero: true,
+                            hole: true,
                         });
                     }),
                 );
@@ -380,6 +405,7 @@ pub fn copy_extents(
                     first_err = Some(ceph_err("zeroing", dst, e));
                     break;
                 }
+                pending[idx] = 1;
             }
             inflight_ops += 1;
             next += 1;
@@ -420,50 +446,81 @@ pub fn copy_extents(
                 }
                 Ok(_) => {
                     stats.bytes_read += ext.len;
-                    let zero = is_zero(&buf);
-                    if zero && fresh {
-                        stats.bytes_skipped += ext.len;
-                        inflight_ops -= 1;
-                        inflight_bytes -= buf.len();
-                        free.push(buf);
+                    inflight_ops -= 1;
+                    inflight_bytes -= buf.len();
+                    let runs = zero_runs(&buf);
+                    let whole = runs.len() == 1;
+                    let mut buf = Some(buf);
+                    let mut subs = 0u32;
+                    for (start, len, zero) in runs {
+                        if zero && fresh {
+                            stats.bytes_skipped += len as u64;
+                            continue;
+                        }
+                        let off = ext.off + start as u64;
+                        let t = tx.clone();
+                        let l = len as u64;
+                        let cb: ceph::aio::AioCallback = Box::new(move |res, b| {
+                            let _ = t.send(Event::Written {
+                                idx,
+                                len: l,
+                                res,
+                                buf: b,
+                                zero,
+                                hole: false,
+                            });
+                        });
+                        let r = if zero {
+                            // Zero exactly, without data: the replica stays
+                            // sparse where the primary is.
+                            dst.aio_write_zeroes(off, l, cb)
+                        } else {
+                            let data = match (whole, buf.take()) {
+                                (true, Some(b)) => b,
+                                (_, b) => {
+                                    let src = b.as_deref().unwrap_or(&[]);
+                                    let mut d = free.pop().unwrap_or_default();
+                                    d.clear();
+                                    d.extend_from_slice(src.get(start..start + len).unwrap_or(&[]));
+                                    buf = b;
+                                    d
+                                }
+                            };
+                            inflight_bytes += data.len();
+                            dst.aio_write(off, data, cb)
+                        };
+                        match r {
+                            Ok(()) => {
+                                subs += 1;
+                                inflight_ops += 1;
+                            }
+                            Err(e) => {
+                                if !zero {
+                                    inflight_bytes -= len;
+                                }
+                                first_err.get_or_insert(ceph_err("writing", dst, e));
+                                break;
+                            }
+                        }
+                    }
+                    if let Some(b) = buf {
+                        free.push(b);
+                    }
+                    pending[idx] = subs;
+                    if subs == 0 {
                         done_bytes += ext.len;
                         mark.complete(idx);
                         progress(done_bytes, mark.offset(extents));
-                        continue;
-                    }
-                    let t = tx.clone();
-                    let cb: ceph::aio::AioCallback = Box::new(move |res, buf| {
-                        let _ = t.send(Event::Written {
-                            idx,
-                            ext,
-                            res,
-                            buf,
-                            zero,
-                        });
-                    });
-                    let r = if zero {
-                        // Keep the replica sparse: zero exactly, no data.
-                        free.push(buf);
-                        inflight_bytes -= ext.len as usize;
-                        dst.aio_write_zeroes(ext.off, ext.len, cb)
-                    } else {
-                        dst.aio_write(ext.off, buf, cb)
-                    };
-                    if let Err(e) = r {
-                        inflight_ops -= 1;
-                        if !zero {
-                            inflight_bytes -= ext.len as usize;
-                        }
-                        first_err.get_or_insert(ceph_err("writing", dst, e));
                     }
                 }
             },
             Event::Written {
                 idx,
-                ext,
+                len,
                 res,
                 buf,
                 zero,
+                hole,
             } => {
                 inflight_ops -= 1;
                 if !zero {
@@ -478,16 +535,19 @@ pub fn copy_extents(
                     }
                     Ok(_) => {
                         if zero {
-                            stats.bytes_zeroed += ext.len;
-                            if !ext.data {
-                                stats.bytes_holes += ext.len;
+                            stats.bytes_zeroed += len;
+                            if hole {
+                                stats.bytes_holes += len;
                             }
                         } else {
-                            stats.bytes_written += ext.len;
+                            stats.bytes_written += len;
                         }
-                        done_bytes += ext.len;
-                        mark.complete(idx);
-                        progress(done_bytes, mark.offset(extents));
+                        pending[idx] = pending[idx].saturating_sub(1);
+                        if pending[idx] == 0 {
+                            done_bytes += extents[idx].len;
+                            mark.complete(idx);
+                            progress(done_bytes, mark.offset(extents));
+                        }
                     }
                 }
             }
@@ -530,6 +590,26 @@ mod tests {
         assert_eq!(uncovered(&have, &[]), vec![(0, 100), (200, 250)]);
         assert!(uncovered(&[], &want).is_empty());
         assert!(uncovered(&[ext(10, 5)], &[ext(0, 100)]).is_empty());
+    }
+
+    #[test]
+    fn zero_runs_coalesce_blocks() {
+        let b = ZERO_BLOCK;
+        let mut buf = vec![0u8; 5 * b + 100];
+        buf[b + 3] = 1; // block 1 data
+        buf[2 * b] = 1; // block 2 data
+        buf[5 * b + 50] = 7; // the short tail block
+        assert_eq!(
+            zero_runs(&buf),
+            vec![
+                (0, b, true),
+                (b, 2 * b, false),
+                (3 * b, 2 * b, true),
+                (5 * b, 100, false)
+            ]
+        );
+        assert_eq!(zero_runs(&vec![0u8; 3 * b]), vec![(0, 3 * b, true)]);
+        assert_eq!(zero_runs(&[]), vec![]);
     }
 
     #[test]

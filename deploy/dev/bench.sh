@@ -1,0 +1,951 @@
+#!/usr/bin/env bash
+# deploy/dev/bench.sh: replication benchmark on the local two-cluster pair, side by side:
+# this engine (csi-rbd-replicator), native rbd-mirror in snapshot mode, and
+# `rbd export-diff | rbd import-diff` (issue 3, item 9).
+#
+#   deploy/dev/bench.sh                      all three tools, ~5 min on the 2-core VM
+#   BENCH_TOOLS="engine" deploy/dev/bench.sh only some tools (engine rbd-mirror export-diff)
+#
+# Scenarios (each tool runs them in three phases, (a)+(b), (c) and (d), each in a fresh pool
+# $BENCH_POOL on both sites with mirroring in image mode and the peers bootstrapped, with
+# the tool's own image names; the pool is deleted after the phase, which removes its
+# images and all mirror state, and its daemons run only during their phases):
+#   (a) 1 GiB image written sequentially (rbd bench, 4 MiB writes): first full sync,
+#       from "enable" to "replica complete"
+#   (b) then 64 MiB of random 64 KiB writes on it: from "sync point taken" to "replica
+#       complete"; $BENCH_B_ROUNDS rounds (default 3), median and range reported, also
+#       counted from the moment the primary's snapshot exists ("from snap existing")
+#   (c) 4 GiB image with 256 MiB written as random 64 KiB writes (sparse inside objects):
+#       first full sync
+#   (d) 20 images of 64 MiB (fully written) enabled at once: until all are complete
+# Data is written before the tool's daemons start; the timed window holds nothing but the
+# trigger and the replication.
+#
+# What each figure includes (nothing is subtracted):
+#   engine       t0 = just before the EnableVolumeReplication RPCs (grpcurl, one process per
+#                image, all at once) or, for (b), before creating csirr-sync.0000000002 on
+#                the primary (librbd, in process); end = the replica (site-b) has that
+#                snapshot, which the replayer creates only after the copy is flushed. The
+#                replayer POLLS every --poll-interval ($BENCH_POLL; 1s is the smallest the
+#                CLI accepts), so up to one interval of pickup latency is included; the
+#                engine's own copy time (GetVolumeReplicationInfo lastSyncDuration) and a
+#                timeline from the sidecar log are printed beside it.
+#   rbd-mirror   t0 = just before `mirror image enable <img> snapshot` (librbd, in process;
+#                for (d) 20 threads at once) or, for (b), `mirror image snapshot`; end = the
+#                replica's non-primary mirror snapshot that mirrors the primary's newest
+#                mirror snapshot (same primary_snap_id) is marked complete: rbd-mirror sets
+#                that flag only after all data is copied and the image state is applied.
+#                rbd-mirror is started, and has elected its leader, before the tool's
+#                scenarios; it is event driven (no poll interval).
+#   export-diff  t0 = just before `snap create` of the source snapshot; end = the last
+#                `rbd export-diff ... | rbd import-diff ...` pipe exited (process start and
+#                connection setup of both rbd processes included; the destination image is
+#                created before t0). (d) runs 20 pipes at once.
+# Completion is polled every 50 ms through librbd (python3-rbd) holding a connection.
+# Peak RSS: VmHWM of the replaying sidecar (site-b) and of rbd-mirror at the end of each
+# phase (max over the phases).
+#
+# Environment:
+#   BENCH_TOOLS        tools to run (default "engine rbd-mirror export-diff")
+#   BENCH_POOL         pool created (and deleted) on both sites (default csirr-bench)
+#   BENCH_POLL         the replayer's --poll-interval (default 1s)
+#   BENCH_ENGINE_ARGS  extra `serve` flags of the replaying sidecar (e.g.
+#                      "--max-concurrent-syncs 20")
+#   BENCH_ENGINE_ENV   environment of the sidecars, e.g. "MALLOC_ARENA_MAX=2"
+#   BENCH_PHASES       phases to run (default "ab c d")
+#   BENCH_MAX_BUSY     before each timed scenario, wait (up to BENCH_QUIET_WAIT s, default
+#                      90) until the cores are at most this % busy (default 30)
+#   BENCH_TIMEOUT      seconds to wait for one scenario (default 120)
+#   BENCH_KEEP=1       keep the pool, logs and work dir (default: delete the pool)
+#   BENCH_SKIP_BUILD=1 use the existing target/release binary
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+cd "$REPO_ROOT"
+PAIR="$SCRIPT_DIR/ceph-pair.sh"
+LOG_TAG=bench.sh
+if [[ -f $SCRIPT_DIR/lib.sh ]]; then
+    # shellcheck source=deploy/dev/lib.sh
+    source "$SCRIPT_DIR/lib.sh"
+else
+    log() { printf '[%s %s] %s\n' "$LOG_TAG" "$(date +%T)" "$*" >&2; }
+    die() {
+        log "ERROR: $*"
+        exit 1
+    }
+fi
+
+BENCH_TOOLS=${BENCH_TOOLS:-engine rbd-mirror export-diff}
+BENCH_POOL=${BENCH_POOL:-csirr-bench}
+BENCH_POLL=${BENCH_POLL:-1s}
+BENCH_ENGINE_ARGS=${BENCH_ENGINE_ARGS:-}
+BENCH_ENGINE_ENV=${BENCH_ENGINE_ENV:-}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
+BENCH_KEEP=${BENCH_KEEP:-0}
+POOL=$BENCH_POOL
+BIN=$REPO_ROOT/target/release/csi-rbd-replicator
+N_MULTI=20
+SCENARIOS=(a b b0 c d)
+declare -A TITLE=(
+    [a]="(a) 1 GiB seq, first sync"
+    [b]="(b) 64 MiB rand 64K delta"
+    [b0]="(b) same, from snap existing"
+    [c]="(c) 4 GiB/256 MiB rand 64K, first"
+    [d]="(d) 20 x 64 MiB, first sync"
+)
+declare -A TARGET=([a]=3.5 [b]=0.6 [b0]=0.6 [c]=2.5 [d]=5)
+declare -A RES=()    # RES[tool.scenario] = seconds
+declare -A COPY=()   # COPY[scenario] = engine copy seconds (lastSyncDuration; max for d)
+declare -A RSS=()    # RSS[tool] = MiB
+declare -A NOTES=()  # NOTES[scenario] = engine timeline summary
+declare -A ALLOC=()  # ALLOC[c] = MiB the engine's replica of (c) allocates
+ALLOC_MIRROR="" ALLOC_EXPORT=""
+
+for t in $BENCH_TOOLS; do
+    case $t in engine | rbd-mirror | export-diff) ;; *) die "unknown tool $t" ;; esac
+done
+for c in rbd ceph rados jq grpcurl python3 rbd-mirror; do
+    command -v "$c" >/dev/null || die "$c not found (deploy/dev/test.sh installs what the pair needs)"
+done
+/usr/bin/python3 -c 'import rados, rbd' 2>/dev/null || die "python3-rbd/python3-rados missing"
+
+WORK=$(mktemp -d /tmp/csirr-bench.XXXXXX)
+PIDS=()
+POOL_MADE=0
+cleanup() {
+    local rc=$? p
+    set +e
+    for p in "${PIDS[@]}"; do
+        stop_pid "$p"
+    done
+    if ((POOL_MADE)) && [[ $BENCH_KEEP != 1 ]]; then
+        pool_delete
+    fi
+    if [[ $BENCH_KEEP == 1 || $rc != 0 ]]; then
+        log "logs and helper kept in $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- the pair -----------------------------------------------------------------------
+"$PAIR" up >&2
+eval "$("$PAIR" env)"
+c_rbd() { # SITE ARGS...
+    local s=$1
+    shift
+    if [[ $s == site-a ]]; then
+        rbd -c "$CSIRR_SITE_A_CONF" --keyring "$CSIRR_SITE_A_KEYRING" "$@"
+    else
+        rbd -c "$CSIRR_SITE_B_CONF" --keyring "$CSIRR_SITE_B_KEYRING" "$@"
+    fi
+}
+c_ceph() { # SITE ARGS...
+    local s=$1
+    shift
+    if [[ $s == site-a ]]; then
+        ceph -c "$CSIRR_SITE_A_CONF" --keyring "$CSIRR_SITE_A_KEYRING" "$@"
+    else
+        ceph -c "$CSIRR_SITE_B_CONF" --keyring "$CSIRR_SITE_B_KEYRING" "$@"
+    fi
+}
+
+# --- the binary ---------------------------------------------------------------------
+if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+    log "cargo build --release"
+    cargo build --release --bin csi-rbd-replicator >&2
+fi
+[[ -x $BIN ]] || die "$BIN missing"
+
+# --- the timing helper (librbd through python3-rbd) ---------------------------------
+cat >"$WORK/bench.py" <<'PY'
+"""Triggers one scenario and times it to the moment the replica is complete.
+
+Prints one JSON object: t0, t_end (epoch seconds), seconds, and per-image ends.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import rados
+import rbd
+
+POLL = 0.05
+
+
+def connect(site):
+    s = "A" if site == "site-a" else "B"
+    c = rados.Rados(conffile=os.environ[f"CSIRR_SITE_{s}_CONF"], name="client.admin",
+                    conf={"keyring": os.environ[f"CSIRR_SITE_{s}_KEYRING"]})
+    c.connect(timeout=30)
+    return c
+
+
+def snapshots(io, name):
+    try:
+        with rbd.Image(io, name, read_only=True) as img:
+            return list(img.list_snaps())
+    except rbd.ImageNotFound:
+        return []
+
+
+def has_snap(io, name, snap):
+    return any(s["name"] == snap for s in snapshots(io, name))
+
+
+def sync_seq(name):
+    """Sequence number of a sync snapshot name (csirr-sync.<seq>[.<tag>]), else None."""
+    if not name.startswith("csirr-sync."):
+        return None
+    digits = name[len("csirr-sync."):].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def newest_sync_snap(io, name):
+    snaps = [(sync_seq(s["name"]), s["name"]) for s in snapshots(io, name)]
+    snaps = [x for x in snaps if x[0] is not None]
+    return max(snaps)[1] if snaps else None
+
+
+def newest_primary_mirror_snap(io, name):
+    ids = [s["id"] for s in snapshots(io, name)
+           if s.get("namespace") == rbd.RBD_SNAP_NAMESPACE_TYPE_MIRROR
+           and (s.get("mirror") or {}).get("state") == rbd.RBD_SNAP_MIRROR_STATE_PRIMARY]
+    if not ids:
+        raise SystemExit(f"{name}: no primary mirror snapshot on site-a")
+    return max(ids)
+
+
+def mirror_complete(io, name, primary_snap_id):
+    try:
+        snaps = snapshots(io, name)
+    except rbd.Error:
+        return False
+    for s in snaps:
+        m = s.get("mirror") or {}
+        if (s.get("namespace") == rbd.RBD_SNAP_NAMESPACE_TYPE_MIRROR
+                and m.get("primary_snap_id") == primary_snap_id and m.get("complete")):
+            return True
+    return False
+
+
+def wait_all(names, done, timeout, procs=()):
+    """Polls done(name) for every name; returns {name: end time}. Also fails fast
+    when a trigger process failed."""
+    ends, pending = {}, list(names)
+    deadline = time.time() + timeout
+    while pending:
+        for p, what in procs:
+            rc = p.poll()
+            if rc not in (None, 0):
+                err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+                raise SystemExit(f"{what} failed (exit {rc}): {err.strip()}")
+        for n in list(pending):
+            if done(n):
+                ends[n] = time.time()
+                pending.remove(n)
+        if not pending:
+            break
+        if time.time() > deadline:
+            raise SystemExit(f"timed out after {timeout}s waiting for {pending}")
+        time.sleep(POLL)
+    return ends
+
+
+def report(t0, ends, **extra):
+    t_end = max(ends.values())
+    out = {"t0": t0, "t_end": t_end, "seconds": round(t_end - t0, 3),
+           "ends": {k: round(v - t0, 3) for k, v in ends.items()}}
+    out.update(extra)
+    print(json.dumps(out))
+
+
+def main():
+    cmd, pool, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    args = sys.argv[4:]
+    a, b = connect("site-a"), connect("site-b")
+    ia, ib = a.open_ioctx(pool), b.open_ioctx(pool)
+
+    if cmd == "engine-enable":  # SOCK IMG...: Enable, then wait for the first sync snapshot
+        sock, names = args[0], args[1:]
+        t0 = time.time()
+        procs, by_name, target = [], {}, {}
+        for n in names:
+            req = json.dumps({"replication_source": {"volume": {"volume_id": f"{pool}/{n}"}}})
+            p = subprocess.Popen(
+                ["grpcurl", "-plaintext", "-unix", "-authority", "localhost", "-d", req,
+                 sock, "replication.Controller/EnableVolumeReplication"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            procs.append((p, f"EnableVolumeReplication {n}"))
+            by_name[n] = p
+
+        # The sync snapshot Enable took (its name carries a tag): known once the RPC
+        # returned; then the replica must have a snapshot of that name.
+        def done(n):
+            if n not in target:
+                if by_name[n].poll() != 0:
+                    return False
+                target[n] = newest_sync_snap(ia, n)
+                if target[n] is None:
+                    raise SystemExit(f"Enable of {n} left no sync snapshot on the primary")
+            return has_snap(ib, n, target[n])
+
+        ends = wait_all(names, done, timeout, procs)
+        report(t0, ends, snapshot=target[names[0]])
+
+    elif cmd == "engine-snap":  # IMG...: the next sync snapshot, taken by hand
+        names = args
+        seq = max(sync_seq(newest_sync_snap(ia, n) or "csirr-sync.0") for n in names) + 1
+        snap = f"csirr-sync.{seq:010d}"
+        imgs = [rbd.Image(ia, n) for n in names]
+        t0 = time.time()
+        for img in imgs:
+            img.create_snap(snap)
+        t_trig = time.time()
+        for img in imgs:
+            img.close()
+        ends = wait_all(names, lambda n: has_snap(ib, n, snap), timeout)
+        report(t0, ends, trigger_seconds=round(t_trig - t0, 3), snapshot=snap)
+
+    elif cmd in ("mirror-enable", "mirror-snap"):  # IMG...
+        names = args
+        imgs = {n: rbd.Image(ia, n) for n in names}
+        ids, errs = {}, []
+
+        def trigger(n):
+            try:
+                if cmd == "mirror-enable":
+                    imgs[n].mirror_image_enable(rbd.RBD_MIRROR_IMAGE_MODE_SNAPSHOT)
+                    ids[n] = newest_primary_mirror_snap(ia, n)
+                else:
+                    ids[n] = imgs[n].mirror_image_create_snapshot()
+            except Exception as e:  # noqa: BLE001 - reported below
+                errs.append(f"{n}: {e}")
+
+        t0 = time.time()
+        threads = [threading.Thread(target=trigger, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        t_trig = time.time()
+        if errs:
+            raise SystemExit("; ".join(errs))
+        ends = wait_all(names, lambda n: mirror_complete(ib, n, ids[n]), timeout)
+        for img in imgs.values():
+            img.close()
+        report(t0, ends, trigger_seconds=round(t_trig - t0, 3))
+
+    elif cmd == "export":  # FROM|- TO IMG...
+        frm, to, names = args[0], args[1], args[2:]
+        imgs = [rbd.Image(ia, n) for n in names]
+        conf_a = f"-c '{os.environ['CSIRR_SITE_A_CONF']}' --keyring '{os.environ['CSIRR_SITE_A_KEYRING']}'"
+        conf_b = f"-c '{os.environ['CSIRR_SITE_B_CONF']}' --keyring '{os.environ['CSIRR_SITE_B_KEYRING']}'"
+        from_arg = "" if frm == "-" else f"--from-snap '{frm}'"
+        procs, snapped, errs = {}, {}, []
+
+        # Per image, as the other tools do: take the snapshot, then start its pipe;
+        # all images at once (snapshot creations wait on the monitor, ~1 s each).
+        def one(n, img):
+            try:
+                img.create_snap(to)
+                snapped[n] = time.time()
+                sh = (f"set -o pipefail; rbd {conf_a} export-diff --no-progress {from_arg} "
+                      f"'{pool}/{n}@{to}' - | rbd {conf_b} import-diff --no-progress - '{pool}/{n}'")
+                procs[n] = subprocess.Popen(["bash", "-c", sh], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errs.append(f"{n}: {e}")
+
+        t0 = time.time()
+        threads = [threading.Thread(target=one, args=(n, img)) for n, img in zip(names, imgs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errs:
+            raise SystemExit("; ".join(errs))
+        t_trig = max(snapped.values())
+        ends, deadline = {}, time.time() + timeout
+        while len(ends) < len(procs):
+            for n, p in procs.items():
+                if n not in ends and p.poll() is not None:
+                    ends[n] = time.time()
+                    if p.returncode != 0:
+                        raise SystemExit(f"export-diff | import-diff of {n} failed: "
+                                         f"{p.stderr.read().decode(errors='replace').strip()}")
+            if time.time() > deadline:
+                raise SystemExit(f"timed out after {timeout}s")
+            time.sleep(0.01)
+        for img in imgs:
+            img.close()
+        missing = [n for n in names if not has_snap(ib, n, to)]
+        if missing:
+            raise SystemExit(f"import-diff left no snapshot {to} on {missing}")
+        report(t0, ends, trigger_seconds=round(t_trig - t0, 3))
+
+    elif cmd == "timeline":  # LOG T0 IMG...: the sidecar's log lines of these images
+        import re
+        log, t0, names = args[0], float(args[1]), args[2:]
+        ansi = re.compile(r"\x1b\[[0-9;]*m")
+        stamp = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?)Z?\s")
+        from datetime import datetime, timezone
+        first, last_done, secs, lines = {}, {}, {}, []
+        with open(log, errors="replace") as f:
+            for raw in f:
+                line = ansi.sub("", raw.rstrip("\n"))
+                m = stamp.match(line)
+                if not m:
+                    continue
+                ts = datetime.fromisoformat(m.group(1)).replace(tzinfo=timezone.utc).timestamp()
+                if ts < t0 - 0.5:
+                    continue
+                for n in names:
+                    if re.search(rf"[/=]{re.escape(n)}\b", line):
+                        first.setdefault(n, ts)
+                        if "complete" in line or "started" in line or "created" in line:
+                            lines.append(f"  +{ts - t0:6.2f}s {line[m.end():][:200]}")
+                        if "complete" in line:
+                            last_done[n] = ts
+                            s = re.search(r"seconds=([0-9.]+)", line)
+                            if s:
+                                secs[n] = float(s.group(1))
+                        break
+        out = {
+            "pickup": round(min(first.values()) - t0, 3) if first else None,
+            "pickup_last": round(max(first.values()) - t0, 3) if first else None,
+            "complete_logged": round(max(last_done.values()) - t0, 3) if last_done else None,
+            "copy_seconds_max": max(secs.values()) if secs else None,
+            "lines": lines[:12] + (["  ..."] + lines[-4:] if len(lines) > 16 else lines[12:]),
+        }
+        print(json.dumps(out))
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+
+
+main()
+PY
+helper() {
+    [[ $1 == timeline ]] || wait_quiet
+    /usr/bin/python3 "$WORK/bench.py" "$1" "$POOL" "$BENCH_TIMEOUT" "${@:2}"
+}
+
+# CPU busy share (percent of all cores) over one second, from /proc/stat.
+cpu_busy() {
+    local a b
+    a=$(awk '/^cpu / { print $2+$3+$4+$7+$8, $5+$6 }' /proc/stat)
+    sleep 1
+    b=$(awk '/^cpu / { print $2+$3+$4+$7+$8, $5+$6 }' /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        busy = y[1] - x[1]; idle = y[2] - x[2];
+        printf "%d", (busy + idle > 0) ? 100 * busy / (busy + idle) : 0 }'
+}
+
+# The machine is shared (2 cores): before each timed scenario wait, up to
+# $BENCH_QUIET_WAIT s, until the cores are at most $BENCH_MAX_BUSY % busy, so that
+# builds or tests of others do not end up in the figures; say so when they might have.
+BUSY_NOTE=()
+wait_quiet() {
+    local b n
+    for ((n = 0; n < ${BENCH_QUIET_WAIT:-90}; n++)); do
+        b=$(cpu_busy)
+        ((b <= ${BENCH_MAX_BUSY:-30})) && return 0
+    done
+    log "warning: the cores are still ${b}% busy with other work; measuring anyway"
+    BUSY_NOTE+=("a scenario started with the cores ${b}% busy with other work")
+}
+
+# --- pool lifecycle -----------------------------------------------------------------
+avail_gib() { c_ceph "$1" df -f json | jq '.stats.total_avail_bytes / 1073741824 | floor'; }
+used_bytes() { c_ceph "$1" df -f json | jq '.stats.total_used_raw_bytes'; }
+
+declare -A USED_BEFORE=()
+pool_create() { # PEERS(0|1)
+    local site tok
+    pool_delete quiet
+    for site in site-a site-b; do USED_BEFORE[$site]=$(used_bytes "$site"); done
+    POOL_MADE=1
+    for site in site-a site-b; do
+        c_ceph "$site" osd pool create "$POOL" 16 16 replicated >/dev/null 2>&1
+        c_ceph "$site" osd pool set "$POOL" min_size 1 >/dev/null 2>&1 || true
+        c_rbd "$site" pool init "$POOL"
+        c_rbd "$site" mirror pool enable "$POOL" image --site-name "$site"
+    done
+    if (($1)); then
+        tok="$WORK/token"
+        (
+            umask 077
+            c_rbd site-a mirror pool peer bootstrap create --site-name site-a "$POOL" >"$tok"
+        )
+        c_rbd site-b mirror pool peer bootstrap import --site-name site-b --direction rx-tx \
+            "$POOL" "$tok" 2>/dev/null
+        rm -f "$tok"
+        for site in site-a site-b; do
+            c_rbd "$site" mirror pool info "$POOL" --all --format json |
+                jq -e '[.peers[] | select((.mon_host // "") != "")] | length == 1' >/dev/null ||
+                die "$site: pool $POOL has no peer with mon_host after bootstrap"
+        done
+    fi
+}
+
+# Deletes the pool on both sites (its mirror peers first, so that their config-keys go
+# too) and waits until the OSDs have freed the space, so the next tool does not compete
+# with the deletion.
+pool_delete() {
+    local site u n cur
+    for site in site-a site-b; do
+        c_ceph "$site" osd pool ls | grep -x "$POOL" >/dev/null || continue
+        for u in $(c_rbd "$site" mirror pool info "$POOL" --format json 2>/dev/null |
+            jq -r '.peers[]?.uuid'); do
+            c_rbd "$site" mirror pool peer remove "$POOL" "$u" 2>/dev/null || true
+        done
+        c_ceph "$site" osd pool rm "$POOL" "$POOL" --yes-i-really-really-mean-it >/dev/null 2>&1 ||
+            log "warning: cannot delete pool $POOL on $site"
+    done
+    POOL_MADE=0
+    [[ ${1:-} == quiet ]] && return 0
+    # The OSD removes the pool's PGs in the background: wait until each site is back to
+    # (about) where it was before the phase, so the next phase does not compete with it.
+    # Others' tests may write meanwhile: stop waiting also once usage stops falling.
+    local before low stalled
+    for site in site-a site-b; do
+        before=${USED_BEFORE[$site]:-0}
+        low=$(used_bytes "$site")
+        stalled=0
+        for ((n = 0; n < 60 && stalled < 5; n++)); do
+            sleep 1
+            cur=$(used_bytes "$site")
+            ((cur <= before + 268435456)) && break
+            if ((cur < low)); then
+                low=$cur
+                stalled=0
+            else
+                stalled=$((stalled + 1))
+            fi
+        done
+    done
+}
+
+# The primaries of one phase on site-a: "ab" = the 1 GiB image of (a) and (b); "c" = the
+# 4 GiB image of (c); "d" = the 20 images of (d).
+write_images() { # PREFIX PHASE
+    local p=$1 i pid batch=()
+    log "$p: writing the primaries of ($2) on site-a"
+    case $2 in
+    ab)
+        c_rbd site-a create --size 1G "$POOL/${p}a"
+        c_rbd site-a bench --io-type write --io-pattern seq --io-size 4M --io-total 1G \
+            "$POOL/${p}a" >/dev/null
+        ;;
+    c)
+        c_rbd site-a create --size 4G "$POOL/${p}c"
+        c_rbd site-a bench --io-type write --io-pattern rand --io-size 64K --io-total 256M \
+            "$POOL/${p}c" >/dev/null
+        ;;
+    d)
+        for i in $(multi_names "$p"); do
+            c_rbd site-a create --size 64M "$POOL/$i"
+        done
+        # Four at a time: these writes only prepare the scenario.
+        for i in $(multi_names "$p"); do
+            c_rbd site-a bench --io-type write --io-pattern seq --io-size 4M --io-total 64M \
+                "$POOL/$i" >/dev/null &
+            batch+=($!)
+            if ((${#batch[@]} == 4)); then
+                for pid in "${batch[@]}"; do wait "$pid" || die "rbd bench failed"; done
+                batch=()
+            fi
+        done
+        for pid in "${batch[@]}"; do wait "$pid" || die "rbd bench failed"; done
+        ;;
+    esac
+    settle
+}
+
+# Whether both sites can take a phase without passing the nearfull ratio (0.85): an OSD
+# of this pair that runs out of space crashes (bluestore ENOSPC) and takes the pair
+# down for everyone. Worst cases per site in GiB (site-b, engine (c): a replica that
+# allocates whole objects, 4 GiB).
+declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4)
+declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4)
+room_for() { # PHASE
+    local site need
+    for site in site-a site-b; do
+        need=${NEED_A[$1]}
+        [[ $site == site-b ]] && need=${NEED_B[$1]}
+        if ! c_ceph "$site" df -f json | jq -e --argjson need "$need" \
+            '.stats.total_used_raw_bytes + $need * 1073741824 <= 0.85 * .stats.total_bytes' \
+            >/dev/null; then
+            log "warning: $site has no room for phase ($1) (needs $need GiB below 85% full): skipped"
+            return 1
+        fi
+    done
+}
+
+# Data written through librbd may still be flushed by the OSD: give it a moment.
+settle() { sleep "${BENCH_SETTLE:-3}"; }
+
+delta_writes() { # IMAGE
+    c_rbd site-a bench --io-type write --io-pattern rand --io-size 64K --io-total 64M \
+        "$POOL/$1" >/dev/null
+    settle
+}
+
+multi_names() { # PREFIX
+    local i
+    for ((i = 1; i <= N_MULTI; i++)); do printf '%sd%02d\n' "$1" "$i"; done
+}
+
+json_field() { jq -r ".$2" <<<"$1"; }
+
+vmhwm_mib() { # PID
+    local v
+    v=$(awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null) || true
+    [[ $v =~ ^[0-9]+$ ]] && echo "$v" || echo ""
+}
+
+# (b) runs BENCH_B_ROUNDS times (default 3): snapshot timing on the monitor and the
+# replayer's poll phase make single deltas vary by up to a second. The table shows the
+# median, and the range beside it.
+B_ROUNDS=${BENCH_B_ROUNDS:-3}
+declare -A BVALS=() B0VALS=()
+record_b() { # TOOL JSON
+    local s t
+    s=$(json_field "$2" seconds)
+    t=$(jq -r '.trigger_seconds // 0' <<<"$2")
+    BVALS[$1]+="$s "
+    B0VALS[$1]+="$(awk -v s="$s" -v t="$t" 'BEGIN { printf "%.3f", s - t }') "
+    log "$1 ${TITLE[b]}: ${s}s (of which ${t}s creating the primary snapshot)"
+}
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
+range_of() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { if (NR > 1) printf "%.2f-%.2f", lo, hi }'; }
+finish_b() { # TOOL
+    [[ -n ${BVALS[$1]:-} ]] || return 0
+    RES[$1.b]=$(median "${BVALS[$1]}")
+    RES[$1.b0]=$(median "${B0VALS[$1]}")
+    RANGE[$1.b]=$(range_of "${BVALS[$1]}")
+    RANGE[$1.b0]=$(range_of "${B0VALS[$1]}")
+}
+declare -A RANGE=()
+
+record() { # TOOL SCENARIO JSON
+    local s t
+    s=$(json_field "$3" seconds)
+    t=$(jq -r '.trigger_seconds // empty' <<<"$3")
+    RES[$1.$2]=$s
+    log "$1 ${TITLE[$2]}: ${s}s${t:+ (of which ${t}s creating the primary snapshot)}"
+}
+
+# --- tool: this engine --------------------------------------------------------------
+start_sidecar() { # SITE SOCKET LOG ARGS...
+    local site=$1 sock=$2 out=$3 s
+    shift 3
+    s=$([[ $site == site-a ]] && echo A || echo B)
+    local secret_var=CSIRR_SITE_${s}_SECRET_DIR
+    # shellcheck disable=SC2086 # BENCH_ENGINE_ENV is a list of VAR=value
+    env NO_COLOR=1 RUST_LOG=info $BENCH_ENGINE_ENV "$BIN" serve --endpoint "unix://$sock" \
+        --drivername bench.rbd.csi.ceph.com \
+        --csi-config "$CSIRR_CSI_CONFIG" --cluster-mapping "$CSIRR_CLUSTER_MAPPING" \
+        --cluster-id "$site" --secret-dir "${!secret_var}" --pools "$POOL" "$@" \
+        >"$out" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+    for ((i = 0; i < 300; i++)); do
+        if grpcurl -plaintext -unix -authority localhost "$sock" identity.Identity/Probe 2>/dev/null |
+            grep '"ready": true' >/dev/null; then
+            return 0
+        fi
+        kill -0 "$LAST_PID" 2>/dev/null || die "sidecar for $site exited; log: $out"
+        sleep 0.2
+    done
+    die "sidecar for $site not ready in 60s; log: $out"
+}
+
+stop_pid() { # PID: SIGTERM, then SIGKILL after 20 s
+    local n
+    kill "$1" 2>/dev/null || true
+    for ((n = 0; n < 100; n++)); do
+        kill -0 "$1" 2>/dev/null || break
+        sleep 0.2
+    done
+    if kill -0 "$1" 2>/dev/null; then
+        log "warning: pid $1 ignored SIGTERM for 20 s; killing it"
+        kill -9 "$1" 2>/dev/null || true
+    fi
+    wait "$1" 2>/dev/null || true
+    local p keep=()
+    for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# Max lastSyncDuration (seconds) over IMAGES, as GetVolumeReplicationInfo reports it.
+engine_copy_seconds() { # SOCK IMAGE...
+    local sock=$1 n d max=0
+    shift
+    for n in "$@"; do
+        d=$(grpcurl -plaintext -unix -authority localhost \
+            -d "{\"replication_source\": {\"volume\": {\"volume_id\": \"$POOL/$n\"}}}" \
+            "$sock" replication.Controller/GetVolumeReplicationInfo 2>/dev/null |
+            jq -r '.lastSyncDuration // "0s"' | tr -d s)
+        max=$(awk -v a="$max" -v b="${d:-0}" 'BEGIN { print (b > a) ? b : a }')
+    done
+    echo "$max"
+}
+
+engine_note() { # SCENARIO T0 JSON_OF_RUN IMAGE...
+    local sc=$1 t0=$2 run=$3 tl
+    shift 3
+    tl=$(helper timeline "$WORK/sidecar-b.log" "$t0" "$@")
+    NOTES[$sc]=$(jq -r --argjson run "$run" '"pickup (first log line of the image) +\(.pickup)s" +
+        (if .pickup_last != .pickup then ", last image +\(.pickup_last)s" else "" end) +
+        ", copy (engine, max) \(.copy_seconds_max)s, complete in log +\(.complete_logged)s, " +
+        "replica seen complete +\($run.seconds)s"' <<<"$tl")
+    jq -r '.lines[]' <<<"$tl" >"$WORK/timeline-$sc.txt"
+}
+
+max_rss() { # TOOL MIB: keeps the larger
+    [[ -n $2 ]] || return 0
+    if [[ -z ${RSS[$1]:-} ]] || (($2 > RSS[$1])); then RSS[$1]=$2; fi
+}
+
+# Each tool runs in three phases, (a)+(b), (c) and (d), each in a fresh pool that is
+# deleted afterwards, with its daemons started for the phase only: one phase at a time
+# keeps the space the benchmark needs on the pair's small OSDs bounded.
+read -r -a PHASES <<<"${BENCH_PHASES:-ab c d}"
+
+run_engine() {
+    local p=eng- sa="$WORK/a.sock" sb="$WORK/b.sock" phase pid_a pid_b out multi rss r
+    log "=== engine ==="
+    mapfile -t multi < <(multi_names "$p")
+    for phase in "${PHASES[@]}"; do
+        room_for "$phase" || continue
+        pool_create 1
+        write_images "$p" "$phase"
+        start_sidecar site-a "$sa" "$WORK/sidecar-a.log" --no-replayer
+        pid_a=$LAST_PID
+        # shellcheck disable=SC2086 # BENCH_ENGINE_ARGS is a list of flags
+        start_sidecar site-b "$sb" "$WORK/sidecar-b.log" --poll-interval "$BENCH_POLL" \
+            $BENCH_ENGINE_ARGS
+        pid_b=$LAST_PID
+        case $phase in
+        ab)
+            out=$(helper engine-enable "$sa" "${p}a")
+            record engine a "$out"
+            COPY[a]=$(engine_copy_seconds "$sa" "${p}a")
+            engine_note a "$(json_field "$out" t0)" "$out" "${p}a"
+
+            for ((r = 1; r <= B_ROUNDS; r++)); do
+                delta_writes "${p}a"
+                out=$(helper engine-snap "${p}a")
+                record_b engine "$out"
+                ((r > 1)) || {
+                    COPY[b]=$(engine_copy_seconds "$sa" "${p}a")
+                    engine_note b "$(json_field "$out" t0)" "$out" "${p}a"
+                }
+            done
+            finish_b engine
+            ;;
+        c)
+            out=$(helper engine-enable "$sa" "${p}c")
+            record engine c "$out"
+            COPY[c]=$(engine_copy_seconds "$sa" "${p}c")
+            engine_note c "$(json_field "$out" t0)" "$out" "${p}c"
+            ALLOC[c]=$(allocated_mib site-b "${p}c")
+            ;;
+        d)
+            out=$(helper engine-enable "$sa" "${multi[@]}")
+            record engine d "$out"
+            COPY[d]=$(engine_copy_seconds "$sa" "${multi[@]}")
+            engine_note d "$(json_field "$out" t0)" "$out" "${multi[@]}"
+            ;;
+        esac
+        rss=$(vmhwm_mib "$pid_b")
+        log "engine: peak RSS of the replaying sidecar in phase ($phase): ${rss:-?} MiB"
+        max_rss engine "$rss"
+        stop_pid "$pid_b"
+        stop_pid "$pid_a"
+        cat "$WORK/sidecar-b.log" >>"$WORK/sidecar-b.all.log"
+        pool_delete
+    done
+    log "engine: peak RSS of the replaying sidecar ${RSS[engine]:-?} MiB"
+}
+
+# MiB the pool holds on SITE, as the OSD accounts it (`rbd du` and `rbd diff` count whole
+# objects on fast-diff images and cannot show sparseness inside objects). The phase of
+# (c) holds only that image. PG stats reach the mgr every few seconds: wait for them.
+allocated_mib() { # SITE IMAGE
+    sleep 8
+    c_ceph "$1" df -f json | jq --arg p "$POOL" \
+        '[.pools[] | select(.name == $p) | .stats.stored] | add / 1048576 | floor' || echo "?"
+}
+
+# --- tool: native rbd-mirror (snapshot mode) -----------------------------------------
+start_rbd_mirror() {
+    local i
+    (cd "$WORK" && exec rbd-mirror --cluster site-b --id admin -f \
+        --log-file "$WORK/rbd-mirror.log" >>"$WORK/rbd-mirror.out" 2>&1) &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+    for ((i = 0; i < 120; i++)); do
+        c_rbd site-b mirror pool status "$POOL" --verbose --format json 2>/dev/null |
+            jq -e '[.daemons[]? | select(.leader == true)] | length > 0' >/dev/null && return 0
+        kill -0 "$LAST_PID" 2>/dev/null || die "rbd-mirror exited; see $WORK/rbd-mirror.out"
+        sleep 0.5
+    done
+    log "warning: rbd-mirror reported no leader in 60s; measuring anyway"
+}
+
+run_mirror() {
+    local p=mir- phase pid out multi rss r
+    log "=== rbd-mirror ==="
+    mapfile -t multi < <(multi_names "$p")
+    for phase in "${PHASES[@]}"; do
+        room_for "$phase" || continue
+        pool_create 1
+        write_images "$p" "$phase"
+        start_rbd_mirror
+        pid=$LAST_PID
+        case $phase in
+        ab)
+            out=$(helper mirror-enable "${p}a")
+            record rbd-mirror a "$out"
+            for ((r = 1; r <= B_ROUNDS; r++)); do
+                delta_writes "${p}a"
+                out=$(helper mirror-snap "${p}a")
+                record_b rbd-mirror "$out"
+            done
+            finish_b rbd-mirror
+            ;;
+        c)
+            out=$(helper mirror-enable "${p}c")
+            record rbd-mirror c "$out"
+            ALLOC_MIRROR=$(allocated_mib site-b "${p}c")
+            ;;
+        d)
+            out=$(helper mirror-enable "${multi[@]}")
+            record rbd-mirror d "$out"
+            ;;
+        esac
+        rss=$(vmhwm_mib "$pid")
+        log "rbd-mirror: peak RSS in phase ($phase): ${rss:-?} MiB"
+        max_rss rbd-mirror "$rss"
+        stop_pid "$pid"
+        pool_delete
+    done
+    log "rbd-mirror: peak RSS ${RSS[rbd-mirror]:-?} MiB"
+}
+
+# --- tool: rbd export-diff | rbd import-diff -------------------------------------------
+run_export() {
+    local p=exp- phase out multi n r
+    log "=== export-diff | import-diff ==="
+    mapfile -t multi < <(multi_names "$p")
+    for phase in "${PHASES[@]}"; do
+        room_for "$phase" || continue
+        pool_create 0
+        write_images "$p" "$phase"
+        case $phase in
+        ab)
+            c_rbd site-b create --size 1G "$POOL/${p}a"
+            out=$(helper export - s1 "${p}a")
+            record export-diff a "$out"
+            for ((r = 1; r <= B_ROUNDS; r++)); do
+                delta_writes "${p}a"
+                out=$(helper export "s$r" "s$((r + 1))" "${p}a")
+                record_b export-diff "$out"
+            done
+            finish_b export-diff
+            ;;
+        c)
+            c_rbd site-b create --size 4G "$POOL/${p}c"
+            out=$(helper export - s1 "${p}c")
+            record export-diff c "$out"
+            ALLOC_EXPORT=$(allocated_mib site-b "${p}c")
+            ;;
+        d)
+            for n in "${multi[@]}"; do c_rbd site-b create --size 64M "$POOL/$n"; done
+            out=$(helper export - s1 "${multi[@]}")
+            record export-diff d "$out"
+            ;;
+        esac
+        pool_delete
+    done
+}
+
+# --- main -----------------------------------------------------------------------------
+for site in site-a site-b; do
+    a=$(avail_gib "$site")
+    ((a >= 2)) || die "$site has only ${a} GiB free; the benchmark needs 2 (remove old test images)"
+done
+log "tools: $BENCH_TOOLS; pool $POOL; replayer poll interval $BENCH_POLL; work dir $WORK"
+log "load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+T_START=$SECONDS
+for t in $BENCH_TOOLS; do
+    case $t in
+    engine) run_engine ;;
+    rbd-mirror) run_mirror ;;
+    export-diff) run_export ;;
+    esac
+done
+
+# --- report ---------------------------------------------------------------------------
+fmt() { [[ -n ${1:-} ]] && printf '%.2f s' "$1" || printf -- '-'; }
+ratio() { # NATIVE ENGINE -> "2.1x" (how many times faster the engine is)
+    [[ -n ${1:-} && -n ${2:-} ]] || {
+        printf -- '-'
+        return
+    }
+    awk -v n="$1" -v e="$2" 'BEGIN { if (e > 0) printf "%.2fx", n / e; else printf "-" }'
+}
+verdict() { # VALUE TARGET
+    [[ -n ${1:-} ]] || {
+        printf -- '-'
+        return
+    }
+    awk -v v="$1" -v t="$2" 'BEGIN { print (v <= t) ? "met" : "MISSED" }'
+}
+{
+    echo
+    echo "csi-rbd-replicator benchmark, $(date -u +%FT%TZ), $(nproc) cores, replayer poll $BENCH_POLL${BENCH_ENGINE_ARGS:+, engine flags: $BENCH_ENGINE_ARGS}${BENCH_ENGINE_ENV:+, engine env: $BENCH_ENGINE_ENV}"
+    printf '%-38s %10s %10s %11s %10s %10s %9s %7s\n' scenario engine rbd-mirror export-diff \
+        "vs mirror" "vs export" target ""
+    for s in "${SCENARIOS[@]}"; do
+        [[ $s == b* ]] && TITLE[$s]="${TITLE[$s]/ (median)/} (median)"
+        printf '%-38s %10s %10s %11s %10s %10s %9s %7s\n' "${TITLE[$s]}" \
+            "$(fmt "${RES[engine.$s]:-}")" "$(fmt "${RES[rbd-mirror.$s]:-}")" \
+            "$(fmt "${RES[export-diff.$s]:-}")" \
+            "$(ratio "${RES[rbd-mirror.$s]:-}" "${RES[engine.$s]:-}")" \
+            "$(ratio "${RES[export-diff.$s]:-}" "${RES[engine.$s]:-}")" \
+            "<= ${TARGET[$s]} s" "$(verdict "${RES[engine.$s]:-}" "${TARGET[$s]}")"
+    done
+    printf '%-38s %10s %10s %11s %10s %10s %9s %7s\n' "peak RSS (MiB)" "${RSS[engine]:--}" \
+        "${RSS[rbd-mirror]:--}" "-" "" "" "< 150" \
+        "$(if [[ -n ${RSS[engine]:-} ]]; then ((RSS[engine] < 150)) && echo met || echo MISSED; else echo -; fi)"
+    echo "(vs X = X's time / engine's time: above 1.00x the engine is faster)"
+    for s in b b0; do
+        echo "${TITLE[$s]}, range over $B_ROUNDS rounds: engine ${RANGE[engine.$s]:--} s," \
+            "rbd-mirror ${RANGE[rbd-mirror.$s]:--} s, export-diff ${RANGE[export-diff.$s]:--} s"
+    done
+    echo "space the replica of (c) allocates (256 MiB written on the primary): engine ${ALLOC[c]:--} MiB," \
+        "rbd-mirror ${ALLOC_MIRROR:--} MiB, export-diff ${ALLOC_EXPORT:--} MiB"
+    if [[ -n ${RES[engine.a]:-} ]]; then
+        echo
+        echo "engine, where the time goes (t0 = trigger; all from the sidecar log and GetVolumeReplicationInfo):"
+        for s in "${SCENARIOS[@]}"; do
+            [[ -n ${RES[engine.$s]:-} && -n ${COPY[$s]:-} ]] || continue
+            echo "  ${TITLE[$s]}: lastSyncDuration ${COPY[$s]:-?}s (max over images); ${NOTES[$s]:-}"
+            sed 's/^/    /' "$WORK/timeline-$s.txt" 2>/dev/null || true
+        done
+    fi
+    if ((${#BUSY_NOTE[@]})); then
+        printf 'NOTE: %s\n' "${BUSY_NOTE[@]}"
+    fi
+    echo "total benchmark time: $((SECONDS - T_START)) s"
+} | tee "$WORK/report.txt"
