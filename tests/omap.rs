@@ -117,23 +117,11 @@ fn generate(site: Site, text: &str, extra: &[&str]) -> Run {
 }
 
 fn generate_files(site: Site, files: &[&Path], extra: &[&str]) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"));
-    cmd.arg("omap-generate").arg("--pv");
-    for f in files {
-        cmd.arg(f);
-    }
-    let o = cmd
-        .args(["--drivername", DRIVER])
-        .arg("--csi-config")
-        .arg(env("CSIRR_CSI_CONFIG"))
-        .arg("--cluster-mapping")
-        .arg(env("CSIRR_CLUSTER_MAPPING"))
-        .args(["--cluster-id", site.id()])
-        .arg("--secret-dir")
-        .arg(site.secret_dir())
-        .args(extra)
-        .output()
-        .expect("omap-generate runs");
+    let mut args: Vec<&str> = vec!["--pv"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap_or_default()));
+    args.extend(["--drivername", DRIVER]);
+    args.extend(extra.iter().copied());
+    let o = cli("omap-generate", site, &args);
     let out = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),

@@ -24,31 +24,7 @@ fn free_port() -> u16 {
 
 /// Runs `status ARGS` as the CSI user of `site`.
 fn status(site: Site, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
-        .arg("status")
-        .arg("--csi-config")
-        .arg(env("CSIRR_CSI_CONFIG"))
-        .arg("--cluster-mapping")
-        .arg(env("CSIRR_CLUSTER_MAPPING"))
-        .args(["--cluster-id", site.id()])
-        .arg("--secret-dir")
-        .arg(site.secret_dir())
-        .args(args)
-        .output()
-        .expect("status runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+    cli("status", site, args)
 }
 
 /// `GET path` on 127.0.0.1:`port`: the status line and the body.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use common::*;
@@ -16,31 +16,7 @@ const MIB: u64 = 1 << 20;
 
 /// Runs `verify` as the CSI user of `site`.
 fn verify(site: Site, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
-        .arg("verify")
-        .arg("--csi-config")
-        .arg(env("CSIRR_CSI_CONFIG"))
-        .arg("--cluster-mapping")
-        .arg(env("CSIRR_CLUSTER_MAPPING"))
-        .args(["--cluster-id", site.id()])
-        .arg("--secret-dir")
-        .arg(site.secret_dir())
-        .args(args)
-        .output()
-        .expect("verify runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+    cli("verify", site, args)
 }
 
 #[tokio::test]

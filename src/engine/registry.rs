@@ -190,6 +190,28 @@ pub struct Checkpoint {
     pub total: u64,
 }
 
+/// The ioctx of every RBD namespace of the pool of `io` (the default
+/// namespace's, which must be `io`, first): where the registries of a pool
+/// live. A pool without a namespace directory has only the default one.
+pub fn namespace_ioctxs(io: &Arc<IoCtx>) -> Result<Vec<Arc<IoCtx>>> {
+    let names = match crate::ceph::rbd::namespace_list(io) {
+        Ok(n) => n,
+        Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(e).ctx(|| format!("listing the RBD namespaces of pool {}", io.pool()));
+        }
+    };
+    let mut out = vec![Arc::clone(io)];
+    for ns in names {
+        out.push(
+            io.cluster()
+                .ioctx_by_id(io.pool_id(), io.pool(), &ns)
+                .ctx(|| format!("opening {}/{ns}", io.pool()))?,
+        );
+    }
+    Ok(out)
+}
+
 /// What the replayer is doing with one image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

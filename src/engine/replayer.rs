@@ -28,7 +28,7 @@ use super::copy::{self, Extent};
 use super::error::{CephContext, EngineError, Result};
 use super::registry::{
     Checkpoint, ImageRecord, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role, SyncPoint,
-    sync_snap_seq,
+    namespace_ioctxs, sync_snap_seq,
 };
 use super::scheduler::DueCache;
 use super::slots::image_key;
@@ -236,7 +236,7 @@ impl Engine {
                 continue;
             }
             leased.insert((pool.clone(), String::new()));
-            if let Err(e) = self.hold_demoted(&local, &io) {
+            if let Err(e) = self.hold_demoted(&io) {
                 tracing::warn!(pool = %pool, error = %e, "cannot lock demoted images");
             }
             for peer in peers {
@@ -301,21 +301,10 @@ impl Engine {
                 return Err(e).ctx(|| format!("opening pool {pool} on peer {}", peer.site_name));
             }
         };
-        let mut namespaces = vec![String::new()];
-        match ceph::rbd::namespace_list(&pio) {
-            Ok(mut ns) => namespaces.append(&mut ns),
-            Err(e) => tracing::debug!(pool, error = %e, "cannot list namespaces on peer"),
-        }
         let mut jobs = Vec::new();
         let local = self.local()?;
-        for ns in namespaces {
-            let nio = if ns.is_empty() {
-                Arc::clone(&pio)
-            } else {
-                cluster
-                    .ioctx(pool, &ns)
-                    .ctx(|| format!("opening {pool}/{ns} on peer {}", peer.site_name))?
-            };
+        for nio in namespace_ioctxs(&pio)? {
+            let ns = nio.namespace().to_string();
             let preg = Registry::new(nio);
             let Ok(lio) = local.ioctx(pool, &ns) else {
                 continue;
@@ -379,18 +368,7 @@ impl Engine {
             let io = local
                 .ioctx(pool, "")
                 .ctx(|| format!("opening pool {pool}"))?;
-            let mut namespaces = vec![String::new()];
-            if let Ok(mut ns) = ceph::rbd::namespace_list(&io) {
-                namespaces.append(&mut ns);
-            }
-            for ns in namespaces {
-                let nio = if ns.is_empty() {
-                    Arc::clone(&io)
-                } else {
-                    local
-                        .ioctx(pool, &ns)
-                        .ctx(|| format!("opening {pool}/{ns}"))?
-                };
+            for nio in namespace_ioctxs(&io)? {
                 taken += self.schedule_pool(&nio, cache)?;
             }
         }
@@ -400,15 +378,9 @@ impl Engine {
     /// Takes and keeps the lock of every demoted image of the pool of `io`
     /// (all namespaces) that this process does not hold yet: after a restart,
     /// demoted images refuse writers again.
-    fn hold_demoted(&self, local: &Arc<Cluster>, io: &Arc<IoCtx>) -> Result<()> {
-        let mut namespaces = vec![String::new()];
-        if let Ok(mut ns) = ceph::rbd::namespace_list(io) {
-            namespaces.append(&mut ns);
-        }
-        for ns in namespaces {
-            let nio = local
-                .ioctx(io.pool(), &ns)
-                .ctx(|| format!("opening {}/{ns}", io.pool()))?;
+    fn hold_demoted(&self, io: &Arc<IoCtx>) -> Result<()> {
+        for nio in namespace_ioctxs(io)? {
+            let ns = nio.namespace().to_string();
             for rec in Registry::new(Arc::clone(&nio)).list()? {
                 if rec.role != Role::Demoted {
                     continue;

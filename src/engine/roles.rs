@@ -68,14 +68,11 @@ impl Engine {
         // A running delta stops between submissions, but I/O in flight to
         // an unreachable peer only fails after the operation timeout.
         let wait = self.cfg.op_timeout + Duration::from_secs(10);
-        self.slots
-            .get(key)
-            .enter_cancelling(wait)
-            .ok_or_else(|| {
-                EngineError::Unavailable(format!(
-                    "the replayer did not stop working on {key} within {wait:?}; retry"
-                ))
-            })
+        self.slots.get(key).enter_cancelling(wait).ok_or_else(|| {
+            EngineError::Unavailable(format!(
+                "the replayer did not stop working on {key} within {wait:?}; retry"
+            ))
+        })
     }
 
     fn record_of(&self, vol: &Resolved, req: &VolumeRequest) -> Result<(Registry, ImageRecord)> {

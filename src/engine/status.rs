@@ -47,7 +47,7 @@ use super::registry::{
 };
 use super::scheduler::Plan;
 use super::{Engine, EngineConfig, Health};
-use crate::ceph::{self, ErrorKind, Image, IoCtx};
+use crate::ceph::{Image, IoCtx};
 use crate::metrics::{ImageLabels, Metrics, ReplicaProgress};
 
 /// Default RPO threshold, as a multiple of the schedule interval.
@@ -668,25 +668,10 @@ impl Engine {
         let io = local
             .ioctx(pool, "")
             .ctx(|| format!("opening pool {pool}"))?;
-        let mut namespaces = vec![String::new()];
-        match ceph::rbd::namespace_list(&io) {
-            Ok(mut ns) => namespaces.append(&mut ns),
-            // A pool without RBD images has no namespace directory.
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e).ctx(|| format!("listing the RBD namespaces of pool {pool}"));
-            }
-        }
         let now = Utc::now();
         let mut images = Vec::new();
-        for ns in namespaces {
-            let nio = if ns.is_empty() {
-                Arc::clone(&io)
-            } else {
-                local
-                    .ioctx(pool, &ns)
-                    .ctx(|| format!("opening {pool}/{ns}"))?
-            };
+        for nio in crate::engine::registry::namespace_ioctxs(&io)? {
+            let ns = nio.namespace().to_string();
             let reg = Registry::new(Arc::clone(&nio));
             for rec in reg.list()? {
                 let status = match rec.role {

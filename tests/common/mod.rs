@@ -861,3 +861,36 @@ pub fn pair_ctl(args: &[&str]) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Runs the built binary's one-shot command `cmd` (`status`, `verify`,
+/// `omap-generate`, ...) against `site` as its CSI user, like a sidecar would
+/// be configured, with `args` after the connection flags.
+pub fn cli(cmd: &str, site: Site, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
+        .arg(cmd)
+        .arg("--csi-config")
+        .arg(env("CSIRR_CSI_CONFIG"))
+        .arg("--cluster-mapping")
+        .arg(env("CSIRR_CLUSTER_MAPPING"))
+        .args(["--cluster-id", site.id()])
+        .arg("--secret-dir")
+        .arg(site.secret_dir())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} runs: {e}"))
+}
+
+/// Exit code, stdout and stderr of a command, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A command's stdout as JSON.
+pub fn json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+}
