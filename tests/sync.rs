@@ -250,18 +250,20 @@ async fn schedules_pruning_and_rate_cap() {
 
     // Pruning: the replica keeps exactly 2, the primary at most one more
     // (the pending sync point).
+    // Sync points keep coming every 2 s: between a replica snapshot and the
+    // prune that follows it the replica briefly holds one more, so sample
+    // repeatedly: never more than keep + 1 (replica) or keep + 1 (primary,
+    // the pending one), and exactly keep once a prune has run.
     let rio = pool.ioctx(Site::B);
-    assert_eq!(
-        sync_snaps_in(&rio, "fast").len(),
-        2,
-        "{:?}",
-        sync_snaps_in(&rio, "fast")
-    );
-    assert!(
-        sync_snaps_in(&io, "fast").len() <= 3,
-        "{:?}",
-        sync_snaps_in(&io, "fast")
-    );
+    let mut settled = false;
+    for _ in 0..50 {
+        let (r, p) = (sync_snaps_in(&rio, "fast"), sync_snaps_in(&io, "fast"));
+        assert!(r.len() <= 3, "replica holds {r:?}");
+        assert!(p.len() <= 3, "primary holds {p:?}");
+        settled |= r.len() == 2;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "the replica never settled at 2 sync snapshots");
 
     // 48 MiB at 12 MiB/s takes at least ~3 s (one second of burst).
     let info = wait_synced(

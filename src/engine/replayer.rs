@@ -693,10 +693,12 @@ fn sync_inner(
     engine
         .metrics
         .sync_finished(&job.labels(), bytes, elapsed, true);
-    reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
     let rall = replica
         .snap_list()
         .ctx(|| format!("listing snapshots of replica {key}"))?;
+    // Prune before reporting: the primary's scheduler takes its next sync
+    // snapshot only once it sees this report, so the primary never holds more
+    // than --keep-snapshots plus the one pending.
     prune(
         engine,
         &primary,
@@ -706,6 +708,7 @@ fn sync_inner(
         &target.name,
         &key,
     );
+    reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
     Ok(())
 }
 
