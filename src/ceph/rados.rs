@@ -72,8 +72,7 @@ impl Cluster {
         let cluster_name = cstring("ceph", "rados_create2")?;
         let client = cstring(&format!("client.{}", cfg.user), "rados_create2")?;
         let mut raw: sys::rados_t = ptr::null_mut();
-        // SAFETY: `raw` is a valid out-pointer; the strings are NUL-terminated
-        // and outlive the call (librados copies them).
+        // SAFETY: valid out-pointer; NUL-terminated strings, copied by librados.
         let ret =
             unsafe { sys::rados_create2(&mut raw, cluster_name.as_ptr(), client.as_ptr(), 0) };
         check(ret, "rados_create2", || cfg.user.clone())?;
@@ -244,9 +243,8 @@ impl Cluster {
         let handle = NonNull::new(raw).ok_or_else(|| {
             Error::from_errno(libc::ENOMEM, "rados_ioctx_create2", pool_name.to_string())
         })?;
-        // SAFETY: the ioctx was just created and is not shared yet, so changing
-        // its namespace cannot race with I/O; ns is NUL-terminated (librados
-        // copies it).
+        // SAFETY: the new ioctx is not shared yet, so no I/O races the change;
+        // ns is NUL-terminated and copied by librados.
         unsafe { sys::rados_ioctx_set_namespace(handle.as_ptr(), ns.as_ptr()) };
         Ok(Arc::new(IoCtx {
             handle,
@@ -469,10 +467,8 @@ impl IoCtx {
         let tvp = tv
             .as_mut()
             .map_or(ptr::null_mut(), |t| ptr::from_mut(t).cast::<sys::timeval>());
-        // LOCK_FLAG_MAY_RENEW (1): renewing our own lock is not EEXIST.
-        // SAFETY: all strings are NUL-terminated; tvp is null or points to a
-        // timeval that lives across the call (sys::timeval has libc's layout,
-        // both being the kernel's struct timeval).
+        // Flag 1 is LOCK_FLAG_MAY_RENEW: renewing our own lock is not EEXIST.
+        // SAFETY: NUL-terminated strings; tvp is null or a live timeval.
         let ret = unsafe {
             sys::rados_lock_exclusive(
                 self.raw(),
@@ -555,9 +551,8 @@ impl WriteOp {
         let vp: Vec<*const c_char> = vals.iter().map(|v| v.as_ptr().cast()).collect();
         let kl: Vec<usize> = keys.iter().map(Vec::len).collect();
         let vl: Vec<usize> = vals.iter().map(Vec::len).collect();
-        // SAFETY: op is live; librados copies keys and values into its own
-        // bufferlists during this call (omap_set2 encodes them at once), and
-        // we keep the buffers until `operate` anyway.
+        // SAFETY: op is live; librados copies keys and values during the call
+        // (and `self.keep` holds them until `operate` anyway).
         unsafe {
             sys::rados_write_op_omap_set2(
                 self.raw(),
@@ -589,9 +584,8 @@ impl WriteOp {
             OmapCmp::Eq => sys::LIBRADOS_CMPXATTR_OP_EQ as u8,
         };
         let mut rval = Box::new(0i32);
-        // SAFETY: op is live; key and val are copied by librados during the
-        // call; rval is boxed and kept until `operate` so its address is
-        // stable when librados writes the comparison result.
+        // SAFETY: op is live; key and val are copied now; rval is boxed and kept
+        // until `operate`, so librados writes the result to a stable address.
         unsafe {
             sys::rados_write_op_omap_cmp2(
                 self.raw(),
@@ -681,17 +675,15 @@ impl OmapIter {
             let mut v: *mut c_char = ptr::null_mut();
             let mut kl = 0usize;
             let mut vl = 0usize;
-            // SAFETY: raw is a live iterator from a completed read op; the
-            // out-pointers are valid.
+            // SAFETY: a live iterator of a completed read op; valid out-pointers.
             let ret =
                 unsafe { sys::rados_omap_get_next2(self.raw, &mut k, &mut v, &mut kl, &mut vl) };
             check(ret, "rados_omap_get_next2", String::new)?;
             if k.is_null() {
                 return Ok(out);
             }
-            // SAFETY: librados returns pointers to `kl`/`vl` bytes owned by
-            // the iterator, valid until the next get_next2/get_end call; we
-            // copy them out before that.
+            // SAFETY: `kl` bytes owned by the iterator, valid until the next
+            // get_next2/get_end call; copied out before that.
             let key = unsafe { std::slice::from_raw_parts(k.cast::<u8>(), kl) };
             let val = if v.is_null() {
                 Vec::new()

@@ -120,9 +120,8 @@ pub fn list(io: &IoCtx) -> Result<Vec<ImageSpec>> {
     loop {
         let mut specs: Vec<sys::rbd_image_spec_t> = Vec::with_capacity(max);
         let mut n = max;
-        // SAFETY: specs has capacity for `max` entries, passed in n; librbd
-        // fills at most n entries and sets n to the count (or the needed size
-        // with -ERANGE).
+        // SAFETY: specs has room for n entries; librbd fills at most n and
+        // sets n to the count (or the size needed, with -ERANGE).
         let ret = unsafe { sys::rbd_list2(io.raw(), specs.as_mut_ptr(), &mut n) };
         if ret == -libc::ERANGE {
             max = n.max(max * 2);
@@ -202,9 +201,8 @@ pub struct MirrorPeer {
 pub fn mirror_peer_list(io: &IoCtx) -> Result<Vec<MirrorPeer>> {
     let mut max: c_int = 8;
     loop {
-        // SAFETY: rbd_mirror_peer_site_t is plain data (pointers and ints); an
-        // all-zero value is valid and librbd overwrites the entries it fills.
         let mut peers: Vec<sys::rbd_mirror_peer_site_t> =
+            // SAFETY: plain data (pointers and ints): all-zero is valid.
             vec![unsafe { std::mem::zeroed() }; max as usize];
         let mut n = max;
         // SAFETY: peers has room for n entries.
@@ -365,9 +363,8 @@ impl ImageHandle {
 
 impl Drop for ImageHandle {
     fn drop(&mut self) {
-        // SAFETY: opened by rbd_open*, closed exactly once. In-flight aio
-        // holds an Arc<ImageHandle>, so none is pending here. The result is
-        // ignored: nothing useful can be done about a failed close.
+        // Nothing useful can be done about a failed close: result ignored.
+        // SAFETY: closed once; in-flight aio holds an Arc, so none is pending.
         unsafe { sys::rbd_close(self.raw()) };
     }
 }
@@ -739,9 +736,8 @@ impl Image {
             exists: c_int,
             arg: *mut c_void,
         ) -> c_int {
-            // SAFETY: arg is the &mut State passed to rbd_diff_iterate2 below,
-            // alive and exclusively ours for the duration of that call, and
-            // librbd calls back synchronously on the calling thread.
+            // SAFETY: arg is the &mut State given to the (synchronous)
+            // rbd_diff_iterate2 below, alive and exclusively ours meanwhile.
             let st = unsafe { &mut *arg.cast::<State<'_, E>>() };
             match catch_unwind(AssertUnwindSafe(|| (st.f)(off, len as u64, exists != 0))) {
                 Ok(Ok(())) => 0,
