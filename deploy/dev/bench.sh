@@ -3,7 +3,7 @@
 # this engine (csi-rbd-replicator), native rbd-mirror in snapshot mode, and
 # `rbd export-diff | rbd import-diff` (issue 3, item 9).
 #
-#   deploy/dev/bench.sh                      all three tools, ~5 min on the 2-core VM
+#   deploy/dev/bench.sh                      all three tools, ~10 min on the 2-core VM
 #   BENCH_TOOLS="engine" deploy/dev/bench.sh only some tools (engine rbd-mirror export-diff)
 #
 # Scenarios (each tool runs them in three phases, (a)+(b), (c) and (d), each in a fresh pool
@@ -23,9 +23,10 @@
 #
 # What each figure includes (nothing is subtracted):
 #   engine       t0 = just before the EnableVolumeReplication RPCs (grpcurl, one process per
-#                image, all at once) or, for (b), before creating csirr-sync.0000000002 on
-#                the primary (librbd, in process); end = the replica (site-b) has that
-#                snapshot, which the replayer creates only after the copy is flushed. The
+#                image, all at once) or, for (b), before creating the next sync snapshot
+#                csirr-sync.<seq> on the primary by hand (librbd, in process); end = the
+#                replica (site-b) has a snapshot of that name (for (a), (c), (d) the one
+#                Enable took), which the replayer creates only after the copy is flushed. The
 #                replayer POLLS every --poll-interval ($BENCH_POLL; 1s is the smallest the
 #                CLI accepts), so up to one interval of pickup latency is included; the
 #                engine's own copy time (GetVolumeReplicationInfo lastSyncDuration) and a
@@ -40,14 +41,17 @@
 #   export-diff  t0 = just before `snap create` of the source snapshot; end = the last
 #                `rbd export-diff ... | rbd import-diff ...` pipe exited (process start and
 #                connection setup of both rbd processes included; the destination image is
-#                created before t0). (d) runs 20 pipes at once.
+#                created before t0). (d): per image a thread takes the snapshot and starts
+#                the pipe, all 20 at once.
+# Every tool creates two RBD snapshots per sync (primary, replica); each costs 0.1-1 s on
+# this pair, the wait for the monitor's next Paxos proposal (paxos_propose_interval 1 s).
 # Completion is polled every 50 ms through librbd (python3-rbd) holding a connection.
 # Peak RSS: VmHWM of the replaying sidecar (site-b) and of rbd-mirror at the end of each
 # phase (max over the phases).
 #
 # Environment:
 #   BENCH_TOOLS        tools to run (default "engine rbd-mirror export-diff")
-#   BENCH_POOL         pool created (and deleted) on both sites (default csirr-bench)
+#   BENCH_POOL         pool created (and deleted) on both sites (default csirr-bench-<pid>)
 #   BENCH_POLL         the replayer's --poll-interval (default 1s)
 #   BENCH_ENGINE_ARGS  extra `serve` flags of the replaying sidecar (e.g.
 #                      "--max-concurrent-syncs 20")
@@ -77,7 +81,7 @@ else
 fi
 
 BENCH_TOOLS=${BENCH_TOOLS:-engine rbd-mirror export-diff}
-BENCH_POOL=${BENCH_POOL:-csirr-bench}
+BENCH_POOL=${BENCH_POOL:-csirr-bench-$$}
 BENCH_POLL=${BENCH_POLL:-1s}
 BENCH_ENGINE_ARGS=${BENCH_ENGINE_ARGS:-}
 BENCH_ENGINE_ENV=${BENCH_ENGINE_ENV:-}
@@ -133,8 +137,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- the pair -----------------------------------------------------------------------
-"$PAIR" up >&2
+# Never take over a pair that another checkout (e.g. a CI clone) is running on the ports.
+CSIRR_PAIR_TAKEOVER=${CSIRR_PAIR_TAKEOVER:-0} "$PAIR" up >&2
 eval "$("$PAIR" env)"
+# One benchmark at a time on the pair: two would share the 2 cores and be worthless.
+exec 9>"$CSIRR_PAIR_DIR/bench.lock"
+if ! flock -n 9; then
+    log "another bench.sh runs on this pair; waiting for it (up to 30 min)"
+    flock -w 1800 9 || die "another bench.sh still holds $CSIRR_PAIR_DIR/bench.lock"
+fi
 c_rbd() { # SITE ARGS...
     local s=$1
     shift
@@ -880,6 +891,13 @@ run_export() {
 }
 
 # --- main -----------------------------------------------------------------------------
+# Pools of earlier runs that died (we hold the lock: no other run is using them).
+for site in site-a site-b; do
+    for old in $(c_ceph "$site" osd pool ls | grep -E '^csirr-bench(-[0-9]+)?$' || true); do
+        log "removing pool $old left by an earlier run on $site"
+        c_ceph "$site" osd pool rm "$old" "$old" --yes-i-really-really-mean-it >/dev/null 2>&1 || true
+    done
+done
 for site in site-a site-b; do
     a=$(avail_gib "$site")
     ((a >= 2)) || die "$site has only ${a} GiB free; the benchmark needs 2 (remove old test images)"
