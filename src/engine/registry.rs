@@ -61,6 +61,17 @@ pub fn sync_snap_seq(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// The sync snapshots among `snaps` with their sequence numbers, ordered by
+/// sequence (then snapshot id).
+pub fn sync_snapshots(snaps: &[crate::ceph::SnapInfo]) -> Vec<(u64, crate::ceph::SnapInfo)> {
+    let mut v: Vec<(u64, crate::ceph::SnapInfo)> = snaps
+        .iter()
+        .filter_map(|s| sync_snap_seq(&s.name).map(|q| (q, s.clone())))
+        .collect();
+    v.sort_by_key(|(q, s)| (*q, s.id));
+    v
+}
+
 /// Which side of a replication an image is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

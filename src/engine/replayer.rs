@@ -28,7 +28,7 @@ use super::copy::{self, Extent};
 use super::error::{CephContext, EngineError, Result};
 use super::registry::{
     Checkpoint, ImageRecord, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role, SyncPoint,
-    namespace_ioctxs, sync_snap_seq,
+    namespace_ioctxs, sync_snap_seq, sync_snapshots,
 };
 use super::scheduler::DueCache;
 use super::slots::image_key;
@@ -170,9 +170,10 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
             Ok(Err(err)) => tracing::warn!(error = %err, "replayer discovery failed"),
             Err(err) => tracing::error!(error = %err, "replayer discovery panicked"),
         }
-        // Sync snapshots of the primaries of this cluster, on their schedule.
+        // Sync snapshots of this cluster's primaries on their schedule, and
+        // demoted images locked.
         let (e, l, c) = (Arc::clone(&engine), leased.clone(), Arc::clone(&due));
-        match tokio::task::spawn_blocking(move || e.schedule_leased(&l, &c)).await {
+        match tokio::task::spawn_blocking(move || e.local_pass(&l, &c)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::debug!(snapshots = n, "scheduled sync snapshots taken"),
             Ok(Err(err)) => tracing::warn!(error = %err, "scheduler pass failed"),
@@ -236,9 +237,6 @@ impl Engine {
                 continue;
             }
             leased.insert((pool.clone(), String::new()));
-            if let Err(e) = self.hold_demoted(&io) {
-                tracing::warn!(pool = %pool, error = %e, "cannot lock demoted images");
-            }
             for peer in peers {
                 match self.peer_jobs(&io, &pool, &peer) {
                     Ok(mut j) => jobs.append(&mut j),
@@ -360,8 +358,12 @@ impl Engine {
         Ok(jobs)
     }
 
-    /// Runs the scheduler over every namespace of the leased pools.
-    fn schedule_leased(&self, leased: &Leases, cache: &DueCache) -> Result<usize> {
+    /// The local half of a poll, over every namespace of the leased pools,
+    /// reading each registry once: takes the sync snapshots that are due
+    /// (primaries) and locks demoted images this process does not hold yet
+    /// (after a restart they refuse writers again). Returns the snapshots
+    /// taken.
+    fn local_pass(&self, leased: &Leases, cache: &DueCache) -> Result<usize> {
         let local = self.local()?;
         let mut taken = 0;
         for (pool, _) in leased {
@@ -369,43 +371,43 @@ impl Engine {
                 .ioctx(pool, "")
                 .ctx(|| format!("opening pool {pool}"))?;
             for nio in namespace_ioctxs(&io)? {
-                taken += self.schedule_pool(&nio, cache)?;
+                let records = Registry::new(Arc::clone(&nio)).list()?;
+                taken += self.schedule_pool(&nio, &records, cache)?;
+                if let Err(e) = self.hold_demoted(&nio, &records) {
+                    tracing::warn!(pool = %nio.spec(), error = %e, "cannot lock demoted images");
+                }
             }
         }
         Ok(taken)
     }
 
-    /// Takes and keeps the lock of every demoted image of the pool of `io`
-    /// (all namespaces) that this process does not hold yet: after a restart,
-    /// demoted images refuse writers again.
-    fn hold_demoted(&self, io: &Arc<IoCtx>) -> Result<()> {
-        for nio in namespace_ioctxs(io)? {
-            let ns = nio.namespace().to_string();
-            for rec in Registry::new(Arc::clone(&nio)).list()? {
-                if rec.role != Role::Demoted {
-                    continue;
-                }
-                let key = image_key(io.pool(), &ns, &rec.image_name);
-                if self.held.get(&key).is_some() {
-                    continue;
-                }
-                // A role change on it is running (e.g. a resync that just
-                // released it): leave it to that.
-                let slot = self.slots.get(&key);
-                let Some(_guard) = slot.try_enter() else {
-                    continue;
-                };
-                // Re-read under the slot: the role may have changed since.
-                if Registry::new(Arc::clone(&nio))
-                    .get(&rec.image_id)?
-                    .is_none_or(|r| r.role != Role::Demoted)
-                {
-                    continue;
-                }
-                match Image::open_by_id(&nio, &rec.image_id) {
-                    Ok(img) => self.hold_lock(&key, &img)?,
-                    Err(e) => tracing::warn!(image = %key, error = %e, "cannot open demoted image"),
-                }
+    /// Takes and keeps the lock of every demoted image among `records` (of
+    /// `nio`'s pool and namespace) that this process does not hold yet.
+    fn hold_demoted(&self, nio: &Arc<IoCtx>, records: &[ImageRecord]) -> Result<()> {
+        for rec in records {
+            if rec.role != Role::Demoted {
+                continue;
+            }
+            let key = image_key(nio.pool(), nio.namespace(), &rec.image_name);
+            if self.held.get(&key).is_some() {
+                continue;
+            }
+            // A role change on it is running (e.g. a resync that just
+            // released it): leave it to that.
+            let slot = self.slots.get(&key);
+            let Some(_guard) = slot.try_enter() else {
+                continue;
+            };
+            // Re-read under the slot: the role may have changed since.
+            if Registry::new(Arc::clone(nio))
+                .get(&rec.image_id)?
+                .is_none_or(|r| r.role != Role::Demoted)
+            {
+                continue;
+            }
+            match Image::open_by_id(nio, &rec.image_id) {
+                Ok(img) => self.hold_lock(&key, &img)?,
+                Err(e) => tracing::warn!(image = %key, error = %e, "cannot open demoted image"),
             }
         }
         Ok(())
@@ -430,10 +432,7 @@ fn snap_time(img: &Image, id: u64) -> DateTime<Utc> {
 
 /// Sync snapshots of an image by sequence number.
 fn sync_snaps(snaps: &[ceph::SnapInfo]) -> BTreeMap<u64, ceph::SnapInfo> {
-    snaps
-        .iter()
-        .filter_map(|s| sync_snap_seq(&s.name).map(|q| (q, s.clone())))
-        .collect()
+    sync_snapshots(snaps).into_iter().collect()
 }
 
 /// Writes the replica's status into the primary's registry.

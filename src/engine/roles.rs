@@ -24,7 +24,7 @@ use crate::ceph::{self, Cluster, ErrorKind, Image, IoCtx};
 
 use super::error::{CephContext, EngineError, Result};
 use super::registry::{
-    ImageRecord, PrimaryRef, Registry, Role, RoleChange, Tombstone, sync_snap_seq,
+    ImageRecord, PrimaryRef, Registry, Role, RoleChange, Tombstone, sync_snapshots,
 };
 use super::resolve::Resolved;
 use super::rollback::rollback_to;
@@ -40,14 +40,13 @@ struct PeerImage {
 
 /// Sync snapshot names of an image, oldest first.
 fn sync_names(img: &Image) -> Result<Vec<(u64, String)>> {
-    let mut v: Vec<(u64, String)> = img
+    let snaps = img
         .snap_list()
-        .ctx(|| format!("listing snapshots of {}", img.spec()))?
+        .ctx(|| format!("listing snapshots of {}", img.spec()))?;
+    Ok(sync_snapshots(&snaps)
         .into_iter()
-        .filter_map(|s| sync_snap_seq(&s.name).map(|q| (q, s.name)))
-        .collect();
-    v.sort();
-    Ok(v)
+        .map(|(q, s)| (q, s.name))
+        .collect())
 }
 
 fn change(what: impl Into<String>) -> Option<RoleChange> {

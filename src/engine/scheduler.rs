@@ -18,7 +18,7 @@ use crate::csi::params::{StartTime, parse_interval};
 
 use super::Engine;
 use super::error::{CephContext, Result};
-use super::registry::{ImageRecord, Registry, Role, Schedule, sync_snap_name, sync_snap_seq};
+use super::registry::{ImageRecord, Registry, Role, Schedule, sync_snap_name, sync_snapshots};
 
 /// Interval used when the VolumeReplicationClass gives none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
@@ -88,20 +88,26 @@ impl DueCache {
 }
 
 impl Engine {
-    /// Takes the sync snapshots that are due in the registry of `io`.
-    /// Returns how many were taken. Blocking.
-    pub fn schedule_pool(&self, io: &Arc<IoCtx>, cache: &DueCache) -> Result<usize> {
+    /// Takes the sync snapshots that are due among `records`, the registry
+    /// records of `io`'s pool and namespace. Returns how many were taken.
+    /// Blocking.
+    pub fn schedule_pool(
+        &self,
+        io: &Arc<IoCtx>,
+        records: &[ImageRecord],
+        cache: &DueCache,
+    ) -> Result<usize> {
         let reg = Registry::new(Arc::clone(io));
         let now = Utc::now();
         let mut taken = 0;
-        for rec in reg.list()? {
+        for rec in records {
             if rec.role != Role::Primary {
                 continue;
             }
             if cache.get(&rec.image_id).is_some_and(|d| d > now) {
                 continue;
             }
-            match self.schedule_image(io, &reg, &rec, now) {
+            match self.schedule_image(io, &reg, rec, now) {
                 Ok((due, took)) => {
                     cache.set(&rec.image_id, due);
                     taken += usize::from(took);
@@ -132,11 +138,7 @@ impl Engine {
         let snaps = img
             .snap_list()
             .ctx(|| format!("listing snapshots of {}", img.spec()))?;
-        let newest = snaps
-            .iter()
-            .filter_map(|s| sync_snap_seq(&s.name).map(|q| (q, s)))
-            .max_by_key(|(q, _)| *q);
-        let Some((seq, snap)) = newest else {
+        let Some((seq, snap)) = sync_snapshots(&snaps).pop() else {
             // Enable takes the first one; take it now if that was interrupted.
             self.take_sync_snapshot(&img, 1)?;
             return Ok((plan.next_after(now), true));
