@@ -11,6 +11,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod aio;
+pub mod alloc;
 pub mod error;
 pub mod rados;
 pub mod rbd;
@@ -26,9 +27,11 @@ pub mod rbd;
     clippy::undocumented_unsafe_blocks
 )]
 pub mod sys;
+pub mod watch;
 
 pub use error::{Error, ErrorKind, Result};
 pub use rados::{Cluster, ConnectConfig, IoCtx, OmapCmp, WriteOp};
 pub use rbd::{
     CreateOptions, Image, ImageInfo, ImageSpec, LockMode, MirrorPeer, SnapInfo, Watcher, features,
 };
+pub use watch::Watch;

@@ -109,6 +109,11 @@ impl Cluster {
         // the end, and every image held open would otherwise keep up to
         // rbd_cache_size (32 MiB) of dirty data in this process.
         this.conf_set("rbd_cache", "false")?;
+        // Zero-copy aio writes: librbd sends the caller's buffer instead of a
+        // copy, and holds the completion back until it released it; our aio
+        // wrappers keep every buffer alive until its completion fires, so
+        // this only saves a copy (memory and CPU) of everything replicated.
+        this.conf_set("rbd_disable_zero_copy_writes", "false")?;
         // Quiet librados' own stderr logging; errors come back as codes.
         this.conf_set("log_to_stderr", "false")?;
         this.conf_set("err_to_stderr", "false")?;
