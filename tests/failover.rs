@@ -443,3 +443,65 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     }
     G(Some(f))
 }
+
+/// A sync point is reported complete as soon as its data is flushed; the
+/// replica's snapshot of it follows. A replayer killed in between leaves the
+/// point pending: a forced promotion (no replayer running) takes the
+/// snapshot and promotes exactly that point, without rolling anything back.
+#[tokio::test]
+async fn forced_promotion_settles_a_pending_sync_point() {
+    let pool = TestPool::new("pending");
+    let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
+    // The replayer holds the pending state open for a minute.
+    let mut b = Sidecar::start_with_env(
+        Site::B,
+        &pool.args(),
+        &[("CSIRR_FAULT_SNAP_DELAY_MS", "60000")],
+    )
+    .await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    let name = "app";
+    let vid = format!("{}/{name}", pool.name);
+    let img = create_image_in(
+        &aio,
+        name,
+        32 * MIB,
+        &[(0, 3 << 20), (20 * MIB, 1 << 20)],
+        3,
+    );
+    drop(img);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "1h")]))
+        .await
+        .expect("enable");
+    let first = first_sync(&aio, name);
+    wait_until("the sync point to be pending", LONG, || {
+        registry_record(&bio, name)
+            .is_some_and(|r| r["pending_snap"].as_str() == Some(first.as_str()))
+    })
+    .await;
+    assert!(
+        !sync_snaps_in(&bio, name).contains(&first),
+        "the replica's snapshot exists before the fault delay ended"
+    );
+    b.kill();
+    let b2 = Sidecar::start(Site::B, &["--no-replayer", "--pools", &pool.name]).await;
+    b2.controller()
+        .await
+        .promote_volume(req::promote(Site::B, &vid, true))
+        .await
+        .expect("forced promotion");
+    assert!(
+        sync_snaps_in(&bio, name).contains(&first),
+        "promotion did not take the pending snapshot"
+    );
+    assert_eq!(
+        checksum(Site::B, &vid),
+        checksum(Site::A, &format!("{vid}@{first}")),
+        "the promoted image is not the pending sync point"
+    );
+    let rec = registry_record(&bio, name).expect("record");
+    assert_eq!(rec["role"], "primary");
+    assert!(rec.get("pending_snap").is_none(), "{rec}");
+}

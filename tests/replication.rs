@@ -95,6 +95,8 @@ async fn csi_volume_with_holes_replicates_byte_for_byte() {
     assert!(info.last_sync_bytes as u64 >= written, "{info:?}");
 
     let first = first_sync(&pool.ioctx(Site::A), &vol.image);
+    // Reported complete once flushed; the replica's snapshot follows.
+    wait_replica_snap(&pool.name, &vol.image, &first, Duration::from_secs(30)).await;
     let primary = checksum(Site::A, &spec(&pool, &vol.image, &first));
     let replica = checksum(Site::B, &spec(&pool, &vol.image, &first));
     assert_eq!(primary, replica, "replica of {} differs", vol.image);
@@ -176,6 +178,13 @@ async fn large_image_replicates_and_reports_time() {
         took.as_secs_f64(),
         info.last_sync_duration
     );
+    wait_replica_snap(
+        &pool.name,
+        name,
+        &first_sync(&pool.ioctx(Site::A), name),
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(
         checksum(
             Site::A,
@@ -207,6 +216,8 @@ async fn enable_is_idempotent_and_replica_is_locked() {
         vec![first_sync(&pool.ioctx(Site::A), name)]
     );
     wait_synced(&a, &vid, Duration::from_secs(120)).await;
+    let first = first_sync(&pool.ioctx(Site::A), name);
+    wait_replica_snap(&pool.name, name, &first, Duration::from_secs(30)).await;
 
     // Another client cannot write the replica while the replayer holds it.
     let o = rbd(

@@ -275,3 +275,52 @@ async fn schedules_pruning_and_rate_cap() {
     let d = info.last_sync_duration.expect("duration");
     assert!(d.seconds >= 2, "capped sync took {d:?}");
 }
+
+/// The replayer acts on RADOS notifications, not on its poll: with an
+/// hour-long poll interval on the replica's side, an image enabled after the
+/// replayer's first pass is replicated within seconds (Enable notifies the
+/// registry), and so are the sync snapshots the primary's scheduler takes
+/// (it notifies the registry after each).
+#[tokio::test]
+async fn notifications_wake_the_replayer_between_polls() {
+    let pool = TestPool::new("wake");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let _b = Sidecar::start(Site::B, &["--pools", &pool.name, "--poll-interval", "1h"]).await;
+    let io = pool.ioctx(Site::A);
+    // The replayer's first pass creates the peer's (empty) registry object to
+    // watch it; after that, only notifications can wake it.
+    wait_until(
+        "the replayer to watch the registry",
+        Duration::from_secs(30),
+        || io.omap_get_all("csi-rbd-replicator.registry", "").is_ok(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let name = "img";
+    let img = create_image_in(&io, name, 32 * MIB, &[(0, 4 << 20)], 7);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_in(&pool, name, &[("schedulingInterval", "3s")]))
+        .await
+        .expect("enable");
+    let first = first_sync(&io, name);
+    wait_replica_snap(&pool.name, name, &first, Duration::from_secs(30)).await;
+
+    // The scheduler's next sync point, with new data in it.
+    write(&img, &[(10 * MIB, 1 << 20), (31 * MIB, 64 << 10)], 8);
+    let mut second = None;
+    wait_until("the second sync snapshot", Duration::from_secs(30), || {
+        second = sync_snaps_in(&io, name)
+            .into_iter()
+            .find(|n| n.starts_with("csirr-sync.0000000002"));
+        second.is_some()
+    })
+    .await;
+    let second = second.expect("second sync snapshot");
+    wait_replica_snap(&pool.name, name, &second, Duration::from_secs(30)).await;
+    assert_eq!(
+        checksum(Site::B, &spec(&pool, name, &second)),
+        checksum(Site::A, &spec(&pool, name, &second)),
+        "replica of the scheduled sync point differs"
+    );
+}

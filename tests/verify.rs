@@ -37,6 +37,7 @@ async fn replicated_volume_verifies_identical_from_both_sides() {
         .expect("enable");
     wait_synced(&a, &vol.handle, Duration::from_secs(120)).await;
     let first = first_sync(&ioctx(Site::A, ""), &vol.image);
+    wait_replica_snap(&pool(), &vol.image, &first, Duration::from_secs(30)).await;
 
     // From the primary's side, by its ceph-csi handle.
     let o = verify(Site::A, &["--json", &vol.handle]);

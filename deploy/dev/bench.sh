@@ -22,15 +22,20 @@
 # trigger and the replication.
 #
 # What each figure includes (nothing is subtracted):
-#   engine       t0 = just before the EnableVolumeReplication RPCs (grpcurl, one process per
-#                image, all at once) or, for (b), before creating the next sync snapshot
-#                csirr-sync.<seq> on the primary by hand (librbd, in process); end = the
-#                replica (site-b) has a snapshot of that name (for (a), (c), (d) the one
-#                Enable took), which the replayer creates only after the copy is flushed. The
-#                replayer POLLS every --poll-interval ($BENCH_POLL; 1s is the smallest the
-#                CLI accepts), so up to one interval of pickup latency is included; the
-#                engine's own copy time (GetVolumeReplicationInfo lastSyncDuration) and a
-#                timeline from the sidecar log are printed beside it.
+#   engine       t0 = just before the EnableVolumeReplication RPCs (all at once, over one
+#                gRPC channel opened beforehand, as the csi-addons controller keeps one) or,
+#                for (b), before creating the next sync snapshot csirr-sync.<seq> on the
+#                primary by hand (librbd, in process) and notifying the registry object, as
+#                the engine's scheduler does after taking one; end = the replica's site reported that
+#                sync point complete in the primary's registry (what GetVolumeReplicationInfo
+#                returns as lastSyncTime). The replayer writes that once the delta is
+#                flushed on the replica; the replica's snapshot of it follows (a monitor
+#                commit, off the critical path; the time it appears is printed too). The
+#                replayer is woken by RADOS notifications on the registry object (Enable, a
+#                new sync snapshot, role changes) and also polls every --poll-interval
+#                ($BENCH_POLL) as a safety net. The engine's own copy time
+#                (GetVolumeReplicationInfo lastSyncDuration) and a timeline from the sidecar
+#                log are printed beside it.
 #   rbd-mirror   t0 = just before `mirror image enable <img> snapshot` (librbd, in process;
 #                for (d) 20 threads at once) or, for (b), `mirror image snapshot`; end = the
 #                replica's non-primary mirror snapshot that mirrors the primary's newest
@@ -45,6 +50,10 @@
 #                the pipe, all 20 at once.
 # Every tool creates two RBD snapshots per sync (primary, replica); each costs 0.1-1 s on
 # this pair, the wait for the monitor's next Paxos proposal (paxos_propose_interval 1 s).
+# rbd-mirror creates the replica's before copying and flags it complete after;
+# import-diff creates it at the end of the pipe; the engine creates it right after
+# reporting the sync point (the replica holds exactly that point until then, and
+# nothing writes it or promotes it before the snapshot exists).
 # Completion is polled every 50 ms through librbd (python3-rbd) holding a connection.
 # Peak RSS: VmHWM of the replaying sidecar (site-b) and of rbd-mirror at the end of each
 # phase (max over the phases).
@@ -52,7 +61,7 @@
 # Environment:
 #   BENCH_TOOLS        tools to run (default "engine rbd-mirror export-diff")
 #   BENCH_POOL         pool created (and deleted) on both sites (default csirr-bench-<pid>)
-#   BENCH_POLL         the replayer's --poll-interval (default 1s)
+#   BENCH_POLL         the replayer's --poll-interval (default 5s, as `serve`)
 #   BENCH_ENGINE_ARGS  extra `serve` flags of the replaying sidecar (e.g.
 #                      "--max-concurrent-syncs 20")
 #   BENCH_ENGINE_ENV   environment of the sidecars, e.g. "MALLOC_ARENA_MAX=2"
@@ -82,7 +91,7 @@ fi
 
 BENCH_TOOLS=${BENCH_TOOLS:-engine rbd-mirror export-diff}
 BENCH_POOL=${BENCH_POOL:-csirr-bench-$$}
-BENCH_POLL=${BENCH_POLL:-1s}
+BENCH_POLL=${BENCH_POLL:-5s}
 BENCH_ENGINE_ARGS=${BENCH_ENGINE_ARGS:-}
 BENCH_ENGINE_ENV=${BENCH_ENGINE_ENV:-}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
@@ -113,6 +122,14 @@ for c in rbd ceph rados jq grpcurl python3 rbd-mirror; do
     command -v "$c" >/dev/null || die "$c not found (deploy/dev/test.sh installs what the pair needs)"
 done
 /usr/bin/python3 -c 'import rados, rbd' 2>/dev/null || die "python3-rbd/python3-rados missing"
+# The engine's RPCs go through one gRPC channel, as the csi-addons controller's do (20
+# grpcurl processes starting at once would time process start-up on 2 cores).
+if ! /usr/bin/python3 -c 'import grpc' 2>/dev/null; then
+    ((EUID == 0)) || die "python3-grpcio missing (apt-get install python3-grpcio)"
+    log "installing python3-grpcio"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-grpcio; } >&2 ||
+        die "cannot install python3-grpcio"
+fi
 
 WORK=$(mktemp -d /tmp/csirr-bench.XXXXXX)
 PIDS=()
@@ -247,6 +264,58 @@ def mirror_complete(io, name, primary_snap_id):
     return False
 
 
+REGISTRY = "csi-rbd-replicator.registry"
+
+
+def pb_field(num, payload):
+    """A length-delimited protobuf field (tag, varint length, bytes)."""
+    out, n = bytearray([(num << 3) | 2]), len(payload)
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out) + payload
+
+
+def engine_reported(io, ids, name, snap):
+    """Whether the replica's site reported `snap` as its complete sync point in the
+    primary's registry (what GetVolumeReplicationInfo returns as lastSyncTime): the
+    replayer writes that once the delta is flushed on the replica."""
+    if name not in ids:
+        try:
+            with rbd.Image(io, name, read_only=True) as img:
+                ids[name] = img.id()
+        except rbd.ImageNotFound:
+            return False
+    prefix = f"status.{ids[name]}."
+    with rados.ReadOpCtx() as op:
+        it, _ = io.get_omap_vals(op, "", prefix, 64)
+        try:
+            io.operate_read_op(op, REGISTRY)
+        except rados.ObjectNotFound:
+            return False
+        vals = [v for _, v in it]
+    for v in vals:
+        try:
+            last = (json.loads(v).get("last_sync") or {}).get("snap_name")
+        except ValueError:
+            continue
+        if last == snap:
+            return True
+    return False
+
+
+def engine_wait(ia, ib, names, snap_of, timeout, procs=()):
+    """Ends when the engine reports each image complete, then also waits for the
+    replica's snapshot of it (taken right after the report): returns both."""
+    ids = {}
+    ends = wait_all(names, lambda n: snap_of(n) is not None
+                    and engine_reported(ia, ids, n, snap_of(n)), timeout, procs)
+    snaps = wait_all(names, lambda n: has_snap(ib, n, snap_of(n)), timeout)
+    return ends, snaps
+
+
 def wait_all(names, done, timeout, procs=()):
     """Polls done(name) for every name; returns {name: end time}. Also fails fast
     when a trigger process failed."""
@@ -285,31 +354,37 @@ def main():
     ia, ib = a.open_ioctx(pool), b.open_ioctx(pool)
 
     if cmd == "engine-enable":  # SOCK IMG...: Enable, then wait for the first sync snapshot
+        import grpc
         sock, names = args[0], args[1:]
+        channel = grpc.insecure_channel(f"unix://{sock}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        enable = channel.unary_unary("/replication.Controller/EnableVolumeReplication",
+                                     request_serializer=None, response_deserializer=None)
         t0 = time.time()
-        procs, by_name, target = [], {}, {}
+        by_name, target = {}, {}
         for n in names:
-            req = json.dumps({"replication_source": {"volume": {"volume_id": f"{pool}/{n}"}}})
-            p = subprocess.Popen(
-                ["grpcurl", "-plaintext", "-unix", "-authority", "localhost", "-d", req,
-                 sock, "replication.Controller/EnableVolumeReplication"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            procs.append((p, f"EnableVolumeReplication {n}"))
-            by_name[n] = p
+            # EnableVolumeReplicationRequest{replication_source{volume{volume_id}}}
+            vid = f"{pool}/{n}".encode()
+            req = pb_field(5, pb_field(1, pb_field(1, vid)))
+            by_name[n] = enable.future(req, timeout=timeout)
 
         # The sync snapshot Enable took (its name carries a tag): known once the RPC
-        # returned; then the replica must have a snapshot of that name.
-        def done(n):
+        # returned; then the replica must report that sync point complete.
+        def snap_of(n):
             if n not in target:
-                if by_name[n].poll() != 0:
-                    return False
+                f = by_name[n]
+                if not f.done():
+                    return None
+                if f.exception() is not None:
+                    raise SystemExit(f"EnableVolumeReplication {n} failed: {f.exception()}")
                 target[n] = newest_sync_snap(ia, n)
                 if target[n] is None:
                     raise SystemExit(f"Enable of {n} left no sync snapshot on the primary")
-            return has_snap(ib, n, target[n])
+            return target[n]
 
-        ends = wait_all(names, done, timeout, procs)
-        report(t0, ends, snapshot=target[names[0]])
+        ends, snaps = engine_wait(ia, ib, names, snap_of, timeout)
+        report(t0, ends, snapshot=target[names[0]],
+               snapshot_seconds=round(max(snaps.values()) - t0, 3))
 
     elif cmd == "engine-snap":  # IMG...: the next sync snapshot, taken by hand
         names = args
@@ -319,11 +394,15 @@ def main():
         t0 = time.time()
         for img in imgs:
             img.create_snap(snap)
+        # What the engine's scheduler does after taking a sync snapshot: notify the
+        # registry, which the peer's replayer watches.
+        ia.notify(REGISTRY, "", 5000)
         t_trig = time.time()
         for img in imgs:
             img.close()
-        ends = wait_all(names, lambda n: has_snap(ib, n, snap), timeout)
-        report(t0, ends, trigger_seconds=round(t_trig - t0, 3), snapshot=snap)
+        ends, snaps = engine_wait(ia, ib, names, lambda n: snap, timeout)
+        report(t0, ends, trigger_seconds=round(t_trig - t0, 3), snapshot=snap,
+               snapshot_seconds=round(max(snaps.values()) - t0, 3))
 
     elif cmd in ("mirror-enable", "mirror-snap"):  # IMG...
         names = args
@@ -717,7 +796,7 @@ engine_note() { # SCENARIO T0 JSON_OF_RUN IMAGE...
     NOTES[$sc]=$(jq -r --argjson run "$run" '"pickup (first log line of the image) +\(.pickup)s" +
         (if .pickup_last != .pickup then ", last image +\(.pickup_last)s" else "" end) +
         ", copy (engine, max) \(.copy_seconds_max)s, complete in log +\(.complete_logged)s, " +
-        "replica seen complete +\($run.seconds)s"' <<<"$tl")
+        "reported complete +\($run.seconds)s, replica snapshot seen +\($run.snapshot_seconds)s"' <<<"$tl")
     jq -r '.lines[]' <<<"$tl" >"$WORK/timeline-$sc.txt"
 }
 
@@ -953,7 +1032,7 @@ verdict() { # VALUE TARGET
     done
     echo "space the replica of (c) allocates (256 MiB written on the primary): engine ${ALLOC[c]:--} MiB," \
         "rbd-mirror ${ALLOC_MIRROR:--} MiB, export-diff ${ALLOC_EXPORT:--} MiB"
-    if [[ -n ${RES[engine.a]:-} ]]; then
+    if [[ -n ${RES[engine.a]:-}${RES[engine.c]:-}${RES[engine.d]:-} ]]; then
         echo
         echo "engine, where the time goes (t0 = trigger; all from the sidecar log and GetVolumeReplicationInfo):"
         for s in "${SCENARIOS[@]}"; do

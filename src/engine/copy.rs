@@ -9,7 +9,7 @@
 //! write-zeroes otherwise); a finished write returns its buffer to a free
 //! list. Memory is bounded by the budget whatever the image size.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use crate::ceph::{self, Image};
@@ -315,12 +315,140 @@ fn is_zero(buf: &[u8]) -> bool {
         && chunks.remainder().iter().all(|b| *b == 0)
 }
 
+/// A byte budget shared by the copies running at once: a lone copy may use
+/// all of it, several share it first come, first served. Each copy may
+/// always keep one operation in flight beyond it, so none starves.
+#[derive(Debug)]
+pub struct ByteBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl ByteBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes currently taken.
+    pub fn in_use(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn try_take(&self, n: usize, force: bool) -> bool {
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if !force && cur + n > self.limit {
+                return false;
+            }
+            match self
+                .used
+                .compare_exchange_weak(cur, cur + n, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// The bytes one copy has in flight, against its own cap and the shared
+/// budget; whatever is still held goes back on drop.
+struct InFlight<'a> {
+    shared: Option<&'a ByteBudget>,
+    cap: usize,
+    bytes: usize,
+}
+
+impl InFlight<'_> {
+    /// Takes `n` bytes if both budgets allow it, or unconditionally with
+    /// `force` (the copy's only operation, or a write replacing its read).
+    fn try_take(&mut self, n: usize, force: bool) -> bool {
+        if !force && self.bytes + n > self.cap {
+            return false;
+        }
+        if let Some(s) = self.shared
+            && !s.try_take(n, force)
+        {
+            return false;
+        }
+        self.bytes += n;
+        true
+    }
+
+    fn give(&mut self, n: usize) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        if let Some(s) = self.shared {
+            s.give(n);
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let n = self.bytes;
+        self.give(n);
+    }
+}
+
+/// Read buffers of a copy: full-chunk buffers are reused (a bounded number,
+/// what the byte budget can have in flight), everything else is allocated at
+/// its exact size, so that the memory held is what the budget counts.
+struct BufPool {
+    chunk: usize,
+    max: usize,
+    free: Vec<Vec<u8>>,
+}
+
+impl BufPool {
+    fn new(limits: CopyLimits) -> Self {
+        let chunk = limits.chunk as usize;
+        Self {
+            chunk,
+            // A few spares: buffers come back about as fast as they go out.
+            max: (limits.max_inflight_bytes / chunk.max(1)).clamp(1, 2),
+            free: Vec::new(),
+        }
+    }
+
+    /// A buffer of `len` bytes (contents unspecified).
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        if len == self.chunk
+            && let Some(b) = self.free.pop()
+        {
+            return b;
+        }
+        vec![0; len]
+    }
+
+    /// Returns a buffer: kept if it is a full chunk and the pool has room.
+    fn give(&mut self, buf: Vec<u8>) {
+        if buf.len() == self.chunk && buf.capacity() == self.chunk && self.free.len() < self.max {
+            self.free.push(buf);
+        }
+    }
+}
+
 /// Copies `extents` (sorted by offset) from `src` to `dst`. `fresh` says the
 /// replica is known to be all zeroes where not yet written (newly created),
 /// so all-zero data needs no write. `progress(done_bytes, watermark)` is
 /// called as work completes, with the offset below which every extent is
 /// complete; `throttles` cap the byte rate; `cancelled()` turning true stops
-/// submitting and drains. Blocking.
+/// submitting and drains. `shared`: a byte budget this copy shares with
+/// others (besides its own `limits`). Blocking.
 #[allow(clippy::too_many_arguments)]
 pub fn copy_extents(
     src: &Image,
@@ -328,19 +456,23 @@ pub fn copy_extents(
     extents: &[Extent],
     fresh: bool,
     limits: CopyLimits,
+    shared: Option<&ByteBudget>,
     throttles: &[&Throttle],
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CopyStats> {
     let (tx, rx) = mpsc::channel::<Event>();
     let mut stats = CopyStats::default();
-    let mut free: Vec<Vec<u8>> = Vec::new();
+    let mut free = BufPool::new(limits);
     let mut next = 0usize;
     let mut inflight_ops = 0usize;
-    let mut inflight_bytes = 0usize;
+    let mut inflight = InFlight {
+        shared,
+        cap: limits.max_inflight_bytes.max(limits.chunk as usize),
+        bytes: 0,
+    };
     let mut done_bytes = 0u64;
     let mut first_err: Option<EngineError> = None;
-    let budget = limits.max_inflight_bytes.max(limits.chunk as usize);
     let mut mark = Watermark::new(extents.len());
     // Writes still outstanding per extent.
     let mut pending = vec![0u32; extents.len()];
@@ -362,15 +494,15 @@ pub fn copy_extents(
             let idx = next;
             if ext.data {
                 let len = ext.len as usize;
-                if inflight_bytes + len > budget && inflight_ops > 0 {
+                if !inflight.try_take(len, inflight_ops == 0) {
                     break;
                 }
                 if let Err(wait) = take_all(throttles, ext.len) {
+                    inflight.give(len);
                     throttle_wait = Some(wait);
                     break;
                 }
-                let mut buf = free.pop().unwrap_or_default();
-                buf.resize(len, 0);
+                let buf = free.take(len);
                 let t = tx.clone();
                 let r = src.aio_read(
                     ext.off,
@@ -380,10 +512,10 @@ pub fn copy_extents(
                     }),
                 );
                 if let Err(e) = r {
+                    inflight.give(len);
                     first_err = Some(ceph_err("reading", src, e));
                     break;
                 }
-                inflight_bytes += len;
             } else {
                 let t = tx.clone();
                 let len = ext.len;
@@ -435,19 +567,19 @@ pub fn copy_extents(
             Event::Read { idx, ext, res, buf } => match res {
                 Err(e) => {
                     inflight_ops -= 1;
-                    inflight_bytes -= buf.len();
-                    free.push(buf);
+                    inflight.give(buf.len());
+                    free.give(buf);
                     first_err.get_or_insert(ceph_err("reading", src, e));
                 }
                 Ok(_) if first_err.is_some() => {
                     inflight_ops -= 1;
-                    inflight_bytes -= buf.len();
-                    free.push(buf);
+                    inflight.give(buf.len());
+                    free.give(buf);
                 }
                 Ok(_) => {
                     stats.bytes_read += ext.len;
                     inflight_ops -= 1;
-                    inflight_bytes -= buf.len();
+                    inflight.give(buf.len());
                     let runs = zero_runs(&buf);
                     let whole = runs.len() == 1;
                     let mut buf = Some(buf);
@@ -478,15 +610,14 @@ pub fn copy_extents(
                             let data = match (whole, buf.take()) {
                                 (true, Some(b)) => b,
                                 (_, b) => {
+                                    // A run of its own, in a buffer of its size.
                                     let src = b.as_deref().unwrap_or(&[]);
-                                    let mut d = free.pop().unwrap_or_default();
-                                    d.clear();
-                                    d.extend_from_slice(src.get(start..start + len).unwrap_or(&[]));
+                                    let d = src.get(start..start + len).unwrap_or(&[]).to_vec();
                                     buf = b;
                                     d
                                 }
                             };
-                            inflight_bytes += data.len();
+                            inflight.try_take(data.len(), true);
                             dst.aio_write(off, data, cb)
                         };
                         match r {
@@ -496,7 +627,7 @@ pub fn copy_extents(
                             }
                             Err(e) => {
                                 if !zero {
-                                    inflight_bytes -= len;
+                                    inflight.give(len);
                                 }
                                 first_err.get_or_insert(ceph_err("writing", dst, e));
                                 break;
@@ -504,7 +635,7 @@ pub fn copy_extents(
                         }
                     }
                     if let Some(b) = buf {
-                        free.push(b);
+                        free.give(b);
                     }
                     pending[idx] = subs;
                     if subs == 0 {
@@ -524,11 +655,9 @@ pub fn copy_extents(
             } => {
                 inflight_ops -= 1;
                 if !zero {
-                    inflight_bytes -= buf.len();
+                    inflight.give(buf.len());
                 }
-                if !buf.is_empty() {
-                    free.push(buf);
-                }
+                free.give(buf);
                 match res {
                     Err(e) => {
                         first_err.get_or_insert(ceph_err("writing", dst, e));

@@ -21,6 +21,7 @@ pub mod scheduler;
 pub mod slots;
 pub mod status;
 pub mod verify;
+pub mod wakeup;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -147,6 +148,8 @@ pub struct Engine {
     cookie: String,
     /// The global byte-rate cap, shared by every copy.
     throttle: Arc<copy::Throttle>,
+    /// The bytes of copy buffers in flight, shared by every copy.
+    budget: copy::ByteBudget,
     /// Images this process keeps open and exclusively locked (replicas and
     /// demoted images), so that nobody else writes them.
     held: replayer::HeldImages,
@@ -154,10 +157,16 @@ pub struct Engine {
     slots: slots::ImageSlots,
     /// The process's metrics.
     metrics: Arc<crate::metrics::Metrics>,
+    /// What wakes the replayer between polls.
+    wakeups: wakeup::Wakeups,
     /// Fault injection for tests: every volume operation first sleeps this
     /// long (`CSIRR_FAULT_OP_DELAY_MS`), which makes overlapping calls on one
     /// volume deterministic.
     fault_op_delay: Option<Duration>,
+    /// Fault injection for tests: the replayer waits this long between
+    /// reporting a sync point and taking the replica's snapshot of it
+    /// (`CSIRR_FAULT_SNAP_DELAY_MS`), which holds the pending state open.
+    fault_snap_delay: Option<Duration>,
 }
 
 impl Engine {
@@ -170,10 +179,16 @@ impl Engine {
             last_local_err: Mutex::new(None),
             cookie: format!("csirr-{}", uuid::Uuid::new_v4()),
             throttle: Arc::new(copy::Throttle::new(cfg.max_bytes_per_second)),
+            budget: copy::ByteBudget::new(cfg.limits.max_inflight_bytes),
             held: replayer::HeldImages::default(),
             slots: slots::ImageSlots::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
+            wakeups: wakeup::Wakeups::default(),
             fault_op_delay: std::env::var("CSIRR_FAULT_OP_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+            fault_snap_delay: std::env::var("CSIRR_FAULT_SNAP_DELAY_MS")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
@@ -332,6 +347,7 @@ impl Engine {
                 bandwidth_limit: None,
                 demotion_snap: None,
                 role_change: None,
+                pending_snap: None,
             },
         };
         rec.schedule = schedule;
@@ -350,6 +366,7 @@ impl Engine {
         } else {
             tracing::info!("replication already enabled");
         }
+        reg.announce();
         Ok(())
     }
 

@@ -153,6 +153,12 @@ pub struct ImageRecord {
     /// resumes it instead of starting over.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub checkpoint: Option<Checkpoint>,
+    /// For a replica: `last_sync` was recorded once its data was flushed,
+    /// before the replica's snapshot of it existed; the head holds exactly
+    /// that sync point until this snapshot is taken, which happens before
+    /// anything writes the replica again (or promotes it).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pending_snap: Option<String>,
     /// Byte-rate cap of this image's replication (bytes/s), from the
     /// `bandwidthLimit` parameter; applied by the replayer.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -280,6 +286,13 @@ impl Registry {
     /// The registry in `io`'s pool and namespace.
     pub fn new(io: Arc<IoCtx>) -> Self {
         Self { io }
+    }
+
+    /// Tells the peers' replayers watching this registry that a record
+    /// changed (fire and forget), so that they act now rather than at their
+    /// next poll.
+    pub fn announce(&self) {
+        super::wakeup::announce(&self.io, REGISTRY_OBJECT);
     }
 
     /// The ioctx.
@@ -484,6 +497,7 @@ mod tests {
             bandwidth_limit: Some(1 << 20),
             demotion_snap: None,
             role_change: None,
+            pending_snap: None,
         };
         let j = serde_json::to_string(&r).unwrap();
         assert!(j.contains("\"role\":\"secondary\""), "{j}");

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::ceph::{self, Cluster, ErrorKind, Image, IoCtx, features};
@@ -32,6 +32,7 @@ use super::registry::{
 };
 use super::scheduler::DueCache;
 use super::slots::image_key;
+use super::wakeup::WatchTarget;
 use super::{Credentials, Engine};
 
 /// One image to replicate: where its primary is.
@@ -138,6 +139,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                     {
                         continue;
                     }
+                    let wake = Arc::clone(&engine);
                     let (e, s, run, stop) = (
                         Arc::clone(&engine),
                         Arc::clone(&sem),
@@ -145,16 +147,18 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                         Arc::clone(&stop),
                     );
                     tasks.spawn(async move {
-                        if let Ok(_permit) = s.acquire_owned().await {
+                        let mut progressed = false;
+                        if let Ok(permit) = s.acquire_owned().await {
                             let span = tracing::info_span!("sync", image = %key);
                             let k2 = key.clone();
                             let res = tokio::task::spawn_blocking(move || {
                                 let _e = span.enter();
-                                sync_image(&e, &job, &stop)
+                                let mut permit = Some(permit);
+                                sync_image(&e, &job, &stop, &mut permit)
                             })
                             .await;
                             match res {
-                                Ok(Ok(())) => {}
+                                Ok(Ok(done)) => progressed = done,
                                 Ok(Err(err)) => {
                                     tracing::warn!(image = %k2, error = %err, "sync failed")
                                 }
@@ -164,6 +168,11 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                             }
                         }
                         run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        // A sync point may have been taken while this one
+                        // was copied; its notification found the image busy.
+                        if progressed {
+                            wake.wakeups.wake();
+                        }
                     });
                 }
             }
@@ -183,6 +192,9 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
         tokio::select! {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(engine.cfg.poll_interval) => {}
+            () = engine.wakeups.wait() => {
+                tracing::trace!("woken by a notification");
+            }
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -193,6 +205,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     while tasks.join_next().await.is_some() {}
     let e = Arc::clone(&engine);
     let _ = tokio::task::spawn_blocking(move || {
+        e.wakeups.clear();
         e.held.release_all();
         e.release_leases(&leased);
     })
@@ -210,6 +223,7 @@ impl Engine {
         };
         let mut jobs = Vec::new();
         let mut leased = HashSet::new();
+        let mut watch = Vec::new();
         for pool in pools {
             let io = match local.ioctx(&pool, "") {
                 Ok(io) => io,
@@ -238,7 +252,7 @@ impl Engine {
             }
             leased.insert((pool.clone(), String::new()));
             for peer in peers {
-                match self.peer_jobs(&io, &pool, &peer) {
+                match self.peer_jobs(&io, &pool, &peer, &mut watch) {
                     Ok(mut j) => jobs.append(&mut j),
                     Err(e) => {
                         tracing::warn!(pool = %pool, peer = %peer.site_name, error = %e, "cannot read peer")
@@ -246,6 +260,7 @@ impl Engine {
                 }
             }
         }
+        self.wakeups.watch_only(watch);
         Ok((jobs, leased))
     }
 
@@ -290,7 +305,15 @@ impl Engine {
             .collect()
     }
 
-    fn peer_jobs(&self, io: &IoCtx, pool: &str, peer: &ceph::MirrorPeer) -> Result<Vec<Job>> {
+    /// The jobs of the primaries in pool `pool` of mirror peer `peer`; adds
+    /// the objects whose notifications should wake the replayer to `watch`.
+    fn peer_jobs(
+        &self,
+        io: &IoCtx,
+        pool: &str,
+        peer: &ceph::MirrorPeer,
+        watch: &mut Vec<WatchTarget>,
+    ) -> Result<Vec<Job>> {
         let cluster = self.connect_peer(io, peer)?;
         let pio = match cluster.ioctx(pool, "") {
             Ok(p) => p,
@@ -303,7 +326,8 @@ impl Engine {
         let local = self.local()?;
         for nio in namespace_ioctxs(&pio)? {
             let ns = nio.namespace().to_string();
-            let preg = Registry::new(nio);
+            watch.push(WatchTarget::registry(&nio));
+            let preg = Registry::new(Arc::clone(&nio));
             let Ok(lio) = local.ioctx(pool, &ns) else {
                 continue;
             };
@@ -465,13 +489,20 @@ impl Reporter<'_> {
 }
 
 /// Brings the replica of `job` up to the primary's newest sync snapshot.
-/// Blocking.
-pub fn sync_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Result<()> {
+/// Returns whether it completed a sync point. `permit`, the slot among the
+/// syncs that move data at once, is released as soon as the data is copied
+/// (snapshotting and pruning the replica need none). Blocking.
+pub fn sync_image(
+    engine: &Engine,
+    job: &Job,
+    stop: &AtomicBool,
+    permit: &mut Option<OwnedSemaphorePermit>,
+) -> Result<bool> {
     let key = job.key();
     // A role change on this image is running: skip this round.
     let slot = engine.slots.get(&key);
     let Some(_guard) = slot.try_enter() else {
-        return Ok(());
+        return Ok(false);
     };
     let cancelled = || stop.load(std::sync::atomic::Ordering::Relaxed) || slot.cancelled();
     let local = engine.local()?;
@@ -484,7 +515,7 @@ pub fn sync_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Result<()> {
         image_id: &job.primary.image_id,
         fsid: local.fsid().to_string(),
     };
-    let result = sync_inner(engine, &local, job, &peer_io, &cancelled, &reporter);
+    let result = sync_inner(engine, &local, job, &peer_io, &cancelled, &reporter, permit);
     if let Err(e) = &result {
         engine.held.release(&key);
         let last = local
@@ -513,7 +544,8 @@ fn sync_inner(
     peer_io: &Arc<IoCtx>,
     cancelled: &dyn Fn() -> bool,
     reporter: &Reporter<'_>,
-) -> Result<()> {
+    permit: &mut Option<OwnedSemaphorePermit>,
+) -> Result<bool> {
     let key = job.key();
     let local_io = local.ioctx(&job.pool, &job.namespace).ctx(|| {
         format!(
@@ -526,7 +558,7 @@ fn sync_inner(
     // The primary (read-write handle: pruning removes its old sync
     // snapshots; librbd forwards that to the lock owner) and its newest
     // sync snapshot.
-    let primary = Image::open_by_id(peer_io, &job.primary.image_id)
+    let primary = Image::open_by_id_read_only(peer_io, &job.primary.image_id, None)
         .ctx(|| format!("opening primary {key}"))?;
     let pall = primary
         .snap_list()
@@ -538,7 +570,7 @@ fn sync_inner(
             "waiting for the first sync snapshot".into(),
             None,
         );
-        return Ok(());
+        return Ok(false);
     };
     let target = target.clone();
 
@@ -574,7 +606,7 @@ fn sync_inner(
                 ),
                 None,
             );
-            return Ok(());
+            return Ok(false);
         }
         Role::Primary if job.primary.role == Role::Primary => {
             return Err(EngineError::FailedPrecondition(format!(
@@ -585,7 +617,7 @@ fn sync_inner(
         }
         // The peer is demoted and this side primary: a finished relocation,
         // nothing to replay.
-        Role::Primary => return Ok(()),
+        Role::Primary => return Ok(false),
     }
     if rec
         .primary
@@ -596,6 +628,10 @@ fn sync_inner(
             "{key} here replicates another primary image than the peer's; not touching it"
         )));
     }
+    // A sync point recorded before its snapshot existed (the process
+    // stopped in between): take the snapshot before anything looks at or
+    // writes the replica.
+    settle_pending_snap(&replica, &local_reg, &mut rec)?;
 
     let rall = replica
         .snap_list()
@@ -621,16 +657,11 @@ fn sync_inner(
             local_reg.put(&rec)?;
         }
         reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
-        prune(
-            engine,
-            &primary,
-            &psync,
-            &replica,
-            &rall,
-            &target.name,
-            &key,
-        );
-        return Ok(());
+        let doomed = surplus(engine.cfg.keep_snapshots, &psync, &[&target.name]);
+        drop(primary);
+        prune_primary(peer_io, &job.primary.image_id, &doomed, &key);
+        prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
+        return Ok(false);
     }
     // Base of the delta: the newest sync snapshot both sides have.
     let base = sync_snaps(&rall)
@@ -654,32 +685,67 @@ fn sync_inner(
     points.push(target.clone());
 
     let started = Instant::now();
-    let mut bytes = 0u64;
-    let mut from = base.map(|b| b.name);
+    let mut from = base.as_ref().map(|b| b.name.clone());
     let mut fresh = fresh;
-    for point in &points {
-        let stats = delta(
-            engine,
-            job,
-            peer_io,
-            &replica,
-            &local_reg,
-            &mut rec,
-            from.as_deref(),
-            point,
-            fresh,
-            cancelled,
-            reporter,
-        )?;
-        bytes += stats.transferred();
-        replica
-            .snap_create(&point.name)
-            .ctx(|| format!("snapshotting replica {key}@{}", point.name))?;
-        from = Some(point.name.clone());
-        fresh = false;
+    // The primary's surplus sync snapshots go on a thread of their own
+    // (each removal waits for a monitor commit), never the delta's base or
+    // target; the primary's scheduler removes what is left before it takes
+    // the next one.
+    let protect: Vec<&str> = base
+        .iter()
+        .map(|b| b.name.as_str())
+        .chain([target.name.as_str()])
+        .collect();
+    let doomed = surplus(engine.cfg.keep_snapshots, &psync, &protect);
+    if !doomed.is_empty() {
+        let (io, id, k) = (
+            Arc::clone(peer_io),
+            job.primary.image_id.clone(),
+            key.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("csirr-prune".into())
+            .spawn(move || prune_primary(&io, &id, &doomed, &k));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a pruning thread");
+        }
     }
+    let bytes = {
+        let mut bytes = 0u64;
+        for (i, point) in points.iter().enumerate() {
+            let stats = delta(
+                engine,
+                job,
+                peer_io,
+                &replica,
+                &local_reg,
+                &mut rec,
+                from.as_deref(),
+                point,
+                fresh,
+                cancelled,
+                reporter,
+            )?;
+            bytes += stats.transferred();
+            // A user snapshot on the way is the next delta's base: it must
+            // exist before that delta writes.
+            if i + 1 < points.len() {
+                replica
+                    .snap_create(&point.name)
+                    .ctx(|| format!("snapshotting replica {key}@{}", point.name))?;
+            }
+            from = Some(point.name.clone());
+            fresh = false;
+        }
+        bytes
+    };
     let elapsed = started.elapsed();
+    // The replica's head is the target, flushed by the copy: the sync point
+    // is complete now. Its snapshot (a monitor commit, up to a second) is
+    // taken right after the report, and always before the next delta or a
+    // promotion touches the replica (`pending_snap`).
     rec.checkpoint = None;
+    rec.pending_snap = Some(target.name.clone());
     rec.last_sync = Some(SyncPoint {
         snap_name: target.name.clone(),
         snap_time: snap_time(&primary, target.id),
@@ -692,23 +758,41 @@ fn sync_inner(
     engine
         .metrics
         .sync_finished(&job.labels(), bytes, elapsed, true);
+    reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+    drop(permit.take());
+    // Not a client of the primary any longer than needed: an open handle
+    // counts as one for "is the volume in use?" checks.
+    drop(primary);
+    if let Some(d) = engine.fault_snap_delay {
+        std::thread::sleep(d);
+    }
+    settle_pending_snap(&replica, &local_reg, &mut rec)?;
     let rall = replica
         .snap_list()
         .ctx(|| format!("listing snapshots of replica {key}"))?;
-    // Prune before reporting: the primary's scheduler takes its next sync
-    // snapshot only once it sees this report, so the primary never holds more
-    // than --keep-snapshots plus the one pending.
-    prune(
-        engine,
-        &primary,
-        &psync,
-        &replica,
-        &rall,
-        &target.name,
-        &key,
-    );
-    reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
-    Ok(())
+    prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
+    Ok(true)
+}
+
+/// Takes the replica's snapshot of a sync point recorded complete before
+/// its snapshot existed (`pending_snap`), then clears the mark. The head
+/// still holds exactly that sync point: nothing writes a replica between
+/// recording it and this. Blocking.
+pub(crate) fn settle_pending_snap(
+    replica: &Image,
+    reg: &Registry,
+    rec: &mut ImageRecord,
+) -> Result<()> {
+    let Some(name) = rec.pending_snap.clone() else {
+        return Ok(());
+    };
+    match replica.snap_create(&name) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).ctx(|| format!("snapshotting replica {}@{name}", replica.spec())),
+    }
+    rec.pending_snap = None;
+    reg.put(rec)
 }
 
 /// Writes ceph-csi's journal entries for the replica of a ceph-csi volume on
@@ -853,6 +937,7 @@ fn delta(
         &extents,
         fresh && resume_at == 0,
         engine.cfg.limits,
+        Some(&engine.budget),
         &throttles,
         cancelled,
         &mut progress,
@@ -872,59 +957,69 @@ fn delta(
     Ok(stats)
 }
 
-/// Keeps the newest `--keep-snapshots` sync snapshots on both sides, never
-/// the one the next delta starts from (`keep_always`). Also removes user
-/// snapshots from the replica that the primary no longer has. Failures are
-/// logged: pruning is retried after every sync.
-fn prune(
+/// The sync snapshots of `sync` beyond the newest `keep`, except those in
+/// `keep_always`, oldest first.
+pub(crate) fn surplus(
+    keep: usize,
+    sync: &BTreeMap<u64, ceph::SnapInfo>,
+    keep_always: &[&str],
+) -> Vec<String> {
+    sync.values()
+        .take(sync.len().saturating_sub(keep.max(1)))
+        .filter(|s| !keep_always.contains(&s.name.as_str()))
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// Removes the sync snapshots `doomed` of the primary with id `image_id` in
+/// `io`, through a read-write handle opened for just that (the replayer
+/// reads the primary through read-only ones, which are not clients of it).
+fn prune_primary(io: &Arc<IoCtx>, image_id: &str, doomed: &[String], key: &str) {
+    if doomed.is_empty() {
+        return;
+    }
+    match Image::open_by_id(io, image_id) {
+        Ok(img) => remove_snaps(&img, doomed, key, "primary"),
+        Err(e) => tracing::warn!(image = key, error = %e, "cannot open the primary to prune it"),
+    }
+}
+
+/// Removes the snapshots `names` of `img` (the `side` of image `key`).
+/// Failures are logged: pruning is retried after every sync.
+pub(crate) fn remove_snaps(img: &Image, names: &[String], key: &str, side: &str) {
+    for name in names {
+        match img.snap_remove(name) {
+            Ok(()) => tracing::debug!(image = key, snapshot = %name, side, "pruned snapshot"),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(image = key, snapshot = %name, side, error = %e, "cannot prune snapshot")
+            }
+        }
+    }
+}
+
+/// Keeps the newest `--keep-snapshots` sync snapshots on the replica, never
+/// the one the next delta starts from (`keep_always`), and removes user
+/// snapshots the primary no longer had (`pall`, listed at the start of the
+/// sync). Failures are logged.
+fn prune_replica(
     engine: &Engine,
-    primary: &Image,
-    psync: &BTreeMap<u64, ceph::SnapInfo>,
+    pall: &[ceph::SnapInfo],
     replica: &Image,
     rall: &[ceph::SnapInfo],
     keep_always: &str,
     key: &str,
 ) {
-    let keep = engine.cfg.keep_snapshots.max(1);
-    let doomed = |sync: &BTreeMap<u64, ceph::SnapInfo>| -> Vec<String> {
-        let n = sync.len();
-        sync.values()
-            .take(n.saturating_sub(keep))
-            .filter(|s| s.name != keep_always)
-            .map(|s| s.name.clone())
-            .collect()
-    };
-    for name in doomed(psync) {
-        match primary.snap_remove(&name) {
-            Ok(()) => {
-                tracing::debug!(image = key, snapshot = %name, "pruned primary sync snapshot")
-            }
-            Err(e) => {
-                tracing::warn!(image = key, snapshot = %name, error = %e, "cannot prune primary snapshot")
-            }
-        }
-    }
-    let rsync = sync_snaps(rall);
-    let mut gone = doomed(&rsync);
-    let pnames: HashSet<String> = primary
-        .snap_list()
-        .map(|l| l.into_iter().map(|s| s.name).collect())
-        .unwrap_or_default();
+    let mut gone = surplus(engine.cfg.keep_snapshots, &sync_snaps(rall), &[keep_always]);
+    let pnames: HashSet<&str> = pall.iter().map(|s| s.name.as_str()).collect();
     if !pnames.is_empty() {
         gone.extend(
             rall.iter()
-                .filter(|s| sync_snap_seq(&s.name).is_none() && !pnames.contains(&s.name))
+                .filter(|s| sync_snap_seq(&s.name).is_none() && !pnames.contains(s.name.as_str()))
                 .map(|s| s.name.clone()),
         );
     }
-    for name in gone {
-        match replica.snap_remove(&name) {
-            Ok(()) => tracing::debug!(image = key, snapshot = %name, "pruned replica snapshot"),
-            Err(e) => {
-                tracing::warn!(image = key, snapshot = %name, error = %e, "cannot prune replica snapshot")
-            }
-        }
-    }
+    remove_snaps(replica, &gone, key, "replica");
 }
 
 /// Opens the local replica of `job`, creating it if it does not exist.
@@ -998,6 +1093,7 @@ fn open_or_create_replica(
                 bandwidth_limit: None,
                 demotion_snap: None,
                 role_change: None,
+                pending_snap: None,
             };
             local_reg.put(&rec)?;
             tracing::info!(features = feats, size = target.size, "replica created");

@@ -26,6 +26,7 @@ use super::error::{CephContext, EngineError, Result};
 use super::registry::{
     ImageRecord, PrimaryRef, Registry, Role, RoleChange, Tombstone, sync_snapshots,
 };
+use super::replayer::settle_pending_snap;
 use super::resolve::Resolved;
 use super::rollback::rollback_to;
 use super::slots::{SlotGuard, image_key};
@@ -167,6 +168,7 @@ impl Engine {
         rec.demotion_snap = Some(snap.clone());
         rec.role_change = change(format!("demoted at {snap}"));
         reg.put(&rec)?;
+        reg.announce();
         if force {
             for o in &owners {
                 tracing::warn!(owner = %o, "breaking the lock of a writer (forced demotion)");
@@ -281,7 +283,10 @@ impl Engine {
                                 "peer record of {key} is demoted without a demotion snapshot"
                             )));
                         };
-                        let have = sync_names(&vol.image)?.into_iter().any(|(_, n)| n == d);
+                        // Copied completely, even if the replica's snapshot
+                        // of it is still being taken.
+                        let have = rec.pending_snap.as_deref() == Some(d.as_str())
+                            || sync_names(&vol.image)?.into_iter().any(|(_, n)| n == d);
                         if !have {
                             return Err(EngineError::Unavailable(format!(
                                 "the peer's demotion snapshot {d} of {key} is still being \
@@ -315,6 +320,7 @@ impl Engine {
             // refuse our writes: break it. librbd refuses (EINVAL) to break a
             // lock of this very client, which was just released anyway.
             self.break_foreign_locks(&vol.image, &key);
+            settle_pending_snap(&vol.image, &reg, &mut rec)?;
             rolled = rollback_to(vol.ioctx(), &vol.image, &last, self.cfg.limits, &|| false)?;
             rec.role_change = change(format!(
                 "promoted{} at {last}{}",
@@ -337,6 +343,7 @@ impl Engine {
         rec.checkpoint = None;
         rec.demotion_snap = None;
         reg.put(&rec)?;
+        reg.announce();
         tracing::info!(rolled_back_bytes = rolled, "promoted");
         Ok(())
     }
@@ -460,6 +467,7 @@ impl Engine {
             None => "full resync".to_string(),
         });
         reg.put(&rec)?;
+        reg.announce();
         self.hold_lock(&key, &vol.image)?;
         tracing::info!(common = ?common, rolled_back_bytes = rolled, removed = newer_here.len(), "now a replica of the peer's primary");
         Ok(false)
@@ -479,7 +487,7 @@ impl Engine {
     fn disable_blocking(&self, req: &VolumeRequest) -> Result<()> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
         let reg = Registry::new(Arc::clone(vol.ioctx()));
-        let Some(rec) = reg.get(&vol.image_id)? else {
+        let Some(mut rec) = reg.get(&vol.image_id)? else {
             return Ok(());
         };
         let key = Self::key_of(&vol);
@@ -502,6 +510,7 @@ impl Engine {
                     }
                 }
                 reg.remove(&vol.image_id)?;
+                reg.announce();
                 tracing::info!(
                     "replication disabled; the peer's replayer moves the replica to the trash"
                 );
@@ -509,6 +518,7 @@ impl Engine {
             Role::Secondary => {
                 let last = rec.last_sync.as_ref().map(|l| l.snap_name.clone());
                 self.break_foreign_locks(&vol.image, &key);
+                settle_pending_snap(&vol.image, &reg, &mut rec)?;
                 if let Some(s) = &last {
                     rollback_to(vol.ioctx(), &vol.image, s, self.cfg.limits, &|| false)?;
                 }

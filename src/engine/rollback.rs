@@ -44,6 +44,7 @@ pub fn rollback_to(
         &extents,
         false,
         limits,
+        None,
         &[],
         cancelled,
         &mut |_, _| {},

@@ -164,6 +164,12 @@ impl Engine {
             tracing::debug!(image = %img.spec(), snapshot = %snap.name, "sync point due, previous not replicated yet");
             return Ok((now + chrono::TimeDelta::seconds(1), false));
         }
+        // The bound on sync snapshots: the newest `--keep-snapshots` plus the
+        // one taken now (the replayer usually pruned them already).
+        let sync: std::collections::BTreeMap<u64, crate::ceph::SnapInfo> =
+            sync_snapshots(&snaps).into_iter().collect();
+        let doomed = super::replayer::surplus(self.cfg.keep_snapshots, &sync, &[&snap.name]);
+        super::replayer::remove_snaps(&img, &doomed, &img.spec(), "primary");
         self.take_sync_snapshot(&img, seq + 1)?;
         Ok((plan.next_after(now), true))
     }
@@ -174,6 +180,8 @@ impl Engine {
         img.snap_create(&name)
             .ctx(|| format!("taking sync snapshot {name} of {}", img.spec()))?;
         tracing::info!(image = %img.spec(), snapshot = %name, "sync snapshot taken");
+        // The peer's replayer starts on it now rather than at its next poll.
+        super::wakeup::announce(img.ioctx(), super::registry::REGISTRY_OBJECT);
         Ok(name)
     }
 }

@@ -324,7 +324,11 @@ impl Sidecar {
             .args(["--cluster-id", site.id()])
             .arg("--secret-dir")
             .arg(site.secret_dir())
-            .args(["--poll-interval", "1s"])
+            .args(if extra.contains(&"--poll-interval") {
+                vec![]
+            } else {
+                vec!["--poll-interval", "1s"]
+            })
             .args(if extra.contains(&"--pools") {
                 vec![]
             } else {
