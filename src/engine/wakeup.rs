@@ -124,16 +124,6 @@ impl Wakeups {
         let all = std::mem::take(&mut *self.watches.lock().unwrap_or_else(|p| p.into_inner()));
         drop(all);
     }
-
-    /// How many objects are watched.
-    pub fn len(&self) -> usize {
-        self.watches.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Whether nothing is watched.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Tells the watchers of `oid` in `io` (the peers' replayers) that it
