@@ -37,9 +37,9 @@ pub struct Watch {
     oid: String,
 }
 
-// SAFETY: the state behind `state` is only read (its callback is Send + Sync,
-// `broken` is atomic), from librados' callback thread and from the owner;
-// librados allows watch calls on an ioctx from any thread.
+// The state is only read (Send + Sync callback, atomic flag), and librados
+// allows watch calls on an ioctx from any thread.
+// SAFETY: see above; nothing in the state is tied to a thread.
 unsafe impl Send for Watch {}
 // SAFETY: see `Send`; no method mutates through `&self`.
 unsafe impl Sync for Watch {}
@@ -85,10 +85,9 @@ impl Watch {
             broken: AtomicBool::new(false),
         }));
         let mut cookie = 0u64;
-        // SAFETY: the ioctx is live; the oid pointer lives in the boxed state,
-        // which stays allocated until Drop (or just below on failure); the
-        // callbacks match librados' signatures. Timeout 30 s is Ceph's default
-        // watch timeout.
+        // The oid lives in the boxed state, allocated until Drop (or just below
+        // on failure). Timeout 30 s is Ceph's default watch timeout.
+        // SAFETY: live ioctx and oid; callbacks match librados' signatures.
         let ret = unsafe {
             sys::rados_watch3(
                 io.raw(),
@@ -134,9 +133,8 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        // SAFETY: the cookie came from rados_watch3 on this live ioctx; the
-        // flush waits for callbacks already queued, after which none can
-        // reference the state, which is then freed exactly once.
+        // The flush waits for queued callbacks; after it none can see the state.
+        // SAFETY: cookie from rados_watch3 on this live ioctx; state freed once.
         unsafe {
             sys::rados_unwatch2(self.io.raw(), self.cookie);
             sys::rados_watch_flush(self.io.cluster().raw());
@@ -154,9 +152,8 @@ impl IoCtx {
         let o = cstring(oid, "rados_notify2")?;
         let mut reply: *mut std::os::raw::c_char = ptr::null_mut();
         let mut reply_len = 0usize;
-        // SAFETY: the ioctx is live, o is NUL-terminated, the empty message
-        // is a null pointer of length 0, and the reply out-pointers are live
-        // locals.
+        // The empty message is a null pointer of length 0.
+        // SAFETY: live ioctx, NUL-terminated o, reply out-pointers are locals.
         let ret = unsafe {
             sys::rados_notify2(
                 self.raw(),
