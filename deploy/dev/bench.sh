@@ -71,6 +71,7 @@
 #   BENCH_TIMEOUT      seconds to wait for one scenario (default 120)
 #   BENCH_KEEP=1       keep the pool, logs and work dir (default: delete the pool)
 #   BENCH_SKIP_BUILD=1 use the existing target/release binary
+#   BENCH_MIN_FREE_GIB refuse to start with less free disk next to the pair (default 16)
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -162,6 +163,15 @@ exec 9>"$CSIRR_PAIR_DIR/bench.lock"
 if ! flock -n 9; then
     log "another bench.sh runs on this pair; waiting for it (up to 30 min)"
     flock -w 1800 9 || die "another bench.sh still holds $CSIRR_PAIR_DIR/bench.lock"
+fi
+# The OSDs are sparse files that bluestore never shrinks: every run leaves them larger
+# (about 25 full runs filled a 68 GiB disk). Refuse to start without room for a run.
+avail_gib=$(df -P -BG "$CSIRR_PAIR_DIR" | awk 'NR == 2 { sub("G", "", $4); print $4 }')
+pair_gib=$(du -s -BG "$CSIRR_PAIR_DIR" 2>/dev/null | awk '{ sub("G", "", $1); print $1 }')
+log "pair files: ${pair_gib:-?} GiB; free: ${avail_gib:-?} GiB"
+if [[ ${avail_gib:-0} =~ ^[0-9]+$ ]] && ((avail_gib < ${BENCH_MIN_FREE_GIB:-16})); then
+    die "only ${avail_gib} GiB free next to the pair (a run writes about 12 GiB into its OSD files," \
+        "which never shrink): reset the pair with '$PAIR down && $PAIR up'"
 fi
 c_rbd() { # SITE ARGS...
     local s=$1
