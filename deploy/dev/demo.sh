@@ -128,7 +128,13 @@ step "GetVolumeReplicationInfo on site-a"
 echo "$INFO"
 
 step "Checking the replica byte for byte"
-SNAP=$(rbd "${B[@]}" snap ls "$POOL/$IMAGE" --format json | jq -r '[.[] | select(.name | startswith("csirr-sync."))] | last | .name')
+# The sync point is reported once its data is flushed; the replica's snapshot of it
+# follows within about a second.
+SNAP=$(rbd "${A[@]}" snap ls "$POOL/$IMAGE" --format json | jq -r '[.[] | select(.name | startswith("csirr-sync."))] | last | .name')
+for _ in $(seq 60); do
+    rbd "${B[@]}" snap ls "$POOL/$IMAGE" --format json | jq -e --arg s "$SNAP" 'any(.[]; .name == $s)' >/dev/null && break
+    sleep 0.5
+done
 SUM_A=$(rbd "${A[@]}" export --no-progress "$POOL/$IMAGE@$SNAP" - | sha256sum | cut -d' ' -f1)
 SUM_B=$(rbd "${B[@]}" export --no-progress "$POOL/$IMAGE@$SNAP" - | sha256sum | cut -d' ' -f1)
 echo "site-a $POOL/$IMAGE@$SNAP sha256 $SUM_A"

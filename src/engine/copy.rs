@@ -388,6 +388,12 @@ impl InFlight<'_> {
         true
     }
 
+    /// Takes `n` bytes whatever the budgets say (a write replacing the read
+    /// whose bytes it carries).
+    fn take(&mut self, n: usize) {
+        self.try_take(n, true);
+    }
+
     fn give(&mut self, n: usize) {
         let n = n.min(self.bytes);
         self.bytes -= n;
@@ -617,7 +623,7 @@ pub fn copy_extents(
                                     d
                                 }
                             };
-                            inflight.try_take(data.len(), true);
+                            inflight.take(data.len());
                             dst.aio_write(off, data, cb)
                         };
                         match r {

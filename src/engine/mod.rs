@@ -36,7 +36,7 @@ use crate::csi::volume_id::VolumeId;
 pub use conn::{Connections, Credentials};
 pub use copy::CopyLimits;
 pub use error::{CephContext, EngineError, Result};
-use registry::{ImageRecord, Registry, Role, Schedule, sync_snap_name, sync_snap_seq};
+use registry::{ImageRecord, Registry, Role, Schedule, sync_snap_seq};
 
 /// Static configuration of the engine.
 #[derive(Debug, Clone)]
@@ -138,6 +138,15 @@ pub struct ReplicationInfo {
     pub message: String,
 }
 
+/// A duration in milliseconds from environment variable `name` (fault
+/// injection for tests), if set and valid.
+fn env_millis(name: &str) -> Option<Duration> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
 /// The engine. Shared behind an `Arc` by the gRPC services and the replayer.
 pub struct Engine {
     cfg: EngineConfig,
@@ -184,14 +193,8 @@ impl Engine {
             slots: slots::ImageSlots::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             wakeups: wakeup::Wakeups::default(),
-            fault_op_delay: std::env::var("CSIRR_FAULT_OP_DELAY_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
-            fault_snap_delay: std::env::var("CSIRR_FAULT_SNAP_DELAY_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
+            fault_op_delay: env_millis("CSIRR_FAULT_OP_DELAY_MS"),
+            fault_snap_delay: env_millis("CSIRR_FAULT_SNAP_DELAY_MS"),
             cfg,
         })
     }
@@ -358,11 +361,8 @@ impl Engine {
             .snap_list()
             .ctx(|| format!("listing snapshots of {}", vol.image.spec()))?;
         if !snaps.iter().any(|s| sync_snap_seq(&s.name).is_some()) {
-            let name = sync_snap_name(1);
-            vol.image
-                .snap_create(&name)
-                .ctx(|| format!("taking sync snapshot {name} of {}", vol.image.spec()))?;
-            tracing::info!(snapshot = %name, "replication enabled; first sync snapshot taken");
+            self.take_sync_snapshot(&vol.image, 1)?;
+            tracing::info!("replication enabled");
         } else {
             tracing::info!("replication already enabled");
         }

@@ -72,6 +72,13 @@ pub fn sync_snapshots(snaps: &[crate::ceph::SnapInfo]) -> Vec<(u64, crate::ceph:
     v
 }
 
+/// The sync snapshots among `snaps` by sequence number (the newest last).
+pub fn sync_snaps(
+    snaps: &[crate::ceph::SnapInfo],
+) -> std::collections::BTreeMap<u64, crate::ceph::SnapInfo> {
+    sync_snapshots(snaps).into_iter().collect()
+}
+
 /// Which side of a replication an image is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

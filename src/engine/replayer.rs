@@ -28,7 +28,7 @@ use super::copy::{self, Extent};
 use super::error::{CephContext, EngineError, Result};
 use super::registry::{
     Checkpoint, ImageRecord, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role, SyncPoint,
-    namespace_ioctxs, sync_snap_seq, sync_snapshots,
+    namespace_ioctxs, sync_snap_seq, sync_snaps,
 };
 use super::scheduler::DueCache;
 use super::slots::image_key;
@@ -454,11 +454,6 @@ fn snap_time(img: &Image, id: u64) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
-/// Sync snapshots of an image by sequence number.
-fn sync_snaps(snaps: &[ceph::SnapInfo]) -> BTreeMap<u64, ceph::SnapInfo> {
-    sync_snapshots(snaps).into_iter().collect()
-}
-
 /// Writes the replica's status into the primary's registry.
 struct Reporter<'a> {
     reg: Registry,
@@ -555,8 +550,8 @@ fn sync_inner(
     })?;
     let local_reg = Registry::new(Arc::clone(&local_io));
 
-    // The primary (read-write handle: pruning removes its old sync
-    // snapshots; librbd forwards that to the lock owner) and its newest
+    // The primary, read-only (a read-write handle would make this process
+    // one of its clients; pruning opens one just for that), and its newest
     // sync snapshot.
     let primary = Image::open_by_id_read_only(peer_io, &job.primary.image_id, None)
         .ctx(|| format!("opening primary {key}"))?;
@@ -710,35 +705,32 @@ fn sync_inner(
             tracing::warn!(error = %e, "cannot start a pruning thread");
         }
     }
-    let bytes = {
-        let mut bytes = 0u64;
-        for (i, point) in points.iter().enumerate() {
-            let stats = delta(
-                engine,
-                job,
-                peer_io,
-                &replica,
-                &local_reg,
-                &mut rec,
-                from.as_deref(),
-                point,
-                fresh,
-                cancelled,
-                reporter,
-            )?;
-            bytes += stats.transferred();
-            // A user snapshot on the way is the next delta's base: it must
-            // exist before that delta writes.
-            if i + 1 < points.len() {
-                replica
-                    .snap_create(&point.name)
-                    .ctx(|| format!("snapshotting replica {key}@{}", point.name))?;
-            }
-            from = Some(point.name.clone());
-            fresh = false;
+    let mut bytes = 0u64;
+    for (i, point) in points.iter().enumerate() {
+        let stats = delta(
+            engine,
+            job,
+            peer_io,
+            &replica,
+            &local_reg,
+            &mut rec,
+            from.as_deref(),
+            point,
+            fresh,
+            cancelled,
+            reporter,
+        )?;
+        bytes += stats.transferred();
+        // A user snapshot on the way is the next delta's base: it must
+        // exist before that delta writes.
+        if i + 1 < points.len() {
+            replica
+                .snap_create(&point.name)
+                .ctx(|| format!("snapshotting replica {key}@{}", point.name))?;
         }
-        bytes
-    };
+        from = Some(point.name.clone());
+        fresh = false;
+    }
     let elapsed = started.elapsed();
     // The replica's head is the target, flushed by the copy: the sync point
     // is complete now. Its snapshot (a monitor commit, up to a second) is

@@ -18,7 +18,8 @@ use crate::csi::params::{StartTime, parse_interval};
 
 use super::Engine;
 use super::error::{CephContext, Result};
-use super::registry::{ImageRecord, Registry, Role, Schedule, sync_snap_name, sync_snapshots};
+use super::registry::{ImageRecord, Registry, Role, Schedule, sync_snap_name, sync_snaps};
+use super::replayer::{remove_snaps, surplus};
 
 /// Interval used when the VolumeReplicationClass gives none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
@@ -138,9 +139,11 @@ impl Engine {
         let snaps = img
             .snap_list()
             .ctx(|| format!("listing snapshots of {}", img.spec()))?;
-        let Some((seq, snap)) = sync_snapshots(&snaps).pop() else {
+        let sync = sync_snaps(&snaps);
+        let Some((&seq, snap)) = sync.iter().next_back() else {
             // Enable takes the first one; take it now if that was interrupted.
             self.take_sync_snapshot(&img, 1)?;
+            reg.announce();
             return Ok((plan.next_after(now), true));
         };
         let last = img
@@ -166,11 +169,11 @@ impl Engine {
         }
         // The bound on sync snapshots: the newest `--keep-snapshots` plus the
         // one taken now (the replayer usually pruned them already).
-        let sync: std::collections::BTreeMap<u64, crate::ceph::SnapInfo> =
-            sync_snapshots(&snaps).into_iter().collect();
-        let doomed = super::replayer::surplus(self.cfg.keep_snapshots, &sync, &[&snap.name]);
-        super::replayer::remove_snaps(&img, &doomed, &img.spec(), "primary");
+        let doomed = surplus(self.cfg.keep_snapshots, &sync, &[&snap.name]);
+        remove_snaps(&img, &doomed, &img.spec(), "primary");
         self.take_sync_snapshot(&img, seq + 1)?;
+        // The peer's replayer starts on it now rather than at its next poll.
+        reg.announce();
         Ok((plan.next_after(now), true))
     }
 
@@ -180,8 +183,6 @@ impl Engine {
         img.snap_create(&name)
             .ctx(|| format!("taking sync snapshot {name} of {}", img.spec()))?;
         tracing::info!(image = %img.spec(), snapshot = %name, "sync snapshot taken");
-        // The peer's replayer starts on it now rather than at its next poll.
-        super::wakeup::announce(img.ioctx(), super::registry::REGISTRY_OBJECT);
         Ok(name)
     }
 }
