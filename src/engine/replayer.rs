@@ -332,15 +332,20 @@ impl Engine {
                 continue;
             };
             // Replicas of primaries whose replication was disabled go to
-            // the trash.
-            for t in preg.tombstones()? {
-                match self.bury(&lio, &t) {
-                    Ok(true) => {
+            // the trash. The primary's record may still be listed while its
+            // side finishes disabling: no job for it (that would create the
+            // replica again), and the tombstone stays until the record is
+            // gone.
+            let records = preg.list()?;
+            let tombstones = preg.tombstones()?;
+            for t in &tombstones {
+                match self.bury(&lio, t) {
+                    Ok(true) if !records.iter().any(|r| r.image_id == t.image_id) => {
                         if let Err(e) = preg.remove_tombstone(&t.image_id) {
                             tracing::warn!(error = %e, "cannot clear tombstone");
                         }
                     }
-                    Ok(false) => {}
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(image = %t.image_name, error = %e, "cannot trash replica")
                     }
@@ -351,7 +356,10 @@ impl Engine {
                 .into_iter()
                 .map(|t| t.image_id)
                 .collect();
-            for rec in preg.list()? {
+            for rec in records {
+                if tombstones.iter().any(|t| t.image_id == rec.image_id) {
+                    continue;
+                }
                 // A demoted primary still has its final sync snapshot to
                 // deliver.
                 if matches!(rec.role, Role::Primary | Role::Demoted) {
