@@ -170,7 +170,7 @@ struct ServeArgs {
     /// Bytes of copy buffers in flight in all, shared by the syncs running
     /// at once (a lone one may use all of it): memory stays flat whatever the
     /// images. The resident size is about twice this plus 40 MiB.
-    #[arg(long, default_value = "64M", value_parser = bytes)]
+    #[arg(long, default_value = "32M", value_parser = bytes)]
     max_inflight_bytes: usize,
     /// Aio operations in flight per image.
     #[arg(long, default_value_t = 32)]
@@ -217,7 +217,7 @@ fn bytes(s: &str) -> Result<usize, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    csi_rbd_replicator::ceph::alloc::tune_allocator();
+    csi_rbd_replicator::ceph::alloc::tune_allocator(CopyLimits::DEFAULT_CHUNK as usize);
     let cli = Cli::parse();
     // `verify` keeps stdout for its report: its logs go to stderr, warnings only.
     let oneshot = matches!(
@@ -237,9 +237,12 @@ fn main() -> std::process::ExitCode {
             .with_writer(writer)
             .init();
     } else {
+        // Colours only on a terminal: a container runtime's log file or a
+        // log collector gets plain text.
         tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(writer)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -34,7 +34,7 @@ fn enable_in(
 async fn deltas_with_discards_resizes_and_user_snapshots_converge() {
     let pool = TestPool::new("deltas");
     let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
-    let _b = Sidecar::start(Site::B, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
     let io = pool.ioctx(Site::A);
     let name = "img";
     let img = create_image_in(&io, name, 64 * MIB, &[(0, 8 << 20), (30 * MIB, 3 << 20)], 1);
@@ -104,6 +104,17 @@ async fn deltas_with_discards_resizes_and_user_snapshots_converge() {
     );
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["size"].as_u64(), Some(40 * MIB));
+    // The deltas read the primary's data objects directly (the first sync
+    // reads through librbd), and the checksums above hold for that path.
+    let log = b.log_text();
+    assert!(
+        log.contains("direct=true"),
+        "no delta read objects directly:\n{log}"
+    );
+    assert!(
+        log.contains("direct=false"),
+        "the first sync read objects directly:\n{log}"
+    );
 }
 
 /// Kill -9 the replaying sidecar in the middle of a large delta; the next

@@ -13,6 +13,7 @@
 pub mod aio;
 pub mod alloc;
 pub mod error;
+pub mod objects;
 pub mod rados;
 pub mod rbd;
 #[allow(
@@ -30,6 +31,7 @@ pub mod sys;
 pub mod watch;
 
 pub use error::{Error, ErrorKind, Result};
+pub use objects::DataObjects;
 pub use rados::{Cluster, ConnectConfig, IoCtx, OmapCmp, WriteOp};
 pub use rbd::{
     CreateOptions, Image, ImageInfo, ImageSpec, LockMode, MirrorPeer, SnapInfo, Watcher, features,

@@ -240,6 +240,29 @@ impl Cluster {
         pool_name: &str,
         namespace: &str,
     ) -> Result<Arc<IoCtx>> {
+        self.new_ioctx(pool_id, pool_name, namespace, None)
+            .map(Arc::new)
+    }
+
+    /// Opens an I/O context by pool id whose reads see the pool snapshot
+    /// (or self-managed snapshot, as RBD's) `snap_id`.
+    pub fn ioctx_at_snap(
+        self: &Arc<Self>,
+        pool_id: i64,
+        pool_name: &str,
+        namespace: &str,
+        snap_id: u64,
+    ) -> Result<IoCtx> {
+        self.new_ioctx(pool_id, pool_name, namespace, Some(snap_id))
+    }
+
+    fn new_ioctx(
+        self: &Arc<Self>,
+        pool_id: i64,
+        pool_name: &str,
+        namespace: &str,
+        read_snap: Option<u64>,
+    ) -> Result<IoCtx> {
         let ns = cstring(namespace, "rados_ioctx_set_namespace")?;
         let mut raw: sys::rados_ioctx_t = ptr::null_mut();
         // SAFETY: handle is connected; raw is a valid out-pointer.
@@ -251,13 +274,17 @@ impl Cluster {
         // SAFETY: the new ioctx is not shared yet, so no I/O races the change;
         // ns is NUL-terminated and copied by librados.
         unsafe { sys::rados_ioctx_set_namespace(handle.as_ptr(), ns.as_ptr()) };
-        Ok(Arc::new(IoCtx {
+        if let Some(snap) = read_snap {
+            // SAFETY: as above, the ioctx is not shared yet.
+            unsafe { sys::rados_ioctx_snap_set_read(handle.as_ptr(), snap) };
+        }
+        Ok(IoCtx {
             handle,
             pool_id,
             pool: pool_name.to_string(),
             namespace: namespace.to_string(),
             cluster: Arc::clone(self),
-        }))
+        })
     }
 }
 
@@ -288,8 +315,8 @@ pub struct IoCtx {
 
 // SAFETY: librados documents I/O on one ioctx from several threads as safe;
 // only changing its settings (namespace, snap context, locator) is not. The
-// namespace is set once in `Cluster::ioctx_by_id` before the ioctx is shared
-// and no method changes settings afterwards.
+// namespace and read snapshot are set once in `Cluster::new_ioctx` before the
+// ioctx is shared and no method changes settings afterwards.
 unsafe impl Send for IoCtx {}
 // SAFETY: see `Send`.
 unsafe impl Sync for IoCtx {}

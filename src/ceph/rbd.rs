@@ -12,7 +12,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
 
-use super::error::{Error, Result, check};
+use super::error::{Error, ErrorKind, Result, check};
 use super::rados::{IoCtx, cstring};
 use super::sys;
 
@@ -542,6 +542,47 @@ impl Image {
         let ret = unsafe { sys::rbd_get_features(self.raw(), &mut f) };
         check(ret, "rbd_get_features", || self.target())?;
         Ok(f)
+    }
+
+    /// Bytes of the image (at the snapshot it was opened at) that read
+    /// through to its parent: 0 without a parent.
+    pub fn parent_overlap(&self) -> Result<u64> {
+        let mut o = 0u64;
+        // SAFETY: o is a valid out-pointer.
+        let ret = unsafe { sys::rbd_get_overlap(self.raw(), &mut o) };
+        match check(ret, "rbd_get_overlap", || self.target()) {
+            Ok(_) => Ok(o),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The prefix of the image's data object names, e.g.
+    /// `rbd_data.10ab2ae8944a`.
+    pub fn block_name_prefix(&self) -> Result<String> {
+        let mut buf = vec![0u8; 64];
+        // SAFETY: buf is writable for its length, which is passed.
+        let ret = unsafe {
+            sys::rbd_get_block_name_prefix(self.raw(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        check(ret, "rbd_get_block_name_prefix", || self.target())?;
+        Ok(nul_terminated(&buf))
+    }
+
+    /// The pool of the image's data objects, or -1 when it is the image's
+    /// own pool.
+    pub fn data_pool_id(&self) -> Result<i64> {
+        // SAFETY: a live image handle; no pointers.
+        let ret = unsafe { sys::rbd_get_data_pool_id(self.raw()) };
+        if ret < -1 {
+            let errno = i32::try_from(-ret).unwrap_or(libc::EIO);
+            return Err(Error::from_errno(
+                errno,
+                "rbd_get_data_pool_id",
+                self.target(),
+            ));
+        }
+        Ok(ret)
     }
 
     /// Stripe unit and count.

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use crate::ceph::{self, Image};
+use crate::ceph::{self, DataObjects, Image};
 
 use super::error::{EngineError, Result};
 
@@ -27,12 +27,20 @@ pub struct CopyLimits {
     pub chunk: u64,
 }
 
+impl CopyLimits {
+    /// The default chunk: half an RBD object. Larger chunks mean larger
+    /// transient buffers in librados and librbd (see
+    /// [`crate::ceph::alloc`]); smaller ones more operations per object,
+    /// which costs more on sparse objects, read whole on a first sync.
+    pub const DEFAULT_CHUNK: u64 = 2 << 20;
+}
+
 impl Default for CopyLimits {
     fn default() -> Self {
         Self {
-            max_inflight_bytes: 64 << 20,
+            max_inflight_bytes: 32 << 20,
             max_ops: 32,
-            chunk: 4 << 20,
+            chunk: Self::DEFAULT_CHUNK,
         }
     }
 }
@@ -164,10 +172,12 @@ pub fn uncovered(have: &[Extent], want: &[Extent]) -> Vec<(u64, u64)> {
 }
 
 enum Event {
+    /// A read of extents `first..first + count`, one after the other in
+    /// `buf`.
     Read {
-        idx: usize,
-        ext: Extent,
-        res: ceph::Result<usize>,
+        first: usize,
+        count: usize,
+        res: ceph::Result<()>,
         buf: Vec<u8>,
     },
     Written {
@@ -180,6 +190,38 @@ enum Event {
         /// Zeroes a hole of the diff (nothing was read for it).
         hole: bool,
     },
+}
+
+/// Most extents read in one operation on an object.
+const MAX_UNIT_EXTENTS: usize = 64;
+
+/// The end (exclusive) of the read unit starting at data extent `start`:
+/// with `objects`, the following data extents of the same object up to
+/// `chunk` bytes in all; through librbd, the extent alone.
+fn unit_end(extents: &[Extent], start: usize, obj_size: Option<u64>, chunk: u64) -> usize {
+    let Some(obj) = obj_size.filter(|o| *o > 0) else {
+        return start + 1;
+    };
+    let first = extents[start];
+    let objno = first.off / obj;
+    if (first.off + first.len - 1) / obj != objno {
+        return start + 1;
+    }
+    let mut bytes = first.len;
+    let mut end = start + 1;
+    while let Some(e) = extents.get(end) {
+        if !e.data
+            || e.off / obj != objno
+            || (e.off + e.len - 1) / obj != objno
+            || bytes + e.len > chunk
+            || end - start >= MAX_UNIT_EXTENTS
+        {
+            break;
+        }
+        bytes += e.len;
+        end += 1;
+    }
+    end
 }
 
 /// Granularity of zero detection inside a read buffer: runs of zero blocks
@@ -318,11 +360,23 @@ fn is_zero(buf: &[u8]) -> bool {
 /// A byte budget shared by the copies running at once: a lone copy may use
 /// all of it, several share it first come, first served. Each copy may
 /// always keep one operation in flight beyond it, so none starves.
+///
+/// It also keeps the large read buffers the copies give back, as long as
+/// the buffers kept and the bytes in flight together stay within the limit:
+/// a 4 MiB buffer reused costs nothing, a new one a thousand page faults.
+/// The spares are released when the last copy using the budget ends.
 #[derive(Debug)]
 pub struct ByteBudget {
     limit: usize,
     used: AtomicUsize,
+    /// Copies currently using the budget.
+    copies: AtomicUsize,
+    spare: std::sync::Mutex<Vec<Vec<u8>>>,
 }
+
+/// Buffers at least this large are kept for reuse (smaller ones come from
+/// the allocator's heap cheaply).
+const SPARE_MIN: usize = 1 << 20;
 
 impl ByteBudget {
     /// A budget of `limit` bytes.
@@ -330,6 +384,8 @@ impl ByteBudget {
         Self {
             limit,
             used: AtomicUsize::new(0),
+            copies: AtomicUsize::new(0),
+            spare: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -362,12 +418,62 @@ impl ByteBudget {
     fn give(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
     }
+
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.spare.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A buffer of `len` bytes (contents unspecified): a spare of that size
+    /// if there is one.
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        if len >= SPARE_MIN {
+            let mut spare = self.spares();
+            if let Some(i) = spare.iter().position(|b| b.len() == len) {
+                return spare.swap_remove(i);
+            }
+        }
+        vec![0; len]
+    }
+
+    /// Takes back a buffer whose bytes are no longer counted as in flight:
+    /// kept if it is large and the limit has room for it.
+    fn recycle(&self, buf: Vec<u8>) {
+        if buf.len() < SPARE_MIN || buf.capacity() != buf.len() {
+            return;
+        }
+        let mut spare = self.spares();
+        let kept: usize = spare.iter().map(Vec::len).sum();
+        if self.copies.load(Ordering::Acquire) > 0 && kept + buf.len() + self.in_use() <= self.limit
+        {
+            spare.push(buf);
+        }
+    }
+
+    /// Registers a copy; the spares go when the last one ends.
+    fn enter(&self) -> BudgetUser<'_> {
+        self.copies.fetch_add(1, Ordering::AcqRel);
+        BudgetUser(self)
+    }
 }
 
-/// The bytes one copy has in flight, against its own cap and the shared
-/// budget; whatever is still held goes back on drop.
+/// A copy's registration with a [`ByteBudget`].
+struct BudgetUser<'a>(&'a ByteBudget);
+
+impl Drop for BudgetUser<'_> {
+    fn drop(&mut self) {
+        let mut spare = self.0.spares();
+        if self.0.copies.fetch_sub(1, Ordering::AcqRel) == 1 {
+            spare.clear();
+            spare.shrink_to_fit();
+        }
+    }
+}
+
+/// The bytes one copy has in flight, against its own cap and the budget
+/// (its own, or one shared with other copies); whatever is still held goes
+/// back on drop.
 struct InFlight<'a> {
-    shared: Option<&'a ByteBudget>,
+    budget: &'a ByteBudget,
     cap: usize,
     bytes: usize,
 }
@@ -379,9 +485,7 @@ impl InFlight<'_> {
         if !force && self.bytes + n > self.cap {
             return false;
         }
-        if let Some(s) = self.shared
-            && !s.try_take(n, force)
-        {
+        if !self.budget.try_take(n, force) {
             return false;
         }
         self.bytes += n;
@@ -397,9 +501,13 @@ impl InFlight<'_> {
     fn give(&mut self, n: usize) {
         let n = n.min(self.bytes);
         self.bytes -= n;
-        if let Some(s) = self.shared {
-            s.give(n);
-        }
+        self.budget.give(n);
+    }
+
+    /// Gives back the bytes of `buf` and the buffer itself.
+    fn release(&mut self, buf: Vec<u8>) {
+        self.give(buf.len());
+        self.budget.recycle(buf);
     }
 }
 
@@ -410,40 +518,21 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Read buffers of a copy: full-chunk buffers are reused (a bounded number,
-/// what the byte budget can have in flight), everything else is allocated at
-/// its exact size, so that the memory held is what the budget counts.
-struct BufPool {
-    chunk: usize,
-    max: usize,
-    free: Vec<Vec<u8>>,
+/// Where the data extents of a copy are read from.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The image (at the snapshot copied), read through librbd.
+    pub image: &'a Image,
+    /// Its data objects at that snapshot, read directly when the layout
+    /// allows: the extents of one object in one operation.
+    pub objects: Option<&'a DataObjects>,
 }
 
-impl BufPool {
-    fn new(limits: CopyLimits) -> Self {
-        let chunk = limits.chunk as usize;
+impl<'a> From<&'a Image> for Source<'a> {
+    fn from(image: &'a Image) -> Self {
         Self {
-            chunk,
-            // A few spares: buffers come back about as fast as they go out.
-            max: (limits.max_inflight_bytes / chunk.max(1)).clamp(1, 2),
-            free: Vec::new(),
-        }
-    }
-
-    /// A buffer of `len` bytes (contents unspecified).
-    fn take(&mut self, len: usize) -> Vec<u8> {
-        if len == self.chunk
-            && let Some(b) = self.free.pop()
-        {
-            return b;
-        }
-        vec![0; len]
-    }
-
-    /// Returns a buffer: kept if it is a full chunk and the pool has room.
-    fn give(&mut self, buf: Vec<u8>) {
-        if buf.len() == self.chunk && buf.capacity() == self.chunk && self.free.len() < self.max {
-            self.free.push(buf);
+            image,
+            objects: None,
         }
     }
 }
@@ -457,7 +546,7 @@ impl BufPool {
 /// others (besides its own `limits`). Blocking.
 #[allow(clippy::too_many_arguments)]
 pub fn copy_extents(
-    src: &Image,
+    src: Source<'_>,
     dst: &Image,
     extents: &[Extent],
     fresh: bool,
@@ -467,63 +556,49 @@ pub fn copy_extents(
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<CopyStats> {
+    let own;
+    let budget = match shared {
+        Some(b) => b,
+        None => {
+            own = ByteBudget::new(limits.max_inflight_bytes.max(limits.chunk as usize));
+            &own
+        }
+    };
+    let _user = budget.enter();
     let (tx, rx) = mpsc::channel::<Event>();
-    let mut stats = CopyStats::default();
-    let mut free = BufPool::new(limits);
+    let mut c = Copier {
+        dst,
+        extents,
+        fresh,
+        tx,
+        stats: CopyStats::default(),
+        inflight: InFlight {
+            budget,
+            cap: limits.max_inflight_bytes.max(limits.chunk as usize),
+            bytes: 0,
+        },
+        ops: 0,
+        pending: vec![0u32; extents.len()],
+        mark: Watermark::new(extents.len()),
+        done_bytes: 0,
+        first_err: None,
+        progress,
+    };
+    let obj_size = src.objects.map(DataObjects::object_size);
     let mut next = 0usize;
-    let mut inflight_ops = 0usize;
-    let mut inflight = InFlight {
-        shared,
-        cap: limits.max_inflight_bytes.max(limits.chunk as usize),
-        bytes: 0,
-    };
-    let mut done_bytes = 0u64;
-    let mut first_err: Option<EngineError> = None;
-    let mut mark = Watermark::new(extents.len());
-    // Writes still outstanding per extent.
-    let mut pending = vec![0u32; extents.len()];
     let mut throttle_wait: Option<std::time::Duration> = None;
-
-    let ceph_err = |what: &str, img: &Image, e: ceph::Error| EngineError::Ceph {
-        context: format!("{what} {}", img.spec()),
-        source: e,
-    };
 
     loop {
         // Submit as much as the limits allow.
-        while first_err.is_none() && next < extents.len() && inflight_ops < limits.max_ops {
+        while c.first_err.is_none() && next < extents.len() && c.ops < limits.max_ops {
             if cancelled() {
-                first_err = Some(EngineError::Unavailable("sync cancelled".into()));
+                c.first_err = Some(EngineError::Unavailable("sync cancelled".into()));
                 break;
             }
             let ext = extents[next];
             let idx = next;
-            if ext.data {
-                let len = ext.len as usize;
-                if !inflight.try_take(len, inflight_ops == 0) {
-                    break;
-                }
-                if let Err(wait) = take_all(throttles, ext.len) {
-                    inflight.give(len);
-                    throttle_wait = Some(wait);
-                    break;
-                }
-                let buf = free.take(len);
-                let t = tx.clone();
-                let r = src.aio_read(
-                    ext.off,
-                    buf,
-                    Box::new(move |res, buf| {
-                        let _ = t.send(Event::Read { idx, ext, res, buf });
-                    }),
-                );
-                if let Err(e) = r {
-                    inflight.give(len);
-                    first_err = Some(ceph_err("reading", src, e));
-                    break;
-                }
-            } else {
-                let t = tx.clone();
+            if !ext.data {
+                let t = c.tx.clone();
                 let len = ext.len;
                 let r = dst.aio_write_zeroes(
                     ext.off,
@@ -540,18 +615,82 @@ pub fn copy_extents(
                     }),
                 );
                 if let Err(e) = r {
-                    first_err = Some(ceph_err("zeroing", dst, e));
+                    c.first_err = Some(ceph_err("zeroing", dst, e));
                     break;
                 }
-                pending[idx] = 1;
+                c.pending[idx] = 1;
+                c.ops += 1;
+                next += 1;
+                continue;
             }
-            inflight_ops += 1;
-            next += 1;
+            let end = unit_end(extents, idx, obj_size, limits.chunk);
+            let unit = &extents[idx..end];
+            // The extents of one object in one operation, or the extent
+            // alone through librbd.
+            let direct = match (src.objects, obj_size) {
+                (Some(o), Some(obj)) if unit_end_in_object(unit, obj) => Some((o, obj)),
+                _ => None,
+            };
+            let unit = if direct.is_some() { unit } else { &unit[..1] };
+            let len: u64 = unit.iter().map(|e| e.len).sum();
+            let Ok(ulen) = usize::try_from(len) else {
+                c.first_err = Some(EngineError::Internal(format!("extent of {len} bytes")));
+                break;
+            };
+            if !c.inflight.try_take(ulen, c.ops == 0) {
+                break;
+            }
+            if let Err(wait) = take_all(throttles, len) {
+                c.inflight.give(ulen);
+                throttle_wait = Some(wait);
+                break;
+            }
+            let buf = budget.buffer(ulen);
+            let t = c.tx.clone();
+            let count = unit.len();
+            let r = match direct {
+                Some((objects, obj)) => {
+                    let spans: Vec<(u64, usize)> =
+                        unit.iter().map(|e| (e.off % obj, e.len as usize)).collect();
+                    objects.aio_read(
+                        ext.off / obj,
+                        &spans,
+                        buf,
+                        Box::new(move |res, buf| {
+                            let _ = t.send(Event::Read {
+                                first: idx,
+                                count,
+                                res,
+                                buf,
+                            });
+                        }),
+                    )
+                }
+                None => src.image.aio_read(
+                    ext.off,
+                    buf,
+                    Box::new(move |res, buf| {
+                        let _ = t.send(Event::Read {
+                            first: idx,
+                            count: 1,
+                            res: res.map(|_| ()),
+                            buf,
+                        });
+                    }),
+                ),
+            };
+            if let Err(e) = r {
+                c.inflight.give(ulen);
+                c.first_err = Some(ceph_err("reading", src.image, e));
+                break;
+            }
+            c.ops += 1;
+            next = idx + count;
         }
-        if inflight_ops == 0 {
+        if c.ops == 0 {
             match throttle_wait.take() {
                 // Throttled with nothing in flight: wait, then submit again.
-                Some(wait) if first_err.is_none() => {
+                Some(wait) if c.first_err.is_none() => {
                     std::thread::sleep(wait.min(std::time::Duration::from_millis(200)));
                     continue;
                 }
@@ -570,87 +709,46 @@ pub fn copy_extents(
             },
         };
         match ev {
-            Event::Read { idx, ext, res, buf } => match res {
-                Err(e) => {
-                    inflight_ops -= 1;
-                    inflight.give(buf.len());
-                    free.give(buf);
-                    first_err.get_or_insert(ceph_err("reading", src, e));
-                }
-                Ok(_) if first_err.is_some() => {
-                    inflight_ops -= 1;
-                    inflight.give(buf.len());
-                    free.give(buf);
-                }
-                Ok(_) => {
-                    stats.bytes_read += ext.len;
-                    inflight_ops -= 1;
-                    inflight.give(buf.len());
-                    let runs = zero_runs(&buf);
-                    let whole = runs.len() == 1;
-                    let mut buf = Some(buf);
-                    let mut subs = 0u32;
-                    for (start, len, zero) in runs {
-                        if zero && fresh {
-                            stats.bytes_skipped += len as u64;
-                            continue;
-                        }
-                        let off = ext.off + start as u64;
-                        let t = tx.clone();
-                        let l = len as u64;
-                        let cb: ceph::aio::AioCallback = Box::new(move |res, b| {
-                            let _ = t.send(Event::Written {
-                                idx,
-                                len: l,
-                                res,
-                                buf: b,
-                                zero,
-                                hole: false,
-                            });
-                        });
-                        let r = if zero {
-                            // Zero exactly, without data: the replica stays
-                            // sparse where the primary is.
-                            dst.aio_write_zeroes(off, l, cb)
+            Event::Read {
+                first,
+                count,
+                res,
+                buf,
+            } => {
+                c.ops -= 1;
+                match res {
+                    Err(e) => {
+                        c.inflight.release(buf);
+                        c.first_err.get_or_insert(ceph_err("reading", src.image, e));
+                    }
+                    Ok(()) if c.first_err.is_some() => c.inflight.release(buf),
+                    Ok(()) => {
+                        c.stats.bytes_read += buf.len() as u64;
+                        c.inflight.give(buf.len());
+                        let left = if count == 1 {
+                            c.write_extent(first, Data::Owned(buf))
                         } else {
-                            let data = match (whole, buf.take()) {
-                                (true, Some(b)) => b,
-                                (_, b) => {
-                                    // A run of its own, in a buffer of its size.
-                                    let src = b.as_deref().unwrap_or(&[]);
-                                    let d = src.get(start..start + len).unwrap_or(&[]).to_vec();
-                                    buf = b;
-                                    d
-                                }
-                            };
-                            inflight.take(data.len());
-                            dst.aio_write(off, data, cb)
+                            let mut pos = 0usize;
+                            for (i, e) in extents.iter().enumerate().skip(first).take(count) {
+                                let len = e.len as usize;
+                                let Some(part) = buf.get(pos..pos + len) else {
+                                    c.first_err.get_or_insert(EngineError::Internal(format!(
+                                        "read of {} bytes is short of extent {i}",
+                                        buf.len()
+                                    )));
+                                    break;
+                                };
+                                c.write_extent(i, Data::Part(part));
+                                pos += len;
+                            }
+                            Some(buf)
                         };
-                        match r {
-                            Ok(()) => {
-                                subs += 1;
-                                inflight_ops += 1;
-                            }
-                            Err(e) => {
-                                if !zero {
-                                    inflight.give(len);
-                                }
-                                first_err.get_or_insert(ceph_err("writing", dst, e));
-                                break;
-                            }
+                        if let Some(b) = left {
+                            budget.recycle(b);
                         }
                     }
-                    if let Some(b) = buf {
-                        free.give(b);
-                    }
-                    pending[idx] = subs;
-                    if subs == 0 {
-                        done_bytes += ext.len;
-                        mark.complete(idx);
-                        progress(done_bytes, mark.offset(extents));
-                    }
                 }
-            },
+            }
             Event::Written {
                 idx,
                 len,
@@ -659,40 +757,164 @@ pub fn copy_extents(
                 zero,
                 hole,
             } => {
-                inflight_ops -= 1;
-                if !zero {
-                    inflight.give(buf.len());
+                c.ops -= 1;
+                if zero {
+                    budget.recycle(buf);
+                } else {
+                    c.inflight.release(buf);
                 }
-                free.give(buf);
                 match res {
                     Err(e) => {
-                        first_err.get_or_insert(ceph_err("writing", dst, e));
+                        c.first_err.get_or_insert(ceph_err("writing", dst, e));
                     }
                     Ok(_) => {
                         if zero {
-                            stats.bytes_zeroed += len;
+                            c.stats.bytes_zeroed += len;
                             if hole {
-                                stats.bytes_holes += len;
+                                c.stats.bytes_holes += len;
                             }
                         } else {
-                            stats.bytes_written += len;
+                            c.stats.bytes_written += len;
                         }
-                        pending[idx] = pending[idx].saturating_sub(1);
-                        if pending[idx] == 0 {
-                            done_bytes += extents[idx].len;
-                            mark.complete(idx);
-                            progress(done_bytes, mark.offset(extents));
+                        c.pending[idx] = c.pending[idx].saturating_sub(1);
+                        if c.pending[idx] == 0 {
+                            c.extent_done(idx);
                         }
                     }
                 }
             }
         }
     }
-    if let Some(e) = first_err {
+    if let Some(e) = c.first_err {
         return Err(e);
     }
+    let stats = c.stats;
     dst.flush().map_err(|e| ceph_err("flushing", dst, e))?;
     Ok(stats)
+}
+
+/// Whether the unit lies in one object of `obj` bytes (the extents are
+/// split at the copy chunk, which may be larger than a small object).
+fn unit_end_in_object(unit: &[Extent], obj: u64) -> bool {
+    match (unit.first(), unit.last()) {
+        (Some(f), Some(l)) => f.off / obj == (l.off + l.len - 1) / obj,
+        _ => false,
+    }
+}
+
+fn ceph_err(what: &str, img: &Image, e: ceph::Error) -> EngineError {
+    EngineError::Ceph {
+        context: format!("{what} {}", img.spec()),
+        source: e,
+    }
+}
+
+/// The data read for one extent: a buffer of its own, or its part of a
+/// buffer shared with the other extents of its object.
+enum Data<'b> {
+    Owned(Vec<u8>),
+    Part(&'b [u8]),
+}
+
+/// The state of one copy between its submissions and completions.
+struct Copier<'a, 'p> {
+    dst: &'a Image,
+    extents: &'a [Extent],
+    fresh: bool,
+    tx: mpsc::Sender<Event>,
+    stats: CopyStats,
+    inflight: InFlight<'a>,
+    /// Operations in flight.
+    ops: usize,
+    /// Writes still outstanding per extent.
+    pending: Vec<u32>,
+    mark: Watermark,
+    done_bytes: u64,
+    first_err: Option<EngineError>,
+    progress: &'p mut dyn FnMut(u64, u64),
+}
+
+impl Copier<'_, '_> {
+    fn extent_done(&mut self, idx: usize) {
+        self.done_bytes += self.extents[idx].len;
+        self.mark.complete(idx);
+        (self.progress)(self.done_bytes, self.mark.offset(self.extents));
+    }
+
+    /// Writes the data read for extent `idx`: its non-zero runs, and its
+    /// zero runs as exact zeroes (nothing on a fresh replica). Returns the
+    /// buffer if it was not handed to a write.
+    fn write_extent(&mut self, idx: usize, data: Data<'_>) -> Option<Vec<u8>> {
+        let ext = self.extents[idx];
+        let bytes: &[u8] = match &data {
+            Data::Owned(v) => v,
+            Data::Part(p) => p,
+        };
+        let runs = zero_runs(bytes);
+        // One non-zero run covering a buffer of its own: written as is.
+        let whole = matches!(data, Data::Owned(_)) && runs.len() == 1 && !runs[0].2;
+        // (offset, length, data: None for zeroes)
+        let mut parts: Vec<(u64, u64, Option<Vec<u8>>)> = Vec::with_capacity(runs.len());
+        for (start, len, zero) in runs {
+            if zero && self.fresh {
+                self.stats.bytes_skipped += len as u64;
+                continue;
+            }
+            let copy =
+                (!zero && !whole).then(|| bytes.get(start..start + len).unwrap_or(&[]).to_vec());
+            parts.push((ext.off + start as u64, len as u64, copy));
+        }
+        let mut left = match data {
+            Data::Owned(v) => Some(v),
+            Data::Part(_) => None,
+        };
+        if whole && let Some(p) = parts.first_mut() {
+            p.2 = left.take();
+        }
+        let mut subs = 0u32;
+        for (off, len, buf) in parts {
+            let zero = buf.is_none();
+            let t = self.tx.clone();
+            let cb: ceph::aio::AioCallback = Box::new(move |res, b| {
+                let _ = t.send(Event::Written {
+                    idx,
+                    len,
+                    res,
+                    buf: b,
+                    zero,
+                    hole: false,
+                });
+            });
+            let r = match buf {
+                // Zero exactly, without data: the replica stays sparse where
+                // the primary is.
+                None => self.dst.aio_write_zeroes(off, len, cb),
+                Some(buf) => {
+                    self.inflight.take(buf.len());
+                    self.dst.aio_write(off, buf, cb)
+                }
+            };
+            match r {
+                Ok(()) => {
+                    subs += 1;
+                    self.ops += 1;
+                }
+                Err(e) => {
+                    if !zero {
+                        self.inflight.give(len as usize);
+                    }
+                    self.first_err
+                        .get_or_insert(ceph_err("writing", self.dst, e));
+                    break;
+                }
+            }
+        }
+        self.pending[idx] = subs;
+        if subs == 0 {
+            self.extent_done(idx);
+        }
+        left
+    }
 }
 
 #[cfg(test)]
@@ -725,6 +947,37 @@ mod tests {
         assert_eq!(uncovered(&have, &[]), vec![(0, 100), (200, 250)]);
         assert!(uncovered(&[], &want).is_empty());
         assert!(uncovered(&[ext(10, 5)], &[ext(0, 100)]).is_empty());
+    }
+
+    fn data(off: u64, len: u64, data: bool) -> Extent {
+        Extent { off, len, data }
+    }
+
+    #[test]
+    fn read_units_group_an_objects_data_extents() {
+        const M: u64 = 1 << 20;
+        let v = [
+            data(0, 64 << 10, true),
+            data(M, 64 << 10, true),
+            data(2 * M, 64 << 10, false),
+            data(3 * M, 64 << 10, true),
+            data(4 * M, 64 << 10, true),
+            data(5 * M, 2 * M, true),
+            data(7 * M, M, true),
+        ];
+        // Through librbd: one extent per read.
+        assert_eq!(unit_end(&v, 0, None, 2 * M), 1);
+        // Objects of 4 MiB: a hole ends a unit, so does the object's end.
+        assert_eq!(unit_end(&v, 0, Some(4 * M), 2 * M), 2);
+        assert_eq!(unit_end(&v, 3, Some(4 * M), 2 * M), 4);
+        // The chunk bounds a unit's bytes.
+        assert_eq!(unit_end(&v, 4, Some(4 * M), 2 * M), 5);
+        assert_eq!(unit_end(&v, 5, Some(4 * M), 2 * M), 6);
+        assert_eq!(unit_end(&v, 5, Some(4 * M), 4 * M), 7);
+        // An extent crossing into the next (small) object goes alone.
+        assert_eq!(unit_end(&v, 5, Some(M), 4 * M), 6);
+        assert!(!unit_end_in_object(&v[5..6], M));
+        assert!(unit_end_in_object(&v[0..2], 4 * M));
     }
 
     #[test]

@@ -126,9 +126,15 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let due = Arc::new(DueCache::default());
     loop {
         let e = Arc::clone(&engine);
+        let pass = Instant::now();
         let discovered = tokio::task::spawn_blocking(move || e.discover()).await;
         match discovered {
             Ok(Ok((jobs, pools))) => {
+                tracing::debug!(
+                    seconds = pass.elapsed().as_secs_f64(),
+                    jobs = jobs.len(),
+                    "discovery pass"
+                );
                 leased = pools;
                 for job in jobs {
                     let key = job.key();
@@ -550,6 +556,7 @@ fn sync_inner(
     permit: &mut Option<OwnedSemaphorePermit>,
 ) -> Result<bool> {
     let key = job.key();
+    let begun = Instant::now();
     let local_io = local.ioctx(&job.pool, &job.namespace).ctx(|| {
         format!(
             "opening {}/{} on the local cluster",
@@ -686,6 +693,12 @@ fn sync_inner(
         .collect();
     points.sort_by_key(|s| s.id);
     points.push(target.clone());
+    tracing::debug!(
+        base = ?base.as_ref().map(|b| &b.name),
+        target = %target.name,
+        seconds = begun.elapsed().as_secs_f64(),
+        "sync planned"
+    );
 
     let started = Instant::now();
     let mut from = base.as_ref().map(|b| b.name.clone());
@@ -872,6 +885,17 @@ fn delta(
         extents = copy::skip_below(&extents, resume_at);
     }
     let remaining: u64 = extents.iter().map(|e| e.len).sum();
+    // A delta's extents are exactly what was written: read them from the
+    // primary's data objects, an object's extents in one operation. A first
+    // sync lists whole objects, mostly holes on a thin volume, which
+    // librbd's sparse reads skip on the wire.
+    let objects = match from {
+        Some(_) => ceph::DataObjects::open(&src, to.id).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "reading through librbd");
+            None
+        }),
+        None => None,
+    };
     tracing::info!(
         from = ?from,
         to = %to.name,
@@ -879,6 +903,7 @@ fn delta(
         remaining,
         resume_at,
         extents = extents.len(),
+        direct = objects.is_some(),
         "delta started"
     );
     // The cap is the primary's setting (its Enable parameters).
@@ -932,7 +957,10 @@ fn delta(
         }
     };
     let stats = copy::copy_extents(
-        &src,
+        copy::Source {
+            image: &src,
+            objects: objects.as_ref(),
+        },
         replica,
         &extents,
         fresh && resume_at == 0,

@@ -39,7 +39,7 @@ pub fn rollback_to(
         return Ok(0);
     }
     let stats = copy::copy_extents(
-        &at,
+        (&at).into(),
         img,
         &extents,
         false,
