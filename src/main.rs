@@ -216,6 +216,11 @@ fn bytes(s: &str) -> Result<usize, String> {
     parse_size(s)
 }
 
+/// Copy buffers mapped apart from glibc's arenas (see `ceph::alloc`).
+#[global_allocator]
+static ALLOCATOR: csi_rbd_replicator::ceph::alloc::ProcessAllocator =
+    csi_rbd_replicator::ceph::alloc::ProcessAllocator;
+
 fn main() -> std::process::ExitCode {
     csi_rbd_replicator::ceph::alloc::tune_allocator(CopyLimits::DEFAULT_CHUNK as usize);
     let cli = Cli::parse();

@@ -348,22 +348,25 @@ impl Throttle {
     }
 }
 
-/// Whether `buf` holds only zero bytes (16 bytes at a time).
+/// Whether `buf` holds only zero bytes: 256 bytes at a time, ORed as
+/// machine words (which the compiler vectorises), stopping at the first
+/// block with data. A first sync of a thin volume scans gigabytes of zeroes.
 fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(16);
-    chunks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
-        && chunks.remainder().iter().all(|b| *b == 0)
+    let mut blocks = buf.chunks_exact(256);
+    blocks.by_ref().all(|b| {
+        b.chunks_exact(8)
+            .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8])))
+            .fold(0, |acc, w| acc | w)
+            == 0
+    }) && blocks.remainder().iter().all(|b| *b == 0)
 }
 
 /// A byte budget shared by the copies running at once: a lone copy may use
 /// all of it, several share it first come, first served. Each copy may
 /// always keep one operation in flight beyond it, so none starves.
 ///
-/// It also keeps the large read buffers the copies give back, as long as
-/// the buffers kept and the bytes in flight together stay within the limit:
-/// a 4 MiB buffer reused costs nothing, a new one a thousand page faults.
+/// It also keeps the large read buffers the copies give back (up to the
+/// limit): a 2 MiB buffer reused costs nothing, a new one 512 page faults.
 /// The spares are released when the last copy using the budget ends.
 #[derive(Debug)]
 pub struct ByteBudget {
@@ -423,28 +426,40 @@ impl ByteBudget {
         self.spare.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A buffer of `len` bytes (contents unspecified): a spare of that size
-    /// if there is one.
+    /// A buffer of `len` bytes (contents unspecified): a spare large enough
+    /// if there is one, else a new one with room for the next power of two
+    /// (the reads of a copy come in a few sizes up to its chunk).
     fn buffer(&self, len: usize) -> Vec<u8> {
-        if len >= SPARE_MIN {
-            let mut spare = self.spares();
-            if let Some(i) = spare.iter().position(|b| b.len() == len) {
-                return spare.swap_remove(i);
-            }
+        if len < SPARE_MIN {
+            return vec![0; len];
         }
-        vec![0; len]
+        let found = {
+            let mut spare = self.spares();
+            let best = spare
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i);
+            best.map(|i| spare.swap_remove(i))
+        };
+        let mut b = found.unwrap_or_else(|| Vec::with_capacity(len.next_power_of_two()));
+        // Within the capacity: no reallocation, at most the growth zeroed.
+        b.resize(len, 0);
+        b
     }
 
     /// Takes back a buffer whose bytes are no longer counted as in flight:
-    /// kept if it is large and the limit has room for it.
+    /// kept if it is large and the spares stay within the limit. A new
+    /// buffer is made only when no spare fits, so the large buffers in
+    /// existence never outnumber the most that were in flight at once.
     fn recycle(&self, buf: Vec<u8>) {
-        if buf.len() < SPARE_MIN || buf.capacity() != buf.len() {
+        if buf.capacity() < SPARE_MIN {
             return;
         }
         let mut spare = self.spares();
-        let kept: usize = spare.iter().map(Vec::len).sum();
-        if self.copies.load(Ordering::Acquire) > 0 && kept + buf.len() + self.in_use() <= self.limit
-        {
+        let kept: usize = spare.iter().map(Vec::capacity).sum();
+        if self.copies.load(Ordering::Acquire) > 0 && kept + buf.capacity() <= self.limit {
             spare.push(buf);
         }
     }
