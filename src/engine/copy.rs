@@ -177,6 +177,8 @@ enum Event {
     Read {
         first: usize,
         count: usize,
+        /// Read from the data objects directly (not through librbd).
+        direct: bool,
         res: ceph::Result<()>,
         buf: Vec<u8>,
     },
@@ -599,19 +601,25 @@ pub fn copy_extents(
         first_err: None,
         progress,
     };
-    let obj_size = src.objects.map(DataObjects::object_size);
+    let mut obj_size = src.objects.map(DataObjects::object_size);
     let mut next = 0usize;
+    // Data extents whose direct read failed, to read again through librbd.
+    let mut retry: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
     let mut throttle_wait: Option<std::time::Duration> = None;
 
     loop {
         // Submit as much as the limits allow.
-        while c.first_err.is_none() && next < extents.len() && c.ops < limits.max_ops {
+        while c.first_err.is_none()
+            && (!retry.is_empty() || next < extents.len())
+            && c.ops < limits.max_ops
+        {
             if cancelled() {
                 c.first_err = Some(EngineError::Unavailable("sync cancelled".into()));
                 break;
             }
-            let ext = extents[next];
-            let idx = next;
+            let again = retry.front().copied();
+            let idx = again.unwrap_or(next);
+            let ext = extents[idx];
             if !ext.data {
                 let t = c.tx.clone();
                 let len = ext.len;
@@ -643,7 +651,9 @@ pub fn copy_extents(
             // The extents of one object in one operation, or the extent
             // alone through librbd.
             let direct = match (src.objects, obj_size) {
-                (Some(o), Some(obj)) if unit_end_in_object(unit, obj) => Some((o, obj)),
+                (Some(o), Some(obj)) if again.is_none() && unit_end_in_object(unit, obj) => {
+                    Some((o, obj))
+                }
                 _ => None,
             };
             let unit = if direct.is_some() { unit } else { &unit[..1] };
@@ -675,6 +685,7 @@ pub fn copy_extents(
                             let _ = t.send(Event::Read {
                                 first: idx,
                                 count,
+                                direct: true,
                                 res,
                                 buf,
                             });
@@ -688,6 +699,7 @@ pub fn copy_extents(
                         let _ = t.send(Event::Read {
                             first: idx,
                             count: 1,
+                            direct: false,
                             res: res.map(|_| ()),
                             buf,
                         });
@@ -700,7 +712,11 @@ pub fn copy_extents(
                 break;
             }
             c.ops += 1;
-            next = idx + count;
+            if again.is_some() {
+                retry.pop_front();
+            } else {
+                next = idx + count;
+            }
         }
         if c.ops == 0 {
             match throttle_wait.take() {
@@ -727,11 +743,25 @@ pub fn copy_extents(
             Event::Read {
                 first,
                 count,
+                direct,
                 res,
                 buf,
             } => {
                 c.ops -= 1;
                 match res {
+                    // A direct read that librbd might still do (e.g. caps
+                    // that do not cover the data pool): read those extents
+                    // through librbd, and the rest of the copy too.
+                    Err(e) if direct && c.first_err.is_none() => {
+                        if obj_size.take().is_some() {
+                            tracing::warn!(
+                                error = %e,
+                                "reading data objects directly failed; reading through librbd"
+                            );
+                        }
+                        c.inflight.release(buf);
+                        retry.extend(first..first + count);
+                    }
                     Err(e) => {
                         c.inflight.release(buf);
                         c.first_err.get_or_insert(ceph_err("reading", src.image, e));
@@ -993,6 +1023,39 @@ mod tests {
         assert_eq!(unit_end(&v, 5, Some(M), 4 * M), 6);
         assert!(!unit_end_in_object(&v[5..6], M));
         assert!(unit_end_in_object(&v[0..2], 4 * M));
+    }
+
+    #[test]
+    fn budget_reuses_buffers_by_capacity_within_its_limit() {
+        const M: usize = 1 << 20;
+        let b = ByteBudget::new(4 * M);
+        let user = b.enter();
+        let x = b.buffer(2 * M);
+        assert_eq!((x.len(), x.capacity()), (2 * M, 2 * M));
+        let y = b.buffer(3 * M / 2);
+        assert_eq!(y.capacity(), 2 * M, "rounded up to the next power of two");
+        let (px, py) = (x.as_ptr(), y.as_ptr());
+        b.recycle(x);
+        b.recycle(y);
+        // A third large buffer would exceed the limit: dropped, not kept.
+        b.recycle(vec![0; 2 * M]);
+        assert_eq!(b.spares().len(), 2);
+        // A shorter read gets a kept buffer, resized within its capacity.
+        let z = b.buffer(M + 4096);
+        assert_eq!(z.len(), M + 4096);
+        assert!(z.as_ptr() == px || z.as_ptr() == py);
+        b.recycle(z);
+        // Small buffers are the allocator's business.
+        b.recycle(vec![0; 64 << 10]);
+        assert_eq!(b.spares().len(), 2);
+        // The last copy to leave releases the spares.
+        drop(user);
+        assert!(b.spares().is_empty());
+        b.recycle(vec![0; 2 * M]);
+        assert!(
+            b.spares().is_empty(),
+            "nothing is kept with no copy running"
+        );
     }
 
     #[test]

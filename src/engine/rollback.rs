@@ -28,6 +28,14 @@ pub fn rollback_to(
         img.resize(size)
             .ctx(|| format!("resizing {spec} back to {snap}"))?;
     }
+    // Whole objects at a time: an object the snapshot does not have is then
+    // zeroed in one request, which removes it, instead of being left behind
+    // full of zeroes for the next delta to carry.
+    let obj_size = at.stat().ctx(|| format!("{spec}@{snap}"))?.obj_size;
+    let limits = CopyLimits {
+        chunk: limits.chunk.max(obj_size),
+        ..limits
+    };
     // What changed on the head since the snapshot; every such extent gets
     // the snapshot's content back (zeroes where the snapshot has none).
     let changed = copy::changed_extents(img, Some(snap), size, limits.chunk)?;
