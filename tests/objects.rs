@@ -1,9 +1,11 @@
 //! Direct reads of an image's data objects (`ceph::DataObjects`, what a
 //! delta reads the primary with) against librbd's reads of the same
 //! snapshot, on the real pair: data written before the snapshot, data
-//! overwritten after it, holes inside an object, bytes past an object's end
-//! and objects that do not exist all read the same. Clones and fancy
-//! striping are refused (librbd reads them).
+//! overwritten after it, holes inside an object and bytes past an object's
+//! end read the same, in the default and in a RADOS namespace; a missing
+//! object is an error, never zeroes. Clones and fancy striping are refused
+//! (librbd reads them). A copy whose direct reads fail reads through librbd
+//! and is still exact.
 
 mod common;
 
@@ -11,11 +13,16 @@ use std::sync::mpsc;
 
 use common::*;
 use csi_rbd_replicator::ceph::{self, DataObjects, Image};
+use csi_rbd_replicator::engine::copy;
 
 const MIB: u64 = 1 << 20;
 
 /// Reads `spans` (offset in the object, length) of object `objno` directly.
 fn direct(objects: &DataObjects, objno: u64, spans: &[(u64, usize)]) -> Vec<u8> {
+    try_direct(objects, objno, spans).expect("direct read")
+}
+
+fn try_direct(objects: &DataObjects, objno: u64, spans: &[(u64, usize)]) -> ceph::Result<Vec<u8>> {
     let total: usize = spans.iter().map(|s| s.1).sum();
     // Dirty on purpose: holes must come back as zeroes, not stale bytes.
     let buf = vec![0xa5u8; total];
@@ -31,8 +38,7 @@ fn direct(objects: &DataObjects, objno: u64, spans: &[(u64, usize)]) -> Vec<u8> 
         )
         .expect("submit");
     let (r, b) = rx.recv().expect("completion");
-    r.expect("direct read");
-    b
+    r.map(|()| b)
 }
 
 /// The same spans through librbd.
@@ -49,7 +55,17 @@ fn through_librbd(img: &Image, obj: u64, objno: u64, spans: &[(u64, usize)]) -> 
 
 #[test]
 fn direct_object_reads_equal_librbds_at_the_snapshot() {
-    let io = ioctx(Site::A, "");
+    reads_equal_librbds_in(&ioctx(Site::A, ""));
+}
+
+#[test]
+fn direct_object_reads_in_a_rados_namespace() {
+    // The pair creates RADOS namespace ns1 in its pool (as tests/omap.rs uses).
+    reads_equal_librbds_in(&ioctx(Site::A, "ns1"));
+}
+
+fn reads_equal_librbds_in(io: &std::sync::Arc<ceph::IoCtx>) {
+    let io = io.clone();
     let name = unique("objread");
     // Object 0 full, object 1 partly (a hole before and after 64 KiB),
     // object 2 written only in its first 100 KiB (a short object), objects
@@ -86,8 +102,6 @@ fn direct_object_reads_equal_librbds_at_the_snapshot() {
         (1, &[(0, 64 << 10), (MIB - 4096, 72 << 10), (2 * MIB, 4096)]),
         // a short object: bytes past its end read as zeroes
         (2, &[(90 << 10, 64 << 10), (MIB, 4096)]),
-        // an object that does not exist
-        (4, &[(0, 64 << 10), (2 * MIB, 8192)]),
     ];
     for (objno, spans) in cases {
         let d = direct(&objects, *objno, spans);
@@ -102,6 +116,9 @@ fn direct_object_reads_equal_librbds_at_the_snapshot() {
     let head = through_librbd(&img, obj, 0, &[(MIB, 64 << 10)]);
     let snap = through_librbd(&at, obj, 0, &[(MIB, 64 << 10)]);
     assert_ne!(head, snap);
+    // An object that does not exist is an error, not zeroes.
+    let e = try_direct(&objects, 4, &[(0, 64 << 10)]).expect_err("missing object");
+    assert_eq!(e.kind(), ceph::ErrorKind::NotFound, "{e}");
 
     drop(objects);
     drop(at);
@@ -176,4 +193,64 @@ fn clones_and_fancy_striping_read_through_librbd() {
     );
     rbd_ok(Site::A, &["snap", "rm", &format!("{}@base", spec(&parent))]);
     ceph::rbd::remove(&io, &parent).expect("remove parent");
+}
+
+#[test]
+fn a_copy_whose_direct_reads_fail_reads_through_librbd() {
+    let io = ioctx(Site::A, "");
+    let bio = ioctx(Site::B, "");
+    let name = unique("objread-fallback");
+    // s0 before any write: at s0 no data object exists, so direct reads at
+    // s0 fail (as reads with caps that miss the data pool would).
+    let img = create_image_in(&io, &name, 16 * MIB, &[], 1);
+    img.snap_create("s0").expect("snapshot s0");
+    write(
+        &img,
+        &[(0, 64 << 10), (MIB, 64 << 10), (6 * MIB, 3 << 20)],
+        5,
+    );
+    img.snap_create("s1").expect("snapshot s1");
+    let snaps = img.snap_list().expect("snapshots");
+    let s0 = snaps.iter().find(|s| s.name == "s0").expect("s0").id;
+    let at0 = Image::open_read_only(&io, &name, Some("s0")).expect("open at s0");
+    let at1 = Image::open_read_only(&io, &name, Some("s1")).expect("open at s1");
+    let wrong = DataObjects::open(&at0, s0)
+        .expect("layout")
+        .expect("direct");
+    // The premise: direct reads of this copy fail.
+    let e = try_direct(&wrong, 0, &[(0, 4096)]).expect_err("no object at s0");
+    assert_eq!(e.kind(), ceph::ErrorKind::NotFound, "{e}");
+
+    let dst = create_image_in(&bio, &name, 16 * MIB, &[], 1);
+    let extents = copy::changed_extents(&at1, Some("s0"), 16 * MIB, 2 * MIB).expect("diff");
+    let stats = copy::copy_extents(
+        copy::Source {
+            image: &at1,
+            objects: Some(&wrong),
+        },
+        &dst,
+        &extents,
+        true,
+        copy::CopyLimits::default(),
+        None,
+        &[],
+        &|| false,
+        &mut |_, _| {},
+    )
+    .expect("copy falls back to librbd");
+    assert_eq!(stats.bytes_written, (64 << 10) * 2 + (3 << 20));
+    let mut want = vec![0u8; 16 * MIB as usize];
+    let mut got = vec![0u8; 16 * MIB as usize];
+    at1.read(0, &mut want).expect("read source");
+    dst.read(0, &mut got).expect("read copy");
+    assert!(want == got, "the copy differs from the source at s1");
+    assert!(want.iter().any(|b| *b != 0));
+
+    drop((wrong, at0, at1, dst));
+    for s in ["s0", "s1"] {
+        img.snap_remove(s).expect("remove snapshot");
+    }
+    drop(img);
+    ceph::rbd::remove(&io, &name).expect("remove source");
+    ceph::rbd::remove(&bio, &name).expect("remove copy");
 }

@@ -84,9 +84,11 @@ impl DataObjects {
 
     /// Reads `extents` (offset and length within object `objno`, each) in one
     /// operation into `buf`, one after the other; `buf` must be as long as
-    /// the extents together. Bytes beyond the object's end, and a missing
-    /// object, read as zeroes, as through librbd. `done` runs on librados'
-    /// completion thread: it must not block.
+    /// the extents together. Bytes beyond the object's end read as zeroes,
+    /// as through librbd. A missing object is an error of kind `NotFound`,
+    /// never zeroes: the caller reads through librbd, which knows what stands
+    /// behind it (and a wrong ioctx or snapshot cannot pass for holes).
+    /// `done` runs on librados' completion thread: it must not block.
     pub fn aio_read(
         &self,
         objno: u64,
@@ -195,12 +197,8 @@ impl Drop for ReadState {
 
 impl ReadState {
     /// The result of the whole operation (`ret`) and of each read; short
-    /// reads and a missing object are zero-filled.
+    /// reads are zero-filled.
     fn finish(&mut self, ret: c_int) -> Result<()> {
-        if ret == -libc::ENOENT {
-            self.buf.fill(0);
-            return Ok(());
-        }
         check(ret, "rados_aio_read_op_operate", || self.target.clone())?;
         let mut pos = 0usize;
         for ((&len, &got), &rv) in self.lens.iter().zip(&self.nread).zip(&self.rvals) {
