@@ -355,13 +355,22 @@ impl Engine {
         };
         rec.schedule = schedule;
         rec.bandwidth_limit = params.bandwidth_limit;
-        reg.put(&rec)?;
+        // The first sync snapshot before the record: the scheduler takes one
+        // for a primary record that has none (an interrupted Enable of an
+        // earlier version), and would race this one while the monitor
+        // commits it; two first sync points made the replica copy the image
+        // twice. An Enable interrupted in between leaves a snapshot that
+        // the retry adopts.
         let snaps = vol
             .image
             .snap_list()
             .ctx(|| format!("listing snapshots of {}", vol.image.spec()))?;
-        if !snaps.iter().any(|s| sync_snap_seq(&s.name).is_some()) {
+        let first = !snaps.iter().any(|s| sync_snap_seq(&s.name).is_some());
+        if first {
             self.take_sync_snapshot(&vol.image, 1)?;
+        }
+        reg.put(&rec)?;
+        if first {
             tracing::info!("replication enabled");
         } else {
             tracing::info!("replication already enabled");

@@ -141,7 +141,9 @@ impl Engine {
             .ctx(|| format!("listing snapshots of {}", img.spec()))?;
         let sync = sync_snaps(&snaps);
         let Some((&seq, snap)) = sync.iter().next_back() else {
-            // Enable takes the first one; take it now if that was interrupted.
+            // Enable takes the first one before it writes the record; a
+            // record without one lost it (removed by hand, or an Enable of
+            // an earlier version interrupted): take it now.
             self.take_sync_snapshot(&img, 1)?;
             reg.announce();
             return Ok((plan.next_after(now), true));
