@@ -243,3 +243,36 @@ async fn enable_is_idempotent_and_replica_is_locked() {
         vec![first_sync(&pool.ioctx(Site::A), name)]
     );
 }
+
+/// Enable takes an image's first sync snapshot while the site's own
+/// scheduler passes run every second: the scheduler, which takes a first
+/// snapshot for a primary record that has none, must never race Enable
+/// into a second first sync point (the replica would copy the image twice).
+#[tokio::test]
+async fn enable_and_a_busy_scheduler_take_one_first_sync_point() {
+    let pool = TestPool::new("firstsnap");
+    let mut args = pool.args().to_vec();
+    args.extend(["--poll-interval", "1s"]);
+    let a = Sidecar::start(Site::A, &args).await;
+    let io = pool.ioctx(Site::A);
+    let names: Vec<String> = (0..8).map(|i| format!("first-{i}")).collect();
+    for n in &names {
+        create_image_in(&io, n, 8 * MIB, &[(0, 64 << 10)], 1);
+    }
+    let mut ca = a.controller().await;
+    for n in &names {
+        ca.enable_volume_replication(enable_req(
+            Site::A,
+            &format!("{}/{n}", pool.name),
+            &[("schedulingInterval", "5m")],
+        ))
+        .await
+        .expect("enable");
+    }
+    // Room for a racing snapshot to land (a monitor commit).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in &names {
+        let snaps = sync_snaps_in(&io, n);
+        assert_eq!(snaps.len(), 1, "{n}: {snaps:?}\n{}", a.log_text());
+    }
+}
