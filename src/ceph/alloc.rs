@@ -61,11 +61,11 @@ impl ProcessAllocator {
     }
 }
 
-// SAFETY: large blocks come from anonymous private mappings, which are
-// page-aligned (so any alignment up to 4096 holds), zero-filled, and
-// unmapped with the same length in `dealloc` (Rust passes the layout the
-// block was allocated or reallocated with); everything else is delegated to
-// `System` with the caller's arguments unchanged.
+// Large blocks come from anonymous private mappings, which are page-aligned
+// (so any alignment up to 4096 holds), zero-filled, and unmapped with the
+// same length in `dealloc` (Rust passes the layout the block was allocated or
+// reallocated with); everything else is delegated to `System` unchanged.
+// SAFETY: as above.
 unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         if !Self::mapped(layout) {

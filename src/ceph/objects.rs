@@ -125,11 +125,11 @@ impl DataObjects {
         });
         let mut pos = 0usize;
         for (i, &(off, len)) in extents.iter().enumerate() {
-            // SAFETY: op is live; base + pos .. + len lies inside `buf` (the
-            // lengths sum to its length), whose heap block moves into the
-            // boxed state below and lives until the completion; the out
-            // pointers point into vectors of the boxed state, which are never
-            // resized.
+            // base + pos .. + len lies inside `buf` (the lengths sum to its
+            // length), whose heap block moves into the boxed state below and
+            // lives until the completion; the out pointers point into vectors
+            // of the boxed state, which are never resized.
+            // SAFETY: as above; op is live.
             unsafe {
                 sys::rados_read_op_read(
                     op.as_ptr(),
@@ -146,10 +146,9 @@ impl DataObjects {
         st.buf = buf;
         let arg = Box::into_raw(st);
         let mut c: sys::rados_completion_t = ptr::null_mut();
-        // SAFETY: arg is reclaimed by `read_complete` (or below on failure);
-        // c is a valid out-pointer.
-        let ret =
-            unsafe { sys::rados_aio_create_completion2(arg.cast(), Some(read_complete), &mut c) };
+        let cb: sys::rados_callback_t = Some(read_complete);
+        // SAFETY: arg is reclaimed by `read_complete` (or below on failure).
+        let ret = unsafe { sys::rados_aio_create_completion2(arg.cast(), cb, &mut c) };
         if ret < 0 {
             // SAFETY: no completion exists: the box is still only ours.
             drop(unsafe { Box::from_raw(arg) });

@@ -57,10 +57,11 @@ pub struct Cluster {
     fsid: String,
 }
 
-// SAFETY: librados documents `rados_t` as thread-safe once connected: all
-// calls made through it may come from any thread concurrently. This type only
-// exposes calls that are valid after `rados_connect`, and configuration setters
-// are only used inside `connect` before the handle is shared.
+// librados documents `rados_t` as thread-safe once connected: all calls made
+// through it may come from any thread concurrently. This type only exposes
+// calls that are valid after `rados_connect`, and configuration setters are
+// only used inside `connect` before the handle is shared.
+// SAFETY: as above.
 unsafe impl Send for Cluster {}
 // SAFETY: see `Send`; no method takes the handle mutably after connect.
 unsafe impl Sync for Cluster {}
@@ -313,10 +314,11 @@ pub struct IoCtx {
     cluster: Arc<Cluster>,
 }
 
-// SAFETY: librados documents I/O on one ioctx from several threads as safe;
-// only changing its settings (namespace, snap context, locator) is not. The
+// librados documents I/O on one ioctx from several threads as safe; only
+// changing its settings (namespace, snap context, locator) is not. The
 // namespace and read snapshot are set once in `Cluster::new_ioctx` before the
 // ioctx is shared and no method changes settings afterwards.
+// SAFETY: as above.
 unsafe impl Send for IoCtx {}
 // SAFETY: see `Send`.
 unsafe impl Sync for IoCtx {}

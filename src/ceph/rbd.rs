@@ -344,9 +344,10 @@ pub(crate) struct ImageHandle {
     name: String,
 }
 
-// SAFETY: librbd image handles are internally synchronised (ImageCtx owner and
-// image locks); librbd documents and QEMU relies on issuing I/O and metadata
-// calls on one handle from several threads. The handle is closed only in Drop.
+// librbd image handles are internally synchronised (ImageCtx owner and image
+// locks); librbd documents and QEMU relies on issuing I/O and metadata calls
+// on one handle from several threads. The handle is closed only in Drop.
+// SAFETY: as above.
 unsafe impl Send for ImageHandle {}
 // SAFETY: see `Send`.
 unsafe impl Sync for ImageHandle {}
