@@ -731,7 +731,7 @@ fn sync_inner(
         let stats = delta(
             engine,
             job,
-            peer_io,
+            &primary,
             &replica,
             &local_reg,
             &mut rec,
@@ -833,12 +833,13 @@ fn ensure_csi_journal(peer_io: &IoCtx, local_io: &IoCtx, job: &Job, replica_id: 
 }
 
 /// Copies the delta `from` -> `to` of the primary into the replica, resuming
-/// from the record's checkpoint when it is for the same delta.
+/// from the record's checkpoint when it is for the same delta. `primary` is
+/// the sync's read-only handle of the primary: it is set to snapshot `to`.
 #[allow(clippy::too_many_arguments)]
 fn delta(
     engine: &Engine,
     job: &Job,
-    peer_io: &Arc<IoCtx>,
+    primary: &Image,
     replica: &Image,
     local_reg: &Registry,
     rec: &mut ImageRecord,
@@ -849,8 +850,10 @@ fn delta(
     reporter: &Reporter<'_>,
 ) -> Result<copy::CopyStats> {
     let key = job.key();
-    let src = Image::open_by_id_read_only(peer_io, &job.primary.image_id, Some(&to.name))
-        .ctx(|| format!("opening primary {key}@{}", to.name))?;
+    // The handle that listed the snapshots, not a second open of the image.
+    primary
+        .snap_set(Some(&to.name))
+        .ctx(|| format!("reading primary {key}@{}", to.name))?;
     let size = to.size;
     let rsize = replica.size().ctx(|| format!("replica {key}"))?;
     if rsize != size {
@@ -860,7 +863,7 @@ fn delta(
             .ctx(|| format!("resizing replica {key}"))?;
     }
     let chunk = engine.cfg.limits.chunk;
-    let mut extents = copy::changed_extents(&src, from, size, chunk)?;
+    let mut extents = copy::changed_extents(primary, from, size, chunk)?;
     if from.is_none() && !fresh {
         // A full copy over a replica that holds data (an interrupted first
         // sync): whatever the source does not cover must become zero.
@@ -890,7 +893,7 @@ fn delta(
     // sync lists whole objects, mostly holes on a thin volume, which
     // librbd's sparse reads skip on the wire.
     let objects = match from {
-        Some(_) => ceph::DataObjects::open(&src, to.id).unwrap_or_else(|e| {
+        Some(_) => ceph::DataObjects::open(primary, to.id).unwrap_or_else(|e| {
             tracing::debug!(error = %e, "reading through librbd");
             None
         }),
@@ -958,7 +961,7 @@ fn delta(
     };
     let stats = copy::copy_extents(
         copy::Source {
-            image: &src,
+            image: primary,
             objects: objects.as_ref(),
         },
         replica,
