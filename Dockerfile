@@ -10,7 +10,7 @@
 
 FROM docker.io/library/rust:1.95.0-bookworm AS builder
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends librbd-dev librados-dev \
+    && apt-get install -y --no-install-recommends librbd-dev librados-dev libradospp-dev g++ \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them.

@@ -1,12 +1,23 @@
 //! Compiles the csi-addons protos with protox (a protobuf compiler written in
 //! Rust, so no `protoc` has to be installed) and generates tonic servers and
 //! clients. The file descriptor set is kept for gRPC server reflection. Links
-//! librbd and librados (Debian: librbd-dev, librados-dev).
+//! librbd and librados (Debian: librbd-dev, librados-dev), and compiles the
+//! small C++ shim over librados' C++ API (sparse reads; Debian:
+//! libradospp-dev, g++).
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // src/ceph/sys.rs is checked-in bindgen output; only linking happens here.
+    // src/ceph/sys.rs is checked-in bindgen output: no bindgen run here.
+    // The shim first: it needs librados after it on the link line.
+    println!("cargo:rerun-if-changed=src/ceph/object_io.cc");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .warnings(true)
+        .extra_warnings(true)
+        .file("src/ceph/object_io.cc")
+        .compile("csirr_object_io");
     println!("cargo:rustc-link-lib=rbd");
     println!("cargo:rustc-link-lib=rados");
 

@@ -1,5 +1,6 @@
 //! Direct reads of an image's data objects (`ceph::DataObjects`, what a
-//! delta reads the primary with) against librbd's reads of the same
+//! delta reads the primary with, and the sparse reads of a first sync)
+//! against librbd's reads of the same
 //! snapshot, on the real pair: data written before the snapshot, data
 //! overwritten after it, holes inside an object and bytes past an object's
 //! end read the same, in the default and in a RADOS namespace; a missing
@@ -39,6 +40,29 @@ fn try_direct(objects: &DataObjects, objno: u64, spans: &[(u64, usize)]) -> ceph
         .expect("submit");
     let (r, b) = rx.recv().expect("completion");
     r.map(|()| b)
+}
+
+/// Reads `[off, off + len)` of object `objno` sparsely and rebuilds it
+/// densely (the holes as zeroes); also returns the bytes of data returned.
+fn sparse(objects: &DataObjects, objno: u64, off: u64, len: u64) -> ceph::Result<(Vec<u8>, usize)> {
+    let (tx, rx) = mpsc::channel();
+    objects
+        .aio_sparse_read(
+            objno,
+            off,
+            len,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )
+        .expect("submit");
+    let d = rx.recv().expect("completion")?;
+    let mut out = vec![0u8; len as usize];
+    for (o, bytes) in d.pieces() {
+        let at = (o - off) as usize;
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    Ok((out, d.data().len()))
 }
 
 /// The same spans through librbd.
@@ -111,6 +135,30 @@ fn reads_equal_librbds_in(io: &std::sync::Arc<ceph::IoCtx>) {
             "object {objno} spans {spans:?}: direct read differs from librbd's"
         );
     }
+    // Sparse reads (what a first sync reads whole objects with): the
+    // extents returned, holes filled with zeroes, equal librbd's read of the
+    // range; the holes do not come back as data.
+    for (objno, off, len, most) in [
+        (0, 0, obj, obj),
+        (0, MIB, MIB, MIB),
+        (1, 0, obj, 256 << 10),
+        (1, MIB - 4096, 2 * MIB, 256 << 10),
+        (2, 0, obj, 256 << 10),
+        (2, 90 << 10, MIB, 64 << 10),
+    ] {
+        let (dense, data) = sparse(&objects, objno, off, len).expect("sparse read");
+        let l = through_librbd(&at, obj, objno, &[(off, len as usize)]);
+        assert!(
+            dense == l,
+            "object {objno} [{off}, +{len}): sparse read differs from librbd's"
+        );
+        assert!(
+            data as u64 <= most,
+            "object {objno} [{off}, +{len}): {data} bytes of data returned, holes included"
+        );
+    }
+    let e = sparse(&objects, 4, 0, obj).expect_err("missing object");
+    assert_eq!(e.kind(), ceph::ErrorKind::NotFound, "{e}");
     // The overwrite is really there at the head, so the comparison above
     // could have failed.
     let head = through_librbd(&img, obj, 0, &[(MIB, 64 << 10)]);
@@ -227,8 +275,9 @@ fn a_copy_whose_direct_reads_fail_reads_through_librbd() {
         copy::Source {
             image: &at1,
             objects: Some(&wrong),
+            sparse: false,
         },
-        &dst,
+        (&dst).into(),
         &extents,
         true,
         copy::CopyLimits::default(),
@@ -253,4 +302,148 @@ fn a_copy_whose_direct_reads_fail_reads_through_librbd() {
     drop(img);
     ceph::rbd::remove(&io, &name).expect("remove source");
     ceph::rbd::remove(&bio, &name).expect("remove copy");
+}
+
+/// A first sync's copy with sparse reads, onto a fresh image and onto one
+/// full of old data (an interrupted first sync): both equal the source at
+/// the snapshot, holes and written zeroes included, and only the allocated
+/// data was read.
+#[test]
+fn sparse_first_copies_equal_the_source() {
+    let io = ioctx(Site::A, "");
+    let bio = ioctx(Site::B, "");
+    let name = unique("objread-sparse");
+    let size = 24 * MIB;
+    let written: &[(u64, usize)] = &[
+        (0, 64 << 10),
+        (MIB + 4096, 100 << 10),
+        (3 * MIB, 2 << 20),
+        (9 * MIB - (32 << 10), 64 << 10),
+        (20 * MIB, 64 << 10),
+    ];
+    let img = create_image_in(&io, &name, size, written, 11);
+    // Zeroes written inside data: allocated, but nothing to write on a
+    // fresh copy.
+    img.write(3 * MIB + (256 << 10), &vec![0u8; 128 << 10])
+        .expect("write zeroes");
+    img.flush().expect("flush");
+    img.snap_create("s1").expect("snapshot");
+    // After the snapshot: the copy must not see it.
+    write(&img, &[(12 * MIB, 1 << 20)], 12);
+    let sid = img
+        .snap_list()
+        .expect("snapshots")
+        .into_iter()
+        .find(|s| s.name == "s1")
+        .expect("s1")
+        .id;
+    let at = Image::open_read_only(&io, &name, Some("s1")).expect("open at s1");
+    let objects = DataObjects::open(&at, sid)
+        .expect("layout")
+        .expect("direct");
+    let mut want = vec![0u8; size as usize];
+    at.read(0, &mut want).expect("read source");
+
+    let fresh = create_image_in(&bio, &format!("{name}-fresh"), size, &[], 1);
+    // Written directly, as a first sync into a new replica is.
+    let direct = create_image_in(&bio, &format!("{name}-direct"), size, &[], 1);
+    // Old data everywhere: every hole of the source must be zeroed.
+    let old = create_image_in(
+        &bio,
+        &format!("{name}-old"),
+        size,
+        &[(0, size as usize)],
+        13,
+    );
+    let mut extents = copy::changed_extents(&at, None, size, 2 * MIB).expect("allocated");
+    let data = written.iter().map(|w| w.1 as u64).sum::<u64>();
+    let direct_objects = DataObjects::open_head(&direct)
+        .expect("layout")
+        .expect("a plain image is written directly");
+    // The objects with data, marked in the object map before the writes.
+    ceph::objects::mark_objects_exist(&direct, 0, size / MIB / 4).expect("object map");
+    for (dst, is_fresh, objs) in [
+        (&fresh, true, None),
+        (&direct, true, Some(&direct_objects)),
+        (&old, false, None),
+    ] {
+        if !is_fresh {
+            let have = copy::changed_extents(dst, None, size, 2 * MIB).expect("replica");
+            for (s, e) in copy::uncovered(&have, &extents) {
+                extents.push(copy::Extent {
+                    off: s,
+                    len: e - s,
+                    data: false,
+                });
+            }
+            extents.sort_by_key(|e| e.off);
+        }
+        let stats = copy::copy_extents(
+            copy::Source {
+                image: &at,
+                objects: Some(&objects),
+                sparse: true,
+            },
+            copy::Dest {
+                image: dst,
+                objects: objs,
+            },
+            &extents,
+            is_fresh,
+            copy::CopyLimits::default(),
+            None,
+            &[],
+            &|| false,
+            &mut |_, _| {},
+        )
+        .expect("copy");
+        // A new handle reads with the object map on disk.
+        let reader = Image::open(&bio, dst.name()).expect("open copy");
+        let mut got = vec![0u8; size as usize];
+        reader.read(0, &mut got).expect("read copy");
+        let direct = objs.is_some();
+        assert!(
+            want == got,
+            "fresh={is_fresh} direct={direct}: the copy differs from the source at s1"
+        );
+        // Whole objects were listed; only their allocated data came over.
+        assert!(
+            stats.bytes_read >= data && stats.bytes_read < data + MIB,
+            "fresh={is_fresh}: {stats:?} for {data} bytes written"
+        );
+        if is_fresh {
+            assert!(stats.bytes_skipped >= 128 << 10, "{stats:?}");
+            assert!(stats.bytes_written <= data - (128 << 10), "{stats:?}");
+        }
+    }
+    assert!(want.iter().any(|b| *b != 0));
+
+    // The direct copy's objects are marked in the object map (librbd would
+    // skip reading an object it says does not exist; `du` counts them).
+    let du = rbd_ok(
+        Site::B,
+        &[
+            "du",
+            "--format",
+            "json",
+            &format!("{}/{name}-direct", pool()),
+        ],
+    );
+    let used =
+        serde_json::from_str::<serde_json::Value>(&du).expect("du json")["images"][0]["used_size"]
+            .as_u64()
+            .expect("used_size");
+    assert_eq!(
+        used,
+        6 * 4 * MIB,
+        "the object map has not all objects marked"
+    );
+
+    drop((objects, direct_objects, at, fresh, direct, old));
+    img.snap_remove("s1").expect("remove snapshot");
+    drop(img);
+    ceph::rbd::remove(&io, &name).expect("remove source");
+    for n in ["fresh", "direct", "old"] {
+        ceph::rbd::remove(&bio, &format!("{name}-{n}")).expect("remove copy");
+    }
 }

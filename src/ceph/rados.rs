@@ -6,7 +6,7 @@
 //! image (see [`super::rbd`]) holds an `Arc<IoCtx>`.
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, CString, c_char};
+use std::ffi::{CStr, CString, c_char, c_int};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
 use std::time::Duration;
@@ -241,8 +241,22 @@ impl Cluster {
         pool_name: &str,
         namespace: &str,
     ) -> Result<Arc<IoCtx>> {
-        self.new_ioctx(pool_id, pool_name, namespace, None)
+        self.new_ioctx(pool_id, pool_name, namespace, None, None)
             .map(Arc::new)
+    }
+
+    /// Opens an I/O context by pool id whose writes carry the self-managed
+    /// snapshot context `seq`, `snaps` (ids, newest first), as librbd's
+    /// writes to an image's data objects do.
+    pub fn ioctx_with_snapc(
+        self: &Arc<Self>,
+        pool_id: i64,
+        pool_name: &str,
+        namespace: &str,
+        seq: u64,
+        snaps: &[u64],
+    ) -> Result<IoCtx> {
+        self.new_ioctx(pool_id, pool_name, namespace, None, Some((seq, snaps)))
     }
 
     /// Opens an I/O context by pool id whose reads see the pool snapshot
@@ -254,7 +268,7 @@ impl Cluster {
         namespace: &str,
         snap_id: u64,
     ) -> Result<IoCtx> {
-        self.new_ioctx(pool_id, pool_name, namespace, Some(snap_id))
+        self.new_ioctx(pool_id, pool_name, namespace, Some(snap_id), None)
     }
 
     fn new_ioctx(
@@ -263,8 +277,18 @@ impl Cluster {
         pool_name: &str,
         namespace: &str,
         read_snap: Option<u64>,
+        write_snapc: Option<(u64, &[u64])>,
     ) -> Result<IoCtx> {
         let ns = cstring(namespace, "rados_ioctx_set_namespace")?;
+        let snapc = match write_snapc {
+            Some((seq, snaps)) => {
+                let n = c_int::try_from(snaps.len()).map_err(|_| {
+                    Error::invalid_input("rados_ioctx_selfmanaged_snap_set_write_ctx", pool_name)
+                })?;
+                Some((seq, snaps.to_vec(), n))
+            }
+            None => None,
+        };
         let mut raw: sys::rados_ioctx_t = ptr::null_mut();
         // SAFETY: handle is connected; raw is a valid out-pointer.
         let ret = unsafe { sys::rados_ioctx_create2(self.raw(), pool_id, &mut raw) };
@@ -278,6 +302,25 @@ impl Cluster {
         if let Some(snap) = read_snap {
             // SAFETY: as above, the ioctx is not shared yet.
             unsafe { sys::rados_ioctx_snap_set_read(handle.as_ptr(), snap) };
+        }
+        if let Some((seq, mut ids, n)) = snapc {
+            // SAFETY: as above, the ioctx is not shared yet; the ids are
+            // valid for the call (librados copies them).
+            let ret = unsafe {
+                sys::rados_ioctx_selfmanaged_snap_set_write_ctx(
+                    handle.as_ptr(),
+                    seq,
+                    ids.as_mut_ptr(),
+                    n,
+                )
+            };
+            if ret < 0 {
+                // SAFETY: created above, not shared, destroyed once.
+                unsafe { sys::rados_ioctx_destroy(handle.as_ptr()) };
+                check(ret, "rados_ioctx_selfmanaged_snap_set_write_ctx", || {
+                    pool_name.to_string()
+                })?;
+            }
         }
         Ok(IoCtx {
             handle,
@@ -470,6 +513,41 @@ impl IoCtx {
         let mut op = WriteOp::new()?;
         op.omap_rm_keys(keys);
         op.operate(self, oid)
+    }
+
+    /// Runs object class method `cls.method` on `oid` with `input`; returns
+    /// its output (at most `out_max` bytes, else `InvalidInput`). Blocking.
+    pub fn exec(
+        &self,
+        oid: &str,
+        cls: &str,
+        method: &str,
+        input: &[u8],
+        out_max: usize,
+    ) -> Result<Vec<u8>> {
+        let o = cstring(oid, "rados_exec")?;
+        let c = cstring(cls, "rados_exec")?;
+        let m = cstring(method, "rados_exec")?;
+        let mut out = vec![0u8; out_max];
+        // SAFETY: ioctx is live; the strings are NUL-terminated, the input
+        // and the output buffer valid for the call with their lengths.
+        let ret = unsafe {
+            sys::rados_exec(
+                self.raw(),
+                o.as_ptr(),
+                c.as_ptr(),
+                m.as_ptr(),
+                input.as_ptr().cast(),
+                input.len(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+            )
+        };
+        let n = check(ret, "rados_exec", || {
+            format!("{}/{oid} {cls}.{method}", self.spec())
+        })?;
+        out.truncate(usize::try_from(n).unwrap_or(0));
+        Ok(out)
     }
 
     /// Removes object `oid`.

@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
-use crate::ceph::{self, DataObjects, Image};
+use crate::ceph::{self, DataObjects, Image, objects::SparseData};
 
 use super::error::{EngineError, Result};
 
@@ -172,6 +172,15 @@ pub fn uncovered(have: &[Extent], want: &[Extent]) -> Vec<(u64, u64)> {
 }
 
 enum Event {
+    /// A sparse read of extent `idx` (`len` bytes taken from the budget for
+    /// it).
+    Sparse {
+        idx: usize,
+        /// Object size of the source.
+        obj: u64,
+        len: usize,
+        res: ceph::Result<SparseData>,
+    },
     /// A read of extents `first..first + count`, one after the other in
     /// `buf`.
     Read {
@@ -181,6 +190,13 @@ enum Event {
         direct: bool,
         res: ceph::Result<()>,
         buf: Vec<u8>,
+    },
+    /// A direct write of `len` bytes of extent `idx` from `bufs`.
+    WrittenObject {
+        idx: usize,
+        len: u64,
+        res: ceph::Result<()>,
+        bufs: Vec<Vec<u8>>,
     },
     Written {
         idx: usize,
@@ -303,6 +319,15 @@ impl Throttle {
     /// The current rate (0: unlimited).
     pub fn rate(&self) -> u64 {
         self.rate.load(Ordering::Relaxed)
+    }
+
+    /// Gives back `n` bytes taken for a read that returned less.
+    fn refund(&self, n: u64) {
+        let rate = self.rate() as f64;
+        if rate > 0.0 {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.0 = (st.0 + n as f64).min(rate);
+        }
     }
 
     /// Takes `n` bytes, or says how long to wait before trying again.
@@ -543,9 +568,35 @@ pub struct Source<'a> {
     /// Its data objects at that snapshot, read directly when the layout
     /// allows: the extents of one object in one operation.
     pub objects: Option<&'a DataObjects>,
+    /// The data extents are allocated regions, not written ones (a first
+    /// sync lists whole objects): read each from `objects` with a sparse
+    /// read, which returns only what is allocated in it.
+    pub sparse: bool,
 }
 
 impl<'a> From<&'a Image> for Source<'a> {
+    fn from(image: &'a Image) -> Self {
+        Self {
+            image,
+            objects: None,
+            sparse: false,
+        }
+    }
+}
+
+/// Where a copy writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Dest<'a> {
+    /// The image, written through librbd.
+    pub image: &'a Image,
+    /// Its data objects at the head, written directly by sparse reads on a
+    /// fresh image: only for an image without snapshots whose object map
+    /// has the objects marked (see [`ceph::objects::mark_objects_exist`]),
+    /// and librbd must reload its map after the copy.
+    pub objects: Option<&'a DataObjects>,
+}
+
+impl<'a> From<&'a Image> for Dest<'a> {
     fn from(image: &'a Image) -> Self {
         Self {
             image,
@@ -564,7 +615,7 @@ impl<'a> From<&'a Image> for Source<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn copy_extents(
     src: Source<'_>,
-    dst: &Image,
+    dest: Dest<'_>,
     extents: &[Extent],
     fresh: bool,
     limits: CopyLimits,
@@ -582,9 +633,11 @@ pub fn copy_extents(
         }
     };
     let _user = budget.enter();
+    let dst = dest.image;
     let (tx, rx) = mpsc::channel::<Event>();
     let mut c = Copier {
         dst,
+        dst_objects: dest.objects.filter(|_| fresh),
         extents,
         fresh,
         tx,
@@ -645,6 +698,22 @@ pub fn copy_extents(
                 c.ops += 1;
                 next += 1;
                 continue;
+            }
+            if let (true, Some(objects), Some(obj), None) =
+                (src.sparse, src.objects, obj_size, again)
+                && unit_end_in_object(&extents[idx..=idx], obj)
+            {
+                match c.submit_sparse(objects, idx, obj, c.ops == 0, throttles) {
+                    Ok(()) => {
+                        next += 1;
+                        continue;
+                    }
+                    Err(Some(wait)) => {
+                        throttle_wait = Some(wait);
+                        break;
+                    }
+                    Err(None) => break,
+                }
             }
             let end = unit_end(extents, idx, obj_size, limits.chunk);
             let unit = &extents[idx..end];
@@ -740,6 +809,35 @@ pub fn copy_extents(
             },
         };
         match ev {
+            Event::Sparse { idx, obj, len, res } => {
+                c.ops -= 1;
+                match res {
+                    Err(e) if c.first_err.is_none() => {
+                        if obj_size.take().is_some() {
+                            tracing::warn!(
+                                error = %e,
+                                "reading data objects directly failed; reading through librbd"
+                            );
+                        }
+                        c.inflight.give(len);
+                        retry.push_back(idx);
+                    }
+                    Err(e) => {
+                        c.inflight.give(len);
+                        c.first_err.get_or_insert(ceph_err("reading", src.image, e));
+                    }
+                    Ok(_) if c.first_err.is_some() => c.inflight.give(len),
+                    Ok(data) => {
+                        let got = data.data().len();
+                        c.stats.bytes_read += got as u64;
+                        for t in throttles {
+                            t.refund((len - got.min(len)) as u64);
+                        }
+                        c.inflight.give(len);
+                        c.write_sparse(idx, obj, &data);
+                    }
+                }
+            }
             Event::Read {
                 first,
                 count,
@@ -790,6 +888,29 @@ pub fn copy_extents(
                         };
                         if let Some(b) = left {
                             budget.recycle(b);
+                        }
+                    }
+                }
+            }
+            Event::WrittenObject {
+                idx,
+                len,
+                res,
+                bufs,
+            } => {
+                c.ops -= 1;
+                for b in bufs {
+                    c.inflight.release(b);
+                }
+                match res {
+                    Err(e) => {
+                        c.first_err.get_or_insert(ceph_err("writing", dst, e));
+                    }
+                    Ok(()) => {
+                        c.stats.bytes_written += len;
+                        c.pending[idx] = c.pending[idx].saturating_sub(1);
+                        if c.pending[idx] == 0 {
+                            c.extent_done(idx);
                         }
                     }
                 }
@@ -864,6 +985,8 @@ enum Data<'b> {
 /// The state of one copy between its submissions and completions.
 struct Copier<'a, 'p> {
     dst: &'a Image,
+    /// The destination's data objects, written directly (fresh only).
+    dst_objects: Option<&'a DataObjects>,
     extents: &'a [Extent],
     fresh: bool,
     tx: mpsc::Sender<Event>,
@@ -916,6 +1039,157 @@ impl Copier<'_, '_> {
         if whole && let Some(p) = parts.first_mut() {
             p.2 = left.take();
         }
+        self.submit_writes(idx, parts);
+        left
+    }
+
+    /// Starts a sparse read of data extent `idx` (inside one object of
+    /// `obj` bytes). `Err(Some(wait))`: throttled; `Err(None)`: over the
+    /// budget, or failed (`first_err` set).
+    fn submit_sparse(
+        &mut self,
+        objects: &DataObjects,
+        idx: usize,
+        obj: u64,
+        force: bool,
+        throttles: &[&Throttle],
+    ) -> Result<(), Option<std::time::Duration>> {
+        let ext = self.extents[idx];
+        let Ok(len) = usize::try_from(ext.len) else {
+            self.first_err = Some(EngineError::Internal(format!(
+                "extent of {} bytes",
+                ext.len
+            )));
+            return Err(None);
+        };
+        // The worst case: the whole extent allocated.
+        if !self.inflight.try_take(len, force) {
+            return Err(None);
+        }
+        if let Err(wait) = take_all(throttles, ext.len) {
+            self.inflight.give(len);
+            return Err(Some(wait));
+        }
+        let t = self.tx.clone();
+        let r = objects.aio_sparse_read(
+            ext.off / obj,
+            ext.off % obj,
+            ext.len,
+            Box::new(move |res| {
+                let _ = t.send(Event::Sparse { idx, obj, len, res });
+            }),
+        );
+        if let Err(e) = r {
+            self.inflight.give(len);
+            self.first_err = Some(EngineError::Ceph {
+                context: format!("reading the data objects of {objects:?}"),
+                source: e,
+            });
+            return Err(None);
+        }
+        self.ops += 1;
+        Ok(())
+    }
+
+    /// Writes what a sparse read returned for extent `idx` (which lies in
+    /// one object of `obj` bytes): the non-zero runs of its data, and,
+    /// unless the replica is fresh, zeroes for the rest.
+    fn write_sparse(&mut self, idx: usize, obj: u64, data: &SparseData) {
+        let ext = self.extents[idx];
+        let base = ext.off - ext.off % obj;
+        let end = ext.off + ext.len;
+        // (offset, length, data: None for zeroes)
+        let mut parts: Vec<(u64, u64, Option<Vec<u8>>)> = Vec::new();
+        let fresh = self.fresh;
+        let zeroes = |parts: &mut Vec<_>, off: u64, len: u64| {
+            if len == 0 {
+                return 0;
+            }
+            if fresh {
+                return len;
+            }
+            parts.push((off, len, None));
+            0
+        };
+        let mut skipped = 0u64;
+        let mut pos = ext.off;
+        for (o, bytes) in data.pieces() {
+            let at = base + o;
+            let _ = zeroes(&mut parts, pos, at.saturating_sub(pos));
+            for (start, len, zero) in zero_runs(bytes) {
+                let off = at + start as u64;
+                if zero {
+                    skipped += zeroes(&mut parts, off, len as u64);
+                } else {
+                    let mut b = self.inflight.budget.buffer(len);
+                    b.copy_from_slice(&bytes[start..start + len]);
+                    parts.push((off, len as u64, Some(b)));
+                }
+            }
+            pos = at + bytes.len() as u64;
+        }
+        // The holes were never read: not counted as skipped reads.
+        let _ = zeroes(&mut parts, pos, end.saturating_sub(pos));
+        self.stats.bytes_skipped += skipped;
+        match self.dst_objects.filter(|o| o.object_size() == obj) {
+            // Fresh: no zeroes among the parts.
+            Some(objects) if parts.iter().all(|p| p.2.is_some()) => {
+                self.write_object(objects, idx, base / obj, base, parts);
+            }
+            _ => self.submit_writes(idx, parts),
+        }
+    }
+
+    /// Writes the data `parts` of extent `idx` (in object `objno`, which
+    /// starts at image offset `base`) directly, in one operation.
+    fn write_object(
+        &mut self,
+        objects: &DataObjects,
+        idx: usize,
+        objno: u64,
+        base: u64,
+        parts: Vec<(u64, u64, Option<Vec<u8>>)>,
+    ) {
+        let data: Vec<(u64, Vec<u8>)> = parts
+            .into_iter()
+            .filter_map(|(off, _, b)| b.map(|b| (off - base, b)))
+            .collect();
+        if data.is_empty() {
+            self.pending[idx] = 0;
+            self.extent_done(idx);
+            return;
+        }
+        let len: u64 = data.iter().map(|d| d.1.len() as u64).sum();
+        self.inflight.take(len as usize);
+        let t = self.tx.clone();
+        let r = objects.aio_write(
+            objno,
+            data,
+            Box::new(move |res, bufs| {
+                let _ = t.send(Event::WrittenObject {
+                    idx,
+                    len,
+                    res,
+                    bufs,
+                });
+            }),
+        );
+        match r {
+            Ok(()) => {
+                self.ops += 1;
+                self.pending[idx] = 1;
+            }
+            Err(e) => {
+                self.inflight.give(len as usize);
+                self.first_err
+                    .get_or_insert(ceph_err("writing", self.dst, e));
+            }
+        }
+    }
+
+    /// Submits the writes of extent `idx`: `(offset, length, data)`, zeroes
+    /// where the data is `None`; the extent is done when they all are.
+    fn submit_writes(&mut self, idx: usize, parts: Vec<(u64, u64, Option<Vec<u8>>)>) {
         let mut subs = 0u32;
         for (off, len, buf) in parts {
             let zero = buf.is_none();
@@ -958,7 +1232,6 @@ impl Copier<'_, '_> {
         if subs == 0 {
             self.extent_done(idx);
         }
-        left
     }
 }
 

@@ -862,7 +862,20 @@ fn delta(
             .resize(size)
             .ctx(|| format!("resizing replica {key}"))?;
     }
-    let chunk = engine.cfg.limits.chunk;
+    // A delta's extents are exactly what was written: read them from the
+    // primary's data objects, an object's extents in one operation. A first
+    // sync lists whole objects, mostly holes on a thin volume: it reads each
+    // sparsely, so that only the allocated data comes over.
+    let objects = ceph::DataObjects::open(primary, to.id).unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "reading through librbd");
+        None
+    });
+    let sparse = from.is_none();
+    // Extents inside one object each, so that they can be read directly.
+    let chunk = match &objects {
+        Some(o) => engine.cfg.limits.chunk.min(o.object_size()),
+        None => engine.cfg.limits.chunk,
+    };
     let mut extents = copy::changed_extents(primary, from, size, chunk)?;
     if from.is_none() && !fresh {
         // A full copy over a replica that holds data (an interrupted first
@@ -888,16 +901,13 @@ fn delta(
         extents = copy::skip_below(&extents, resume_at);
     }
     let remaining: u64 = extents.iter().map(|e| e.len).sum();
-    // A delta's extents are exactly what was written: read them from the
-    // primary's data objects, an object's extents in one operation. A first
-    // sync lists whole objects, mostly holes on a thin volume, which
-    // librbd's sparse reads skip on the wire.
-    let objects = match from {
-        Some(_) => ceph::DataObjects::open(primary, to.id).unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "reading through librbd");
-            None
-        }),
-        None => None,
+    // A first sync into a replica created for it writes the objects
+    // directly too, once they are marked in its object map.
+    let dst_objects = match &objects {
+        Some(o) if sparse && fresh && resume_at == 0 => {
+            direct_replica(replica, &extents, o.object_size()).ctx(|| format!("replica {key}"))?
+        }
+        _ => None,
     };
     tracing::info!(
         from = ?from,
@@ -907,6 +917,8 @@ fn delta(
         resume_at,
         extents = extents.len(),
         direct = objects.is_some(),
+        sparse,
+        direct_writes = dst_objects.is_some(),
         "delta started"
     );
     // The cap is the primary's setting (its Enable parameters).
@@ -963,8 +975,12 @@ fn delta(
         copy::Source {
             image: primary,
             objects: objects.as_ref(),
+            sparse,
         },
-        replica,
+        copy::Dest {
+            image: replica,
+            objects: dst_objects.as_ref(),
+        },
         &extents,
         fresh && resume_at == 0,
         engine.cfg.limits,
@@ -976,6 +992,9 @@ fn delta(
     if let Some(e) = ckpt_err {
         tracing::debug!(error = %e, "a checkpoint write failed during the delta");
     }
+    if dst_objects.is_some() {
+        reload_object_map(replica).ctx(|| format!("replica {key}"))?;
+    }
     tracing::info!(
         to = %to.name,
         bytes_read = stats.bytes_read,
@@ -986,6 +1005,56 @@ fn delta(
         "delta complete"
     );
     Ok(stats)
+}
+
+/// The replica's data objects for direct writes, with the objects that
+/// `extents` touch marked in its object map; `None` when the replica has
+/// snapshots (direct writes carry no snapshot context), another object
+/// size, or a layout only librbd writes. Blocking.
+fn direct_replica(
+    replica: &Image,
+    extents: &[Extent],
+    obj: u64,
+) -> ceph::Result<Option<ceph::DataObjects>> {
+    if !replica.snap_list()?.is_empty() {
+        return Ok(None);
+    }
+    let Some(objects) = ceph::DataObjects::open_head(replica)? else {
+        return Ok(None);
+    };
+    if objects.object_size() != obj {
+        return Ok(None);
+    }
+    for (start, end) in object_runs(extents, obj) {
+        ceph::objects::mark_objects_exist(replica, start, end)?;
+    }
+    Ok(Some(objects))
+}
+
+/// The runs `start..end` of objects of `obj` bytes that the data extents
+/// touch.
+fn object_runs(extents: &[Extent], obj: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in extents.iter().filter(|e| e.data && e.len > 0) {
+        let (first, end) = (e.off / obj, (e.off + e.len - 1) / obj + 1);
+        match runs.last_mut() {
+            Some(r) if first <= r.1 => r.1 = r.1.max(end),
+            _ => runs.push((first, end)),
+        }
+    }
+    runs
+}
+
+/// Makes librbd reload the replica's object map from disk after direct
+/// writes: its copy in memory does not know the objects written, and a
+/// later discard would skip them. Re-acquiring the exclusive lock loads the
+/// map afresh. Blocking.
+fn reload_object_map(replica: &Image) -> ceph::Result<()> {
+    if replica.features()? & ceph::features::OBJECT_MAP == 0 {
+        return Ok(());
+    }
+    replica.lock_release()?;
+    replica.lock_acquire(ceph::LockMode::Exclusive)
 }
 
 /// The sync snapshots of `sync` beyond the newest `keep`, except those in
@@ -1131,5 +1200,37 @@ fn open_or_create_replica(
             Ok((img, rec, true))
         }
         Err(e) => Err(e).ctx(|| format!("opening replica {key}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(off: u64, len: u64) -> Extent {
+        Extent {
+            off,
+            len,
+            data: true,
+        }
+    }
+
+    #[test]
+    fn object_runs_merge_touching_objects_and_skip_zero_extents() {
+        const OBJ: u64 = 4 << 20;
+        let extents = [
+            data(0, 2 << 20),
+            data(2 << 20, 2 << 20),
+            // object 1 untouched; 2 and 3 by one extent across them
+            data(3 * OBJ - 4096, 8192),
+            Extent {
+                off: 5 * OBJ,
+                len: OBJ,
+                data: false,
+            },
+            data(7 * OBJ + 1, 1),
+        ];
+        assert_eq!(object_runs(&extents, OBJ), vec![(0, 1), (2, 4), (7, 8)]);
+        assert!(object_runs(&[], OBJ).is_empty());
     }
 }

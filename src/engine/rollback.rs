@@ -48,7 +48,7 @@ pub fn rollback_to(
     }
     let stats = copy::copy_extents(
         (&at).into(),
-        img,
+        img.into(),
         &extents,
         false,
         limits,
