@@ -103,6 +103,39 @@ async fn deltas_with_discards_resizes_and_user_snapshots_converge() {
         checksum(Site::A, &spec(&pool, name, "user-1")),
         checksum(Site::B, &spec(&pool, name, "user-1")),
     );
+    // Every older snapshot the replica still has kept its content through
+    // the later deltas (written directly, with the replica's snapshot
+    // context: a wrong one would overwrite them).
+    let snaps = |site| -> Vec<String> {
+        let out = rbd_ok(
+            site,
+            &[
+                "snap",
+                "ls",
+                "--format",
+                "json",
+                &format!("{}/{name}", pool.name),
+            ],
+        );
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .expect("snap ls json")
+            .iter()
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let on_a = snaps(Site::A);
+    let both: Vec<String> = snaps(Site::B)
+        .into_iter()
+        .filter(|n| on_a.contains(n))
+        .collect();
+    assert!(both.len() >= 3, "snapshots on both sides: {both:?}");
+    for snap in &both {
+        assert_eq!(
+            checksum(Site::A, &spec(&pool, name, snap)),
+            checksum(Site::B, &spec(&pool, name, snap)),
+            "replica snapshot {snap} changed after it was taken"
+        );
+    }
     // The replica's size followed the shrink.
     let info = rbd_ok(
         Site::B,
@@ -122,6 +155,10 @@ async fn deltas_with_discards_resizes_and_user_snapshots_converge() {
     assert!(
         log.contains("direct=true sparse=true direct_writes=true"),
         "the first sync did not copy objects sparsely and directly:\n{log}"
+    );
+    assert!(
+        log.contains("direct=true sparse=false direct_writes=true"),
+        "no delta wrote objects directly:\n{log}"
     );
 }
 

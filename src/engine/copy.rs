@@ -4,10 +4,15 @@
 //!
 //! Runs on a blocking thread. One scheduler loop submits aio reads while the
 //! byte budget and op limit allow, and reacts to completions arriving on a
-//! channel from librbd's completion thread: a finished read becomes a write
-//! (or nothing, for an all-zero buffer on a fresh replica, or an exact
-//! write-zeroes otherwise); a finished write returns its buffer to a free
-//! list. Memory is bounded by the budget whatever the image size.
+//! channel from librbd's and librados' completion threads: a finished read
+//! becomes writes (nothing for all-zero runs on a fresh replica, exact
+//! zeroes otherwise); a finished write returns its buffer to a free list.
+//! Memory is bounded by the budget whatever the image size.
+//!
+//! Reads and writes go through librbd, or, where the caller provides the
+//! images' data objects ([`Source::objects`], [`Dest::objects`]), to the
+//! objects directly: a delta's extents of one object in one read and one
+//! write, a first sync's allocated data only (sparse reads).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -191,10 +196,13 @@ enum Event {
         res: ceph::Result<()>,
         buf: Vec<u8>,
     },
-    /// A direct write of `len` bytes of extent `idx` from `bufs`.
+    /// A direct write of extents `first..first + count` (in one object):
+    /// `written` bytes of data from `bufs` and `zeroed` bytes of zeroes.
     WrittenObject {
-        idx: usize,
-        len: u64,
+        first: usize,
+        count: usize,
+        written: u64,
+        zeroed: u64,
         res: ceph::Result<()>,
         bufs: Vec<Vec<u8>>,
     },
@@ -589,10 +597,12 @@ impl<'a> From<&'a Image> for Source<'a> {
 pub struct Dest<'a> {
     /// The image, written through librbd.
     pub image: &'a Image,
-    /// Its data objects at the head, written directly by sparse reads on a
-    /// fresh image: only for an image without snapshots whose object map
-    /// has the objects marked (see [`ceph::objects::mark_objects_exist`]),
-    /// and librbd must reload its map after the copy.
+    /// Its data objects at the head ([`DataObjects::open_head`]), written
+    /// directly, the extents of an object in one operation. The caller has
+    /// marked the objects in the object map
+    /// ([`ceph::objects::mark_objects_exist`]), holds the exclusive lock,
+    /// takes no snapshot during the copy, and makes librbd reload its map
+    /// after it. Whole-extent zeroes (discards) still go through librbd.
     pub objects: Option<&'a DataObjects>,
 }
 
@@ -637,7 +647,7 @@ pub fn copy_extents(
     let (tx, rx) = mpsc::channel::<Event>();
     let mut c = Copier {
         dst,
-        dst_objects: dest.objects.filter(|_| fresh),
+        dst_objects: dest.objects,
         extents,
         fresh,
         tx,
@@ -871,6 +881,10 @@ pub fn copy_extents(
                         let left = if count == 1 {
                             c.write_extent(first, Data::Owned(buf))
                         } else {
+                            // The extents of one object: one direct write
+                            // for them all, or librbd writes for each.
+                            let direct = c.direct_target(first..first + count);
+                            let mut all = Vec::new();
                             let mut pos = 0usize;
                             for (i, e) in extents.iter().enumerate().skip(first).take(count) {
                                 let len = e.len as usize;
@@ -881,8 +895,17 @@ pub fn copy_extents(
                                     )));
                                     break;
                                 };
-                                c.write_extent(i, Data::Part(part));
+                                let (parts, _) = c.extent_parts(i, Data::Part(part));
+                                match direct {
+                                    Some(_) => all.extend(parts),
+                                    None => c.submit_writes(i, parts),
+                                }
                                 pos += len;
+                            }
+                            if let Some((objects, objno)) = direct
+                                && c.first_err.is_none()
+                            {
+                                c.write_object(objects, first..first + count, objno, all);
                             }
                             Some(buf)
                         };
@@ -893,8 +916,10 @@ pub fn copy_extents(
                 }
             }
             Event::WrittenObject {
-                idx,
-                len,
+                first,
+                count,
+                written,
+                zeroed,
                 res,
                 bufs,
             } => {
@@ -907,10 +932,13 @@ pub fn copy_extents(
                         c.first_err.get_or_insert(ceph_err("writing", dst, e));
                     }
                     Ok(()) => {
-                        c.stats.bytes_written += len;
-                        c.pending[idx] = c.pending[idx].saturating_sub(1);
-                        if c.pending[idx] == 0 {
-                            c.extent_done(idx);
+                        c.stats.bytes_written += written;
+                        c.stats.bytes_zeroed += zeroed;
+                        for idx in first..first + count {
+                            c.pending[idx] = c.pending[idx].saturating_sub(1);
+                            if c.pending[idx] == 0 {
+                                c.extent_done(idx);
+                            }
                         }
                     }
                 }
@@ -982,6 +1010,9 @@ enum Data<'b> {
     Part(&'b [u8]),
 }
 
+/// One write of a copy: offset, length, and the data (`None`: zeroes).
+type Part = (u64, u64, Option<Vec<u8>>);
+
 /// The state of one copy between its submissions and completions.
 struct Copier<'a, 'p> {
     dst: &'a Image,
@@ -1002,7 +1033,7 @@ struct Copier<'a, 'p> {
     progress: &'p mut dyn FnMut(u64, u64),
 }
 
-impl Copier<'_, '_> {
+impl<'a> Copier<'a, '_> {
     fn extent_done(&mut self, idx: usize) {
         self.done_bytes += self.extents[idx].len;
         self.mark.complete(idx);
@@ -1013,6 +1044,29 @@ impl Copier<'_, '_> {
     /// zero runs as exact zeroes (nothing on a fresh replica). Returns the
     /// buffer if it was not handed to a write.
     fn write_extent(&mut self, idx: usize, data: Data<'_>) -> Option<Vec<u8>> {
+        let (parts, left) = self.extent_parts(idx, data);
+        match self.direct_target(idx..idx + 1) {
+            Some((objects, objno)) => self.write_object(objects, idx..idx + 1, objno, parts),
+            None => self.submit_writes(idx, parts),
+        }
+        left
+    }
+
+    /// The destination's data objects and the object number, when the
+    /// extents `range` lie in one object of them.
+    fn direct_target(&self, range: std::ops::Range<usize>) -> Option<(&'a DataObjects, u64)> {
+        let objects = self.dst_objects?;
+        let obj = objects.object_size();
+        let first = self.extents.get(range.start)?;
+        let last = self.extents.get(range.end.checked_sub(1)?)?;
+        let objno = first.off / obj;
+        ((last.off + last.len - 1) / obj == objno).then_some((objects, objno))
+    }
+
+    /// The writes that put `data`, read for extent `idx`, on the replica:
+    /// `(offset, length, data)`, with `None` for zeroes (none on a fresh
+    /// replica); and the buffer of `data` if it is not in them.
+    fn extent_parts(&mut self, idx: usize, data: Data<'_>) -> (Vec<Part>, Option<Vec<u8>>) {
         let ext = self.extents[idx];
         let bytes: &[u8] = match &data {
             Data::Owned(v) => v,
@@ -1022,14 +1076,17 @@ impl Copier<'_, '_> {
         // One non-zero run covering a buffer of its own: written as is.
         let whole = matches!(data, Data::Owned(_)) && runs.len() == 1 && !runs[0].2;
         // (offset, length, data: None for zeroes)
-        let mut parts: Vec<(u64, u64, Option<Vec<u8>>)> = Vec::with_capacity(runs.len());
+        let mut parts: Vec<Part> = Vec::with_capacity(runs.len());
         for (start, len, zero) in runs {
             if zero && self.fresh {
                 self.stats.bytes_skipped += len as u64;
                 continue;
             }
-            let copy =
-                (!zero && !whole).then(|| bytes.get(start..start + len).unwrap_or(&[]).to_vec());
+            let copy = (!zero && !whole).then(|| {
+                let mut b = self.inflight.budget.buffer(len);
+                b.copy_from_slice(&bytes[start..start + len]);
+                b
+            });
             parts.push((ext.off + start as u64, len as u64, copy));
         }
         let mut left = match data {
@@ -1039,8 +1096,7 @@ impl Copier<'_, '_> {
         if whole && let Some(p) = parts.first_mut() {
             p.2 = left.take();
         }
-        self.submit_writes(idx, parts);
-        left
+        (parts, left)
     }
 
     /// Starts a sparse read of data extent `idx` (inside one object of
@@ -1098,8 +1154,7 @@ impl Copier<'_, '_> {
         let ext = self.extents[idx];
         let base = ext.off - ext.off % obj;
         let end = ext.off + ext.len;
-        // (offset, length, data: None for zeroes)
-        let mut parts: Vec<(u64, u64, Option<Vec<u8>>)> = Vec::new();
+        let mut parts: Vec<Part> = Vec::new();
         let fresh = self.fresh;
         let zeroes = |parts: &mut Vec<_>, off: u64, len: u64| {
             if len == 0 {
@@ -1131,44 +1186,52 @@ impl Copier<'_, '_> {
         // The holes were never read: not counted as skipped reads.
         let _ = zeroes(&mut parts, pos, end.saturating_sub(pos));
         self.stats.bytes_skipped += skipped;
-        match self.dst_objects.filter(|o| o.object_size() == obj) {
-            // Fresh: no zeroes among the parts.
-            Some(objects) if parts.iter().all(|p| p.2.is_some()) => {
-                self.write_object(objects, idx, base / obj, base, parts);
-            }
-            _ => self.submit_writes(idx, parts),
+        match self.direct_target(idx..idx + 1) {
+            Some((objects, objno)) => self.write_object(objects, idx..idx + 1, objno, parts),
+            None => self.submit_writes(idx, parts),
         }
     }
 
-    /// Writes the data `parts` of extent `idx` (in object `objno`, which
-    /// starts at image offset `base`) directly, in one operation.
+    /// Writes `parts` (image offsets, all in object `objno`) of the extents
+    /// `range` directly, in one operation; they are done when it is.
     fn write_object(
         &mut self,
         objects: &DataObjects,
-        idx: usize,
+        range: std::ops::Range<usize>,
         objno: u64,
-        base: u64,
-        parts: Vec<(u64, u64, Option<Vec<u8>>)>,
+        parts: Vec<Part>,
     ) {
-        let data: Vec<(u64, Vec<u8>)> = parts
-            .into_iter()
-            .filter_map(|(off, _, b)| b.map(|b| (off - base, b)))
-            .collect();
-        if data.is_empty() {
-            self.pending[idx] = 0;
-            self.extent_done(idx);
+        if parts.is_empty() {
+            for idx in range {
+                self.pending[idx] = 0;
+                self.extent_done(idx);
+            }
             return;
         }
-        let len: u64 = data.iter().map(|d| d.1.len() as u64).sum();
-        self.inflight.take(len as usize);
+        let base = objno * objects.object_size();
+        let (mut written, mut zeroed) = (0u64, 0u64);
+        for p in &parts {
+            match &p.2 {
+                Some(b) => written += b.len() as u64,
+                None => zeroed += p.1,
+            }
+        }
+        let parts: Vec<Part> = parts
+            .into_iter()
+            .map(|(off, len, b)| (off - base, len, b))
+            .collect();
+        self.inflight.take(written as usize);
         let t = self.tx.clone();
+        let (first, count) = (range.start, range.len());
         let r = objects.aio_write(
             objno,
-            data,
+            parts,
             Box::new(move |res, bufs| {
                 let _ = t.send(Event::WrittenObject {
-                    idx,
-                    len,
+                    first,
+                    count,
+                    written,
+                    zeroed,
                     res,
                     bufs,
                 });
@@ -1177,10 +1240,12 @@ impl Copier<'_, '_> {
         match r {
             Ok(()) => {
                 self.ops += 1;
-                self.pending[idx] = 1;
+                for idx in range {
+                    self.pending[idx] = 1;
+                }
             }
             Err(e) => {
-                self.inflight.give(len as usize);
+                self.inflight.give(written as usize);
                 self.first_err
                     .get_or_insert(ceph_err("writing", self.dst, e));
             }
@@ -1189,7 +1254,7 @@ impl Copier<'_, '_> {
 
     /// Submits the writes of extent `idx`: `(offset, length, data)`, zeroes
     /// where the data is `None`; the extent is done when they all are.
-    fn submit_writes(&mut self, idx: usize, parts: Vec<(u64, u64, Option<Vec<u8>>)>) {
+    fn submit_writes(&mut self, idx: usize, parts: Vec<Part>) {
         let mut subs = 0u32;
         for (off, len, buf) in parts {
             let zero = buf.is_none();

@@ -901,13 +901,13 @@ fn delta(
         extents = copy::skip_below(&extents, resume_at);
     }
     let remaining: u64 = extents.iter().map(|e| e.len).sum();
-    // A first sync into a replica created for it writes the objects
-    // directly too, once they are marked in its object map.
+    // The replica's objects are written directly too, an object's extents
+    // in one operation, once they are marked in its object map.
     let dst_objects = match &objects {
-        Some(o) if sparse && fresh && resume_at == 0 => {
+        Some(o) => {
             direct_replica(replica, &extents, o.object_size()).ctx(|| format!("replica {key}"))?
         }
-        _ => None,
+        None => None,
     };
     tracing::info!(
         from = ?from,
@@ -1007,16 +1007,17 @@ fn delta(
     Ok(stats)
 }
 
-/// The replica's data objects for direct writes, with the objects that
-/// `extents` touch marked in its object map; `None` when the replica has
-/// snapshots (direct writes carry no snapshot context), another object
-/// size, or a layout only librbd writes. Blocking.
+/// The replica's data objects for direct writes (with its snapshot context:
+/// no snapshot of the replica may be taken until the copy is done), with
+/// the objects that `extents` touch marked in its object map; `None` for
+/// another object size or a layout only librbd writes. Blocking.
 fn direct_replica(
     replica: &Image,
     extents: &[Extent],
     obj: u64,
 ) -> ceph::Result<Option<ceph::DataObjects>> {
-    if !replica.snap_list()?.is_empty() {
+    // A journal would miss the writes that bypass librbd.
+    if replica.features()? & ceph::features::JOURNALING != 0 {
         return Ok(None);
     }
     let Some(objects) = ceph::DataObjects::open_head(replica)? else {

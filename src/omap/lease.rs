@@ -4,7 +4,7 @@
 //! renews it. The Kubernetes API's optimistic concurrency (a `replace` with
 //! the `resourceVersion` that was read) makes a take-over by two candidates
 //! at once safe: one of them gets a conflict. Pure; the API calls are in
-//! [`super::watch`].
+//! `super::watch` (built with the `kube` feature).
 
 use std::time::Duration;
 
