@@ -347,7 +347,8 @@ fn sparse_first_copies_equal_the_source() {
     let fresh = create_image_in(&bio, &format!("{name}-fresh"), size, &[], 1);
     // Written directly, as a first sync into a new replica is.
     let direct = create_image_in(&bio, &format!("{name}-direct"), size, &[], 1);
-    // Old data everywhere: every hole of the source must be zeroed.
+    // Old data everywhere: every hole of the source must be zeroed, through
+    // librbd or directly.
     let old = create_image_in(
         &bio,
         &format!("{name}-old"),
@@ -355,6 +356,16 @@ fn sparse_first_copies_equal_the_source() {
         &[(0, size as usize)],
         13,
     );
+    let old_direct = create_image_in(
+        &bio,
+        &format!("{name}-olddirect"),
+        size,
+        &[(0, size as usize)],
+        14,
+    );
+    let old_direct_objects = DataObjects::open_head(&old_direct)
+        .expect("layout")
+        .expect("direct");
     let mut extents = copy::changed_extents(&at, None, size, 2 * MIB).expect("allocated");
     let data = written.iter().map(|w| w.1 as u64).sum::<u64>();
     let direct_objects = DataObjects::open_head(&direct)
@@ -366,6 +377,7 @@ fn sparse_first_copies_equal_the_source() {
         (&fresh, true, None),
         (&direct, true, Some(&direct_objects)),
         (&old, false, None),
+        (&old_direct, false, Some(&old_direct_objects)),
     ] {
         if !is_fresh {
             let have = copy::changed_extents(dst, None, size, 2 * MIB).expect("replica");
@@ -439,11 +451,12 @@ fn sparse_first_copies_equal_the_source() {
         "the object map has not all objects marked"
     );
 
-    drop((objects, direct_objects, at, fresh, direct, old));
+    drop((objects, direct_objects, old_direct_objects, at));
+    drop((fresh, direct, old, old_direct));
     img.snap_remove("s1").expect("remove snapshot");
     drop(img);
     ceph::rbd::remove(&io, &name).expect("remove source");
-    for n in ["fresh", "direct", "old"] {
+    for n in ["fresh", "direct", "old", "olddirect"] {
         ceph::rbd::remove(&bio, &format!("{name}-{n}")).expect("remove copy");
     }
 }
