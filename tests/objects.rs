@@ -65,6 +65,22 @@ fn sparse(objects: &DataObjects, objno: u64, off: u64, len: u64) -> ceph::Result
     Ok((out, d.data().len()))
 }
 
+/// `img` opened read-only at snapshot `snap`, and its data objects there.
+fn at_snapshot(io: &std::sync::Arc<ceph::IoCtx>, img: &Image, snap: &str) -> (Image, DataObjects) {
+    let sid = img
+        .snap_list()
+        .expect("snapshots")
+        .into_iter()
+        .find(|s| s.name == snap)
+        .expect("the snapshot")
+        .id;
+    let at = Image::open_read_only(io, img.name(), Some(snap)).expect("open at the snapshot");
+    let objects = DataObjects::open(&at, sid)
+        .expect("layout")
+        .expect("a plain format 2 image reads directly");
+    (at, objects)
+}
+
 /// The same spans through librbd.
 fn through_librbd(img: &Image, obj: u64, objno: u64, spans: &[(u64, usize)]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -104,17 +120,7 @@ fn reads_equal_librbds_in(io: &std::sync::Arc<ceph::IoCtx>) {
     img.snap_create("s1").expect("snapshot");
     // Overwrite after the snapshot: the snapshot must still read the old data.
     write(&img, &[(MIB, 512 << 10), (5 * MIB, 64 << 10)], 9);
-    let sid = img
-        .snap_list()
-        .expect("snapshots")
-        .into_iter()
-        .find(|s| s.name == "s1")
-        .expect("s1")
-        .id;
-    let at = Image::open_read_only(&io, &name, Some("s1")).expect("open at s1");
-    let objects = DataObjects::open(&at, sid)
-        .expect("layout")
-        .expect("a plain format 2 image reads directly");
+    let (at, objects) = at_snapshot(&io, &img, "s1");
     let obj = objects.object_size();
     assert_eq!(obj, 4 * MIB);
 
@@ -330,17 +336,7 @@ fn sparse_first_copies_equal_the_source() {
     img.snap_create("s1").expect("snapshot");
     // After the snapshot: the copy must not see it.
     write(&img, &[(12 * MIB, 1 << 20)], 12);
-    let sid = img
-        .snap_list()
-        .expect("snapshots")
-        .into_iter()
-        .find(|s| s.name == "s1")
-        .expect("s1")
-        .id;
-    let at = Image::open_read_only(&io, &name, Some("s1")).expect("open at s1");
-    let objects = DataObjects::open(&at, sid)
-        .expect("layout")
-        .expect("direct");
+    let (at, objects) = at_snapshot(&io, &img, "s1");
     let mut want = vec![0u8; size as usize];
     at.read(0, &mut want).expect("read source");
 
