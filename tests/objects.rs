@@ -368,7 +368,7 @@ fn sparse_first_copies_equal_the_source() {
         .expect("layout")
         .expect("a plain image is written directly");
     // The objects with data, marked in the object map before the writes.
-    ceph::objects::mark_objects_exist(&direct, 0, size / MIB / 4).expect("object map");
+    ceph::objects::mark_objects_exist(&direct, &[(0, size / MIB / 4)]).expect("object map");
     for (dst, is_fresh, objs) in [
         (&fresh, true, None),
         (&direct, true, Some(&direct_objects)),

@@ -41,6 +41,8 @@ pub type ObjectReadCallback = Box<dyn FnOnce(Result<()>, Vec<u8>) + Send + 'stat
 pub type SparseReadCallback = Box<dyn FnOnce(Result<SparseData>) + Send + 'static>;
 
 // The C ABI of `object_io.cc` (documented there).
+// SAFETY: these declarations match the definitions there, which never
+// unwind (all `noexcept`).
 unsafe extern "C" {
     fn csirr_sparse_read_start(
         io: sys::rados_ioctx_t,
@@ -184,9 +186,11 @@ impl Drop for SparseData {
     }
 }
 
-/// The data objects of an image at one snapshot, read directly.
+/// The data objects of an image, read directly at one snapshot or written
+/// directly at the head.
 pub struct DataObjects {
-    /// Data pool and namespace of the image, reading at the snapshot.
+    /// Data pool and namespace of the image, reading at the snapshot or
+    /// writing with the head's snapshot context.
     io: Arc<IoCtx>,
     prefix: String,
     obj_size: u64,
@@ -356,9 +360,7 @@ impl DataObjects {
         }
         Ok(())
     }
-}
 
-impl DataObjects {
     /// Reads `[off, off + len)` of object `objno` sparsely: `done` gets the
     /// allocated extents and their data (see [`SparseData`]). A missing
     /// object is an error of kind `NotFound`, as in [`Self::aio_read`].
@@ -382,10 +384,11 @@ impl DataObjects {
             target: format!("{} object {objno:#x}", self.spec),
         });
         let arg = Box::into_raw(st);
-        // SAFETY: the ioctx is live (and kept so by the state until the
-        // callback); oid is NUL-terminated and copied before the call
-        // returns; arg is reclaimed by `sparse_complete`, which the shim
-        // calls exactly once if and only if the start succeeded.
+        // The ioctx is live (and kept so by the state until the callback);
+        // oid is NUL-terminated and copied before the call returns; arg is
+        // reclaimed by `sparse_complete`, which the shim calls exactly once
+        // if and only if the start succeeded.
+        // SAFETY: as above.
         let ret = unsafe {
             csirr_sparse_read_start(
                 self.io.raw(),
@@ -403,9 +406,7 @@ impl DataObjects {
         }
         Ok(())
     }
-}
 
-impl DataObjects {
     /// Writes `parts` (offset in object `objno`, length, data or `None` for
     /// zeroes) in one operation; `done` gets the result and the data
     /// buffers back. `done` runs on librados' completion thread: it must
@@ -451,10 +452,11 @@ impl DataObjects {
         // The pointers point into the heap blocks of the buffers, which move
         // with the boxed state (a moved vector keeps its block) and live
         // until `write_complete` hands them back; the shim does not copy
-        // them. The arrays are read during the call only.
-        // SAFETY: as above; the ioctx is live (and kept so by the state);
-        // oid is NUL-terminated; arg is reclaimed by `write_complete`, which
-        // the shim calls exactly once if and only if the start succeeded.
+        // them. The arrays are read during the call only. The ioctx is live
+        // (and kept so by the state); oid is NUL-terminated; arg is reclaimed
+        // by `write_complete`, which the shim calls exactly once if and only
+        // if the start succeeded.
+        // SAFETY: as above.
         let ret = unsafe {
             csirr_write_extents_start(
                 self.io.raw(),
@@ -530,29 +532,32 @@ fn decode_snap_context(b: &[u8]) -> Option<(u64, Vec<u64>)> {
 /// Object map state of an object that may exist (librbd's `OBJECT_EXISTS`).
 const OBJECT_EXISTS: u8 = 1;
 
-/// Marks objects `start..end` of `image` as existing in its object map on
-/// disk (cls_rbd `object_map_update`), before they are written directly:
-/// librbd skips reading an object its map says does not exist. An object
-/// marked but never written reads as zeroes. librbd's in-memory copy of the
-/// map does not see this: the caller makes librbd reload it (re-acquiring
-/// the exclusive lock does) before librbd writes or discards on the image.
-/// No-op without the object-map feature. Blocking.
-pub fn mark_objects_exist(image: &Image, start: u64, end: u64) -> Result<()> {
-    if image.features()? & super::rbd::features::OBJECT_MAP == 0 || start >= end {
+/// Marks the objects in `runs` (each `start..end`) of `image` as existing
+/// in its object map on disk (cls_rbd `object_map_update`, one call a run),
+/// before they are written directly: librbd skips reading an object its map
+/// says does not exist. An object marked but never written reads as zeroes.
+/// librbd's in-memory copy of the map does not see this: the caller makes
+/// librbd reload it (re-acquiring the exclusive lock does) before librbd
+/// writes or discards on the image. No-op without the object-map feature.
+/// Blocking.
+pub fn mark_objects_exist(image: &Image, runs: &[(u64, u64)]) -> Result<()> {
+    if image.features()? & super::rbd::features::OBJECT_MAP == 0 {
         return Ok(());
     }
     let oid = format!("rbd_object_map.{}", image.id()?);
-    // start, end (u64 little endian), the new state, and no current state
-    // to compare with (an absent optional: one zero byte).
-    let mut input = Vec::with_capacity(18);
-    input.extend_from_slice(&start.to_le_bytes());
-    input.extend_from_slice(&end.to_le_bytes());
-    input.push(OBJECT_EXISTS);
-    input.push(0);
-    image
-        .ioctx()
-        .exec(&oid, "rbd", "object_map_update", &input, 0)
-        .map(|_| ())
+    for &(start, end) in runs.iter().filter(|r| r.0 < r.1) {
+        // start, end (u64 little endian), the new state, and no current
+        // state to compare with (an absent optional: one zero byte).
+        let mut input = Vec::with_capacity(18);
+        input.extend_from_slice(&start.to_le_bytes());
+        input.extend_from_slice(&end.to_le_bytes());
+        input.push(OBJECT_EXISTS);
+        input.push(0);
+        image
+            .ioctx()
+            .exec(&oid, "rbd", "object_map_update", &input, 0)?;
+    }
+    Ok(())
 }
 
 /// What a sparse read needs until its completion.

@@ -1016,7 +1016,7 @@ type Part = (u64, u64, Option<Vec<u8>>);
 /// The state of one copy between its submissions and completions.
 struct Copier<'a, 'p> {
     dst: &'a Image,
-    /// The destination's data objects, written directly (fresh only).
+    /// The destination's data objects, written directly.
     dst_objects: Option<&'a DataObjects>,
     extents: &'a [Extent],
     fresh: bool,
@@ -1067,36 +1067,52 @@ impl<'a> Copier<'a, '_> {
     /// `(offset, length, data)`, with `None` for zeroes (none on a fresh
     /// replica); and the buffer of `data` if it is not in them.
     fn extent_parts(&mut self, idx: usize, data: Data<'_>) -> (Vec<Part>, Option<Vec<u8>>) {
-        let ext = self.extents[idx];
-        let bytes: &[u8] = match &data {
-            Data::Owned(v) => v,
-            Data::Part(p) => p,
+        let off = self.extents[idx].off;
+        let runs = match &data {
+            Data::Owned(v) => zero_runs(v),
+            Data::Part(p) => zero_runs(p),
         };
-        let runs = zero_runs(bytes);
-        // One non-zero run covering a buffer of its own: written as is.
-        let whole = matches!(data, Data::Owned(_)) && runs.len() == 1 && !runs[0].2;
-        // (offset, length, data: None for zeroes)
-        let mut parts: Vec<Part> = Vec::with_capacity(runs.len());
-        for (start, len, zero) in runs {
-            if zero && self.fresh {
-                self.stats.bytes_skipped += len as u64;
-                continue;
+        let mut parts = Vec::with_capacity(runs.len());
+        match data {
+            // One non-zero run covering a buffer of its own: written as is.
+            Data::Owned(v) if matches!(runs.as_slice(), [(_, _, false)]) => {
+                let len = v.len() as u64;
+                parts.push((off, len, Some(v)));
+                (parts, None)
             }
-            let copy = (!zero && !whole).then(|| {
+            Data::Owned(v) => {
+                self.push_runs(&mut parts, off, &v, &runs);
+                (parts, Some(v))
+            }
+            Data::Part(p) => {
+                self.push_runs(&mut parts, off, p, &runs);
+                (parts, None)
+            }
+        }
+    }
+
+    /// Appends the writes of `bytes` (at image offset `at`, split into
+    /// `runs` by [`zero_runs`]): each non-zero run copied into a buffer of
+    /// its own, each zero run as zeroes (nothing on a fresh replica).
+    fn push_runs(
+        &mut self,
+        parts: &mut Vec<Part>,
+        at: u64,
+        bytes: &[u8],
+        runs: &[(usize, usize, bool)],
+    ) {
+        for &(start, len, zero) in runs {
+            let off = at + start as u64;
+            if !zero {
                 let mut b = self.inflight.budget.buffer(len);
                 b.copy_from_slice(&bytes[start..start + len]);
-                b
-            });
-            parts.push((ext.off + start as u64, len as u64, copy));
+                parts.push((off, len as u64, Some(b)));
+            } else if self.fresh {
+                self.stats.bytes_skipped += len as u64;
+            } else {
+                parts.push((off, len as u64, None));
+            }
         }
-        let mut left = match data {
-            Data::Owned(v) => Some(v),
-            Data::Part(_) => None,
-        };
-        if whole && let Some(p) = parts.first_mut() {
-            p.2 = left.take();
-        }
-        (parts, left)
     }
 
     /// Starts a sparse read of data extent `idx` (inside one object of
@@ -1153,39 +1169,23 @@ impl<'a> Copier<'a, '_> {
     fn write_sparse(&mut self, idx: usize, obj: u64, data: &SparseData) {
         let ext = self.extents[idx];
         let base = ext.off - ext.off % obj;
-        let end = ext.off + ext.len;
-        let mut parts: Vec<Part> = Vec::new();
-        let fresh = self.fresh;
-        let zeroes = |parts: &mut Vec<_>, off: u64, len: u64| {
-            if len == 0 {
-                return 0;
-            }
-            if fresh {
-                return len;
-            }
-            parts.push((off, len, None));
-            0
-        };
-        let mut skipped = 0u64;
+        let mut parts = Vec::new();
         let mut pos = ext.off;
+        // The holes between the pieces were never read: zeroed unless the
+        // replica is fresh, and not counted as skipped reads.
+        let fresh = self.fresh;
+        let hole = |parts: &mut Vec<Part>, from: u64, to: u64| {
+            if to > from && !fresh {
+                parts.push((from, to - from, None));
+            }
+        };
         for (o, bytes) in data.pieces() {
             let at = base + o;
-            let _ = zeroes(&mut parts, pos, at.saturating_sub(pos));
-            for (start, len, zero) in zero_runs(bytes) {
-                let off = at + start as u64;
-                if zero {
-                    skipped += zeroes(&mut parts, off, len as u64);
-                } else {
-                    let mut b = self.inflight.budget.buffer(len);
-                    b.copy_from_slice(&bytes[start..start + len]);
-                    parts.push((off, len as u64, Some(b)));
-                }
-            }
+            hole(&mut parts, pos, at);
+            self.push_runs(&mut parts, at, bytes, &zero_runs(bytes));
             pos = at + bytes.len() as u64;
         }
-        // The holes were never read: not counted as skipped reads.
-        let _ = zeroes(&mut parts, pos, end.saturating_sub(pos));
-        self.stats.bytes_skipped += skipped;
+        hole(&mut parts, pos, ext.off + ext.len);
         match self.direct_target(idx..idx + 1) {
             Some((objects, objno)) => self.write_object(objects, idx..idx + 1, objno, parts),
             None => self.submit_writes(idx, parts),

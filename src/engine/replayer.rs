@@ -1009,15 +1009,19 @@ fn delta(
 
 /// The replica's data objects for direct writes (with its snapshot context:
 /// no snapshot of the replica may be taken until the copy is done), with
-/// the objects that `extents` touch marked in its object map; `None` for
-/// another object size or a layout only librbd writes. Blocking.
+/// the objects that `extents` touch marked in its object map; `None` when
+/// there is no data to write, for another object size, or a layout only
+/// librbd writes. Blocking.
 fn direct_replica(
     replica: &Image,
     extents: &[Extent],
     obj: u64,
 ) -> ceph::Result<Option<ceph::DataObjects>> {
-    // A journal would miss the writes that bypass librbd.
-    if replica.features()? & ceph::features::JOURNALING != 0 {
+    // Nothing to write (an unchanged sync point, discards only): librbd
+    // needs no reload afterwards. A journal would miss the writes that
+    // bypass librbd.
+    let runs = object_runs(extents, obj);
+    if runs.is_empty() || replica.features()? & ceph::features::JOURNALING != 0 {
         return Ok(None);
     }
     let Some(objects) = ceph::DataObjects::open_head(replica)? else {
@@ -1026,9 +1030,7 @@ fn direct_replica(
     if objects.object_size() != obj {
         return Ok(None);
     }
-    for (start, end) in object_runs(extents, obj) {
-        ceph::objects::mark_objects_exist(replica, start, end)?;
-    }
+    ceph::objects::mark_objects_exist(replica, &runs)?;
     Ok(Some(objects))
 }
 
