@@ -352,8 +352,12 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         a.drivername.clone(),
         shutdown.clone(),
     )?;
-    let replayer = (!a.no_replayer)
-        .then(|| tokio::spawn(engine::replayer::run(Arc::clone(&engine), shutdown.clone())));
+    let replayer = (!a.no_replayer).then(|| {
+        tokio::spawn(engine::replayer::supervise(
+            Arc::clone(&engine),
+            shutdown.clone(),
+        ))
+    });
 
     let routes = tonic::service::Routes::new(IdentityServer::new(IdentityService::new(
         a.drivername.clone(),

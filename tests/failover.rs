@@ -431,19 +431,6 @@ async fn exclusive_disaster_force_promote_then_failback() {
     );
 }
 
-/// Runs `f` on drop (restarts daemons even when an assertion fails).
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct G<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for G<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    G(Some(f))
-}
-
 /// A sync point is reported complete as soon as its data is flushed; the
 /// replica's snapshot of it follows. A replayer killed in between leaves the
 /// point pending: a forced promotion (no replayer running) takes the

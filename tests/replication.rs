@@ -12,7 +12,6 @@ use csi_rbd_replicator::grpc::proto::identity::{
     GetCapabilitiesRequest, GetIdentityRequest, ProbeRequest, capability,
 };
 use csi_rbd_replicator::grpc::proto::replication::get_volume_replication_info_response::Status as Health;
-use tonic::Code;
 
 const MIB: u64 = 1 << 20;
 
@@ -77,13 +76,16 @@ async fn csi_volume_with_holes_replicates_byte_for_byte() {
     .await
     .expect("enable");
 
-    // No replayer runs yet on site-b: no info yet, which csi-addons reads as
-    // "not synced yet".
+    // No replayer runs yet on site-b: no sync time is invented; the health
+    // is unknown until a replica reports.
     let early = ca
         .get_volume_replication_info(info_req(Site::A, &vol.handle))
         .await
-        .unwrap_err();
-    assert_eq!(early.code(), Code::NotFound, "{early:?}");
+        .expect("info before any sync")
+        .into_inner();
+    assert!(early.last_sync_time.is_none(), "{early:?}");
+    assert!(early.last_sync_duration.is_none(), "{early:?}");
+    assert_eq!(early.status, Health::Unknown as i32, "{early:?}");
     assert!(sync_snaps_in(&pool.ioctx(Site::B), &vol.image).is_empty());
 
     let _b = Sidecar::start(Site::B, &pool.args()).await;

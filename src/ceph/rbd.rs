@@ -754,13 +754,15 @@ impl Image {
     /// snapshot `from` (or nothing, for `None`) and the snapshot set on the
     /// handle (or the head), within `[ofs, ofs+len)`. `exists == false` means
     /// the extent became a hole (discarded). `whole_object` reports whole
-    /// objects (fast with the object map). Returning `Err` from `f` stops the
-    /// iteration and is returned. Blocking.
+    /// objects (fast with the object map). `include_parent` also reports,
+    /// for a clone, the extents a reader sees through to its parent.
+    /// Returning `Err` from `f` stops the iteration and is returned. Blocking.
     pub fn diff_iterate<F, E>(
         &self,
         from: Option<&str>,
         ofs: u64,
         len: u64,
+        include_parent: bool,
         whole_object: bool,
         mut f: F,
     ) -> std::result::Result<(), DiffError<E>>
@@ -811,7 +813,7 @@ impl Image {
                 fp,
                 ofs,
                 len,
-                0,
+                u8::from(include_parent),
                 u8::from(whole_object),
                 Some(trampoline::<E>),
                 ptr::from_mut(&mut st).cast(),
@@ -830,6 +832,14 @@ impl Image {
         check(ret, "rbd_diff_iterate2", || self.target())
             .map(|_| ())
             .map_err(DiffError::Ceph)
+    }
+
+    /// Copies a clone's parent data into it and detaches it from the parent
+    /// (`rbd flatten`). Blocking; as long as copying the overlap.
+    pub fn flatten(&self) -> Result<()> {
+        // SAFETY: the handle is live.
+        let ret = unsafe { sys::rbd_flatten(self.raw()) };
+        check(ret, "rbd_flatten", || self.target()).map(|_| ())
     }
 
     /// Takes the image's exclusive lock and keeps it: other clients' writes

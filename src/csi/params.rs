@@ -262,6 +262,20 @@ impl ReplicationParams {
         Self::from_pairs(params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
 
+    /// `force` as DisableVolumeReplication reads it: never an error (a
+    /// broken class must not block a finalizer); anything but a true value
+    /// is `false`, with a warning for a value that is not a boolean.
+    pub fn lenient_force(params: &HashMap<String, String>) -> bool {
+        match params.get(FORCE_KEY).map(|v| (v, parse_go_bool(v))) {
+            Some((_, Some(b))) => b,
+            Some((v, None)) => {
+                tracing::warn!(value = %v, "parameter force is not a boolean; taken as false");
+                false
+            }
+            None => false,
+        }
+    }
+
     fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Result<Self, ParamError> {
         let mut mode = None;
         let mut interval = None;

@@ -55,6 +55,13 @@ impl Credentials {
                 "secret userID or userKey contains a NUL or newline".into(),
             ));
         }
+        if !is_cephx_key(key) {
+            // Named by its user, never shown.
+            return Err(EngineError::InvalidArgument(format!(
+                "secret userKey of client.{user} is not a cephx key (the base64 secret of \
+                 `ceph auth get-key client.{user}`)"
+            )));
+        }
         Ok(Self {
             user: user.to_string(),
             key: key.to_string(),
@@ -101,6 +108,17 @@ impl Credentials {
             op_timeout: Some(timeout),
             ..Default::default()
         }
+    }
+}
+
+/// Whether `key` has the shape of a cephx secret: base64 of a 28-byte
+/// `CryptoKey` (type 1 = AES, an 8-byte creation time, length 16, 16 bytes of
+/// key), as `ceph auth get-key` prints it.
+fn is_cephx_key(key: &str) -> bool {
+    use base64::Engine as _;
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(b) => b.len() == 28 && b[0..2] == [1, 0] && b[10..12] == [16, 0],
+        Err(_) => false,
     }
 }
 
@@ -167,6 +185,10 @@ fn connect_error(e: crate::ceph::Error, mon_host: &str, user: &str) -> EngineErr
         ErrorKind::TimedOut => EngineError::Timeout(format!(
             "cluster at {mon_host} did not answer in time (as client.{user}): {e}"
         )),
+        // librados refuses a key it cannot parse before it asks anyone.
+        ErrorKind::InvalidInput => EngineError::InvalidArgument(format!(
+            "the credentials of client.{user} are malformed: {e}"
+        )),
         _ => EngineError::Ceph {
             context: format!("connecting to {mon_host} as client.{user}"),
             source: e,
@@ -178,6 +200,28 @@ fn connect_error(e: crate::ceph::Error, mon_host: &str, user: &str) -> EngineErr
 mod tests {
     use super::*;
 
+    /// A well-formed cephx key (not one of any cluster).
+    const KEY: &str = "AQBf4VdnAAAAABAAAAECAwQFBgcICQoLDA0ODw==";
+
+    #[test]
+    fn malformed_keys_are_invalid_arguments_that_do_not_show_the_key() {
+        assert!(is_cephx_key(KEY));
+        for bad in [
+            "not-base64!",
+            "AQBsecretsecretsecretsecretsecretsecr==",
+            "AQBf4VdnAAAAABAAAAECAwQFBgcICQoLDA0O",
+            "AgBf4VdnAAAAABAAAAECAwQFBgcICQoLDA0ODw==",
+        ] {
+            match Credentials::new("csi-rbd-provisioner", bad) {
+                Err(EngineError::InvalidArgument(m)) => {
+                    assert!(m.contains("client.csi-rbd-provisioner"), "{m}");
+                    assert!(!m.contains(bad), "{m}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn secrets_shapes() {
         let mut m = HashMap::new();
@@ -187,7 +231,7 @@ mod tests {
             Credentials::from_secrets(&m),
             Err(EngineError::InvalidArgument(_))
         ));
-        m.insert("userKey".to_string(), "AQBsecret==\n".to_string());
+        m.insert("userKey".to_string(), format!("{KEY}\n"));
         let c = Credentials::from_secrets(&m).unwrap().unwrap();
         assert_eq!(c.user, "admin");
         assert!(!format!("{c:?}").contains("AQB"));
@@ -199,7 +243,7 @@ mod tests {
     fn from_dir_reads_secret_volume_layout() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("userID"), "csi-rbd-provisioner").unwrap();
-        std::fs::write(d.path().join("userKey"), "AQBkey==").unwrap();
+        std::fs::write(d.path().join("userKey"), KEY).unwrap();
         let c = Credentials::from_dir(d.path()).unwrap();
         assert_eq!(c.user, "csi-rbd-provisioner");
         assert!(Credentials::from_dir(&d.path().join("missing")).is_err());

@@ -85,8 +85,9 @@ pub struct Extent {
 }
 
 /// Lists the extents of `src` (opened at the target snapshot) that differ from
-/// snapshot `from` (`None`: everything allocated), split at `chunk`
-/// boundaries.
+/// snapshot `from` (`None`: everything a reader sees as allocated, a clone's
+/// parent data included, so that a replica is a flat copy of it), split at
+/// `chunk` boundaries.
 pub fn changed_extents(
     src: &Image,
     from: Option<&str>,
@@ -98,6 +99,7 @@ pub fn changed_extents(
         from,
         0,
         size,
+        from.is_none(),
         false,
         |off, len, exists| {
             push_split(&mut out, off, len, exists, chunk);

@@ -13,9 +13,6 @@ pub enum EngineError {
     /// The volume, pool or image does not exist.
     #[error("{0}")]
     NotFound(String),
-    /// Nothing to report yet (e.g. no sync has completed).
-    #[error("{0}")]
-    NoInfoYet(String),
     /// The cluster rejected the credentials.
     #[error("{0}")]
     Unauthenticated(String),

@@ -30,7 +30,7 @@ use chrono::{DateTime, Utc};
 
 use crate::ceph::Cluster;
 use crate::csi::config::{ClusterConfig, ClusterMapping, CsiConfig};
-use crate::csi::params::{MirroringMode, ReplicationParams};
+use crate::csi::params::{FlattenMode, MirroringMode, ReplicationParams};
 use crate::csi::volume_id::VolumeId;
 
 pub use conn::{Connections, Credentials};
@@ -121,21 +121,31 @@ pub enum Health {
     Degraded,
     /// Broken; needs attention.
     Error,
+    /// Not known yet (e.g. no replica has reported since Enable).
+    Unknown,
 }
 
 /// Replication information of a primary volume.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReplicationInfo {
-    /// When the newest complete sync point was taken on the primary.
-    pub last_sync_time: DateTime<Utc>,
-    /// How long the copy of that sync point took.
-    pub last_sync_duration: Duration,
-    /// Bytes it copied.
-    pub last_sync_bytes: u64,
+    /// The newest complete sync point; `None` until one exists (never an
+    /// invented time).
+    pub last_sync: Option<LastSync>,
     /// Health.
     pub health: Health,
     /// Human-readable state.
     pub message: String,
+}
+
+/// A complete sync point as GetVolumeReplicationInfo reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastSync {
+    /// When its snapshot was taken on the primary.
+    pub time: DateTime<Utc>,
+    /// How long its copy took.
+    pub duration: Duration,
+    /// Bytes it copied.
+    pub bytes: u64,
 }
 
 /// A duration in milliseconds from environment variable `name` (fault
@@ -154,6 +164,8 @@ pub struct Engine {
     locks: oplock::OpLocks,
     last_local_ok: Mutex<Option<Instant>>,
     last_local_err: Mutex<Option<String>>,
+    /// Why the replayer is not running, while it is not (for readiness).
+    replayer_down: Mutex<Option<String>>,
     cookie: String,
     /// The global byte-rate cap, shared by every copy.
     throttle: Arc<copy::Throttle>,
@@ -186,6 +198,7 @@ impl Engine {
             locks: oplock::OpLocks::default(),
             last_local_ok: Mutex::new(None),
             last_local_err: Mutex::new(None),
+            replayer_down: Mutex::new(None),
             cookie: format!("csirr-{}", uuid::Uuid::new_v4()),
             throttle: Arc::new(copy::Throttle::new(cfg.max_bytes_per_second)),
             budget: copy::ByteBudget::new(cfg.limits.max_inflight_bytes),
@@ -270,9 +283,23 @@ impl Engine {
         }
     }
 
-    /// Ready when the local cluster answered within `within`; otherwise the
-    /// reason.
+    /// Records whether the replayer runs: `Some(reason)` while it does not
+    /// (it died and waits to be restarted), `None` once it runs again.
+    pub fn set_replayer_down(&self, reason: Option<String>) {
+        *self.replayer_down.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Ready when the local cluster answered within `within` and the
+    /// replayer (if this process runs one) is running; otherwise the reason.
     pub fn probe(&self, within: Duration) -> std::result::Result<(), String> {
+        if let Some(why) = self
+            .replayer_down
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(why);
+        }
         let ok = *self.last_local_ok.lock().unwrap_or_else(|p| p.into_inner());
         match ok {
             Some(t) if t.elapsed() <= within => Ok(()),
@@ -309,8 +336,11 @@ impl Engine {
         params: ReplicationParams,
     ) -> Result<()> {
         if params.mirroring_mode != MirroringMode::Snapshot {
-            return Err(EngineError::InvalidArgument(format!(
-                "mirroringMode {} is not supported yet; use snapshot",
+            // A valid value of the class that this version cannot serve
+            // (yet): the volume is fine, the driver is not ready for it.
+            return Err(EngineError::FailedPrecondition(format!(
+                "mirroringMode {} is not supported by this version of the driver yet; \
+                 use mirroringMode snapshot",
                 params.mirroring_mode
             )));
         }
@@ -322,11 +352,7 @@ impl Engine {
     fn enable_blocking(&self, req: &VolumeRequest, params: &ReplicationParams) -> Result<()> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
         let reg = Registry::new(Arc::clone(vol.ioctx()));
-        let map = params.to_map();
-        let schedule = Schedule {
-            interval: map.get("schedulingInterval").cloned(),
-            start_time: map.get("schedulingStartTime").cloned(),
-        };
+        let schedule = Schedule::of(params);
         let span = tracing::info_span!("enable", volume = %req.volume, image = %vol.image.spec());
         let _e = span.enter();
         let mut rec = match reg.get(&vol.image_id)? {
@@ -355,6 +381,18 @@ impl Engine {
         };
         rec.schedule = schedule;
         rec.bandwidth_limit = params.bandwidth_limit;
+        // ceph-csi's flattenMode: `force` detaches a clone from its parent
+        // first. Replicas are flat copies either way (a clone's first sync
+        // reads through to its parent); flattening only frees the primary
+        // from its parent.
+        if params.flatten_mode == FlattenMode::Force
+            && vol.image.parent_overlap().ctx(|| vol.image.spec())? > 0
+        {
+            tracing::info!("flattening the clone before enabling (flattenMode force)");
+            vol.image
+                .flatten()
+                .ctx(|| format!("flattening {}", vol.image.spec()))?;
+        }
         // The first sync snapshot before the record: the scheduler takes one
         // for a primary record that has none (an interrupted Enable of an
         // earlier version), and would race this one while the monitor
@@ -409,32 +447,117 @@ impl Engine {
             self.cfg.peer_stale_after,
             self.cfg.rpo_factor,
         );
-        let last = match (&a.last_sync, a.health) {
-            (Some(l), _) => l.clone(),
-            // No sync point yet: an error (split-brain, a failing replayer)
-            // is reported now rather than as "no info yet".
-            (None, Health::Error) => {
-                return Ok(ReplicationInfo {
-                    last_sync_time: rec.enabled_at,
-                    last_sync_duration: Duration::ZERO,
-                    last_sync_bytes: 0,
-                    health: a.health,
-                    message: a.message,
-                });
+        // No sync point yet: say why, never invent one. A replica that has
+        // not reported cannot be judged (UNKNOWN) unless the pool cannot
+        // replicate at all; a first copy in progress is no recovery point
+        // yet (DEGRADED).
+        let (health, mut message) = (a.health, a.message);
+        let health = match (&a.last_sync, health) {
+            (Some(_), h) => h,
+            (None, Health::Healthy) if a.replicas.is_empty() => {
+                match crate::ceph::rbd::mirror_peer_list(vol.ioctx()) {
+                    Ok(p) if !p.is_empty() => Health::Unknown,
+                    Ok(_) => {
+                        message = format!(
+                            "pool {} has no mirror peer: nothing can replicate this volume \
+                             (add the peer with `rbd mirror pool peer bootstrap import`)",
+                            vol.ioctx().pool()
+                        );
+                        Health::Error
+                    }
+                    Err(e) => {
+                        message = format!("{message}; the pool's mirror peers cannot be read: {e}");
+                        Health::Unknown
+                    }
+                }
             }
-            (None, _) => {
-                return Err(EngineError::NoInfoYet(format!(
-                    "no sync of volume {} has completed yet ({})",
-                    req.volume, a.message
-                )));
-            }
+            (None, Health::Healthy) => Health::Degraded,
+            (None, h) => h,
         };
         Ok(ReplicationInfo {
-            last_sync_time: last.snap_time,
-            last_sync_duration: Duration::from_millis(last.duration_ms),
-            last_sync_bytes: last.bytes,
-            health: a.health,
-            message: a.message,
+            last_sync: a.last_sync.map(|l| LastSync {
+                time: l.snap_time,
+                duration: Duration::from_millis(l.duration_ms),
+                bytes: l.bytes,
+            }),
+            health,
+            message,
         })
+    }
+}
+
+impl Engine {
+    /// GetReplicationDestinationInfo: the volume ID of the replica on the
+    /// peer cluster. A ceph-csi handle is re-minted with the peer's cluster
+    /// ID (the other side of the local cluster in `cluster-mapping.json`)
+    /// and the peer pool's ID, keeping the uuid (the omap generator writes
+    /// the peer's journal under the same uuid), so a PersistentVolume made
+    /// on the peer from it resolves without the mapping. A plain
+    /// `pool[/namespace]/image` ID names the same place on the peer.
+    pub async fn destination(self: &Arc<Self>, req: VolumeRequest) -> Result<String> {
+        self.run(move |e| e.destination_blocking(&req)).await
+    }
+
+    fn destination_blocking(&self, req: &VolumeRequest) -> Result<String> {
+        let vol = self.resolve(&req.volume, req.creds.as_ref())?;
+        let reg = Registry::new(Arc::clone(vol.ioctx()));
+        if reg.get(&vol.image_id)?.is_none() {
+            return Err(EngineError::FailedPrecondition(format!(
+                "replication is not enabled for volume {}",
+                req.volume
+            )));
+        }
+        let Some(handle) = &vol.handle else {
+            return Ok(req.volume.to_string());
+        };
+        let local_id = &self.cfg.local_cluster.cluster_id;
+        let peer_id = self
+            .cfg
+            .mapping
+            .entries()
+            .iter()
+            .flat_map(|e| e.cluster_ids.iter())
+            .find_map(|(a, b)| match (a == local_id, b == local_id) {
+                (true, _) => Some(b.clone()),
+                (_, true) => Some(a.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                EngineError::FailedPrecondition(format!(
+                    "cluster-mapping.json has no clusterIDMapping entry for the local cluster \
+                     {local_id}: the peer's cluster ID is unknown"
+                ))
+            })?;
+        let pool = vol.ioctx().pool();
+        let (_, peer) = self
+            .peers_of_pool(pool)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                EngineError::FailedPrecondition(format!("pool {pool} has no mirror peer"))
+            })?;
+        let peer_pool = peer
+            .pool_lookup(pool)
+            .ctx(|| format!("looking up pool {pool} on the peer cluster {peer_id}"))?;
+        if let Some(mapped) = self
+            .cfg
+            .mapping
+            .candidates(local_id, vol.ioctx().pool_id())
+            .into_iter()
+            .find(|l| l.cluster_id == peer_id)
+            .filter(|l| l.pool_id != peer_pool)
+        {
+            tracing::warn!(
+                pool,
+                mapped = mapped.pool_id,
+                actual = peer_pool,
+                "cluster-mapping.json maps the pool to another ID than the peer's; using the \
+                 peer's"
+            );
+        }
+        let dest = handle
+            .with_location(&peer_id, peer_pool)
+            .map_err(|e| EngineError::Internal(format!("minting the peer's volume ID: {e}")))?;
+        Ok(dest.to_string())
     }
 }

@@ -104,6 +104,21 @@ pub struct Schedule {
     pub start_time: Option<String>,
 }
 
+impl Schedule {
+    /// The schedule a VolumeReplicationClass' validated parameters name.
+    pub fn of(params: &crate::csi::params::ReplicationParams) -> Self {
+        let map = params.to_map();
+        Self {
+            interval: map
+                .get(crate::csi::params::SCHEDULING_INTERVAL_KEY)
+                .cloned(),
+            start_time: map
+                .get(crate::csi::params::SCHEDULING_START_TIME_KEY)
+                .cloned(),
+        }
+    }
+}
+
 /// Where the primary of a replica lives.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrimaryRef {

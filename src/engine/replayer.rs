@@ -116,8 +116,42 @@ impl HeldImages {
     }
 }
 
-/// Runs the replayer until `cancel`.
+/// Runs the replayer until `cancel`, restarting it with backoff when it
+/// dies (a panic, or an unexpected end); readiness ([`Engine::probe`]) is
+/// down, with the reason, until it runs again.
+pub async fn supervise(engine: Arc<Engine>, cancel: CancellationToken) {
+    const MAX_BACKOFF: Duration = Duration::from_secs(30);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        engine.set_replayer_down(None);
+        let started = Instant::now();
+        let ended = tokio::spawn(run(Arc::clone(&engine), cancel.clone())).await;
+        if cancel.is_cancelled() {
+            break;
+        }
+        let why = match ended {
+            Ok(()) => "the replayer stopped unexpectedly".to_string(),
+            Err(e) => format!("the replayer failed: {e}"),
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        tracing::error!(reason = %why, restart_in = ?backoff, "replayer down; restarting it");
+        engine.set_replayer_down(Some(format!("{why}; restarting in {backoff:?}")));
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The replayer: discovery, syncs and the local scheduler pass, until
+/// `cancel`. Use [`supervise`] to run it.
 pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
+    if std::env::var_os("CSIRR_FAULT_REPLAYER_PANIC").is_some() {
+        panic!("fault injection: CSIRR_FAULT_REPLAYER_PANIC is set");
+    }
     let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
@@ -607,13 +641,36 @@ fn sync_inner(
     };
     match rec.role {
         Role::Secondary => {}
+        // Demoted here while the peer is primary: after an orderly switch
+        // (the peer promoted once it held this side's demotion snapshot, and
+        // nothing was written here since), this side is a replica again by
+        // itself, as rbd-mirror resumes. Anything else is a split brain that
+        // only ResyncVolume with force may settle.
+        Role::Demoted if job.primary.role == Role::Primary => {
+            let div = engine.divergence(&replica, &primary, &key)?;
+            if div.diverged() {
+                reporter.report(
+                    ReplayState::Stopped,
+                    format!(
+                        "{key} is demoted on the replica's site and diverged from this primary \
+                         (newest common sync point: {}); it waits for ResyncVolume with force",
+                        div.common.as_deref().unwrap_or("none")
+                    ),
+                    None,
+                );
+                return Ok(false);
+            }
+            let primary_ref = PrimaryRef {
+                fsid: job.peer.fsid().to_string(),
+                image_id: job.primary.image_id.clone(),
+            };
+            engine.adopt_as_replica(&local_reg, &mut rec, &replica, &key, primary_ref, &div)?;
+            ensure_csi_journal(peer_io, &local_io, job, &rec.image_id);
+        }
         Role::Demoted => {
             reporter.report(
                 ReplayState::Stopped,
-                format!(
-                    "{key} is demoted on the replica's site and waits for ResyncVolume \
-                     to become a replica of this primary"
-                ),
+                format!("{key} is demoted on both sites; waiting for one to be promoted"),
                 None,
             );
             return Ok(false);
@@ -1140,7 +1197,11 @@ fn open_or_create_replica(
         Ok(img) => {
             let id = img.id().ctx(|| format!("replica {key}"))?;
             match local_reg.get(&id)? {
-                Some(rec) if rec.role == Role::Primary => Ok((img, rec, false)),
+                // A former primary (demoted) of this volume: the caller
+                // decides whether it becomes a replica.
+                Some(rec) if matches!(rec.role, Role::Primary | Role::Demoted) => {
+                    Ok((img, rec, false))
+                }
                 Some(rec)
                     if rec
                         .primary

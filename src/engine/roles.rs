@@ -21,10 +21,11 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::ceph::{self, Cluster, ErrorKind, Image, IoCtx};
+use crate::csi::params::ReplicationParams;
 
 use super::error::{CephContext, EngineError, Result};
 use super::registry::{
-    ImageRecord, PrimaryRef, Registry, Role, RoleChange, Tombstone, sync_snapshots,
+    ImageRecord, PrimaryRef, Registry, Role, RoleChange, Schedule, Tombstone, sync_snapshots,
 };
 use super::replayer::settle_pending_snap;
 use super::resolve::Resolved;
@@ -39,6 +40,51 @@ struct PeerImage {
     rec: Option<ImageRecord>,
 }
 
+/// How a demoted image relates to the peer's new primary.
+#[derive(Debug, Clone)]
+pub(crate) struct Divergence {
+    /// The newest sync snapshot both sides have.
+    pub common: Option<String>,
+    /// Local sync snapshots after `common` that the primary lacks.
+    pub newer_here: Vec<String>,
+    /// Whether the local head was written after `common`.
+    pub head_changed: bool,
+}
+
+impl Divergence {
+    /// Whether the two sides went apart (a split brain, or a promotion that
+    /// did not wait for this side's demotion snapshot): only a resync with
+    /// force may discard the local changes.
+    pub fn diverged(&self) -> bool {
+        self.common.is_none() || self.head_changed || !self.newer_here.is_empty()
+    }
+
+    /// Why a resync without force refuses.
+    fn explain(&self, key: &str) -> String {
+        match &self.common {
+            Some(c) => format!(
+                "split-brain: {key} changed on this site after {c}, the newest sync point \
+                 both sites share; ResyncVolume with force discards the local changes \
+                 since {c} and copies only what differs"
+            ),
+            None => format!(
+                "{key} shares no sync point with the new primary; ResyncVolume with force \
+                 replaces its content with a full copy"
+            ),
+        }
+    }
+}
+
+/// The newest sync point a non-primary record holds completely: a replica's
+/// last complete sync, a demoted image's demotion snapshot.
+fn newest_complete(rec: &ImageRecord) -> Option<String> {
+    match rec.role {
+        Role::Secondary => rec.last_sync.as_ref().map(|l| l.snap_name.clone()),
+        Role::Demoted => rec.demotion_snap.clone(),
+        Role::Primary => None,
+    }
+}
+
 /// Sync snapshot names of an image, oldest first.
 fn sync_names(img: &Image) -> Result<Vec<(u64, String)>> {
     let snaps = img
@@ -48,6 +94,16 @@ fn sync_names(img: &Image) -> Result<Vec<(u64, String)>> {
         .into_iter()
         .map(|(q, s)| (q, s.name))
         .collect())
+}
+
+/// The sequence number after `newest`; an error on overflow (a hostile or
+/// corrupt snapshot name), never a wrap to 0.
+fn next_sync_seq(newest: u64) -> Result<u64> {
+    newest.checked_add(1).ok_or_else(|| {
+        EngineError::FailedPrecondition(format!(
+            "the newest sync snapshot has sequence {newest}; no later one can be named"
+        ))
+    })
 }
 
 fn change(what: impl Into<String>) -> Option<RoleChange> {
@@ -162,13 +218,10 @@ impl Engine {
                 }
             )));
         }
-        let seq = sync_names(&vol.image)?.last().map_or(0, |(q, _)| *q) + 1;
-        let snap = self.take_sync_snapshot(&vol.image, seq)?;
-        rec.role = Role::Demoted;
-        rec.demotion_snap = Some(snap.clone());
-        rec.role_change = change(format!("demoted at {snap}"));
-        reg.put(&rec)?;
-        reg.announce();
+        // The lock first: once this process holds it nobody else can write,
+        // so the demotion snapshot below is the last state any client wrote
+        // and a planned promotion elsewhere misses nothing. A lock that
+        // cannot be taken fails the demotion before anything changes.
         if force {
             for o in &owners {
                 tracing::warn!(owner = %o, "breaking the lock of a writer (forced demotion)");
@@ -176,6 +229,24 @@ impl Engine {
             }
         }
         self.hold_lock(&key, &vol.image)?;
+        let newest = sync_names(&vol.image)?.last().map_or(0, |(q, _)| *q);
+        let seq = next_sync_seq(newest)?;
+        let snap = match self.take_sync_snapshot(&vol.image, seq) {
+            Ok(s) => s,
+            Err(e) => {
+                // Still primary: let the application have its image back.
+                self.held.release(&key);
+                return Err(e);
+            }
+        };
+        rec.role = Role::Demoted;
+        rec.demotion_snap = Some(snap.clone());
+        rec.role_change = change(format!("demoted at {snap}"));
+        if let Err(e) = reg.put(&rec) {
+            self.held.release(&key);
+            return Err(e);
+        }
+        reg.announce();
         tracing::info!(snapshot = %snap, "demoted; final sync snapshot taken");
         Ok(())
     }
@@ -213,10 +284,19 @@ impl Engine {
     /// UNAVAILABLE while that snapshot is still being copied;
     /// FAILED_PRECONDITION while the peer is primary or unreachable. With
     /// `force`: fails over without the peer, within the promote timeout.
-    pub async fn promote(self: &Arc<Self>, req: VolumeRequest, force: bool) -> Result<()> {
+    ///
+    /// The schedule belongs to the primary: `params` (the
+    /// VolumeReplicationClass' parameters) replace the image's schedule when
+    /// they carry `schedulingInterval`, as ceph-csi applies it at promotion.
+    pub async fn promote(
+        self: &Arc<Self>,
+        req: VolumeRequest,
+        force: bool,
+        params: ReplicationParams,
+    ) -> Result<()> {
         let key = req.volume.to_string();
         let timeout = self.cfg.promote_timeout;
-        let work = self.run_locked(key, move |e| e.promote_blocking(&req, force));
+        let work = self.run_locked(key, move |e| e.promote_blocking(&req, force, &params));
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(EngineError::Unavailable(format!(
@@ -226,14 +306,31 @@ impl Engine {
         }
     }
 
-    fn promote_blocking(&self, req: &VolumeRequest, force: bool) -> Result<()> {
+    fn promote_blocking(
+        &self,
+        req: &VolumeRequest,
+        force: bool,
+        params: &ReplicationParams,
+    ) -> Result<()> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
         let (reg, mut rec) = self.record_of(&vol, req)?;
         let key = Self::key_of(&vol);
         let span = tracing::info_span!("promote", volume = %req.volume, image = %key, force);
         let _s = span.enter();
+        let schedule = params
+            .scheduling_interval
+            .is_some()
+            .then(|| Schedule::of(params));
         match rec.role {
-            Role::Primary => return Ok(()),
+            Role::Primary => {
+                if let Some(s) = schedule.filter(|s| *s != rec.schedule) {
+                    tracing::info!(schedule = ?s, "schedule changed at promotion");
+                    rec.schedule = s;
+                    reg.put(&rec)?;
+                    reg.announce();
+                }
+                return Ok(());
+            }
             Role::Demoted if !force => {
                 // Undo a demotion, unless the peer took over meanwhile.
                 match self.peer_record(&vol, None) {
@@ -342,6 +439,9 @@ impl Engine {
         rec.primary = None;
         rec.checkpoint = None;
         rec.demotion_snap = None;
+        if let Some(s) = schedule {
+            rec.schedule = s;
+        }
         reg.put(&rec)?;
         reg.announce();
         tracing::info!(rolled_back_bytes = rolled, "promoted");
@@ -380,97 +480,115 @@ impl Engine {
             Role::Demoted => {}
         }
         let peer = self.peer_record(&vol, None)?;
-        let Some(prec) = peer.rec.filter(|p| p.role == Role::Primary) else {
-            tracing::info!("the peer is not primary yet; waiting");
-            return Ok(false);
+        let prec = match peer.rec {
+            Some(p) if p.role == Role::Primary => p,
+            other => {
+                // Neither side is primary (a relocation in progress: Ramen
+                // waits for this side to settle before it promotes the
+                // other). Nothing to resync once the peer holds the newest
+                // sync point this side has (its demotion snapshot).
+                let ours = sync_names(&vol.image)?.last().map(|(_, n)| n.clone());
+                let theirs = other.as_ref().and_then(newest_complete);
+                let settled = ours.is_some() && ours == theirs;
+                tracing::info!(ours = ?ours, theirs = ?theirs, settled, "the peer is not primary");
+                return Ok(settled);
+            }
         };
         let _slot = self.take_slot(&key)?;
         let pimg = Image::open_by_id_read_only(&peer.io, &prec.image_id, None)
             .ctx(|| format!("opening the peer's primary {key}"))?;
-        let theirs: Vec<String> = sync_names(&pimg)?.into_iter().map(|(_, n)| n).collect();
-        let ours = sync_names(&vol.image)?;
+        let div = self.divergence(&vol.image, &pimg, &key)?;
+        drop(pimg);
+        if div.diverged() && !force {
+            return Err(EngineError::FailedPrecondition(div.explain(&key)));
+        }
+        let primary = PrimaryRef {
+            fsid: peer.cluster.fsid().to_string(),
+            image_id: prec.image_id.clone(),
+        };
+        self.adopt_as_replica(&reg, &mut rec, &vol.image, &key, primary, &div)?;
+        Ok(false)
+    }
+
+    /// How the local image `img` (not primary) relates to the peer's primary
+    /// `primary`: the newest sync snapshot both have, the local sync
+    /// snapshots after it that the primary lacks, and whether the head was
+    /// written since it. Blocking.
+    pub(crate) fn divergence(&self, img: &Image, primary: &Image, key: &str) -> Result<Divergence> {
+        let theirs: Vec<String> = sync_names(primary)?.into_iter().map(|(_, n)| n).collect();
+        let ours = sync_names(img)?;
         // Newest sync snapshot both sides have (names are unique).
-        let common = ours
-            .iter()
-            .rev()
-            .find(|(_, n)| theirs.contains(n))
-            .map(|(_, n)| n.clone());
+        let common_at = ours.iter().rposition(|(_, n)| theirs.contains(n));
+        let common = common_at.map(|i| ours[i].1.clone());
         let newer_here: Vec<String> = ours
             .iter()
-            .filter(|(q, n)| match &common {
-                Some(c) => {
-                    ours.iter()
-                        .find(|(_, m)| m == c)
-                        .is_some_and(|(cq, _)| q > cq)
-                        && !theirs.contains(n)
-                }
-                None => true,
-            })
+            .skip(common_at.map_or(0, |i| i + 1))
+            .filter(|(_, n)| !theirs.contains(n))
             .map(|(_, n)| n.clone())
             .collect();
         let head_changed = match &common {
             Some(c) => {
-                let size = vol.image.size().ctx(|| key.clone())?;
-                !crate::engine::copy::changed_extents(
-                    &vol.image,
-                    Some(c),
-                    size,
-                    self.cfg.limits.chunk,
-                )?
-                .is_empty()
+                let size = img.size().ctx(|| key.to_string())?;
+                !crate::engine::copy::changed_extents(img, Some(c), size, self.cfg.limits.chunk)?
+                    .is_empty()
             }
             None => true,
         };
-        let diverged = common.is_none() || head_changed || !newer_here.is_empty();
-        if diverged && !force {
-            return Err(EngineError::FailedPrecondition(match &common {
-                Some(c) => format!(
-                    "split-brain: {key} changed on this site after {c}, the newest sync point \
-                     both sites share; ResyncVolume with force discards the local changes \
-                     since {c} and copies only what differs"
-                ),
-                None => format!(
-                    "{key} shares no sync point with the new primary; ResyncVolume with force \
-                     replaces its content with a full copy"
-                ),
-            }));
-        }
-        self.held.release(&key);
-        let rolled = match &common {
-            Some(c) if head_changed => {
-                rollback_to(vol.ioctx(), &vol.image, c, self.cfg.limits, &|| false)?
+        Ok(Divergence {
+            common,
+            newer_here,
+            head_changed,
+        })
+    }
+
+    /// Turns the local image `img` of `key` into a replica of `primary`:
+    /// rolls back writes after the common sync point and removes the sync
+    /// snapshots the primary lacks (both only when `div` diverged), records
+    /// the new role and keeps the image locked against writers. The caller
+    /// holds the image's slot. Returns the bytes rolled back. Blocking.
+    pub(crate) fn adopt_as_replica(
+        &self,
+        reg: &Registry,
+        rec: &mut ImageRecord,
+        img: &Image,
+        key: &str,
+        primary: PrimaryRef,
+        div: &Divergence,
+    ) -> Result<u64> {
+        let mut rolled = 0;
+        if div.diverged() {
+            // Another handle of this process may hold the lock: the rollback
+            // writes through `img`.
+            self.held.release(key);
+            if let (Some(c), true) = (&div.common, div.head_changed) {
+                rolled = rollback_to(img.ioctx(), img, c, self.cfg.limits, &|| false)?;
             }
-            _ => 0,
-        };
-        for n in &newer_here {
-            vol.image
-                .snap_remove(n)
-                .ctx(|| format!("removing diverged snapshot {key}@{n}"))?;
+            for n in &div.newer_here {
+                img.snap_remove(n)
+                    .ctx(|| format!("removing diverged snapshot {key}@{n}"))?;
+            }
         }
         rec.role = Role::Secondary;
-        rec.primary = Some(PrimaryRef {
-            fsid: peer.cluster.fsid().to_string(),
-            image_id: prec.image_id.clone(),
-        });
+        rec.primary = Some(primary);
         rec.demotion_snap = None;
         rec.last_sync = None;
         rec.checkpoint = None;
-        rec.role_change = change(match &common {
-            Some(c) => format!(
-                "resync from {c}{}",
-                if rolled > 0 {
-                    format!(" (rolled back {rolled} bytes)")
-                } else {
-                    String::new()
-                }
-            ),
-            None => "full resync".to_string(),
+        rec.role_change = change(match (&div.common, div.diverged()) {
+            (Some(c), false) => format!("replica again from {c} (orderly switch)"),
+            (Some(c), true) => format!("resync from {c} (rolled back {rolled} bytes)"),
+            (None, _) => "full resync".to_string(),
         });
-        reg.put(&rec)?;
+        reg.put(rec)?;
         reg.announce();
-        self.hold_lock(&key, &vol.image)?;
-        tracing::info!(common = ?common, rolled_back_bytes = rolled, removed = newer_here.len(), "now a replica of the peer's primary");
-        Ok(false)
+        self.hold_lock(key, img)?;
+        tracing::info!(
+            image = key,
+            common = ?div.common,
+            rolled_back_bytes = rolled,
+            removed = div.newer_here.len(),
+            "now a replica of the peer's primary"
+        );
+        Ok(rolled)
     }
 
     /// DisableVolumeReplication. On the primary (or a demoted image): stops
@@ -478,21 +596,62 @@ impl Engine {
     /// leaves a tombstone that makes the peer's replayer move the replica to
     /// the RBD trash. On a replica: stops replaying it, brings it back to its
     /// last complete sync point, and leaves it as a normal image. Idempotent.
-    pub async fn disable(self: &Arc<Self>, req: VolumeRequest) -> Result<()> {
+    pub async fn disable(self: &Arc<Self>, req: VolumeRequest, force: bool) -> Result<()> {
         let key = req.volume.to_string();
-        self.run_locked(key, move |e| e.disable_blocking(&req))
+        self.run_locked(key, move |e| e.disable_blocking(&req, force))
             .await
     }
 
-    fn disable_blocking(&self, req: &VolumeRequest) -> Result<()> {
+    fn disable_blocking(&self, req: &VolumeRequest, force: bool) -> Result<()> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
         let reg = Registry::new(Arc::clone(vol.ioctx()));
-        let Some(mut rec) = reg.get(&vol.image_id)? else {
+        let Some(rec) = reg.get(&vol.image_id)? else {
             return Ok(());
         };
         let key = Self::key_of(&vol);
-        let span = tracing::info_span!("disable", volume = %req.volume, image = %key);
+        let span = tracing::info_span!("disable", volume = %req.volume, image = %key, force);
         let _s = span.enter();
+        if !force && rec.role != Role::Primary {
+            // The primary's Disable ends replication (its replica then goes
+            // to the trash); deleting the VolumeReplication on the replica's
+            // site must not end DR silently. A demoted image whose peer took
+            // over is a replica in all but name: the replayer adopts it.
+            let peer = self.peer_record(&vol, rec.primary.as_ref().map(|p| p.image_id.as_str()));
+            return match replica_health(&rec, peer.as_ref().map(|p| p.rec.as_ref())) {
+                Ok(()) => {
+                    tracing::info!(
+                        role = ?rec.role,
+                        "not primary: replication goes on; the primary's DisableVolumeReplication \
+                         ends it, force=true detaches this image"
+                    );
+                    Ok(())
+                }
+                Err(why) if rec.role == Role::Demoted => {
+                    // No peer took over: this side still holds the data
+                    // of record, so disabling here ends replication as on
+                    // a primary.
+                    tracing::info!(reason = %why, "demoted and no peer primary: disabling");
+                    self.disable_here(&vol, &reg, rec, &key)
+                }
+                Err(why) => Err(EngineError::FailedPrecondition(format!(
+                    "{key} is a replica that is not healthy ({why}); DisableVolumeReplication \
+                     with parameter force=true detaches it as a normal image at its last \
+                     complete sync point"
+                ))),
+            };
+        }
+        self.disable_here(&vol, &reg, rec, &key)
+    }
+
+    /// Disables replication of `vol` on this side, whatever its role.
+    fn disable_here(
+        &self,
+        vol: &Resolved,
+        reg: &Registry,
+        mut rec: ImageRecord,
+        key: &str,
+    ) -> Result<()> {
+        let key = key.to_string();
         let _slot = self.take_slot(&key)?;
         self.held.release(&key);
         match rec.role {
@@ -518,7 +677,7 @@ impl Engine {
             Role::Secondary => {
                 let last = rec.last_sync.as_ref().map(|l| l.snap_name.clone());
                 self.break_foreign_locks(&vol.image, &key);
-                settle_pending_snap(&vol.image, &reg, &mut rec)?;
+                settle_pending_snap(&vol.image, reg, &mut rec)?;
                 if let Some(s) = &last {
                     rollback_to(vol.ioctx(), &vol.image, s, self.cfg.limits, &|| false)?;
                 }
@@ -538,7 +697,40 @@ impl Engine {
         }
         Ok(())
     }
+}
 
+/// Whether the replica `rec` is healthy enough to keep replicating after its
+/// VolumeReplication is deleted: its primary answers, is still the primary
+/// it replicates (or took over from this demoted image), and the replica
+/// holds a complete sync point. The reason otherwise.
+fn replica_health(
+    rec: &ImageRecord,
+    peer: std::result::Result<Option<&ImageRecord>, &EngineError>,
+) -> std::result::Result<(), String> {
+    let prec = match peer {
+        Err(e) => return Err(format!("its primary site cannot be read: {e}")),
+        Ok(None) => return Err("the peer site has no replication record for it".into()),
+        Ok(Some(p)) => p,
+    };
+    match rec.role {
+        Role::Demoted if prec.role == Role::Primary => Ok(()),
+        Role::Demoted => Err("no site is primary for it".into()),
+        _ if !matches!(prec.role, Role::Primary | Role::Demoted) => {
+            Err("the peer's image is not primary".into())
+        }
+        _ if rec
+            .primary
+            .as_ref()
+            .is_some_and(|p| p.image_id != prec.image_id) =>
+        {
+            Err("it replicates another image than the peer's primary".into())
+        }
+        _ if rec.last_sync.is_none() => Err("it never completed a sync".into()),
+        _ => Ok(()),
+    }
+}
+
+impl Engine {
     /// Moves the local replica of a disabled primary to the RBD trash.
     /// Returns whether the tombstone was handled. Blocking.
     pub(crate) fn bury(&self, local_io: &Arc<IoCtx>, t: &Tombstone) -> Result<bool> {

@@ -85,12 +85,13 @@ impl State {
 }
 
 /// How healthy, as the status command prints it (like `rbd mirror pool
-/// status`): OK, WARNING, ERROR.
+/// status`): OK, WARNING, ERROR (UNKNOWN: not judged yet).
 pub fn health_word(h: Health) -> &'static str {
     match h {
         Health::Healthy => "OK",
         Health::Degraded => "WARNING",
         Health::Error => "ERROR",
+        Health::Unknown => "UNKNOWN",
     }
 }
 
@@ -101,8 +102,9 @@ fn ser_health<S: Serializer>(h: &Health, s: S) -> std::result::Result<S::Ok, S::
 fn rank(h: Health) -> u8 {
     match h {
         Health::Healthy => 0,
-        Health::Degraded => 1,
-        Health::Error => 2,
+        Health::Unknown => 1,
+        Health::Degraded => 2,
+        Health::Error => 3,
     }
 }
 

@@ -316,18 +316,24 @@ pub fn newest_common_sync_snap(a: &[ceph::SnapInfo], b: &[ceph::SnapInfo]) -> Op
 }
 
 /// Indices of the chunks of `[0, size)` in which `img` (at the snapshot set
-/// on it) has allocated data, sorted.
+/// on it) has data a reader sees, a clone's parent included, sorted.
 fn allocated_chunks(img: &Image, size: u64, chunk: u64) -> Result<Vec<u64>> {
     let mut out = Vec::new();
-    let r =
-        img.diff_iterate::<_, std::convert::Infallible>(None, 0, size, true, |off, len, exists| {
+    let r = img.diff_iterate::<_, std::convert::Infallible>(
+        None,
+        0,
+        size,
+        true,
+        true,
+        |off, len, exists| {
             if exists && len > 0 {
                 let first = off / chunk;
                 let last = (off.saturating_add(len) - 1) / chunk;
                 out.extend(first..=last);
             }
             Ok(())
-        });
+        },
+    );
     match r {
         Ok(()) => {}
         Err(ceph::rbd::DiffError::Ceph(e)) => {

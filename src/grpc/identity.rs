@@ -76,14 +76,28 @@ impl Identity for IdentityService {
                     },
                 )),
             },
+            Capability {
+                r#type: Some(capability::Type::VolumeReplication(
+                    capability::VolumeReplication {
+                        r#type: volume_replication::Type::GetReplicationDestinationInfo as i32,
+                    },
+                )),
+            },
         ];
         Ok(Response::new(GetCapabilitiesResponse { capabilities }))
     }
 
     async fn probe(&self, _req: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        match self.engine.probe(self.ready_within) {
-            Ok(()) => Ok(Response::new(ProbeResponse { ready: Some(true) })),
-            Err(reason) => Err(Status::failed_precondition(reason)),
-        }
+        // Not ready is an answer, not an error: the csi-addons sidecar
+        // exits on any Probe error but a deadline, so a slow monitor would
+        // turn into a crash loop.
+        let ready = match self.engine.probe(self.ready_within) {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::warn!(%reason, "probe: not ready");
+                false
+            }
+        };
+        Ok(Response::new(ProbeResponse { ready: Some(ready) }))
     }
 }

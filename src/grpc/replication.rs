@@ -84,8 +84,10 @@ impl Controller for ReplicationService {
         let r = req.into_inner();
         let res = async {
             let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
-            params(&r.parameters)?;
-            self.engine.disable(vr).await?;
+            // Never fails on the class' parameters: a broken class must not
+            // block the VolumeReplication's finalizer. Only `force` counts.
+            let force = ReplicationParams::lenient_force(&r.parameters);
+            self.engine.disable(vr, force).await?;
             Ok(DisableVolumeReplicationResponse {})
         }
         .await;
@@ -103,7 +105,8 @@ impl Controller for ReplicationService {
         let r = req.into_inner();
         let res = async {
             let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
-            self.engine.promote(vr, r.force).await?;
+            let p = params(&r.parameters)?;
+            self.engine.promote(vr, r.force, p).await?;
             Ok(PromoteVolumeResponse {})
         }
         .await;
@@ -162,17 +165,22 @@ impl Controller for ReplicationService {
                 Health::Healthy => PbHealth::Healthy,
                 Health::Degraded => PbHealth::Degraded,
                 Health::Error => PbHealth::Error,
+                Health::Unknown => PbHealth::Unknown,
             };
+            let last = info.last_sync.as_ref();
             Ok(GetVolumeReplicationInfoResponse {
-                last_sync_time: Some(Timestamp {
-                    seconds: info.last_sync_time.timestamp(),
-                    nanos: info.last_sync_time.timestamp_subsec_nanos() as i32,
+                // Unset until a sync point exists: the controller then
+                // leaves lastSyncTime empty instead of showing a sync that
+                // never happened.
+                last_sync_time: last.map(|l| Timestamp {
+                    seconds: l.time.timestamp(),
+                    nanos: l.time.timestamp_subsec_nanos() as i32,
                 }),
-                last_sync_duration: Some(PbDuration {
-                    seconds: info.last_sync_duration.as_secs() as i64,
-                    nanos: info.last_sync_duration.subsec_nanos() as i32,
+                last_sync_duration: last.map(|l| PbDuration {
+                    seconds: l.duration.as_secs() as i64,
+                    nanos: l.duration.subsec_nanos() as i32,
                 }),
-                last_sync_bytes: i64::try_from(info.last_sync_bytes).unwrap_or(i64::MAX),
+                last_sync_bytes: last.map_or(0, |l| i64::try_from(l.bytes).unwrap_or(i64::MAX)),
                 status: status as i32,
                 status_message: info.message,
             })
@@ -192,14 +200,26 @@ impl Controller for ReplicationService {
 
     async fn get_replication_destination_info(
         &self,
-        _req: Request<GetReplicationDestinationInfoRequest>,
+        req: Request<GetReplicationDestinationInfoRequest>,
     ) -> Result<Response<GetReplicationDestinationInfoResponse>, Status> {
-        Err(EngineError::Unsupported(
-            "GetReplicationDestinationInfo is not supported: replicas keep the volume's pool, \
-             namespace and image name"
-                .into(),
+        let r = req.into_inner();
+        let res = async {
+            let vr = volume_request("", r.replication_source.as_ref(), &r.secrets)?;
+            let volume_id = self.engine.destination(vr).await?;
+            Ok(GetReplicationDestinationInfoResponse {
+                replication_destination: Some(ReplicationDestination {
+                    r#type: Some(replication_destination::Type::Volume(
+                        replication_destination::VolumeDestination { volume_id },
+                    )),
+                }),
+            })
+        }
+        .await;
+        logged(
+            "GetReplicationDestinationInfo",
+            &volume_label("", r.replication_source.as_ref()),
+            res,
         )
-        .into())
     }
 }
 

@@ -16,9 +16,6 @@ impl From<EngineError> for Status {
         let code = match &e {
             EngineError::InvalidArgument(_) => Code::InvalidArgument,
             EngineError::NotFound(_) => Code::NotFound,
-            // csi-addons reads NOT_FOUND from GetVolumeReplicationInfo as
-            // "no info yet".
-            EngineError::NoInfoYet(_) => Code::NotFound,
             EngineError::Unauthenticated(_) => Code::Unauthenticated,
             EngineError::PermissionDenied(_) => Code::PermissionDenied,
             EngineError::Busy(_) => Code::Aborted,
@@ -87,7 +84,6 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (EngineError::NotFound("x".into()), Code::NotFound),
-            (EngineError::NoInfoYet("x".into()), Code::NotFound),
             (
                 EngineError::Unauthenticated("x".into()),
                 Code::Unauthenticated,

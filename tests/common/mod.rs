@@ -5,6 +5,8 @@
 //! crate's own code.
 #![allow(dead_code)]
 
+pub mod controller;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -301,6 +303,16 @@ impl Sidecar {
 
     /// [`Sidecar::start`] with extra environment variables.
     pub async fn start_with_env(site: Site, extra: &[&str], envs: &[(&str, &str)]) -> Sidecar {
+        Self::launch(site, extra, envs).wait_probe(true).await
+    }
+
+    /// Starts a sidecar and waits until Probe answers (ready or not).
+    pub async fn start_unready(site: Site, extra: &[&str], envs: &[(&str, &str)]) -> Sidecar {
+        Self::launch(site, extra, envs).wait_probe(false).await
+    }
+
+    /// The process, started.
+    fn launch(site: Site, extra: &[&str], envs: &[(&str, &str)]) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("csi-addons.sock");
         let log =
@@ -311,8 +323,11 @@ impl Sidecar {
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
             .args(["--drivername", DRIVER])
-            .arg("--csi-config")
-            .arg(env("CSIRR_CSI_CONFIG"))
+            .args(if extra.contains(&"--csi-config") {
+                vec![]
+            } else {
+                vec!["--csi-config".to_string(), env("CSIRR_CSI_CONFIG")]
+            })
             .args(if extra.contains(&"--cluster-mapping") {
                 vec![]
             } else {
@@ -344,28 +359,32 @@ impl Sidecar {
             .stderr(logf)
             .spawn()
             .expect("sidecar starts");
-        let sc = Sidecar {
+        Sidecar {
             site,
             socket,
             child,
             log,
             _dir: dir,
-        };
+        }
+    }
+
+    /// Waits until Probe answers, and says ready if `ready`.
+    async fn wait_probe(self, ready: bool) -> Sidecar {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(mut c) = sc.try_identity().await {
+            if let Ok(mut c) = self.try_identity().await {
                 use csi_rbd_replicator::grpc::proto::identity::ProbeRequest;
                 if let Ok(r) = c.probe(ProbeRequest {}).await
-                    && r.into_inner().ready == Some(true)
+                    && (!ready || r.into_inner().ready == Some(true))
                 {
-                    return sc;
+                    return self;
                 }
             }
             assert!(
                 Instant::now() < deadline,
                 "sidecar for {} not ready in 60s; log:\n{}",
-                site.id(),
-                sc.log_text()
+                self.site.id(),
+                self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -502,8 +521,8 @@ pub fn info_req(site: Site, volume_id: &str) -> pb::GetVolumeReplicationInfoRequ
     }
 }
 
-/// Polls GetVolumeReplicationInfo until it answers OK, or panics after
-/// `timeout`.
+/// Polls GetVolumeReplicationInfo until it reports a sync point (or ERROR),
+/// or panics after `timeout`.
 pub async fn wait_synced(
     sc: &Sidecar,
     volume_id: &str,
@@ -516,8 +535,14 @@ pub async fn wait_synced(
             .get_volume_replication_info(info_req(sc.site, volume_id))
             .await
         {
-            Ok(r) => return r.into_inner(),
-            Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < deadline => {}
+            // A sync point, or an error reported before any.
+            Ok(r) if r.get_ref().last_sync_time.is_some() || r.get_ref().status == 3 => {
+                return r.into_inner();
+            }
+            Ok(r) if Instant::now() >= deadline => {
+                panic!("{volume_id} never synced: {:?}", r.into_inner())
+            }
+            Ok(_) => {}
             Err(s) => panic!("GetVolumeReplicationInfo of {volume_id}: {s:?}"),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -897,4 +922,17 @@ pub fn text(o: &std::process::Output) -> String {
 /// A command's stdout as JSON.
 pub fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(o)))
+}
+
+/// Runs `f` on drop (restarts daemons even when an assertion fails).
+pub fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct G<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for G<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    G(Some(f))
 }
