@@ -1,0 +1,310 @@
+//! What a user hits behind the real csi-addons controller, one test each
+//! (issue 12): Probe never fails the csi-addons sidecar, no invented sync
+//! times, Disable on a replica keeps DR, bad keys and unsupported modes get
+//! their codes, Promote applies the class' schedule, the destination's
+//! volume ID resolves on the peer; and clones replicate with their parent's
+//! data (issue 13.1).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use csi_rbd_replicator::ceph::Image;
+use csi_rbd_replicator::grpc::proto::identity::ProbeRequest;
+use csi_rbd_replicator::grpc::proto::replication as pb;
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+const LONG: Duration = Duration::from_secs(120);
+
+/// Probe answers OK with `ready=false` (never an error, which makes the
+/// csi-addons sidecar exit) while the local cluster does not answer, and
+/// while the replayer is down.
+#[tokio::test]
+async fn probe_says_not_ready_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    // A monitor address nothing listens on.
+    std::fs::write(
+        &cfg,
+        r#"[{"clusterID": "site-a", "monitors": ["v2:127.0.0.1:3399"]}]"#,
+    )
+    .unwrap();
+    let cfg = cfg.display().to_string();
+    let lost = Sidecar::start_unready(
+        Site::A,
+        &["--csi-config", &cfg, "--op-timeout", "2s", "--no-replayer"],
+        &[],
+    )
+    .await;
+    let dead = Sidecar::start_unready(Site::A, &[], &[("CSIRR_FAULT_REPLAYER_PANIC", "1")]).await;
+    for (sc, why) in [(&lost, "local cluster site-a"), (&dead, "replayer")] {
+        let mut id = sc.identity().await;
+        for _ in 0..5 {
+            let r = id
+                .probe(ProbeRequest {})
+                .await
+                .expect("Probe is not an error");
+            assert_eq!(r.into_inner().ready, Some(false));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(
+            sc.log_text().contains("not ready") && sc.log_text().contains(why),
+            "the reason is logged: {}",
+            sc.log_text()
+        );
+    }
+    assert!(
+        dead.log_text().contains("restarting"),
+        "the replayer is restarted"
+    );
+}
+
+/// A malformed userKey is INVALID_ARGUMENT naming the user, never the key;
+/// a journal-mode class is FAILED_PRECONDITION; neither changes anything.
+#[tokio::test]
+async fn bad_keys_and_journal_mode_get_their_codes() {
+    let a = Sidecar::start(Site::A, &["--no-replayer"]).await;
+    let name = unique("keys");
+    create_image(Site::A, &name, 8 << 20, &[(0, 4096)]);
+    let vid = format!("{}/{name}", pool());
+    let mut c = a.controller().await;
+    for bad in ["not a key!", "AQBsecretsecretsecretsecretsecretsecr=="] {
+        let mut r = enable_req(Site::A, &vid, &[]);
+        r.secrets.insert("userKey".into(), bad.into());
+        let e = c.enable_volume_replication(r).await.expect_err(bad);
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("client."), "{e:?}");
+        assert!(!e.message().contains(bad), "the key is shown: {e:?}");
+    }
+    let e = c
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("mirroringMode", "journal")]))
+        .await
+        .expect_err("journal mode");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("journal"), "{e:?}");
+    assert!(snapshots(Site::A, &name).is_empty(), "something changed");
+    assert!(!a.log_text().contains("AQBsecret"), "a key reached the log");
+}
+
+/// DisableVolumeReplication on a healthy replica (the VolumeReplication
+/// deleted on the secondary site) answers success and replication goes on;
+/// with `force=true` it detaches the replica; Disable never fails on the
+/// class' parameters.
+#[tokio::test]
+async fn disable_on_a_replica_keeps_replicating_unless_forced() {
+    let pool = TestPool::new("keepdr");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    let name = "vol";
+    let vid = format!("{}/{name}", pool.name);
+    let img = create_image_in(&aio, name, 32 * MIB, &[(0, 4 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "1h")]))
+        .await
+        .expect("enable");
+    wait_synced(&a, &vid, LONG).await;
+    let first = first_sync(&aio, name);
+    wait_replica_snap(&pool.name, name, &first, LONG).await;
+
+    let mut cb = b.controller().await;
+    let mut r = req::disable(Site::B, &vid);
+    r.parameters
+        .insert("schedulingInterval".into(), "not an interval".into());
+    cb.disable_volume_replication(r)
+        .await
+        .expect("disable on a healthy replica");
+    assert_eq!(registry_record(&bio, name).unwrap()["role"], "secondary");
+    // Replication goes on.
+    write(&img, &[(8 * MIB, 1 << 20)], 2);
+    let s2 = "csirr-sync.0000000002.keepdr";
+    img.snap_create(s2).unwrap();
+    drop(img);
+    wait_replica_snap(&pool.name, name, s2, LONG).await;
+    let spec = format!("{vid}@{s2}");
+    assert_eq!(checksum(Site::A, &spec), checksum(Site::B, &spec));
+
+    let mut r = req::disable(Site::B, &vid);
+    r.parameters.insert("force".into(), "true".into());
+    cb.disable_volume_replication(r)
+        .await
+        .expect("forced disable");
+    assert!(registry_record(&bio, name).is_none(), "still a replica");
+    assert_eq!(checksum(Site::B, &vid), checksum(Site::A, &spec));
+    // A normal image now: writable by anyone.
+    let bimg = Image::open(&bio, name).unwrap();
+    write(&bimg, &[(0, 4096)], 3);
+}
+
+/// The schedule belongs to the primary: PromoteVolume applies the class'
+/// schedule, as ceph-csi does at promotion; without one it keeps the image's.
+#[tokio::test]
+async fn promote_applies_the_class_schedule() {
+    let pool = TestPool::new("promsched");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    let name = "vol";
+    let vid = format!("{}/{name}", pool.name);
+    create_image_in(&aio, name, 16 * MIB, &[(0, 1 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "1h")]))
+        .await
+        .expect("enable");
+    wait_synced(&a, &vid, LONG).await;
+    wait_replica_snap(&pool.name, name, &first_sync(&aio, name), LONG).await;
+    let mut r = req::promote(Site::B, &vid, true);
+    r.parameters
+        .insert("schedulingInterval".into(), "7m".into());
+    b.controller()
+        .await
+        .promote_volume(r)
+        .await
+        .expect("forced promotion");
+    let rec = registry_record(&bio, name).unwrap();
+    assert_eq!(rec["role"], "primary", "{rec}");
+    assert_eq!(rec["schedule"]["interval"], "7m", "{rec}");
+    // Promote again without a schedule: kept.
+    b.controller()
+        .await
+        .promote_volume(req::promote(Site::B, &vid, false))
+        .await
+        .expect("promote (idempotent)");
+    assert_eq!(
+        registry_record(&bio, name).unwrap()["schedule"]["interval"],
+        "7m"
+    );
+    // Invalid parameters are refused and change nothing.
+    let mut r = req::promote(Site::B, &vid, false);
+    r.parameters
+        .insert("schedulingInterval".into(), "often".into());
+    let e = b.controller().await.promote_volume(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        registry_record(&bio, name).unwrap()["schedule"]["interval"],
+        "7m"
+    );
+}
+
+/// GetReplicationDestinationInfo names the replica on the peer: the handle
+/// re-minted with the peer's cluster ID and pool ID (same uuid), which the
+/// peer's sidecar resolves; a plain ID names the same place. The capability
+/// is advertised.
+#[tokio::test]
+async fn destination_info_names_the_replica_on_the_peer() {
+    let pool = TestPool::new("dest");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    let (vol, _img) = create_csi_volume_in(&aio, Site::A, 16 * MIB, &[(0, 1 << 20)]);
+    let mut ca = a.controller().await;
+    ca.enable_volume_replication(enable_req(Site::A, &vol.handle, &[]))
+        .await
+        .expect("enable");
+    wait_synced(&a, &vol.handle, LONG).await;
+    let ask = |vid: &str| pb::GetReplicationDestinationInfoRequest {
+        replication_source: source(vid),
+        secrets: secrets(Site::A),
+    };
+    let dest = ca
+        .get_replication_destination_info(ask(&vol.handle))
+        .await
+        .expect("destination info")
+        .into_inner();
+    let Some(pb::replication_destination::Type::Volume(v)) =
+        dest.replication_destination.and_then(|d| d.r#type)
+    else {
+        panic!("no volume destination");
+    };
+    let want = format!("0001-0006-site-b-{:016x}-{}", bio.pool_id(), vol.uuid);
+    assert_eq!(v.volume_id, want);
+    // The peer's sidecar resolves it (through the journal the replayer
+    // wrote there): the replica answers Resync as a ready replica.
+    wait_until("the replica's journal on site-b", LONG, || {
+        bio.omap_get_all(&format!("csi.volume.{}", vol.uuid), "")
+            .is_ok_and(|m| !m.is_empty())
+    })
+    .await;
+    let ready = b
+        .controller()
+        .await
+        .resync_volume(req::resync(Site::B, &v.volume_id, false))
+        .await
+        .expect("the peer resolves the destination ID")
+        .into_inner()
+        .ready;
+    assert!(ready);
+    // A plain ID names the same pool, namespace and image on the peer.
+    let name = "plain";
+    let plain = format!("{}/{name}", pool.name);
+    create_image_in(&aio, name, 8 * MIB, &[(0, 4096)], 2);
+    ca.enable_volume_replication(enable_req(Site::A, &plain, &[]))
+        .await
+        .expect("enable plain");
+    let d = ca
+        .get_replication_destination_info(ask(&plain))
+        .await
+        .expect("destination of a plain ID")
+        .into_inner();
+    assert!(format!("{d:?}").contains(&plain), "{d:?}");
+    let caps = a
+        .identity()
+        .await
+        .get_capabilities(csi_rbd_replicator::grpc::proto::identity::GetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        format!("{caps:?}").contains("GetReplicationDestinationInfo"),
+        "GET_REPLICATION_DESTINATION_INFO not advertised: {caps:?}"
+    );
+}
+
+/// A clone (every ceph-csi volume restored from a snapshot or cloned from a
+/// PVC) replicates with its parent's data: the replica reads byte for byte
+/// what the primary does, and `verify` compares what a reader sees.
+#[tokio::test]
+async fn clones_replicate_with_their_parent_data() {
+    let pool = TestPool::new("clone");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let _b = Sidecar::start(Site::B, &pool.args()).await;
+    let aio = pool.ioctx(Site::A);
+    let parent = create_image_in(
+        &aio,
+        "golden",
+        32 * MIB,
+        &[(0, 8 << 20), (20 * MIB, 2 << 20)],
+        1,
+    );
+    drop(parent);
+    let p = &pool.name;
+    rbd_ok(Site::A, &["snap", "create", &format!("{p}/golden@base")]);
+    rbd_ok(Site::A, &["snap", "protect", &format!("{p}/golden@base")]);
+    rbd_ok(
+        Site::A,
+        &["clone", &format!("{p}/golden@base"), &format!("{p}/child")],
+    );
+    let child = Image::open(&aio, "child").unwrap();
+    write(&child, &[(4 * MIB, 1 << 20)], 2);
+    drop(child);
+    let vid = format!("{p}/child");
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[]))
+        .await
+        .expect("enable on a clone");
+    let first = first_sync(&aio, "child");
+    wait_replica_snap(p, "child", &first, LONG).await;
+    let spec = format!("{vid}@{first}");
+    assert_eq!(
+        checksum(Site::A, &spec),
+        checksum(Site::B, &spec),
+        "the replica lacks the parent's data"
+    );
+    let o = cli("verify", Site::A, &[&vid, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
