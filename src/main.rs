@@ -189,6 +189,15 @@ struct ServeArgs {
     /// Bound on PromoteVolume (a forced promotion never waits for the peer).
     #[arg(long, default_value = "60s", value_parser = duration)]
     promote_timeout: Duration,
+    /// Bound on every other RPC: past it the caller gets UNAVAILABLE (the
+    /// work goes on and holds the volume until done). Below the csi-addons
+    /// controller's 3-minute call deadline.
+    #[arg(long, default_value = "150s", value_parser = duration)]
+    rpc_timeout: Duration,
+    /// RPCs doing cluster work at once; more wait (within their deadline),
+    /// so that a flood of calls cannot starve replication of threads.
+    #[arg(long, default_value_t = 32)]
+    max_concurrent_rpcs: usize,
     /// RPO threshold, as a multiple of each image's schedule interval: a
     /// replica further behind is DEGRADED ("RPO exceeded").
     #[arg(long, default_value_t = engine::status::DEFAULT_RPO_FACTOR)]
@@ -295,6 +304,8 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         checkpoint_interval: a.checkpoint_interval,
         max_bytes_per_second: a.max_bytes_per_second as u64,
         promote_timeout: a.promote_timeout,
+        rpc_timeout: a.rpc_timeout,
+        max_concurrent_rpcs: a.max_concurrent_rpcs.max(1),
         rpo_factor: a.rpo_factor,
         ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
     };

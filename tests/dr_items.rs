@@ -308,3 +308,57 @@ async fn clones_replicate_with_their_parent_data() {
     let o = cli("verify", Site::A, &[&vid, "--json"]);
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// Every RPC answers within its deadline (UNAVAILABLE past it, the work
+/// going on and holding the volume until done), and RPCs doing cluster work
+/// are bounded so that a flood cannot starve replication (issue 13.8).
+#[tokio::test]
+async fn rpcs_answer_within_their_deadline_and_are_bounded() {
+    let a = Sidecar::start_with_env(
+        Site::A,
+        &[
+            "--no-replayer",
+            "--rpc-timeout",
+            "2s",
+            "--max-concurrent-rpcs",
+            "1",
+        ],
+        &[("CSIRR_FAULT_OP_DELAY_MS", "5000")],
+    )
+    .await;
+    let (n1, n2) = (unique("slow"), unique("slow"));
+    create_image(Site::A, &n1, 8 << 20, &[(0, 4096)]);
+    create_image(Site::A, &n2, 8 << 20, &[(0, 4096)]);
+    let (v1, v2) = (format!("{}/{n1}", pool()), format!("{}/{n2}", pool()));
+    let mut c = a.controller().await;
+    let t = std::time::Instant::now();
+    let e = c
+        .enable_volume_replication(enable_req(Site::A, &v1, &[]))
+        .await
+        .expect_err("past the deadline");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Still running: the volume is busy; another volume waits for the one
+    // RPC slot past its own deadline.
+    let busy = c
+        .demote_volume(req::demote(Site::A, &v1, false))
+        .await
+        .expect_err("busy");
+    assert_eq!(busy.code(), Code::Aborted, "{busy:?}");
+    let starved = c
+        .enable_volume_replication(enable_req(Site::A, &v2, &[]))
+        .await
+        .expect_err("no slot within the deadline");
+    assert_eq!(starved.code(), Code::Unavailable, "{starved:?}");
+    // The first call finished in the background; the one that never got a
+    // slot never ran.
+    let io = ioctx(Site::A, "");
+    wait_until("the first Enable to complete", LONG, || {
+        registry_record(&io, &n1).is_some()
+    })
+    .await;
+    assert!(
+        registry_record(&io, &n2).is_none(),
+        "a refused call changed something"
+    );
+}

@@ -164,6 +164,20 @@ async fn ramen_relocates_there_and_back_then_deletes() {
         Image::open_read_only(&bio, name, None).is_err()
     })
     .await;
+
+    // No secret reached a log line or a status, anywhere in the scenario.
+    for site in [Site::A, Site::B] {
+        let key = secrets(site)["userKey"].trim().to_string();
+        for sc in [&a, &b] {
+            assert!(
+                !sc.log_text().contains(&key),
+                "{}'s key in a log",
+                site.id()
+            );
+        }
+        let st = cli("status", site, &["--verbose", "--json"]);
+        assert!(!text(&st).contains(&key), "{}'s key in status", site.id());
+    }
 }
 
 /// Failover under Ramen with site-a's sidecar and cluster down: B is

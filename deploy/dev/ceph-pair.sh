@@ -247,10 +247,23 @@ start_daemon() {
     local out
     out="$dir/log/$(daemon_name "$daemon").out"
     case "$daemon" in
-    mon) ceph-mon -c "$dir/ceph.conf" -i a >>"$out" 2>&1 ;;
-    mgr) ceph-mgr -c "$dir/ceph.conf" -i x >>"$out" 2>&1 ;;
-    osd) ceph-osd -c "$dir/ceph.conf" -i 0 >>"$out" 2>&1 ;;
+    mon) without_inherited_fds ceph-mon -c "$dir/ceph.conf" -i a >>"$out" 2>&1 ;;
+    mgr) without_inherited_fds ceph-mgr -c "$dir/ceph.conf" -i x >>"$out" 2>&1 ;;
+    osd) without_inherited_fds ceph-osd -c "$dir/ceph.conf" -i 0 >>"$out" 2>&1 ;;
     esac || die "$site: starting $daemon failed (see $out and $dir/log/$(daemon_name "$daemon").log)"
+}
+
+# Runs CMD with every file descriptor above 2 closed: a daemon restarted by a test
+# must not keep the test runner's pipes or a caller's lock file open for its lifetime.
+without_inherited_fds() {
+    (
+        local fd
+        for fd in /proc/$BASHPID/fd/*; do
+            fd=${fd##*/}
+            ((fd > 2)) && eval "exec $fd>&-"
+        done
+        exec "$@"
+    )
 }
 
 wait_daemon() {

@@ -69,6 +69,10 @@ pub struct EngineConfig {
     pub max_bytes_per_second: u64,
     /// Bound on PromoteVolume, forced or not.
     pub promote_timeout: Duration,
+    /// Bound on every other RPC's answer.
+    pub rpc_timeout: Duration,
+    /// RPCs doing cluster work at once.
+    pub max_concurrent_rpcs: usize,
     /// A replica more than this many schedule intervals behind is DEGRADED
     /// ("RPO exceeded").
     pub rpo_factor: f64,
@@ -98,6 +102,8 @@ impl EngineConfig {
             checkpoint_interval: Duration::from_secs(5),
             max_bytes_per_second: 0,
             promote_timeout: Duration::from_secs(60),
+            rpc_timeout: Duration::from_secs(150),
+            max_concurrent_rpcs: 32,
             rpo_factor: status::DEFAULT_RPO_FACTOR,
         }
     }
@@ -180,6 +186,9 @@ pub struct Engine {
     metrics: Arc<crate::metrics::Metrics>,
     /// What wakes the replayer between polls.
     wakeups: wakeup::Wakeups,
+    /// Blocking threads RPCs may use at once (the replayer's are bounded
+    /// by `max_concurrent_syncs`).
+    rpc_slots: Arc<tokio::sync::Semaphore>,
     /// Fault injection for tests: every volume operation first sleeps this
     /// long (`CSIRR_FAULT_OP_DELAY_MS`), which makes overlapping calls on one
     /// volume deterministic.
@@ -206,6 +215,7 @@ impl Engine {
             slots: slots::ImageSlots::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             wakeups: wakeup::Wakeups::default(),
+            rpc_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_rpcs.max(1))),
             fault_op_delay: env_millis("CSIRR_FAULT_OP_DELAY_MS"),
             fault_snap_delay: env_millis("CSIRR_FAULT_SNAP_DELAY_MS"),
             cfg,
@@ -229,41 +239,87 @@ impl Engine {
     }
 
     /// Runs blocking `f` on the blocking pool while holding the volume's
-    /// operation lock; `Busy` if another operation holds it.
+    /// operation lock; `Busy` if another operation holds it. Answers within
+    /// the RPC deadline (UNAVAILABLE past it); the work itself runs to
+    /// completion and keeps the volume locked until then.
     async fn run_locked<T: Send + 'static>(
         self: &Arc<Self>,
         key: String,
         f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let guard = self.locks.try_lock(&key)?;
-        let me = Arc::clone(self);
         let delay = self.fault_op_delay;
-        tokio::task::spawn_blocking(move || {
+        let what = format!("the operation on {key}");
+        self.run_within(self.cfg.rpc_timeout, what, move |e| {
             let _guard = guard;
             if let Some(d) = delay {
                 std::thread::sleep(d);
             }
-            f(&me)
+            f(e)
         })
         .await
-        .map_err(|e| EngineError::Internal(format!("operation on {key} failed: {e}")))?
     }
 
+    /// Runs blocking `f` on the blocking pool, answering within the RPC
+    /// deadline.
     async fn run<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || f(&me))
+        self.run_within(self.cfg.rpc_timeout, "the operation".into(), f)
             .await
-            .map_err(|e| EngineError::Internal(format!("operation failed: {e}")))?
+    }
+
+    /// Runs blocking `f` in one of the RPC slots, answering within `limit`
+    /// (the wait for a slot included): `Unavailable` past it, while `f`
+    /// goes on in the background.
+    async fn run_within<T: Send + 'static>(
+        self: &Arc<Self>,
+        limit: Duration,
+        what: String,
+        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let me = Arc::clone(self);
+        let slots = Arc::clone(&self.rpc_slots);
+        let work = async move {
+            let permit = slots
+                .acquire_owned()
+                .await
+                .map_err(|_| EngineError::Unavailable("shutting down".into()))?;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                f(&me)
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("{what} failed: {e}")))?
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Unavailable(format!(
+                "no answer within {limit:?} (a cluster is slow or unreachable); work already \
+                 started goes on in the background, retry to see its outcome"
+            ))),
+        }
     }
 
     /// Pings the local cluster and records the outcome for [`Engine::probe`].
     pub async fn check_local(self: &Arc<Self>) {
-        let r = self
-            .run(|e| e.local()?.ping().ctx(|| "pinging the local cluster".into()))
-            .await;
+        // Bounded, and outside the RPC slots: neither a hung monitor nor a
+        // flood of RPCs may stall the health loop.
+        let limit = self.cfg.op_timeout + Duration::from_secs(5);
+        let me = Arc::clone(self);
+        let ping = tokio::task::spawn_blocking(move || {
+            me.local()?
+                .ping()
+                .ctx(|| "pinging the local cluster".into())
+        });
+        let r = match tokio::time::timeout(limit, ping).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(EngineError::Internal(format!("pinging failed: {e}"))),
+            Err(_) => Err(EngineError::Timeout(format!(
+                "the local cluster did not answer a ping within {limit:?}"
+            ))),
+        };
         match r {
             Ok(()) => {
                 *self.last_local_ok.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -457,13 +513,17 @@ impl Engine {
             (None, Health::Healthy) if a.replicas.is_empty() => {
                 match crate::ceph::rbd::mirror_peer_list(vol.ioctx()) {
                     Ok(p) if !p.is_empty() => Health::Unknown,
+                    // A one-way (rx-only) peer is registered on the
+                    // replica's side only, so this is not final: DEGRADED
+                    // until a replica reports.
                     Ok(_) => {
                         message = format!(
-                            "pool {} has no mirror peer: nothing can replicate this volume \
-                             (add the peer with `rbd mirror pool peer bootstrap import`)",
+                            "no replica has reported and pool {} has no mirror peer here: \
+                             unless a peer cluster pulls it (rx-only), nothing replicates this \
+                             volume (add the peer with `rbd mirror pool peer bootstrap import`)",
                             vol.ioctx().pool()
                         );
-                        Health::Error
+                        Health::Degraded
                     }
                     Err(e) => {
                         message = format!("{message}; the pool's mirror peers cannot be read: {e}");
