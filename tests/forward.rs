@@ -49,6 +49,7 @@ use csi_rbd_replicator::grpc::proto::reclaimspace::{
     ControllerReclaimSpaceRequest, ControllerReclaimSpaceResponse, NodeReclaimSpaceRequest,
     NodeReclaimSpaceResponse, StorageConsumption,
 };
+use futures::{FutureExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use prost::Message;
 use tokio::net::{UnixListener, UnixStream};
@@ -140,9 +141,12 @@ impl FenceController for StandIn {
         if req.get_ref().parameters.contains_key("hang") {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
-        Ok(reply(ListClusterFenceResponse {
-            cidrs: vec![cidr("10.1.0.0/16"), cidr("192.168.7.3/32")],
-        }))
+        let mut cidrs = vec![cidr("10.1.0.0/16"), cidr("192.168.7.3/32")];
+        // A large response too: the padding comes back.
+        if let Some(padding) = req.get_ref().parameters.get("padding") {
+            cidrs.push(cidr(padding));
+        }
+        Ok(reply(ListClusterFenceResponse { cidrs }))
     }
 
     async fn get_fence_clients(
@@ -247,16 +251,19 @@ impl Identity for StandIn {
 fn serve_stand_in(path: &Path, stand_in: StandIn) -> JoinHandle<()> {
     let listener = UnixListener::bind(path).unwrap();
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(FenceControllerServer::new(stand_in.clone()))
-            .add_service(ReclaimSpaceControllerServer::new(stand_in.clone()))
-            .add_service(ReclaimSpaceNodeServer::new(stand_in.clone()))
-            .add_service(IdentityServer::new(stand_in))
+    tokio::spawn(
+        stand_in_server(stand_in)
             .serve_with_incoming(incoming)
-            .await
-            .unwrap();
-    })
+            .map(Result::unwrap),
+    )
+}
+
+fn stand_in_server(stand_in: StandIn) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .add_service(FenceControllerServer::new(stand_in.clone()))
+        .add_service(ReclaimSpaceControllerServer::new(stand_in.clone()))
+        .add_service(ReclaimSpaceNodeServer::new(stand_in.clone()))
+        .add_service(IdentityServer::new(stand_in))
 }
 
 // ---- the sidecar ------------------------------------------------------------
@@ -482,7 +489,9 @@ async fn forward_passes_network_fence_and_reclaim_space_through_intact() {
     .await
     .unwrap()
     .into_inner();
-    assert_eq!(r.cidrs, vec![cidr("10.1.0.0/16"), cidr("192.168.7.3/32")]);
+    assert_eq!(r.cidrs.len(), 3);
+    assert_eq!(r.cidrs[..2], [cidr("10.1.0.0/16"), cidr("192.168.7.3/32")]);
+    assert_eq!(r.cidrs[2].cidr, parameters()["padding"]);
     assert_eq!(
         stand_in
             .seen
@@ -705,7 +714,7 @@ async fn forward_to_an_absent_upstream_answers_unavailable_then_recovers() {
     .await
     .unwrap()
     .into_inner();
-    assert_eq!(r.cidrs.len(), 2);
+    assert_eq!(r.cidrs.len(), 3);
     assert_eq!(
         stand_in
             .seen
@@ -736,4 +745,106 @@ async fn forward_endpoint_unset_leaves_other_services_unimplemented() {
         .into_inner()
         .capabilities;
     assert_eq!(caps, csi_rbd_replicator::grpc::identity::own_capabilities());
+}
+
+#[tokio::test]
+async fn forward_over_tcp_reaches_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stand_in = StandIn::default();
+    let _server = tokio::spawn(
+        stand_in_server(stand_in.clone())
+            .serve_with_incoming(incoming)
+            .map(Result::unwrap),
+    );
+    let sc = Sidecar::start(dir.path(), Some(&format!("tcp://127.0.0.1:{port}"))).await;
+    let sent = GetFenceClientsRequest {
+        parameters: parameters(),
+        secrets: secrets(),
+    };
+    let r = quick(
+        "GetFenceClients over TCP",
+        FenceControllerClient::new(sc.channel().await).get_fence_clients(sent.clone()),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(r.clients[0].id, "c0ffee00-fsid");
+    assert_eq!(
+        stand_in
+            .seen
+            .last::<GetFenceClientsRequest>("GetFenceClients")
+            .1,
+        sent
+    );
+}
+
+/// An upstream that sends the response headers and one message, then
+/// fails the stream (a crash in the middle of a response).
+fn serve_breaking_upstream(path: &Path) -> JoinHandle<()> {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let listener = UnixListener::bind(path).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (conn, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|_req| async {
+                let message = ListClusterFenceResponse {
+                    cidrs: vec![cidr("10.9.9.0/24")],
+                }
+                .encode_to_vec();
+                let mut framed = vec![0u8];
+                framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+                framed.extend_from_slice(&message);
+                // The failure comes a moment later, once the headers and the
+                // message are on their way (a reset discards frames still
+                // queued).
+                let message: Result<Frame<bytes::Bytes>, std::io::Error> =
+                    Ok(Frame::data(framed.into()));
+                let crash = async {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Err(std::io::Error::other("upstream crashed"))
+                };
+                let frames = futures::stream::iter([message]).chain(futures::stream::once(crash));
+                let body = StreamBody::new(frames);
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(body)
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(conn), service),
+            );
+        }
+    })
+}
+
+#[tokio::test]
+async fn forward_stream_broken_mid_response_ends_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = dir.path().join("csi-addons-cephcsi.sock");
+    let _server = serve_breaking_upstream(&upstream);
+    let endpoint = format!("unix://{}", upstream.display());
+    let sc = Sidecar::start(dir.path(), Some(&endpoint)).await;
+    let e = quick(
+        "a call whose upstream breaks off",
+        FenceControllerClient::new(sc.channel().await)
+            .list_cluster_fence(ListClusterFenceRequest::default()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains(&endpoint), "{}", e.message());
+    // Ended by the sidecar's trailers, after the headers and the message
+    // had been passed on, not by a reset.
+    assert!(
+        e.message().contains("response stream broken"),
+        "{}",
+        e.message()
+    );
 }

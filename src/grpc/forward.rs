@@ -68,7 +68,7 @@ pub enum ForwardError {
         timeout: Duration,
     },
     /// The upstream does not speak HTTP/2 or closed during the handshake.
-    #[error("forward endpoint {endpoint}: HTTP/2 handshake failed: {source}")]
+    #[error("forward endpoint {endpoint}: HTTP/2 handshake failed: {}", chain(source))]
     Handshake {
         /// The upstream.
         endpoint: Endpoint,
@@ -77,7 +77,7 @@ pub enum ForwardError {
     },
     /// The request could not be sent, or the connection failed before the
     /// response headers arrived.
-    #[error("forward endpoint {endpoint}: {source}")]
+    #[error("forward endpoint {endpoint}: {}", chain(source))]
     Request {
         /// The upstream.
         endpoint: Endpoint,
@@ -85,13 +85,26 @@ pub enum ForwardError {
         source: hyper::Error,
     },
     /// The response stream broke after its headers.
-    #[error("forward endpoint {endpoint}: response stream broken: {source}")]
+    #[error("forward endpoint {endpoint}: response stream broken: {}", chain(source))]
     Stream {
         /// The upstream.
         endpoint: Endpoint,
         /// The underlying error.
         source: hyper::Error,
     },
+}
+
+/// `error` and its sources, `: `-separated (hyper's own message is terse:
+/// "http2 error").
+fn chain(error: &hyper::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 /// The reverse proxy to one upstream endpoint; cheap to clone (clones share
