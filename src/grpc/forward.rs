@@ -68,7 +68,10 @@ pub enum ForwardError {
         timeout: Duration,
     },
     /// The upstream does not speak HTTP/2 or closed during the handshake.
-    #[error("forward endpoint {endpoint}: HTTP/2 handshake failed: {}", chain(source))]
+    #[error(
+        "forward endpoint {endpoint}: HTTP/2 handshake failed: {}",
+        chain(source)
+    )]
     Handshake {
         /// The upstream.
         endpoint: Endpoint,
@@ -85,7 +88,10 @@ pub enum ForwardError {
         source: hyper::Error,
     },
     /// The response stream broke after its headers.
-    #[error("forward endpoint {endpoint}: response stream broken: {}", chain(source))]
+    #[error(
+        "forward endpoint {endpoint}: response stream broken: {}",
+        chain(source)
+    )]
     Stream {
         /// The upstream.
         endpoint: Endpoint,
