@@ -848,3 +848,43 @@ async fn forward_stream_broken_mid_response_ends_unavailable() {
         e.message()
     );
 }
+
+#[tokio::test]
+async fn forward_reconnects_after_ceph_csi_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = dir.path().join("csi-addons-cephcsi.sock");
+    let sc = Sidecar::start(dir.path(), Some(&format!("unix://{}", upstream.display()))).await;
+    let mut fence = FenceControllerClient::new(sc.channel().await);
+    let list = || ListClusterFenceRequest {
+        parameters: HashMap::from([("clusterID".into(), "site-a".into())]),
+        secrets: secrets(),
+    };
+    for round in 0..3 {
+        // A ceph-csi process: serves, then shuts down (GOAWAY, connections
+        // closed, socket file removed) as a restarting container does.
+        let listener = UnixListener::bind(&upstream).unwrap();
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let stand_in = StandIn::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(
+            stand_in_server(stand_in.clone())
+                .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()),
+        );
+        for _ in 0..2 {
+            let r = quick(
+                "a call to the current ceph-csi",
+                fence.list_cluster_fence(list()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+            assert_eq!(r.into_inner().cidrs.len(), 2);
+        }
+        assert_eq!(stand_in.seen.0.lock().unwrap().len(), 2, "round {round}");
+        stop.cancel();
+        quick("the stand-in's shutdown", server)
+            .await
+            .unwrap()
+            .unwrap();
+        std::fs::remove_file(&upstream).unwrap();
+    }
+}

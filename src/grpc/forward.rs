@@ -123,7 +123,15 @@ pub struct ForwardService {
 struct Inner {
     endpoint: Endpoint,
     authority: Authority,
-    conn: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+    conn: tokio::sync::Mutex<Slot>,
+}
+
+/// The connection in use, numbered so that a caller can forget the one it
+/// found broken without dropping a newer one.
+#[derive(Default)]
+struct Slot {
+    next_id: u64,
+    current: Option<(u64, SendRequest<Body>)>,
 }
 
 impl std::fmt::Debug for ForwardService {
@@ -155,7 +163,7 @@ impl ForwardService {
             inner: Arc::new(Inner {
                 endpoint,
                 authority,
-                conn: tokio::sync::Mutex::new(None),
+                conn: tokio::sync::Mutex::new(Slot::default()),
             }),
         }
     }
@@ -192,21 +200,29 @@ impl ForwardService {
         let mut request = self.upstream_request(request);
         let mut retried = false;
         loop {
-            let mut tx = self.sender().await?;
+            let (id, mut tx) = self.sender().await?;
             let error = match tx.try_send_request(request).await {
                 Ok(response) => return Ok(response),
                 Err(mut e) => match e.take_message() {
+                    // Refused before sending (closed, or going away): this
+                    // connection is done for.
                     Some(unsent) if !retried => {
                         debug!(error = %e.error(), "upstream connection not usable; reconnecting");
                         request = unsent;
                         retried = true;
-                        self.drop_if_closed(&tx).await;
+                        self.forget(id).await;
                         continue;
                     }
-                    _ => e.into_error(),
+                    Some(_) => {
+                        self.forget(id).await;
+                        e.into_error()
+                    }
+                    None => e.into_error(),
                 },
             };
-            self.drop_if_closed(&tx).await;
+            if tx.is_closed() {
+                self.forget(id).await;
+            }
             return Err(ForwardError::Request {
                 endpoint: self.inner.endpoint.clone(),
                 source: error,
@@ -237,13 +253,13 @@ impl ForwardService {
         Request::from_parts(parts, body)
     }
 
-    /// The open connection, or a new one.
-    async fn sender(&self) -> Result<SendRequest<Body>, ForwardError> {
-        let mut conn = self.inner.conn.lock().await;
-        if let Some(tx) = conn.as_ref().filter(|tx| !tx.is_closed()) {
-            return Ok(tx.clone());
+    /// The open connection and its number, or a new one.
+    async fn sender(&self) -> Result<(u64, SendRequest<Body>), ForwardError> {
+        let mut slot = self.inner.conn.lock().await;
+        if let Some((id, tx)) = slot.current.as_ref().filter(|(_, tx)| !tx.is_closed()) {
+            return Ok((*id, tx.clone()));
         }
-        *conn = None;
+        slot.current = None;
         let endpoint = &self.inner.endpoint;
         let tx = tokio::time::timeout(CONNECT_TIMEOUT, connect(endpoint))
             .await
@@ -252,17 +268,22 @@ impl ForwardService {
                 timeout: CONNECT_TIMEOUT,
             })??;
         debug!(%endpoint, "connected to the forward endpoint");
-        *conn = Some(tx.clone());
-        Ok(tx)
+        let id = slot.next_id;
+        slot.next_id += 1;
+        slot.current = Some((id, tx.clone()));
+        Ok((id, tx))
     }
 
-    /// Forgets the cached connection once it has closed.
-    async fn drop_if_closed(&self, tx: &SendRequest<Body>) {
-        if tx.is_closed() {
-            let mut conn = self.inner.conn.lock().await;
-            if conn.as_ref().is_some_and(SendRequest::is_closed) {
-                *conn = None;
-            }
+    /// Forgets connection `id` if it is still the current one; the next
+    /// request connects anew.
+    async fn forget(&self, id: u64) {
+        let mut slot = self.inner.conn.lock().await;
+        if slot
+            .current
+            .as_ref()
+            .is_some_and(|(current, _)| *current == id)
+        {
+            slot.current = None;
         }
     }
 }
