@@ -77,6 +77,18 @@ impl Seen {
         ));
     }
 
+    /// Asserts that the last request of `method` is `sent`, with the
+    /// metadata of [`with_metadata`].
+    fn assert_arrived<M: Message + Default + PartialEq + std::fmt::Debug>(
+        &self,
+        method: &str,
+        sent: &M,
+    ) {
+        let (md, got) = self.last::<M>(method);
+        assert_eq!(&got, sent, "{method}");
+        assert_metadata_arrived(&md);
+    }
+
     /// The last request of `method`, decoded, with its metadata.
     fn last<M: Message + Default>(&self, method: &str) -> (MetadataMap, M) {
         let seen = self.0.lock().unwrap();
@@ -448,11 +460,7 @@ async fn forward_passes_network_fence_and_reclaim_space_through_intact() {
     .unwrap();
     assert_eq!(r.metadata().get("x-upstream").unwrap(), "ceph-csi-stand-in");
     assert_eq!(r.into_inner(), FenceClusterNetworkResponse {});
-    let (md, got) = stand_in
-        .seen
-        .last::<FenceClusterNetworkRequest>("FenceClusterNetwork");
-    assert_eq!(got, sent);
-    assert_metadata_arrived(&md);
+    stand_in.seen.assert_arrived("FenceClusterNetwork", &sent);
 
     // UnfenceClusterNetwork: an error comes back with its code, message,
     // details and metadata (all carried in trailers).
@@ -471,11 +479,7 @@ async fn forward_passes_network_fence_and_reclaim_space_through_intact() {
     assert_eq!(e.message(), "10.0.0.0/24 is not fenced");
     assert_eq!(e.details(), b"\x08\x09details");
     assert_eq!(e.metadata().get("x-upstream").unwrap(), "refused");
-    let (md, got) = stand_in
-        .seen
-        .last::<UnfenceClusterNetworkRequest>("UnfenceClusterNetwork");
-    assert_eq!(got, sent);
-    assert_metadata_arrived(&md);
+    stand_in.seen.assert_arrived("UnfenceClusterNetwork", &sent);
 
     // ListClusterFence and GetFenceClients: responses intact.
     let sent = ListClusterFenceRequest {
@@ -492,13 +496,7 @@ async fn forward_passes_network_fence_and_reclaim_space_through_intact() {
     assert_eq!(r.cidrs.len(), 3);
     assert_eq!(r.cidrs[..2], [cidr("10.1.0.0/16"), cidr("192.168.7.3/32")]);
     assert_eq!(r.cidrs[2].cidr, parameters()["padding"]);
-    assert_eq!(
-        stand_in
-            .seen
-            .last::<ListClusterFenceRequest>("ListClusterFence")
-            .1,
-        sent
-    );
+    stand_in.seen.assert_arrived("ListClusterFence", &sent);
     let sent = GetFenceClientsRequest {
         parameters: parameters(),
         secrets: secrets(),
@@ -513,13 +511,7 @@ async fn forward_passes_network_fence_and_reclaim_space_through_intact() {
     assert_eq!(r.clients.len(), 1);
     assert_eq!(r.clients[0].id, "c0ffee00-fsid");
     assert_eq!(r.clients[0].addresses, vec![cidr("10.2.3.4/32")]);
-    assert_eq!(
-        stand_in
-            .seen
-            .last::<GetFenceClientsRequest>("GetFenceClients")
-            .1,
-        sent
-    );
+    stand_in.seen.assert_arrived("GetFenceClients", &sent);
 
     // ReclaimSpace, controller: usage figures come back.
     let sent = ControllerReclaimSpaceRequest {
@@ -538,11 +530,9 @@ async fn forward_passes_network_fence_and_reclaim_space_through_intact() {
     .into_inner();
     assert_eq!(r.pre_usage.unwrap().usage_bytes, 10 << 30);
     assert_eq!(r.post_usage.unwrap().usage_bytes, 3 << 30);
-    let (md, got) = stand_in
+    stand_in
         .seen
-        .last::<ControllerReclaimSpaceRequest>("ControllerReclaimSpace");
-    assert_eq!(got, sent);
-    assert_metadata_arrived(&md);
+        .assert_arrived("ControllerReclaimSpace", &sent);
 
     // ReclaimSpace, node: nested CSI message intact, NOT_FOUND comes back.
     let sent = NodeReclaimSpaceRequest {
@@ -570,13 +560,7 @@ async fn forward_passes_network_fence_and_reclaim_space_through_intact() {
     .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert_eq!(e.message(), "volume replicapool/csi-vol-1 not staged");
-    assert_eq!(
-        stand_in
-            .seen
-            .last::<NodeReclaimSpaceRequest>("NodeReclaimSpace")
-            .1,
-        sent
-    );
+    stand_in.seen.assert_arrived("NodeReclaimSpace", &sent);
 
     // A deadline the upstream does not meet ends the call on time.
     let mut hang = Request::new(ListClusterFenceRequest {

@@ -288,27 +288,16 @@ impl ForwardService {
     }
 }
 
-/// Connects to `endpoint` and completes the HTTP/2 handshake; the
-/// connection runs on a task of its own until either side closes it.
+/// Connects to `endpoint` and completes the HTTP/2 handshake.
 async fn connect(endpoint: &Endpoint) -> Result<SendRequest<Body>, ForwardError> {
     let connect_err = |source| ForwardError::Connect {
         endpoint: endpoint.clone(),
         source,
     };
-    let handshake_err = |source| ForwardError::Handshake {
-        endpoint: endpoint.clone(),
-        source,
-    };
-    let builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     match endpoint {
         Endpoint::Unix(path) => {
             let io = UnixStream::connect(path).await.map_err(connect_err)?;
-            let (tx, conn) = builder
-                .handshake(TokioIo::new(io))
-                .await
-                .map_err(handshake_err)?;
-            spawn_connection(endpoint, conn);
-            Ok(tx)
+            handshake(endpoint, io).await
         }
         Endpoint::Tcp { host, port } => {
             let io = TcpStream::connect((host.as_str(), *port))
@@ -317,20 +306,24 @@ async fn connect(endpoint: &Endpoint) -> Result<SendRequest<Body>, ForwardError>
             if let Err(error) = io.set_nodelay(true) {
                 debug!(%error, "TCP_NODELAY");
             }
-            let (tx, conn) = builder
-                .handshake(TokioIo::new(io))
-                .await
-                .map_err(handshake_err)?;
-            spawn_connection(endpoint, conn);
-            Ok(tx)
+            handshake(endpoint, io).await
         }
     }
 }
 
-fn spawn_connection<F>(endpoint: &Endpoint, conn: F)
+/// The HTTP/2 handshake on a connected stream; the connection then runs on
+/// a task of its own until either side closes it.
+async fn handshake<T>(endpoint: &Endpoint, io: T) -> Result<SendRequest<Body>, ForwardError>
 where
-    F: Future<Output = hyper::Result<()>> + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| ForwardError::Handshake {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
     let endpoint = endpoint.clone();
     tokio::spawn(async move {
         match conn.await {
@@ -338,6 +331,7 @@ where
             Err(error) => debug!(%endpoint, %error, "forward connection failed"),
         }
     });
+    Ok(tx)
 }
 
 impl<B> tower::Service<Request<B>> for ForwardService
