@@ -404,3 +404,74 @@ impl http_body::Body for UpstreamBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream_of(endpoint: &str, request: Request<Body>) -> Request<Body> {
+        ForwardService::new(endpoint.parse().unwrap()).upstream_request(request)
+    }
+
+    #[test]
+    fn upstream_request_keeps_path_headers_and_sets_the_authority() {
+        let request = || {
+            let mut r = Request::builder()
+                .method("POST")
+                .uri("/fence.FenceController/FenceClusterNetwork")
+                .header("content-type", "application/grpc")
+                .header("grpc-timeout", "7S")
+                .header("x-request-id", "req-42")
+                .body(Body::empty())
+                .unwrap();
+            r.extensions_mut().insert(42_u32);
+            r
+        };
+        for (endpoint, authority) in [
+            ("unix:///csi/csi-addons-cephcsi.sock", "localhost"),
+            ("tcp://127.0.0.1:9070", "127.0.0.1:9070"),
+            ("tcp://[::1]:9070", "[::1]:9070"),
+            ("tcp://ceph-csi.ns.svc:9070", "ceph-csi.ns.svc:9070"),
+        ] {
+            let up = upstream_of(endpoint, request());
+            assert_eq!(
+                up.uri().to_string(),
+                format!("http://{authority}/fence.FenceController/FenceClusterNetwork"),
+                "{endpoint}"
+            );
+            assert_eq!(up.method(), "POST");
+            assert_eq!(up.version(), Version::HTTP_2);
+            assert_eq!(up.headers(), request().headers());
+            assert!(up.extensions().get::<u32>().is_none());
+        }
+        // A client that sent the socket path as :authority (see
+        // authority.rs) is forwarded with `localhost` too.
+        let mut r = request();
+        *r.uri_mut() = "http://localhost/identity.Identity/Probe".parse().unwrap();
+        let up = upstream_of("unix:///x.sock", r);
+        assert_eq!(
+            up.uri().to_string(),
+            "http://localhost/identity.Identity/Probe"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_absent_upstream_is_a_grpc_unavailable_response() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = Endpoint::Unix(dir.path().join("missing.sock"));
+        let forward = ForwardService::new(endpoint.clone());
+        let request = Request::builder()
+            .uri("/fence.FenceController/ListClusterFence")
+            .body(Body::empty())
+            .unwrap();
+        let response = forward.forward(request).await;
+        // Trailers-only: the status is in the headers.
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains(&endpoint.to_string()),
+            "{}",
+            status.message()
+        );
+    }
+}

@@ -131,6 +131,24 @@ mod tests {
     }
 
     #[test]
+    fn forwarding_errors_are_unavailable_and_name_the_endpoint() {
+        let endpoint: crate::grpc::server::Endpoint =
+            "unix:///csi/csi-addons-cephcsi.sock".parse().unwrap();
+        let e = ForwardError::Connect {
+            endpoint: endpoint.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("unix:///csi/csi-addons-cephcsi.sock"));
+        let s = Status::from(ForwardError::ConnectTimeout {
+            endpoint,
+            timeout: std::time::Duration::from_secs(5),
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+    }
+
+    #[test]
     fn volume_from_source_or_deprecated_field() {
         let none = HashMap::new();
         let r = volume_request("", Some(&src(H)), &none).unwrap();
