@@ -21,18 +21,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rustc-link-lib=rbd");
     println!("cargo:rustc-link-lib=rados");
 
-    let protos = ["proto/identity.proto", "proto/replication.proto"];
-    for p in &protos {
+    // Served by the sidecar itself: these make up the reflection descriptor.
+    let served = ["proto/identity.proto", "proto/replication.proto"];
+    // Forwarded to ceph-csi (`serve --forward-endpoint`): generated for the
+    // tests' stand-in and for metric labels, not offered by reflection.
+    let forwarded = ["proto/fence.proto", "proto/reclaimspace.proto"];
+    for p in served.iter().chain(&forwarded) {
         println!("cargo:rerun-if-changed={p}");
     }
     println!(
         "cargo:rerun-if-changed=proto/github.com/container-storage-interface/spec/lib/go/csi/csi.proto"
     );
 
-    let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let served_fds = protox::compile(served, ["proto"])?;
     std::fs::write(
         out.join("csi_addons_descriptor.bin"),
+        prost::Message::encode_to_vec(&served_fds),
+    )?;
+    let fds = protox::compile(served.iter().chain(&forwarded), ["proto"])?;
+    std::fs::write(
+        out.join("csi_addons_all_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()

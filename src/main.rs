@@ -14,6 +14,7 @@ use csi_rbd_replicator::csi::config::{ClusterConfig, ClusterMapping, CsiConfig};
 use csi_rbd_replicator::csi::params::{parse_interval, parse_size};
 use csi_rbd_replicator::csi::volume_id::VolumeId;
 use csi_rbd_replicator::engine::{self, CopyLimits, Credentials, Engine, EngineConfig};
+use csi_rbd_replicator::grpc::forward::{self, ForwardService};
 use csi_rbd_replicator::grpc::identity::IdentityService;
 use csi_rbd_replicator::grpc::proto::identity::identity_server::IdentityServer;
 use csi_rbd_replicator::grpc::proto::replication::controller_server::ControllerServer;
@@ -151,6 +152,13 @@ struct ServeArgs {
     /// Where to listen: `unix:///path.sock` or `tcp://host:port`; repeatable.
     #[arg(long = "endpoint", required = true)]
     endpoints: Vec<Endpoint>,
+    /// ceph-csi's own csi-addons endpoint (`unix:///path.sock` or
+    /// `tcp://host:port`): every service this sidecar does not serve
+    /// (NetworkFence, ReclaimSpace, ...) is forwarded there, and
+    /// GetCapabilities adds its capabilities. Default: such calls answer
+    /// UNIMPLEMENTED.
+    #[arg(long)]
+    forward_endpoint: Option<Endpoint>,
     /// CSI driver name to report; must equal the driver the
     /// VolumeReplicationClass names (e.g. rook-ceph.rbd.csi.ceph.com).
     #[arg(long)]
@@ -370,14 +378,22 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         ))
     });
 
-    let routes = tonic::service::Routes::new(IdentityServer::new(IdentityService::new(
+    let forward = a.forward_endpoint.clone().map(ForwardService::new);
+    let mut identity = IdentityService::new(
         a.drivername.clone(),
         Arc::clone(&engine),
         Duration::from_secs(30),
-    )))
-    .add_service(ControllerServer::new(ReplicationService::new(Arc::clone(
-        &engine,
-    ))));
+    );
+    if let Some(f) = &forward {
+        tracing::info!(endpoint = %f.endpoint(), "forwarding other csi-addons services");
+        identity = identity.with_upstream(f.clone());
+    }
+    let mut routes = tonic::service::Routes::new(IdentityServer::new(identity)).add_service(
+        ControllerServer::new(ReplicationService::new(Arc::clone(&engine))),
+    );
+    if let Some(f) = forward {
+        routes = forward::with_fallback(routes, f);
+    }
     let routes = csi_rbd_replicator::grpc::metrics::with_rpc_metrics(routes, Arc::clone(&metrics));
     let served = server::serve(a.endpoints, routes, health, shutdown.clone(), a.grace)
         .await

@@ -1,5 +1,6 @@
 //! The deployment manifests agree with each other and with the binary: the
 //! socket our sidecar serves is the one the csi-addons sidecar connects to,
+//! the one it forwards to is ceph-csi's moved csi-addons endpoint,
 //! the driver name is the VolumeReplicationClass's provisioner, every mount
 //! names a volume, the secret directory is where the Secret is mounted, the
 //! VolumeReplicationClass parameters parse, and RBAC grants what
@@ -9,6 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use csi_rbd_replicator::csi::params::ReplicationParams;
+use csi_rbd_replicator::grpc::server::Endpoint;
 use serde_yaml::Value;
 
 const OURS: &str = "csi-rbd-replicator";
@@ -168,6 +170,22 @@ fn provisioner_patches_agree_with_themselves_and_the_vrc() {
             .find(|(k, _)| k.contains("ADDONS_ENDPOINT"))
             .expect("ceph-csi's csi-addons endpoint is moved");
         assert_ne!(socket_path(&moved.1), sock);
+        // ... and our sidecar forwards the services it does not serve there,
+        // through a directory both containers mount from the same volume.
+        let forward = flag(ours, "forward-endpoint").expect("--forward-endpoint");
+        assert_eq!(
+            forward, moved.1,
+            "--forward-endpoint is ceph-csi's endpoint"
+        );
+        assert!(forward.parse::<Endpoint>().is_ok(), "{forward}");
+        let upstream = socket_path(&forward);
+        assert_eq!(upstream, "/csi/csi-addons-cephcsi.sock");
+        let (f1, f2) = (mount_for(ours, upstream), mount_for(plugin, upstream));
+        assert_eq!(
+            f1["name"], f2["name"],
+            "the forwarded socket is on one volume"
+        );
+        assert_eq!(f1["mountPath"], f2["mountPath"]);
 
         // Every mount names a volume of the patch.
         let volumes: HashMap<&str, &Value> = seq(pod, "volumes")
@@ -205,6 +223,20 @@ fn provisioner_patches_agree_with_themselves_and_the_vrc() {
             );
         }
         assert!(flag(ours, "cluster-id").is_some());
+        // Every flag the manifest passes is one `serve` knows.
+        let help = std::process::Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
+            .args(["serve", "--help"])
+            .output()
+            .expect("the binary runs");
+        let help = String::from_utf8_lossy(&help.stdout);
+        for arg in seq(ours, "args").iter().filter_map(Value::as_str).skip(1) {
+            let name = arg.split('=').next().unwrap_or(arg);
+            assert!(
+                help.contains(&format!("{name} ")) || help.contains(&format!("{name}\n")),
+                "{}: serve has no {name}",
+                f.dir.display()
+            );
+        }
         assert!(has_flag(ours, "watch-pvs"));
         assert_eq!(
             ours["securityContext"]["runAsNonRoot"].as_bool(),

@@ -1,13 +1,17 @@
 //! The csi-addons Identity service: who we are, what we can do, whether we
-//! are ready.
+//! are ready. With a forward endpoint, the capabilities are ours plus
+//! ceph-csi's (whose other services the sidecar forwards).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
+use tracing::warn;
 
+use super::forward::ForwardService;
 use super::proto::identity::capability::{self, service, volume_replication};
+use super::proto::identity::identity_client::IdentityClient;
 use super::proto::identity::identity_server::Identity;
 use super::proto::identity::{
     Capability, GetCapabilitiesRequest, GetCapabilitiesResponse, GetIdentityRequest,
@@ -15,11 +19,15 @@ use super::proto::identity::{
 };
 use crate::engine::Engine;
 
+/// How long GetCapabilities waits for the upstream's capabilities.
+pub const UPSTREAM_CAPABILITIES_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Identity service state.
 pub struct IdentityService {
     driver_name: String,
     engine: Arc<Engine>,
     ready_within: Duration,
+    upstream: Option<ForwardService>,
 }
 
 impl IdentityService {
@@ -30,7 +38,69 @@ impl IdentityService {
             driver_name,
             engine,
             ready_within,
+            upstream: None,
         }
+    }
+
+    /// Also reports the capabilities of the server behind `upstream` (the
+    /// one the other csi-addons services are forwarded to).
+    #[must_use]
+    pub fn with_upstream(mut self, upstream: ForwardService) -> Self {
+        self.upstream = Some(upstream);
+        self
+    }
+}
+
+/// What this sidecar serves itself.
+pub fn own_capabilities() -> Vec<Capability> {
+    vec![
+        Capability {
+            r#type: Some(capability::Type::Service(capability::Service {
+                r#type: service::Type::ControllerService as i32,
+            })),
+        },
+        Capability {
+            r#type: Some(capability::Type::VolumeReplication(
+                capability::VolumeReplication {
+                    r#type: volume_replication::Type::VolumeReplication as i32,
+                },
+            )),
+        },
+        Capability {
+            r#type: Some(capability::Type::VolumeReplication(
+                capability::VolumeReplication {
+                    r#type: volume_replication::Type::GetReplicationDestinationInfo as i32,
+                },
+            )),
+        },
+    ]
+}
+
+/// `ours` plus those of `theirs` that are new, in order. The upstream's
+/// VolumeReplication capabilities are left out: replication.Controller is
+/// this sidecar's, whatever the upstream would offer for it.
+pub fn merge_capabilities(ours: Vec<Capability>, theirs: Vec<Capability>) -> Vec<Capability> {
+    let mut merged = ours;
+    for cap in theirs {
+        let replication = matches!(cap.r#type, Some(capability::Type::VolumeReplication(_)));
+        if !replication && cap.r#type.is_some() && !merged.contains(&cap) {
+            merged.push(cap);
+        }
+    }
+    merged
+}
+
+/// The upstream's capabilities, asked with a short deadline.
+async fn upstream_capabilities(upstream: &ForwardService) -> Result<Vec<Capability>, Status> {
+    let mut request = Request::new(GetCapabilitiesRequest {});
+    request.set_timeout(UPSTREAM_CAPABILITIES_TIMEOUT);
+    let mut client = IdentityClient::new(upstream.clone());
+    let call = client.get_capabilities(request);
+    match tokio::time::timeout(UPSTREAM_CAPABILITIES_TIMEOUT, call).await {
+        Ok(reply) => Ok(reply?.into_inner().capabilities),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer within {UPSTREAM_CAPABILITIES_TIMEOUT:?}"
+        ))),
     }
 }
 
@@ -63,27 +133,18 @@ impl Identity for IdentityService {
         &self,
         _req: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<GetCapabilitiesResponse>, Status> {
-        let capabilities = vec![
-            Capability {
-                r#type: Some(capability::Type::Service(capability::Service {
-                    r#type: service::Type::ControllerService as i32,
-                })),
-            },
-            Capability {
-                r#type: Some(capability::Type::VolumeReplication(
-                    capability::VolumeReplication {
-                        r#type: volume_replication::Type::VolumeReplication as i32,
-                    },
-                )),
-            },
-            Capability {
-                r#type: Some(capability::Type::VolumeReplication(
-                    capability::VolumeReplication {
-                        r#type: volume_replication::Type::GetReplicationDestinationInfo as i32,
-                    },
-                )),
-            },
-        ];
+        let mut capabilities = own_capabilities();
+        if let Some(upstream) = &self.upstream {
+            match upstream_capabilities(upstream).await {
+                Ok(theirs) => capabilities = merge_capabilities(capabilities, theirs),
+                Err(status) => warn!(
+                    endpoint = %upstream.endpoint(),
+                    code = ?status.code(),
+                    message = status.message(),
+                    "upstream capabilities unavailable; answering with ours only"
+                ),
+            }
+        }
         Ok(Response::new(GetCapabilitiesResponse { capabilities }))
     }
 
@@ -99,5 +160,53 @@ impl Identity for IdentityService {
             }
         };
         Ok(Response::new(ProbeResponse { ready: Some(ready) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpc::proto::identity::capability::{network_fence, reclaim_space};
+
+    fn fence() -> Capability {
+        Capability {
+            r#type: Some(capability::Type::NetworkFence(capability::NetworkFence {
+                r#type: network_fence::Type::NetworkFence as i32,
+            })),
+        }
+    }
+
+    fn reclaim() -> Capability {
+        Capability {
+            r#type: Some(capability::Type::ReclaimSpace(capability::ReclaimSpace {
+                r#type: reclaim_space::Type::Online as i32,
+            })),
+        }
+    }
+
+    #[test]
+    fn merge_adds_new_capabilities_once_and_keeps_replication_ours() {
+        let destination_info = Capability {
+            r#type: Some(capability::Type::VolumeReplication(
+                capability::VolumeReplication {
+                    r#type: volume_replication::Type::GetReplicationDestinationInfo as i32,
+                },
+            )),
+        };
+        let theirs = vec![
+            own_capabilities()[0],
+            fence(),
+            destination_info,
+            reclaim(),
+            fence(),
+            Capability { r#type: None },
+        ];
+        let mut want = own_capabilities();
+        want.extend([fence(), reclaim()]);
+        assert_eq!(merge_capabilities(own_capabilities(), theirs), want);
+        assert_eq!(
+            merge_capabilities(own_capabilities(), Vec::new()),
+            own_capabilities()
+        );
     }
 }

@@ -5,8 +5,8 @@
 //! Owns: finding the status code of a response (the `grpc-status` header of
 //! a trailers-only response, else the trailers; a response dropped before its
 //! end counts as `Canceled`) and bounding the `method` label to the methods
-//! of this crate's protos (anything else is `unknown`), so a client cannot
-//! create series at will.
+//! of this crate's protos, forwarded ones included (anything else is
+//! `unknown`), so a client cannot create series at will.
 //!
 //! Must not: change requests or responses, or name metrics (that is
 //! `crate::metrics`).
@@ -24,7 +24,7 @@ use prost::Message;
 use tonic::Code;
 use tonic::service::Routes;
 
-use super::proto::FILE_DESCRIPTOR_SET;
+use super::proto::ALL_FILE_DESCRIPTOR_SET;
 use crate::metrics::Metrics;
 
 /// `method` label of paths that are not a method of this crate's services.
@@ -52,7 +52,7 @@ impl RpcMetricsLayer {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
-            known: Arc::new(known_methods(FILE_DESCRIPTOR_SET)),
+            known: Arc::new(known_methods(ALL_FILE_DESCRIPTOR_SET)),
         }
     }
 }
@@ -273,8 +273,10 @@ mod tests {
 
     #[test]
     fn known_methods_come_from_the_protos() {
-        let known = known_methods(FILE_DESCRIPTOR_SET);
+        let known = known_methods(ALL_FILE_DESCRIPTOR_SET);
         for m in [
+            "fence.FenceController/FenceClusterNetwork",
+            "reclaimspace.ReclaimSpaceNode/NodeReclaimSpace",
             "identity.Identity/Probe",
             "identity.Identity/GetIdentity",
             "replication.Controller/EnableVolumeReplication",

@@ -1,8 +1,10 @@
 //! gRPC layer: the csi-addons Identity and replication Controller services,
 //! the server that carries them (unix socket and TCP, health, reflection),
-//! and the one mapping from engine errors to status codes.
+//! the forwarding of every other service to ceph-csi, and the one mapping
+//! from errors to status codes.
 
 mod authority;
+pub mod forward;
 pub mod identity;
 pub mod metrics;
 pub mod proto;

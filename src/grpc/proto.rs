@@ -12,5 +12,30 @@ pub mod replication {
     tonic::include_proto!("replication");
 }
 
-/// Encoded `FileDescriptorSet` of all the protos above, for server reflection.
+/// `fence` package: csi-addons NetworkFence, which the sidecar forwards to
+/// ceph-csi (`serve --forward-endpoint`) and does not implement.
+pub mod fence {
+    tonic::include_proto!("fence");
+}
+
+/// `reclaimspace` package: csi-addons ReclaimSpace, forwarded like `fence`.
+pub mod reclaimspace {
+    tonic::include_proto!("reclaimspace");
+}
+
+/// `csi.v1` package: the CSI types the csi-addons protos refer to.
+pub mod csi {
+    /// CSI v1.
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of the services the sidecar serves itself
+/// (`identity`, `replication`), for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("csi_addons_descriptor");
+
+/// Encoded `FileDescriptorSet` of every proto above, forwarded ones
+/// included (RPC metric labels).
+pub const ALL_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("csi_addons_all_descriptor");

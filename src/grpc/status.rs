@@ -1,5 +1,5 @@
-//! The one mapping from engine errors to gRPC status codes, and the
-//! validation of request fields into the engine's typed requests.
+//! The one mapping from engine and forwarding errors to gRPC status codes,
+//! and the validation of request fields into the engine's typed requests.
 
 use std::collections::HashMap;
 
@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 use crate::csi::volume_id::VolumeId;
 use crate::engine::{Credentials, EngineError, VolumeRequest};
 
+use super::forward::ForwardError;
 use super::proto::replication::ReplicationSource;
 use super::proto::replication::replication_source::Type as SourceType;
 
@@ -28,6 +29,14 @@ impl From<EngineError> for Status {
             EngineError::Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+impl From<ForwardError> for Status {
+    /// Every forwarding failure is a transport failure on the way to
+    /// ceph-csi: the caller should retry.
+    fn from(e: ForwardError) -> Self {
+        Status::unavailable(e.to_string())
     }
 }
 
@@ -115,6 +124,24 @@ mod tests {
             assert_eq!(s.code(), code, "{msg}");
             assert_eq!(s.message(), msg);
         }
+    }
+
+    #[test]
+    fn forwarding_errors_are_unavailable_and_name_the_endpoint() {
+        let endpoint: crate::grpc::server::Endpoint =
+            "unix:///csi/csi-addons-cephcsi.sock".parse().unwrap();
+        let e = ForwardError::Connect {
+            endpoint: endpoint.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("unix:///csi/csi-addons-cephcsi.sock"));
+        let s = Status::from(ForwardError::ConnectTimeout {
+            endpoint,
+            timeout: std::time::Duration::from_secs(5),
+        });
+        assert_eq!(s.code(), Code::Unavailable);
     }
 
     #[test]
