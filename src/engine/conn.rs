@@ -169,6 +169,12 @@ impl Connections {
         Ok(Arc::clone(&entry.0))
     }
 
+    /// Drops every connection (this client was fenced): the next calls
+    /// reconnect.
+    pub fn forget_all(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Drops a connection that failed, so the next call reconnects.
     pub fn forget(&self, cluster: &Arc<Cluster>) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());

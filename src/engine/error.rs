@@ -48,6 +48,14 @@ pub enum EngineError {
     Internal(String),
 }
 
+impl EngineError {
+    /// Whether the cluster fenced this client (`EBLOCKLISTED`): nothing it
+    /// sends through that connection will be accepted again.
+    pub fn is_blocklisted(&self) -> bool {
+        matches!(self, Self::Ceph { source, .. } if source.kind() == ceph::ErrorKind::Blocklisted)
+    }
+}
+
 /// Result of an engine operation.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 

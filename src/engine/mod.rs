@@ -11,6 +11,7 @@
 pub mod conn;
 pub mod copy;
 pub mod error;
+pub mod lease;
 pub mod oplock;
 pub mod registry;
 pub mod replayer;
@@ -186,6 +187,8 @@ pub struct Engine {
     metrics: Arc<crate::metrics::Metrics>,
     /// What wakes the replayer between polls.
     wakeups: wakeup::Wakeups,
+    /// The replayer's pool leases.
+    leases: lease::LeaseTable,
     /// Blocking threads RPCs may use at once (the replayer's are bounded
     /// by `max_concurrent_syncs`).
     rpc_slots: Arc<tokio::sync::Semaphore>,
@@ -215,6 +218,7 @@ impl Engine {
             slots: slots::ImageSlots::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             wakeups: wakeup::Wakeups::default(),
+            leases: lease::LeaseTable::default(),
             rpc_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_rpcs.max(1))),
             fault_op_delay: env_millis("CSIRR_FAULT_OP_DELAY_MS"),
             fault_snap_delay: env_millis("CSIRR_FAULT_SNAP_DELAY_MS"),
@@ -294,7 +298,12 @@ impl Engine {
             .map_err(|e| EngineError::Internal(format!("{what} failed: {e}")))?
         };
         match tokio::time::timeout(limit, work).await {
-            Ok(r) => r,
+            Ok(r) => {
+                if let Err(e) = &r {
+                    self.note_error(e);
+                }
+                r
+            }
             Err(_) => Err(EngineError::Unavailable(format!(
                 "no answer within {limit:?} (a cluster is slow or unreachable); work already \
                  started goes on in the background, retry to see its outcome"
@@ -336,6 +345,22 @@ impl Engine {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             }
+        }
+    }
+
+    /// Reacts to an error that means this client was fenced (blocklisted,
+    /// e.g. by another replayer breaking its locks): its connections are
+    /// dead for good, so they are dropped and made anew, and what it held
+    /// (locks, leases) is gone already.
+    pub(crate) fn note_error(&self, e: &EngineError) {
+        if e.is_blocklisted() {
+            tracing::warn!(
+                error = %e,
+                "this client was blocklisted (another replayer took over?); reconnecting"
+            );
+            self.conns.forget_all();
+            self.held.release_all();
+            self.leases.clear();
         }
     }
 

@@ -101,6 +101,24 @@ impl HeldImages {
         }
     }
 
+    /// Releases the images of pool `pool` (its lease was lost: another
+    /// replayer takes them over).
+    pub fn release_pool(&self, pool: &str) {
+        let prefix = format!("{pool}/");
+        let gone: Vec<Image> = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<String> = open
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| open.remove(k)).collect()
+        };
+        for img in gone {
+            let _ = img.lock_release();
+        }
+    }
+
     /// Releases everything (shutdown).
     pub fn release_all(&self) {
         let all: Vec<Image> = self
@@ -158,6 +176,22 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut leased: HashSet<(String, String)> = HashSet::new();
     let due = Arc::new(DueCache::default());
+    let renewer = tokio::spawn({
+        let (engine, cancel) = (Arc::clone(&engine), cancel.clone());
+        async move {
+            let period = engine.lease_ttl() / 4;
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(period) => {}
+                }
+                let e = Arc::clone(&engine);
+                if let Err(err) = tokio::task::spawn_blocking(move || e.renew_leases()).await {
+                    tracing::error!(error = %err, "lease renewal panicked");
+                }
+            }
+        }
+    });
     loop {
         let e = Arc::clone(&engine);
         let pass = Instant::now();
@@ -200,6 +234,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                             match res {
                                 Ok(Ok(done)) => progressed = done,
                                 Ok(Err(err)) => {
+                                    wake.note_error(&err);
                                     tracing::warn!(image = %k2, error = %err, "sync failed")
                                 }
                                 Err(err) => {
@@ -216,7 +251,10 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                     });
                 }
             }
-            Ok(Err(err)) => tracing::warn!(error = %err, "replayer discovery failed"),
+            Ok(Err(err)) => {
+                engine.note_error(&err);
+                tracing::warn!(error = %err, "replayer discovery failed");
+            }
             Err(err) => tracing::error!(error = %err, "replayer discovery panicked"),
         }
         // Sync snapshots of this cluster's primaries on their schedule, and
@@ -225,7 +263,10 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
         match tokio::task::spawn_blocking(move || e.local_pass(&l, &c)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::debug!(snapshots = n, "scheduled sync snapshots taken"),
-            Ok(Err(err)) => tracing::warn!(error = %err, "scheduler pass failed"),
+            Ok(Err(err)) => {
+                engine.note_error(&err);
+                tracing::warn!(error = %err, "scheduler pass failed");
+            }
             Err(err) => tracing::error!(error = %err, "scheduler pass panicked"),
         }
         while tasks.try_join_next().is_some() {}
@@ -243,6 +284,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
         "replayer stopping; waiting for syncs to stop"
     );
     while tasks.join_next().await.is_some() {}
+    let _ = renewer.await;
     let e = Arc::clone(&engine);
     let _ = tokio::task::spawn_blocking(move || {
         e.wakeups.clear();
@@ -282,12 +324,7 @@ impl Engine {
             if peers.is_empty() {
                 continue;
             }
-            let reg = Registry::new(Arc::clone(&io));
-            if !reg.acquire_lease(
-                &self.cookie,
-                self.cfg.poll_interval * 6 + Duration::from_secs(10),
-            )? {
-                tracing::debug!(pool = %pool, "another replayer holds the lease");
+            if !self.renew_lease(&io) {
                 continue;
             }
             leased.insert((pool.clone(), String::new()));
@@ -302,6 +339,70 @@ impl Engine {
         }
         self.wakeups.watch_only(watch);
         Ok((jobs, leased))
+    }
+
+    /// How long a replayer lease lasts unless renewed.
+    fn lease_ttl(&self) -> Duration {
+        self.cfg.poll_interval * 6 + Duration::from_secs(10)
+    }
+
+    /// Takes or renews the lease on the pool of `io` (its default
+    /// namespace); whether this process holds it now. A lease another
+    /// replayer took releases this process' images of the pool. Errors are
+    /// per pool: the lease counts until it runs out. Blocking.
+    fn renew_lease(&self, io: &Arc<IoCtx>) -> bool {
+        let pool = io.pool();
+        let asked = Instant::now();
+        match Registry::new(Arc::clone(io)).acquire_lease(&self.cookie, self.lease_ttl()) {
+            Ok(true) => {
+                self.leases.renewed(pool, asked, self.lease_ttl());
+                true
+            }
+            Ok(false) => {
+                if self.leases.lost(pool) {
+                    tracing::warn!(
+                        pool,
+                        "another replayer took the lease; letting its images go"
+                    );
+                    self.held.release_pool(pool);
+                } else {
+                    tracing::debug!(pool, "another replayer holds the lease");
+                }
+                false
+            }
+            Err(e) => {
+                self.note_error(&e);
+                let ok = self.leases.ok(pool);
+                tracing::warn!(pool, error = %e, still_valid = ok, "cannot renew the replayer lease");
+                if !ok && self.leases.lost(pool) {
+                    self.held.release_pool(pool);
+                }
+                ok
+            }
+        }
+    }
+
+    /// Renews the lease of every pool this process holds, on its own timer
+    /// (a pass may take longer than a lease). Blocking.
+    fn renew_leases(&self) {
+        let Ok(local) = self.local() else {
+            for pool in self.leases.pools() {
+                if !self.leases.ok(&pool) && self.leases.lost(&pool) {
+                    self.held.release_pool(&pool);
+                }
+            }
+            return;
+        };
+        for pool in self.leases.pools() {
+            match local.ioctx(&pool, "") {
+                Ok(io) => {
+                    self.renew_lease(&io);
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %pool, error = %e, "cannot open pool to renew its lease")
+                }
+            }
+        }
     }
 
     /// Connects to mirror peer `peer` of the pool of `io` with the
@@ -547,7 +648,12 @@ pub fn sync_image(
     let Some(_guard) = slot.try_enter() else {
         return Ok(false);
     };
-    let cancelled = || stop.load(std::sync::atomic::Ordering::Relaxed) || slot.cancelled();
+    // A lost lease stops the copy: another replayer owns the image now.
+    let cancelled = || {
+        stop.load(std::sync::atomic::Ordering::Relaxed)
+            || slot.cancelled()
+            || !engine.leases.ok(&job.pool)
+    };
     let local = engine.local()?;
     let peer_io = job
         .peer
@@ -810,6 +916,11 @@ fn sync_inner(
         fresh = false;
     }
     let elapsed = started.elapsed();
+    if cancelled() {
+        return Err(EngineError::Unavailable(format!(
+            "the sync of {key} was stopped (shutdown, a role change, or the pool's lease lost)"
+        )));
+    }
     // The replica's head is the target, flushed by the copy: the sync point
     // is complete now. Its snapshot (a monitor commit, up to a second) is
     // taken right after the report, and always before the next delta or a

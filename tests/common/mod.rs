@@ -422,6 +422,15 @@ impl Sidecar {
         ControllerClient::new(self.channel().await.expect("connect"))
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) with the kill command.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {}", self.child.id());
+    }
+
     /// Kills the process (SIGKILL).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

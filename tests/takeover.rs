@@ -1,0 +1,71 @@
+//! Two sidecars replaying one site (a Deployment with two replicas, or a
+//! rolling update): one lease holder at a time, a takeover when it freezes
+//! or dies, and a fenced old holder that reconnects and stays out of the
+//! way. Every sync point on the replica equals the primary's (issue 13.5).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use csi_rbd_replicator::ceph::Image;
+
+const MIB: u64 = 1 << 20;
+const LONG: Duration = Duration::from_secs(150);
+
+/// Writes on the primary, takes sync snapshot `seq`, and waits until the
+/// replica holds it with the same content.
+async fn sync_point(pool: &TestPool, name: &str, seq: u32, off: u64) -> String {
+    let img = Image::open(&pool.ioctx(Site::A), name).unwrap();
+    write(&img, &[(off, 1 << 20)], u64::from(seq));
+    let snap = format!("csirr-sync.{seq:010}.takeover");
+    img.snap_create(&snap).unwrap();
+    drop(img);
+    wait_replica_snap(&pool.name, name, &snap, LONG).await;
+    let spec = format!("{}/{name}@{snap}", pool.name);
+    assert_eq!(checksum(Site::A, &spec), checksum(Site::B, &spec), "{spec}");
+    snap
+}
+
+/// The holder of site-b's lease is frozen past its lease: the other sidecar
+/// takes over; woken, the old one finds itself fenced, reconnects and
+/// waits; when the new holder is killed, the old one takes over again.
+#[tokio::test]
+async fn a_second_replayer_takes_over_and_a_fenced_one_recovers() {
+    let pool = TestPool::new("takeover");
+    let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
+    let b1 = Sidecar::start(Site::B, &pool.args()).await;
+    let b2 = Sidecar::start(Site::B, &pool.args()).await;
+    let aio = pool.ioctx(Site::A);
+    let name = "vol";
+    let vid = format!("{}/{name}", pool.name);
+    create_image_in(&aio, name, 32 * MIB, &[(0, 4 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "1h")]))
+        .await
+        .expect("enable");
+    wait_replica_snap(&pool.name, name, &first_sync(&aio, name), LONG).await;
+    let synced = |sc: &Sidecar| sc.log_text().contains("sync point complete");
+    assert!(
+        synced(&b1) ^ synced(&b2),
+        "exactly one replayer copies: b1 {} b2 {}",
+        synced(&b1),
+        synced(&b2)
+    );
+    let (holder, other) = if synced(&b1) { (&b1, &b2) } else { (&b2, &b1) };
+
+    holder.signal("STOP");
+    sync_point(&pool, name, 2, 8 * MIB).await;
+    assert!(synced(other), "the other replayer did not take over");
+    holder.signal("CONT");
+    sync_point(&pool, name, 3, 12 * MIB).await;
+
+    // The new holder dies; the old one, fenced meanwhile, must take over
+    // again through new connections.
+    let before = holder.log_text().matches("sync point complete").count();
+    other.signal("KILL");
+    sync_point(&pool, name, 4, 16 * MIB).await;
+    let after = holder.log_text().matches("sync point complete").count();
+    assert!(after > before, "the first replayer did not take over again");
+}
