@@ -44,6 +44,16 @@ const STATUS_KEY: &str = "status.";
 const DISABLED_KEY: &str = "disabled.";
 const DETACHED_KEY: &str = "detached.";
 
+/// The sequence number after `newest`; an error on overflow (a hostile or
+/// corrupt sync snapshot name), never a wrap to 0.
+pub fn next_sync_seq(newest: u64) -> Result<u64> {
+    newest.checked_add(1).ok_or_else(|| {
+        EngineError::FailedPrecondition(format!(
+            "the newest sync snapshot has sequence {newest}; no later one can be named"
+        ))
+    })
+}
+
 /// A new, unique sync snapshot name of sequence number `seq`.
 pub fn sync_snap_name(seq: u64) -> String {
     let tag = uuid::Uuid::new_v4().simple().to_string();
@@ -266,6 +276,9 @@ pub enum ReplayState {
     Stopped,
     /// Stopped with an error; see the message.
     Error,
+    /// A state a newer version reported that this one does not know.
+    #[serde(other)]
+    Unknown,
 }
 
 /// How the replica of an image is doing, as its replayer reports it to the
@@ -350,12 +363,27 @@ impl Registry {
         m.get(&key).map(|v| self.decode(&key, v)).transpose()
     }
 
-    /// All image records.
-    pub fn list(&self) -> Result<Vec<ImageRecord>> {
-        self.read_prefix(IMAGE_KEY)?
+    /// Decodes every value of `prefix`, skipping (and reporting, per key)
+    /// the ones this version cannot read: a corrupt value, or a record of a
+    /// newer version with a role this one does not know. Such a record is
+    /// never acted on: not replicated over, not removed.
+    fn decode_all<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>> {
+        Ok(self
+            .read_prefix(prefix)?
             .iter()
-            .map(|(k, v)| self.decode(k, v))
-            .collect()
+            .filter_map(|(k, v)| match self.decode(k, v) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(key = %k, error = %e, "skipping a registry record this version cannot read");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// All image records this version can read (see [`Registry::decode_all`]).
+    pub fn list(&self) -> Result<Vec<ImageRecord>> {
+        self.decode_all(IMAGE_KEY)
     }
 
     /// Writes (creates or replaces) a record.
@@ -384,10 +412,7 @@ impl Registry {
 
     /// Statuses reported by the replicas of primary image `id`.
     pub fn statuses(&self, id: &str) -> Result<Vec<ReplicaStatus>> {
-        self.read_prefix(&format!("{STATUS_KEY}{id}."))?
-            .iter()
-            .map(|(k, v)| self.decode(k, v))
-            .collect()
+        self.decode_all(&format!("{STATUS_KEY}{id}."))
     }
 
     /// Reports the status of the replica (on cluster `st.replica_fsid`) of
@@ -409,10 +434,7 @@ impl Registry {
     }
 
     fn markers(&self, prefix: &str) -> Result<Vec<Tombstone>> {
-        self.read_prefix(prefix)?
-            .iter()
-            .map(|(k, v)| self.decode(k, v))
-            .collect()
+        self.decode_all(prefix)
     }
 
     fn remove_key(&self, key: &str) -> Result<()> {
@@ -482,6 +504,15 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sequence_never_wraps() {
+        assert_eq!(next_sync_seq(1).unwrap(), 2);
+        assert!(next_sync_seq(u64::MAX).is_err());
+        // A hostile name parses to u64::MAX and stops there.
+        let max = sync_snap_seq(&format!("csirr-sync.{}", u64::MAX)).unwrap();
+        assert!(next_sync_seq(max).is_err());
+    }
 
     #[test]
     fn snap_names_are_unique_round_trip_and_sort() {

@@ -96,16 +96,6 @@ fn sync_names(img: &Image) -> Result<Vec<(u64, String)>> {
         .collect())
 }
 
-/// The sequence number after `newest`; an error on overflow (a hostile or
-/// corrupt snapshot name), never a wrap to 0.
-fn next_sync_seq(newest: u64) -> Result<u64> {
-    newest.checked_add(1).ok_or_else(|| {
-        EngineError::FailedPrecondition(format!(
-            "the newest sync snapshot has sequence {newest}; no later one can be named"
-        ))
-    })
-}
-
 fn change(what: impl Into<String>) -> Option<RoleChange> {
     Some(RoleChange {
         at: Utc::now(),
@@ -230,7 +220,7 @@ impl Engine {
         }
         self.hold_lock(&key, &vol.image)?;
         let newest = sync_names(&vol.image)?.last().map_or(0, |(q, _)| *q);
-        let seq = next_sync_seq(newest)?;
+        let seq = super::registry::next_sync_seq(newest)?;
         let snap = match self.take_sync_snapshot(&vol.image, seq) {
             Ok(s) => s,
             Err(e) => {

@@ -173,7 +173,7 @@ impl Engine {
         // one taken now (the replayer usually pruned them already).
         let doomed = surplus(self.cfg.keep_snapshots, &sync, &[&snap.name]);
         remove_snaps(&img, &doomed, &img.spec(), "primary");
-        self.take_sync_snapshot(&img, seq + 1)?;
+        self.take_sync_snapshot(&img, super::registry::next_sync_seq(seq)?)?;
         // The peer's replayer starts on it now rather than at its next poll.
         reg.announce();
         Ok((plan.next_after(now), true))

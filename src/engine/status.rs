@@ -274,6 +274,8 @@ fn assess_replica(
         ReplayState::Idle => (State::Idle, None, Some(0), None),
         ReplayState::Stopped => (State::Stopped, None, None, None),
         ReplayState::Error => (State::Error, None, None, None),
+        // Reported by a newer replica: judged by its sync point and age only.
+        ReplayState::Unknown => (State::Starting, None, None, None),
     };
     let activity = match state {
         State::Starting if st.message.is_empty() => "starting".to_string(),
