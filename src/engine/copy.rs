@@ -150,23 +150,37 @@ pub fn skip_below(extents: &[Extent], offset: u64) -> Vec<Extent> {
 
 /// Ranges allocated in `have` that `want` does not cover: what a replica
 /// holds beyond the source's allocated extents, which must become zero.
+/// Linear in the number of extents after sorting (a resumed first sync of a
+/// large image has many on both sides).
 pub fn uncovered(have: &[Extent], want: &[Extent]) -> Vec<(u64, u64)> {
-    let mut w: Vec<(u64, u64)> = want.iter().map(|e| (e.off, e.off + e.len)).collect();
-    w.sort_unstable();
+    let ranges = |x: &[Extent]| {
+        let mut r: Vec<(u64, u64)> = x
+            .iter()
+            .filter(|e| e.len > 0)
+            .map(|e| (e.off, e.off.saturating_add(e.len)))
+            .collect();
+        r.sort_unstable();
+        r
+    };
+    // Disjoint and sorted, so their ends grow too.
+    let mut covered: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in ranges(want) {
+        match covered.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => covered.push((s, e)),
+        }
+    }
     let mut out = Vec::new();
-    for h in have {
-        let (mut s, e) = (h.off, h.off + h.len);
-        for &(ws, we) in &w {
-            if we <= s {
-                continue;
+    let mut first = 0;
+    for (mut s, e) in ranges(have) {
+        while covered.get(first).is_some_and(|c| c.1 <= s) {
+            first += 1;
+        }
+        for &(cs, ce) in covered[first..].iter().take_while(|c| c.0 < e) {
+            if cs > s {
+                out.push((s, cs));
             }
-            if ws >= e {
-                break;
-            }
-            if ws > s {
-                out.push((s, ws));
-            }
-            s = s.max(we);
+            s = s.max(ce);
             if s >= e {
                 break;
             }
@@ -268,6 +282,18 @@ fn zero_runs(buf: &[u8]) -> Vec<(usize, usize, bool)> {
         }
     }
     runs
+}
+
+/// Operations still outstanding for an extent that can never complete: one
+/// of its writes was not submitted, so completions of the others must not
+/// count it done (a checkpoint would then skip it on resume).
+const NEVER_DONE: u32 = u32::MAX;
+
+/// What an extent waits for after submitting its writes: `subs` operations
+/// went out and `failed` says whether one could not be submitted. `0`: done
+/// now (nothing to write); [`NEVER_DONE`] when a submission failed.
+fn outstanding(subs: u32, failed: bool) -> u32 {
+    if failed { NEVER_DONE } else { subs }
 }
 
 /// Tracks which extents are done, to report the offset below which every
@@ -1248,6 +1274,9 @@ impl<'a> Copier<'a, '_> {
             }
             Err(e) => {
                 self.inflight.give(written as usize);
+                for idx in range {
+                    self.pending[idx] = outstanding(0, true);
+                }
                 self.first_err
                     .get_or_insert(ceph_err("writing", self.dst, e));
             }
@@ -1258,6 +1287,7 @@ impl<'a> Copier<'a, '_> {
     /// where the data is `None`; the extent is done when they all are.
     fn submit_writes(&mut self, idx: usize, parts: Vec<Part>) {
         let mut subs = 0u32;
+        let mut failed = false;
         for (off, len, buf) in parts {
             let zero = buf.is_none();
             let t = self.tx.clone();
@@ -1291,12 +1321,13 @@ impl<'a> Copier<'a, '_> {
                     }
                     self.first_err
                         .get_or_insert(ceph_err("writing", self.dst, e));
+                    failed = true;
                     break;
                 }
             }
         }
-        self.pending[idx] = subs;
-        if subs == 0 {
+        self.pending[idx] = outstanding(subs, failed);
+        if self.pending[idx] == 0 {
             self.extent_done(idx);
         }
     }
@@ -1322,6 +1353,74 @@ mod tests {
         assert_eq!(spans, vec![(3, 1), (4, 4), (8, 4), (12, 1)]);
         let total: u64 = v.iter().map(|e| e.len).sum();
         assert_eq!(total, 10);
+    }
+
+    #[test]
+    fn an_extent_whose_write_was_not_submitted_is_never_done() {
+        assert_eq!(outstanding(0, false), 0, "nothing to write: done");
+        assert_eq!(outstanding(3, false), 3);
+        // The first write of an extent failed to submit: not done.
+        assert_eq!(outstanding(0, true), NEVER_DONE);
+        // Two went out, the third failed: their completions never reach 0.
+        let mut pending = outstanding(2, true);
+        for _ in 0..2 {
+            pending = pending.saturating_sub(1);
+        }
+        assert_ne!(pending, 0);
+        // The checkpoint stays below it.
+        let extents = [
+            Extent {
+                off: 0,
+                len: 10,
+                data: true,
+            },
+            Extent {
+                off: 10,
+                len: 10,
+                data: true,
+            },
+            Extent {
+                off: 20,
+                len: 10,
+                data: true,
+            },
+        ];
+        let mut w = Watermark::new(3);
+        w.complete(0);
+        w.complete(2);
+        assert_eq!(w.offset(&extents), 10);
+    }
+
+    #[test]
+    fn uncovered_matches_a_byte_by_byte_model() {
+        // A deterministic spread of shapes: overlapping, touching, nested,
+        // unsorted, empty.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for _ in 0..500 {
+            let mut make = |k: u64| -> Vec<Extent> {
+                (0..next(k)).map(|_| ext(next(200), next(40))).collect()
+            };
+            let (have, want) = (make(8), make(8));
+            let mut model = vec![false; 256];
+            for h in &have {
+                model[h.off as usize..(h.off + h.len) as usize].fill(true);
+            }
+            for w in &want {
+                model[w.off as usize..(w.off + w.len) as usize].fill(false);
+            }
+            let mut got = vec![false; 256];
+            for (s, e) in uncovered(&have, &want) {
+                assert!(s < e, "empty range from {have:?} {want:?}");
+                got[s as usize..e as usize].fill(true);
+            }
+            assert_eq!(got, model, "have {have:?} want {want:?}");
+        }
     }
 
     #[test]

@@ -263,8 +263,24 @@ impl Engine {
         if self.held.get(key).is_some() {
             return Ok(());
         }
-        img.lock_acquire(ceph::LockMode::Exclusive)
-            .ctx(|| format!("locking {key} against writers"))?;
+        match img.lock_acquire(ceph::LockMode::Exclusive) {
+            Ok(()) => {}
+            // Another client holds it: a live writer, or a dead one whose
+            // watch the OSD has not expired yet (about 30 s).
+            Err(e) if matches!(e.kind(), ErrorKind::ReadOnly | ErrorKind::Busy) => {
+                let owners = img.lock_owners().unwrap_or_default();
+                return Err(EngineError::Unavailable(format!(
+                    "the exclusive lock of {key} is held by {}; retry once it is released \
+                     (the lock of a client that died goes when its watch expires)",
+                    if owners.is_empty() {
+                        "another client".to_string()
+                    } else {
+                        owners.join(", ")
+                    }
+                )));
+            }
+            Err(e) => return Err(e).ctx(|| format!("locking {key} against writers")),
+        }
         self.held.put(key, img.clone());
         Ok(())
     }

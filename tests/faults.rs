@@ -1,0 +1,240 @@
+//! Fault loop: kill -9 of a sidecar at a random point of a sync, a
+//! Demote/Promote relocation, a forced Promote or a Resync, then restart it
+//! and check that no acknowledged sync point is lost, that the replica equals
+//! a sync point of the primary, and that the engine resumes by itself.
+//!
+//! `CSIRR_FAULT_ITERATIONS` (default 3: one per class) and `CSIRR_FAULT_SEED`
+//! (default: the clock; printed) set the run; `deploy/dev/faults.sh N` runs
+//! N iterations. The summary prints `N passed, N failed` per fault class.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use csi_rbd_replicator::ceph::Image;
+
+const MIB: u64 = 1 << 20;
+const LONG: Duration = Duration::from_secs(150);
+
+/// splitmix64: a seeded sequence for reproducible fault points.
+struct Seq(u64);
+
+impl Seq {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+const CLASSES: [&str; 3] = ["sync", "relocate", "forced-promote"];
+
+/// Waits until both sides hold a sync snapshot newer than `after` (by name)
+/// and read the same at it; returns it.
+async fn converged(pool: &TestPool, from: Site, name: &str, after: &str) -> String {
+    let (src, dst) = (pool.ioctx(from), pool.ioctx(from.other()));
+    let mut found = None;
+    wait_until("the sides to converge", LONG, || {
+        let theirs = sync_snaps_in(&dst, name);
+        found = sync_snaps_in(&src, name)
+            .into_iter()
+            .rev()
+            .find(|s| s.as_str() > after && theirs.contains(s));
+        found.is_some()
+    })
+    .await;
+    let snap = found.unwrap();
+    let spec = format!("{}/{name}@{snap}", pool.name);
+    assert_eq!(
+        checksum(from, &spec),
+        checksum(from.other(), &spec),
+        "{spec}"
+    );
+    snap
+}
+
+/// Takes sync snapshot `seq` on `site` after a write.
+fn write_and_snap(
+    pool: &TestPool,
+    site: Site,
+    name: &str,
+    seq: u64,
+    off: u64,
+    len: usize,
+) -> String {
+    let img = Image::open(&pool.ioctx(site), name).unwrap();
+    write(&img, &[(off, len)], seq);
+    let snap = format!("csirr-sync.{seq:010}.fault");
+    img.snap_create(&snap).unwrap();
+    snap
+}
+
+/// One iteration of `class` with fault point `delay`; panics on a violation.
+async fn iteration(class: &str, delay: Duration, it: u64) {
+    let pool = TestPool::new(&format!("fault{it}"));
+    let slow = ["--max-bytes-per-second", "64M", "--pools", &pool.name];
+    let mut a = Sidecar::start(Site::A, &slow).await;
+    let mut b = Sidecar::start(Site::B, &slow).await;
+    let aio = pool.ioctx(Site::A);
+    let name = "vol";
+    let vid = format!("{}/{name}", pool.name);
+    create_image_in(&aio, name, 96 * MIB, &[(0, 16 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "1h")]))
+        .await
+        .expect("enable");
+    let first = first_sync(&aio, name);
+    match class {
+        "sync" => {
+            wait_replica_snap(&pool.name, name, &first, LONG).await;
+            let acked = checksum(Site::B, &format!("{vid}@{first}"));
+            // A large delta; the replayer dies somewhere in it.
+            write_and_snap(&pool, Site::A, name, 2, 16 * MIB, 64 << 20);
+            tokio::time::sleep(delay).await;
+            b.kill();
+            assert_eq!(
+                checksum(Site::B, &format!("{vid}@{first}")),
+                acked,
+                "an acknowledged sync point changed"
+            );
+            let _b = Sidecar::start(Site::B, &slow).await;
+            converged(&pool, Site::A, name, &first).await;
+        }
+        "relocate" => {
+            wait_replica_snap(&pool.name, name, &first, LONG).await;
+            write(
+                &Image::open(&aio, name).unwrap(),
+                &[(32 * MIB, 32 << 20)],
+                2,
+            );
+            let head = checksum(Site::A, &vid);
+            // The primary's sidecar dies around its Demote.
+            let mut ca = a.controller().await;
+            let v = vid.clone();
+            let demote =
+                tokio::spawn(
+                    async move { ca.demote_volume(req::demote(Site::A, &v, false)).await },
+                );
+            tokio::time::sleep(delay).await;
+            a.kill();
+            let _ = demote.await;
+            a = Sidecar::start(Site::A, &slow).await;
+            // The killed client's watch lingers until the OSD expires it
+            // (about 30 s): Demote names it and is retried, as the
+            // controller does.
+            let mut ca = a.controller().await;
+            let deadline = std::time::Instant::now() + LONG;
+            loop {
+                match ca.demote_volume(req::demote(Site::A, &vid, false)).await {
+                    Ok(_) => break,
+                    Err(s) if std::time::Instant::now() < deadline => {
+                        eprintln!("demote again: {s:?}; retrying");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                    Err(s) => panic!("demote again: {s:?}"),
+                }
+            }
+            promote_planned(&b, &vid, LONG).await;
+            assert_eq!(checksum(Site::B, &vid), head, "the relocation lost writes");
+            // The old primary follows by itself.
+            let snap = write_and_snap(&pool, Site::B, name, 900, 8 * MIB, 1 << 20);
+            wait_replica_snap_on(&pool, Site::A, name, &snap).await;
+            let spec = format!("{vid}@{snap}");
+            assert_eq!(checksum(Site::A, &spec), checksum(Site::B, &spec));
+        }
+        "forced-promote" => {
+            wait_replica_snap(&pool.name, name, &first, LONG).await;
+            let acked = checksum(Site::B, &format!("{vid}@{first}"));
+            let s2 = write_and_snap(&pool, Site::A, name, 2, 16 * MIB, 64 << 20);
+            let at_s2 = checksum(Site::A, &format!("{vid}@{s2}"));
+            // Failover in the middle of the delta; the survivor's sidecar
+            // dies during the forced promotion, and is asked again.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            a.kill();
+            let mut cb = b.controller().await;
+            let v = vid.clone();
+            let promote =
+                tokio::spawn(
+                    async move { cb.promote_volume(req::promote(Site::B, &v, true)).await },
+                );
+            tokio::time::sleep(delay / 4).await;
+            b.kill();
+            let _ = promote.await;
+            b = Sidecar::start(Site::B, &slow).await;
+            b.controller()
+                .await
+                .promote_volume(req::promote(Site::B, &vid, true))
+                .await
+                .expect("forced promotion again");
+            // The last complete sync point: the first, or the delta's if
+            // it completed before the failover.
+            let head = checksum(Site::B, &vid);
+            assert!(
+                head == acked || head == at_s2,
+                "the survivor is not at a complete sync point"
+            );
+        }
+        other => unreachable!("{other}"),
+    }
+}
+
+/// Waits until `site`'s copy of `name` has snapshot `snap`.
+async fn wait_replica_snap_on(pool: &TestPool, site: Site, name: &str, snap: &str) {
+    let io = pool.ioctx(site);
+    wait_until("the snapshot on the other side", LONG, || {
+        sync_snaps_in(&io, name).iter().any(|s| s == snap)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fault_kill_loop() {
+    let iterations: u64 = std::env::var("CSIRR_FAULT_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CLASSES.len() as u64);
+    let seed: u64 = std::env::var("CSIRR_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("fault loop: {iterations} iterations, CSIRR_FAULT_SEED={seed}");
+    let mut seq = Seq(seed);
+    let mut results: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for it in 0..iterations {
+        // The first iterations cover every class once.
+        let class = if it < CLASSES.len() as u64 {
+            CLASSES[it as usize]
+        } else {
+            CLASSES[seq.below(CLASSES.len() as u64) as usize]
+        };
+        let delay = Duration::from_millis(seq.below(1500));
+        eprintln!("iteration {it}: {class}, fault after {delay:?}");
+        let r = tokio::spawn(async move { iteration(class, delay, it).await }).await;
+        let e = results.entry(class).or_default();
+        match r {
+            Ok(()) => e.0 += 1,
+            Err(err) => {
+                e.1 += 1;
+                failures.push(format!("iteration {it} ({class}, {delay:?}): {err}"));
+            }
+        }
+    }
+    for (class, (p, f)) in &results {
+        eprintln!("{class}: {p} passed, {f} failed");
+    }
+    assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
+}
