@@ -478,8 +478,9 @@ impl DataObjects {
     }
 }
 
-/// What a compound write needs until its completion: the buffers it writes
-/// from, and the ioctx it runs on.
+/// What a compound write needs until its completion: the buffers it wrote
+/// from (the shim copied them; they go back to the caller for reuse), and
+/// the ioctx it runs on.
 struct WriteState {
     bufs: Vec<Vec<u8>>,
     done: ObjectWriteCallback,
