@@ -347,6 +347,10 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
                 engine.check_local().await;
                 let ok = engine.probe(Duration::from_secs(30)).is_ok();
                 metrics.set_local_cluster_up(ok);
+                metrics.set_leaked_write_bytes(
+                    csi_rbd_replicator::ceph::objects::LEAKED_WRITE_BYTES
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                );
                 for svc in ["identity.Identity", "replication.Controller"] {
                     if ok {
                         health

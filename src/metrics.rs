@@ -31,6 +31,7 @@
 //! | `csi_rbd_replicator_rpc_requests_total` | counter | method, code |
 //! | `csi_rbd_replicator_rpc_duration_seconds` | histogram | method |
 //! | `csi_rbd_replicator_local_cluster_up` | gauge (0/1) | |
+//! | `csi_rbd_replicator_leaked_write_bytes` | gauge | |
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -154,6 +155,7 @@ pub struct Metrics {
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: HistogramFamily<MethodLabels>,
     local_up: Gauge,
+    leaked_write_bytes: Gauge,
     /// Images with per-image series, for [`Metrics::retain_images`].
     images: Mutex<HashSet<ImageLabels>>,
 }
@@ -198,6 +200,7 @@ impl Metrics {
             rpc_requests: Family::default(),
             rpc_duration: Family::new_with_constructor(rpc_histogram),
             local_up: Gauge::default(),
+            leaked_write_bytes: Gauge::default(),
             images: Mutex::default(),
             registry: Registry::default(),
         };
@@ -262,6 +265,12 @@ impl Metrics {
             "local_cluster_up",
             "1 when the local Ceph cluster answered the last liveness check",
             m.local_up.clone(),
+        );
+        registry.register(
+            "leaked_write_bytes",
+            "Bytes of copy buffers kept forever because a direct write failed and librados \
+             may still reference them",
+            m.leaked_write_bytes.clone(),
         );
         Self { registry, ..m }
     }
@@ -388,6 +397,12 @@ impl Metrics {
                 method: method.to_string(),
             })
             .observe(duration.as_secs_f64());
+    }
+
+    /// Bytes of write buffers leaked after failed direct writes.
+    pub fn set_leaked_write_bytes(&self, n: u64) {
+        self.leaked_write_bytes
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Whether the local cluster answered the last liveness check.

@@ -145,11 +145,8 @@ void csirr_sparse_read_release(void* read) noexcept {
 
 // Starts one operation on object `oid` through `io` writing extent i of `n`
 // (`lens[i]` bytes from `bufs[i]` at offset `offs[i]` in the object; zeroes
-// where `bufs[i]` is null). The data is copied into buffers librados owns:
-// an operation that timed out can complete while its message still sits in
-// the messenger's queue, so no caller's memory may be referenced past this
-// call (librados' public headers offer no deleter to learn when it lets go).
-// Writes carry the ioctx's snapshot context.
+// where `bufs[i]` is null). The buffers are not copied: they must stay valid
+// and unchanged until `done`. Writes carry the ioctx's snapshot context.
 // Returns 0 and later calls done(arg, result) exactly once, on librados'
 // completion thread, with 0 or a negative errno; on a negative errno here
 // nothing was started and `done` is never called.
@@ -168,7 +165,7 @@ int csirr_write_extents_start(rados_ioctx_t io, const char* oid, size_t n, const
                 continue;
             }
             librados::bufferlist bl;
-            bl.append(bufs[i], lens[i]);
+            bl.append(ceph::buffer::create_static(lens[i], const_cast<char*>(bufs[i])));
             w->op.write(offs[i], bl);
         }
         w->completion = librados::Rados::aio_create_completion(w, on_write_complete);

@@ -69,7 +69,8 @@ unsafe extern "C" {
     ) -> c_int;
 }
 
-/// Callback of [`DataObjects::aio_write`]: the result and the buffers back.
+/// Callback of [`DataObjects::aio_write`]: the result and the buffers back
+/// (none when the write failed: librados may still reference them).
 pub type ObjectWriteCallback = Box<dyn FnOnce(Result<()>, Vec<Vec<u8>>) + Send + 'static>;
 
 /// What a sparse read returned: the allocated extents of the range read
@@ -500,9 +501,32 @@ unsafe extern "C" fn write_complete(arg: *mut c_void, ret: c_int) {
     } = *st;
     let res = check(ret, "rados_aio_write_op_operate", || target).map(|_| ());
     release_io(io);
+    // A write that failed (an operation timeout above all) can complete
+    // while its message still sits in the messenger's queue, pointing into
+    // these buffers, and Pacific's public headers offer no deleter to learn
+    // when librados lets go. Such buffers are never reused nor freed: they
+    // are leaked, counted in `LEAKED_WRITE_BYTES`. A write that succeeded
+    // was sent and answered: nothing references them any more.
+    let bufs = if res.is_err() {
+        let n: usize = bufs.iter().map(Vec::capacity).sum();
+        LEAKED_WRITE_BYTES.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(
+            bytes = n,
+            "a direct write failed; its buffers are kept, never reused (librados may still \
+             reference them)"
+        );
+        bufs.into_iter().for_each(std::mem::forget);
+        Vec::new()
+    } else {
+        bufs
+    };
     // A panic must not unwind into librados.
     let _ = catch_unwind(AssertUnwindSafe(move || done(res, bufs)));
 }
+
+/// Bytes of write buffers kept forever because their write failed and
+/// librados may still reference them (see `write_complete`).
+pub static LEAKED_WRITE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The snapshot context of `image` (its header's: the newest snapshot id
 /// ever and the ids of its snapshots, newest first), as librbd writes with.
@@ -517,7 +541,7 @@ fn snap_context(image: &Image) -> Result<(u64, Vec<u64>)> {
 
 /// Decodes a `SnapContext`: seq (u64), then a vector of snapshot ids (u32
 /// count, u64 each), little endian.
-fn decode_snap_context(b: &[u8]) -> Option<(u64, Vec<u64>)> {
+pub(crate) fn decode_snap_context(b: &[u8]) -> Option<(u64, Vec<u64>)> {
     let u64_at = |at: usize| Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?));
     let seq = u64_at(0)?;
     let n = u32::from_le_bytes(b.get(8..12)?.try_into().ok()?) as usize;
