@@ -11,6 +11,8 @@
 pub mod ceph;
 pub mod csi;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod metrics;
 pub mod omap;

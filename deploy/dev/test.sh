@@ -9,13 +9,15 @@
 # Phases: install (Debian packages, grpcurl) -> toolchain check -> cargo fmt --check ->
 # cargo clippy -D warnings -> cargo build --all-targets -> two-cluster Ceph pair up
 # (deploy/dev/ceph-pair.sh) -> cargo nextest run (unit and integration tests, with the
-# CSIRR_* variables of `ceph-pair.sh env`) -> pair down. Exit code = first failure.
+# CSIRR_* variables of `ceph-pair.sh env`) -> every fuzz target for a bounded time
+# (deploy/dev/fuzz.sh) -> pair down. Exit code = first failure.
 #
 # Environment:
 #   CSIRR_KEEP_PAIR=1    leave the Ceph pair running afterwards (default: tear it down;
 #                        note that this also tears down a pair that was already running)
 #   CSIRR_SKIP_CARGO=1   only install and bring the pair up (for working on this script)
 #   CSIRR_PAIR_DIR       where the pair keeps its state (default <repo>/.pair)
+#   CSIRR_FUZZ_SECONDS   seconds per fuzz target (default 10)
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -141,5 +143,12 @@ phase "cargo nextest run" run_tests "$@"
 # with native rbd-mirror. They run with the pair up and the CSIRR_* variables set; the
 # pair is torn down by the EXIT trap after them.
 # ===================================================================================
+
+# Every cargo-fuzz target for a short, bounded time (deploy/dev/fuzz.sh SECONDS for
+# longer runs).
+# Skipped when test.sh was given a test filter.
+if (($# == 0)); then
+    phase "fuzz (bounded)" bash "$SCRIPT_DIR/fuzz.sh" "${CSIRR_FUZZ_SECONDS:-10}"
+fi
 
 log "all phases passed"

@@ -3,7 +3,7 @@
 //! the forwarding of every other service to ceph-csi, and the one mapping
 //! from errors to status codes.
 
-mod authority;
+pub(crate) mod authority;
 pub mod forward;
 pub mod identity;
 pub mod metrics;

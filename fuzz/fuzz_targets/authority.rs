@@ -1,0 +1,4 @@
+//! Fuzz target: `csi_rbd_replicator::fuzzing::authority`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| csi_rbd_replicator::fuzzing::authority(data));

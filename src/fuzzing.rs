@@ -1,0 +1,115 @@
+//! Entry points for the cargo-fuzz targets in `fuzz/`: each feeds arbitrary
+//! bytes to one parser of untrusted input and must return, never panic.
+//! Not an API: the functions exist so that the fuzz crate can reach parsers
+//! that are private to this crate.
+
+use std::collections::HashMap;
+
+/// The HTTP/2 `:authority` rewriter, fed in two pieces split at the first
+/// byte's value (connections deliver bytes in arbitrary chunks).
+pub fn authority(data: &[u8]) {
+    let split = data.first().map_or(0, |b| usize::from(*b)).min(data.len());
+    let mut r = crate::grpc::authority::Rewriter::new();
+    let mut out = Vec::new();
+    if r.feed(&data[..split], &mut out).is_ok() {
+        let _ = r.feed(&data[split..], &mut out);
+    }
+}
+
+/// The HPACK decoder behind the rewriter.
+pub fn hpack(data: &[u8]) {
+    let mut d = crate::grpc::authority::Decoder::new();
+    for block in data.split(|b| *b == 0xff) {
+        if d.decode(block).is_err() {
+            return;
+        }
+    }
+}
+
+/// The `SnapContext` decoder (replies of cls_rbd `get_snapcontext`).
+pub fn snap_context(data: &[u8]) {
+    if let Some((seq, snaps)) = crate::ceph::objects::decode_snap_context(data) {
+        assert_eq!(data.len(), 12 + snaps.len() * 8, "seq {seq}");
+    }
+}
+
+/// Registry values: image records, replica statuses, tombstones, and the
+/// sync snapshot name parser.
+pub fn registry(data: &[u8]) {
+    use crate::engine::registry::{ImageRecord, ReplicaStatus, Tombstone, sync_snap_seq};
+    if let Ok(rec) = serde_json::from_slice::<ImageRecord>(data) {
+        // What this version reads, it writes back readable.
+        let again = serde_json::to_vec(&rec).expect("a record serializes");
+        let back: ImageRecord = serde_json::from_slice(&again).expect("and reads back");
+        assert_eq!(back.image_id, rec.image_id);
+    }
+    let _ = serde_json::from_slice::<ReplicaStatus>(data);
+    let _ = serde_json::from_slice::<Tombstone>(data);
+    if let Ok(s) = std::str::from_utf8(data)
+        && let Some(seq) = sync_snap_seq(s)
+    {
+        let _ = crate::engine::registry::next_sync_seq(seq);
+    }
+}
+
+/// Volume IDs (ceph-csi handles and `pool[/ns]/image`), and omap journal
+/// values.
+pub fn volume_id(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(id) = crate::csi::volume_id::VolumeId::parse(s) {
+        // What parses prints back to something that parses the same.
+        let again = id.to_string();
+        assert_eq!(
+            crate::csi::volume_id::VolumeId::parse(&again).map(|i| i.to_string()),
+            Ok(again)
+        );
+    }
+    if let Ok(h) = crate::csi::handle::VolumeHandle::parse(s) {
+        assert_eq!(crate::csi::handle::VolumeHandle::parse(&h.encode()), Ok(h));
+    }
+    let _ = crate::omap::journal::DirectoryValue::parse(s);
+}
+
+/// VolumeReplicationClass parameters: `key=value` lines.
+pub fn params(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let map: HashMap<String, String> = s
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if let Ok(p) = crate::csi::params::ReplicationParams::parse(&map) {
+        // The stored form validates again.
+        let stored: HashMap<String, String> = p.to_map().into_iter().collect();
+        crate::csi::params::ReplicationParams::parse(&stored).expect("stored parameters parse");
+    }
+    let _ = crate::csi::params::ReplicationParams::lenient_force(&map);
+    let _ = crate::csi::params::StartTime::parse(s);
+    let _ = crate::csi::params::parse_interval(s);
+    let _ = crate::csi::params::parse_size(s);
+}
+
+/// ceph-csi's `config.json` and `cluster-mapping.json`.
+pub fn config(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    let config = crate::csi::config::CsiConfig::from_json(s);
+    if let Ok(m) = crate::csi::config::ClusterMapping::from_json(s) {
+        let _ = m.candidates("a", 1);
+        if let Ok(c) = &config {
+            let _ = m.local_candidates(c, "a", 1);
+        }
+    }
+}
+
+/// PersistentVolume manifests (YAML or JSON, objects or lists).
+pub fn manifest(data: &[u8]) {
+    if let Ok(s) = std::str::from_utf8(data) {
+        let _ = crate::omap::manifest::parse(s, "fuzz");
+    }
+}
