@@ -37,30 +37,6 @@ impl Seq {
 
 const CLASSES: [&str; 3] = ["sync", "relocate", "forced-promote"];
 
-/// Waits until both sides hold a sync snapshot newer than `after` (by name)
-/// and read the same at it; returns it.
-async fn converged(pool: &TestPool, from: Site, name: &str, after: &str) -> String {
-    let (src, dst) = (pool.ioctx(from), pool.ioctx(from.other()));
-    let mut found = None;
-    wait_until("the sides to converge", LONG, || {
-        let theirs = sync_snaps_in(&dst, name);
-        found = sync_snaps_in(&src, name)
-            .into_iter()
-            .rev()
-            .find(|s| s.as_str() > after && theirs.contains(s));
-        found.is_some()
-    })
-    .await;
-    let snap = found.unwrap();
-    let spec = format!("{}/{name}@{snap}", pool.name);
-    assert_eq!(
-        checksum(from, &spec),
-        checksum(from.other(), &spec),
-        "{spec}"
-    );
-    snap
-}
-
 /// Takes sync snapshot `seq` on `site` after a write.
 fn write_and_snap(
     pool: &TestPool,
@@ -107,7 +83,7 @@ async fn iteration(class: &str, delay: Duration, it: u64) {
                 "an acknowledged sync point changed"
             );
             let _b = Sidecar::start(Site::B, &slow).await;
-            converged(&pool, Site::A, name, &first).await;
+            converged_after(&pool, Site::A, name, Some(&first)).await;
         }
         "relocate" => {
             wait_replica_snap(&pool.name, name, &first, LONG).await;

@@ -25,30 +25,6 @@ fn role(io: &Arc<IoCtx>, name: &str) -> String {
     )
 }
 
-/// Waits for a sync snapshot of `name` newer than `after` that both sides
-/// hold, and checks that both read the same at it. Returns its name.
-async fn converged_after(pool: &TestPool, from: Site, name: &str, after: Option<&str>) -> String {
-    let (src, dst) = (pool.ioctx(from), pool.ioctx(from.other()));
-    let mut found = None;
-    wait_until("a newer sync point on both sides", LONG, || {
-        let theirs = sync_snaps_in(&dst, name);
-        found = sync_snaps_in(&src, name)
-            .into_iter()
-            .rev()
-            .find(|s| after.is_none_or(|a| s.as_str() > a) && theirs.contains(s));
-        found.is_some()
-    })
-    .await;
-    let snap = found.unwrap();
-    let spec = format!("{}/{name}@{snap}", pool.name);
-    assert_eq!(
-        checksum(from, &spec),
-        checksum(from.other(), &spec),
-        "{spec} differs between the sites"
-    );
-    snap
-}
-
 /// Relocation A -> B and back under Ramen, then deletion of both
 /// VolumeReplications, replica side first.
 #[tokio::test]

@@ -945,3 +945,36 @@ pub fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     }
     G(Some(f))
 }
+
+/// Waits for a sync snapshot of `name` newer than `after` that both sides
+/// hold, and checks that both read the same at it. Returns its name.
+pub async fn converged_after(
+    pool: &TestPool,
+    from: Site,
+    name: &str,
+    after: Option<&str>,
+) -> String {
+    let (src, dst) = (pool.ioctx(from), pool.ioctx(from.other()));
+    let mut found = None;
+    wait_until(
+        "a newer sync point on both sides",
+        Duration::from_secs(150),
+        || {
+            let theirs = sync_snaps_in(&dst, name);
+            found = sync_snaps_in(&src, name)
+                .into_iter()
+                .rev()
+                .find(|s| after.is_none_or(|a| s.as_str() > a) && theirs.contains(s));
+            found.is_some()
+        },
+    )
+    .await;
+    let snap = found.unwrap();
+    let spec = format!("{}/{name}@{snap}", pool.name);
+    assert_eq!(
+        checksum(from, &spec),
+        checksum(from.other(), &spec),
+        "{spec} differs between the sites"
+    );
+    snap
+}
