@@ -208,6 +208,9 @@ impl Engine {
                 }
             )));
         }
+        // The scheduler stays off the image meanwhile (no sync snapshot of
+        // its own racing the demotion snapshot).
+        let _slot = self.take_slot(&key)?;
         // The lock first: once this process holds it nobody else can write,
         // so the demotion snapshot below is the last state any client wrote
         // and a planned promotion elsewhere misses nothing. A lock that

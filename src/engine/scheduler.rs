@@ -20,6 +20,7 @@ use super::Engine;
 use super::error::{CephContext, Result};
 use super::registry::{ImageRecord, Registry, Role, Schedule, sync_snap_name, sync_snaps};
 use super::replayer::{remove_snaps, surplus};
+use super::slots::image_key;
 
 /// Interval used when the VolumeReplicationClass gives none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
@@ -108,6 +109,21 @@ impl Engine {
             if cache.get(&rec.image_id).is_some_and(|d| d > now) {
                 continue;
             }
+            // A role change (Disable, Demote, Promote) on the image runs:
+            // leave it alone. Disable removes the sync snapshots before the
+            // record, and a snapshot taken in between would outlive both.
+            let slot = self
+                .slots
+                .get(&image_key(io.pool(), io.namespace(), &rec.image_name));
+            let Some(_guard) = slot.try_enter() else {
+                continue;
+            };
+            // Re-read under the slot: the record may have changed since.
+            let rec = match reg.get(&rec.image_id) {
+                Ok(Some(r)) if r.role == Role::Primary => r,
+                _ => continue,
+            };
+            let rec = &rec;
             match self.schedule_image(io, &reg, rec, now) {
                 Ok((due, took)) => {
                     cache.set(&rec.image_id, due);
