@@ -115,9 +115,12 @@ call site-a replication.Controller/EnableVolumeReplication "$REQ"
 step "Waiting for the first complete replica on site-b"
 INFO_REQ=$(jq -n --arg v "$HANDLE" --argjson s "$SECRET_A" '{replication_source: {volume: {volume_id: $v}}, secrets: $s}')
 for _ in $(seq 600); do
-    if INFO=$(call site-a replication.Controller/GetVolumeReplicationInfo "$INFO_REQ" 2>/dev/null); then
+    # No lastSyncTime until the first sync point is complete (never invented).
+    if INFO=$(call site-a replication.Controller/GetVolumeReplicationInfo "$INFO_REQ" 2>/dev/null) &&
+        grep -q lastSyncTime <<<"$INFO"; then
         break
     fi
+    INFO=
     sleep 0.5
 done
 [[ -n ${INFO:-} ]] || die "no complete sync after 5 minutes; see $DEMO_DIR/site-b.log"
