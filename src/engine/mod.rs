@@ -192,6 +192,9 @@ pub struct Engine {
     /// Blocking threads RPCs may use at once (the replayer's are bounded
     /// by `max_concurrent_syncs`).
     rpc_slots: Arc<tokio::sync::Semaphore>,
+    /// First sync snapshots Enable left to the background, at most
+    /// [`scheduler::SNAPSHOT_BATCH`] at once.
+    first_snaps: Arc<tokio::sync::Semaphore>,
     /// Fault injection for tests: every volume operation first sleeps this
     /// long (`CSIRR_FAULT_OP_DELAY_MS`), which makes overlapping calls on one
     /// volume deterministic.
@@ -220,6 +223,7 @@ impl Engine {
             wakeups: wakeup::Wakeups::default(),
             leases: lease::LeaseTable::default(),
             rpc_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_rpcs.max(1))),
+            first_snaps: Arc::new(tokio::sync::Semaphore::new(scheduler::SNAPSHOT_BATCH)),
             fault_op_delay: env_millis("CSIRR_FAULT_OP_DELAY_MS"),
             fault_snap_delay: env_millis("CSIRR_FAULT_SNAP_DELAY_MS"),
             cfg,
@@ -409,8 +413,14 @@ impl Engine {
         }
     }
 
-    /// EnableVolumeReplication: registers the image as a primary and takes
-    /// its first sync snapshot. Idempotent; on a replica it changes nothing.
+    /// EnableVolumeReplication: registers the image as a primary. Idempotent;
+    /// on a replica it changes nothing.
+    ///
+    /// The first sync snapshot is taken in the background once the record
+    /// is written (a snapshot waits for a monitor round, 0.5-1 s; many
+    /// Enables in a row share those rounds instead of paying one each).
+    /// Until it exists the volume reports no sync point, as before its first
+    /// copy; the scheduler takes it if this process dies first.
     pub async fn enable(
         self: &Arc<Self>,
         req: VolumeRequest,
@@ -426,11 +436,49 @@ impl Engine {
             )));
         }
         let key = req.volume.to_string();
-        self.run_locked(key, move |e| e.enable_blocking(&req, &params))
-            .await
+        let volume = key.clone();
+        let first = self
+            .run_locked(key, move |e| e.enable_blocking(&req, &params))
+            .await?;
+        if let Some(first) = first {
+            self.spawn_first_sync_point(volume, first);
+        }
+        Ok(())
     }
 
-    fn enable_blocking(&self, req: &VolumeRequest, params: &ReplicationParams) -> Result<()> {
+    /// Takes `first` (an image Enable just registered) in the background,
+    /// sharing monitor rounds with the other first snapshots in flight.
+    fn spawn_first_sync_point(self: &Arc<Self>, volume: String, first: scheduler::FirstSync) {
+        let (me, sem) = (Arc::clone(self), Arc::clone(&self.first_snaps));
+        tokio::spawn(async move {
+            let Ok(_permit) = sem.acquire_owned().await else {
+                return;
+            };
+            let span = tracing::info_span!("enable", volume = %volume, image = %first.key());
+            let res = tokio::task::spawn_blocking(move || {
+                let _e = span.enter();
+                me.take_first_sync_point(&first)
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    volume = %volume,
+                    error = %e,
+                    "first sync snapshot failed; the scheduler takes it at its next pass"
+                ),
+                Err(e) => {
+                    tracing::error!(volume = %volume, error = %e, "first sync snapshot panicked")
+                }
+            }
+        });
+    }
+
+    fn enable_blocking(
+        &self,
+        req: &VolumeRequest,
+        params: &ReplicationParams,
+    ) -> Result<Option<scheduler::FirstSync>> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
         let reg = Registry::new(Arc::clone(vol.ioctx()));
         let schedule = Schedule::of(params);
@@ -439,7 +487,7 @@ impl Engine {
         let mut rec = match reg.get(&vol.image_id)? {
             Some(rec) if rec.role == Role::Secondary => {
                 tracing::info!("image is a replica; enable changes nothing");
-                return Ok(());
+                return Ok(None);
             }
             Some(rec) => rec,
             None => ImageRecord {
@@ -474,28 +522,23 @@ impl Engine {
                 .flatten()
                 .ctx(|| format!("flattening {}", vol.image.spec()))?;
         }
-        // The first sync snapshot before the record: the scheduler takes one
-        // for a primary record that has none (an interrupted Enable of an
-        // earlier version), and would race this one while the monitor
-        // commits it; two first sync points made the replica copy the image
-        // twice. An Enable interrupted in between leaves a snapshot that
-        // the retry adopts.
         let snaps = vol
             .image
             .snap_list()
             .ctx(|| format!("listing snapshots of {}", vol.image.spec()))?;
         let first = !snaps.iter().any(|s| sync_snap_seq(&s.name).is_some());
-        if first {
-            self.take_sync_snapshot(&vol.image, 1)?;
-        }
         reg.put(&rec)?;
-        if first {
-            tracing::info!("replication enabled");
-        } else {
+        if !first {
             tracing::info!("replication already enabled");
+            reg.announce();
+            return Ok(None);
         }
-        reg.announce();
-        Ok(())
+        tracing::info!("replication enabled; first sync snapshot follows");
+        Ok(Some(scheduler::FirstSync {
+            io: Arc::clone(vol.ioctx()),
+            image_id: vol.image_id.clone(),
+            image_name: vol.image.name().to_string(),
+        }))
     }
 
     /// GetVolumeReplicationInfo on a primary: the newest complete sync point
