@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use csi_rbd_replicator::csi::config::{ClusterConfig, ClusterMapping, CsiConfig};
-use csi_rbd_replicator::csi::params::{parse_interval, parse_size};
+use csi_rbd_replicator::csi::params::parse_size;
 use csi_rbd_replicator::csi::volume_id::VolumeId;
 use csi_rbd_replicator::engine::{self, CopyLimits, Credentials, Engine, EngineConfig};
 use csi_rbd_replicator::grpc::forward::{self, ForwardService};
@@ -225,8 +225,14 @@ struct ServeArgs {
     grace: Duration,
 }
 
+/// A flag's duration, humantime style (`500ms`, `30s`, `1h 30m`); zero is
+/// refused, as no flag means "never".
 fn duration(s: &str) -> Result<Duration, String> {
-    parse_interval(s).map_err(|e| e.to_string())
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("{s:?}: must be greater than zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?}: {e} (e.g. 500ms, 30s, 5m, 1h 30m)")),
+    }
 }
 
 fn bytes(s: &str) -> Result<usize, String> {
@@ -554,4 +560,37 @@ fn spawn_signal_handler(token: CancellationToken) {
         }
         token.cancel();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_durations_take_humantime_units_and_refuse_zero() {
+        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(duration("0s").unwrap_err().contains("greater than zero"));
+        assert!(duration("soon").unwrap_err().contains("e.g. 500ms"));
+    }
+
+    #[test]
+    fn grace_accepts_milliseconds() {
+        let cli = Cli::try_parse_from([
+            "csi-rbd-replicator",
+            "serve",
+            "--endpoint",
+            "unix:///tmp/x.sock",
+            "--drivername",
+            "rbd.csi.ceph.com",
+            "--secret-dir",
+            "/tmp",
+            "--cluster-id",
+            "x",
+            "--grace",
+            "500ms",
+        ]);
+        assert!(cli.is_ok(), "{:?}", cli.err());
+    }
 }
