@@ -202,6 +202,11 @@ pub struct Engine {
     fault_snap_delay: Option<Duration>,
 }
 
+/// How many times a role change re-reads and decides again when the
+/// registry record it decided on changed under it, before it answers
+/// `Conflict`.
+pub const CONFLICT_ATTEMPTS: u32 = 3;
+
 impl Engine {
     /// An engine with `cfg`. Connects lazily.
     pub fn new(cfg: EngineConfig) -> Arc<Self> {
@@ -246,10 +251,16 @@ impl Engine {
     /// operation lock; `Busy` if another operation holds it. Answers within
     /// the RPC deadline (UNAVAILABLE past it); the work itself runs to
     /// completion and keeps the volume locked until then.
+    ///
+    /// `f` reads the registry record it decides on and writes its decision
+    /// conditionally: when another writer changed the record in between
+    /// (`Conflict`), `f` runs again from the start, re-reading and deciding
+    /// anew (every role change is idempotent), up to [`CONFLICT_ATTEMPTS`]
+    /// times; then the conflict is the answer (ABORTED: retry later).
     async fn run_locked<T: Send + 'static>(
         self: &Arc<Self>,
         key: String,
-        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
+        f: impl Fn(&Engine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let guard = self.locks.try_lock(&key)?;
         let delay = self.fault_op_delay;
@@ -259,7 +270,16 @@ impl Engine {
             if let Some(d) = delay {
                 std::thread::sleep(d);
             }
-            f(e)
+            let mut attempt = 1;
+            loop {
+                match f(e) {
+                    Err(EngineError::Conflict(m)) if attempt < CONFLICT_ATTEMPTS => {
+                        tracing::info!(volume = %key, attempt, reason = %m, "registry record changed meanwhile; deciding again");
+                        attempt += 1;
+                    }
+                    r => return r,
+                }
+            }
         })
         .await
     }
@@ -458,6 +478,7 @@ impl Engine {
                 demotion_snap: None,
                 role_change: None,
                 pending_snap: None,
+                revision: Default::default(),
             },
         };
         rec.schedule = schedule;
@@ -488,7 +509,7 @@ impl Engine {
         if first {
             self.take_sync_snapshot(&vol.image, 1)?;
         }
-        reg.put(&rec)?;
+        reg.put(&mut rec)?;
         if first {
             tracing::info!("replication enabled");
         } else {
