@@ -90,7 +90,10 @@ fn the_second_of_two_writers_of_one_read_is_refused() {
     add_mark(&mut c2, "created-by-2");
     r1.put(&mut c1).expect("the first creation");
     let lost = r2.put(&mut c2);
-    assert!(is_conflict(&lost), "a second creation must conflict: {lost:?}");
+    assert!(
+        is_conflict(&lost),
+        "a second creation must conflict: {lost:?}"
+    );
     assert_eq!(marks(&r2.get("one").unwrap().unwrap()), ["created-by-1"]);
 
     // Both read it, both change it.
@@ -101,7 +104,10 @@ fn the_second_of_two_writers_of_one_read_is_refused() {
     a.role = Role::Demoted;
     r1.put(&mut a).expect("the first write of the read");
     let lost = r2.put(&mut b);
-    assert!(is_conflict(&lost), "the stale write must conflict: {lost:?}");
+    assert!(
+        is_conflict(&lost),
+        "the stale write must conflict: {lost:?}"
+    );
     let now = r1.get("one").unwrap().unwrap();
     assert_eq!(marks(&now), ["created-by-1", "a"], "the winner's record");
     assert_eq!(now.role, Role::Demoted);
@@ -144,8 +150,11 @@ fn racing_writers_exactly_one_wins_each_round_and_nothing_acknowledged_is_lost()
     let threads: Vec<_> = (0..WRITERS)
         .map(|w| {
             let (reg, _) = registry(&ns);
-            let (barrier, acked, refused) =
-                (Arc::clone(&barrier), Arc::clone(&acked), Arc::clone(&refused));
+            let (barrier, acked, refused) = (
+                Arc::clone(&barrier),
+                Arc::clone(&acked),
+                Arc::clone(&refused),
+            );
             std::thread::spawn(move || {
                 for round in 0..ROUNDS {
                     let mut rec = reg.get("raced").unwrap().unwrap();
@@ -178,7 +187,10 @@ fn racing_writers_exactly_one_wins_each_round_and_nothing_acknowledged_is_lost()
     assert_eq!(refused.len(), ROUNDS * (WRITERS - 1));
     let last = marks(&r0.get("raced").unwrap().unwrap());
     let want: Vec<String> = acked.iter().map(|(_, m)| m.clone()).collect();
-    assert_eq!(last, want, "the record holds every acknowledged write, in order");
+    assert_eq!(
+        last, want,
+        "the record holds every acknowledged write, in order"
+    );
     for (_, m) in &refused {
         assert!(!last.contains(m), "refused write {m} landed");
     }

@@ -115,10 +115,7 @@ impl Calls {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
-        *self
-            .codes
-            .entry((method, format!("{code:?}")))
-            .or_default() += 1;
+        *self.codes.entry((method, format!("{code:?}"))).or_default() += 1;
         let timed_out = match r {
             Err(s) => {
                 s.code() == tonic::Code::DeadlineExceeded
@@ -213,10 +210,13 @@ async fn relocate(
         let r = cf
             .demote_volume(with_deadline(req::demote(from, vid, false)))
             .await;
-        calls
-            .lock()
-            .unwrap()
-            .record("DemoteVolume", vid, t.elapsed(), &r, &[Unavailable, Aborted]);
+        calls.lock().unwrap().record(
+            "DemoteVolume",
+            vid,
+            t.elapsed(),
+            &r,
+            &[Unavailable, Aborted],
+        );
         if r.is_ok() {
             break;
         }
@@ -228,10 +228,13 @@ async fn relocate(
         let r = ct
             .promote_volume(with_deadline(req::promote(to, vid, false)))
             .await;
-        calls
-            .lock()
-            .unwrap()
-            .record("PromoteVolume", vid, t.elapsed(), &r, &[Unavailable, Aborted]);
+        calls.lock().unwrap().record(
+            "PromoteVolume",
+            vid,
+            t.elapsed(),
+            &r,
+            &[Unavailable, Aborted],
+        );
         if r.is_ok() {
             break;
         }
@@ -243,10 +246,13 @@ async fn relocate(
         let r = cf
             .resync_volume(with_deadline(req::resync(from, vid, false)))
             .await;
-        calls
-            .lock()
-            .unwrap()
-            .record("ResyncVolume", vid, t.elapsed(), &r, &[Unavailable, Aborted]);
+        calls.lock().unwrap().record(
+            "ResyncVolume",
+            vid,
+            t.elapsed(),
+            &r,
+            &[Unavailable, Aborted],
+        );
         if r.is_ok_and(|r| r.into_inner().ready) {
             break;
         }
@@ -401,10 +407,13 @@ async fn exclusive_soak_many_volumes_and_callers() {
                         )))
                         .await;
                     let took = t.elapsed();
-                    calls
-                        .lock()
-                        .unwrap()
-                        .record("EnableVolumeReplication", &vid, took, &res, &[Aborted]);
+                    calls.lock().unwrap().record(
+                        "EnableVolumeReplication",
+                        &vid,
+                        took,
+                        &res,
+                        &[Aborted],
+                    );
                 } else if roll < 94 {
                     let res = cp
                         .promote_volume(with_deadline(req::promote(p, &vid, false)))
@@ -581,7 +590,10 @@ async fn exclusive_soak_many_volumes_and_callers() {
             answers.join(", ")
         );
     }
-    println!("deadline misses ({DEADLINE:?} deadline): {}", calls.missed.len());
+    println!(
+        "deadline misses ({DEADLINE:?} deadline): {}",
+        calls.missed.len()
+    );
     let warm_up = (load.as_secs_f64() / 5.0).max(10.0);
     let mut growth = Vec::new();
     for (site, s) in &samples {

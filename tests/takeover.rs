@@ -62,7 +62,10 @@ async fn a_second_replayer_takes_over_and_a_fenced_one_recovers() {
     // The replica's record as the holder last wrote it: what it would
     // write on, woken after the takeover.
     let bio = pool.ioctx(Site::B);
-    let replica_id = Image::open_read_only(&bio, name, None).unwrap().id().unwrap();
+    let replica_id = Image::open_read_only(&bio, name, None)
+        .unwrap()
+        .id()
+        .unwrap();
     let breg = Registry::new(bio);
     wait_until("the first sync point settled in the record", LONG, || {
         breg.get(&replica_id)
