@@ -3,7 +3,9 @@
 //! loser gets a conflict, nothing it wrote lands, and after re-reading it
 //! applies its change on top of the winner's. Every writer here has its own
 //! RADOS connection, as two sidecars on one site have, and the records live
-//! in a RADOS namespace of their own that no sidecar reads.
+//! in a RADOS namespace of their own that no sidecar reads. Last, a role
+//! change whose record changed under it decides again instead of
+//! overwriting it.
 
 mod common;
 
@@ -195,4 +197,58 @@ fn racing_writers_exactly_one_wins_each_round_and_nothing_acknowledged_is_lost()
         assert!(!last.contains(m), "refused write {m} landed");
     }
     io.remove(REGISTRY_OBJECT).unwrap();
+}
+
+/// Two sidecars of one site: a PromoteVolume on the first reads the record
+/// and pauses (fault injection) while one on the second changes the
+/// schedule; the first one's write conflicts, it re-reads and decides again,
+/// and its own schedule lands on top of the other's instead of over it
+/// blindly.
+#[tokio::test]
+async fn a_role_change_whose_record_changed_under_it_decides_again() {
+    use csi_rbd_replicator::grpc::proto::replication::PromoteVolumeRequest;
+    let pool = TestPool::new("casrpc");
+    let args = ["--no-replayer", "--pools", &pool.name];
+    let slow =
+        Sidecar::start_with_env(Site::A, &args, &[("CSIRR_FAULT_RECORD_DELAY_MS", "3000")]).await;
+    let fast = Sidecar::start(Site::A, &args).await;
+    let aio = pool.ioctx(Site::A);
+    let name = "vol";
+    let vid = format!("{}/{name}", pool.name);
+    create_image_in(&aio, name, 8 << 20, &[(0, 1 << 20)], 1);
+    fast.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "1h")]))
+        .await
+        .expect("enable");
+    let promote = |site: Site, interval: &str| {
+        let mut r = req::promote(site, &vid, false);
+        r.parameters = [("schedulingInterval".to_string(), interval.to_string())].into();
+        r
+    };
+    let interval = || {
+        registry_record(&aio, name).unwrap()["schedule"]["interval"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let mut cs = slow.controller().await;
+    let req2: PromoteVolumeRequest = promote(Site::A, "2h");
+    let first = tokio::spawn(async move { cs.promote_volume(req2).await });
+    // The slow one has read the record and waits; the fast one writes.
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    fast.controller()
+        .await
+        .promote_volume(promote(Site::A, "3h"))
+        .await
+        .expect("the fast promotion");
+    assert_eq!(interval().as_deref(), Some("3h"));
+    first
+        .await
+        .unwrap()
+        .expect("the slow promotion succeeds after deciding again");
+    assert_eq!(interval().as_deref(), Some("2h"));
+    assert!(
+        slow.log_text().contains("deciding again"),
+        "the slow promotion did not meet the conflict"
+    );
 }

@@ -200,6 +200,10 @@ pub struct Engine {
     /// reporting a sync point and taking the replica's snapshot of it
     /// (`CSIRR_FAULT_SNAP_DELAY_MS`), which holds the pending state open.
     fault_snap_delay: Option<Duration>,
+    /// Fault injection for tests: a role change waits this long after
+    /// reading the volume's registry record (`CSIRR_FAULT_RECORD_DELAY_MS`),
+    /// which lets another writer change the record under it.
+    fault_record_delay: Option<Duration>,
 }
 
 /// How many times a role change re-reads and decides again when the
@@ -227,6 +231,7 @@ impl Engine {
             rpc_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_rpcs.max(1))),
             fault_op_delay: env_millis("CSIRR_FAULT_OP_DELAY_MS"),
             fault_snap_delay: env_millis("CSIRR_FAULT_SNAP_DELAY_MS"),
+            fault_record_delay: env_millis("CSIRR_FAULT_RECORD_DELAY_MS"),
             cfg,
         })
     }

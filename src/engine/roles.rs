@@ -129,6 +129,9 @@ impl Engine {
                 req.volume
             ))
         })?;
+        if let Some(d) = self.fault_record_delay {
+            std::thread::sleep(d);
+        }
         Ok((reg, rec))
     }
 
