@@ -1150,7 +1150,10 @@ fn delta(
                 if matches!(e, EngineError::Conflict(_)) {
                     lost_record.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                ckpt_err = Some(e);
+                // A conflict stays the reason the copy stopped.
+                if !matches!(ckpt_err, Some(EngineError::Conflict(_))) {
+                    ckpt_err = Some(e);
+                }
             }
         }
     };
