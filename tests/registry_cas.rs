@@ -210,7 +210,7 @@ async fn a_role_change_whose_record_changed_under_it_decides_again() {
     let pool = TestPool::new("casrpc");
     let args = ["--no-replayer", "--pools", &pool.name];
     let slow =
-        Sidecar::start_with_env(Site::A, &args, &[("CSIRR_FAULT_RECORD_DELAY_MS", "3000")]).await;
+        Sidecar::start_with_env(Site::A, &args, &[("CSIRR_FAULT_RECORD_DELAY_MS", "8000")]).await;
     let fast = Sidecar::start(Site::A, &args).await;
     let aio = pool.ioctx(Site::A);
     let name = "vol";
@@ -235,13 +235,25 @@ async fn a_role_change_whose_record_changed_under_it_decides_again() {
     let req2: PromoteVolumeRequest = promote(Site::A, "2h");
     let first = tokio::spawn(async move { cs.promote_volume(req2).await });
     // The slow one has read the record and waits; the fast one writes.
-    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    wait_until(
+        "the slow promotion to read the record",
+        std::time::Duration::from_secs(60),
+        || {
+            slow.log_text()
+                .contains("pausing after reading the registry record")
+        },
+    )
+    .await;
     fast.controller()
         .await
         .promote_volume(promote(Site::A, "3h"))
         .await
         .expect("the fast promotion");
     assert_eq!(interval().as_deref(), Some("3h"));
+    assert!(
+        !first.is_finished(),
+        "the slow promotion finished before the fast one wrote: no race to judge"
+    );
     first
         .await
         .unwrap()

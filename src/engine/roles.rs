@@ -130,6 +130,7 @@ impl Engine {
             ))
         })?;
         if let Some(d) = self.fault_record_delay {
+            tracing::info!(volume = %req.volume, pause = ?d, "fault injection: pausing after reading the registry record");
             std::thread::sleep(d);
         }
         Ok((reg, rec))
