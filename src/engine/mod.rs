@@ -203,7 +203,16 @@ pub struct Engine {
     /// reporting a sync point and taking the replica's snapshot of it
     /// (`CSIRR_FAULT_SNAP_DELAY_MS`), which holds the pending state open.
     fault_snap_delay: Option<Duration>,
+    /// Fault injection for tests: a role change waits this long after
+    /// reading the volume's registry record (`CSIRR_FAULT_RECORD_DELAY_MS`),
+    /// which lets another writer change the record under it.
+    fault_record_delay: Option<Duration>,
 }
+
+/// How many times a role change re-reads and decides again when the
+/// registry record it decided on changed under it, before it answers
+/// `Conflict`.
+pub const CONFLICT_ATTEMPTS: u32 = 3;
 
 impl Engine {
     /// An engine with `cfg`. Connects lazily.
@@ -226,6 +235,7 @@ impl Engine {
             first_snaps: Arc::new(tokio::sync::Semaphore::new(scheduler::SNAPSHOT_BATCH)),
             fault_op_delay: env_millis("CSIRR_FAULT_OP_DELAY_MS"),
             fault_snap_delay: env_millis("CSIRR_FAULT_SNAP_DELAY_MS"),
+            fault_record_delay: env_millis("CSIRR_FAULT_RECORD_DELAY_MS"),
             cfg,
         })
     }
@@ -250,10 +260,16 @@ impl Engine {
     /// operation lock; `Busy` if another operation holds it. Answers within
     /// the RPC deadline (UNAVAILABLE past it); the work itself runs to
     /// completion and keeps the volume locked until then.
+    ///
+    /// `f` reads the registry record it decides on and writes its decision
+    /// conditionally: when another writer changed the record in between
+    /// (`Conflict`), `f` runs again from the start, re-reading and deciding
+    /// anew (every role change is idempotent), up to [`CONFLICT_ATTEMPTS`]
+    /// times; then the conflict is the answer (ABORTED: retry later).
     async fn run_locked<T: Send + 'static>(
         self: &Arc<Self>,
         key: String,
-        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
+        f: impl Fn(&Engine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let guard = self.locks.try_lock(&key)?;
         let delay = self.fault_op_delay;
@@ -263,7 +279,16 @@ impl Engine {
             if let Some(d) = delay {
                 std::thread::sleep(d);
             }
-            f(e)
+            let mut attempt = 1;
+            loop {
+                match f(e) {
+                    Err(EngineError::Conflict(m)) if attempt < CONFLICT_ATTEMPTS => {
+                        tracing::info!(volume = %key, attempt, reason = %m, "registry record changed meanwhile; deciding again");
+                        attempt += 1;
+                    }
+                    r => return r,
+                }
+            }
         })
         .await
     }
@@ -506,6 +531,7 @@ impl Engine {
                 demotion_snap: None,
                 role_change: None,
                 pending_snap: None,
+                revision: Default::default(),
             },
         };
         rec.schedule = schedule;
@@ -527,7 +553,7 @@ impl Engine {
             .snap_list()
             .ctx(|| format!("listing snapshots of {}", vol.image.spec()))?;
         let first = !snaps.iter().any(|s| sync_snap_seq(&s.name).is_some());
-        reg.put(&rec)?;
+        reg.put(&mut rec)?;
         if !first {
             tracing::info!("replication already enabled");
             reg.announce();

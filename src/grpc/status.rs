@@ -21,6 +21,9 @@ impl From<EngineError> for Status {
             EngineError::Unauthenticated(_) => Code::Unauthenticated,
             EngineError::PermissionDenied(_) => Code::PermissionDenied,
             EngineError::Busy(_) => Code::Aborted,
+            // The record changed under a role change that retried: the
+            // caller retries the (idempotent) request later.
+            EngineError::Conflict(_) => Code::Aborted,
             EngineError::FailedPrecondition(_) => Code::FailedPrecondition,
             EngineError::Unavailable(_) => Code::Unavailable,
             // A cluster that does not answer: the caller should retry later.
@@ -138,6 +141,7 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (EngineError::Busy("v".into()), Code::Aborted),
+            (EngineError::Conflict("x".into()), Code::Aborted),
             (
                 EngineError::FailedPrecondition("x".into()),
                 Code::FailedPrecondition,
