@@ -652,6 +652,9 @@ async fn exclusive_malformed_requests_change_nothing_in_either_cluster() {
     c.enable_volume_replication(enable_req(Site::A, &vol.handle, &[]))
         .await
         .expect("enable");
+    // Its first sync snapshot follows Enable in the background: let it land
+    // before the clusters are listed.
+    first_sync(&ioctx(Site::A, ""), &vol.image);
 
     let before = [cluster_listing(Site::A), cluster_listing(Site::B)];
     // Nothing else changes the clusters meanwhile (else the comparison
