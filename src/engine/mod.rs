@@ -37,7 +37,7 @@ use crate::csi::volume_id::VolumeId;
 pub use conn::{Connections, Credentials};
 pub use copy::CopyLimits;
 pub use error::{CephContext, EngineError, Result};
-use registry::{ImageRecord, Registry, Role, Schedule, sync_snap_seq};
+use registry::{ImageRecord, Registry, Role, Schedule};
 
 /// Static configuration of the engine.
 #[derive(Debug, Clone)]
@@ -548,18 +548,10 @@ impl Engine {
                 .flatten()
                 .ctx(|| format!("flattening {}", vol.image.spec()))?;
         }
-        let snaps = vol
-            .image
-            .snap_list()
-            .ctx(|| format!("listing snapshots of {}", vol.image.spec()))?;
-        let first = !snaps.iter().any(|s| sync_snap_seq(&s.name).is_some());
         reg.put(&mut rec)?;
-        if !first {
-            tracing::info!("replication already enabled");
-            reg.announce();
-            return Ok(None);
-        }
-        tracing::info!("replication enabled; first sync snapshot follows");
+        // Whether a first sync snapshot is still needed is decided in the
+        // background, under the image's slot (a check here would be stale).
+        tracing::info!("replication enabled");
         Ok(Some(scheduler::FirstSync {
             io: Arc::clone(vol.ioctx()),
             image_id: vol.image_id.clone(),
