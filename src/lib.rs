@@ -2,7 +2,7 @@
 //! images between two clusters inside its own process.
 //!
 //! Layers, imported one way only: [`ceph`] (safe librados/librbd wrappers, all
-//! `unsafe` lives there) -> [`csi`] (ceph-csi identities and parameters) ->
+//! `unsafe` lives there) -> [`journal`] (the RBD journal format) -> [`csi`] (ceph-csi identities and parameters) ->
 //! [`engine`] (volume resolution, registry, replayer; no gRPC) -> [`grpc`]
 //! (services, the one error mapping) -> the binary's CLI.
 
@@ -14,5 +14,6 @@ pub mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod grpc;
+pub mod journal;
 pub mod metrics;
 pub mod omap;

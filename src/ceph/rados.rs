@@ -561,6 +561,27 @@ impl IoCtx {
         Ok(out)
     }
 
+    /// Reads up to `buf.len()` bytes of object `oid` from offset `off`;
+    /// returns how many were read (fewer at the end of the object, 0 past
+    /// it). `NotFound` when the object does not exist. Blocking.
+    pub fn read(&self, oid: &str, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let o = cstring(oid, "rados_read")?;
+        // SAFETY: ioctx is live; o is NUL-terminated; buf is writable for
+        // the length passed, and librados writes at most that many bytes
+        // before returning (the call is synchronous).
+        let ret = unsafe {
+            sys::rados_read(
+                self.raw(),
+                o.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                off,
+            )
+        };
+        let n = check(ret, "rados_read", || format!("{}/{oid}", self.spec()))?;
+        Ok(usize::try_from(n).unwrap_or(0).min(buf.len()))
+    }
+
     /// Removes object `oid`.
     pub fn remove(&self, oid: &str) -> Result<()> {
         let o = cstring(oid, "rados_remove")?;
