@@ -99,8 +99,9 @@ impl Layout {
 
 /// An open journal: the header `journal.<image id>` in the image's pool and
 /// namespace, and its data objects `journal_data.<image pool id>.<image
-/// id>.<object number>` (in the journal pool, when one is set, under the
-/// image pool's id all the same).
+/// id>.<object number>` beside it, or, when the image has a journal pool,
+/// in that pool's default namespace (named with the image pool's id all
+/// the same).
 pub struct Journal {
     header_io: Arc<IoCtx>,
     data_io: Arc<IoCtx>,
@@ -151,9 +152,11 @@ impl Journal {
             pool_id,
         };
         if pool_id >= 0 && pool_id != io.pool_id() {
+            // As `journal::Journaler` opens it: the journal pool's default
+            // namespace, whatever the image's namespace.
             let cluster = io.cluster();
             let name = cluster.pool_reverse_lookup(pool_id)?;
-            j.data_io = cluster.ioctx_by_id(pool_id, &name, io.namespace())?;
+            j.data_io = cluster.ioctx_by_id(pool_id, &name, "")?;
         }
         Ok(j)
     }
@@ -219,13 +222,14 @@ impl Journal {
         Ok((get("minimum_set")?, get("active_set")?))
     }
 
-    /// cls `get_client`: client `id`, `None` when it is not registered.
+    /// cls `get_client`: client `id`, `None` when it is not registered;
+    /// `NotFound` when the journal itself is gone.
     pub fn client(&self, id: &str) -> JournalResult<Option<Client>> {
         let mut e = Encoder::new();
         e.string(id);
         match self.decode_reply("get_client", &e.into_bytes(), Client::decode) {
             Ok(c) => Ok(Some(c)),
-            Err(JournalError::Ceph(e)) if e.is_not_found() => Ok(None),
+            Err(JournalError::Ceph(e)) if e.is_not_found() => self.header_exists().map(|()| None),
             Err(e) => Err(e),
         }
     }
@@ -247,13 +251,14 @@ impl Journal {
         }
     }
 
-    /// cls `get_tag`: tag `tid`, `None` when it does not exist (or expired).
+    /// cls `get_tag`: tag `tid`, `None` when it does not exist (or expired);
+    /// `NotFound` when the journal itself is gone.
     pub fn tag(&self, tid: u64) -> JournalResult<Option<Tag>> {
         let mut e = Encoder::new();
         e.u64(tid);
         match self.decode_reply("get_tag", &e.into_bytes(), Tag::decode) {
             Ok(t) => Ok(Some(t)),
-            Err(JournalError::Ceph(e)) if e.is_not_found() => Ok(None),
+            Err(JournalError::Ceph(e)) if e.is_not_found() => self.header_exists().map(|()| None),
             Err(e) => Err(e),
         }
     }
@@ -292,8 +297,15 @@ impl Journal {
     /// new client starts at the oldest commit position of the clients
     /// already there. `AlreadyExists` when `id` is registered.
     pub fn register_client(&self, id: &str, data: &ClientData) -> JournalResult<()> {
+        self.register_client_raw(id, &data.encode())
+    }
+
+    /// [`Journal::register_client`] with data as given, which librbd and
+    /// rbd-mirror must be able to decode as [`ClientData`] (`rbd mirror
+    /// image disable` fails on a client whose data does not decode).
+    pub fn register_client_raw(&self, id: &str, data: &[u8]) -> JournalResult<()> {
         let mut e = Encoder::new();
-        e.string(id).bytes(&data.encode());
+        e.string(id).bytes(data);
         self.update("client_register", &e.into_bytes())
     }
 
@@ -391,6 +403,14 @@ impl Journal {
             }
         }
         Ok(out.into_values().collect())
+    }
+
+    /// `NotFound` unless the header exists: cls methods answer `ENOENT`
+    /// both for a missing key and for a missing object.
+    fn header_exists(&self) -> JournalResult<()> {
+        self.header_io
+            .omap_get_vals_by_keys(&self.header_oid(), &["order"])?;
+        Ok(())
     }
 
     fn update(&self, method: &'static str, input: &[u8]) -> JournalResult<()> {
