@@ -318,6 +318,64 @@ fn journal_records_what_librbd_did() {
         }
     }
     assert_eq!(j.read_object(1000, 0, 4096).unwrap(), None);
+    if let Ok(dir) = std::env::var("CSIRR_JOURNAL_CORPUS") {
+        write_corpus(&ns.io, &j, std::path::Path::new(&dir));
+    }
+}
+
+/// Writes the seed corpus of the `journal` fuzz target (fuzz/corpus/journal)
+/// from this journal: the first entry of each event type as framed in its
+/// object (write entries cut to their first 64 bytes of data: a seed need
+/// not be large), and the header's raw client and tag values.
+fn write_corpus(io: &Arc<IoCtx>, j: &Journal, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for (e, ev) in events(j) {
+        let kind = format!("{:?}", ev.event)
+            .split([' ', '(', '{'])
+            .next()
+            .unwrap()
+            .to_lowercase();
+        if !seen.insert(kind.clone()) {
+            continue;
+        }
+        let bytes = match ev.event {
+            Event::AioWrite { offset, data } => {
+                let short = EventEntry {
+                    event: Event::AioWrite {
+                        offset,
+                        data: data[..64].to_vec(),
+                    },
+                    ..ev
+                };
+                csi_rbd_replicator::journal::entry::encode_entry(
+                    e.tag_tid,
+                    e.entry_tid,
+                    &short.encode(),
+                )
+            }
+            _ => {
+                let obj = j
+                    .read_object(e.object_number, e.offset, 1 << 20)
+                    .unwrap()
+                    .unwrap();
+                obj[..33 + e.payload.len()].to_vec()
+            }
+        };
+        std::fs::write(dir.join(format!("entry-{kind}")), bytes).unwrap();
+    }
+    let header = j.header_oid();
+    let vals = io.omap_get_all(&header, "").unwrap();
+    for (k, v) in vals {
+        let name = if k == "client_" {
+            "client-librbd".to_string()
+        } else if let Some(t) = k.strip_prefix("tag_") {
+            format!("tag-{}", u64::from_str_radix(t, 16).unwrap())
+        } else {
+            continue;
+        };
+        std::fs::write(dir.join(name), v).unwrap();
+    }
 }
 
 #[test]
