@@ -471,13 +471,7 @@ fn journal_client_registration_is_what_rbd_mirror_decodes() {
     let j = Journal::open(&ns.io, &id).unwrap();
 
     let peer = uuid::Uuid::new_v4().to_string();
-    let data = ClientData::MirrorPeer(MirrorPeerClientMeta {
-        image_id: String::new(),
-        state: MirrorPeerState::Replaying,
-        sync_object_count: 0,
-        sync_points: Vec::new(),
-        snap_seqs: Vec::new(),
-    });
+    let data = peer_data();
     j.register_client(&peer, &data).unwrap();
     let err = j.register_client(&peer, &data).unwrap_err();
     assert!(
@@ -610,4 +604,96 @@ fn exclusive_journal_padding_is_skipped() {
         }
     }
     assert!(padded > 0, "some object carries padding");
+}
+
+/// A peer client in the registration's shape (replaying, no replica yet).
+fn peer_data() -> ClientData {
+    ClientData::MirrorPeer(MirrorPeerClientMeta {
+        image_id: String::new(),
+        state: MirrorPeerState::Replaying,
+        sync_object_count: 0,
+        sync_points: Vec::new(),
+        snap_seqs: Vec::new(),
+    })
+}
+
+/// Writes `n` × 64 KiB through librbd and closes the image (librbd commits
+/// and trims on close).
+fn write_and_close(io: &Arc<IoCtx>, name: &str, n: u64, seed: u64) {
+    let img = Image::open(io, name).unwrap();
+    for i in 0..n {
+        img.write(i * 65536, &pattern(seed + i, 65536)).unwrap();
+    }
+    img.flush().unwrap();
+}
+
+/// Trimming on 16.2.15: a connected client pins the journal, a
+/// disconnected one does not, and registering copies the oldest position
+/// of the connected clients only.
+#[test]
+fn journal_trimming_follows_connected_clients() {
+    let ns = Namespace::new("jtrim");
+    rbd_ok(
+        Site::A,
+        &[
+            "create",
+            "--size",
+            "16M",
+            "--image-feature",
+            "layering,exclusive-lock,journaling",
+            "--journal-object-size",
+            "64K",
+            "--journal-splay-width",
+            "2",
+            &ns.spec("img"),
+        ],
+    );
+    write_and_close(&ns.io, "img", 1, 0);
+    let id = Image::open(&ns.io, "img").unwrap().id().unwrap();
+    let j = Journal::open(&ns.io, &id).unwrap();
+    assert_eq!((j.layout().order, j.layout().splay_width), (16, 2));
+
+    let a = format!("a-{}", uuid::Uuid::new_v4());
+    j.register_client(&a, &peer_data()).unwrap();
+    let pos_a = j.client(&a).unwrap().unwrap().commit_position;
+    assert!(!pos_a.positions.is_empty());
+
+    // 2 MiB of writes: some 32 sets of 2 × 64 KiB objects. A, connected
+    // at the start, keeps every set.
+    write_and_close(&ns.io, "img", 32, 100);
+    let (min1, active1) = j.object_sets().unwrap();
+    eprintln!("A connected: sets {min1}..={active1}");
+    assert!(active1 >= 10, "the journal moved on: active set {active1}");
+    assert_eq!(min1, 0, "a connected client pins the journal");
+
+    let mut args = ns.journal_args("client", "img");
+    args.insert(2, "disconnect");
+    args.extend(["--client-id", a.as_str()]);
+    rbd_ok(Site::A, &args);
+    assert_eq!(
+        j.client(&a).unwrap().unwrap().state,
+        ClientState::Disconnected
+    );
+    write_and_close(&ns.io, "img", 4, 200);
+    let (min2, active2) = j.object_sets().unwrap();
+    eprintln!("A disconnected: sets {min2}..={active2}");
+
+    let b = format!("b-{}", uuid::Uuid::new_v4());
+    j.register_client(&b, &peer_data()).unwrap();
+    let pos_b = j.client(&b).unwrap().unwrap().commit_position;
+    let librbd = j.client("").unwrap().unwrap().commit_position;
+    eprintln!("A {pos_a:?}\nB {pos_b:?}\nlibrbd {librbd:?}");
+    // The trimmer ignored the disconnected client: the sets it pinned are
+    // gone (their objects too).
+    assert!(min2 > 0 && min2 <= active2, "sets {min2}..={active2}");
+    assert_eq!(j.read_object(0, 0, 4096).unwrap(), None);
+    assert!(j.client(&a).unwrap().is_some(), "A is still registered");
+    // A new client starts at librbd's position, not at the disconnected
+    // client's older one: register's minimum skips disconnected clients.
+    assert_eq!(pos_b, librbd);
+    assert_ne!(pos_b, pos_a);
+    let width = u64::from(j.layout().splay_width);
+    assert!(pos_b.newest().unwrap().object_number / width >= min2);
+    // Every open of the image took the lock again: a new tag each time.
+    assert!(pos_b.newest().unwrap().tag_tid > pos_a.newest().unwrap().tag_tid);
 }
