@@ -68,7 +68,9 @@ impl Drop for Namespace {
         let spec = format!("{}/{}", self.pool, self.name);
         if let Ok(images) = c::rbd::list(&self.io) {
             for i in images {
-                let _ = rbd(Site::A, &["rm", "--no-progress", &self.spec(&i.name)]);
+                let spec = self.spec(&i.name);
+                let _ = rbd(Site::A, &["snap", "purge", "--no-progress", &spec]);
+                let _ = rbd(Site::A, &["rm", "--no-progress", &spec]);
             }
         }
         let _ = rbd(Site::A, &["mirror", "pool", "disable", &spec]);
@@ -380,7 +382,8 @@ fn write_corpus(io: &Arc<IoCtx>, j: &Journal, dir: &std::path::Path) {
 
 #[test]
 fn journal_data_in_a_journal_pool_keeps_the_image_pool_id() {
-    let ns = Namespace::new("jpool");
+    // The journal pool goes after the namespace (its image needs it to
+    // be removed): declared first, dropped last.
     let jpool = unique("jdata");
     ceph_ok(Site::A, &["osd", "pool", "create", &jpool, "8", "8"]);
     ceph_ok(
@@ -400,6 +403,7 @@ fn journal_data_in_a_journal_pool_keeps_the_image_pool_id() {
             ],
         );
     });
+    let ns = Namespace::new("jpool");
     rbd_ok(
         Site::A,
         &[
