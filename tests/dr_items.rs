@@ -22,6 +22,10 @@ const LONG: Duration = Duration::from_secs(120);
 /// csi-addons sidecar exit) while the local cluster does not answer, and
 /// while the replayer is down.
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "uses fail points: cargo nextest run --features failpoints"
+)]
 async fn probe_says_not_ready_instead_of_failing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("config.json");
@@ -38,7 +42,8 @@ async fn probe_says_not_ready_instead_of_failing() {
         &[],
     )
     .await;
-    let dead = Sidecar::start_unready(Site::A, &[], &[("CSIRR_FAULT_REPLAYER_PANIC", "1")]).await;
+    let dead =
+        Sidecar::start_unready(Site::A, &[], &[("FAILPOINTS", "replayer::start=panic")]).await;
     for (sc, why) in [(&lost, "local cluster site-a"), (&dead, "replayer")] {
         let mut id = sc.identity().await;
         for _ in 0..5 {
@@ -313,6 +318,10 @@ async fn clones_replicate_with_their_parent_data() {
 /// going on and holding the volume until done), and RPCs doing cluster work
 /// are bounded so that a flood cannot starve replication (issue 13.8).
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "uses fail points: cargo nextest run --features failpoints"
+)]
 async fn rpcs_answer_within_their_deadline_and_are_bounded() {
     let a = Sidecar::start_with_env(
         Site::A,
@@ -323,7 +332,7 @@ async fn rpcs_answer_within_their_deadline_and_are_bounded() {
             "--max-concurrent-rpcs",
             "1",
         ],
-        &[("CSIRR_FAULT_OP_DELAY_MS", "5000")],
+        &[("FAILPOINTS", "engine::op=sleep(5000)")],
     )
     .await;
     let (n1, n2) = (unique("slow"), unique("slow"));

@@ -216,11 +216,15 @@ async fn disable_trashes_the_replica_and_is_idempotent() {
 /// Bad or missing volume IDs, unknown volumes, wrong secrets and a second
 /// call while one runs get the codes the spec gives, for every role RPC.
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "uses fail points: cargo nextest run --features failpoints"
+)]
 async fn role_rpcs_reject_bad_input_with_spec_codes() {
     let a = Sidecar::start_with_env(
         Site::A,
         &["--no-replayer"],
-        &[("CSIRR_FAULT_OP_DELAY_MS", "1500")],
+        &[("FAILPOINTS", "engine::op=sleep(1500)")],
     )
     .await;
     let name = unique("roles");
@@ -436,6 +440,10 @@ async fn exclusive_disaster_force_promote_then_failback() {
 /// point pending: a forced promotion (no replayer running) takes the
 /// snapshot and promotes exactly that point, without rolling anything back.
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "uses fail points: cargo nextest run --features failpoints"
+)]
 async fn forced_promotion_settles_a_pending_sync_point() {
     let pool = TestPool::new("pending");
     let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
@@ -443,7 +451,10 @@ async fn forced_promotion_settles_a_pending_sync_point() {
     let mut b = Sidecar::start_with_env(
         Site::B,
         &pool.args(),
-        &[("CSIRR_FAULT_SNAP_DELAY_MS", "60000")],
+        &[(
+            "FAILPOINTS",
+            "replayer::before_replica_snapshot=sleep(60000)",
+        )],
     )
     .await;
     let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use csi_rbd_replicator::csi::params::ReplicationParams;
 use csi_rbd_replicator::grpc::server::Endpoint;
-use serde_yaml::Value;
+use yaml_serde::Value;
 
 const OURS: &str = "csi-rbd-replicator";
 const CSI_ADDONS: &str = "csi-addons";
@@ -23,7 +23,7 @@ fn root() -> PathBuf {
 fn docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
+    yaml_serde::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("valid YAML"))
         .filter(|v: &Value| !v.is_null())
         .collect()

@@ -205,12 +205,20 @@ fn racing_writers_exactly_one_wins_each_round_and_nothing_acknowledged_is_lost()
 /// and its own schedule lands on top of the other's instead of over it
 /// blindly.
 #[tokio::test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "uses fail points: cargo nextest run --features failpoints"
+)]
 async fn a_role_change_whose_record_changed_under_it_decides_again() {
     use csi_rbd_replicator::grpc::proto::replication::PromoteVolumeRequest;
     let pool = TestPool::new("casrpc");
     let args = ["--no-replayer", "--pools", &pool.name];
-    let slow =
-        Sidecar::start_with_env(Site::A, &args, &[("CSIRR_FAULT_RECORD_DELAY_MS", "8000")]).await;
+    let slow = Sidecar::start_with_env(
+        Site::A,
+        &args,
+        &[("FAILPOINTS", "roles::after_record_read=sleep(8000)")],
+    )
+    .await;
     let fast = Sidecar::start(Site::A, &args).await;
     let aio = pool.ioctx(Site::A);
     let name = "vol";
@@ -238,10 +246,7 @@ async fn a_role_change_whose_record_changed_under_it_decides_again() {
     wait_until(
         "the slow promotion to read the record",
         std::time::Duration::from_secs(60),
-        || {
-            slow.log_text()
-                .contains("pausing after reading the registry record")
-        },
+        || slow.log_text().contains("registry record read"),
     )
     .await;
     fast.controller()

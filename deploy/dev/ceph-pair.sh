@@ -6,10 +6,11 @@
 #        deploy/dev/ceph-pair.sh stop  SITE mon|mgr|osd|all
 #        deploy/dev/ceph-pair.sh start SITE mon|mgr|osd|all
 #
-#   up      create and start both clusters (no-op if already healthy; leftover state
-#           that is not healthy, e.g. after a reboot, is wiped and recreated; a pair
-#           of another state dir that holds the ports is taken down first, unless
-#           CSIRR_PAIR_TAKEOVER=0)
+#   up      create and start both clusters (no-op if already healthy; a complete pair
+#           that does not answer, e.g. after a reboot or under load, has its stopped
+#           daemons started and is waited for, never wiped, unless CSIRR_PAIR_WIPE=1;
+#           incomplete leftover state is wiped and recreated; a pair of another state
+#           dir that holds the ports is taken down first, unless CSIRR_PAIR_TAKEOVER=0)
 #   down    stop every daemon of both clusters, remove the state dir and /etc/ceph links
 #   env     print `export` lines: eval "$(deploy/dev/ceph-pair.sh env)"
 #   status  `ceph -s` of both sites
@@ -595,6 +596,17 @@ cmd_up() {
     ensure_packages
     if pair_healthy; then
         log "pair already up in $PAIR_DIR (nothing to do)"
+        return 0
+    fi
+    # A complete pair is never wiped for being slow or stopped: on a loaded machine
+    # `osd stat` can miss its timeout, and a daemon may have been stopped on purpose.
+    # Start what is not running and wait (the data survives restarts).
+    if [[ -f $PAIR_DIR/.complete && ${CSIRR_PAIR_WIPE:-0} != 1 ]]; then
+        log "pair in $PAIR_DIR is complete but not answering yet: starting what is down and waiting"
+        for site in "${SITES[@]}"; do cmd_start "$site" all; done
+        link_etc_ceph
+        pair_healthy || die "the pair in $PAIR_DIR does not come up; wipe and re-create it with CSIRR_PAIR_WIPE=1 $0 up"
+        log "pair up in $((SECONDS - t0)) s (restarted)"
         return 0
     fi
     if [[ -e $PAIR_DIR ]]; then

@@ -109,14 +109,15 @@ pair_up() {
 run_tests() {
     env | grep '^CSIRR_' | sort | sed 's/^/  /' >&2
     if (($#)); then
-        cargo nextest run --no-fail-fast "$@"
+        cargo nextest run --features failpoints --no-fail-fast "$@"
         return
     fi
     # Tests named exclusive_* stop and start Ceph daemons (disaster drills):
     # they run after the others, one at a time.
     local rc=0
-    cargo nextest run --no-fail-fast -E 'not test(/^exclusive_/)' || rc=$?
-    cargo nextest run --no-fail-fast --test-threads 1 -E 'test(/^exclusive_/)' || rc=$?
+    cargo nextest run --features failpoints --no-fail-fast -E 'not test(/^exclusive_/)' || rc=$?
+    cargo nextest run --features failpoints --no-fail-fast --test-threads 1 \
+        -E 'test(/^exclusive_/)' || rc=$?
     return "$rc"
 }
 
@@ -131,9 +132,11 @@ fi
 phase "toolchain" check_toolchain
 phase "cargo fmt --check" cargo fmt --check
 phase "cargo clippy" cargo clippy --all-targets -- -D warnings
-# The PV watcher (cargo feature kube, off by default for build time) must not rot.
-phase "cargo clippy (kube)" cargo clippy --all-targets --features kube -- -D warnings
-phase "cargo build" cargo build --all-targets
+# The PV watcher (cargo feature kube, off by default for build time) and the
+# tests' fail points (feature failpoints) must not rot.
+phase "cargo clippy (kube, failpoints)" cargo clippy --all-targets --features kube,failpoints -- -D warnings
+# The tests run with fail points compiled in (FAILPOINTS set by a few tests).
+phase "cargo build" cargo build --all-targets --features failpoints
 phase "ceph pair up" pair_up
 phase "cargo nextest run" run_tests "$@"
 

@@ -450,7 +450,7 @@ fn validate_uuid(uuid: &str) -> Result<(), HandleErrorKind> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::csi::test_rng::Rng;
+    use proptest::prelude::*;
 
     const EXAMPLE: &str =
         "0001-0009-rook-ceph-0000000000000002-b0285c97-a0ce-11eb-8c66-0242ac110002";
@@ -802,90 +802,75 @@ mod tests {
         assert!(msg.contains("it is 10000 bytes long"));
     }
 
-    fn random_uuid(rng: &mut Rng) -> String {
-        let hex = b"0123456789abcdefABCDEF";
-        (0..UUID_LEN)
-            .map(|i| {
-                if matches!(i, 8 | 13 | 18 | 23) {
-                    '-'
-                } else {
-                    char::from(*rng.pick(hex))
+    /// Cluster IDs of 1 to [`MAX_CLUSTER_ID_LEN`] bytes from an alphabet
+    /// with separators and multi-byte characters.
+    fn cluster_id() -> impl Strategy<Value = String> {
+        "[abcXYZ019\\-_.:/@ é日]{1,64}".prop_map(|s| {
+            let mut out = String::new();
+            for c in s.chars() {
+                if out.len() + c.len_utf8() > MAX_CLUSTER_ID_LEN {
+                    break;
                 }
-            })
-            .collect()
-    }
-
-    fn random_cluster_id(rng: &mut Rng) -> String {
-        let alphabet: Vec<char> = "abcXYZ019-_.:/@ é日".chars().collect();
-        let mut s = String::new();
-        let want = rng.below(MAX_CLUSTER_ID_LEN as u64) as usize + 1;
-        loop {
-            let c = *rng.pick(&alphabet);
-            if s.len() + c.len_utf8() > want {
-                break;
+                out.push(c);
             }
-            s.push(c);
-        }
-        if s.is_empty() {
-            s.push('a');
-        }
-        s
+            out
+        })
     }
 
-    #[test]
-    fn property_encode_parse_round_trips() {
-        let mut rng = Rng::new(0x5eed_0001);
-        for _ in 0..5_000 {
-            let cid = random_cluster_id(&mut rng);
-            let pool = (rng.next() >> rng.below(64)) as i64 & i64::MAX;
-            let uuid = random_uuid(&mut rng);
+    /// Byte strings near a valid handle: arbitrary pieces of handle-like
+    /// text, a valid handle with bytes replaced, removed or inserted, and
+    /// random bytes.
+    fn handle_like() -> impl Strategy<Value = String> {
+        let valid = VolumeHandle::new("rook-ceph", 2, UUID).unwrap().encode();
+        let pieces = prop::sample::select(vec![
+            "0001", "-", "0009", "ffff", "é", "\0", "0", "f", "--", "日本",
+        ]);
+        let edits =
+            prop::collection::vec((any::<prop::sample::Index>(), 0..3u8, any::<u8>()), 1..=5);
+        prop_oneof![
+            prop::collection::vec(pieces, 0..140).prop_map(|p| p.concat()),
+            edits.prop_map(move |edits| {
+                let mut b = valid.clone().into_bytes();
+                for (at, op, byte) in edits {
+                    let i = at.index(b.len() + 1);
+                    match op {
+                        0 if i < b.len() => b[i] = byte,
+                        1 if i < b.len() => {
+                            b.remove(i);
+                        }
+                        _ => b.insert(i, byte),
+                    }
+                }
+                String::from_utf8_lossy(&b).into_owned()
+            }),
+            prop::collection::vec(any::<u8>(), 0..200)
+                .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn property_encode_parse_round_trips(
+            cid in cluster_id(),
+            pool in prop_oneof![0..1_000i64, 0..=i64::MAX],
+            uuid in "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+        ) {
             let h = VolumeHandle::new(cid.as_str(), pool, uuid.as_str()).unwrap();
             let s = h.encode();
-            assert!(s.len() <= MAX_HANDLE_LEN, "{s}");
+            prop_assert!(s.len() <= MAX_HANDLE_LEN, "{}", s);
             let back = VolumeHandle::parse(&s).unwrap();
-            assert_eq!(back, h);
-            assert_eq!(back.encode(), s);
+            prop_assert_eq!(&back, &h);
+            prop_assert_eq!(back.encode(), s);
         }
-    }
 
-    #[test]
-    fn property_parse_never_panics() {
-        let mut rng = Rng::new(0x5eed_0002);
-        let valid = VolumeHandle::new("rook-ceph", 2, UUID).unwrap().encode();
-        let pieces = [
-            "0001", "-", "0009", "ffff", "é", "\0", "0", "f", "--", "日本",
-        ];
-        for round in 0..20_000 {
-            let s = match round % 3 {
-                // Arbitrary strings from a small, handle-like alphabet.
-                0 => (0..rng.below(140))
-                    .map(|_| *rng.pick(&pieces))
-                    .collect::<String>(),
-                // Mutations of a valid handle: replace, delete or insert bytes.
-                1 => {
-                    let mut b = valid.clone().into_bytes();
-                    for _ in 0..=rng.below(4) {
-                        let i = rng.below(b.len() as u64 + 1) as usize;
-                        match rng.below(3) {
-                            0 if i < b.len() => b[i] = rng.next() as u8,
-                            1 if i < b.len() => {
-                                b.remove(i);
-                            }
-                            _ => b.insert(i, rng.next() as u8),
-                        }
-                    }
-                    String::from_utf8_lossy(&b).into_owned()
-                }
-                // Random bytes.
-                _ => {
-                    let b: Vec<u8> = (0..rng.below(200)).map(|_| rng.next() as u8).collect();
-                    String::from_utf8_lossy(&b).into_owned()
-                }
-            };
+        #[test]
+        fn property_parse_never_panics(s in handle_like()) {
             if let Ok(h) = VolumeHandle::parse(&s) {
                 // Anything accepted re-encodes to an equivalent handle.
-                assert_eq!(VolumeHandle::parse(&h.encode()).unwrap(), h);
-                assert!(s.eq_ignore_ascii_case(&h.encode()), "{s:?}");
+                prop_assert_eq!(VolumeHandle::parse(&h.encode()).unwrap(), h.clone());
+                prop_assert!(s.eq_ignore_ascii_case(&h.encode()), "{:?}", s);
             }
         }
     }

@@ -11,9 +11,6 @@ pub mod handle;
 pub mod params;
 pub mod volume_id;
 
-#[cfg(test)]
-mod test_rng;
-
 pub use config::{ClusterConfig, ClusterMapping, ConfigError, CsiConfig, PoolLocation};
 pub use handle::{HandleError, VolumeHandle};
 pub use params::{FlattenMode, MirroringMode, ParamError, ReplicationParams, StartTime};

@@ -31,9 +31,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{
-    DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime, Offset, SecondsFormat, Utc,
-};
+use chrono::format::{ParseErrorKind, Parsed, StrftimeItems};
+use chrono::{DateTime, FixedOffset, NaiveDate, NaiveTime, Offset, SecondsFormat, Timelike, Utc};
 use serde::{Deserialize, Serialize};
 
 /// The `mirroringMode` key.
@@ -490,38 +489,19 @@ fn parse_go_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// A small cursor over the ASCII start-time grammar.
-struct Cursor<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl Cursor<'_> {
-    fn rest(&self) -> &[u8] {
-        self.b.get(self.i..).unwrap_or_default()
-    }
-
-    fn eat(&mut self, c: u8) -> bool {
-        if self.b.get(self.i) == Some(&c) {
-            self.i += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Exactly `n` digits.
-    fn digits(&mut self, n: usize, what: &'static str) -> Result<u32, &'static str> {
-        let raw = self.b.get(self.i..self.i + n).ok_or(what)?;
-        if !raw.iter().all(u8::is_ascii_digit) {
-            return Err(what);
-        }
-        self.i += n;
-        Ok(raw
-            .iter()
-            .fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0')))
-    }
-}
+/// The `schedulingStartTime` forms, as chrono format strings, tried in order.
+/// `%#z` takes `Z`, `+HH`, `+HHMM` and `+HH:MM`; `%.f` an optional fraction.
+const START_TIME_FORMATS: [&str; 9] = [
+    "%H:%M",
+    "%H:%M%#z",
+    "%H:%M:%S%.f",
+    "%H:%M:%S%.f%#z",
+    "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%dT%H:%M%#z",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+];
 
 fn parse_start_time(s: &str) -> Result<StartTime, &'static str> {
     if s.is_empty() {
@@ -530,131 +510,65 @@ fn parse_start_time(s: &str) -> Result<StartTime, &'static str> {
     if !s.is_ascii() {
         return Err("it contains a character that is not ASCII");
     }
-    let mut c = Cursor {
-        b: s.as_bytes(),
-        i: 0,
+    // ISO 8601 also separates date and time with `t` or a space.
+    let mut text = s.to_owned();
+    if matches!(text.as_bytes().get(10), Some(b't' | b' ')) && text.as_bytes().get(4) == Some(&b'-')
+    {
+        text.replace_range(10..11, "T");
+    }
+    // The most telling error over all forms: a value out of range beats a
+    // shape that does not match.
+    let mut worst = ParseErrorKind::Invalid;
+    for format in START_TIME_FORMATS {
+        let mut parsed = Parsed::new();
+        match chrono::format::parse(&mut parsed, &text, StrftimeItems::new(format)) {
+            Ok(()) => return start_time_from(&parsed),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ParseErrorKind::OutOfRange | ParseErrorKind::Impossible
+                ) =>
+            {
+                worst = e.kind();
+            }
+            Err(_) => {}
+        }
+    }
+    Err(match worst {
+        ParseErrorKind::OutOfRange => "a field is out of range",
+        ParseErrorKind::Impossible => "the date does not exist",
+        _ => "it is not in one of the accepted forms",
+    })
+}
+
+/// The start time of a successful parse: a date makes it absolute.
+fn start_time_from(parsed: &Parsed) -> Result<StartTime, &'static str> {
+    let offset = match parsed.offset() {
+        Some(secs) => FixedOffset::east_opt(secs).ok_or("the UTC offset is out of range")?,
+        None => Utc.fix(),
     };
-    let has_date = s.len() >= 10 && s.as_bytes().get(4) == Some(&b'-');
-    if !has_date {
-        let (time, offset) = parse_time_and_offset(&mut c)?;
-        return Ok(StartTime::Daily {
-            time,
-            offset: offset.unwrap_or(utc()),
-        });
+    let time = if parsed.hour_div_12().is_some() {
+        parsed
+            .to_naive_time()
+            .map_err(|_| "the time does not exist")?
+    } else {
+        NaiveTime::MIN
+    };
+    // chrono reads second 60 as a leap second; a schedule has none.
+    if time.nanosecond() >= 1_000_000_000 {
+        return Err("the second must be 00 to 59");
     }
-    let date = parse_date(&mut c)?;
-    if c.rest().is_empty() {
-        return at(date.and_time(NaiveTime::MIN), utc());
+    if parsed.year().is_none() {
+        return Ok(StartTime::Daily { time, offset });
     }
-    if !(c.eat(b'T') || c.eat(b't') || c.eat(b' ')) {
-        return Err("the date must be followed by 'T' and a time");
-    }
-    let (time, offset) = parse_time_and_offset(&mut c)?;
-    at(date.and_time(time), offset.unwrap_or(utc()))
-}
-
-fn utc() -> FixedOffset {
-    Utc.fix()
-}
-
-fn at(local: NaiveDateTime, offset: FixedOffset) -> Result<StartTime, &'static str> {
-    local
+    let date = parsed
+        .to_naive_date()
+        .map_err(|_| "the date does not exist")?;
+    date.and_time(time)
         .and_local_timezone(offset)
         .single()
         .map(StartTime::At)
         .ok_or("the date and time are out of range")
-}
-
-fn parse_date(c: &mut Cursor<'_>) -> Result<NaiveDate, &'static str> {
-    const SHAPE: &str = "the date is not in YYYY-MM-DD form";
-    let y = c.digits(4, SHAPE)?;
-    if !c.eat(b'-') {
-        return Err(SHAPE);
-    }
-    let m = c.digits(2, SHAPE)?;
-    if !c.eat(b'-') {
-        return Err(SHAPE);
-    }
-    let d = c.digits(2, SHAPE)?;
-    let year = i32::try_from(y).map_err(|_| SHAPE)?;
-    NaiveDate::from_ymd_opt(year, m, d).ok_or("the date does not exist")
-}
-
-fn parse_time_and_offset(
-    c: &mut Cursor<'_>,
-) -> Result<(NaiveTime, Option<FixedOffset>), &'static str> {
-    const SHAPE: &str = "the time is not in HH:MM or HH:MM:SS form";
-    let h = c.digits(2, SHAPE)?;
-    if !c.eat(b':') {
-        return Err(SHAPE);
-    }
-    let m = c.digits(2, SHAPE)?;
-    let mut sec = 0;
-    let mut nano = 0;
-    if c.eat(b':') {
-        sec = c.digits(2, SHAPE)?;
-        if c.eat(b'.') || c.eat(b',') {
-            let start = c.i;
-            while c.rest().first().is_some_and(u8::is_ascii_digit) {
-                c.i += 1;
-            }
-            let frac = c.b.get(start..c.i).unwrap_or_default();
-            if frac.is_empty() || frac.len() > 9 {
-                return Err("the fraction of a second must have 1 to 9 digits");
-            }
-            let scale = 10u32.pow(9 - u32::try_from(frac.len()).unwrap_or(9));
-            nano = frac
-                .iter()
-                .fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0'))
-                * scale;
-        }
-    }
-    if h > 23 {
-        return Err("the hour must be 00 to 23");
-    }
-    if m > 59 {
-        return Err("the minute must be 00 to 59");
-    }
-    if sec > 59 {
-        return Err("the second must be 00 to 59");
-    }
-    let time = NaiveTime::from_hms_nano_opt(h, m, sec, nano).ok_or(SHAPE)?;
-    let offset = parse_offset(c)?;
-    if !c.rest().is_empty() {
-        return Err("unexpected characters after the time");
-    }
-    Ok((time, offset))
-}
-
-fn parse_offset(c: &mut Cursor<'_>) -> Result<Option<FixedOffset>, &'static str> {
-    const SHAPE: &str = "the UTC offset is not Z, +HH, +HHMM or +HH:MM";
-    if c.rest().is_empty() {
-        return Ok(None);
-    }
-    if c.eat(b'Z') || c.eat(b'z') {
-        return Ok(Some(utc()));
-    }
-    let sign: i32 = if c.eat(b'+') {
-        1
-    } else if c.eat(b'-') {
-        -1
-    } else {
-        return Err("unexpected characters after the time");
-    };
-    let h = c.digits(2, SHAPE)?;
-    let m = if c.rest().is_empty() {
-        0
-    } else {
-        c.eat(b':');
-        c.digits(2, SHAPE)?
-    };
-    if h > 23 || m > 59 {
-        return Err("the UTC offset is out of range");
-    }
-    let secs = i32::try_from(h * 3600 + m * 60).map_err(|_| SHAPE)?;
-    FixedOffset::east_opt(sign * secs)
-        .map(Some)
-        .ok_or("the UTC offset is out of range")
 }
 
 /// Accepted `schedulingStartTime` forms, for messages.
@@ -778,8 +692,8 @@ mod size_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::csi::test_rng::Rng;
     use chrono::TimeZone;
+    use proptest::prelude::*;
 
     fn params(pairs: &[(&str, &str)]) -> Result<ReplicationParams, ParamError> {
         let m: HashMap<String, String> = pairs
@@ -981,39 +895,27 @@ mod tests {
             }
             other => panic!("{other}"),
         };
-        assert_eq!(reason("24:00"), "the hour must be 00 to 23");
-        assert_eq!(reason("14:60"), "the minute must be 00 to 59");
-        assert_eq!(reason("14:00:60"), "the second must be 00 to 59");
-        assert_eq!(reason("1400"), "the time is not in HH:MM or HH:MM:SS form");
-        assert_eq!(reason("2pm"), "the time is not in HH:MM or HH:MM:SS form");
-        assert_eq!(reason("14:00:00+25:00"), "the UTC offset is out of range");
-        assert_eq!(
-            reason("14:00:00+05:0"),
-            "the UTC offset is not Z, +HH, +HHMM or +HH:MM"
-        );
-        assert_eq!(reason("14:00 UTC"), "unexpected characters after the time");
-        assert_eq!(reason("14:00:00Zx"), "unexpected characters after the time");
-        assert_eq!(
-            reason("14:00:00."),
-            "the fraction of a second must have 1 to 9 digits"
-        );
-        assert_eq!(reason("2024-02-30T14:00"), "the date does not exist");
-        assert_eq!(
-            reason("2024-5-01T14:00Z"),
-            "the date is not in YYYY-MM-DD form"
-        );
-        assert_eq!(
-            reason("2024-05-01X14:00"),
-            "the date must be followed by 'T' and a time"
-        );
-        assert_eq!(
-            reason("2024-05-01T"),
-            "the time is not in HH:MM or HH:MM:SS form"
-        );
-        assert_eq!(
-            reason("１４:00"),
-            "it contains a character that is not ASCII"
-        );
+        const RANGE: &str = "a field is out of range";
+        const FORMS: &str = "it is not in one of the accepted forms";
+        for (text, want) in [
+            ("24:00", RANGE),
+            ("14:60", RANGE),
+            ("14:00:60", "the second must be 00 to 59"),
+            ("14:00:00+25:00", "the UTC offset is out of range"),
+            ("2024-02-30T14:00", "the date does not exist"),
+            ("1400", FORMS),
+            ("2pm", FORMS),
+            ("14:00:00+05:0", FORMS),
+            ("14:00 UTC", FORMS),
+            ("14:00:00Zx", FORMS),
+            ("14:00:00.", FORMS),
+            ("2024-05-01X14:00", FORMS),
+            ("2024-05-01T", FORMS),
+            ("", "it is empty"),
+            ("１４:00", "it contains a character that is not ASCII"),
+        ] {
+            assert_eq!(reason(text), want, "{text:?}");
+        }
         let msg = params(&[
             ("schedulingInterval", "1h"),
             ("schedulingStartTime", "25:00"),
@@ -1022,8 +924,8 @@ mod tests {
         .to_string();
         assert!(
             msg.starts_with(
-                "schedulingStartTime \"25:00\" is not a valid ISO 8601 start time (the hour \
-                 must be 00 to 23); accepted are a time of day such as \"14:00\""
+                "schedulingStartTime \"25:00\" is not a valid ISO 8601 start time (a field is \
+                 out of range); accepted are a time of day such as \"14:00\""
             ),
             "{msg}"
         );
@@ -1221,60 +1123,60 @@ mod tests {
         assert_eq!(a.next_at_or_after(now, Duration::ZERO), now);
     }
 
-    #[test]
-    fn property_start_time_round_trips_and_next_is_on_grid() {
-        let mut rng = Rng::new(0x5eed_0004);
-        let offsets = [
+    /// `schedulingStartTime` texts in every accepted shape.
+    fn start_time_text() -> impl Strategy<Value = String> {
+        let offset = prop::sample::select(vec![
             "", "Z", "+00:00", "-05:00", "+05:30", "+14:00", "-1100", "+09",
-        ];
-        for _ in 0..3_000 {
-            let (h, m, s) = (rng.below(24), rng.below(60), rng.below(60));
-            let off_s = *rng.pick(&offsets);
-            let text = if rng.below(2) == 0 {
-                format!("{h:02}:{m:02}:{s:02}{off_s}")
-            } else {
-                let (y, mo, d) = (1990 + rng.below(60), 1 + rng.below(12), 1 + rng.below(28));
-                format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}{off_s}")
-            };
-            let st = StartTime::parse(&text).unwrap();
-            let again = StartTime::parse(&st.to_string()).unwrap();
-            assert_eq!(again, st, "{text}");
-            assert_eq!(again.to_string(), st.to_string());
-
-            let interval = Duration::from_secs(60 * (1 + rng.below(3 * 1440)));
-            let now = DateTime::from_timestamp(
-                946_684_800 + i64::try_from(rng.below(2_000_000_000)).unwrap(),
-                u32::try_from(rng.below(1_000_000_000)).unwrap(),
-            )
-            .unwrap();
-            let next = st.next_at_or_after(now, interval);
-            let step = i128::from(u32::try_from(interval.as_secs()).unwrap()) * 1_000_000_000;
-            assert!(next >= now, "{text}");
-            assert_eq!(
-                (nanos(next) - nanos(st.anchor())).rem_euclid(step),
-                0,
-                "{text}"
-            );
-            if next > st.anchor() {
-                assert!(nanos(next) - nanos(now) < step, "{text}: not the first");
-            } else {
-                assert!(matches!(st, StartTime::At(_)) && next == st.anchor());
-            }
-        }
+        ]);
+        (
+            (0..24u32, 0..60u32, 0..60u32),
+            prop::option::of((1990..2050i32, 1..=12u32, 1..=28u32)),
+            offset,
+        )
+            .prop_map(|((h, m, s), date, off)| match date {
+                None => format!("{h:02}:{m:02}:{s:02}{off}"),
+                Some((y, mo, d)) => format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}{off}"),
+            })
     }
 
-    #[test]
-    fn property_parse_never_panics() {
-        let mut rng = Rng::new(0x5eed_0005);
-        let pieces = [
-            "1", "4", "9", "0", ":", "-", "+", "T", "Z", ".", "2024-", " ", "é", "h", "d",
-        ];
-        for _ in 0..20_000 {
-            let s: String = (0..rng.below(24)).map(|_| *rng.pick(&pieces)).collect();
-            let _ = StartTime::parse(&s);
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn property_start_time_round_trips_and_next_is_on_grid(
+            text in start_time_text(),
+            interval_minutes in 1..=3 * 1440u64,
+            now_secs in 946_684_800..2_946_684_800i64,
+            now_nanos in 0..1_000_000_000u32,
+        ) {
+            let st = StartTime::parse(&text).unwrap();
+            let again = StartTime::parse(&st.to_string()).unwrap();
+            prop_assert_eq!(again, st, "{}", text);
+            prop_assert_eq!(again.to_string(), st.to_string());
+
+            let interval = Duration::from_secs(60 * interval_minutes);
+            let now = DateTime::from_timestamp(now_secs, now_nanos).unwrap();
+            let next = st.next_at_or_after(now, interval);
+            let step = i128::from(interval.as_secs()) * 1_000_000_000;
+            prop_assert!(next >= now, "{}", text);
+            prop_assert_eq!((nanos(next) - nanos(st.anchor())).rem_euclid(step), 0, "{}", text);
+            if next > st.anchor() {
+                prop_assert!(nanos(next) - nanos(now) < step, "{}: not the first", text);
+            } else {
+                prop_assert!(matches!(st, StartTime::At(_)) && next == st.anchor());
+            }
+        }
+
+        #[test]
+        fn property_parse_never_panics(
+            pieces in prop::collection::vec(prop::sample::select(vec![
+                "1", "4", "9", "0", ":", "-", "+", "T", "Z", ".", "2024-", " ", "é", "h", "d",
+            ]), 0..24),
+        ) {
+            let s = pieces.concat();
             let _ = parse_interval(&s);
             if let Ok(st) = StartTime::parse(&s) {
-                assert_eq!(StartTime::parse(&st.to_string()).unwrap(), st);
+                prop_assert_eq!(StartTime::parse(&st.to_string()).unwrap(), st);
             }
         }
     }

@@ -285,7 +285,7 @@ fn check_name(input: &str, kind: NameKind, name: &str) -> Result<(), VolumeIdErr
 mod tests {
     use super::*;
     use crate::csi::handle::HandleErrorKind;
-    use crate::csi::test_rng::Rng;
+    use proptest::prelude::*;
 
     const HANDLE: &str =
         "0001-0009-rook-ceph-0000000000000002-b0285c97-a0ce-11eb-8c66-0242ac110002";
@@ -438,15 +438,14 @@ mod tests {
         assert!(h.handle().is_some());
     }
 
-    #[test]
-    fn property_display_parse_round_trips_and_never_panics() {
-        let mut rng = Rng::new(0x5eed_0003);
-        let alphabet: Vec<char> = "ab-_. 09/@é\t".chars().collect();
-        for _ in 0..10_000 {
-            let s: String = (0..rng.below(24)).map(|_| *rng.pick(&alphabet)).collect();
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+
+        #[test]
+        fn property_display_parse_round_trips_and_never_panics(s in "[ab\\-_. 09/@é\t]{0,24}") {
             if let Ok(v) = VolumeId::parse(&s) {
-                assert_eq!(v.to_string(), s);
-                assert_eq!(VolumeId::parse(&v.to_string()).unwrap(), v);
+                prop_assert_eq!(v.to_string(), s);
+                prop_assert_eq!(VolumeId::parse(&v.to_string()).unwrap(), v);
             }
         }
     }

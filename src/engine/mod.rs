@@ -155,15 +155,6 @@ pub struct LastSync {
     pub bytes: u64,
 }
 
-/// A duration in milliseconds from environment variable `name` (fault
-/// injection for tests), if set and valid.
-fn env_millis(name: &str) -> Option<Duration> {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
-}
-
 /// The engine. Shared behind an `Arc` by the gRPC services and the replayer.
 pub struct Engine {
     cfg: EngineConfig,
@@ -195,18 +186,6 @@ pub struct Engine {
     /// First sync snapshots Enable left to the background, at most
     /// [`scheduler::SNAPSHOT_BATCH`] at once.
     first_snaps: Arc<tokio::sync::Semaphore>,
-    /// Fault injection for tests: every volume operation first sleeps this
-    /// long (`CSIRR_FAULT_OP_DELAY_MS`), which makes overlapping calls on one
-    /// volume deterministic.
-    fault_op_delay: Option<Duration>,
-    /// Fault injection for tests: the replayer waits this long between
-    /// reporting a sync point and taking the replica's snapshot of it
-    /// (`CSIRR_FAULT_SNAP_DELAY_MS`), which holds the pending state open.
-    fault_snap_delay: Option<Duration>,
-    /// Fault injection for tests: a role change waits this long after
-    /// reading the volume's registry record (`CSIRR_FAULT_RECORD_DELAY_MS`),
-    /// which lets another writer change the record under it.
-    fault_record_delay: Option<Duration>,
 }
 
 /// How many times a role change re-reads and decides again when the
@@ -233,9 +212,6 @@ impl Engine {
             leases: lease::LeaseTable::default(),
             rpc_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_rpcs.max(1))),
             first_snaps: Arc::new(tokio::sync::Semaphore::new(scheduler::SNAPSHOT_BATCH)),
-            fault_op_delay: env_millis("CSIRR_FAULT_OP_DELAY_MS"),
-            fault_snap_delay: env_millis("CSIRR_FAULT_SNAP_DELAY_MS"),
-            fault_record_delay: env_millis("CSIRR_FAULT_RECORD_DELAY_MS"),
             cfg,
         })
     }
@@ -272,13 +248,12 @@ impl Engine {
         f: impl Fn(&Engine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let guard = self.locks.try_lock(&key)?;
-        let delay = self.fault_op_delay;
         let what = format!("the operation on {key}");
         self.run_within(self.cfg.rpc_timeout, what, move |e| {
             let _guard = guard;
-            if let Some(d) = delay {
-                std::thread::sleep(d);
-            }
+            // Tests: `engine::op=sleep(ms)` makes overlapping calls on one
+            // volume deterministic.
+            fail::fail_point!("engine::op");
             let mut attempt = 1;
             loop {
                 match f(e) {

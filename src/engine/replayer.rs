@@ -167,9 +167,8 @@ pub async fn supervise(engine: Arc<Engine>, cancel: CancellationToken) {
 /// The replayer: discovery, syncs and the local scheduler pass, until
 /// `cancel`. Use [`supervise`] to run it.
 pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
-    if std::env::var_os("CSIRR_FAULT_REPLAYER_PANIC").is_some() {
-        panic!("fault injection: CSIRR_FAULT_REPLAYER_PANIC is set");
-    }
+    // Tests: `replayer::start=panic` kills the replayer task at its start.
+    fail::fail_point!("replayer::start");
     let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
@@ -952,9 +951,9 @@ fn sync_inner(
     // Not a client of the primary any longer than needed: an open handle
     // counts as one for "is the volume in use?" checks.
     drop(primary);
-    if let Some(d) = engine.fault_snap_delay {
-        std::thread::sleep(d);
-    }
+    // Tests: `replayer::before_replica_snapshot=sleep(ms)` holds the
+    // pending state open between the report and the replica's snapshot.
+    fail::fail_point!("replayer::before_replica_snapshot");
     settle_pending_snap(&replica, &local_reg, &mut rec)?;
     let rall = replica
         .snap_list()

@@ -129,10 +129,10 @@ impl Engine {
                 req.volume
             ))
         })?;
-        if let Some(d) = self.fault_record_delay {
-            tracing::info!(volume = %req.volume, pause = ?d, "fault injection: pausing after reading the registry record");
-            std::thread::sleep(d);
-        }
+        tracing::debug!(volume = %req.volume, "registry record read");
+        // Tests: `roles::after_record_read=sleep(ms)` lets another writer
+        // change the record under this role change.
+        fail::fail_point!("roles::after_record_read");
         Ok((reg, rec))
     }
 

@@ -1,8 +1,10 @@
-//! The csi-addons replication Controller service. Each handler validates the
-//! request into a typed engine request, calls the engine, and maps its error
-//! through the one `From<EngineError> for Status`. Requests are never logged
-//! whole: they carry secrets.
+//! The csi-addons replication Controller service. Every handler runs in one
+//! frame (`ReplicationService::handle`): it validates the request into a
+//! typed engine request, calls the engine, and maps its error through the one
+//! `From<EngineError> for Status`. Requests are never logged whole: they
+//! carry secrets.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use prost_types::{Duration as PbDuration, Timestamp};
@@ -13,7 +15,7 @@ use super::proto::replication::get_volume_replication_info_response::Status as P
 use super::proto::replication::*;
 use super::status::{Secrets, volume_request};
 use crate::csi::params::ReplicationParams;
-use crate::engine::{Engine, EngineError, Health};
+use crate::engine::{Engine, EngineError, Health, VolumeRequest};
 
 /// Replication Controller state.
 pub struct ReplicationService {
@@ -36,137 +38,166 @@ fn params(p: &std::collections::HashMap<String, String>) -> Result<ReplicationPa
     Ok(parsed)
 }
 
-/// Logs the outcome of an RPC with its volume.
-fn logged<T>(
-    rpc: &'static str,
-    volume: &str,
-    r: Result<T, EngineError>,
-) -> Result<Response<T>, Status> {
-    match r {
-        Ok(v) => {
-            tracing::info!(rpc, volume, "ok");
-            Ok(Response::new(v))
+/// What every replication request carries: a volume (or group) and the
+/// secrets to reach it.
+trait VolumeRpc: Send + 'static {
+    /// The RPC's name in log lines.
+    const NAME: &'static str;
+    /// Polled often (GetVolumeReplicationInfo): log failures at debug only
+    /// and successes not at all.
+    const QUIET: bool = false;
+    /// The deprecated `volume_id` field ("" where the request has none) and
+    /// the replication source.
+    fn target(&self) -> (&str, Option<&ReplicationSource>);
+    /// The request's secrets.
+    fn secrets(&mut self) -> &mut std::collections::HashMap<String, String>;
+}
+
+macro_rules! volume_rpc {
+    ($($req:ty => $name:literal $(, quiet = $quiet:literal)?;)*) => {$(
+        impl VolumeRpc for $req {
+            const NAME: &'static str = $name;
+            $(const QUIET: bool = $quiet;)?
+            fn target(&self) -> (&str, Option<&ReplicationSource>) {
+                (&self.volume_id, self.replication_source.as_ref())
+            }
+            fn secrets(&mut self) -> &mut std::collections::HashMap<String, String> {
+                &mut self.secrets
+            }
         }
-        Err(e) => {
-            let s = Status::from(e);
-            tracing::info!(rpc, volume, code = ?s.code(), message = s.message(), "failed");
-            Err(s)
+    )*};
+}
+
+#[allow(deprecated)]
+mod rpcs {
+    use super::*;
+    volume_rpc! {
+        EnableVolumeReplicationRequest => "EnableVolumeReplication";
+        DisableVolumeReplicationRequest => "DisableVolumeReplication";
+        PromoteVolumeRequest => "PromoteVolume";
+        DemoteVolumeRequest => "DemoteVolume";
+        ResyncVolumeRequest => "ResyncVolume";
+        GetVolumeReplicationInfoRequest => "GetVolumeReplicationInfo", quiet = true;
+    }
+}
+
+impl VolumeRpc for GetReplicationDestinationInfoRequest {
+    const NAME: &'static str = "GetReplicationDestinationInfo";
+    fn target(&self) -> (&str, Option<&ReplicationSource>) {
+        ("", self.replication_source.as_ref())
+    }
+    fn secrets(&mut self) -> &mut std::collections::HashMap<String, String> {
+        &mut self.secrets
+    }
+}
+
+impl ReplicationService {
+    /// Every RPC's frame: takes the secrets out of the request, resolves the
+    /// volume, runs `call` with the engine, maps its error through the one
+    /// `From<EngineError> for Status` and logs the outcome with the volume.
+    async fn handle<R, T, Fut>(
+        &self,
+        req: Request<R>,
+        call: impl FnOnce(Arc<Engine>, VolumeRequest, R) -> Fut,
+    ) -> Result<Response<T>, Status>
+    where
+        R: VolumeRpc,
+        Fut: Future<Output = Result<T, EngineError>>,
+    {
+        let mut r = req.into_inner();
+        let secrets = Secrets::take(r.secrets());
+        let (deprecated, source) = r.target();
+        let volume = volume_label(deprecated, source);
+        let res = match volume_request(deprecated, source, &secrets) {
+            Ok(vr) => call(Arc::clone(&self.engine), vr, r).await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(v) => {
+                if !R::QUIET {
+                    tracing::info!(rpc = R::NAME, volume, "ok");
+                }
+                Ok(Response::new(v))
+            }
+            Err(e) => {
+                let s = Status::from(e);
+                if R::QUIET {
+                    tracing::debug!(rpc = R::NAME, volume, code = ?s.code(), message = s.message(), "failed");
+                } else {
+                    tracing::info!(rpc = R::NAME, volume, code = ?s.code(), message = s.message(), "failed");
+                }
+                Err(s)
+            }
         }
     }
 }
 
-#[allow(deprecated)]
 #[tonic::async_trait]
 impl Controller for ReplicationService {
     async fn enable_volume_replication(
         &self,
         req: Request<EnableVolumeReplicationRequest>,
     ) -> Result<Response<EnableVolumeReplicationResponse>, Status> {
-        let mut r = req.into_inner();
-        let secrets = Secrets::take(&mut r.secrets);
-        let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
-            let p = params(&r.parameters)?;
-            self.engine.enable(vr, p).await?;
+        self.handle(req, |engine, vr, r| async move {
+            engine.enable(vr, params(&r.parameters)?).await?;
             Ok(EnableVolumeReplicationResponse {})
-        }
-        .await;
-        logged(
-            "EnableVolumeReplication",
-            &volume_label(&r.volume_id, r.replication_source.as_ref()),
-            res,
-        )
+        })
+        .await
     }
 
     async fn disable_volume_replication(
         &self,
         req: Request<DisableVolumeReplicationRequest>,
     ) -> Result<Response<DisableVolumeReplicationResponse>, Status> {
-        let mut r = req.into_inner();
-        let secrets = Secrets::take(&mut r.secrets);
-        let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
+        self.handle(req, |engine, vr, r| async move {
             // Never fails on the class' parameters: a broken class must not
             // block the VolumeReplication's finalizer. Only `force` counts.
             let force = ReplicationParams::lenient_force(&r.parameters);
-            self.engine.disable(vr, force).await?;
+            engine.disable(vr, force).await?;
             Ok(DisableVolumeReplicationResponse {})
-        }
-        .await;
-        logged(
-            "DisableVolumeReplication",
-            &volume_label(&r.volume_id, r.replication_source.as_ref()),
-            res,
-        )
+        })
+        .await
     }
 
     async fn promote_volume(
         &self,
         req: Request<PromoteVolumeRequest>,
     ) -> Result<Response<PromoteVolumeResponse>, Status> {
-        let mut r = req.into_inner();
-        let secrets = Secrets::take(&mut r.secrets);
-        let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
-            let p = params(&r.parameters)?;
-            self.engine.promote(vr, r.force, p).await?;
+        self.handle(req, |engine, vr, r| async move {
+            engine.promote(vr, r.force, params(&r.parameters)?).await?;
             Ok(PromoteVolumeResponse {})
-        }
-        .await;
-        logged(
-            "PromoteVolume",
-            &volume_label(&r.volume_id, r.replication_source.as_ref()),
-            res,
-        )
+        })
+        .await
     }
 
     async fn demote_volume(
         &self,
         req: Request<DemoteVolumeRequest>,
     ) -> Result<Response<DemoteVolumeResponse>, Status> {
-        let mut r = req.into_inner();
-        let secrets = Secrets::take(&mut r.secrets);
-        let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
-            self.engine.demote(vr, r.force).await?;
+        self.handle(req, |engine, vr, r| async move {
+            engine.demote(vr, r.force).await?;
             Ok(DemoteVolumeResponse {})
-        }
-        .await;
-        logged(
-            "DemoteVolume",
-            &volume_label(&r.volume_id, r.replication_source.as_ref()),
-            res,
-        )
+        })
+        .await
     }
 
     async fn resync_volume(
         &self,
         req: Request<ResyncVolumeRequest>,
     ) -> Result<Response<ResyncVolumeResponse>, Status> {
-        let mut r = req.into_inner();
-        let secrets = Secrets::take(&mut r.secrets);
-        let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
-            let ready = self.engine.resync(vr, r.force).await?;
+        self.handle(req, |engine, vr, r| async move {
+            let ready = engine.resync(vr, r.force).await?;
             Ok(ResyncVolumeResponse { ready })
-        }
-        .await;
-        logged(
-            "ResyncVolume",
-            &volume_label(&r.volume_id, r.replication_source.as_ref()),
-            res,
-        )
+        })
+        .await
     }
 
     async fn get_volume_replication_info(
         &self,
         req: Request<GetVolumeReplicationInfoRequest>,
     ) -> Result<Response<GetVolumeReplicationInfoResponse>, Status> {
-        let mut r = req.into_inner();
-        let secrets = Secrets::take(&mut r.secrets);
-        let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
-            let info = self.engine.info(vr).await?;
+        self.handle(req, |engine, vr, _| async move {
+            let info = engine.info(vr).await?;
             let status = match info.health {
                 Health::Healthy => PbHealth::Healthy,
                 Health::Degraded => PbHealth::Degraded,
@@ -190,29 +221,16 @@ impl Controller for ReplicationService {
                 status: status as i32,
                 status_message: info.message,
             })
-        }
-        .await;
-        let res: Result<GetVolumeReplicationInfoResponse, EngineError> = res;
-        // Polled often: log failures only at debug.
-        match res {
-            Ok(v) => Ok(Response::new(v)),
-            Err(e) => {
-                let s = Status::from(e);
-                tracing::debug!(rpc = "GetVolumeReplicationInfo", code = ?s.code(), message = s.message(), "failed");
-                Err(s)
-            }
-        }
+        })
+        .await
     }
 
     async fn get_replication_destination_info(
         &self,
         req: Request<GetReplicationDestinationInfoRequest>,
     ) -> Result<Response<GetReplicationDestinationInfoResponse>, Status> {
-        let mut r = req.into_inner();
-        let secrets = Secrets::take(&mut r.secrets);
-        let res = async {
-            let vr = volume_request("", r.replication_source.as_ref(), &secrets)?;
-            let volume_id = self.engine.destination(vr).await?;
+        self.handle(req, |engine, vr, _| async move {
+            let volume_id = engine.destination(vr).await?;
             Ok(GetReplicationDestinationInfoResponse {
                 replication_destination: Some(ReplicationDestination {
                     r#type: Some(replication_destination::Type::Volume(
@@ -220,13 +238,8 @@ impl Controller for ReplicationService {
                     )),
                 }),
             })
-        }
-        .await;
-        logged(
-            "GetReplicationDestinationInfo",
-            &volume_label("", r.replication_source.as_ref()),
-            res,
-        )
+        })
+        .await
     }
 }
 

@@ -44,7 +44,7 @@ pub enum ManifestError {
         /// The file.
         source_name: String,
         /// The parse error, with line and column.
-        error: serde_yaml::Error,
+        error: yaml_serde::Error,
     },
 }
 
@@ -73,7 +73,7 @@ pub fn parse(text: &str, source_name: &str) -> Result<Vec<ManifestObject>, Manif
         out
     } else {
         let mut out = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(text) {
+        for doc in yaml_serde::Deserializer::from_str(text) {
             out.push(
                 Value::deserialize(doc).map_err(|error| ManifestError::Yaml {
                     source_name: source_name.to_owned(),
