@@ -29,7 +29,7 @@ use std::ptr::{self, NonNull};
 use std::sync::Arc;
 
 use super::error::{Error, Result, check};
-use super::rados::{IoCtx, cstring};
+use super::rados::{IoCtx, WriteOp, cstring};
 use super::rbd::Image;
 use super::sys;
 
@@ -557,8 +557,12 @@ pub(crate) fn decode_snap_context(b: &[u8]) -> Option<(u64, Vec<u64>)> {
 /// Object map state of an object that may exist (librbd's `OBJECT_EXISTS`).
 const OBJECT_EXISTS: u8 = 1;
 
+/// Runs of objects marked in one compound operation on the object map.
+const MARK_BATCH: usize = 512;
+
 /// Marks the objects in `runs` (each `start..end`) of `image` as existing
-/// in its object map on disk (cls_rbd `object_map_update`, one call a run),
+/// in its object map on disk (cls_rbd `object_map_update`, one call a run,
+/// [`MARK_BATCH`] calls in one operation),
 /// before they are written directly: librbd skips reading an object its map
 /// says does not exist. An object marked but never written reads as zeroes.
 /// librbd's in-memory copy of the map does not see this: the caller makes
@@ -570,17 +574,22 @@ pub fn mark_objects_exist(image: &Image, runs: &[(u64, u64)]) -> Result<()> {
         return Ok(());
     }
     let oid = format!("rbd_object_map.{}", image.id()?);
-    for &(start, end) in runs.iter().filter(|r| r.0 < r.1) {
-        // start, end (u64 little endian), the new state, and no current
-        // state to compare with (an absent optional: one zero byte).
-        let mut input = Vec::with_capacity(18);
-        input.extend_from_slice(&start.to_le_bytes());
-        input.extend_from_slice(&end.to_le_bytes());
-        input.push(OBJECT_EXISTS);
-        input.push(0);
-        image
-            .ioctx()
-            .exec(&oid, "rbd", "object_map_update", &input, 0)?;
+    // Many runs per compound operation: one round trip each, not one per run
+    // (256 scattered objects of a thin 1 TiB image took 1.3 s one by one).
+    let runs: Vec<(u64, u64)> = runs.iter().copied().filter(|r| r.0 < r.1).collect();
+    for batch in runs.chunks(MARK_BATCH) {
+        let mut op = WriteOp::new()?;
+        for &(start, end) in batch {
+            // start, end (u64 little endian), the new state, and no current
+            // state to compare with (an absent optional: one zero byte).
+            let mut input = Vec::with_capacity(18);
+            input.extend_from_slice(&start.to_le_bytes());
+            input.extend_from_slice(&end.to_le_bytes());
+            input.push(OBJECT_EXISTS);
+            input.push(0);
+            op.exec("rbd", "object_map_update", &input)?;
+        }
+        op.operate(image.ioctx(), &oid)?;
     }
     Ok(())
 }
