@@ -625,7 +625,6 @@ pub struct WriteOp {
     handle: NonNull<std::ffi::c_void>,
     /// Buffers that must stay alive until `operate` (librados keeps pointers).
     keep: Vec<Vec<u8>>,
-    /// Results of comparisons and class calls.
     #[allow(clippy::vec_box)] // each i32 needs a stable address librados writes to
     cmp_rvals: Vec<Box<i32>>,
 }
@@ -722,30 +721,6 @@ impl WriteOp {
             )
         };
         self.cmp_rvals.push(rval);
-    }
-
-    /// Calls object class method `cls`.`method` with `input`; its result is
-    /// the op's (a failing call fails the whole op, nothing of it applied).
-    pub fn exec(&mut self, cls: &str, method: &str, input: &[u8]) -> Result<()> {
-        let c = cstring(cls, "rados_write_op_exec")?;
-        let m = cstring(method, "rados_write_op_exec")?;
-        let mut rval = Box::new(0i32);
-        // SAFETY: op is live; c and m are NUL-terminated and librados copies
-        // them and the input into the op during this call; rval is boxed and
-        // kept until `operate`, so librados writes the result to a stable
-        // address.
-        unsafe {
-            sys::rados_write_op_exec(
-                self.raw(),
-                c.as_ptr(),
-                m.as_ptr(),
-                input.as_ptr().cast(),
-                input.len(),
-                &mut *rval,
-            )
-        };
-        self.cmp_rvals.push(rval);
-        Ok(())
     }
 
     /// Applies the op to `oid`. Blocking.
