@@ -276,7 +276,7 @@ fn a_copy_whose_direct_reads_fail_reads_through_librbd() {
     assert_eq!(e.kind(), ceph::ErrorKind::NotFound, "{e}");
 
     let dst = create_image_in(&bio, &name, 16 * MIB, &[], 1);
-    let extents = copy::changed_extents(&at1, Some("s0"), 16 * MIB, 2 * MIB).expect("diff");
+    let extents = copy::changed_extents(&at1, Some("s0"), 16 * MIB, 2 * MIB, false).expect("diff");
     let stats = copy::copy_extents(
         copy::Source {
             image: &at1,
@@ -362,7 +362,7 @@ fn sparse_first_copies_equal_the_source() {
     let old_direct_objects = DataObjects::open_head(&old_direct)
         .expect("layout")
         .expect("direct");
-    let mut extents = copy::changed_extents(&at, None, size, 2 * MIB).expect("allocated");
+    let mut extents = copy::changed_extents(&at, None, size, 2 * MIB, true).expect("allocated");
     let data = written.iter().map(|w| w.1 as u64).sum::<u64>();
     let direct_objects = DataObjects::open_head(&direct)
         .expect("layout")
@@ -376,7 +376,7 @@ fn sparse_first_copies_equal_the_source() {
         (&old_direct, false, Some(&old_direct_objects)),
     ] {
         if !is_fresh {
-            let have = copy::changed_extents(dst, None, size, 2 * MIB).expect("replica");
+            let have = copy::changed_extents(dst, None, size, 2 * MIB, true).expect("replica");
             for (s, e) in copy::uncovered(&have, &extents) {
                 extents.push(copy::Extent {
                     off: s,

@@ -80,7 +80,10 @@
 #                      90) until the cores are at most this % busy (default 30)
 #   BENCH_TIMEOUT      seconds to wait for one scenario (default 120)
 #   BENCH_KEEP=1       keep the pool, logs and work dir (default: delete the pool)
-#   BENCH_SKIP_BUILD=1 use the existing target/release binary
+#   BENCH_SKIP_BUILD=1 use the existing target/release binary ($CARGO_TARGET_DIR/release
+#                      when CARGO_TARGET_DIR is set)
+#   BENCH_PERF=1       record both sidecars with `perf record -g` in each phase
+#                      ($WORK/perf-{a,b}-PHASE.data; with BENCH_KEEP=1 to keep them)
 #   BENCH_MIN_FREE_GIB refuse to start with less free disk next to the pair (default 16)
 set -euo pipefail
 
@@ -108,7 +111,7 @@ BENCH_ENGINE_ENV=${BENCH_ENGINE_ENV:-}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
 BENCH_KEEP=${BENCH_KEEP:-0}
 POOL=$BENCH_POOL
-BIN=$REPO_ROOT/target/release/csi-rbd-replicator
+BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/csi-rbd-replicator
 N_MULTI=20
 N_MANY=${BENCH_MANY:-200}
 SCENARIOS=(a b b0 c d ds m1 mt n)
@@ -133,6 +136,7 @@ declare -A NOTES=()  # NOTES[scenario] = engine timeline summary
 declare -A ALLOC=()  # ALLOC[c] = MiB the engine's replica of (c) allocates
 declare -A CALLS=()  # CALLS[tool] = {"enable": "p50/p99/max" ms, ...} of the serial run
 declare -A PRSS=()   # PRSS[tool.phase] = peak RSS (MiB) of the replaying process in a phase
+declare -A PCPU=()   # PCPU[tool.phase] = CPU seconds of the tool's processes in a phase
 ALLOC_MIRROR="" ALLOC_EXPORT=""
 
 for t in $BENCH_TOOLS; do
@@ -841,6 +845,11 @@ many_names() { # PREFIX: the images of (f), as create-many names them
 
 json_field() { jq -r ".$2" <<<"$1"; }
 
+cpu_seconds() { # PID: user + system CPU time the process used so far
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' \
+        "/proc/$1/stat" 2>/dev/null || true
+}
+
 vmhwm_mib() { # PID
     local v
     v=$(awk '/^VmHWM:/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null) || true
@@ -970,6 +979,14 @@ run_engine() {
         start_sidecar site-b "$sb" "$WORK/sidecar-b.log" --poll-interval "$BENCH_POLL" \
             $BENCH_ENGINE_ARGS
         pid_b=$LAST_PID
+        perf_pid=""
+        if [[ -n ${BENCH_PERF:-} ]]; then
+            perf record -F 499 -g -p "$pid_b" -o "$WORK/perf-b-$phase.data" >/dev/null 2>&1 &
+            perf_pid=$!
+            perf record -F 499 -g -p "$pid_a" -o "$WORK/perf-a-$phase.data" >/dev/null 2>&1 &
+            perf_pid+=" $!"
+        fi
+        cpu_a0=$(cpu_seconds "$pid_a") cpu_b0=$(cpu_seconds "$pid_b")
         case $phase in
         ab)
             out=$(helper engine-enable "$sa" "${p}a")
@@ -1018,6 +1035,13 @@ run_engine() {
         esac
         rss=$(vmhwm_mib "$pid_b")
         PRSS[engine.$phase]=$rss
+        PCPU[engine.$phase]=$(awk -v a0="$cpu_a0" -v b0="$cpu_b0" -v a="$(cpu_seconds "$pid_a")" \
+            -v b="$(cpu_seconds "$pid_b")" 'BEGIN { printf "%.1f+%.1f", a - a0, b - b0 }')
+        log "engine: CPU seconds of the sidecars in phase ($phase) after the images were written: site-a+site-b ${PCPU[engine.$phase]}"
+        for p_ in $perf_pid; do
+            kill -INT "$p_" 2>/dev/null || true
+            wait "$p_" 2>/dev/null || true
+        done
         log "engine: peak RSS of the replaying sidecar in phase ($phase): ${rss:-?} MiB"
         max_rss engine "$rss"
         stop_pid "$pid_b"
@@ -1063,6 +1087,7 @@ run_mirror() {
         write_images "$p" "$phase"
         start_rbd_mirror
         pid=$LAST_PID
+        cpu0=$(cpu_seconds "$pid")
         case $phase in
         ab)
             out=$(helper mirror-enable "${p}a")
@@ -1100,6 +1125,8 @@ run_mirror() {
         esac
         rss=$(vmhwm_mib "$pid")
         PRSS[rbd-mirror.$phase]=$rss
+        PCPU[rbd-mirror.$phase]=$(awk -v c0="$cpu0" -v c="$(cpu_seconds "$pid")" 'BEGIN { printf "%.1f", c - c0 }')
+        log "rbd-mirror: CPU seconds in phase ($phase): ${PCPU[rbd-mirror.$phase]}"
         log "rbd-mirror: peak RSS in phase ($phase): ${rss:-?} MiB"
         max_rss rbd-mirror "$rss"
         stop_pid "$pid"
@@ -1222,6 +1249,13 @@ verdict() { # VALUE TARGET
             [[ -z ${PRSS[$t.$ph]:-} ]] || line+=" (${ph}) ${PRSS[$t.$ph]}"
         done
         [[ -z $line ]] || echo "peak RSS (MiB) of $t, fresh process per phase:$line"
+    done
+    for t in engine rbd-mirror; do
+        line=""
+        for ph in "${PHASES[@]}"; do
+            [[ -z ${PCPU[$t.$ph]:-} ]] || line+=" (${ph}) ${PCPU[$t.$ph]}"
+        done
+        [[ -z $line ]] || echo "CPU seconds of $t per phase (engine: site-a sidecar + site-b sidecar):$line"
     done
     for t in engine rbd-mirror; do
         [[ -n ${CALLS[$t]:-} ]] || continue

@@ -27,6 +27,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::error::{Error, Result, check};
 use super::rados::{IoCtx, cstring};
@@ -557,8 +558,12 @@ pub(crate) fn decode_snap_context(b: &[u8]) -> Option<(u64, Vec<u64>)> {
 /// Object map state of an object that may exist (librbd's `OBJECT_EXISTS`).
 const OBJECT_EXISTS: u8 = 1;
 
+/// Object map updates in flight at once.
+const MARK_PARALLEL: usize = 16;
+
 /// Marks the objects in `runs` (each `start..end`) of `image` as existing
-/// in its object map on disk (cls_rbd `object_map_update`, one call a run),
+/// in its object map on disk (cls_rbd `object_map_update`, one call a run,
+/// [`MARK_PARALLEL`] calls in flight),
 /// before they are written directly: librbd skips reading an object its map
 /// says does not exist. An object marked but never written reads as zeroes.
 /// librbd's in-memory copy of the map does not see this: the caller makes
@@ -570,7 +575,8 @@ pub fn mark_objects_exist(image: &Image, runs: &[(u64, u64)]) -> Result<()> {
         return Ok(());
     }
     let oid = format!("rbd_object_map.{}", image.id()?);
-    for &(start, end) in runs.iter().filter(|r| r.0 < r.1) {
+    let runs: Vec<(u64, u64)> = runs.iter().copied().filter(|r| r.0 < r.1).collect();
+    let mark = |&(start, end): &(u64, u64)| -> Result<()> {
         // start, end (u64 little endian), the new state, and no current
         // state to compare with (an absent optional: one zero byte).
         let mut input = Vec::with_capacity(18);
@@ -580,9 +586,40 @@ pub fn mark_objects_exist(image: &Image, runs: &[(u64, u64)]) -> Result<()> {
         input.push(0);
         image
             .ioctx()
-            .exec(&oid, "rbd", "object_map_update", &input, 0)?;
+            .exec(&oid, "rbd", "object_map_update", &input, 0)
+            .map(|_| ())
+    };
+    if runs.len() <= 1 {
+        return runs.iter().try_for_each(mark);
     }
-    Ok(())
+    // Several calls in flight rather than one round trip after the other
+    // (256 scattered objects of a thin 1 TiB image took 1.3 s one by one).
+    // Never several in one compound operation: each call reads the map as
+    // it was before the operation, and the last one's write would undo the
+    // others' marks.
+    let next = AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..runs.len().min(MARK_PARALLEL) {
+            s.spawn(|| {
+                while let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    if let Err(e) = mark(r) {
+                        failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        // Stop the others at their next run.
+                        next.store(runs.len(), Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// What a sparse read needs until its completion.

@@ -88,11 +88,19 @@ pub struct Extent {
 /// snapshot `from` (`None`: everything a reader sees as allocated, a clone's
 /// parent data included, so that a replica is a flat copy of it), split at
 /// `chunk` boundaries.
+///
+/// `whole_object` lists whole objects instead of the extents inside them:
+/// with a valid fast-diff object map librbd answers from the map alone (a
+/// 1 TiB thin image in 0.07 s, instead of one `list_snaps` per object, 13 s
+/// on the dev pair); without one, it falls back to asking the objects and
+/// still reports whole objects. A superset of the changed extents, for a
+/// caller that reads the objects sparsely or skips zeroes.
 pub fn changed_extents(
     src: &Image,
     from: Option<&str>,
     size: u64,
     chunk: u64,
+    whole_object: bool,
 ) -> Result<Vec<Extent>> {
     let mut out = Vec::new();
     let r = src.diff_iterate::<_, std::convert::Infallible>(
@@ -100,7 +108,7 @@ pub fn changed_extents(
         0,
         size,
         from.is_none(),
-        false,
+        whole_object,
         |off, len, exists| {
             push_split(&mut out, off, len, exists, chunk);
             Ok(())

@@ -1051,11 +1051,19 @@ fn delta(
         Some(o) => engine.cfg.limits.chunk.min(o.object_size()),
         None => engine.cfg.limits.chunk,
     };
-    let mut extents = copy::changed_extents(primary, from, size, chunk)?;
+    // A first sync of an image read directly (no parent data at the
+    // snapshot) lists whole objects: from the object map alone when it is
+    // valid, instead of asking every object of the image (13 s for a thin
+    // 1 TiB image on the dev pair); the sparse reads bring over only their
+    // allocated data. A clone's first sync lists the extents a reader sees
+    // through to its parent, read through librbd.
+    let whole = sparse && objects.is_some();
+    let mut extents = copy::changed_extents(primary, from, size, chunk, whole)?;
     if from.is_none() && !fresh {
         // A full copy over a replica that holds data (an interrupted first
-        // sync): whatever the source does not cover must become zero.
-        let have = copy::changed_extents(replica, None, size, chunk)?;
+        // sync): whatever the source does not cover must become zero. The
+        // replica is never a clone: whole objects, from its object map.
+        let have = copy::changed_extents(replica, None, size, chunk, true)?;
         for (s, e) in copy::uncovered(&have, &extents) {
             extents.push(Extent {
                 off: s,

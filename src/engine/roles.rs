@@ -542,8 +542,14 @@ impl Engine {
         let head_changed = match &common {
             Some(c) => {
                 let size = img.size().ctx(|| key.to_string())?;
-                !crate::engine::copy::changed_extents(img, Some(c), size, self.cfg.limits.chunk)?
-                    .is_empty()
+                !crate::engine::copy::changed_extents(
+                    img,
+                    Some(c),
+                    size,
+                    self.cfg.limits.chunk,
+                    false,
+                )?
+                .is_empty()
             }
             None => true,
         };

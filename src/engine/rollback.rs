@@ -38,7 +38,7 @@ pub fn rollback_to(
     };
     // What changed on the head since the snapshot; every such extent gets
     // the snapshot's content back (zeroes where the snapshot has none).
-    let changed = copy::changed_extents(img, Some(snap), size, limits.chunk)?;
+    let changed = copy::changed_extents(img, Some(snap), size, limits.chunk, false)?;
     let extents: Vec<Extent> = changed
         .into_iter()
         .map(|e| Extent { data: true, ..e })
