@@ -842,12 +842,23 @@ impl TestPool {
 }
 
 /// The name of the first sync snapshot (sequence 1) of `image` in `io`'s
-/// pool, which EnableVolumeReplication takes.
+/// pool. EnableVolumeReplication answers before the snapshot is taken, so
+/// this waits for it (up to a minute).
 pub fn first_sync(io: &Arc<IoCtx>, image: &str) -> String {
-    sync_snaps_in(io, image)
-        .into_iter()
-        .find(|n| n.starts_with("csirr-sync.0000000001"))
-        .unwrap_or_else(|| panic!("{image} has no first sync snapshot"))
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = sync_snaps_in(io, image)
+            .into_iter()
+            .find(|n| n.starts_with("csirr-sync.0000000001"))
+        {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{image} has no first sync snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Requests of the role RPCs, with the site's secrets.
