@@ -27,6 +27,8 @@
 # CSIRR_NETNS_PAIR_DIR (default <repo>/.pair-netns) and takes it down afterwards. The
 # daemon faults stop daemons of the pair: other users of the same pair must wait (the
 # helper sessions hold `flock -x` on its lock). Needs root (network namespaces).
+# With CSIRR_PAIR_NETNS=1 and CSIRR_PAIR_DIR = CSIRR_NETNS_PAIR_DIR every class runs on the
+# netns pair alone (no shared pair is touched); it is taken down at the end.
 # Full output: ${TMPDIR:-/tmp}/faults-<seed>.log. Exit status 0 only if every class passed.
 set -euo pipefail
 
