@@ -30,7 +30,8 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends librbd1 librados2 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     # librados' default run and log directories, writable by the unprivileged user
-    # (it puts client admin sockets there when asked to; nothing else needs root).
+    # (nothing else needs root). No client admin socket: none is configured here,
+    # and the sidecar turns it off whatever a ceph.conf says (tests/manifests.rs).
     && mkdir -p /var/run/ceph /var/log/ceph \
     && chown 65532:65532 /var/run/ceph /var/log/ceph
 COPY --from=builder /usr/local/bin/csi-rbd-replicator /usr/local/bin/csi-rbd-replicator

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use csi_rbd_replicator::csi::config::{ClusterConfig, ClusterMapping, CsiConfig};
-use csi_rbd_replicator::csi::params::{parse_interval, parse_size};
+use csi_rbd_replicator::csi::params::parse_size;
 use csi_rbd_replicator::csi::volume_id::VolumeId;
 use csi_rbd_replicator::engine::{self, CopyLimits, Credentials, Engine, EngineConfig};
 use csi_rbd_replicator::grpc::forward::{self, ForwardService};
@@ -19,7 +19,8 @@ use csi_rbd_replicator::grpc::identity::IdentityService;
 use csi_rbd_replicator::grpc::proto::identity::identity_server::IdentityServer;
 use csi_rbd_replicator::grpc::proto::replication::controller_server::ControllerServer;
 use csi_rbd_replicator::grpc::replication::ReplicationService;
-use csi_rbd_replicator::grpc::server::{self, Endpoint};
+use csi_rbd_replicator::grpc::server::{Endpoint, Listeners};
+use csi_rbd_replicator::grpc::tls::{TlsConfig, TlsError, TlsFiles};
 use csi_rbd_replicator::metrics::Metrics;
 use csi_rbd_replicator::omap;
 
@@ -152,6 +153,17 @@ struct ServeArgs {
     /// Where to listen: `unix:///path.sock` or `tcp://host:port`; repeatable.
     #[arg(long = "endpoint", required = true)]
     endpoints: Vec<Endpoint>,
+    /// PEM certificate chain for the tcp:// endpoints: they serve TLS (unix
+    /// sockets stay plain). Re-read when the file changes. Needs --tls-key.
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): tcp:// clients must present a certificate
+    /// signed by one of them (mutual TLS). Needs --tls-cert and --tls-key.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
     /// ceph-csi's own csi-addons endpoint (`unix:///path.sock` or
     /// `tcp://host:port`): every service this sidecar does not serve
     /// (NetworkFence, ReclaimSpace, ...) is forwarded there, and
@@ -225,8 +237,14 @@ struct ServeArgs {
     grace: Duration,
 }
 
+/// A flag's duration, humantime style (`500ms`, `30s`, `1h 30m`); zero is
+/// refused, as no flag means "never".
 fn duration(s: &str) -> Result<Duration, String> {
-    parse_interval(s).map_err(|e| e.to_string())
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("{s:?}: must be greater than zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?}: {e} (e.g. 500ms, 30s, 5m, 1h 30m)")),
+    }
 }
 
 fn bytes(s: &str) -> Result<usize, String> {
@@ -294,6 +312,25 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(a: ServeArgs) -> Result<(), String> {
+    // Flags first: a bad TLS setup fails at once, before any cluster work.
+    let tls = TlsFiles::new(
+        a.tls_cert.clone(),
+        a.tls_key.clone(),
+        a.tls_client_ca.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    if tls.is_some()
+        && !a
+            .endpoints
+            .iter()
+            .any(|e| matches!(e, Endpoint::Tcp { .. }))
+    {
+        return Err(TlsError::NoTcpEndpoint.to_string());
+    }
+    let tls = tls
+        .map(TlsConfig::load)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let (csi_config, mapping, local_cluster, local_creds) = a.cluster.load()?;
     let cfg = EngineConfig {
         op_timeout: a.op_timeout,
@@ -399,9 +436,17 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         routes = forward::with_fallback(routes, f);
     }
     let routes = csi_rbd_replicator::grpc::metrics::with_rpc_metrics(routes, Arc::clone(&metrics));
-    let served = server::serve(a.endpoints, routes, health, shutdown.clone(), a.grace)
-        .await
-        .map_err(|e| e.to_string());
+    let served = async {
+        let mut listeners = Listeners::bind(&a.endpoints).await?;
+        if let Some(tls) = tls {
+            listeners = listeners.with_tls(tls)?;
+        }
+        listeners
+            .serve(routes, health, shutdown.clone(), a.grace)
+            .await
+    }
+    .await
+    .map_err(|e| e.to_string());
     shutdown.cancel();
     if let Some(r) = replayer {
         let _ = r.await;
@@ -554,4 +599,37 @@ fn spawn_signal_handler(token: CancellationToken) {
         }
         token.cancel();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_durations_take_humantime_units_and_refuse_zero() {
+        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(duration("0s").unwrap_err().contains("greater than zero"));
+        assert!(duration("soon").unwrap_err().contains("e.g. 500ms"));
+    }
+
+    #[test]
+    fn grace_accepts_milliseconds() {
+        let cli = Cli::try_parse_from([
+            "csi-rbd-replicator",
+            "serve",
+            "--endpoint",
+            "unix:///tmp/x.sock",
+            "--drivername",
+            "rbd.csi.ceph.com",
+            "--secret-dir",
+            "/tmp",
+            "--cluster-id",
+            "x",
+            "--grace",
+            "500ms",
+        ]);
+        assert!(cli.is_ok(), "{:?}", cli.err());
+    }
 }

@@ -384,3 +384,47 @@ fn dockerfile_builds_on_bookworm_and_runs_unprivileged() {
         assert!(user.starts_with(&uid.to_string()), "{user} vs {uid}");
     }
 }
+
+/// No client admin socket in what we ship: the image and the manifests do
+/// not write a ceph.conf or environment that turns one on (librados' client
+/// default is none, and `Cluster::connect` forces it off as well; see
+/// tests/least_privilege.rs).
+#[test]
+fn nothing_shipped_enables_a_client_admin_socket() {
+    let mut files = vec![root().join("Dockerfile")];
+    let mut dirs = vec![root().join("deploy/kubernetes")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() > 3, "{files:?}");
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            // Settings, not comments: `admin socket = X` / `admin_socket = X`
+            // in a ceph.conf, `--admin-socket X` on a command line or in
+            // CEPH_ARGS. Only an empty value is allowed.
+            let code = line.split('#').next().unwrap_or_default();
+            let norm: String = code
+                .to_ascii_lowercase()
+                .chars()
+                .filter(|c| !matches!(c, ' ' | '-' | '_'))
+                .collect();
+            if let Some((_, value)) = norm.split_once("adminsocket") {
+                let value = value.trim_start_matches('=').trim_matches(['"', '\'']);
+                assert!(
+                    value.is_empty(),
+                    "{}:{}: sets a client admin socket: {line}",
+                    f.display(),
+                    n + 1
+                );
+            }
+        }
+    }
+}

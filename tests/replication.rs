@@ -213,12 +213,13 @@ async fn enable_is_idempotent_and_replica_is_locked() {
             .await
             .expect("enable");
     }
+    // Three Enables, one first sync point.
+    let first = first_sync(&pool.ioctx(Site::A), name);
     assert_eq!(
         sync_snaps_in(&pool.ioctx(Site::A), name),
-        vec![first_sync(&pool.ioctx(Site::A), name)]
+        vec![first.clone()]
     );
     wait_synced(&a, &vid, Duration::from_secs(120)).await;
-    let first = first_sync(&pool.ioctx(Site::A), name);
     wait_replica_snap(&pool.name, name, &first, Duration::from_secs(30)).await;
 
     // Another client cannot write the replica while the replayer holds it.
@@ -246,10 +247,11 @@ async fn enable_is_idempotent_and_replica_is_locked() {
     );
 }
 
-/// Enable takes an image's first sync snapshot while the site's own
-/// scheduler passes run every second: the scheduler, which takes a first
-/// snapshot for a primary record that has none, must never race Enable
-/// into a second first sync point (the replica would copy the image twice).
+/// Enable has an image's first sync snapshot taken (in the background)
+/// while the site's own scheduler passes run every second: the scheduler,
+/// which takes a first snapshot for a primary record that has none, must
+/// never race Enable into a second first sync point (the replica would copy
+/// the image twice).
 #[tokio::test]
 async fn enable_and_a_busy_scheduler_take_one_first_sync_point() {
     let pool = TestPool::new("firstsnap");
@@ -271,7 +273,11 @@ async fn enable_and_a_busy_scheduler_take_one_first_sync_point() {
         .await
         .expect("enable");
     }
-    // Room for a racing snapshot to land (a monitor commit).
+    // Each first snapshot follows its Enable in the background; then room
+    // for a racing one to land (a monitor commit).
+    for n in &names {
+        first_sync(&io, n);
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     for n in &names {
         let snaps = sync_snaps_in(&io, n);

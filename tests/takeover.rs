@@ -1,7 +1,9 @@
 //! Two sidecars replaying one site (a Deployment with two replicas, or a
 //! rolling update): one lease holder at a time, a takeover when it freezes
 //! or dies, and a fenced old holder that reconnects and stays out of the
-//! way. Every sync point on the replica equals the primary's (issue 13.5).
+//! way. Every sync point on the replica equals the primary's, and a write
+//! of the registry record based on what the old holder read before the
+//! takeover is refused (issue 13.5).
 
 mod common;
 
@@ -9,6 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use csi_rbd_replicator::ceph::Image;
+use csi_rbd_replicator::engine::EngineError;
+use csi_rbd_replicator::engine::registry::{Checkpoint, Registry};
 
 const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(150);
@@ -55,9 +59,45 @@ async fn a_second_replayer_takes_over_and_a_fenced_one_recovers() {
     );
     let (holder, other) = if synced(&b1) { (&b1, &b2) } else { (&b2, &b1) };
 
+    // The replica's record as the holder last wrote it: what it would
+    // write on, woken after the takeover.
+    let bio = pool.ioctx(Site::B);
+    let replica_id = Image::open_read_only(&bio, name, None)
+        .unwrap()
+        .id()
+        .unwrap();
+    let breg = Registry::new(bio);
+    wait_until("the first sync point settled in the record", LONG, || {
+        breg.get(&replica_id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.pending_snap.is_none() && r.last_sync.is_some())
+    })
+    .await;
+    let mut stale = breg.get(&replica_id).unwrap().expect("replica record");
     holder.signal("STOP");
-    sync_point(&pool, name, 2, 8 * MIB).await;
+    let snap2 = sync_point(&pool, name, 2, 8 * MIB).await;
     assert!(synced(other), "the other replayer did not take over");
+    // A checkpoint on the stale read (an old holder resuming a delta it
+    // started before the takeover) is refused; the new holder's sync point
+    // stands.
+    stale.checkpoint = Some(Checkpoint {
+        from: None,
+        to: "csirr-sync.0000000002.stale".into(),
+        offset: 4 * MIB,
+        total: 8 * MIB,
+    });
+    let refused = breg.put(&mut stale);
+    assert!(
+        matches!(refused, Err(EngineError::Conflict(_))),
+        "a write on the pre-takeover record must be refused: {refused:?}"
+    );
+    let now = breg.get(&replica_id).unwrap().unwrap();
+    assert_eq!(
+        now.last_sync.map(|l| l.snap_name).as_deref(),
+        Some(snap2.as_str())
+    );
+    assert!(now.checkpoint.is_none(), "{:?}", now.checkpoint);
     holder.signal("CONT");
     sync_point(&pool, name, 3, 12 * MIB).await;
 

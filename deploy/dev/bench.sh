@@ -6,7 +6,7 @@
 #   deploy/dev/bench.sh                      all three tools, ~10 min on the 2-core VM
 #   BENCH_TOOLS="engine" deploy/dev/bench.sh only some tools (engine rbd-mirror export-diff)
 #
-# Scenarios (each tool runs them in three phases, (a)+(b), (c) and (d), each in a fresh pool
+# Scenarios (each tool runs them in phases, (a)+(b), (c), (d) and (d) serial, each in a fresh pool
 # $BENCH_POOL on both sites with mirroring in image mode and the peers bootstrapped, with
 # the tool's own image names; the pool is deleted after the phase, which removes its
 # images and all mirror state, and its daemons run only during their phases):
@@ -18,6 +18,16 @@
 #   (c) 4 GiB image with 256 MiB written as random 64 KiB writes (sparse inside objects):
 #       first full sync
 #   (d) 20 images of 64 MiB (fully written) enabled at once: until all are complete
+#   (d) serial: the same 20 images (a fresh phase "ds") called one after another, as a
+#       script or a controller working through VolumeReplications does: per image
+#       EnableVolumeReplication then PromoteVolume (rbd-mirror: `mirror image enable`,
+#       then the mirror info ceph-csi's Promote reads on a primary), until all are
+#       complete; per-call latency p50/p99/max of each call (and of
+#       GetVolumeReplicationInfo / mirror image status after completion) is printed
+#   (e) memory flat in image size: a 1 GiB and a 1 TiB image (phases m1, mt), each with
+#       the same 64 MiB in 256 writes spread over the whole image: first sync time and
+#       the replaying process's peak RSS (a fresh process per phase)
+#   (f) 200 images of 4 MiB (phase n, $BENCH_MANY) enabled at once: until all complete
 # Data is written before the tool's daemons start; the timed window holds nothing but the
 # trigger and the replication.
 #
@@ -65,7 +75,7 @@
 #   BENCH_ENGINE_ARGS  extra `serve` flags of the replaying sidecar (e.g.
 #                      "--max-concurrent-syncs 20")
 #   BENCH_ENGINE_ENV   environment of the sidecars, e.g. "MALLOC_ARENA_MAX=2"
-#   BENCH_PHASES       phases to run (default "ab c d")
+#   BENCH_PHASES       phases to run (default "ab c d ds m1 mt n")
 #   BENCH_MAX_BUSY     before each timed scenario, wait (up to BENCH_QUIET_WAIT s, default
 #                      90) until the cores are at most this % busy (default 30)
 #   BENCH_TIMEOUT      seconds to wait for one scenario (default 120)
@@ -100,13 +110,18 @@ BENCH_KEEP=${BENCH_KEEP:-0}
 POOL=$BENCH_POOL
 BIN=$REPO_ROOT/target/release/csi-rbd-replicator
 N_MULTI=20
-SCENARIOS=(a b b0 c d)
+N_MANY=${BENCH_MANY:-200}
+SCENARIOS=(a b b0 c d ds m1 mt n)
 declare -A TITLE=(
     [a]="(a) 1 GiB seq, first sync"
     [b]="(b) 64 MiB rand 64K delta"
     [b0]="(b) same, from snap existing"
     [c]="(c) 4 GiB/256 MiB rand 64K, first"
     [d]="(d) 20 x 64 MiB, first sync"
+    [ds]="(d) same, serial Enable+Promote"
+    [m1]="(e) 1 GiB, 64 MiB in 256 spread writes"
+    [mt]="(e) 1 TiB sparse, the same writes"
+    [n]="(f) 200 x 4 MiB enabled at once"
 )
 # (b)'s target counts from the snapshot existing (b0); from taking it (b) includes the
 # monitor's wait for the snapshot, in every tool, and is there to compare.
@@ -116,6 +131,8 @@ declare -A COPY=()   # COPY[scenario] = engine copy seconds (lastSyncDuration; m
 declare -A RSS=()    # RSS[tool] = MiB
 declare -A NOTES=()  # NOTES[scenario] = engine timeline summary
 declare -A ALLOC=()  # ALLOC[c] = MiB the engine's replica of (c) allocates
+declare -A CALLS=()  # CALLS[tool] = {"enable": "p50/p99/max" ms, ...} of the serial run
+declare -A PRSS=()   # PRSS[tool.phase] = peak RSS (MiB) of the replaying process in a phase
 ALLOC_MIRROR="" ALLOC_EXPORT=""
 
 for t in $BENCH_TOOLS; do
@@ -351,6 +368,21 @@ def wait_all(names, done, timeout, procs=()):
     return ends
 
 
+def percentiles(lat):
+    """{call: "p50/p99/max" in ms} of latency samples in seconds."""
+    out = {}
+    for k, v in lat.items():
+        if not v:
+            continue
+        v = sorted(v)
+
+        def at(q):
+            return v[min(len(v) - 1, int(q * len(v)))] * 1000
+
+        out[k] = f"{at(0.5):.0f}/{at(0.99):.0f}/{v[-1] * 1000:.0f}"
+    return out
+
+
 def report(t0, ends, **extra):
     t_end = max(ends.values())
     out = {"t0": t0, "t_end": t_end, "seconds": round(t_end - t0, 3),
@@ -380,8 +412,8 @@ def main():
             req = pb_field(5, pb_field(1, pb_field(1, vid)))
             by_name[n] = enable.future(req, timeout=timeout)
 
-        # The sync snapshot Enable took (its name carries a tag): known once the RPC
-        # returned; then the replica must report that sync point complete.
+        # The first sync snapshot (taken right after Enable answered): known once
+        # it exists; then the replica must report that sync point complete.
         def snap_of(n):
             if n not in target:
                 f = by_name[n]
@@ -389,14 +421,108 @@ def main():
                     return None
                 if f.exception() is not None:
                     raise SystemExit(f"EnableVolumeReplication {n} failed: {f.exception()}")
-                target[n] = newest_sync_snap(ia, n)
-                if target[n] is None:
-                    raise SystemExit(f"Enable of {n} left no sync snapshot on the primary")
+                snap = newest_sync_snap(ia, n)
+                if snap is None:
+                    return None
+                target[n] = snap
             return target[n]
 
         ends, snaps = engine_wait(ia, ib, names, snap_of, timeout)
         report(t0, ends, snapshot=target[names[0]],
                snapshot_seconds=round(max(snaps.values()) - t0, 3))
+
+    elif cmd == "engine-serial":  # SOCK IMG...: per image Enable then Promote, one after another
+        import grpc
+        sock, names = args[0], args[1:]
+        channel = grpc.insecure_channel(f"unix://{sock}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        method = {"Enable": "EnableVolumeReplication", "PromoteVolume": "PromoteVolume",
+                  "GetVolumeReplicationInfo": "GetVolumeReplicationInfo"}
+        call = {m: channel.unary_unary(f"/replication.Controller/{rpc}",
+                                       request_serializer=None, response_deserializer=None)
+                for m, rpc in method.items()}
+        # The requests carry replication_source{volume{volume_id}} under their own
+        # field number: 5 (Enable), 6 (Promote), 4 (GetVolumeReplicationInfo).
+        field = {"Enable": 5, "PromoteVolume": 6, "GetVolumeReplicationInfo": 4}
+        lat = {"enable": [], "promote": [], "info": []}
+
+        def timed(m, key, n):
+            req = pb_field(field[m], pb_field(1, pb_field(1, f"{pool}/{n}".encode())))
+            t = time.time()
+            call[m](req, timeout=timeout)
+            lat[key].append(time.time() - t)
+
+        t0 = time.time()
+        for n in names:
+            timed("Enable", "enable", n)
+            timed("PromoteVolume", "promote", n)
+        t_trig = time.time()
+        target = {}
+
+        def snap_of(n):
+            if n not in target:
+                snap = newest_sync_snap(ia, n)
+                if snap is None:
+                    return None
+                target[n] = snap
+            return target[n]
+
+        ends, snaps = engine_wait(ia, ib, names, snap_of, timeout)
+        for n in names:
+            timed("GetVolumeReplicationInfo", "info", n)
+        report(t0, ends, trigger_seconds=round(t_trig - t0, 3), calls=percentiles(lat),
+               snapshot_seconds=round(max(snaps.values()) - t0, 3))
+
+    elif cmd == "mirror-serial":  # IMG...: per image `mirror image enable`, one after another
+        names = args
+        imgs = {n: rbd.Image(ia, n) for n in names}
+        ids = {}
+        # ceph-csi's counterparts: Enable = mirror image enable; Promote of a primary =
+        # reading its mirror info (ceph-csi answers from it); Info = the mirror status.
+        lat = {"enable": [], "promote": [], "info": []}
+        t0 = time.time()
+        for n in names:
+            t = time.time()
+            imgs[n].mirror_image_enable(rbd.RBD_MIRROR_IMAGE_MODE_SNAPSHOT)
+            lat["enable"].append(time.time() - t)
+            t = time.time()
+            imgs[n].mirror_image_get_info()
+            lat["promote"].append(time.time() - t)
+            ids[n] = newest_primary_mirror_snap(ia, n)
+        t_trig = time.time()
+        ends = wait_all(names, lambda n: mirror_complete(ib, n, ids[n]), timeout)
+        for n in names:
+            t = time.time()
+            imgs[n].mirror_image_get_status()
+            lat["info"].append(time.time() - t)
+        for img in imgs.values():
+            img.close()
+        report(t0, ends, trigger_seconds=round(t_trig - t0, 3), calls=percentiles(lat))
+
+    elif cmd == "write-spread":  # IMG SIZE_BYTES: create it, 256 writes of 256 KiB spread over it
+        name, size = args[0], int(args[1])
+        rbd.RBD().create(ia, name, size, old_format=False,
+                         features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+                         | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
+        chunk = os.urandom(256 << 10)
+        with rbd.Image(ia, name) as img:
+            step = size // 256
+            for i in range(256):
+                img.write(chunk, i * step + (i % 7) * 4096)
+            img.flush()
+        print(json.dumps({"written": 256 * len(chunk)}))
+
+    elif cmd == "create-many":  # PREFIX COUNT SIZE_BYTES: images written in full
+        prefix, count, size = args[0], int(args[1]), int(args[2])
+        data = os.urandom(size)
+        for i in range(1, count + 1):
+            n = f"{prefix}{i:03d}"
+            rbd.RBD().create(ia, n, size, old_format=False,
+                             features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+                             | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
+            with rbd.Image(ia, n) as img:
+                img.write(data, 0)
+        print(json.dumps({"images": count}))
 
     elif cmd == "engine-snap":  # IMG...: the next sync snapshot, taken by hand
         names = args
@@ -651,7 +777,10 @@ write_images() { # PREFIX PHASE
         c_rbd site-a bench --io-type write --io-pattern rand --io-size 64K --io-total 256M \
             "$POOL/${p}c" >/dev/null
         ;;
-    d)
+    m1) helper write-spread "${p}m1" $((1 << 30)) >/dev/null ;;
+    mt) helper write-spread "${p}mt" $((1 << 40)) >/dev/null ;;
+    n) helper create-many "${p}n" "$N_MANY" $((4 << 20)) >/dev/null ;;
+    d | ds)
         for i in $(multi_names "$p"); do
             c_rbd site-a create --size 64M "$POOL/$i"
         done
@@ -675,8 +804,8 @@ write_images() { # PREFIX PHASE
 # of this pair that runs out of space crashes (bluestore ENOSPC) and takes the pair
 # down for everyone. Worst cases per site in GiB (site-b, engine (c): a replica that
 # allocates whole objects, 4 GiB).
-declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4)
-declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4)
+declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4 [ds]=1.4 [m1]=0.2 [mt]=0.2 [n]=1.0)
+declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4 [ds]=1.4 [m1]=0.3 [mt]=0.3 [n]=1.0)
 room_for() { # PHASE
     local site need
     for site in site-a site-b; do
@@ -703,6 +832,11 @@ delta_writes() { # IMAGE
 multi_names() { # PREFIX
     local i
     for ((i = 1; i <= N_MULTI; i++)); do printf '%sd%02d\n' "$1" "$i"; done
+}
+
+many_names() { # PREFIX: the images of (f), as create-many names them
+    local i
+    for ((i = 1; i <= N_MANY; i++)); do printf '%sn%03d\n' "$1" "$i"; done
 }
 
 json_field() { jq -r ".$2" <<<"$1"; }
@@ -820,10 +954,10 @@ max_rss() { # TOOL MIB: keeps the larger
 # Each tool runs in three phases, (a)+(b), (c) and (d), each in a fresh pool that is
 # deleted afterwards, with its daemons started for the phase only: one phase at a time
 # keeps the space the benchmark needs on the pair's small OSDs bounded.
-read -r -a PHASES <<<"${BENCH_PHASES:-ab c d}"
+read -r -a PHASES <<<"${BENCH_PHASES:-ab c d ds m1 mt n}"
 
 run_engine() {
-    local p=eng- sa="$WORK/a.sock" sb="$WORK/b.sock" phase pid_a pid_b out multi rss r
+    local p=eng- sa="$WORK/a.sock" sb="$WORK/b.sock" phase pid_a pid_b out multi many rss r
     log "=== engine ==="
     mapfile -t multi < <(multi_names "$p")
     for phase in "${PHASES[@]}"; do
@@ -867,8 +1001,23 @@ run_engine() {
             COPY[d]=$(engine_copy_seconds "$sa" "${multi[@]}")
             engine_note d "$(json_field "$out" t0)" "$out" "${multi[@]}"
             ;;
+        ds)
+            out=$(helper engine-serial "$sa" "${multi[@]}")
+            record engine ds "$out"
+            CALLS[engine]=$(jq -c .calls <<<"$out")
+            ;;
+        m1 | mt)
+            out=$(helper engine-enable "$sa" "${p}$phase")
+            record engine "$phase" "$out"
+            ;;
+        n)
+            mapfile -t many < <(many_names "$p")
+            out=$(helper engine-enable "$sa" "${many[@]}")
+            record engine n "$out"
+            ;;
         esac
         rss=$(vmhwm_mib "$pid_b")
+        PRSS[engine.$phase]=$rss
         log "engine: peak RSS of the replaying sidecar in phase ($phase): ${rss:-?} MiB"
         max_rss engine "$rss"
         stop_pid "$pid_b"
@@ -905,7 +1054,7 @@ start_rbd_mirror() {
 }
 
 run_mirror() {
-    local p=mir- phase pid out multi rss r
+    local p=mir- phase pid out multi many rss r
     log "=== rbd-mirror ==="
     mapfile -t multi < <(multi_names "$p")
     for phase in "${PHASES[@]}"; do
@@ -934,8 +1083,23 @@ run_mirror() {
             out=$(helper mirror-enable "${multi[@]}")
             record rbd-mirror d "$out"
             ;;
+        ds)
+            out=$(helper mirror-serial "${multi[@]}")
+            record rbd-mirror ds "$out"
+            CALLS[rbd-mirror]=$(jq -c .calls <<<"$out")
+            ;;
+        m1 | mt)
+            out=$(helper mirror-enable "${p}$phase")
+            record rbd-mirror "$phase" "$out"
+            ;;
+        n)
+            mapfile -t many < <(many_names "$p")
+            out=$(helper mirror-enable "${many[@]}")
+            record rbd-mirror n "$out"
+            ;;
         esac
         rss=$(vmhwm_mib "$pid")
+        PRSS[rbd-mirror.$phase]=$rss
         log "rbd-mirror: peak RSS in phase ($phase): ${rss:-?} MiB"
         max_rss rbd-mirror "$rss"
         stop_pid "$pid"
@@ -950,6 +1114,9 @@ run_export() {
     log "=== export-diff | import-diff ==="
     mapfile -t multi < <(multi_names "$p")
     for phase in "${PHASES[@]}"; do
+        # (d) serial times Enable/Promote calls; (e) and (f) are about the replaying
+        # process (memory, many images), which export-diff does not have.
+        case $phase in ds | m1 | mt | n) continue ;; esac
         room_for "$phase" || continue
         pool_create 0
         write_images "$p" "$phase"
@@ -1049,6 +1216,18 @@ verdict() { # VALUE TARGET
         echo "${TITLE[$s]}, range over $B_ROUNDS rounds: engine ${RANGE[engine.$s]:--} s," \
             "rbd-mirror ${RANGE[rbd-mirror.$s]:--} s, export-diff ${RANGE[export-diff.$s]:--} s"
     done
+    for t in engine rbd-mirror; do
+        line=""
+        for ph in m1 mt n; do
+            [[ -z ${PRSS[$t.$ph]:-} ]] || line+=" (${ph}) ${PRSS[$t.$ph]}"
+        done
+        [[ -z $line ]] || echo "peak RSS (MiB) of $t, fresh process per phase:$line"
+    done
+    for t in engine rbd-mirror; do
+        [[ -n ${CALLS[$t]:-} ]] || continue
+        echo "per-call latency in (d) serial, p50/p99/max ms, $t: $(jq -r 'to_entries | map("\(.key) \(.value)") | join(", ")' <<<"${CALLS[$t]}")"
+    done
+    [[ -z ${CALLS[rbd-mirror]:-} ]] || echo "  (rbd-mirror's counterparts: enable = mirror image enable; promote of a primary = mirror image info, what ceph-csi reads; info = mirror image status)"
     echo "space the replica of (c) allocates (256 MiB written on the primary): engine ${ALLOC[c]:--} MiB," \
         "rbd-mirror ${ALLOC_MIRROR:--} MiB, export-diff ${ALLOC_EXPORT:--} MiB"
     if [[ -n ${RES[engine.a]:-}${RES[engine.c]:-}${RES[engine.d]:-} ]]; then

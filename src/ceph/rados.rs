@@ -11,6 +11,8 @@ use std::ptr::{self, NonNull};
 use std::sync::Arc;
 use std::time::Duration;
 
+use zeroize::Zeroizing;
+
 use super::error::{Error, Result, check, check_i64};
 use super::sys;
 
@@ -26,8 +28,8 @@ pub struct ConnectConfig {
     pub mon_host: Option<String>,
     /// Cephx user without the `client.` prefix, e.g. `csi-rbd-provisioner`.
     pub user: String,
-    /// Cephx secret key (base64). Never logged.
-    pub key: Option<String>,
+    /// Cephx secret key (base64). Never logged; wiped on drop.
+    pub key: Option<Zeroizing<String>>,
     /// A ceph.conf to read instead of (or before) `mon_host`.
     pub conf_file: Option<String>,
     /// A keyring file instead of `key`.
@@ -115,6 +117,10 @@ impl Cluster {
         // wrappers keep every buffer alive until its completion fires, so
         // this only saves a copy (memory and CPU) of everything replicated.
         this.conf_set("rbd_disable_zero_copy_writes", "false")?;
+        // No client admin socket, whatever a ceph.conf says: the socket would
+        // answer `config show` (the cephx key included) to anyone who can
+        // open it. The default for clients is none; this holds it.
+        this.conf_set("admin_socket", "")?;
         // Quiet librados' own stderr logging; errors come back as codes.
         this.conf_set("log_to_stderr", "false")?;
         this.conf_set("err_to_stderr", "false")?;
@@ -139,13 +145,18 @@ impl Cluster {
         check(ret, "rados_conf_set", || format!("{option}={value}")).map(|_| ())
     }
 
-    /// Like `conf_set`, but the value never appears in an error message.
+    /// Like `conf_set`, but the value never appears in an error message,
+    /// and the C copy of it is wiped after librados has taken its own.
     fn conf_set_secret(&mut self, option: &str, value: &str) -> Result<()> {
         let o = cstring(option, "rados_conf_set")?;
-        let v = CString::new(value)
-            .map_err(|_| Error::invalid_input("rados_conf_set", option.to_string()))?;
-        // SAFETY: as in `conf_set`.
-        let ret = unsafe { sys::rados_conf_set(self.raw(), o.as_ptr(), v.as_ptr()) };
+        let v = Zeroizing::new(
+            CString::new(value)
+                .map_err(|_| Error::invalid_input("rados_conf_set", option.to_string()))?
+                .into_bytes_with_nul(),
+        );
+        // SAFETY: as in `conf_set`: `v` is NUL-terminated (into_bytes_with_nul)
+        // and outlives the call; librados copies the value.
+        let ret = unsafe { sys::rados_conf_set(self.raw(), o.as_ptr(), v.as_ptr().cast()) };
         check(ret, "rados_conf_set", || option.to_string()).map(|_| ())
     }
 
@@ -831,7 +842,7 @@ mod tests {
     fn debug_redacts_key() {
         let cfg = ConnectConfig {
             user: "u".into(),
-            key: Some("AQDsecret==".into()),
+            key: Some(Zeroizing::new("AQDsecret==".into())),
             ..Default::default()
         };
         let s = format!("{cfg:?}");

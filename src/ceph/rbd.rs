@@ -12,6 +12,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
 
+use zeroize::{Zeroize, Zeroizing};
+
 use super::error::{Error, ErrorKind, Result, check};
 use super::rados::{IoCtx, cstring};
 use super::sys;
@@ -231,14 +233,33 @@ pub fn mirror_peer_list(io: &IoCtx) -> Result<Vec<MirrorPeer>> {
     }
 }
 
+/// A mirror peer's attributes (`mon_host`, `key`): the key is a secret, so
+/// there is no `Debug`, and the values are wiped on drop.
+pub struct PeerAttributes(BTreeMap<String, String>);
+
+impl PeerAttributes {
+    /// The value of attribute `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
+impl Drop for PeerAttributes {
+    fn drop(&mut self) {
+        for value in self.0.values_mut() {
+            value.zeroize();
+        }
+    }
+}
+
 /// Reads a mirror peer's attributes (`mon_host`, `key`). The key is a secret:
-/// never log the result.
-pub fn mirror_peer_attributes(io: &IoCtx, uuid: &str) -> Result<BTreeMap<String, String>> {
+/// never log the result. The buffers librbd filled are wiped too.
+pub fn mirror_peer_attributes(io: &IoCtx, uuid: &str) -> Result<PeerAttributes> {
     let u = cstring(uuid, "rbd_mirror_peer_site_get_attributes")?;
     let (mut klen, mut vlen) = (1024usize, 4096usize);
     loop {
         let mut keys = vec![0u8; klen];
-        let mut vals = vec![0u8; vlen];
+        let mut vals = Zeroizing::new(vec![0u8; vlen]);
         let mut count = 0usize;
         let (mut kl, mut vl) = (klen, vlen);
         // SAFETY: keys/vals are writable for kl/vl bytes; librbd sets the
@@ -268,13 +289,21 @@ pub fn mirror_peer_attributes(io: &IoCtx, uuid: &str) -> Result<BTreeMap<String,
                 .collect()
         };
         let ks = split(&keys[..kl.min(klen)]);
-        let vs = split(&vals[..vl.min(vlen)]);
-        return Ok(ks
+        // Every value copy is wiped: those not kept when `vs` drops, those
+        // kept when the attributes drop.
+        let mut vs: Vec<Zeroizing<String>> = split(&vals[..vl.min(vlen)])
             .into_iter()
-            .zip(vs)
-            .take(count)
-            .filter(|(k, _)| !k.is_empty())
-            .collect());
+            .map(Zeroizing::new)
+            .collect();
+        let mut attrs = PeerAttributes(BTreeMap::new());
+        for (k, v) in ks.into_iter().zip(vs.iter_mut()).take(count) {
+            if !k.is_empty()
+                && let Some(mut old) = attrs.0.insert(k, std::mem::take(&mut **v))
+            {
+                old.zeroize();
+            }
+        }
+        return Ok(attrs);
     }
 }
 

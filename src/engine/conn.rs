@@ -5,12 +5,17 @@
 //! cached by monitors, user and a digest of the key (kept in memory only), so
 //! that a burst of RPCs does not reconnect each time, and dropped after a
 //! while unused. Keys are never logged: [`Credentials`]' `Debug` redacts them.
+//! Every copy of a key this crate makes (the credentials, the files read, the
+//! librados configuration) is wiped when dropped (`zeroize`); librados keeps
+//! its own copy for the life of the connection, out of reach.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
 
 use crate::ceph::{Cluster, ConnectConfig, ErrorKind};
 
@@ -21,8 +26,8 @@ use super::error::{EngineError, Result};
 pub struct Credentials {
     /// User without the `client.` prefix.
     pub user: String,
-    /// Secret key (base64).
-    key: String,
+    /// Secret key (base64), wiped on drop.
+    key: Zeroizing<String>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -64,7 +69,7 @@ impl Credentials {
         }
         Ok(Self {
             user: user.to_string(),
-            key: key.to_string(),
+            key: Zeroizing::new(key.to_string()),
         })
     }
 
@@ -86,9 +91,14 @@ impl Credentials {
     /// From a Kubernetes Secret volume: files `userID` and `userKey`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let read = |f: &str| {
-            std::fs::read_to_string(dir.join(f)).map_err(|e| {
-                EngineError::InvalidArgument(format!("cannot read {}: {e}", dir.join(f).display()))
-            })
+            std::fs::read_to_string(dir.join(f))
+                .map(Zeroizing::new)
+                .map_err(|e| {
+                    EngineError::InvalidArgument(format!(
+                        "cannot read {}: {e}",
+                        dir.join(f).display()
+                    ))
+                })
         };
         Self::new(&read("userID")?, &read("userKey")?)
     }
@@ -164,6 +174,14 @@ impl Connections {
         }
         let c = Cluster::connect(&creds.connect_config(mon_host, self.timeout))
             .map_err(|e| connect_error(e, mon_host, &creds.user))?;
+        // Which cephx user each connection is: the monitors list their
+        // sessions by this id (tests/least_privilege.rs checks them).
+        tracing::info!(
+            %mon_host,
+            user = %creds.user,
+            instance_id = c.instance_id(),
+            "connected to cluster"
+        );
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let entry = cache.entry(key).or_insert((c, Instant::now()));
         Ok(Arc::clone(&entry.0))

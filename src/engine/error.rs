@@ -22,6 +22,11 @@ pub enum EngineError {
     /// Another operation on the same volume is running.
     #[error("an operation on volume {0} is already in progress")]
     Busy(String),
+    /// A registry record changed between the read a decision was based on
+    /// and the conditional write of that decision (another sidecar on this
+    /// site wrote it); re-read and decide again.
+    #[error("{0}")]
+    Conflict(String),
     /// The volume is not in a state that allows this (e.g. not enabled).
     #[error("{0}")]
     FailedPrecondition(String),

@@ -37,7 +37,7 @@ use crate::csi::volume_id::VolumeId;
 pub use conn::{Connections, Credentials};
 pub use copy::CopyLimits;
 pub use error::{CephContext, EngineError, Result};
-use registry::{ImageRecord, Registry, Role, Schedule, sync_snap_seq};
+use registry::{ImageRecord, Registry, Role, Schedule};
 
 /// Static configuration of the engine.
 #[derive(Debug, Clone)]
@@ -192,6 +192,9 @@ pub struct Engine {
     /// Blocking threads RPCs may use at once (the replayer's are bounded
     /// by `max_concurrent_syncs`).
     rpc_slots: Arc<tokio::sync::Semaphore>,
+    /// First sync snapshots Enable left to the background, at most
+    /// [`scheduler::SNAPSHOT_BATCH`] at once.
+    first_snaps: Arc<tokio::sync::Semaphore>,
     /// Fault injection for tests: every volume operation first sleeps this
     /// long (`CSIRR_FAULT_OP_DELAY_MS`), which makes overlapping calls on one
     /// volume deterministic.
@@ -200,7 +203,16 @@ pub struct Engine {
     /// reporting a sync point and taking the replica's snapshot of it
     /// (`CSIRR_FAULT_SNAP_DELAY_MS`), which holds the pending state open.
     fault_snap_delay: Option<Duration>,
+    /// Fault injection for tests: a role change waits this long after
+    /// reading the volume's registry record (`CSIRR_FAULT_RECORD_DELAY_MS`),
+    /// which lets another writer change the record under it.
+    fault_record_delay: Option<Duration>,
 }
+
+/// How many times a role change re-reads and decides again when the
+/// registry record it decided on changed under it, before it answers
+/// `Conflict`.
+pub const CONFLICT_ATTEMPTS: u32 = 3;
 
 impl Engine {
     /// An engine with `cfg`. Connects lazily.
@@ -220,8 +232,10 @@ impl Engine {
             wakeups: wakeup::Wakeups::default(),
             leases: lease::LeaseTable::default(),
             rpc_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_rpcs.max(1))),
+            first_snaps: Arc::new(tokio::sync::Semaphore::new(scheduler::SNAPSHOT_BATCH)),
             fault_op_delay: env_millis("CSIRR_FAULT_OP_DELAY_MS"),
             fault_snap_delay: env_millis("CSIRR_FAULT_SNAP_DELAY_MS"),
+            fault_record_delay: env_millis("CSIRR_FAULT_RECORD_DELAY_MS"),
             cfg,
         })
     }
@@ -246,10 +260,16 @@ impl Engine {
     /// operation lock; `Busy` if another operation holds it. Answers within
     /// the RPC deadline (UNAVAILABLE past it); the work itself runs to
     /// completion and keeps the volume locked until then.
+    ///
+    /// `f` reads the registry record it decides on and writes its decision
+    /// conditionally: when another writer changed the record in between
+    /// (`Conflict`), `f` runs again from the start, re-reading and deciding
+    /// anew (every role change is idempotent), up to [`CONFLICT_ATTEMPTS`]
+    /// times; then the conflict is the answer (ABORTED: retry later).
     async fn run_locked<T: Send + 'static>(
         self: &Arc<Self>,
         key: String,
-        f: impl FnOnce(&Engine) -> Result<T> + Send + 'static,
+        f: impl Fn(&Engine) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let guard = self.locks.try_lock(&key)?;
         let delay = self.fault_op_delay;
@@ -259,7 +279,16 @@ impl Engine {
             if let Some(d) = delay {
                 std::thread::sleep(d);
             }
-            f(e)
+            let mut attempt = 1;
+            loop {
+                match f(e) {
+                    Err(EngineError::Conflict(m)) if attempt < CONFLICT_ATTEMPTS => {
+                        tracing::info!(volume = %key, attempt, reason = %m, "registry record changed meanwhile; deciding again");
+                        attempt += 1;
+                    }
+                    r => return r,
+                }
+            }
         })
         .await
     }
@@ -409,8 +438,14 @@ impl Engine {
         }
     }
 
-    /// EnableVolumeReplication: registers the image as a primary and takes
-    /// its first sync snapshot. Idempotent; on a replica it changes nothing.
+    /// EnableVolumeReplication: registers the image as a primary. Idempotent;
+    /// on a replica it changes nothing.
+    ///
+    /// The first sync snapshot is taken in the background once the record
+    /// is written (a snapshot waits for a monitor round, 0.5-1 s; many
+    /// Enables in a row share those rounds instead of paying one each).
+    /// Until it exists the volume reports no sync point, as before its first
+    /// copy; the scheduler takes it if this process dies first.
     pub async fn enable(
         self: &Arc<Self>,
         req: VolumeRequest,
@@ -426,11 +461,49 @@ impl Engine {
             )));
         }
         let key = req.volume.to_string();
-        self.run_locked(key, move |e| e.enable_blocking(&req, &params))
-            .await
+        let volume = key.clone();
+        let first = self
+            .run_locked(key, move |e| e.enable_blocking(&req, &params))
+            .await?;
+        if let Some(first) = first {
+            self.spawn_first_sync_point(volume, first);
+        }
+        Ok(())
     }
 
-    fn enable_blocking(&self, req: &VolumeRequest, params: &ReplicationParams) -> Result<()> {
+    /// Takes `first` (an image Enable just registered) in the background,
+    /// sharing monitor rounds with the other first snapshots in flight.
+    fn spawn_first_sync_point(self: &Arc<Self>, volume: String, first: scheduler::FirstSync) {
+        let (me, sem) = (Arc::clone(self), Arc::clone(&self.first_snaps));
+        tokio::spawn(async move {
+            let Ok(_permit) = sem.acquire_owned().await else {
+                return;
+            };
+            let span = tracing::info_span!("enable", volume = %volume, image = %first.key());
+            let res = tokio::task::spawn_blocking(move || {
+                let _e = span.enter();
+                me.take_first_sync_point(&first)
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    volume = %volume,
+                    error = %e,
+                    "first sync snapshot failed; the scheduler takes it at its next pass"
+                ),
+                Err(e) => {
+                    tracing::error!(volume = %volume, error = %e, "first sync snapshot panicked")
+                }
+            }
+        });
+    }
+
+    fn enable_blocking(
+        &self,
+        req: &VolumeRequest,
+        params: &ReplicationParams,
+    ) -> Result<Option<scheduler::FirstSync>> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
         let reg = Registry::new(Arc::clone(vol.ioctx()));
         let schedule = Schedule::of(params);
@@ -439,7 +512,7 @@ impl Engine {
         let mut rec = match reg.get(&vol.image_id)? {
             Some(rec) if rec.role == Role::Secondary => {
                 tracing::info!("image is a replica; enable changes nothing");
-                return Ok(());
+                return Ok(None);
             }
             Some(rec) => rec,
             None => ImageRecord {
@@ -458,6 +531,7 @@ impl Engine {
                 demotion_snap: None,
                 role_change: None,
                 pending_snap: None,
+                revision: Default::default(),
             },
         };
         rec.schedule = schedule;
@@ -474,28 +548,15 @@ impl Engine {
                 .flatten()
                 .ctx(|| format!("flattening {}", vol.image.spec()))?;
         }
-        // The first sync snapshot before the record: the scheduler takes one
-        // for a primary record that has none (an interrupted Enable of an
-        // earlier version), and would race this one while the monitor
-        // commits it; two first sync points made the replica copy the image
-        // twice. An Enable interrupted in between leaves a snapshot that
-        // the retry adopts.
-        let snaps = vol
-            .image
-            .snap_list()
-            .ctx(|| format!("listing snapshots of {}", vol.image.spec()))?;
-        let first = !snaps.iter().any(|s| sync_snap_seq(&s.name).is_some());
-        if first {
-            self.take_sync_snapshot(&vol.image, 1)?;
-        }
-        reg.put(&rec)?;
-        if first {
-            tracing::info!("replication enabled");
-        } else {
-            tracing::info!("replication already enabled");
-        }
-        reg.announce();
-        Ok(())
+        reg.put(&mut rec)?;
+        // Whether a first sync snapshot is still needed is decided in the
+        // background, under the image's slot (a check here would be stale).
+        tracing::info!("replication enabled");
+        Ok(Some(scheduler::FirstSync {
+            io: Arc::clone(vol.ioctx()),
+            image_id: vol.image_id.clone(),
+            image_name: vol.image.name().to_string(),
+        }))
     }
 
     /// GetVolumeReplicationInfo on a primary: the newest complete sync point

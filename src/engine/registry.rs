@@ -8,11 +8,23 @@
 //! | `image.<image id>` | [`ImageRecord`]: role, schedule, sync state | the sidecar of the cluster the image lives on |
 //! | `status.<image id>.<replica fsid>` | [`ReplicaStatus`]: how the replica of that primary image is doing | the replayer on the replica's cluster, through its peer user |
 //!
+//! | `disabled.<image id>` | [`Tombstone`]: replication of this primary was disabled; its replica should go to the trash | DisableVolumeReplication on the primary; removed by the replica's replayer once handled |
+//! | `detached.<primary image id>` | [`Tombstone`]: the replica of that primary was disabled here and is a normal image now; the replayer leaves it alone | DisableVolumeReplication on the replica's side |
+//!
 //! The object also carries the replayer's leader lease (a cls lock named
 //! [`LEASE_NAME`]): only the lease holder of a cluster replays the pool.
 //!
-//! | `disabled.<image id>` | [`Tombstone`]: replication of this primary was disabled; its replica should go to the trash | DisableVolumeReplication on the primary; removed by the replica's replayer once handled |
-//! | `detached.<primary image id>` | [`Tombstone`]: the replica of that primary was disabled here and is a normal image now; the replayer leaves it alone | DisableVolumeReplication on the replica's side |
+//! Image records are only ever changed by compare-and-swap: every
+//! [`Registry::put`] and [`Registry::remove`] carries an `omap_cmp` of the
+//! record's key against the exact bytes it held when it was read
+//! ([`ImageRecord::revision`]; absent for a record created now), and the OSD
+//! applies the write only if they still match. Two sidecars on one site (a
+//! two-replica Deployment, a rolling update, a frozen lease holder that
+//! wakes up after a takeover) can then never overwrite each other's newer
+//! record: the writer that read an older value gets
+//! [`EngineError::Conflict`], re-reads and decides again. Status reports
+//! (`status.*`) and markers are written whole by one writer each and stay
+//! plain writes.
 //!
 //! Sync points are RBD snapshots named `csirr-sync.<seq>.<random>` (see
 //! [`sync_snap_name`]) on the primary; the replica gets a snapshot of the same
@@ -30,7 +42,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::error::{CephContext, EngineError, Result};
-use crate::ceph::{ErrorKind, IoCtx};
+use crate::ceph::{ErrorKind, IoCtx, OmapCmp, WriteOp};
 
 /// Name of the registry object in each pool/namespace.
 pub const REGISTRY_OBJECT: &str = "csi-rbd-replicator.registry";
@@ -201,6 +213,27 @@ pub struct ImageRecord {
     /// When and how the role last changed, for operators.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub role_change: Option<RoleChange>,
+    /// What the record's key held when this record was read (never
+    /// stored): the value [`Registry::put`] expects to replace.
+    #[serde(skip)]
+    pub revision: Revision,
+}
+
+/// The stored bytes of a record as it was read, or none for a record not
+/// stored yet: what a conditional write compares the key against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revision(Option<Arc<[u8]>>);
+
+impl Revision {
+    /// The revision of a record read as `stored`.
+    fn of(stored: &[u8]) -> Self {
+        Self(Some(stored.into()))
+    }
+
+    /// The stored bytes (none: the record must not exist yet).
+    fn stored(&self) -> Option<&[u8]> {
+        self.0.as_deref()
+    }
 }
 
 /// The last role change of an image.
@@ -360,7 +393,13 @@ impl Registry {
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).ctx(|| format!("reading the registry of {}", self.io.spec())),
         };
-        m.get(&key).map(|v| self.decode(&key, v)).transpose()
+        m.get(&key).map(|v| self.decode_record(&key, v)).transpose()
+    }
+
+    fn decode_record(&self, key: &str, v: &[u8]) -> Result<ImageRecord> {
+        let mut rec: ImageRecord = self.decode(key, v)?;
+        rec.revision = Revision::of(v);
+        Ok(rec)
     }
 
     /// Decodes every value of `prefix`, skipping (and reporting, per key)
@@ -368,10 +407,18 @@ impl Registry {
     /// newer version with a role this one does not know. Such a record is
     /// never acted on: not replicated over, not removed.
     fn decode_all<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<T>> {
+        self.decode_all_with(prefix, |k, v| self.decode(k, v))
+    }
+
+    fn decode_all_with<T>(
+        &self,
+        prefix: &str,
+        decode: impl Fn(&str, &[u8]) -> Result<T>,
+    ) -> Result<Vec<T>> {
         Ok(self
             .read_prefix(prefix)?
             .iter()
-            .filter_map(|(k, v)| match self.decode(k, v) {
+            .filter_map(|(k, v)| match decode(k, v) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::warn!(key = %k, error = %e, "skipping a registry record this version cannot read");
@@ -383,31 +430,97 @@ impl Registry {
 
     /// All image records this version can read (see [`Registry::decode_all`]).
     pub fn list(&self) -> Result<Vec<ImageRecord>> {
-        self.decode_all(IMAGE_KEY)
+        self.decode_all_with(IMAGE_KEY, |k, v| self.decode_record(k, v))
     }
 
-    /// Writes (creates or replaces) a record.
-    pub fn put(&self, rec: &ImageRecord) -> Result<()> {
+    /// Writes `rec` if its key still holds what `rec` was read as (a record
+    /// that was not read from the registry must not exist yet), and makes
+    /// what was written `rec`'s revision, so that the caller can change and
+    /// write it again. [`EngineError::Conflict`] when another writer changed
+    /// or created the record since: nothing is written, and the caller
+    /// re-reads it and decides again.
+    pub fn put(&self, rec: &mut ImageRecord) -> Result<()> {
         let key = format!("{IMAGE_KEY}{}", rec.image_id);
         let val = serde_json::to_vec(rec).map_err(|e| EngineError::Internal(e.to_string()))?;
-        self.io
-            .omap_set(REGISTRY_OBJECT, &[(&key, &val)])
-            .ctx(|| format!("writing the registry of {}", self.io.spec()))
+        self.swap(&key, rec.revision.stored(), Some(&val), &[])?;
+        rec.revision = Revision::of(&val);
+        Ok(())
     }
 
-    /// Removes the record of image `id` and its replica statuses.
-    pub fn remove(&self, id: &str) -> Result<()> {
+    /// Removes the record `rec` and the replica statuses of its image, if
+    /// the record still holds what `rec` was read as; else
+    /// [`EngineError::Conflict`] and nothing is removed. A record already
+    /// gone is not an error.
+    pub fn remove(&self, rec: &ImageRecord) -> Result<()> {
+        let id = &rec.image_id;
         let status_keys: Vec<String> = self
             .read_prefix(&format!("{STATUS_KEY}{id}."))?
             .into_keys()
             .collect();
         let key = format!("{IMAGE_KEY}{id}");
-        let mut keys: Vec<&str> = status_keys.iter().map(String::as_str).collect();
-        keys.push(&key);
-        match self.io.omap_rm_keys(REGISTRY_OBJECT, &keys) {
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            r => r.ctx(|| format!("writing the registry of {}", self.io.spec())),
+        let also: Vec<&str> = status_keys.iter().map(String::as_str).collect();
+        self.swap(&key, rec.revision.stored(), None, &also)
+    }
+
+    /// Replaces omap `key` (with `new`, or removes it and `also`) in one
+    /// operation that the OSD applies only if the key holds `expected`
+    /// (`None`: the key is absent; a missing key compares equal to an empty
+    /// value, and records are never empty).
+    fn swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        also: &[&str],
+    ) -> Result<()> {
+        let what = || format!("writing {key} in the registry of {}", self.io.spec());
+        for attempt in 0..2 {
+            let mut op = WriteOp::new().ctx(|| "creating a write op".into())?;
+            op.omap_cmp(key, OmapCmp::Eq, expected.unwrap_or_default());
+            match new {
+                Some(v) => op.omap_set(&[(key, v)]),
+                None => {
+                    let mut keys = also.to_vec();
+                    keys.push(key);
+                    op.omap_rm_keys(&keys);
+                }
+            }
+            let err = match op.operate(&self.io, REGISTRY_OBJECT) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            match err.kind() {
+                ErrorKind::Canceled => {
+                    tracing::info!(key, pool = %self.io.spec(), "registry record changed by another writer since it was read");
+                    return Err(EngineError::Conflict(format!(
+                        "the registry record {key} in {} was changed by another writer since \
+                         it was read (another sidecar on this site?); re-read it and retry",
+                        self.io.spec()
+                    )));
+                }
+                // No registry object: nothing to remove, or, for a record
+                // created now, the object to create first (a compare needs
+                // an object). A record that was read and whose object is gone
+                // was removed by someone else.
+                ErrorKind::NotFound if new.is_none() => return Ok(()),
+                ErrorKind::NotFound if expected.is_none() && attempt == 0 => {
+                    let mut op = WriteOp::new().ctx(|| "creating a write op".into())?;
+                    op.create(false);
+                    op.operate(&self.io, REGISTRY_OBJECT).ctx(what)?;
+                }
+                ErrorKind::NotFound => {
+                    return Err(EngineError::Conflict(format!(
+                        "the registry of {} was removed since {key} was read; re-read it and retry",
+                        self.io.spec()
+                    )));
+                }
+                _ => return Err(err).ctx(what),
+            }
         }
+        Err(EngineError::Internal(format!(
+            "{}: the registry object vanished while it was created",
+            what()
+        )))
     }
 
     /// Statuses reported by the replicas of primary image `id`.
@@ -551,8 +664,10 @@ mod tests {
             demotion_snap: None,
             role_change: None,
             pending_snap: None,
+            revision: Revision::default(),
         };
         let j = serde_json::to_string(&r).unwrap();
+        assert!(!j.contains("revision"), "{j}");
         assert!(j.contains("\"role\":\"secondary\""), "{j}");
         let back: ImageRecord = serde_json::from_str(&j).unwrap();
         assert_eq!(back, r);

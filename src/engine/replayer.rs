@@ -665,6 +665,14 @@ pub fn sync_image(
         fsid: local.fsid().to_string(),
     };
     let result = sync_inner(engine, &local, job, &peer_io, &cancelled, &reporter, permit);
+    if let Err(e @ EngineError::Conflict(_)) = &result {
+        // Another replayer (a new lease holder) or a role change wrote the
+        // replica's record since this sync read it: this sync's view is
+        // stale and nothing more of it is written. The next pass re-reads.
+        engine.held.release(&key);
+        tracing::info!(image = %key, error = %e, "sync stopped: its registry record changed under it");
+        return result;
+    }
     if let Err(e) = &result {
         engine.held.release(&key);
         let last = local
@@ -827,7 +835,7 @@ fn sync_inner(
                 bytes: 0,
             });
             rec.checkpoint = None;
-            local_reg.put(&rec)?;
+            local_reg.put(&mut rec)?;
         }
         reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
         let doomed = surplus(engine.cfg.keep_snapshots, &psync, &[&target.name]);
@@ -934,7 +942,7 @@ fn sync_inner(
         duration_ms: elapsed.as_millis() as u64,
         bytes,
     });
-    local_reg.put(&rec)?;
+    local_reg.put(&mut rec)?;
     tracing::info!(snapshot = %target.name, bytes, seconds = elapsed.as_secs_f64(), "sync point complete");
     engine
         .metrics
@@ -1097,6 +1105,10 @@ fn delta(
     let mut last_checkpoint = Instant::now();
     let every = engine.cfg.checkpoint_interval;
     let mut ckpt_err = None;
+    // A checkpoint refused because the record changed under this sync
+    // (another replayer took over) stops the copy at once.
+    let lost_record = AtomicBool::new(false);
+    let cancelled = || cancelled() || lost_record.load(std::sync::atomic::Ordering::Relaxed);
     let mut progress = |done: u64, mark: u64| {
         if last_report.elapsed() >= Duration::from_secs(1) {
             last_report = Instant::now();
@@ -1135,7 +1147,13 @@ fn delta(
                 });
             if let Err(e) = r {
                 tracing::warn!(error = %e, "cannot write checkpoint");
-                ckpt_err = Some(e);
+                if matches!(e, EngineError::Conflict(_)) {
+                    lost_record.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                // A conflict stays the reason the copy stopped.
+                if !matches!(ckpt_err, Some(EngineError::Conflict(_))) {
+                    ckpt_err = Some(e);
+                }
             }
         }
     };
@@ -1154,12 +1172,18 @@ fn delta(
         engine.cfg.limits,
         Some(&engine.budget),
         &throttles,
-        cancelled,
+        &cancelled,
         &mut progress,
-    )?;
-    if let Some(e) = ckpt_err {
-        tracing::debug!(error = %e, "a checkpoint write failed during the delta");
-    }
+    );
+    let stats = match ckpt_err {
+        // The copy stopped for it: the conflict is the reason.
+        Some(e @ EngineError::Conflict(_)) => return Err(e),
+        Some(e) => {
+            tracing::debug!(error = %e, "a checkpoint write failed during the delta");
+            stats?
+        }
+        None => stats?,
+    };
     if dst_objects.is_some() {
         reload_object_map(replica).ctx(|| format!("replica {key}"))?;
     }
@@ -1350,7 +1374,7 @@ fn open_or_create_replica(
                 .ctx(|| format!("creating replica {key}"))?;
             let img = Image::open(local_io, name).ctx(|| format!("opening new replica {key}"))?;
             let id = img.id().ctx(|| format!("replica {key}"))?;
-            let rec = ImageRecord {
+            let mut rec = ImageRecord {
                 version: 1,
                 image_name: name.clone(),
                 image_id: id,
@@ -1369,8 +1393,9 @@ fn open_or_create_replica(
                 demotion_snap: None,
                 role_change: None,
                 pending_snap: None,
+                revision: Default::default(),
             };
-            local_reg.put(&rec)?;
+            local_reg.put(&mut rec)?;
             tracing::info!(features = feats, size = target.size, "replica created");
             Ok((img, rec, true))
         }

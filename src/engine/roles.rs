@@ -129,6 +129,10 @@ impl Engine {
                 req.volume
             ))
         })?;
+        if let Some(d) = self.fault_record_delay {
+            tracing::info!(volume = %req.volume, pause = ?d, "fault injection: pausing after reading the registry record");
+            std::thread::sleep(d);
+        }
         Ok((reg, rec))
     }
 
@@ -235,7 +239,7 @@ impl Engine {
         rec.role = Role::Demoted;
         rec.demotion_snap = Some(snap.clone());
         rec.role_change = change(format!("demoted at {snap}"));
-        if let Err(e) = reg.put(&rec) {
+        if let Err(e) = reg.put(&mut rec) {
             self.held.release(&key);
             return Err(e);
         }
@@ -335,7 +339,7 @@ impl Engine {
                 if let Some(s) = schedule.filter(|s| *s != rec.schedule) {
                     tracing::info!(schedule = ?s, "schedule changed at promotion");
                     rec.schedule = s;
-                    reg.put(&rec)?;
+                    reg.put(&mut rec)?;
                     reg.announce();
                 }
                 return Ok(());
@@ -451,7 +455,7 @@ impl Engine {
         if let Some(s) = schedule {
             rec.schedule = s;
         }
-        reg.put(&rec)?;
+        reg.put(&mut rec)?;
         reg.announce();
         tracing::info!(rolled_back_bytes = rolled, "promoted");
         Ok(())
@@ -677,7 +681,7 @@ impl Engine {
                         Err(e) => return Err(e).ctx(|| format!("removing {key}@{n}")),
                     }
                 }
-                reg.remove(&vol.image_id)?;
+                reg.remove(&rec)?;
                 reg.announce();
                 tracing::info!(
                     "replication disabled; the peer's replayer moves the replica to the trash"
@@ -700,7 +704,7 @@ impl Engine {
                 for (_, n) in sync_names(&vol.image)? {
                     let _ = vol.image.snap_remove(&n);
                 }
-                reg.remove(&vol.image_id)?;
+                reg.remove(&rec)?;
                 tracing::info!(last_sync = ?last, "replica detached; it is a normal image now");
             }
         }
@@ -775,7 +779,7 @@ impl Engine {
         // Keep it restorable for a week (`rbd trash restore`).
         ceph::rbd::trash_move(local_io, &t.image_name, 7 * 86_400)
             .ctx(|| format!("moving {key} to the trash"))?;
-        reg.remove(&id)?;
+        reg.remove(&rec)?;
         tracing::info!(image = %key, "replication disabled on the primary: replica moved to the trash");
         Ok(true)
     }

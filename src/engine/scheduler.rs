@@ -6,10 +6,15 @@
 //! replica that reports (at most one pending sync point per image): snapshots
 //! cannot pile up while a peer is down or slow, and the recovery point is
 //! always measured from a sync point the replica actually has.
+//!
+//! Snapshots wait for a monitor round each (0.5-1 s on the test machine);
+//! those due at about the same time, and the first ones of images just
+//! enabled, are taken concurrently so that they share rounds.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 
@@ -24,6 +29,32 @@ use super::slots::image_key;
 
 /// Interval used when the VolumeReplicationClass gives none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Snapshots taken at once: enough to share monitor rounds, few enough not
+/// to flood the monitor (each is one blocking thread).
+pub const SNAPSHOT_BATCH: usize = 16;
+
+/// How long a first sync snapshot waits for a busy image (a role change or
+/// a scheduler pass on it) before leaving it to the scheduler.
+const FIRST_SYNC_WAIT: Duration = Duration::from_secs(30);
+
+/// An image Enable registered without a sync snapshot yet.
+#[derive(Clone)]
+pub struct FirstSync {
+    /// Its pool and namespace.
+    pub io: Arc<IoCtx>,
+    /// Its RBD image id.
+    pub image_id: String,
+    /// Its name.
+    pub image_name: String,
+}
+
+impl FirstSync {
+    /// Its key in slots and logs.
+    pub fn key(&self) -> String {
+        image_key(self.io.pool(), self.io.namespace(), &self.image_name)
+    }
+}
 
 /// A parsed schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,42 +132,103 @@ impl Engine {
     ) -> Result<usize> {
         let reg = Registry::new(Arc::clone(io));
         let now = Utc::now();
-        let mut taken = 0;
-        for rec in records {
-            if rec.role != Role::Primary {
-                continue;
+        let due: Vec<&ImageRecord> = records
+            .iter()
+            .filter(|r| r.role == Role::Primary)
+            .filter(|r| cache.get(&r.image_id).is_none_or(|d| d <= now))
+            .collect();
+        // Concurrently: each snapshot waits for a monitor round, and
+        // snapshots in flight together share rounds.
+        let next = AtomicUsize::new(0);
+        let taken = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..due.len().min(SNAPSHOT_BATCH) {
+                s.spawn(|| {
+                    while let Some(rec) = due.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        if self.schedule_one(io, &reg, rec, cache, now) {
+                            taken.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
             }
-            if cache.get(&rec.image_id).is_some_and(|d| d > now) {
-                continue;
+        });
+        Ok(taken.into_inner())
+    }
+
+    /// One image of [`Engine::schedule_pool`]: whether a snapshot was taken.
+    fn schedule_one(
+        &self,
+        io: &Arc<IoCtx>,
+        reg: &Registry,
+        rec: &ImageRecord,
+        cache: &DueCache,
+        now: DateTime<Utc>,
+    ) -> bool {
+        // A role change (Disable, Demote, Promote) on the image runs: leave
+        // it alone. Disable removes the sync snapshots before the record,
+        // and a snapshot taken in between would outlive both.
+        let slot = self
+            .slots
+            .get(&image_key(io.pool(), io.namespace(), &rec.image_name));
+        let Some(_guard) = slot.try_enter() else {
+            return false;
+        };
+        // Re-read under the slot: the record may have changed since.
+        let rec = match reg.get(&rec.image_id) {
+            Ok(Some(r)) if r.role == Role::Primary => r,
+            _ => return false,
+        };
+        match self.schedule_image(io, reg, &rec, now) {
+            Ok((due, took)) => {
+                cache.set(&rec.image_id, due);
+                took
             }
-            // A role change (Disable, Demote, Promote) on the image runs:
-            // leave it alone. Disable removes the sync snapshots before the
-            // record, and a snapshot taken in between would outlive both.
-            let slot = self
-                .slots
-                .get(&image_key(io.pool(), io.namespace(), &rec.image_name));
-            let Some(_guard) = slot.try_enter() else {
-                continue;
-            };
-            // Re-read under the slot: the record may have changed since.
-            let rec = match reg.get(&rec.image_id) {
-                Ok(Some(r)) if r.role == Role::Primary => r,
-                _ => continue,
-            };
-            let rec = &rec;
-            match self.schedule_image(io, &reg, rec, now) {
-                Ok((due, took)) => {
-                    cache.set(&rec.image_id, due);
-                    taken += usize::from(took);
-                }
-                Err(e) => tracing::warn!(
-                    image = %format!("{}/{}", io.spec(), rec.image_name),
+            Err(e) => {
+                tracing::warn!(
+                    image = %image_key(io.pool(), io.namespace(), &rec.image_name),
                     error = %e,
                     "scheduling failed"
-                ),
+                );
+                false
             }
         }
-        Ok(taken)
+    }
+
+    /// Takes the first sync snapshot of an image Enable registered, unless
+    /// it has one by now or is no longer primary. Waits up to
+    /// [`FIRST_SYNC_WAIT`] for the image's slot, then leaves it to the
+    /// scheduler. Blocking.
+    pub fn take_first_sync_point(&self, first: &FirstSync) -> Result<()> {
+        let key = first.key();
+        let slot = self.slots.get(&key);
+        let deadline = Instant::now() + FIRST_SYNC_WAIT;
+        let _guard = loop {
+            if let Some(g) = slot.try_enter() {
+                break g;
+            }
+            if Instant::now() >= deadline {
+                tracing::info!(image = %key, "image busy; its first sync snapshot is left to the scheduler");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let reg = Registry::new(Arc::clone(&first.io));
+        if reg
+            .get(&first.image_id)?
+            .is_none_or(|r| r.role != Role::Primary)
+        {
+            return Ok(());
+        }
+        let img = Image::open_by_id(&first.io, &first.image_id)
+            .ctx(|| format!("opening primary {key}"))?;
+        let snaps = img
+            .snap_list()
+            .ctx(|| format!("listing snapshots of {key}"))?;
+        if sync_snaps(&snaps).is_empty() {
+            self.take_sync_snapshot(&img, 1)?;
+        }
+        reg.announce();
+        Ok(())
     }
 
     /// Takes the next sync snapshot of `rec` if due and the previous one has
@@ -157,9 +249,9 @@ impl Engine {
             .ctx(|| format!("listing snapshots of {}", img.spec()))?;
         let sync = sync_snaps(&snaps);
         let Some((&seq, snap)) = sync.iter().next_back() else {
-            // Enable takes the first one before it writes the record; a
-            // record without one lost it (removed by hand, or an Enable of
-            // an earlier version interrupted): take it now.
+            // Enable has it taken right after the record; a record
+            // without one lost it (the process died in between, or it was
+            // removed by hand): take it now.
             self.take_sync_snapshot(&img, 1)?;
             reg.announce();
             return Ok((plan.next_after(now), true));

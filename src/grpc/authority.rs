@@ -20,17 +20,17 @@
 //! dynamic table, and when a block carries an `:authority` that
 //! [`http::uri::Authority`] rejects, re-encodes it with that value replaced by
 //! `localhost`. Until the first rewrite every byte passes through unchanged; from
-//! then on every block of that connection is re-encoded as literals without
-//! indexing (the server's HPACK table no longer mirrors the client's, so nothing
+//! then on every block of that connection is re-encoded as never-indexed
+//! literals (the server's HPACK table no longer mirrors the client's, so nothing
 //! may refer to it). All other frames pass through untouched; server-to-client
 //! bytes are never touched.
 //!
-//! Owns: the frame walker, a bounded HPACK decoder (RFC 7541, with Huffman) and
-//! a literal-only encoder. Must not: buffer more than one header block, interpret
+//! Owns: the frame walker, the bounds around loona-hpack's decoder (which keeps
+//! the copy of the client's dynamic table) and a literal-only encoder. Must not:
+//! buffer more than one header block, interpret
 //! any other frame, or panic on client input (malformed input closes the
 //! connection with an I/O error, which h2 would have done anyway).
 
-use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -52,8 +52,6 @@ const MAX_RAW_BLOCK: usize = 2 * MAX_HEADER_BLOCK;
 const MAX_HEADER_LIST: usize = 256 * 1024;
 /// Largest dynamic table a client may ask for with a size update.
 const MAX_TABLE_SIZE: usize = 64 * 1024;
-/// SETTINGS_HEADER_TABLE_SIZE default, which the tonic/h2 server keeps.
-const DEFAULT_TABLE_SIZE: usize = 4096;
 /// Frames we emit stay within the smallest SETTINGS_MAX_FRAME_SIZE a peer may set.
 const MAX_OUT_FRAME: usize = 16_384;
 /// Bytes read from the socket per poll.
@@ -89,21 +87,10 @@ pub(crate) enum FixError {
 /// A header block that is not valid HPACK (RFC 7541).
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub(crate) enum HpackError {
-    /// The block ended inside a representation.
-    #[error("truncated header block")]
-    Truncated,
-    /// An integer does not fit the decoder's limits.
-    #[error("integer overflow")]
-    IntegerOverflow,
-    /// An index that is 0 or beyond the static and dynamic tables.
-    #[error("invalid table index {0}")]
-    BadIndex(usize),
-    /// Invalid Huffman code, EOS inside a string, or bad padding.
-    #[error("invalid Huffman-coded string")]
-    BadHuffman,
-    /// A dynamic table size update after the first field, or above the limit.
-    #[error("invalid dynamic table size update to {0}")]
-    BadSizeUpdate(usize),
+    /// What the HPACK decoder (loona-hpack) rejected: a bad index, integer or
+    /// Huffman string, a truncated block, a size update above the limit.
+    #[error("{0}")]
+    Invalid(String),
     /// The decoded header list exceeds [`MAX_HEADER_LIST`].
     #[error("decoded header list larger than {MAX_HEADER_LIST} bytes")]
     ListTooLarge,
@@ -433,7 +420,7 @@ impl Rewriter {
             } else {
                 &field.value
             };
-            encode_literal(&mut encoded, &field.name, value, field.sensitive);
+            encode_literal(&mut encoded, &field.name, value);
         }
         write_header_frames(
             out,
@@ -520,8 +507,10 @@ fn write_header_frames(
 
 /// Appends a literal field that leaves the peer's dynamic table alone:
 /// "without indexing" (0x00), or "never indexed" (0x10) if the client said so.
-fn encode_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8], sensitive: bool) {
-    out.push(if sensitive { 0x10 } else { 0x00 });
+/// A literal field, never indexed: nothing refers to the server's dynamic
+/// table, and a field the client marked never indexed stays so.
+fn encode_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x10);
     encode_int(out, 7, 0x00, name.len());
     out.extend_from_slice(name);
     encode_int(out, 7, 0x00, value.len());
@@ -549,369 +538,49 @@ fn encode_int(out: &mut Vec<u8>, prefix_bits: u8, flags: u8, value: usize) {
 pub(crate) struct Field {
     pub(crate) name: Vec<u8>,
     pub(crate) value: Vec<u8>,
-    /// Sent as "never indexed".
-    pub(crate) sensitive: bool,
 }
 
-/// An HPACK decoder that mirrors the client encoder's dynamic table.
+/// An HPACK decoder that mirrors the client encoder's dynamic table
+/// (loona-hpack's), bounded: size updates above [`MAX_TABLE_SIZE`] and
+/// decoded lists above [`MAX_HEADER_LIST`] are errors.
 pub(crate) struct Decoder {
-    /// Newest entry first.
-    table: VecDeque<(Vec<u8>, Vec<u8>)>,
-    size: usize,
-    max_size: usize,
+    inner: loona_hpack::Decoder<'static>,
 }
 
 impl Decoder {
     pub(crate) fn new() -> Self {
-        Self {
-            table: VecDeque::new(),
-            size: 0,
-            max_size: DEFAULT_TABLE_SIZE,
-        }
+        let mut inner = loona_hpack::Decoder::new();
+        inner.set_max_allowed_table_size(MAX_TABLE_SIZE);
+        Self { inner }
     }
 
     /// Decodes one complete header block, updating the dynamic table.
     pub(crate) fn decode(&mut self, block: &[u8]) -> Result<Vec<Field>, HpackError> {
         let mut fields = Vec::new();
         let mut list_size = 0usize;
-        let mut pos = 0;
-        while let Some(&first) = block.get(pos) {
-            let field = if first & 0x80 != 0 {
-                let index = read_int(block, &mut pos, 7)?;
-                let (name, value) = self.entry(index)?;
-                Field {
-                    name: name.to_vec(),
-                    value: value.to_vec(),
-                    sensitive: false,
+        // Repeated references to a large entry would amplify a small block:
+        // past the limit nothing more is copied.
+        self.inner
+            .decode_with_cb(block, |name, value| {
+                list_size = list_size.saturating_add(name.len() + value.len() + 32);
+                if list_size <= MAX_HEADER_LIST {
+                    fields.push(Field {
+                        name: name.into_owned(),
+                        value: value.into_owned(),
+                    });
                 }
-            } else if first & 0x40 != 0 {
-                let (name, value) = self.read_literal(block, &mut pos, 6)?;
-                self.insert(name.clone(), value.clone());
-                Field {
-                    name,
-                    value,
-                    sensitive: false,
-                }
-            } else if first & 0x20 != 0 {
-                let size = read_int(block, &mut pos, 5)?;
-                if !fields.is_empty() || size > MAX_TABLE_SIZE {
-                    return Err(HpackError::BadSizeUpdate(size));
-                }
-                self.max_size = size;
-                self.evict(0);
-                continue;
-            } else {
-                let (name, value) = self.read_literal(block, &mut pos, 4)?;
-                Field {
-                    name,
-                    value,
-                    sensitive: first & 0x10 != 0,
-                }
-            };
-            list_size = list_size.saturating_add(field.name.len() + field.value.len() + 32);
-            if list_size > MAX_HEADER_LIST {
-                return Err(HpackError::ListTooLarge);
-            }
-            fields.push(field);
+            })
+            .map_err(|e| HpackError::Invalid(e.to_string()))?;
+        if list_size > MAX_HEADER_LIST {
+            return Err(HpackError::ListTooLarge);
         }
         Ok(fields)
     }
-
-    fn read_literal(
-        &self,
-        block: &[u8],
-        pos: &mut usize,
-        prefix_bits: u8,
-    ) -> Result<(Vec<u8>, Vec<u8>), HpackError> {
-        let index = read_int(block, pos, prefix_bits)?;
-        let name = if index == 0 {
-            read_string(block, pos)?
-        } else {
-            self.entry(index)?.0.to_vec()
-        };
-        let value = read_string(block, pos)?;
-        Ok((name, value))
-    }
-
-    fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
-        if let Some(&(name, value)) = index.checked_sub(1).and_then(|i| STATIC_TABLE.get(i)) {
-            return Ok((name.as_bytes(), value.as_bytes()));
-        }
-        index
-            .checked_sub(STATIC_TABLE.len() + 1)
-            .and_then(|i| self.table.get(i))
-            .map(|(n, v)| (n.as_slice(), v.as_slice()))
-            .ok_or(HpackError::BadIndex(index))
-    }
-
-    fn insert(&mut self, name: Vec<u8>, value: Vec<u8>) {
-        let size = name.len() + value.len() + 32;
-        if size > self.max_size {
-            // RFC 7541 §4.4: an entry larger than the table empties it.
-            self.table.clear();
-            self.size = 0;
-            return;
-        }
-        self.evict(size);
-        self.size += size;
-        self.table.push_front((name, value));
-    }
-
-    /// Evicts oldest entries until `incoming` more bytes fit.
-    fn evict(&mut self, incoming: usize) {
-        while self.size + incoming > self.max_size {
-            match self.table.pop_back() {
-                Some((n, v)) => self.size -= n.len() + v.len() + 32,
-                None => {
-                    self.size = 0;
-                    break;
-                }
-            }
-        }
-    }
 }
-
-/// RFC 7541 §5.1: reads an integer whose first byte uses `prefix_bits` bits.
-fn read_int(block: &[u8], pos: &mut usize, prefix_bits: u8) -> Result<usize, HpackError> {
-    let max = (1usize << prefix_bits) - 1;
-    let first = *block.get(*pos).ok_or(HpackError::Truncated)?;
-    *pos += 1;
-    let mut value = usize::from(first) & max;
-    if value < max {
-        return Ok(value);
-    }
-    let mut shift = 0u32;
-    loop {
-        let byte = *block.get(*pos).ok_or(HpackError::Truncated)?;
-        *pos += 1;
-        if shift > 21 {
-            return Err(HpackError::IntegerOverflow);
-        }
-        value += usize::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-        shift += 7;
-    }
-}
-
-/// RFC 7541 §5.2: reads a string literal, Huffman-decoding it if flagged.
-fn read_string(block: &[u8], pos: &mut usize) -> Result<Vec<u8>, HpackError> {
-    let huffman = block.get(*pos).ok_or(HpackError::Truncated)? & 0x80 != 0;
-    let len = read_int(block, pos, 7)?;
-    let end = pos.checked_add(len).ok_or(HpackError::Truncated)?;
-    let raw = block.get(*pos..end).ok_or(HpackError::Truncated)?;
-    *pos = end;
-    if huffman {
-        huffman_decode(raw)
-    } else {
-        Ok(raw.to_vec())
-    }
-}
-
-/// Decodes an RFC 7541 Appendix B Huffman string.
-fn huffman_decode(src: &[u8]) -> Result<Vec<u8>, HpackError> {
-    let table = &HUFFMAN;
-    let mut out = Vec::with_capacity(src.len() * 8 / 5);
-    let mut code = 0u32;
-    let mut len = 0usize;
-    for &byte in src {
-        for bit in (0..8).rev() {
-            code = (code << 1) | u32::from((byte >> bit) & 1);
-            len += 1;
-            if len > MAX_CODE_LEN {
-                return Err(HpackError::BadHuffman);
-            }
-            let rank = code.wrapping_sub(table.first[len]);
-            if code >= table.first[len] && rank < table.count[len] {
-                let symbol = table.symbols[table.offset[len] + rank as usize];
-                // A symbol of 256 is EOS, which must not appear in a string.
-                let byte = u8::try_from(symbol).map_err(|_| HpackError::BadHuffman)?;
-                out.push(byte);
-                code = 0;
-                len = 0;
-            }
-        }
-    }
-    // Padding: fewer than 8 bits, all ones (a prefix of EOS).
-    if len > 7 || code != (1u32 << len) - 1 {
-        return Err(HpackError::BadHuffman);
-    }
-    Ok(out)
-}
-
-const MAX_CODE_LEN: usize = 30;
-
-/// Code length of each symbol (0..=255 and EOS = 256), RFC 7541 Appendix B.
-/// The code is canonical: codes of one length are consecutive, in symbol order,
-/// so the lengths alone determine it.
-const HUFFMAN_LENGTHS: [u8; 257] = [
-    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28, //
-    28, 28, 28, 28, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 28, //
-    6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6, //
-    5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10, //
-    13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, //
-    7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6, //
-    15, 5, 6, 5, 6, 5, 6, 6, 6, 5, 7, 7, 6, 6, 6, 5, //
-    6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11, 14, 13, 28, //
-    20, 22, 20, 20, 22, 22, 22, 23, 22, 23, 23, 23, 23, 23, 24, 23, //
-    24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23, 22, 23, 23, 24, //
-    22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23, //
-    21, 21, 22, 21, 23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23, //
-    26, 26, 20, 19, 22, 23, 22, 25, 26, 26, 26, 27, 27, 26, 24, 25, //
-    19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27, //
-    20, 24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23, //
-    26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27, 26, //
-    30,
-];
-
-/// The canonical Huffman code in decoding form, per code length.
-struct Canonical {
-    /// First code of each length.
-    first: [u32; MAX_CODE_LEN + 1],
-    /// Number of codes of each length.
-    count: [u32; MAX_CODE_LEN + 1],
-    /// Index in `symbols` of the first symbol of each length.
-    offset: [usize; MAX_CODE_LEN + 1],
-    /// Symbols ordered by (code length, symbol).
-    symbols: [u16; 257],
-}
-
-static HUFFMAN: Canonical = build_canonical();
-
-const fn build_canonical() -> Canonical {
-    let mut count = [0u32; MAX_CODE_LEN + 1];
-    let mut s = 0;
-    while s < 257 {
-        count[HUFFMAN_LENGTHS[s] as usize] += 1;
-        s += 1;
-    }
-    let mut first = [0u32; MAX_CODE_LEN + 1];
-    let mut offset = [0usize; MAX_CODE_LEN + 1];
-    let mut code = 0u32;
-    let mut next = 0usize;
-    let mut len = 1;
-    while len <= MAX_CODE_LEN {
-        first[len] = code;
-        offset[len] = next;
-        code = (code + count[len]) << 1;
-        next += count[len] as usize;
-        len += 1;
-    }
-    let mut fill = offset;
-    let mut symbols = [0u16; 257];
-    let mut s = 0;
-    while s < 257 {
-        let len = HUFFMAN_LENGTHS[s] as usize;
-        symbols[fill[len]] = s as u16;
-        fill[len] += 1;
-        s += 1;
-    }
-    Canonical {
-        first,
-        count,
-        offset,
-        symbols,
-    }
-}
-
-/// RFC 7541 Appendix A.
-const STATIC_TABLE: [(&str, &str); 61] = [
-    (":authority", ""),
-    (":method", "GET"),
-    (":method", "POST"),
-    (":path", "/"),
-    (":path", "/index.html"),
-    (":scheme", "http"),
-    (":scheme", "https"),
-    (":status", "200"),
-    (":status", "204"),
-    (":status", "206"),
-    (":status", "304"),
-    (":status", "400"),
-    (":status", "404"),
-    (":status", "500"),
-    ("accept-charset", ""),
-    ("accept-encoding", "gzip, deflate"),
-    ("accept-language", ""),
-    ("accept-ranges", ""),
-    ("accept", ""),
-    ("access-control-allow-origin", ""),
-    ("age", ""),
-    ("allow", ""),
-    ("authorization", ""),
-    ("cache-control", ""),
-    ("content-disposition", ""),
-    ("content-encoding", ""),
-    ("content-language", ""),
-    ("content-length", ""),
-    ("content-location", ""),
-    ("content-range", ""),
-    ("content-type", ""),
-    ("cookie", ""),
-    ("date", ""),
-    ("etag", ""),
-    ("expect", ""),
-    ("expires", ""),
-    ("from", ""),
-    ("host", ""),
-    ("if-match", ""),
-    ("if-modified-since", ""),
-    ("if-none-match", ""),
-    ("if-range", ""),
-    ("if-unmodified-since", ""),
-    ("last-modified", ""),
-    ("link", ""),
-    ("location", ""),
-    ("max-forwards", ""),
-    ("proxy-authenticate", ""),
-    ("proxy-authorization", ""),
-    ("range", ""),
-    ("referer", ""),
-    ("refresh", ""),
-    ("retry-after", ""),
-    ("server", ""),
-    ("set-cookie", ""),
-    ("strict-transport-security", ""),
-    ("transfer-encoding", ""),
-    ("user-agent", ""),
-    ("vary", ""),
-    ("via", ""),
-    ("www-authenticate", ""),
-];
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Huffman code and length of `symbol`, derived from the canonical table.
-    fn huffman_code(symbol: usize) -> (u32, usize) {
-        let len = usize::from(HUFFMAN_LENGTHS[symbol]);
-        let start = HUFFMAN.offset[len];
-        let rank = HUFFMAN.symbols[start..]
-            .iter()
-            .position(|&s| usize::from(s) == symbol)
-            .unwrap();
-        (HUFFMAN.first[len] + rank as u32, len)
-    }
-
-    fn huffman_encode(src: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let (mut acc, mut bits) = (0u64, 0usize);
-        for &b in src {
-            let (code, len) = huffman_code(usize::from(b));
-            acc = (acc << len) | u64::from(code);
-            bits += len;
-            while bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-            }
-        }
-        if bits > 0 {
-            out.push(((acc << (8 - bits)) | ((1 << (8 - bits)) - 1)) as u8);
-        }
-        out
-    }
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
@@ -940,40 +609,6 @@ mod tests {
     }
 
     #[test]
-    fn huffman_codes_match_rfc7541_appendix_b() {
-        assert_eq!(huffman_code(0), (0x1ff8, 13));
-        assert_eq!(huffman_code(usize::from(b' ')), (0x14, 6));
-        assert_eq!(huffman_code(usize::from(b'0')), (0x0, 5));
-        assert_eq!(huffman_code(usize::from(b'a')), (0x3, 5));
-        assert_eq!(huffman_code(usize::from(b'/')), (0x18, 6));
-        assert_eq!(huffman_code(255), (0x3ffffee, 26));
-        assert_eq!(huffman_code(256), (0x3fffffff, 30));
-    }
-
-    #[test]
-    fn huffman_round_trips_every_byte() {
-        let all: Vec<u8> = (0..=255).collect();
-        assert_eq!(huffman_decode(&huffman_encode(&all)).unwrap(), all);
-        let path = b"/var/lib/kubelet/plugins/rbd.csi.ceph.com/csi-addons.sock";
-        assert_eq!(huffman_decode(&huffman_encode(path)).unwrap(), path);
-        assert_eq!(huffman_decode(&[]).unwrap(), b"");
-    }
-
-    #[test]
-    fn huffman_rejects_eos_and_bad_padding() {
-        // EOS (30 ones) followed by padding: EOS must not be decoded.
-        assert_eq!(
-            huffman_decode(&[0xff, 0xff, 0xff, 0xff]),
-            Err(HpackError::BadHuffman)
-        );
-        // 'a' (00011) padded with zeros instead of ones.
-        assert_eq!(huffman_decode(&[0x18]), Err(HpackError::BadHuffman));
-        // 'a' then a whole byte of padding (more than 7 bits).
-        assert_eq!(huffman_decode(&[0x1f, 0xff]), Err(HpackError::BadHuffman));
-        assert_eq!(huffman_decode(&[0x1f]).unwrap(), b"a");
-    }
-
-    #[test]
     fn decodes_rfc7541_c4_requests_with_huffman_and_dynamic_table() {
         let mut d = Decoder::new();
         let first = d
@@ -988,7 +623,6 @@ mod tests {
                 (":authority", "www.example.com"),
             ])
         );
-        assert_eq!(d.size, 57);
         let second = d.decode(&hex("8286 84be 5886 a8eb 1064 9cbf")).unwrap();
         assert_eq!(
             pairs(&second),
@@ -1015,7 +649,6 @@ mod tests {
                 ("custom-key", "custom-value"),
             ])
         );
-        assert_eq!(d.size, 164);
     }
 
     #[test]
@@ -1039,29 +672,27 @@ mod tests {
                 list.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
             let got: Vec<(Vec<u8>, Vec<u8>)> = got.into_iter().map(|f| (f.name, f.value)).collect();
             assert_eq!(got, want, "round {round}");
-            assert!(dec.size <= dec.max_size);
         }
     }
 
     #[test]
     fn decoder_rejects_malformed_blocks() {
+        let invalid = |r: Result<Vec<Field>, HpackError>| matches!(r, Err(HpackError::Invalid(_)));
         let mut d = Decoder::new();
-        assert_eq!(d.decode(&[0x80]), Err(HpackError::BadIndex(0)));
-        assert_eq!(d.decode(&[0xbe]), Err(HpackError::BadIndex(62)));
-        assert_eq!(d.decode(&[0x41, 0x05, b'a']), Err(HpackError::Truncated));
-        assert_eq!(
-            d.decode(&[0x3f, 0xe1, 0xff, 0xff, 0xff, 0x7f]),
-            Err(HpackError::IntegerOverflow)
+        assert!(invalid(d.decode(&[0x80])), "index 0");
+        assert!(invalid(d.decode(&[0xbe])), "index beyond both tables");
+        assert!(invalid(d.decode(&[0x41, 0x05, b'a'])), "truncated");
+        assert!(
+            invalid(d.decode(&[0x3f, 0xe1, 0xff, 0xff, 0xff, 0x7f])),
+            "integer too long"
         );
-        // A size update after a field.
-        assert_eq!(d.decode(&[0x82, 0x20]), Err(HpackError::BadSizeUpdate(0)));
+        // EOS inside a Huffman string.
+        assert!(invalid(d.decode(&[0x40, 0x81, 0xff, 0x00])), "EOS");
         // A size update above the limit.
         let mut big = vec![];
         encode_int(&mut big, 5, 0x20, MAX_TABLE_SIZE + 1);
-        assert_eq!(
-            d.decode(&big),
-            Err(HpackError::BadSizeUpdate(MAX_TABLE_SIZE + 1))
-        );
+        big.push(0x82);
+        assert!(invalid(d.decode(&big)), "size update above the limit");
         // Amplification through repeated references is capped.
         let mut d = Decoder::new();
         let mut block = vec![0x40, 0x01, b'x'];
@@ -1076,11 +707,11 @@ mod tests {
     fn size_update_to_zero_empties_the_table() {
         let mut d = Decoder::new();
         d.decode(&[0x40, 0x01, b'a', 0x01, b'b']).unwrap();
-        assert_eq!(d.table.len(), 1);
+        // The entry is index 62 until the table is emptied.
+        assert_eq!(pairs(&d.decode(&[0xbe]).unwrap()), owned(&[("a", "b")]));
         let fields = d.decode(&[0x20, 0x3f, 0xe1, 0x1f, 0x82]).unwrap();
         assert_eq!(pairs(&fields), owned(&[(":method", "GET")]));
-        assert!(d.table.is_empty());
-        assert_eq!(d.max_size, 4096);
+        assert!(d.decode(&[0xbe]).is_err());
     }
 
     // --- frame level ---
@@ -1259,7 +890,17 @@ mod tests {
     #[test]
     fn empty_and_huffman_coded_authorities_are_rewritten() {
         let mut huff = vec![0x83, 0x01];
-        let coded = huffman_encode(b"/run/csi-addons/socket");
+        // The RFC 7541 Huffman code of the path (python hpack's encoder).
+        let coded = [
+            0x62, 0xcb, 0x6a, 0x60, 0x88, 0x32, 0xc3, 0x92, 0x43, 0xd4, 0x86, 0x10, 0x72, 0x75,
+            0x2a, 0x7f,
+        ];
+        assert_eq!(
+            loona_hpack::huffman::HuffmanDecoder::new()
+                .decode(&coded)
+                .unwrap(),
+            b"/run/csi-addons/socket"
+        );
         encode_int(&mut huff, 7, 0x80, coded.len());
         huff.extend_from_slice(&coded);
         for block in [vec![0x83, 0x81], vec![0x83, 0x01, 0x00], huff] {
@@ -1361,7 +1002,7 @@ mod tests {
             ),
             (
                 frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &[0xff]),
-                FixError::Hpack(HpackError::Truncated),
+                FixError::Hpack(Decoder::new().decode(&[0xff]).unwrap_err()),
             ),
             (
                 {

@@ -11,3 +11,4 @@ pub mod proto;
 pub mod replication;
 pub mod server;
 pub mod status;
+pub mod tls;

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::proto::replication::controller_server::Controller;
 use super::proto::replication::get_volume_replication_info_response::Status as PbHealth;
 use super::proto::replication::*;
-use super::status::volume_request;
+use super::status::{Secrets, volume_request};
 use crate::csi::params::ReplicationParams;
 use crate::engine::{Engine, EngineError, Health};
 
@@ -62,9 +62,10 @@ impl Controller for ReplicationService {
         &self,
         req: Request<EnableVolumeReplicationRequest>,
     ) -> Result<Response<EnableVolumeReplicationResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let secrets = Secrets::take(&mut r.secrets);
         let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
             let p = params(&r.parameters)?;
             self.engine.enable(vr, p).await?;
             Ok(EnableVolumeReplicationResponse {})
@@ -81,9 +82,10 @@ impl Controller for ReplicationService {
         &self,
         req: Request<DisableVolumeReplicationRequest>,
     ) -> Result<Response<DisableVolumeReplicationResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let secrets = Secrets::take(&mut r.secrets);
         let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
             // Never fails on the class' parameters: a broken class must not
             // block the VolumeReplication's finalizer. Only `force` counts.
             let force = ReplicationParams::lenient_force(&r.parameters);
@@ -102,9 +104,10 @@ impl Controller for ReplicationService {
         &self,
         req: Request<PromoteVolumeRequest>,
     ) -> Result<Response<PromoteVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let secrets = Secrets::take(&mut r.secrets);
         let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
             let p = params(&r.parameters)?;
             self.engine.promote(vr, r.force, p).await?;
             Ok(PromoteVolumeResponse {})
@@ -121,9 +124,10 @@ impl Controller for ReplicationService {
         &self,
         req: Request<DemoteVolumeRequest>,
     ) -> Result<Response<DemoteVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let secrets = Secrets::take(&mut r.secrets);
         let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
             self.engine.demote(vr, r.force).await?;
             Ok(DemoteVolumeResponse {})
         }
@@ -139,9 +143,10 @@ impl Controller for ReplicationService {
         &self,
         req: Request<ResyncVolumeRequest>,
     ) -> Result<Response<ResyncVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let secrets = Secrets::take(&mut r.secrets);
         let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
             let ready = self.engine.resync(vr, r.force).await?;
             Ok(ResyncVolumeResponse { ready })
         }
@@ -157,9 +162,10 @@ impl Controller for ReplicationService {
         &self,
         req: Request<GetVolumeReplicationInfoRequest>,
     ) -> Result<Response<GetVolumeReplicationInfoResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let secrets = Secrets::take(&mut r.secrets);
         let res = async {
-            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &r.secrets)?;
+            let vr = volume_request(&r.volume_id, r.replication_source.as_ref(), &secrets)?;
             let info = self.engine.info(vr).await?;
             let status = match info.health {
                 Health::Healthy => PbHealth::Healthy,
@@ -202,9 +208,10 @@ impl Controller for ReplicationService {
         &self,
         req: Request<GetReplicationDestinationInfoRequest>,
     ) -> Result<Response<GetReplicationDestinationInfoResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        let secrets = Secrets::take(&mut r.secrets);
         let res = async {
-            let vr = volume_request("", r.replication_source.as_ref(), &r.secrets)?;
+            let vr = volume_request("", r.replication_source.as_ref(), &secrets)?;
             let volume_id = self.engine.destination(vr).await?;
             Ok(GetReplicationDestinationInfoResponse {
                 replication_destination: Some(ReplicationDestination {

@@ -4,8 +4,10 @@
 //!
 //! Owns: parsing `--endpoint` values ([`Endpoint`]), the unix socket file's life
 //! (replace a stale one, chmod 0660, remove on shutdown), the accept loops, the
-//! `:authority` fix for unix-socket clients (see `authority.rs` and
-//! `docs/authority.md`), and the drain with a grace period.
+//! TLS handshakes of TCP connections when [`Listeners::with_tls`] is set (the
+//! certificates themselves are `tls.rs`'s), the `:authority` fix for
+//! unix-socket clients (see `authority.rs` and `docs/authority.md`), and the
+//! drain with a grace period.
 //!
 //! Must not: implement RPC handlers, decide per-service health (the caller holds
 //! the [`HealthReporter`]), or install signal handlers: the caller cancels the
@@ -35,6 +37,8 @@ use bytes::Bytes;
 use futures::stream::{self, BoxStream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::service::Routes;
@@ -46,6 +50,7 @@ use tracing::{debug, info, warn};
 
 use super::authority::AuthorityFix;
 use super::proto::FILE_DESCRIPTOR_SET;
+use super::tls::{TlsConfig, TlsError};
 
 /// Mode of a unix socket file once bound.
 const SOCKET_MODE: u32 = 0o660;
@@ -53,6 +58,9 @@ const SOCKET_MODE: u32 = 0o660;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before retrying.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Bound on a TLS handshake, so that a client that connects and says nothing
+/// does not hold a socket forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where to listen, parsed from `--endpoint`.
 ///
@@ -251,6 +259,9 @@ pub enum ServeError {
     /// The tonic server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS configuration was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Serves `routes` plus health and reflection on every endpoint until
@@ -279,12 +290,14 @@ pub struct Listeners {
     tcp: Vec<TcpListener>,
     unix: Vec<(UnixListener, SocketFile)>,
     endpoints: Vec<Endpoint>,
+    tls: Option<Arc<TlsConfig>>,
 }
 
 impl fmt::Debug for Listeners {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Listeners")
             .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -300,6 +313,7 @@ impl Listeners {
             tcp: Vec::new(),
             unix: Vec::new(),
             endpoints: Vec::new(),
+            tls: None,
         };
         for endpoint in endpoints {
             match endpoint {
@@ -334,6 +348,16 @@ impl Listeners {
         &self.endpoints
     }
 
+    /// Serves every TCP endpoint over TLS with `tls` (unix sockets stay
+    /// plain). Refused when no endpoint is TCP: the flags would do nothing.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Result<Self, ServeError> {
+        if self.tcp.is_empty() {
+            return Err(TlsError::NoTcpEndpoint.into());
+        }
+        self.tls = Some(Arc::new(tls));
+        Ok(self)
+    }
+
     /// Serves on the bound listeners; see [`serve`].
     pub async fn serve(
         self,
@@ -344,7 +368,23 @@ impl Listeners {
     ) -> Result<(), ServeError> {
         let routes = with_health_and_reflection(routes, health.clone())?;
         for endpoint in &self.endpoints {
-            info!(%endpoint, "gRPC server listening");
+            match (endpoint, &self.tls) {
+                (Endpoint::Unix(_), _) => info!(%endpoint, "gRPC server listening"),
+                (Endpoint::Tcp { .. }, None) => warn!(
+                    %endpoint,
+                    "gRPC server listening on PLAIN TCP: anyone who can reach this address can \
+                     call every RPC, and secrets (cephx keys) cross the network unencrypted; \
+                     give --tls-cert, --tls-key and --tls-client-ca"
+                ),
+                (Endpoint::Tcp { .. }, Some(tls)) if !tls.requires_client_cert() => warn!(
+                    %endpoint,
+                    "gRPC server listening on TLS WITHOUT client certificates: anyone who can \
+                     reach this address can call every RPC; give --tls-client-ca"
+                ),
+                (Endpoint::Tcp { .. }, Some(_)) => {
+                    info!(%endpoint, "gRPC server listening (TLS, client certificates required)");
+                }
+            }
         }
         let open = OpenConns::default();
         let in_flight = InFlight::default();
@@ -395,6 +435,10 @@ impl Listeners {
     fn incoming(self, open: &OpenConns) -> BoxStream<'static, Result<Conn, Infallible>> {
         let mut streams: Vec<BoxStream<'static, Result<Conn, Infallible>>> = Vec::new();
         for listener in self.tcp {
+            if let Some(tls) = &self.tls {
+                streams.push(tls_incoming(listener, Arc::clone(tls), open.clone()));
+                continue;
+            }
             let open = open.clone();
             streams.push(Box::pin(stream::unfold(listener, move |listener| {
                 let open = open.clone();
@@ -436,6 +480,61 @@ impl Listeners {
         }
         stream::select_all(streams).boxed()
     }
+}
+
+/// Accepted TLS connections of `listener`: handshakes run concurrently (one
+/// slow client does not hold up the others), each bounded in time, and a
+/// failed one is logged and dropped.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<TlsConfig>,
+    open: OpenConns,
+) -> BoxStream<'static, Result<Conn, Infallible>> {
+    type Handshake = Pin<Box<dyn Future<Output = Option<Conn>> + Send>>;
+    let handshakes = stream::FuturesUnordered::<Handshake>::new();
+    Box::pin(stream::unfold(
+        (listener, handshakes),
+        move |(listener, mut handshakes)| {
+            let (tls, open) = (Arc::clone(&tls), open.clone());
+            async move {
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((tcp, peer)) => {
+                                if let Err(e) = tcp.set_nodelay(true) {
+                                    debug!(error = %e, "TCP_NODELAY");
+                                }
+                                let acceptor = TlsAcceptor::from(tls.current());
+                                let open = open.clone();
+                                handshakes.push(Box::pin(async move {
+                                    let shake = acceptor.accept(tcp);
+                                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, shake).await {
+                                        Ok(Ok(s)) => {
+                                            Some(Conn::new(ConnIo::Tls(Box::new(s)), &open))
+                                        }
+                                        Ok(Err(error)) => {
+                                            warn!(%peer, %error, "TLS handshake failed");
+                                            None
+                                        }
+                                        Err(_) => {
+                                            warn!(%peer, ?HANDSHAKE_TIMEOUT, "TLS handshake timed out");
+                                            None
+                                        }
+                                    }
+                                }));
+                            }
+                            Err(e) => accept_failed(&e).await,
+                        },
+                        Some(done) = handshakes.next(), if !handshakes.is_empty() => {
+                            if let Some(conn) = done {
+                                return Some((Ok(conn), (listener, handshakes)));
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    ))
 }
 
 async fn accept_failed(error: &io::Error) {
@@ -584,6 +683,7 @@ struct Conn {
 
 enum ConnIo {
     Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
     Unix(Box<AuthorityFix<UnixStream>>),
 }
 
@@ -600,7 +700,7 @@ impl Conn {
 /// Peer information tonic puts in each request's extensions.
 #[derive(Clone, Debug)]
 pub enum ConnInfo {
-    /// A TCP peer.
+    /// A TCP peer (over TLS or not).
     Tcp(TcpConnectInfo),
     /// A unix socket peer (with its credentials when available).
     Unix(UdsConnectInfo),
@@ -612,6 +712,7 @@ impl Connected for Conn {
     fn connect_info(&self) -> ConnInfo {
         match &self.io {
             ConnIo::Tcp(s) => ConnInfo::Tcp(s.connect_info()),
+            ConnIo::Tls(s) => ConnInfo::Tcp(s.get_ref().0.connect_info()),
             ConnIo::Unix(s) => ConnInfo::Unix(s.connect_info()),
         }
     }
@@ -625,6 +726,7 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
             ConnIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ConnIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
             ConnIo::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -638,6 +740,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
             ConnIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ConnIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
             ConnIo::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -649,6 +752,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
             ConnIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ConnIo::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             ConnIo::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
@@ -656,6 +760,7 @@ impl AsyncWrite for Conn {
     fn is_write_vectored(&self) -> bool {
         match &self.io {
             ConnIo::Tcp(s) => s.is_write_vectored(),
+            ConnIo::Tls(s) => s.is_write_vectored(),
             ConnIo::Unix(s) => s.is_write_vectored(),
         }
     }
@@ -663,6 +768,7 @@ impl AsyncWrite for Conn {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
             ConnIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ConnIo::Tls(s) => Pin::new(s).poll_flush(cx),
             ConnIo::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -670,6 +776,7 @@ impl AsyncWrite for Conn {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
             ConnIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ConnIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
             ConnIo::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use tonic::{Code, Status};
+use zeroize::Zeroize;
 
 use crate::csi::volume_id::VolumeId;
 use crate::engine::{Credentials, EngineError, VolumeRequest};
@@ -20,6 +21,9 @@ impl From<EngineError> for Status {
             EngineError::Unauthenticated(_) => Code::Unauthenticated,
             EngineError::PermissionDenied(_) => Code::PermissionDenied,
             EngineError::Busy(_) => Code::Aborted,
+            // The record changed under a role change that retried: the
+            // caller retries the (idempotent) request later.
+            EngineError::Conflict(_) => Code::Aborted,
             EngineError::FailedPrecondition(_) => Code::FailedPrecondition,
             EngineError::Unavailable(_) => Code::Unavailable,
             // A cluster that does not answer: the caller should retry later.
@@ -37,6 +41,41 @@ impl From<ForwardError> for Status {
     /// ceph-csi: the caller should retry.
     fn from(e: ForwardError) -> Self {
         Status::unavailable(e.to_string())
+    }
+}
+
+/// An RPC's `secrets`, taken out of the request so that the values (the
+/// cephx key) are wiped when the handler is done, whatever the outcome. The
+/// copies in tonic's and prost's receive buffers are out of reach.
+pub struct Secrets(HashMap<String, String>);
+
+impl Secrets {
+    /// Moves the map out of a request, leaving it empty.
+    pub fn take(secrets: &mut HashMap<String, String>) -> Self {
+        Self(std::mem::take(secrets))
+    }
+}
+
+impl std::ops::Deref for Secrets {
+    type Target = HashMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only, never values.
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        for value in self.0.values_mut() {
+            value.zeroize();
+        }
     }
 }
 
@@ -102,6 +141,7 @@ mod tests {
                 Code::PermissionDenied,
             ),
             (EngineError::Busy("v".into()), Code::Aborted),
+            (EngineError::Conflict("x".into()), Code::Aborted),
             (
                 EngineError::FailedPrecondition("x".into()),
                 Code::FailedPrecondition,
@@ -184,5 +224,25 @@ mod tests {
             volume_request("", Some(&group), &none),
             Err(EngineError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn secrets_leave_the_request_and_never_show_their_values() {
+        let mut map = HashMap::from([
+            ("userID".to_string(), "csi-rbd-provisioner".to_string()),
+            (
+                "userKey".to_string(),
+                "AQBf4VdnAAAAABAAAAECAwQFBgcICQoLDA0ODw==".to_string(),
+            ),
+        ]);
+        let secrets = Secrets::take(&mut map);
+        assert!(map.is_empty(), "the request keeps no copy");
+        assert_eq!(secrets.len(), 2);
+        let shown = format!("{secrets:?}");
+        assert!(shown.contains("userKey"), "{shown}");
+        assert!(
+            !shown.contains("AQB") && !shown.contains("csi-rbd"),
+            "{shown}"
+        );
     }
 }

@@ -105,6 +105,12 @@ pub fn omap_generate(a: OmapGenerateArgs) -> Result<(), String> {
                 creds.user
             )
         })?;
+    tracing::info!(
+        mon_host = %local.mon_host(),
+        user = %creds.user,
+        instance_id = cluster.instance_id(),
+        "connected to cluster"
+    );
     let ctx = PlanContext {
         driver: &a.drivername,
         csi_config: &csi_config,

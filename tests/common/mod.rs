@@ -413,6 +413,11 @@ impl Sidecar {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The sidecar's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -842,19 +847,21 @@ impl TestPool {
 }
 
 /// The name of the first sync snapshot (sequence 1) of `image` in `io`'s
-/// pool. EnableVolumeReplication answers before the snapshot is taken, so
-/// this waits for it (up to a minute).
+/// pool, which EnableVolumeReplication takes.
+///
+/// Enable answers before the snapshot exists (it follows in the
+/// background): this waits up to a minute for it.
 pub fn first_sync(io: &Arc<IoCtx>, image: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(s) = sync_snaps_in(io, image)
+        if let Some(n) = sync_snaps_in(io, image)
             .into_iter()
             .find(|n| n.starts_with("csirr-sync.0000000001"))
         {
-            return s;
+            return n;
         }
         assert!(
-            Instant::now() < deadline,
+            std::time::Instant::now() < deadline,
             "{image} has no first sync snapshot"
         );
         std::thread::sleep(Duration::from_millis(100));
