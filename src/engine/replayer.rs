@@ -1052,11 +1052,14 @@ fn delta(
         Some(o) => engine.cfg.limits.chunk.min(o.object_size()),
         None => engine.cfg.limits.chunk,
     };
-    let mut extents = copy::changed_extents(primary, from, size, chunk)?;
+    // Both sides have the same pool/name: the error says which one failed.
+    let mut extents =
+        copy::changed_extents(primary, from, size, chunk).map_err(|e| on_side(e, "primary"))?;
     if from.is_none() && !fresh {
         // A full copy over a replica that holds data (an interrupted first
         // sync): whatever the source does not cover must become zero.
-        let have = copy::changed_extents(replica, None, size, chunk)?;
+        let have =
+            copy::changed_extents(replica, None, size, chunk).map_err(|e| on_side(e, "replica"))?;
         for (s, e) in copy::uncovered(&have, &extents) {
             extents.push(Extent {
                 off: s,
@@ -1197,6 +1200,18 @@ fn delta(
         "delta complete"
     );
     Ok(stats)
+}
+
+/// `e` naming the side (primary or replica) of an image whose pool and
+/// name are the same on both clusters.
+fn on_side(e: EngineError, side: &str) -> EngineError {
+    match e {
+        EngineError::Ceph { context, source } => EngineError::Ceph {
+            context: format!("{context} (the {side})"),
+            source,
+        },
+        other => other,
+    }
 }
 
 /// The replica's data objects for direct writes (with its snapshot context:
