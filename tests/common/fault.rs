@@ -131,6 +131,91 @@ impl Drop for Stopped {
     }
 }
 
+/// The state of every PG of `site` (`ceph pg ls`), as the mgr last heard it;
+/// None if the cluster did not answer.
+fn pg_states(site: Site) -> Option<Vec<(String, String)>> {
+    let o = super::ceph(site, &["--connect-timeout", "10", "pg", "ls", "-f", "json"]);
+    if !o.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    let stats = v.get("pg_stats").unwrap_or(&v).as_array()?;
+    stats
+        .iter()
+        .map(|p| {
+            Some((
+                p["pgid"].as_str()?.to_string(),
+                p["state"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// Whether a PG state is active and clean, and serves reads: a scrub is
+/// fine; laggy, wait (read leases), stale or anything peering is not.
+fn clean(state: &str) -> bool {
+    let flags: Vec<&str> = state.split('+').collect();
+    flags.contains(&"active")
+        && flags.contains(&"clean")
+        && flags
+            .iter()
+            .all(|f| matches!(*f, "active" | "clean" | "scrubbing" | "deep" | "snaptrim"))
+}
+
+/// After an OSD of `site` was hung (SIGSTOP, then SIGCONT), re-peers every
+/// PG that is not `active+clean` (scrubs aside) until all of them have been `active+clean`
+/// for a settle window; panics after `timeout`. Returns the PGs re-peered.
+///
+/// On Ceph 16 (Pacific) a PG whose primary was paused can stay laggy,
+/// "waiting for readable", after SIGCONT (read leases; ceph/ceph PR 71663):
+/// reads of its objects hang until `ceph pg repeer` or an OSD restart. It is
+/// the operators' workaround (README, Operations), not the sidecar's job.
+/// The mgr publishes PG states every few seconds, so a first clean listing
+/// right after SIGCONT may predate the lease check: the window is 15 s.
+pub async fn repeer_until_clean(site: Site, timeout: Duration) -> Vec<String> {
+    const SETTLE: Duration = Duration::from_secs(15);
+    let deadline = Instant::now() + timeout;
+    let mut clean_since: Option<Instant> = None;
+    let mut repeered = Vec::new();
+    loop {
+        let states = tokio::task::spawn_blocking(move || pg_states(site))
+            .await
+            .expect("pg ls");
+        let unclean: Vec<(String, String)> = states
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter(|(_, state)| !clean(state))
+            .cloned()
+            .collect();
+        if states.is_none() || !unclean.is_empty() {
+            clean_since = None;
+        } else if clean_since.get_or_insert_with(Instant::now).elapsed() >= SETTLE {
+            return repeered;
+        }
+        for (pg, state) in unclean {
+            eprintln!(
+                "fault: {} pg {pg} is {state}: ceph pg repeer {pg}",
+                site.id()
+            );
+            let o = super::ceph(site, &["--connect-timeout", "10", "pg", "repeer", &pg]);
+            if !o.status.success() {
+                eprintln!(
+                    "ceph pg repeer {pg}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+            }
+            repeered.push(pg);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: PGs not all active+clean after {timeout:?} (re-peered: {repeered:?}; last listing: {states:?})",
+            site.id()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Whether the tests run against the netns pair (`CSIRR_PAIR_NETNS=1`).
 pub fn netns_pair() -> bool {
     std::env::var("CSIRR_PAIR_NETNS").is_ok_and(|v| v == "1")
