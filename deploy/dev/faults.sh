@@ -21,7 +21,7 @@
 #   partition            tests/partition.rs: the link between the sites cut (during a copy;
 #                        during Demote + Promote), on the netns pair
 # The long run repeats each class but the kill loop CSIRR_FAULT_REPEAT times (default 5);
-# --short (CI, about 5 minutes) runs one case of each class once: the partition during a
+# --short (CI, about 5.5 minutes) runs one case of each class once: the partition during a
 # relocation only.
 #
 # The default pair (CSIRR_PAIR_DIR; brought up if needed and left up) serves every class
