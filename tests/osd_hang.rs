@@ -63,7 +63,7 @@ async fn exclusive_hung_replica_osd_during_direct_writes() {
     // repeer_until_clean): an operator's step, not the sidecar's. The data
     // check below is the point of the test.
     let repeered = repeer_until_clean(Site::B, Duration::from_secs(120)).await;
-    eprintln!("re-peered after the hang: {repeered:?}");
+    eprintln!("after the hang: {repeered:?}");
     let first = first_sync(&aio, name);
     wait_replica_snap(&pool.name, name, &first, LONG).await;
     let spec = format!("{vid}@{first}");

@@ -131,9 +131,17 @@ impl Drop for Stopped {
     }
 }
 
-/// The state of every PG of `site` (`ceph pg ls`), as the mgr last heard it;
-/// None if the cluster did not answer.
-fn pg_states(site: Site) -> Option<Vec<(String, String)>> {
+/// A PG as `ceph pg ls` lists it.
+#[derive(Debug, Clone)]
+struct Pg {
+    id: String,
+    state: String,
+    primary: i64,
+}
+
+/// Every PG of `site` (`ceph pg ls`), as the mgr last heard of it; None if
+/// the cluster did not answer.
+fn pg_states(site: Site) -> Option<Vec<Pg>> {
     let o = super::ceph(site, &["--connect-timeout", "10", "pg", "ls", "-f", "json"]);
     if !o.status.success() {
         return None;
@@ -143,10 +151,11 @@ fn pg_states(site: Site) -> Option<Vec<(String, String)>> {
     stats
         .iter()
         .map(|p| {
-            Some((
-                p["pgid"].as_str()?.to_string(),
-                p["state"].as_str()?.to_string(),
-            ))
+            Some(Pg {
+                id: p["pgid"].as_str()?.to_string(),
+                state: p["state"].as_str()?.to_string(),
+                primary: p["acting_primary"].as_i64().unwrap_or(-1),
+            })
         })
         .collect()
 }
@@ -162,54 +171,99 @@ fn clean(state: &str) -> bool {
             .all(|f| matches!(*f, "active" | "clean" | "scrubbing" | "deep" | "snaptrim"))
 }
 
+/// Whether a PG that is not clean gets there without help: the mgr has not
+/// heard of it since its OSD returned, or it is peering or being created.
+fn transient(state: &str) -> bool {
+    state.split('+').any(|f| {
+        matches!(
+            f,
+            "stale" | "unknown" | "peering" | "activating" | "creating" | "remapped"
+        )
+    })
+}
+
+/// Runs `ceph ARGS` on `site` without panicking; the error text if it failed.
+fn ceph_try(site: Site, args: &[&str]) -> Result<(), String> {
+    let o = super::ceph(site, args);
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
+    }
+}
+
 /// After an OSD of `site` was hung (SIGSTOP, then SIGCONT), re-peers every
-/// PG that is not `active+clean` (scrubs aside) until all of them have been `active+clean`
-/// for a settle window; panics after `timeout`. Returns the PGs re-peered.
+/// PG that is not `active+clean` (scrubs aside) until all of them have been
+/// `active+clean` for a settle window; panics after `timeout`. Returns what
+/// it did, for the test's output.
 ///
 /// On Ceph 16 (Pacific) a PG whose primary was paused can stay laggy,
 /// "waiting for readable", after SIGCONT (read leases; ceph/ceph PR 71663):
-/// reads of its objects hang until `ceph pg repeer` or an OSD restart. It is
-/// the operators' workaround (README, Operations), not the sidecar's job.
-/// The mgr publishes PG states every few seconds, so a first clean listing
-/// right after SIGCONT may predate the lease check: the window is 15 s.
+/// reads of its objects hang until it re-peers. It is the operators'
+/// workaround (README, Operations), not the sidecar's job. `ceph pg repeer`
+/// needs another OSD to map the PG to: on a one-OSD cluster (the dev pair)
+/// it fails with EAGAIN, and the OSD is marked down instead (it marks itself
+/// up again at once and re-peers every PG, like a restart). The mgr
+/// publishes PG states every few seconds, so a first clean listing right
+/// after SIGCONT may predate the lease check: the window is 15 s.
 pub async fn repeer_until_clean(site: Site, timeout: Duration) -> Vec<String> {
     const SETTLE: Duration = Duration::from_secs(15);
+    // Time for a re-peer to show before the same PG is handled again.
+    const AGAIN: Duration = Duration::from_secs(20);
     let deadline = Instant::now() + timeout;
     let mut clean_since: Option<Instant> = None;
-    let mut repeered = Vec::new();
+    let mut acted: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut done = Vec::new();
     loop {
-        let states = tokio::task::spawn_blocking(move || pg_states(site))
+        let pgs = tokio::task::spawn_blocking(move || pg_states(site))
             .await
             .expect("pg ls");
-        let unclean: Vec<(String, String)> = states
-            .as_deref()
-            .unwrap_or_default()
+        let unclean: Vec<Pg> = pgs
             .iter()
-            .filter(|(_, state)| !clean(state))
+            .flatten()
+            .filter(|p| !clean(&p.state))
             .cloned()
             .collect();
-        if states.is_none() || !unclean.is_empty() {
+        if pgs.is_none() || !unclean.is_empty() {
             clean_since = None;
         } else if clean_since.get_or_insert_with(Instant::now).elapsed() >= SETTLE {
-            return repeered;
+            return done;
         }
-        for (pg, state) in unclean {
-            eprintln!(
-                "fault: {} pg {pg} is {state}: ceph pg repeer {pg}",
-                site.id()
-            );
-            let o = super::ceph(site, &["--connect-timeout", "10", "pg", "repeer", &pg]);
-            if !o.status.success() {
-                eprintln!(
-                    "ceph pg repeer {pg}: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
+        for pg in unclean.iter().filter(|p| !transient(&p.state)) {
+            let key = format!("pg {}", pg.id);
+            let osd = format!("osd {}", pg.primary);
+            let recent = |k: &str| acted.get(k).is_some_and(|t| t.elapsed() < AGAIN);
+            if recent(&key) || recent(&osd) {
+                continue;
             }
-            repeered.push(pg);
+            eprintln!(
+                "fault: {} pg {} is {}: ceph pg repeer",
+                site.id(),
+                pg.id,
+                pg.state
+            );
+            acted.insert(key, Instant::now());
+            let r = ceph_try(site, &["--connect-timeout", "10", "pg", "repeer", &pg.id]);
+            match r {
+                Ok(()) => done.push(format!("repeer {} ({})", pg.id, pg.state)),
+                Err(e) if pg.primary >= 0 => {
+                    eprintln!(
+                        "fault: ceph pg repeer {}: {e}; ceph osd down {}",
+                        pg.id, pg.primary
+                    );
+                    acted.insert(osd, Instant::now());
+                    let id = pg.primary.to_string();
+                    match ceph_try(site, &["--connect-timeout", "10", "osd", "down", &id]) {
+                        Ok(()) => done.push(format!("osd down {id} for {} ({})", pg.id, pg.state)),
+                        Err(e) => eprintln!("fault: ceph osd down {id}: {e}"),
+                    }
+                }
+                Err(e) => eprintln!("fault: ceph pg repeer {}: {e}", pg.id),
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "{}: PGs not all active+clean after {timeout:?} (re-peered: {repeered:?}; last listing: {states:?})",
+            "{}: PGs not all active+clean after {timeout:?} (done: {done:?}; not clean: {unclean:?})",
             site.id()
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
