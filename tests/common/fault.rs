@@ -202,8 +202,8 @@ fn ceph_try(site: Site, args: &[&str]) -> Result<(), String> {
 /// reads of its objects hang until it re-peers. It is the operators'
 /// workaround (README, Operations), not the sidecar's job. `ceph pg repeer`
 /// needs another OSD to map the PG to: on a one-OSD cluster (the dev pair)
-/// it fails with EAGAIN, and the OSD is marked down instead (it marks itself
-/// up again at once and re-peers every PG, like a restart). The mgr
+/// it fails with EAGAIN, and the OSD is marked down instead, once (it marks
+/// itself up again at once and re-peers every PG, like a restart). The mgr
 /// publishes PG states every few seconds, so a first clean listing right
 /// after SIGCONT may predate the lease check: the window is 15 s.
 pub async fn repeer_until_clean(site: Site, timeout: Duration) -> Vec<String> {
@@ -232,8 +232,9 @@ pub async fn repeer_until_clean(site: Site, timeout: Duration) -> Vec<String> {
         for pg in unclean.iter().filter(|p| !transient(&p.state)) {
             let key = format!("pg {}", pg.id);
             let osd = format!("osd {}", pg.primary);
-            let recent = |k: &str| acted.get(k).is_some_and(|t| t.elapsed() < AGAIN);
-            if recent(&key) || recent(&osd) {
+            // An OSD is marked down once per call: a second flap while
+            // its PGs still re-peer helps nothing.
+            if acted.get(&key).is_some_and(|t| t.elapsed() < AGAIN) || acted.contains_key(&osd) {
                 continue;
             }
             eprintln!(
