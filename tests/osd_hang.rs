@@ -6,32 +6,22 @@
 //! 13.2); the sidecar survives, and once the OSD runs again the replica
 //! converges to the primary byte for byte.
 //!
+//! After SIGCONT the PGs left laggy by Ceph 16's read leases are re-peered
+//! (as an operator would, README Operations) before the data is compared.
+//!
 //! Freezes site-b's OSD: test.sh runs `exclusive_` tests alone.
 
 mod common;
 
 use std::time::Duration;
 
+use common::fault::{Daemon, Hung, repeer_until_clean};
 use common::*;
 
 const MIB: u64 = 1 << 20;
 const LONG: Duration = Duration::from_secs(180);
 
-fn osd_signal(site: Site, sig: &str) {
-    let pidf = format!("{}/{}/run/osd.0.pid", env("CSIRR_PAIR_DIR"), site.id());
-    let pid = std::fs::read_to_string(&pidf).unwrap_or_else(|e| panic!("{pidf}: {e}"));
-    let ok = std::process::Command::new("kill")
-        .args([&format!("-{sig}"), pid.trim()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} {}", pid.trim());
-}
-
 #[tokio::test]
-#[ignore = "fails in clean-clone CI runs (2 of 2 on 2026-12-04), passes alone: after SIGCONT \
-            two PGs of the test pool stay 'waiting for readable' (Ceph 16 read leases after an \
-            OSD pause; ceph/ceph PR 71663) until re-peered. Run it with: deploy/dev/test.sh \
-            --run-ignored only -E 'test(exclusive_hung_replica_osd)'"]
 async fn exclusive_hung_replica_osd_during_direct_writes() {
     let pool = TestPool::new("osdhang");
     let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
@@ -64,11 +54,16 @@ async fn exclusive_hung_replica_osd_during_direct_writes() {
             .is_some_and(|o| o > 8 * MIB)
     })
     .await;
-    osd_signal(Site::B, "STOP");
-    let resume = scopeguard(|| osd_signal(Site::B, "CONT"));
+    let hung = Hung::new(Site::B, Daemon::Osd);
     // Past the op timeout: the writes in flight time out.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    drop(resume);
+    drop(hung);
+    // Ceph 16 can leave PGs of the paused OSD "waiting for readable" after
+    // SIGCONT until they are re-peered (read leases; see
+    // repeer_until_clean): an operator's step, not the sidecar's. The data
+    // check below is the point of the test.
+    let repeered = repeer_until_clean(Site::B, Duration::from_secs(120)).await;
+    eprintln!("after the hang: {repeered:?}");
     let first = first_sync(&aio, name);
     wait_replica_snap(&pool.name, name, &first, LONG).await;
     let spec = format!("{vid}@{first}");

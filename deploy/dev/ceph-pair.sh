@@ -5,6 +5,7 @@
 # Usage: deploy/dev/ceph-pair.sh up | down | env | status
 #        deploy/dev/ceph-pair.sh stop  SITE mon|mgr|osd|all
 #        deploy/dev/ceph-pair.sh start SITE mon|mgr|osd|all
+#        CSIRR_PAIR_NETNS=1 deploy/dev/ceph-pair.sh up|down|env|status|stop|start|partition|heal
 #
 #   up      create and start both clusters (no-op if already healthy; a complete pair
 #           that does not answer, e.g. after a reboot or under load, has its stopped
@@ -17,6 +18,22 @@
 #   stop/start one daemon (or all) of one site; start waits until the daemon is back
 #           (mon: in quorum, mgr: available, osd: up); stop waits for the process to exit
 #           (osd: also until the mon shows it down).
+#
+# Network-namespace mode (CSIRR_PAIR_NETNS=1, for the partition tests; the default mode
+# above is unchanged by it): each site's daemons run in a network namespace of its own
+# (csirr-a, csirr-b) and bind to 10.77.1.2 (site-a) / 10.77.2.2 (site-b). A veth pair
+# links each namespace to the root namespace (10.77.1.1 / 10.77.2.1), so tests and tools
+# there reach both clusters; a third veth pair `wan` links the two namespaces directly
+# (10.77.3.1 <-> 10.77.3.2, with routes to the other site's /24), and a sidecar started
+# inside a site's namespace (`ip netns exec csirr-b ...`) reaches its own cluster
+# locally and the peer over `wan`. Default state dir <repo>/.pair-netns; /etc/ceph is
+# not touched; one such pair per machine (the namespace names are fixed). Needs root.
+#   partition   drop every packet on `wan`, both ways, silently (a `blackhole` qdisc:
+#               this kernel has no netem, nftables or tc drop actions); both sites stay
+#               reachable from the root namespace
+#   heal        remove the blackhole qdiscs (`up` heals too)
+# A netns pair and a default pair can run at once (different addresses and namespaces);
+# neither mode's `up` takes down the other mode's pair.
 #
 # Layout (CSIRR_PAIR_DIR, default <repo>/.pair):
 #   <site>/ceph.conf                      usable with ceph/rbd/rados -c; [client.admin] and
@@ -72,7 +89,12 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
-PAIR_DIR=${CSIRR_PAIR_DIR:-$REPO_ROOT/.pair}
+NETNS=${CSIRR_PAIR_NETNS:-0}
+if [[ $NETNS == 1 ]]; then
+    PAIR_DIR=${CSIRR_PAIR_DIR:-$REPO_ROOT/.pair-netns}
+else
+    PAIR_DIR=${CSIRR_PAIR_DIR:-$REPO_ROOT/.pair}
+fi
 case "$PAIR_DIR" in /*) ;; *) PAIR_DIR="$PWD/$PAIR_DIR" ;; esac
 
 POOL=replicapool
@@ -81,6 +103,15 @@ PG_NUM=32
 SITES=(site-a site-b)
 declare -A MON_V2_PORT=([site-a]=3300 [site-b]=3301)
 declare -A MON_V1_PORT=([site-a]=6789 [site-b]=6790)
+# Where each site's daemons bind (netns mode: inside the site's namespace).
+declare -A SITE_IP=([site-a]=127.0.0.1 [site-b]=127.0.0.1)
+declare -A SITE_NET=([site-a]=127.0.0.0/8 [site-b]=127.0.0.0/8)
+declare -A SITE_NS=([site-a]= [site-b]=)
+if [[ $NETNS == 1 ]]; then
+    SITE_IP=([site-a]=10.77.1.2 [site-b]=10.77.2.2)
+    SITE_NET=([site-a]=10.77.1.0/24 [site-b]=10.77.2.0/24)
+    SITE_NS=([site-a]=csirr-a [site-b]=csirr-b)
+fi
 CSI_USER=csi-rbd-provisioner
 # Extra mon caps: read the mirror peer attributes (mon_host, key) and the local site
 # name from config-key (see Findings above).
@@ -99,9 +130,20 @@ die() {
 
 site_dir() { printf '%s/%s' "$PAIR_DIR" "$1"; }
 site_conf() { printf '%s/ceph.conf' "$(site_dir "$1")"; }
-mon_vec() { printf '[v2:127.0.0.1:%s,v1:127.0.0.1:%s]' "${MON_V2_PORT[$1]}" "${MON_V1_PORT[$1]}"; }
+mon_vec() { printf '[v2:%s:%s,v1:%s:%s]' "${SITE_IP[$1]}" "${MON_V2_PORT[$1]}" "${SITE_IP[$1]}" "${MON_V1_PORT[$1]}"; }
 # The single-address form handed to ceph-csi / librados users.
-mon_addr() { printf 'v2:127.0.0.1:%s' "${MON_V2_PORT[$1]}"; }
+mon_addr() { printf 'v2:%s:%s' "${SITE_IP[$1]}" "${MON_V2_PORT[$1]}"; }
+
+# The first line of a site's ceph.conf, which tells the pairs of each mode apart. A netns
+# pair's does not contain the default mode's words "written by deploy/dev/ceph-pair.sh",
+# so that older copies of this script do not take it for theirs and take it down.
+conf_header() {
+    if [[ $NETNS == 1 ]]; then
+        printf '# %s of the csi-rbd-replicator dev pair in network namespaces (netns mode of ceph-pair.sh)' "$1"
+    else
+        printf '# %s of the csi-rbd-replicator dev pair; written by deploy/dev/ceph-pair.sh' "$1"
+    fi
+}
 
 check_site() {
     case "${1:-}" in
@@ -245,12 +287,14 @@ start_daemon() {
     fi
     # The daemons fork into the background and write their pid files; what they print
     # before that goes to log/<name>.out.
-    local out
+    local out pre=()
     out="$dir/log/$(daemon_name "$daemon").out"
+    # netns mode: the daemon runs in its site's namespace.
+    [[ -n ${SITE_NS[$site]} ]] && pre=(ip netns exec "${SITE_NS[$site]}")
     case "$daemon" in
-    mon) without_inherited_fds ceph-mon -c "$dir/ceph.conf" -i a >>"$out" 2>&1 ;;
-    mgr) without_inherited_fds ceph-mgr -c "$dir/ceph.conf" -i x >>"$out" 2>&1 ;;
-    osd) without_inherited_fds ceph-osd -c "$dir/ceph.conf" -i 0 >>"$out" 2>&1 ;;
+    mon) without_inherited_fds "${pre[@]}" ceph-mon -c "$dir/ceph.conf" -i a >>"$out" 2>&1 ;;
+    mgr) without_inherited_fds "${pre[@]}" ceph-mgr -c "$dir/ceph.conf" -i x >>"$out" 2>&1 ;;
+    osd) without_inherited_fds "${pre[@]}" ceph-osd -c "$dir/ceph.conf" -i 0 >>"$out" 2>&1 ;;
     esac || die "$site: starting $daemon failed (see $out and $dir/log/$(daemon_name "$daemon").log)"
 }
 
@@ -354,11 +398,11 @@ write_conf() {
     dir=$(site_dir "$site")
     fsid=$(cat /proc/sys/kernel/random/uuid)
     cat >"$dir/ceph.conf" <<EOF
-# $site of the csi-rbd-replicator dev pair; written by deploy/dev/ceph-pair.sh
+$(conf_header "$site")
 [global]
 fsid = $fsid
 mon_host = $(mon_vec "$site")
-public_network = 127.0.0.0/8
+public_network = ${SITE_NET[$site]}
 ms_bind_ipv4 = true
 ms_bind_ipv6 = false
 auth_cluster_required = cephx
@@ -563,7 +607,9 @@ unlink_etc_ceph() {
 
 # State dirs of other pairs (other checkouts, e.g. CI's fresh clone) whose mons run here.
 foreign_pair_dirs() {
-    local f args i conf dir
+    local f args i conf dir marker
+    marker=$(conf_header SITE)
+    marker=${marker#\# SITE }
     while read -r f; do
         mapfile -d '' args <"$f" 2>/dev/null || continue
         [[ ${args[0]:-} == *ceph-mon ]] || continue
@@ -571,7 +617,8 @@ foreign_pair_dirs() {
             [[ ${args[$i]} == -c ]] || continue
             conf=${args[$((i + 1))]}
             [[ $conf == */site-[ab]/ceph.conf ]] || continue
-            head -1 "$conf" 2>/dev/null | grep -q 'written by deploy/dev/ceph-pair.sh' || continue
+            # Only pairs of this mode (the other mode's hold other addresses).
+            head -1 "$conf" 2>/dev/null | grep -qF "$marker" || continue
             dir=$(dirname "$(dirname "$conf")")
             [[ $dir != "$PAIR_DIR" ]] && printf '%s\n' "$dir"
         done
@@ -579,6 +626,68 @@ foreign_pair_dirs() {
 }
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# --- netns mode ---------------------------------------------------------------------
+
+# Namespaces, the veth pairs to the root namespace and the `wan` link between the sites.
+netns_up() {
+    local site ns i host
+    for site in "${SITES[@]}"; do
+        ns=${SITE_NS[$site]}
+        i=${SITE_IP[$site]%.2} # 10.77.1 / 10.77.2
+        host=$ns-0             # the root namespace's end
+        ip netns add "$ns"
+        ip link add "$host" type veth peer name h0 netns "$ns"
+        ip addr add "$i.1/24" dev "$host"
+        ip link set "$host" up
+        ip -n "$ns" link set lo up
+        ip -n "$ns" addr add "${SITE_IP[$site]}/24" dev h0
+        ip -n "$ns" link set h0 up
+    done
+    local a=${SITE_NS[site-a]} b=${SITE_NS[site-b]}
+    ip -n "$a" link add wan type veth peer name wan netns "$b"
+    ip -n "$a" addr add 10.77.3.1/24 dev wan
+    ip -n "$b" addr add 10.77.3.2/24 dev wan
+    ip -n "$a" link set wan up
+    ip -n "$b" link set wan up
+    ip -n "$a" route add "${SITE_NET[site-b]}" via 10.77.3.2
+    ip -n "$b" route add "${SITE_NET[site-a]}" via 10.77.3.1
+    log "namespaces $a (${SITE_IP[site-a]}) and $b (${SITE_IP[site-b]}) linked by wan"
+}
+
+netns_exists() { ip netns list | grep -qw "$1"; }
+
+netns_down() {
+    local site ns
+    for site in "${SITES[@]}"; do
+        ns=${SITE_NS[$site]}
+        if netns_exists "$ns"; then
+            # Deleting the namespace removes its veths (the root ends too).
+            ip netns del "$ns"
+            log "removed namespace $ns"
+        fi
+    done
+}
+
+cmd_partition() {
+    [[ $NETNS == 1 ]] || die "partition needs the netns pair (CSIRR_PAIR_NETNS=1)"
+    local site
+    for site in "${SITES[@]}"; do
+        tc -n "${SITE_NS[$site]}" qdisc replace dev wan root blackhole
+    done
+    log "partitioned: every packet between ${SITE_NET[site-a]} and ${SITE_NET[site-b]} is dropped"
+}
+
+cmd_heal() {
+    [[ $NETNS == 1 ]] || die "heal needs the netns pair (CSIRR_PAIR_NETNS=1)"
+    local site
+    for site in "${SITES[@]}"; do
+        if tc -n "${SITE_NS[$site]}" qdisc show dev wan 2>/dev/null | grep -q blackhole; then
+            tc -n "${SITE_NS[$site]}" qdisc del dev wan root
+        fi
+    done
+    log "healed: the sites see each other again"
+}
 
 # Is the pair complete and running? (quiet; used by `up`)
 pair_healthy() {
@@ -588,12 +697,19 @@ pair_healthy() {
         for d in mon mgr osd; do daemon_pid "$site" "$d" >/dev/null || return 1; done
         osd_is_up "$site" 2>/dev/null || return 1
     done
-    [[ -L /etc/ceph/site-a.conf && -L /etc/ceph/site-b.conf ]] || return 1
+    if [[ $NETNS == 1 ]]; then
+        netns_exists "${SITE_NS[site-a]}" && netns_exists "${SITE_NS[site-b]}"
+    else
+        [[ -L /etc/ceph/site-a.conf && -L /etc/ceph/site-b.conf ]]
+    fi
 }
 
 cmd_up() {
     local t0=$SECONDS site
     ensure_packages
+    if [[ $NETNS == 1 ]] && netns_exists "${SITE_NS[site-a]}" && netns_exists "${SITE_NS[site-b]}"; then
+        cmd_heal # a partition left behind by a test that died
+    fi
     if pair_healthy; then
         log "pair already up in $PAIR_DIR (nothing to do)"
         return 0
@@ -619,12 +735,17 @@ cmd_up() {
     for other in $(foreign_pair_dirs); do
         if [[ ${CSIRR_PAIR_TAKEOVER:-1} == 1 ]]; then
             log "another pair ($other) is running: taking it down"
-            CSIRR_PAIR_DIR=$other "$0" down
+            CSIRR_PAIR_DIR=$other CSIRR_PAIR_NETNS=$NETNS "$0" down
         else
             die "another pair ($other) is running; stop it with: CSIRR_PAIR_DIR=$other $0 down"
         fi
     done
+    if [[ $NETNS == 1 ]]; then
+        netns_down
+        netns_up
+    fi
     for site in "${SITES[@]}"; do
+        [[ $NETNS == 1 ]] && break # fresh namespaces: nothing holds the ports
         for p in "${MON_V2_PORT[$site]}" "${MON_V1_PORT[$site]}"; do
             ! port_in_use "$p" || die "port $p on 127.0.0.1 is in use by another process (another pair? see 'ss -ltnp')"
         done
@@ -650,7 +771,7 @@ cmd_up() {
     verify_peer site-a site-b "$CSI_USER"
     verify_peer site-b site-a "$CSI_USER"
     write_csi_files
-    link_etc_ceph
+    [[ $NETNS == 1 ]] || link_etc_ceph
     for site in "${SITES[@]}"; do wait_daemon "$site" mgr; done
     date -Is >"$PAIR_DIR/.complete"
     log "pair up in $((SECONDS - t0)) s: $(pool_id site-a) on site-a <-> $(pool_id site-b) on site-b; eval \"\$($0 env)\""
@@ -688,7 +809,11 @@ cmd_down() {
             wait_pid_exit "$pid" 10 || log "WARNING: pid $pid still there"
         done
     done
-    unlink_etc_ceph
+    if [[ $NETNS == 1 ]]; then
+        netns_down
+    else
+        unlink_etc_ceph
+    fi
     if [[ -e $PAIR_DIR ]]; then
         rm -rf "$PAIR_DIR"
         log "removed $PAIR_DIR"
@@ -710,6 +835,13 @@ export CSIRR_POOL='$POOL'
 export CSIRR_SITE_A_MON='$(mon_addr site-a)'
 export CSIRR_SITE_B_MON='$(mon_addr site-b)'
 EOF
+    if [[ $NETNS == 1 ]]; then
+        cat <<EOF
+export CSIRR_PAIR_NETNS=1
+export CSIRR_SITE_A_NETNS='${SITE_NS[site-a]}'
+export CSIRR_SITE_B_NETNS='${SITE_NS[site-b]}'
+EOF
+    fi
 }
 
 cmd_status() {
@@ -727,7 +859,7 @@ cmd_status() {
 }
 
 usage() {
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -738,6 +870,8 @@ main() {
     down) cmd_down ;;
     env) cmd_env ;;
     status) cmd_status ;;
+    partition) cmd_partition ;;
+    heal) cmd_heal ;;
     start | stop)
         [[ $# -eq 3 ]] || usage
         "cmd_$cmd" "$2" "$3"

@@ -4,12 +4,17 @@
 #   deploy/dev/test.sh [NEXTEST ARGS...]     e.g. deploy/dev/test.sh -E 'test(omap)'
 #
 # Without arguments: every test, in two passes: all but `exclusive_*` in parallel,
-# then the `exclusive_*` tests (which stop and start Ceph daemons) one at a time.
+# then the `exclusive_*` tests (which stop and start Ceph daemons) one at a time; the
+# fault-suite classes (the kill loop, OSD hang, mon hang/kill, local-cluster hang,
+# partition) run after them in deploy/dev/faults.sh --short, which prints
+# `N passed, N failed` per class.
 #
 # Phases: install (Debian packages, grpcurl) -> toolchain check -> cargo fmt --check ->
 # cargo clippy -D warnings -> cargo build --all-targets -> two-cluster Ceph pair up
 # (deploy/dev/ceph-pair.sh) -> cargo nextest run (unit and integration tests, with the
-# CSIRR_* variables of `ceph-pair.sh env`) -> every fuzz target for a bounded time
+# CSIRR_* variables of `ceph-pair.sh env`) -> fault suite, bounded (deploy/dev/faults.sh
+# --short; the partition class on a second pair in network namespaces) -> every fuzz
+# target for a bounded time
 # (deploy/dev/fuzz.sh) -> pair down. Exit code = first failure.
 #
 # Environment:
@@ -114,10 +119,12 @@ run_tests() {
     fi
     # Tests named exclusive_* stop and start Ceph daemons (disaster drills):
     # they run after the others, one at a time.
-    local rc=0
-    cargo nextest run --features failpoints --no-fail-fast -E 'not test(/^exclusive_/)' || rc=$?
+    # The fault-suite classes run in their own phase (faults.sh --short).
+    local rc=0 faults='test(fault_kill_loop) | binary(osd_hang) | binary(mon_faults) | binary(partition)'
+    cargo nextest run --features failpoints --no-fail-fast \
+        -E "not test(/^exclusive_/) & not ($faults)" || rc=$?
     cargo nextest run --features failpoints --no-fail-fast --test-threads 1 \
-        -E 'test(/^exclusive_/)' || rc=$?
+        -E "test(/^exclusive_/) & not ($faults)" || rc=$?
     return "$rc"
 }
 
@@ -147,9 +154,13 @@ phase "cargo nextest run" run_tests "$@"
 # pair is torn down by the EXIT trap after them.
 # ===================================================================================
 
+# Skipped when test.sh was given a test filter:
+# The fault suite, one run per class (deploy/dev/faults.sh ITERATIONS for the long run).
+if (($# == 0)); then
+    phase "fault suite (bounded)" bash "$SCRIPT_DIR/faults.sh" --short
+fi
 # Every cargo-fuzz target for a short, bounded time (deploy/dev/fuzz.sh SECONDS for
 # longer runs).
-# Skipped when test.sh was given a test filter.
 if (($# == 0)); then
     phase "fuzz (bounded)" bash "$SCRIPT_DIR/fuzz.sh" "${CSIRR_FUZZ_SECONDS:-10}"
 fi

@@ -1056,14 +1056,17 @@ fn delta(
     // valid, instead of asking every object of the image (13 s for a thin
     // 1 TiB image on the dev pair); the sparse reads bring over only their
     // allocated data. A clone's first sync lists the extents a reader sees
-    // through to its parent, read through librbd.
+    // through to its parent, read through librbd. Both sides have the same
+    // pool/name: the error says which one failed.
     let whole = sparse && objects.is_some();
-    let mut extents = copy::changed_extents(primary, from, size, chunk, whole)?;
+    let mut extents = copy::changed_extents(primary, from, size, chunk, whole)
+        .map_err(|e| on_side(e, "primary"))?;
     if from.is_none() && !fresh {
         // A full copy over a replica that holds data (an interrupted first
         // sync): whatever the source does not cover must become zero. The
         // replica is never a clone: whole objects, from its object map.
-        let have = copy::changed_extents(replica, None, size, chunk, true)?;
+        let have = copy::changed_extents(replica, None, size, chunk, true)
+            .map_err(|e| on_side(e, "replica"))?;
         for (s, e) in copy::uncovered(&have, &extents) {
             extents.push(Extent {
                 off: s,
@@ -1204,6 +1207,18 @@ fn delta(
         "delta complete"
     );
     Ok(stats)
+}
+
+/// `e` naming the side (primary or replica) of an image whose pool and
+/// name are the same on both clusters.
+fn on_side(e: EngineError, side: &str) -> EngineError {
+    match e {
+        EngineError::Ceph { context, source } => EngineError::Ceph {
+            context: format!("{context} (the {side})"),
+            source,
+        },
+        other => other,
+    }
 }
 
 /// The replica's data objects for direct writes (with its snapshot context:

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod controller;
+pub mod fault;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,6 +71,17 @@ impl Site {
     /// Secret directory of the site's least-privilege user.
     pub fn secret_dir(self) -> PathBuf {
         PathBuf::from(self.var("SECRET_DIR"))
+    }
+
+    /// The site's network namespace, with the netns pair.
+    pub fn netns(self) -> Option<String> {
+        let s = match self {
+            Site::A => "A",
+            Site::B => "B",
+        };
+        std::env::var(format!("CSIRR_SITE_{s}_NETNS"))
+            .ok()
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -318,7 +330,18 @@ impl Sidecar {
         let log =
             std::env::temp_dir().join(format!("{}.log", unique(&format!("sidecar-{}", site.id()))));
         let logf = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
+        // With the netns pair (`CSIRR_PAIR_NETNS=1 ceph-pair.sh`), a sidecar
+        // runs in its site's network namespace, as it would run in its site.
+        let bin = env!("CARGO_BIN_EXE_csi-rbd-replicator");
+        let mut cmd = match site.netns() {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns, bin]);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
@@ -401,18 +424,41 @@ impl Sidecar {
     }
 
     async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
-        let path = self.socket.clone();
-        Endpoint::try_from("http://localhost")?
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move {
-                    let s = tokio::net::UnixStream::connect(path).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(s))
-                }
-            }))
-            .await
+        channel_to(&self.socket).await
     }
 
+    /// Whether the process still runs (it did not exit or crash).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Asserts that the process runs and never panicked.
+    pub fn assert_alive(&mut self) {
+        assert!(self.alive(), "sidecar {} exited", self.site.id());
+        assert!(
+            !self.log_text().contains("panicked"),
+            "sidecar {} panicked (see {})",
+            self.site.id(),
+            self.log.display()
+        );
+    }
+}
+
+/// A gRPC channel over the unix socket `path`.
+pub async fn channel_to(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(s))
+            }
+        }))
+        .await
+}
+
+impl Sidecar {
     async fn try_identity(&self) -> Result<IdentityClient<Channel>, tonic::transport::Error> {
         Ok(IdentityClient::new(self.channel().await?))
     }
