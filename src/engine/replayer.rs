@@ -744,8 +744,18 @@ fn sync_inner(
             let (img, rec, fresh) =
                 open_or_create_replica(&local_io, &local_reg, job, &primary, &target)?;
             if rec.role == Role::Secondary {
-                img.lock_acquire(ceph::LockMode::Exclusive)
-                    .ctx(|| format!("locking replica {key} against other writers"))?;
+                if let Err(e) = img.lock_acquire(ceph::LockMode::Exclusive) {
+                    // The replica was created with exclusive-lock, so EINVAL
+                    // means this connection's image state is broken (seen
+                    // after an OSD hang timed out the close of the previous
+                    // handle); only a new client recovers, as a restart did.
+                    if e.kind() == ceph::ErrorKind::InvalidInput {
+                        tracing::warn!(image = %key, error = %e,
+                            "cannot lock the replica through this connection; reconnecting");
+                        engine.conns.forget(local);
+                    }
+                    return Err(e).ctx(|| format!("locking replica {key} against other writers"));
+                }
                 engine.held.put(&key, img.clone());
                 ensure_csi_journal(peer_io, &local_io, job, &rec.image_id);
             }
