@@ -12,6 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use common::fault::write_and_snap;
 use common::*;
 use csi_rbd_replicator::ceph::Image;
 
@@ -36,22 +37,6 @@ impl Seq {
 }
 
 const CLASSES: [&str; 3] = ["sync", "relocate", "forced-promote"];
-
-/// Takes sync snapshot `seq` on `site` after a write.
-fn write_and_snap(
-    pool: &TestPool,
-    site: Site,
-    name: &str,
-    seq: u64,
-    off: u64,
-    len: usize,
-) -> String {
-    let img = Image::open(&pool.ioctx(site), name).unwrap();
-    write(&img, &[(off, len)], seq);
-    let snap = format!("csirr-sync.{seq:010}.fault");
-    img.snap_create(&snap).unwrap();
-    snap
-}
 
 /// One iteration of `class` with fault point `delay`; panics on a violation.
 async fn iteration(class: &str, delay: Duration, it: u64) {

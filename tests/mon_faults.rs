@@ -118,17 +118,7 @@ async fn exclusive_peer_mon_hung_and_killed_during_replication() {
         );
     }
 
-    assert_eq!(
-        checksum(Site::B, &format!("{vid}@{first}")),
-        acked,
-        "the acknowledged sync point changed"
-    );
-    // Resumes by itself: the interrupted sync point, then a new one.
-    replica_equal_at(&pool, Site::B, name, &s2).await;
-    let s3 = write_and_snap(&pool, Site::A, name, 3, 96 * MIB, 4 << 20);
-    replica_equal_at(&pool, Site::B, name, &s3).await;
-    a.assert_alive();
-    b.assert_alive();
+    resumed_after_fault(&pool, &vid, name, &first, &acked, &s2, &mut a, &mut b).await;
 }
 
 #[tokio::test]
@@ -157,14 +147,5 @@ async fn exclusive_local_mon_and_osd_hung_probe_not_ready() {
     probe_until(&b, true, Duration::from_secs(120)).await;
     check_calls(&watch.finish().await);
 
-    assert_eq!(
-        checksum(Site::B, &format!("{vid}@{first}")),
-        acked,
-        "the acknowledged sync point changed"
-    );
-    replica_equal_at(&pool, Site::B, name, &s2).await;
-    let s3 = write_and_snap(&pool, Site::A, name, 3, 96 * MIB, 4 << 20);
-    replica_equal_at(&pool, Site::B, name, &s3).await;
-    a.assert_alive();
-    b.assert_alive();
+    resumed_after_fault(&pool, &vid, name, &first, &acked, &s2, &mut a, &mut b).await;
 }

@@ -102,16 +102,7 @@ async fn exclusive_netns_partition_during_copy() {
         );
     }
 
-    assert_eq!(
-        checksum(Site::B, &format!("{vid}@{first}")),
-        acked,
-        "the acknowledged sync point changed"
-    );
-    replica_equal_at(&pool, Site::B, name, &s2).await;
-    let s3 = write_and_snap(&pool, Site::A, name, 3, 96 * MIB, 4 << 20);
-    replica_equal_at(&pool, Site::B, name, &s3).await;
-    a.assert_alive();
-    b.assert_alive();
+    resumed_after_fault(&pool, &vid, name, &first, &acked, &s2, &mut a, &mut b).await;
 }
 
 #[tokio::test]

@@ -564,3 +564,29 @@ pub async fn replica_equal_at(pool: &super::TestPool, site: Site, name: &str, sn
         "{spec} differs between the sites"
     );
 }
+
+/// What every healed fault must leave: the acknowledged sync point `first`
+/// still reads `acked` on site-b, the replica reaches the interrupted point
+/// `s2` and then a new one by itself, and neither sidecar died.
+#[allow(clippy::too_many_arguments)]
+pub async fn resumed_after_fault(
+    pool: &super::TestPool,
+    vid: &str,
+    name: &str,
+    first: &str,
+    acked: &str,
+    s2: &str,
+    a: &mut super::Sidecar,
+    b: &mut super::Sidecar,
+) {
+    assert_eq!(
+        super::checksum(Site::B, &format!("{vid}@{first}")),
+        acked,
+        "the acknowledged sync point changed"
+    );
+    replica_equal_at(pool, Site::B, name, s2).await;
+    let s3 = write_and_snap(pool, Site::A, name, 3, 96 << 20, 4 << 20);
+    replica_equal_at(pool, Site::B, name, &s3).await;
+    a.assert_alive();
+    b.assert_alive();
+}
