@@ -109,3 +109,46 @@ async fn a_second_replayer_takes_over_and_a_fenced_one_recovers() {
     let after = holder.log_text().matches("sync point complete").count();
     assert!(after > before, "the first replayer did not take over again");
 }
+
+/// A replica lock refused with EINVAL through the local connection (what
+/// librbd did after an OSD stall in the fault suite; a fail point fakes it
+/// here): the sidecar gives its lease and locks up through that connection,
+/// reconnects and takes the lease again at once, instead of seeing its own
+/// old lease as another replayer's until it expires. Replication goes on
+/// with equal checksums.
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+#[tokio::test]
+async fn a_refused_replica_lock_reconnects_and_keeps_the_lease() {
+    let pool = TestPool::new("relock");
+    let a = Sidecar::start(Site::A, &["--no-replayer", "--pools", &pool.name]).await;
+    let b = Sidecar::start_with_env(
+        Site::B,
+        &pool.args(),
+        &[("FAILPOINTS", "replayer::lock_replica=1*return")],
+    )
+    .await;
+    let aio = pool.ioctx(Site::A);
+    let name = "vol";
+    let vid = format!("{}/{name}", pool.name);
+    create_image_in(&aio, name, 32 * MIB, &[(0, 4 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "1h")]))
+        .await
+        .expect("enable");
+    let first = first_sync(&aio, name);
+    wait_replica_snap(&pool.name, name, &first, LONG).await;
+    let spec = format!("{vid}@{first}");
+    assert_eq!(checksum(Site::A, &spec), checksum(Site::B, &spec), "{spec}");
+    sync_point(&pool, name, 2, 8 * MIB).await;
+
+    let log = b.log_text();
+    assert!(
+        log.contains("cannot lock the replica through this connection; reconnecting"),
+        "the fail point did not fire: {log}"
+    );
+    assert!(
+        !log.contains("another replayer took the lease"),
+        "the sidecar locked itself out with its own old lease: {log}"
+    );
+}

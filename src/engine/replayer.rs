@@ -585,6 +585,24 @@ impl Engine {
         Ok(())
     }
 
+    /// Gives up what this process holds through the local connection `old`
+    /// and drops it, because that connection can no longer lock replicas.
+    /// Its syncs stop first (the leases are forgotten here), then the replica
+    /// locks and the pool leases are released through `old`, so that the
+    /// next pass takes them at once through a new connection instead of
+    /// waiting for the old leases to expire.
+    fn reconnect_local(&self, old: &Arc<Cluster>) {
+        let pools = self.leases.pools();
+        self.leases.clear();
+        self.held.release_all();
+        for pool in pools {
+            if let Ok(io) = old.ioctx(&pool, "") {
+                Registry::new(io).release_lease(&self.cookie);
+            }
+        }
+        self.conns.forget(old);
+    }
+
     fn release_leases(&self, leased: &HashSet<(String, String)>) {
         let Ok(local) = self.local() else { return };
         for (pool, ns) in leased {
@@ -593,6 +611,15 @@ impl Engine {
             }
         }
     }
+}
+
+/// Takes the replica's exclusive lock. Fail point `replayer::lock_replica`
+/// (tests) answers as librbd did after an OSD stall: EINVAL.
+fn lock_replica(img: &Image) -> ceph::Result<()> {
+    fail::fail_point!("replayer::lock_replica", |_| Err(
+        ceph::Error::invalid_input("rbd_lock_acquire", img.spec())
+    ));
+    img.lock_acquire(ceph::LockMode::Exclusive)
 }
 
 fn snap_time(img: &Image, id: u64) -> DateTime<Utc> {
@@ -744,7 +771,8 @@ fn sync_inner(
             let (img, rec, fresh) =
                 open_or_create_replica(&local_io, &local_reg, job, &primary, &target)?;
             if rec.role == Role::Secondary {
-                if let Err(e) = img.lock_acquire(ceph::LockMode::Exclusive) {
+                let locked = lock_replica(&img);
+                if let Err(e) = locked {
                     // The replica was created with exclusive-lock, so EINVAL
                     // means this connection's image state is broken (seen
                     // after an OSD hang timed out the close of the previous
@@ -752,7 +780,7 @@ fn sync_inner(
                     if e.kind() == ceph::ErrorKind::InvalidInput {
                         tracing::warn!(image = %key, error = %e,
                             "cannot lock the replica through this connection; reconnecting");
-                        engine.conns.forget(local);
+                        engine.reconnect_local(local);
                     }
                     return Err(e).ctx(|| format!("locking replica {key} against other writers"));
                 }
