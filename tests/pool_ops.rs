@@ -444,7 +444,7 @@ fn all_changed(o: &std::process::Output, n: usize, before: &str, after: &str) ->
 }
 
 /// A pool of many small images (`CSIRR_POOL_IMAGES`, default 12; the
-/// README's figure is from 100): a planned relocation site-a -> site-b with
+/// README's figure is from 100), `CSIRR_POOL_PARALLEL` (default 8) at once: a planned relocation site-a -> site-b with
 /// the pool commands, then a forced failover back to site-a with site-b's
 /// sidecar stopped. Prints the time per image and in total; checks roles
 /// and, on a sample, that no data was lost.
@@ -455,6 +455,7 @@ async fn pool_relocation_and_forced_failover_at_scale() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(12)
         .max(3);
+    let parallel = std::env::var("CSIRR_POOL_PARALLEL").unwrap_or_else(|_| "8".into());
     let pool = TestPool::new("poolscale");
     let a = Sidecar::start(Site::A, &pool.args()).await;
     let mut b = Sidecar::start(Site::B, &pool.args()).await;
@@ -493,7 +494,7 @@ async fn pool_relocation_and_forced_failover_at_scale() {
 
     // Planned relocation of the pool.
     let j = all_changed(
-        &a.pool_cli(&["demote", &pool.name, "--json"]),
+        &a.pool_cli(&["demote", &pool.name, "--json", "--parallel", &parallel]),
         n,
         "primary",
         "demoted",
@@ -501,7 +502,15 @@ async fn pool_relocation_and_forced_failover_at_scale() {
     let (p50, max, total) = timings(&j);
     eprintln!("pool demote of {n}: per image p50 {p50:.2}s max {max:.2}s, total {total:.2}s");
     let j = all_changed(
-        &b.pool_cli(&["promote", &pool.name, "--wait", "2m", "--json"]),
+        &b.pool_cli(&[
+            "promote",
+            &pool.name,
+            "--wait",
+            "2m",
+            "--json",
+            "--parallel",
+            &parallel,
+        ]),
         n,
         "secondary",
         "primary",
@@ -527,7 +536,14 @@ async fn pool_relocation_and_forced_failover_at_scale() {
     .await;
     b.stop();
     let j = all_changed(
-        &a.pool_cli(&["promote", &pool.name, "--force", "--json"]),
+        &a.pool_cli(&[
+            "promote",
+            &pool.name,
+            "--force",
+            "--json",
+            "--parallel",
+            &parallel,
+        ]),
         n,
         "secondary",
         "primary",
