@@ -250,10 +250,25 @@ async fn pool_status_and_planned_relocation_of_a_whole_pool() {
     }
     assert_eq!(j["summary"]["changed"], 3, "{j}");
     assert_eq!(roles(&aio), ["demoted"; 3]);
-    // Idempotent: the second demotion changes nothing.
-    let o = a.pool_cli(&["demote", &pool.name]);
+    // Idempotent: the second demotion changes nothing. Run on a terminal
+    // (util-linux `script` gives it a pty): a progress line follows the
+    // images.
+    let cmd = format!(
+        "{} pool demote {} --endpoint unix://{}",
+        env!("CARGO_BIN_EXE_csi-rbd-replicator"),
+        pool.name,
+        a.socket.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .expect("script runs");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.contains("\x1b[Kpool demote: 3/3 done, 0 failed (last: app-"),
+        "{t:?}"
+    );
     assert!(t.contains("0 changed, 3 unchanged"), "{t}");
 
     let o = b.pool_cli(&["promote", &pool.name, "--wait", "2m"]);
