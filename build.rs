@@ -22,7 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rustc-link-lib=rados");
 
     // Served by the sidecar itself: these make up the reflection descriptor.
-    let served = ["proto/identity.proto", "proto/replication.proto"];
+    // admin.proto is this project's own API (pool operations).
+    let served = [
+        "proto/identity.proto",
+        "proto/replication.proto",
+        "proto/admin.proto",
+    ];
     // Forwarded to ceph-csi (`serve --forward-endpoint`): generated for the
     // tests' stand-in and for metric labels, not offered by reflection.
     let forwarded = ["proto/fence.proto", "proto/reclaimspace.proto"];

@@ -1,5 +1,7 @@
 //! The csi-rbd-replicator command line: `serve` runs the sidecar (gRPC
-//! services and the replayer); `verify` compares a volume with its replica.
+//! services and the replayer); `verify` compares a volume with its replica;
+//! `status` reads the registries; `pool` drives a running sidecar's admin
+//! API (pool status, promote, demote).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,8 +16,10 @@ use csi_rbd_replicator::csi::config::{ClusterConfig, ClusterMapping, CsiConfig};
 use csi_rbd_replicator::csi::params::parse_size;
 use csi_rbd_replicator::csi::volume_id::VolumeId;
 use csi_rbd_replicator::engine::{self, CopyLimits, Credentials, Engine, EngineConfig};
+use csi_rbd_replicator::grpc::admin::AdminService;
 use csi_rbd_replicator::grpc::forward::{self, ForwardService};
 use csi_rbd_replicator::grpc::identity::IdentityService;
+use csi_rbd_replicator::grpc::proto::admin::admin_server::AdminServer;
 use csi_rbd_replicator::grpc::proto::identity::identity_server::IdentityServer;
 use csi_rbd_replicator::grpc::proto::replication::controller_server::ControllerServer;
 use csi_rbd_replicator::grpc::replication::ReplicationService;
@@ -51,6 +55,66 @@ enum Cmd {
     /// `rbd mirror pool status`. Exit code 0: healthy, 1: an image is
     /// degraded or in error, 2: cannot read.
     Status(StatusArgs),
+    /// Pool-scale operations through a running sidecar's admin API: status,
+    /// promote, demote. Exit code 0: every image ok (status: healthy), 1:
+    /// some image failed (status: degraded or in error), 2: usage or
+    /// connection error.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// Replication status of a pool, like `rbd mirror pool status
+    /// --verbose`: health, images by role and state, one block per image.
+    Status(PoolTarget),
+    /// Promote every replicated image of the pool on this site.
+    Promote(PoolPromoteArgs),
+    /// Demote every primary image of the pool on this site (replicas are
+    /// skipped).
+    Demote(PoolDemoteArgs),
+}
+
+/// The sidecar to talk to and the pool.
+#[derive(clap::Args)]
+struct PoolTarget {
+    /// The pool.
+    pool: String,
+    /// Only this RBD namespace of the pool (default: every namespace).
+    #[arg(long, default_value = "")]
+    namespace: String,
+    /// The sidecar's endpoint: `unix:///path.sock` or `tcp://host:port`
+    /// (plain, no TLS).
+    #[arg(long, default_value = "unix:///csi/csi-addons.sock")]
+    endpoint: Endpoint,
+    /// Print the result (or the error) as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct PoolPromoteArgs {
+    #[command(flatten)]
+    target: PoolTarget,
+    /// Fail over without the peer (PromoteVolume with force).
+    #[arg(long)]
+    force: bool,
+    /// Images promoted at once.
+    #[arg(long, default_value_t = engine::pool::DEFAULT_PARALLEL as u32)]
+    parallel: u32,
+    /// Retry an image whose planned promotion answers UNAVAILABLE (the
+    /// peer's demotion snapshot still being copied) for this long.
+    #[arg(long, default_value = "2m", value_parser = duration)]
+    wait: Duration,
+}
+
+#[derive(clap::Args)]
+struct PoolDemoteArgs {
+    #[command(flatten)]
+    target: PoolTarget,
+    /// Images demoted at once.
+    #[arg(long, default_value_t = engine::pool::DEFAULT_PARALLEL as u32)]
+    parallel: u32,
 }
 
 #[derive(Parser)]
@@ -262,7 +326,7 @@ fn main() -> std::process::ExitCode {
     // `verify` keeps stdout for its report: its logs go to stderr, warnings only.
     let oneshot = matches!(
         cli.cmd,
-        Cmd::Verify(_) | Cmd::OmapGenerate(_) | Cmd::Status(_)
+        Cmd::Verify(_) | Cmd::OmapGenerate(_) | Cmd::Status(_) | Cmd::Pool(_)
     );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if oneshot { "warn" } else { "info" }));
@@ -308,6 +372,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Serve(a) => rt.block_on(serve(*a)),
         Cmd::Verify(a) => return verify(a),
         Cmd::Status(a) => return status(a),
+        Cmd::Pool(c) => return rt.block_on(pool(c)),
         Cmd::OmapGenerate(a) => omap::cli::omap_generate(a),
     };
     match res {
@@ -397,7 +462,11 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
                     csi_rbd_replicator::ceph::objects::LEAKED_WRITE_BYTES
                         .load(std::sync::atomic::Ordering::Relaxed),
                 );
-                for svc in ["identity.Identity", "replication.Controller"] {
+                for svc in [
+                    "identity.Identity",
+                    "replication.Controller",
+                    "csirr.admin.v1.Admin",
+                ] {
                     if ok {
                         health
                             .set_service_status(svc, tonic_health::ServingStatus::Serving)
@@ -438,9 +507,11 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         tracing::info!(endpoint = %f.endpoint(), "forwarding other csi-addons services");
         identity = identity.with_upstream(f.clone());
     }
-    let mut routes = tonic::service::Routes::new(IdentityServer::new(identity)).add_service(
-        ControllerServer::new(ReplicationService::new(Arc::clone(&engine))),
-    );
+    let mut routes = tonic::service::Routes::new(IdentityServer::new(identity))
+        .add_service(ControllerServer::new(ReplicationService::new(Arc::clone(
+            &engine,
+        ))))
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(&engine))));
     if let Some(f) = forward {
         routes = forward::with_fallback(routes, f);
     }
@@ -540,6 +611,118 @@ fn status(a: StatusArgs) -> std::process::ExitCode {
     }
     for e in &report.errors {
         eprintln!("csi-rbd-replicator status: pool {}: {}", e.pool, e.error);
+    }
+    std::process::ExitCode::from(report.exit_code())
+}
+
+/// `pool status|promote|demote`: talks to the sidecar's admin API. Exit code
+/// 0 every image ok, 1 some image failed (status: not healthy), 2 usage or
+/// connection error.
+async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
+    use csi_rbd_replicator::grpc::admin_client::{self as ac, OpReport};
+    use csi_rbd_replicator::grpc::proto::admin::admin_client::AdminClient;
+    use csi_rbd_replicator::grpc::proto::admin::{
+        PoolDemoteRequest, PoolPromoteRequest, PoolStatusRequest,
+    };
+    let (t, op) = match &cmd {
+        PoolCmd::Status(t) => (t, "status"),
+        PoolCmd::Promote(a) => (&a.target, "promote"),
+        PoolCmd::Demote(a) => (&a.target, "demote"),
+    };
+    let json = t.json;
+    let fail = |msg: String| {
+        if json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("csi-rbd-replicator pool {op}: {msg}");
+        std::process::ExitCode::from(2)
+    };
+    let rpc_error = |s: tonic::Status| {
+        format!(
+            "{}: {}",
+            csi_rbd_replicator::grpc::status::code_name(s.code()),
+            s.message()
+        )
+    };
+    let channel = match ac::connect(&t.endpoint).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut client = AdminClient::new(channel);
+    let stream = match &cmd {
+        PoolCmd::Status(t) => {
+            let req = PoolStatusRequest {
+                pool: t.pool.clone(),
+                namespace: t.namespace.clone(),
+            };
+            let s = match client.pool_status(req).await {
+                Ok(r) => r.into_inner(),
+                Err(e) => return fail(rpc_error(e)),
+            };
+            if json {
+                match serde_json::to_string_pretty(&ac::status_json(&s)) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => return fail(format!("cannot encode the status: {e}")),
+                }
+            } else {
+                print!("{}", ac::render_status(&s));
+            }
+            return std::process::ExitCode::from(ac::status_exit_code(&s));
+        }
+        PoolCmd::Promote(a) => {
+            let req = PoolPromoteRequest {
+                pool: a.target.pool.clone(),
+                namespace: a.target.namespace.clone(),
+                force: a.force,
+                parallel: a.parallel,
+                wait_seconds: u32::try_from(a.wait.as_secs()).unwrap_or(u32::MAX),
+            };
+            client.pool_promote(req).await
+        }
+        PoolCmd::Demote(a) => {
+            let req = PoolDemoteRequest {
+                pool: a.target.pool.clone(),
+                namespace: a.target.namespace.clone(),
+                parallel: a.parallel,
+            };
+            client.pool_demote(req).await
+        }
+    };
+    let mut stream = match stream {
+        Ok(s) => s.into_inner(),
+        Err(e) => return fail(rpc_error(e)),
+    };
+    // Progress on a terminal only: one line, rewritten as images finish.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut report = OpReport::new(op);
+    loop {
+        match stream.message().await {
+            Ok(Some(ev)) => {
+                report.add(ev);
+                if tty {
+                    eprint!("\r\x1b[K{}", report.progress_line());
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                report.broken = Some(rpc_error(e));
+                break;
+            }
+        }
+    }
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    if json {
+        match serde_json::to_string_pretty(&report.to_json()) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(format!("cannot encode the report: {e}")),
+        }
+    } else {
+        print!("{}", report.render_text());
+    }
+    if let Some(b) = &report.broken {
+        eprintln!("csi-rbd-replicator pool {op}: {b}");
     }
     std::process::ExitCode::from(report.exit_code())
 }

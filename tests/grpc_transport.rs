@@ -219,6 +219,7 @@ async fn health_and_both_reflection_versions_answer() {
     assert_eq!(unknown.code(), tonic::Code::NotFound);
 
     let expected = [
+        "csirr.admin.v1.Admin",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -398,6 +399,10 @@ async fn grpcurl_lists_describes_and_calls_over_the_unix_socket() {
             (
                 with(&["describe", "replication.EnableVolumeReplicationRequest"]),
                 "secrets",
+            ),
+            (
+                with(&["describe", "csirr.admin.v1.Admin"]),
+                "rpc PoolPromote ( .csirr.admin.v1.PoolPromoteRequest ) returns ( stream .csirr.admin.v1.PoolOpEvent )",
             ),
             (with(&["identity.Identity/GetIdentity"]), NAME),
             (with(&["grpc.health.v1.Health/Check"]), "SERVING"),

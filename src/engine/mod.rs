@@ -13,6 +13,7 @@ pub mod copy;
 pub mod error;
 pub mod lease;
 pub mod oplock;
+pub mod pool;
 pub mod registry;
 pub mod replayer;
 pub mod resolve;

@@ -668,13 +668,21 @@ impl Engine {
     /// Reads the registries of `pool` (every RBD namespace) on the local
     /// cluster and assesses each replicated image. Reads only. Blocking.
     pub fn pool_status(&self, pool: &str, opts: &StatusOptions) -> Result<PoolStatus> {
-        let local = self.local()?;
-        let io = local
-            .ioctx(pool, "")
-            .ctx(|| format!("opening pool {pool}"))?;
+        self.pool_status_in(pool, None, opts)
+    }
+
+    /// [`Engine::pool_status`] of one RBD namespace of `pool` (`None`:
+    /// every namespace); `NotFound` when the pool or the namespace does not
+    /// exist. Reads only. Blocking.
+    pub fn pool_status_in(
+        &self,
+        pool: &str,
+        namespace: Option<&str>,
+        opts: &StatusOptions,
+    ) -> Result<PoolStatus> {
         let now = Utc::now();
         let mut images = Vec::new();
-        for nio in crate::engine::registry::namespace_ioctxs(&io)? {
+        for nio in self.pool_ioctxs(pool, namespace)? {
             let ns = nio.namespace().to_string();
             let reg = Registry::new(Arc::clone(&nio));
             for rec in reg.list()? {

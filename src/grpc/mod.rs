@@ -1,8 +1,11 @@
 //! gRPC layer: the csi-addons Identity and replication Controller services,
+//! this project's admin service (pool operations) and its client,
 //! the server that carries them (unix socket and TCP, health, reflection),
 //! the forwarding of every other service to ceph-csi, and the one mapping
 //! from errors to status codes.
 
+pub mod admin;
+pub mod admin_client;
 pub(crate) mod authority;
 pub mod forward;
 pub mod identity;

@@ -23,6 +23,12 @@ pub mod reclaimspace {
     tonic::include_proto!("reclaimspace");
 }
 
+/// `csirr.admin.v1` package: this project's own admin API (pool status,
+/// pool promote and demote), served beside the csi-addons services.
+pub mod admin {
+    tonic::include_proto!("csirr.admin.v1");
+}
+
 /// `csi.v1` package: the CSI types the csi-addons protos refer to.
 pub mod csi {
     /// CSI v1.
@@ -32,7 +38,7 @@ pub mod csi {
 }
 
 /// Encoded `FileDescriptorSet` of the services the sidecar serves itself
-/// (`identity`, `replication`), for server reflection.
+/// (`identity`, `replication`, `csirr.admin.v1`), for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("csi_addons_descriptor");
 
 /// Encoded `FileDescriptorSet` of every proto above, forwarded ones

@@ -36,6 +36,39 @@ impl From<EngineError> for Status {
     }
 }
 
+/// The canonical name of a gRPC code (`OK`, `UNAVAILABLE`, ...), as the
+/// admin API reports per-image outcomes and grpcurl prints codes.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Validates the target of an admin pool request: the pool (required) and
+/// the RBD namespace (empty: every namespace). INVALID_ARGUMENT through
+/// `From<EngineError>` when malformed; whether they exist is the engine's
+/// NOT_FOUND.
+pub fn pool_request(pool: &str, namespace: &str) -> Result<Option<String>, EngineError> {
+    crate::engine::pool::validate_target(pool, namespace)?;
+    Ok((!namespace.is_empty()).then(|| namespace.to_string()))
+}
+
 impl From<ForwardError> for Status {
     /// Every forwarding failure is a transport failure on the way to
     /// ceph-csi: the caller should retry.
@@ -164,6 +197,29 @@ mod tests {
             assert_eq!(s.code(), code, "{msg}");
             assert_eq!(s.message(), msg);
         }
+    }
+
+    #[test]
+    fn code_names_are_the_canonical_ones() {
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::Unavailable), "UNAVAILABLE");
+        assert_eq!(code_name(Code::FailedPrecondition), "FAILED_PRECONDITION");
+        let s = Status::from(EngineError::Busy("p/i".into()));
+        assert_eq!(code_name(s.code()), "ABORTED");
+    }
+
+    #[test]
+    fn pool_requests_need_a_pool_name() {
+        assert_eq!(pool_request("replicapool", "").unwrap(), None);
+        assert_eq!(
+            pool_request("replicapool", "ns1").unwrap().as_deref(),
+            Some("ns1")
+        );
+        let s = Status::from(pool_request("", "").unwrap_err());
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("pool name is empty"), "{s:?}");
+        let s = Status::from(pool_request("a/b", "").unwrap_err());
+        assert_eq!(s.code(), Code::InvalidArgument);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use csi_rbd_replicator::ceph::{self, Cluster, ConnectConfig, Image, IoCtx};
+use csi_rbd_replicator::grpc::proto::admin::admin_client::AdminClient;
 use csi_rbd_replicator::grpc::proto::identity::identity_client::IdentityClient;
 use csi_rbd_replicator::grpc::proto::replication::controller_client::ControllerClient;
 use csi_rbd_replicator::grpc::proto::replication::{self as pb, ReplicationSource};
@@ -471,6 +472,23 @@ impl Sidecar {
     /// A replication Controller client.
     pub async fn controller(&self) -> ControllerClient<Channel> {
         ControllerClient::new(self.channel().await.expect("connect"))
+    }
+
+    /// An admin API client (`csirr.admin.v1.Admin`, on the same socket).
+    pub async fn admin_api(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await.expect("connect"))
+    }
+
+    /// Runs the built binary's `pool ARGS` command against this sidecar's
+    /// socket (`--endpoint unix://...` appended).
+    pub fn pool_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
+            .arg("pool")
+            .args(args)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .output()
+            .expect("pool command runs")
     }
 
     /// Sends `signal` (e.g. `STOP`, `CONT`) with the kill command.

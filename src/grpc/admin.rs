@@ -1,0 +1,317 @@
+//! The admin service (`csirr.admin.v1.Admin`, this project's own proto):
+//! pool status, pool promote and pool demote, for operators and the
+//! `csi-rbd-replicator pool` command. It validates the request, asks the
+//! engine (`crate::engine::pool`), and maps errors through the one
+//! `From<EngineError> for Status` (`super::status`), per image as well.
+//!
+//! Calls carry no secrets: the engine acts with the sidecar's own
+//! credentials. Bad input fails the call before anything is changed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost_types::Timestamp;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::proto::admin::admin_server::Admin;
+use super::proto::admin::{self as pb, pool_op_event::Event};
+use super::status::{code_name, pool_request};
+use crate::engine::pool::{DEFAULT_PARALLEL, ImageOutcome, MAX_PARALLEL, Outcome, PoolOp};
+use crate::engine::registry::SyncPoint;
+use crate::engine::status::{ImageStatus, PoolStatus, role_name};
+use crate::engine::{Engine, Health};
+
+/// The admin service.
+pub struct AdminService {
+    engine: Arc<Engine>,
+}
+
+impl AdminService {
+    /// A service backed by `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    /// Validates, lists the pool's images and streams `op` on them. The
+    /// listing's errors (no such pool or namespace) are the call's.
+    async fn pool_op(
+        &self,
+        pool: String,
+        namespace: String,
+        parallel: u32,
+        op: PoolOp,
+    ) -> Result<Response<ReceiverStream<Result<pb::PoolOpEvent, Status>>>, Status> {
+        let ns = pool_request(&pool, &namespace)?;
+        let images = self
+            .engine
+            .pool_images(&pool, ns.as_deref())
+            .await
+            .map_err(|e| {
+                let s = Status::from(e);
+                tracing::info!(op = op.name(), pool, code = ?s.code(), message = s.message(), "pool operation refused");
+                s
+            })?;
+        let parallel = match parallel as usize {
+            0 => DEFAULT_PARALLEL,
+            n => n.min(MAX_PARALLEL),
+        };
+        tracing::info!(
+            op = op.name(),
+            pool,
+            namespace,
+            images = images.len(),
+            parallel,
+            "pool operation started"
+        );
+        let (tx, rx) = mpsc::channel(64);
+        let start = Event::Start(pb::PoolOpStart {
+            pool: pool.clone(),
+            namespace,
+            images: images.len() as u32,
+            parallel: parallel as u32,
+        });
+        let _ = tx.send(Ok(event(start))).await;
+        let engine = Arc::clone(&self.engine);
+        tokio::spawn(async move {
+            let began = Instant::now();
+            let (otx, mut orx) = mpsc::channel::<ImageOutcome>(64);
+            let work = {
+                let pool = pool.clone();
+                async move {
+                    engine
+                        .pool_role_change(&pool, images, op, parallel, otx)
+                        .await
+                }
+            };
+            let forward = async {
+                let mut sum = pb::PoolOpSummary::default();
+                while let Some(o) = orx.recv().await {
+                    let r = image_result(o);
+                    match pb::Outcome::try_from(r.outcome) {
+                        Ok(pb::Outcome::Changed) => sum.changed += 1,
+                        Ok(pb::Outcome::Unchanged) => sum.unchanged += 1,
+                        Ok(pb::Outcome::Skipped) => sum.skipped += 1,
+                        _ => sum.failed += 1,
+                    }
+                    if tx.send(Ok(event(Event::Result(r)))).await.is_err() {
+                        // The caller went away: the engine starts no more
+                        // images once it sees the closed channel.
+                        orx.close();
+                    }
+                }
+                sum
+            };
+            let ((), mut sum) = tokio::join!(work, forward);
+            sum.duration_ms = millis(began.elapsed());
+            tracing::info!(
+                op = op.name(),
+                pool,
+                changed = sum.changed,
+                unchanged = sum.unchanged,
+                skipped = sum.skipped,
+                failed = sum.failed,
+                duration_ms = sum.duration_ms,
+                "pool operation done"
+            );
+            let _ = tx.send(Ok(event(Event::Summary(sum)))).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn event(e: Event) -> pb::PoolOpEvent {
+    pb::PoolOpEvent { event: Some(e) }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One image's outcome on the wire; errors get the code the per-volume RPC
+/// would have answered.
+fn image_result(o: ImageOutcome) -> pb::ImageResult {
+    let (outcome, code, message) = match o.outcome {
+        Outcome::Changed => (pb::Outcome::Changed, "OK", String::new()),
+        Outcome::Unchanged => (pb::Outcome::Unchanged, "OK", String::new()),
+        Outcome::Skipped(why) => (pb::Outcome::Skipped, "OK", why),
+        Outcome::Failed(e) => {
+            let s = Status::from(e);
+            (
+                pb::Outcome::Failed,
+                code_name(s.code()),
+                s.message().to_string(),
+            )
+        }
+    };
+    pb::ImageResult {
+        namespace: o.image.namespace,
+        image: o.image.name,
+        role_before: role_name(o.image.role),
+        role_after: role_name(o.role_after),
+        outcome: outcome as i32,
+        code: code.to_string(),
+        message,
+        duration_ms: millis(o.elapsed),
+    }
+}
+
+fn health(h: Health) -> pb::Health {
+    match h {
+        Health::Healthy => pb::Health::Ok,
+        Health::Degraded => pb::Health::Warning,
+        Health::Error => pb::Health::Error,
+        Health::Unknown => pb::Health::Unknown,
+    }
+}
+
+fn sync_point(l: &SyncPoint) -> pb::SyncPoint {
+    pb::SyncPoint {
+        snapshot: l.snap_name.clone(),
+        time: Some(Timestamp {
+            seconds: l.snap_time.timestamp(),
+            nanos: l.snap_time.timestamp_subsec_nanos() as i32,
+        }),
+        duration_ms: l.duration_ms,
+        bytes: l.bytes,
+    }
+}
+
+fn image_status(i: &ImageStatus) -> pb::ImageStatus {
+    let a = &i.status;
+    pb::ImageStatus {
+        namespace: i.namespace.clone(),
+        name: i.name.clone(),
+        image_id: i.image_id.clone(),
+        role: role_name(i.role),
+        health: health(a.health) as i32,
+        state: a.state.as_str().to_string(),
+        description: a.message.clone(),
+        seconds_behind: a.seconds_behind,
+        last_sync: a.last_sync.as_ref().map(sync_point),
+        percent: a.percent,
+        bytes_pending: a.bytes_pending,
+        interval_seconds: i.interval_seconds,
+        rpo_threshold_seconds: a.rpo_threshold_seconds,
+    }
+}
+
+/// A pool's status on the wire.
+pub fn pool_status(p: &PoolStatus) -> pb::PoolStatusResponse {
+    let s = &p.summary;
+    pb::PoolStatusResponse {
+        pool: p.pool.clone(),
+        health: health(s.health) as i32,
+        images: s.images as u32,
+        states: s
+            .states
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v as u32))
+            .collect(),
+        roles: s
+            .roles
+            .iter()
+            .map(|(k, v)| (k.clone(), *v as u32))
+            .collect(),
+        image_statuses: p.images.iter().map(image_status).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn pool_status(
+        &self,
+        req: Request<pb::PoolStatusRequest>,
+    ) -> Result<Response<pb::PoolStatusResponse>, Status> {
+        let r = req.into_inner();
+        let ns = pool_request(&r.pool, &r.namespace)?;
+        match self.engine.pool_status_of(&r.pool, ns.as_deref()).await {
+            Ok(p) => Ok(Response::new(pool_status(&p))),
+            Err(e) => {
+                let s = Status::from(e);
+                tracing::debug!(rpc = "PoolStatus", pool = r.pool, code = ?s.code(), message = s.message(), "failed");
+                Err(s)
+            }
+        }
+    }
+
+    type PoolPromoteStream = ReceiverStream<Result<pb::PoolOpEvent, Status>>;
+
+    async fn pool_promote(
+        &self,
+        req: Request<pb::PoolPromoteRequest>,
+    ) -> Result<Response<Self::PoolPromoteStream>, Status> {
+        let r = req.into_inner();
+        let op = PoolOp::Promote {
+            force: r.force,
+            wait: Duration::from_secs(u64::from(r.wait_seconds)),
+        };
+        self.pool_op(r.pool, r.namespace, r.parallel, op).await
+    }
+
+    type PoolDemoteStream = ReceiverStream<Result<pb::PoolOpEvent, Status>>;
+
+    async fn pool_demote(
+        &self,
+        req: Request<pb::PoolDemoteRequest>,
+    ) -> Result<Response<Self::PoolDemoteStream>, Status> {
+        let r = req.into_inner();
+        self.pool_op(r.pool, r.namespace, r.parallel, PoolOp::Demote)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::pool::PoolImage;
+    use crate::engine::registry::Role;
+
+    fn outcome(role: Role, after: Role, o: Outcome) -> pb::ImageResult {
+        image_result(ImageOutcome {
+            image: PoolImage {
+                namespace: "ns1".into(),
+                name: "vol".into(),
+                role,
+                volume_id: None,
+            },
+            role_after: after,
+            outcome: o,
+            elapsed: Duration::from_millis(1500),
+        })
+    }
+
+    #[test]
+    fn image_results_carry_the_per_volume_code() {
+        let r = outcome(Role::Primary, Role::Demoted, Outcome::Changed);
+        assert_eq!(r.outcome, pb::Outcome::Changed as i32);
+        assert_eq!((r.code.as_str(), r.role_before.as_str()), ("OK", "primary"));
+        assert_eq!((r.role_after.as_str(), r.duration_ms), ("demoted", 1500));
+        let r = outcome(
+            Role::Secondary,
+            Role::Secondary,
+            Outcome::Failed(crate::engine::EngineError::Unavailable(
+                "the peer's demotion snapshot is still being replicated".into(),
+            )),
+        );
+        assert_eq!(r.outcome, pb::Outcome::Failed as i32);
+        assert_eq!(r.code, "UNAVAILABLE");
+        assert!(r.message.contains("still being replicated"), "{r:?}");
+        let r = outcome(
+            Role::Primary,
+            Role::Primary,
+            Outcome::Failed(crate::engine::EngineError::Busy("p/ns1/vol".into())),
+        );
+        assert_eq!(r.code, "ABORTED");
+        let r = outcome(
+            Role::Secondary,
+            Role::Secondary,
+            Outcome::Skipped("a replica".into()),
+        );
+        assert_eq!(
+            (r.outcome, r.code.as_str()),
+            (pb::Outcome::Skipped as i32, "OK")
+        );
+    }
+}
