@@ -38,6 +38,20 @@ pub enum JournalError {
         #[source]
         source: EntryError,
     },
+    /// Entries of a tag are missing: entry `expected` should come next,
+    /// `found` is there instead (the journal was trimmed past this reader,
+    /// or lost entries).
+    #[error("journal {journal}: tag {tag_tid} skips from entry {expected} to {found}")]
+    Gap {
+        /// The journal (image id).
+        journal: String,
+        /// The tag.
+        tag_tid: u64,
+        /// The entry that should come next.
+        expected: u64,
+        /// The entry found in its place.
+        found: u64,
+    },
     /// The header holds a value librbd could not have written.
     #[error("journal {journal}: {what}")]
     BadHeader {
@@ -300,6 +314,21 @@ impl Journal {
         self.register_client_raw(id, &data.encode())
     }
 
+    /// Registers client `id` with `data` unless it is registered already,
+    /// as rbd-mirror does for its peer client: returns the client as the
+    /// header holds it (a new one at the oldest position of the connected
+    /// clients; an existing one with its own data, position and state,
+    /// which the caller checks).
+    pub fn register_or_reuse(&self, id: &str, data: &ClientData) -> JournalResult<Client> {
+        match self.register_client(id, data) {
+            Ok(()) => {}
+            Err(JournalError::Ceph(e)) if e.kind() == ceph::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        self.client(id)?
+            .ok_or_else(|| self.bad(format!("client {id} vanished after registering")))
+    }
+
     /// [`Journal::register_client`] with data as given, which librbd and
     /// rbd-mirror must be able to decode as [`ClientData`] (`rbd mirror
     /// image disable` fails on a client whose data does not decode).
@@ -457,7 +486,7 @@ impl Journal {
         }
     }
 
-    fn bad(&self, what: String) -> JournalError {
+    pub(crate) fn bad(&self, what: String) -> JournalError {
         JournalError::BadHeader {
             journal: self.image_id.clone(),
             what,
