@@ -48,6 +48,9 @@ pub struct ReplayConfig {
     pub commit_every: u64,
     /// Entries taken from the reader per poll at most.
     pub batch: usize,
+    /// Bytes read from one journal object per read at most (and queued
+    /// per splay offset at most).
+    pub max_read: usize,
 }
 
 impl Default for ReplayConfig {
@@ -56,6 +59,7 @@ impl Default for ReplayConfig {
             max_in_flight: 64,
             commit_every: 4096,
             batch: 1024,
+            max_read: crate::journal::reader::DEFAULT_MAX_READ,
         }
     }
 }
@@ -193,7 +197,7 @@ impl JournalReplayer {
             .client(client_id)?
             .ok_or_else(|| journal.bad(format!("client {client_id} is not registered")))?;
         let committed = client.commit_position;
-        let reader = JournalReader::new(&journal, &committed)?;
+        let reader = JournalReader::new(&journal, &committed)?.with_max_read(cfg.max_read);
         let tracker = CommitTracker::new(journal.layout().splay_width, &committed);
         let replica_err = |source| ReplayError::Replica {
             replica: replica.spec(),

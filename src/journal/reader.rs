@@ -136,27 +136,40 @@ impl JournalReader {
     }
 
     /// Reads what was appended since the last call and returns up to
-    /// `max_entries` entries in replay order; empty when nothing new is
-    /// readable yet. Call again at once when it returned `max_entries`.
+    /// `max_entries` entries in replay order; fewer only when nothing more
+    /// is readable yet. Call again at once when it returned `max_entries`.
     pub fn poll(&mut self, journal: &Journal, max_entries: usize) -> JournalResult<Vec<ReadEntry>> {
         let (minimum_set, active_set) = journal.object_sets()?;
-        for offset in 0..self.width as usize {
-            self.fetch(journal, offset, minimum_set, active_set)?;
+        let mut out = Vec::new();
+        loop {
+            let mut more = false;
+            for offset in 0..self.width as usize {
+                more |= self.fetch(journal, offset, minimum_set, active_set)?;
+            }
+            out.extend(self.drain(journal.image_id(), max_entries - out.len())?);
+            // Reads that stopped at their size bound (e.g. skipping
+            // committed entries) read on until the batch is full.
+            if out.len() >= max_entries || !more {
+                return Ok(out);
+            }
         }
-        self.drain(journal.image_id(), max_entries)
     }
 
-    /// Reads offset `offset` from its cursor, moving on over final objects.
+    /// Reads offset `offset` from its cursor, moving on over final
+    /// objects; `true` when it stopped at the read size bound with more
+    /// to read.
     fn fetch(
         &mut self,
         journal: &Journal,
         offset: usize,
         minimum_set: u64,
         active_set: u64,
-    ) -> JournalResult<()> {
+    ) -> JournalResult<bool> {
+        // Grows when one entry does not fit in a read.
+        let mut want = self.max_read;
         loop {
             if self.queued_bytes[offset] >= self.max_read {
-                return Ok(());
+                return Ok(false);
             }
             let cur = self.cursors[offset];
             let set = cur.object_number / self.width;
@@ -173,16 +186,15 @@ impl JournalReader {
             // was closed before this read, which therefore saw all of it.
             let closed = set < active_set;
             self.stats.reads += 1;
-            let Some(buf) = journal.read_object(cur.object_number, cur.offset, self.max_read)?
-            else {
+            let Some(buf) = journal.read_object(cur.object_number, cur.offset, want)? else {
                 if closed {
                     self.next_object(offset);
                     continue;
                 }
-                return Ok(());
+                return Ok(false);
             };
             self.stats.bytes_read += buf.len() as u64;
-            let full = buf.len() == self.max_read;
+            let full = buf.len() == want;
             let scan = scan_object(&buf, cur.offset, self.object_size);
             if let ScanEnd::Corrupt(e) = scan.end {
                 return Err(JournalError::Corrupt {
@@ -191,6 +203,12 @@ impl JournalReader {
                 });
             }
             for e in &scan.entries {
+                if self.is_stale(e.tag_tid, e.entry_tid) {
+                    // Dropped as read, so that committed entries never
+                    // fill the queues.
+                    self.stats.skipped += 1;
+                    continue;
+                }
                 self.queued_bytes[offset] += e.payload.len();
                 self.queues[offset].push_back(ReadEntry {
                     position: ObjectPosition {
@@ -202,12 +220,17 @@ impl JournalReader {
                 });
             }
             self.cursors[offset].offset = scan.next_offset;
+            if full && scan.next_offset == cur.offset {
+                // An entry larger than a read: read it whole. Entries
+                // never exceed the object size (the scan says so).
+                want = want.saturating_mul(2);
+                continue;
+            }
             if full {
-                // More may follow: read on at the next poll.
-                return Ok(());
+                return Ok(true);
             }
             if !closed {
-                return Ok(());
+                return Ok(false);
             }
             if scan.end == ScanEnd::Partial {
                 return Err(journal.bad(format!(
@@ -217,6 +240,15 @@ impl JournalReader {
                 )));
             }
             self.next_object(offset);
+        }
+    }
+
+    /// Whether entry (tag, entry) is of an ended tag, or handed out (or
+    /// committed) already.
+    fn is_stale(&self, tag_tid: u64, entry_tid: u64) -> bool {
+        match self.tag {
+            Some(t) => tag_tid < t || (tag_tid == t && entry_tid < self.next_entry),
+            None => self.floor.is_some_and(|f| tag_tid <= f),
         }
     }
 

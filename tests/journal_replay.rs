@@ -1,0 +1,324 @@
+//! Journal replay against the two real clusters: an image with journaling
+//! on site-a, this crate registered as a client of its journal, IO and ops
+//! through librbd (this crate's bindings and `rbd bench`), replayed with
+//! `engine::journal_replay` onto a replica on site-b; primary and replica
+//! must then export the same bytes, at the head and at the snapshot the
+//! journal carried. A second replayer resumes from the committed position
+//! and must apply exactly the new entries.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::{Site, admin, checksum, pattern, pool, rbd, rbd_ok, unique};
+use csi_rbd_replicator::ceph::{self as c, Image, IoCtx};
+use csi_rbd_replicator::engine::journal_replay::{JournalReplayer, ReplayConfig};
+use csi_rbd_replicator::journal::{
+    ClientData, Event, EventEntry, Journal, MirrorPeerClientMeta, MirrorPeerState,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// A RADOS namespace of its own in the test pool on site-a, removed (with
+/// its images) on drop.
+struct Namespace {
+    name: String,
+    io: Arc<IoCtx>,
+}
+
+impl Namespace {
+    fn new(prefix: &str) -> Self {
+        let name = unique(prefix);
+        rbd_ok(
+            Site::A,
+            &["namespace", "create", &format!("{}/{name}", pool())],
+        );
+        let io = admin(Site::A)
+            .ioctx(&pool(), &name)
+            .expect("namespace ioctx");
+        Self { name, io }
+    }
+
+    fn spec(&self, image: &str) -> String {
+        format!("{}/{}/{image}", pool(), self.name)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if let Ok(images) = c::rbd::list(&self.io) {
+            for i in images {
+                let spec = self.spec(&i.name);
+                let _ = rbd(Site::A, &["snap", "purge", "--no-progress", &spec]);
+                let _ = rbd(Site::A, &["rm", "--no-progress", &spec]);
+            }
+        }
+        let _ = rbd(
+            Site::A,
+            &["namespace", "remove", &format!("{}/{}", pool(), self.name)],
+        );
+    }
+}
+
+/// An image on site-b, removed with its snapshots on drop.
+struct Replica {
+    spec: String,
+    img: Option<Image>,
+}
+
+impl Replica {
+    fn create(size: u64) -> Self {
+        let name = unique("jreplica");
+        let io = admin(Site::B).ioctx(&pool(), "").unwrap();
+        c::rbd::create(
+            &io,
+            &name,
+            size,
+            &c::CreateOptions {
+                features: Some(c::features::LAYERING | c::features::EXCLUSIVE_LOCK),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let img = Image::open(&io, &name).unwrap();
+        Self {
+            spec: format!("{}/{name}", pool()),
+            img: Some(img),
+        }
+    }
+
+    fn image(&self) -> Image {
+        self.img.clone().unwrap()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.img = None;
+        let _ = rbd(Site::B, &["snap", "purge", "--no-progress", &self.spec]);
+        let _ = rbd(Site::B, &["rm", "--no-progress", &self.spec]);
+    }
+}
+
+/// Waits for one aio submitted by `f`.
+fn aio(f: impl FnOnce(c::aio::AioCallback) -> c::Result<()>) -> c::Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    f(Box::new(move |r, _| {
+        let _ = tx.send(r.map(|_| ()));
+    }))?;
+    rx.recv().expect("aio completes")
+}
+
+fn peer_data() -> ClientData {
+    ClientData::MirrorPeer(MirrorPeerClientMeta {
+        image_id: String::new(),
+        state: MirrorPeerState::Replaying,
+        sync_object_count: 0,
+        sync_points: Vec::new(),
+        snap_seqs: Vec::new(),
+    })
+}
+
+/// The events of the journal after position (tag, entry) `after`.
+fn events_after(j: &Journal, after: (u64, u64)) -> Vec<Event> {
+    j.read_all()
+        .unwrap()
+        .into_iter()
+        .filter(|e| (e.tag_tid, e.entry_tid) > after)
+        .map(|e| EventEntry::decode(&e.payload).unwrap().event)
+        .collect()
+}
+
+#[test]
+fn journal_replay_makes_the_replica_equal_and_resumes_after_its_commit() {
+    let ns = Namespace::new("jreplay");
+    let size = 64 * MIB;
+    c::rbd::create(
+        &ns.io,
+        "img",
+        size,
+        &c::CreateOptions {
+            features: Some(
+                c::features::LAYERING | c::features::EXCLUSIVE_LOCK | c::features::JOURNALING,
+            ),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let primary = Image::open(&ns.io, "img").unwrap();
+    let id = primary.id().unwrap();
+    let j = Journal::open(&ns.io, &id).unwrap();
+    let client = format!("csirr-{}", uuid::Uuid::new_v4());
+    let registered = j
+        .register_or_reuse(&client, &peer_data())
+        .unwrap()
+        .commit_position;
+    assert!(
+        registered.positions.is_empty(),
+        "librbd committed nothing yet, so neither did we: {registered:?}"
+    );
+
+    // Round 1: every IO event type, a snapshot, a resize, then a random
+    // write load from another client (a new tag).
+    primary.write(0, &pattern(1, 4096)).unwrap();
+    primary.write(MIB + 512, &pattern(2, 40_000)).unwrap(); // 3 events
+    primary
+        .write(3 * MIB, &pattern(3, 3 * MIB as usize))
+        .unwrap();
+    common::discard(&primary, 3 * MIB + 1000, 300_000); // unaligned
+    common::discard(&primary, 5 * MIB, MIB);
+    aio(|d| primary.aio_writesame(8 * MIB + 512, 64 * 1024, pattern(4, 512), d)).unwrap();
+    let old = pattern(1, 4096)[..512].to_vec();
+    let mut caw = old.clone();
+    caw.extend(pattern(5, 512));
+    aio(|d| primary.aio_compare_and_write(0, caw, d)).unwrap();
+    // A compare that fails on the primary fails on the replica as well.
+    let mut caw_miss = old;
+    caw_miss.extend(pattern(6, 512));
+    let miss = aio(|d| primary.aio_compare_and_write(0, caw_miss, d)).unwrap_err();
+    assert_eq!(miss.errno(), libc::EILSEQ, "{miss}");
+    primary.flush().unwrap();
+    primary.snap_create("s1").unwrap();
+    primary.write(512, &pattern(7, 8192)).unwrap();
+    primary.resize(96 * MIB).unwrap();
+    primary.write(90 * MIB, &pattern(8, 65536)).unwrap();
+    primary.flush().unwrap();
+    drop(primary);
+    rbd_ok(
+        Site::A,
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-pattern",
+            "rand",
+            "--io-size",
+            "64K",
+            "--io-total",
+            "16M",
+            "--io-threads",
+            "8",
+            &ns.spec("img"),
+        ],
+    );
+
+    let replica = Replica::create(size);
+    let t = Instant::now();
+    let mut r = JournalReplayer::start(
+        j_clone(&ns.io, &id),
+        &client,
+        replica.image(),
+        ReplayConfig::default(),
+    )
+    .unwrap();
+    let n1 = r.replay_available().unwrap();
+    let took = t.elapsed();
+    let stats = r.stats();
+    let rstats = r.reader_stats();
+    eprintln!(
+        "round 1: {n1} entries in {took:?}, {:.1} MiB of IO events, {} bytes read; {stats:?}, {rstats:?}",
+        stats.io_bytes as f64 / MIB as f64,
+        rstats.bytes_read
+    );
+    let journaled = j.read_all().unwrap();
+    assert_eq!(
+        n1,
+        journaled.len() as u64,
+        "every entry of the journal, once"
+    );
+    assert!(
+        stats.io_events >= 256 + 10,
+        "the bench's 256 writes and ours: {stats:?}"
+    );
+    assert_eq!(stats.ops_applied, 2, "snapshot and resize: {stats:?}");
+    assert!(stats.flushes >= 2, "{stats:?}");
+    assert!(stats.commits >= 1);
+    // Tags: the first open, then rbd bench's own.
+    let tags: std::collections::BTreeSet<u64> = journaled.iter().map(|e| e.tag_tid).collect();
+    assert!(tags.len() >= 2, "{tags:?}");
+
+    // The replica is the primary, at the head and at the snapshot.
+    assert_eq!(
+        checksum(Site::A, &ns.spec("img")),
+        checksum(Site::B, &replica.spec),
+        "head"
+    );
+    assert_eq!(
+        checksum(Site::A, &format!("{}@s1", ns.spec("img"))),
+        checksum(Site::B, &format!("{}@s1", replica.spec)),
+        "snapshot s1"
+    );
+    assert_eq!(replica.image().size().unwrap(), 96 * MIB);
+
+    // The commit is in the journal: our client's position is the last
+    // entry, newest first.
+    let last = journaled.last().unwrap();
+    let mine = j.client(&client).unwrap().unwrap().commit_position;
+    assert_eq!(&mine, r.committed());
+    let newest = mine.newest().unwrap();
+    assert_eq!(
+        (newest.object_number, newest.tag_tid, newest.entry_tid),
+        (last.object_number, last.tag_tid, last.entry_tid)
+    );
+    // Nothing new: a second call takes nothing and commits nothing.
+    let commits = r.stats().commits;
+    assert_eq!(r.replay_available().unwrap(), 0);
+    assert_eq!(r.stats().commits, commits);
+    drop(r);
+
+    // Round 2: a restarted replayer resumes from the committed position
+    // and applies exactly the new entries.
+    let primary = Image::open(&ns.io, "img").unwrap();
+    for i in 0..10u64 {
+        primary
+            .write(i * 3 * MIB + 4096, &pattern(100 + i, 4096))
+            .unwrap();
+    }
+    primary.flush().unwrap();
+    drop(primary);
+    // A restart finds its client registered, at its commit.
+    let again = j.register_or_reuse(&client, &peer_data()).unwrap();
+    assert_eq!(again.commit_position, mine);
+    assert_eq!(again.client_data().unwrap(), peer_data());
+    let new = events_after(&j, (newest.tag_tid, newest.entry_tid));
+    let new_writes = new
+        .iter()
+        .filter(|e| matches!(e, Event::AioWrite { .. }))
+        .count();
+    assert_eq!(new_writes, 10, "{new:?}");
+    // Small reads and commits: the reader reads on past committed entries
+    // in many steps, the replayer commits every few entries.
+    let cfg = ReplayConfig {
+        max_read: 64 << 10,
+        commit_every: 4,
+        ..ReplayConfig::default()
+    };
+    let mut r =
+        JournalReplayer::start(j_clone(&ns.io, &id), &client, replica.image(), cfg).unwrap();
+    let n2 = r.replay_available().unwrap();
+    eprintln!(
+        "round 2: {n2} entries; {:?}, {:?}",
+        r.stats(),
+        r.reader_stats()
+    );
+    assert_eq!(n2, new.len() as u64, "only the new entries");
+    assert_eq!(r.stats().io_events, 10, "{:?}", r.stats());
+    assert!(r.stats().commits >= 3, "{:?}", r.stats());
+    let mine = j.client(&client).unwrap().unwrap().commit_position;
+    assert_eq!(&mine, r.committed());
+    assert_eq!(
+        checksum(Site::A, &ns.spec("img")),
+        checksum(Site::B, &replica.spec),
+        "head after round 2"
+    );
+    drop(r);
+
+    j.unregister_client(&client).unwrap();
+    assert!(j.client(&client).unwrap().is_none());
+}
+
+/// Another handle on the same journal (a replayer owns its own).
+fn j_clone(io: &Arc<IoCtx>, id: &str) -> Journal {
+    Journal::open(io, id).unwrap()
+}
