@@ -204,7 +204,7 @@ impl Image {
         cmp_then_write: Vec<u8>,
         done: AioCallback,
     ) -> Result<()> {
-        if cmp_then_write.len() % 2 != 0 {
+        if !cmp_then_write.len().is_multiple_of(2) {
             return Err(Error::invalid_input(
                 "rbd_aio_compare_and_write",
                 "odd buffer length",

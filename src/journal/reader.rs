@@ -374,7 +374,7 @@ impl CommitTracker {
     /// The position to commit: newest first, one per offset.
     pub fn position(&self) -> ObjectSetPosition {
         let mut positions: Vec<ObjectPosition> = self.per_offset.values().copied().collect();
-        positions.sort_by(|a, b| (b.tag_tid, b.entry_tid).cmp(&(a.tag_tid, a.entry_tid)));
+        positions.sort_by_key(|p| std::cmp::Reverse((p.tag_tid, p.entry_tid)));
         ObjectSetPosition { positions }
     }
 }
