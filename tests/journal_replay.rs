@@ -234,6 +234,16 @@ fn journal_replay_makes_the_replica_equal_and_resumes_after_its_commit() {
     assert_eq!(stats.ops_applied, 2, "snapshot and resize: {stats:?}");
     assert!(stats.flushes >= 2, "{stats:?}");
     assert!(stats.commits >= 1);
+    let caws = journaled
+        .iter()
+        .filter(|e| {
+            matches!(
+                EventEntry::decode(&e.payload).unwrap().event,
+                Event::AioCompareAndWrite { .. }
+            )
+        })
+        .count();
+    assert_eq!(caws, 2, "the missed compare-and-write is journaled too");
     // Tags: the first open, then rbd bench's own.
     let tags: std::collections::BTreeSet<u64> = journaled.iter().map(|e| e.tag_tid).collect();
     assert!(tags.len() >= 2, "{tags:?}");
@@ -268,12 +278,22 @@ fn journal_replay_makes_the_replica_equal_and_resumes_after_its_commit() {
     drop(r);
 
     // Round 2: a restarted replayer resumes from the committed position
-    // and applies exactly the new entries.
+    // and applies exactly the new entries: writes, and snapshot and
+    // metadata ops between them.
     let primary = Image::open(&ns.io, "img").unwrap();
     for i in 0..10u64 {
         primary
             .write(i * 3 * MIB + 4096, &pattern(100 + i, 4096))
             .unwrap();
+        match i {
+            2 => primary.snap_create("s2").unwrap(),
+            3 => primary.snap_protect("s2").unwrap(),
+            4 => primary.snap_unprotect("s2").unwrap(),
+            5 => primary.snap_rename("s1", "s1-renamed").unwrap(),
+            6 => primary.metadata_set("csirr.journal-test", "false").unwrap(),
+            7 => primary.snap_remove("s2").unwrap(),
+            _ => {}
+        }
     }
     primary.flush().unwrap();
     drop(primary);
@@ -305,13 +325,64 @@ fn journal_replay_makes_the_replica_equal_and_resumes_after_its_commit() {
     assert_eq!(n2, new.len() as u64, "only the new entries");
     assert_eq!(r.stats().io_events, 10, "{:?}", r.stats());
     assert!(r.stats().commits >= 3, "{:?}", r.stats());
-    let mine = j.client(&client).unwrap().unwrap().commit_position;
-    assert_eq!(&mine, r.committed());
+    let after_round2 = j.client(&client).unwrap().unwrap().commit_position;
+    assert_eq!(&after_round2, r.committed());
+    assert_ne!(after_round2, mine);
     assert_eq!(
         checksum(Site::A, &ns.spec("img")),
         checksum(Site::B, &replica.spec),
         "head after round 2"
     );
+    let snaps = |img: &Image| -> Vec<String> {
+        img.snap_list()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect()
+    };
+    assert_eq!(snaps(&replica.image()), ["s1-renamed"]);
+    assert_eq!(
+        replica.image().metadata_get("csirr.journal-test").unwrap(),
+        Some("false".to_string())
+    );
+    assert_eq!(r.stats().ops_applied, 6, "{:?}", r.stats());
+    drop(r);
+
+    // Round 3, a crash after applying round 2 but before its commit: the
+    // position goes back to round 1's and a new replayer applies round 2
+    // again. Ops already applied (the snapshot renamed, created and
+    // removed, the key set) must not fail, and nothing may diverge.
+    j.commit(&client, &mine).unwrap();
+    let mut r = JournalReplayer::start(
+        j_clone(&ns.io, &id),
+        &client,
+        replica.image(),
+        ReplayConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        j.client(&client).unwrap().unwrap().commit_position,
+        mine,
+        "a commit may move back"
+    );
+    let n3 = r.replay_available().unwrap();
+    eprintln!(
+        "round 3: {n3} entries; {:?}, {:?}",
+        r.stats(),
+        r.reader_stats()
+    );
+    assert_eq!(n3, new.len() as u64);
+    assert_eq!(r.stats().ops_applied, 6, "{:?}", r.stats());
+    assert_eq!(
+        checksum(Site::A, &ns.spec("img")),
+        checksum(Site::B, &replica.spec),
+        "head after round 3"
+    );
+    assert_eq!(
+        checksum(Site::A, &format!("{}@s1-renamed", ns.spec("img"))),
+        checksum(Site::B, &format!("{}@s1-renamed", replica.spec)),
+    );
+    assert_eq!(snaps(&replica.image()), ["s1-renamed"]);
     drop(r);
 
     j.unregister_client(&client).unwrap();

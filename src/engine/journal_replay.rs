@@ -600,10 +600,19 @@ impl JournalReplayer {
                 src_snap_name,
                 dst_snap_name,
                 ..
-            } if !src_snap_name.is_empty() => ok_if(
-                img.snap_rename(src_snap_name, dst_snap_name),
-                ErrorKind::AlreadyExists,
-            ),
+            } if !src_snap_name.is_empty() => match img.snap_rename(src_snap_name, dst_snap_name) {
+                // Applied before a restart that replays it again: the
+                // source is gone and the destination there.
+                Err(e)
+                    if e.is_not_found()
+                        && img
+                            .snap_list()
+                            .is_ok_and(|l| l.iter().any(|s| &s.name == dst_snap_name)) =>
+                {
+                    Ok(())
+                }
+                r => ok_if(r, ErrorKind::AlreadyExists),
+            },
             Event::SnapLimit { limit, .. } => ok_if_errno(img.snap_set_limit(*limit), libc::ERANGE),
             Event::MetadataSet { key, value, .. } => img.metadata_set(key, value),
             Event::MetadataRemove { key, .. } => img.metadata_remove(key),

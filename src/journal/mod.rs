@@ -3,11 +3,13 @@
 //! structure, and librados access to one image's journal. Not to be
 //! confused with ceph-csi's omap "journal" ([`crate::omap::journal`]).
 //!
-//! This module owns the format, not the replay: it decodes entries, events,
-//! positions, tags and client data, reads the header and data objects, and
-//! registers clients. Ordering entries across objects and tags, applying
-//! them to a replica, committing and trimming belong to the engine. No
-//! `unsafe` here: librados is reached through [`crate::ceph`].
+//! This module owns the format and the reading: it decodes entries,
+//! events, positions, tags and client data, reads the header and data
+//! objects, registers clients, and [`reader`] hands out a journal's entries
+//! in replay order from a commit position. Applying them to a replica and
+//! deciding what to commit belong to the engine
+//! (`crate::engine::journal_replay`). No `unsafe` here: librados is
+//! reached through [`crate::ceph`].
 //!
 //! # On RADOS
 //!
