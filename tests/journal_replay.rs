@@ -517,3 +517,85 @@ fn journal_replay_follows_a_live_writer_across_object_sets() {
     drop(r);
     j.unregister_client(&client).unwrap();
 }
+
+/// With librbd closed (it trims only while open), the replayer trims the
+/// primary's journal behind the connected clients' positions after its
+/// commits; before it replays, its empty position pins every set.
+#[test]
+fn journal_replay_trims_behind_its_commits() {
+    let ns = Namespace::new("jrtrim");
+    rbd_ok(
+        Site::A,
+        &[
+            "create",
+            "--size",
+            "32M",
+            "--image-feature",
+            "layering,exclusive-lock,journaling",
+            "--journal-object-size",
+            "64K",
+            &ns.spec("img"),
+        ],
+    );
+    let id = Image::open(&ns.io, "img").unwrap().id().unwrap();
+    let j = Journal::open(&ns.io, &id).unwrap();
+    let client = format!("csirr-{}", uuid::Uuid::new_v4());
+    j.register_or_reuse(&client, &peer_data()).unwrap();
+    rbd_ok(
+        Site::A,
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-pattern",
+            "rand",
+            "--io-size",
+            "64K",
+            "--io-total",
+            "8M",
+            &ns.spec("img"),
+        ],
+    );
+    let (min0, active0) = j.object_sets().unwrap();
+    assert_eq!(min0, 0, "our empty position pins the journal");
+    assert!(active0 >= 10, "active set {active0}");
+    assert!(j.read_object(0, 0, 4096).unwrap().is_some());
+    assert_eq!(j.trim().unwrap(), 0, "still pinned");
+
+    let replica = Replica::create(32 * MIB);
+    let cfg = ReplayConfig {
+        commit_every: 64,
+        ..ReplayConfig::default()
+    };
+    let mut r =
+        JournalReplayer::start(j_clone(&ns.io, &id), &client, replica.image(), cfg).unwrap();
+    r.replay_available().unwrap();
+    let (min1, active1) = j.object_sets().unwrap();
+    eprintln!(
+        "sets {min0}..={active0} before, {min1}..={active1} after; {:?}",
+        r.stats()
+    );
+    assert!(r.stats().trims >= 1, "{:?}", r.stats());
+    // The minimum set is the oldest set a connected client still needs.
+    let width = u64::from(j.layout().splay_width);
+    let needed = j
+        .clients()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c.commit_position.positions.iter())
+        .map(|p| p.object_number / width)
+        .min()
+        .unwrap();
+    assert_eq!(min1, needed);
+    assert!(min1 > 0, "trimmed");
+    for n in 0..min1 * width {
+        assert_eq!(j.read_object(n, 0, 4096).unwrap(), None, "object {n}");
+    }
+    assert_eq!(j.trim().unwrap(), min1, "nothing more to trim");
+    assert_eq!(
+        checksum(Site::A, &ns.spec("img")),
+        checksum(Site::B, &replica.spec)
+    );
+    drop(r);
+    j.unregister_client(&client).unwrap();
+}

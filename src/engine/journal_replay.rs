@@ -25,6 +25,9 @@
 //!   finish holds the position back) is sent with cls `client_commit`.
 //!   A replayer restarted from that position applies nothing twice except
 //!   IO after it, which is idempotent up to the next flush.
+//! - Trim: after a commit that moved this client's oldest object set, the
+//!   primary's journal is trimmed behind every connected client
+//!   ([`Journal::trim`]), as librbd's trimmer does while the image is open.
 //!
 //! Every call is blocking: run it on a thread of its own.
 
@@ -51,6 +54,10 @@ pub struct ReplayConfig {
     /// Bytes read from one journal object per read at most (and queued
     /// per splay offset at most).
     pub max_read: usize,
+    /// Trim the primary's journal behind the clients after a commit that
+    /// moved this client's oldest set (librbd trims only while it has the
+    /// image open).
+    pub trim: bool,
 }
 
 impl Default for ReplayConfig {
@@ -60,6 +67,7 @@ impl Default for ReplayConfig {
             commit_every: 4096,
             batch: 1024,
             max_read: crate::journal::reader::DEFAULT_MAX_READ,
+            trim: true,
         }
     }
 }
@@ -139,6 +147,8 @@ pub struct ReplayStats {
     pub ignored: u64,
     /// `client_commit` calls made.
     pub commits: u64,
+    /// Trims of the primary's journal.
+    pub trims: u64,
 }
 
 /// An op start waiting for its finish.
@@ -159,6 +169,8 @@ pub struct JournalReplayer {
     cfg: ReplayConfig,
     tracker: CommitTracker,
     committed: ObjectSetPosition,
+    /// The journal's minimum set after this replayer's last trim.
+    trimmed_below: u64,
     /// Entries handed out and not yet in the tracker, with whether they
     /// are applied; `base_seq` is the sequence number of the first.
     uncommitted: VecDeque<(ObjectPosition, bool)>,
@@ -222,6 +234,7 @@ impl JournalReplayer {
             cfg,
             tracker,
             committed,
+            trimmed_below: 0,
             uncommitted: VecDeque::new(),
             base_seq: 0,
             ops: HashMap::new(),
@@ -304,7 +317,16 @@ impl JournalReplayer {
             position = ?position.newest(),
             "journal position committed"
         );
+        let oldest_set = position
+            .positions
+            .iter()
+            .map(|p| p.object_number / u64::from(self.journal.layout().splay_width))
+            .min();
         self.committed = position;
+        if self.cfg.trim && oldest_set.is_some_and(|s| s > self.trimmed_below) {
+            self.trimmed_below = self.journal.trim()?;
+            self.stats.trims += 1;
+        }
         Ok(())
     }
 

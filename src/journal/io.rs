@@ -362,6 +362,53 @@ impl Journal {
         self.update("client_unregister", &e.into_bytes())
     }
 
+    /// Trims as librbd's `JournalTrimmer` does: finds the oldest object set
+    /// any connected client still needs (the lowest set among its commit
+    /// positions; `minimum_set` when one has committed nothing), removes
+    /// the data objects of the sets below it, then moves `minimum_set` up
+    /// (cls `set_minimum_set`, which notifies). Disconnected clients pin
+    /// nothing. Returns the minimum set after the call. Another trimmer
+    /// (librbd's) racing this one is fine: missing objects are skipped and
+    /// a minimum set already past ours (`ESTALE`) is left as it is.
+    pub fn trim(&self) -> JournalResult<u64> {
+        let (minimum_set, active_set) = self.object_sets()?;
+        let width = u64::from(self.layout.splay_width);
+        let mut keep = active_set;
+        for c in self.clients()? {
+            if c.state == super::types::ClientState::Disconnected {
+                continue;
+            }
+            if c.commit_position.positions.is_empty() {
+                keep = minimum_set;
+                break;
+            }
+            for p in &c.commit_position.positions {
+                keep = keep.min(p.object_number / width);
+            }
+        }
+        if keep <= minimum_set {
+            return Ok(minimum_set);
+        }
+        for set in minimum_set..keep {
+            for offset in 0..width {
+                match self.data_io.remove(&self.object_oid(set * width + offset)) {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let mut e = Encoder::new();
+        e.u64(keep);
+        match self.update("set_minimum_set", &e.into_bytes()) {
+            Ok(()) => {}
+            Err(JournalError::Ceph(e)) if e.errno() == libc::ESTALE => {}
+            Err(e) => return Err(e),
+        }
+        tracing::debug!(journal = %self.image_id, from = minimum_set, to = keep, "journal trimmed");
+        Ok(keep)
+    }
+
     /// Reads data object `object_number` from `offset`, at most `max_len`
     /// bytes, in reads of at most the object size. `None` when the object
     /// does not exist (not written yet, or trimmed).
