@@ -599,3 +599,85 @@ fn journal_replay_trims_behind_its_commits() {
     drop(r);
     j.unregister_client(&client).unwrap();
 }
+
+/// With `require_min_compat_client` at Octopus, every append is padded
+/// with zeroes to 4 KiB: the reader resumes in the middle of padding runs
+/// and must still hand out every entry. Changes a cluster-wide setting:
+/// runs alone, and puts it back.
+#[test]
+fn exclusive_journal_replay_reads_padded_objects() {
+    let ns = Namespace::new("jrpad");
+    let _restore = common::scopeguard(|| {
+        common::ceph_ok(
+            Site::A,
+            &[
+                "osd",
+                "set-require-min-compat-client",
+                "luminous",
+                "--yes-i-really-mean-it",
+            ],
+        );
+    });
+    common::ceph_ok(
+        Site::A,
+        &[
+            "osd",
+            "set-require-min-compat-client",
+            "octopus",
+            "--yes-i-really-mean-it",
+        ],
+    );
+    rbd_ok(
+        Site::A,
+        &[
+            "create",
+            "--size",
+            "32M",
+            "--image-feature",
+            "layering,exclusive-lock,journaling",
+            &ns.spec("img"),
+        ],
+    );
+    let primary = Image::open(&ns.io, "img").unwrap();
+    let id = primary.id().unwrap();
+    let j = Journal::open(&ns.io, &id).unwrap();
+    let client = format!("csirr-{}", uuid::Uuid::new_v4());
+    j.register_or_reuse(&client, &peer_data()).unwrap();
+    let replica = Replica::create(32 * MIB);
+    let mut r = JournalReplayer::start(
+        j_clone(&ns.io, &id),
+        &client,
+        replica.image(),
+        ReplayConfig::default(),
+    )
+    .unwrap();
+    // Replay after every write: each read starts where the last stopped,
+    // inside the padding of the last append.
+    let mut taken = 0;
+    for i in 0..12u64 {
+        primary
+            .write(i * MIB + 100, &pattern(900 + i, 5000 + 700 * i as usize))
+            .unwrap();
+        primary.flush().unwrap();
+        taken += r.replay_available().unwrap();
+    }
+    drop(primary);
+    taken += r.replay_available().unwrap();
+    let journaled = j.read_all().unwrap();
+    assert_eq!(taken, journaled.len() as u64);
+    let mut padded = 0;
+    for n in 0..u64::from(j.layout().splay_width) {
+        if let Some(buf) = j.read_object(n, 0, 1 << 24).unwrap() {
+            assert_eq!(buf.len() % 4096, 0, "object {n} is padded");
+            padded += 1;
+        }
+    }
+    assert!(padded > 0);
+    eprintln!("{taken} entries; {:?}; {:?}", r.stats(), r.reader_stats());
+    assert_eq!(
+        checksum(Site::A, &ns.spec("img")),
+        checksum(Site::B, &replica.spec)
+    );
+    drop(r);
+    j.unregister_client(&client).unwrap();
+}
