@@ -28,6 +28,8 @@ struct AioState {
     img: Arc<ImageHandle>,
     op: &'static str,
     off: u64,
+    /// Where compare-and-write reports the first mismatching byte.
+    mismatch: u64,
 }
 
 extern "C" fn complete(c: sys::rbd_completion_t, arg: *mut c_void) {
@@ -46,6 +48,7 @@ extern "C" fn complete(c: sys::rbd_completion_t, arg: *mut c_void) {
         img,
         op,
         off,
+        ..
     } = *st;
     let res = if ret < 0 {
         let errno = i32::try_from(-ret).unwrap_or(libc::EIO);
@@ -76,7 +79,13 @@ impl Image {
         off: u64,
         buf: Vec<u8>,
         done: AioCallback,
-        submit_fn: impl FnOnce(sys::rbd_image_t, *mut u8, usize, sys::rbd_completion_t) -> c_int,
+        submit_fn: impl FnOnce(
+            sys::rbd_image_t,
+            *mut u8,
+            usize,
+            sys::rbd_completion_t,
+            *mut u64,
+        ) -> c_int,
     ) -> Result<()> {
         let mut st = Box::new(AioState {
             done,
@@ -84,9 +93,11 @@ impl Image {
             img: Arc::clone(&self.h),
             op,
             off,
+            mismatch: 0,
         });
         let bp = st.buf.as_mut_ptr();
         let bl = st.buf.len();
+        let mm = ptr::from_mut(&mut st.mismatch);
         let arg = Box::into_raw(st);
         let mut c: sys::rbd_completion_t = ptr::null_mut();
         // SAFETY: arg is a valid pointer that `complete` reclaims; c is a
@@ -97,7 +108,7 @@ impl Image {
             drop(unsafe { Box::from_raw(arg) });
             return check(ret, "rbd_aio_create_completion", || self.spec()).map(|_| ());
         }
-        let ret = submit_fn(self.h.raw(), bp, bl, c);
+        let ret = submit_fn(self.h.raw(), bp, bl, c, mm);
         if ret < 0 {
             // SAFETY: a failed submission never fires the completion: release
             // it and reclaim the box ourselves.
@@ -113,7 +124,7 @@ impl Image {
     /// Reads `buf.len()` bytes at `off` into `buf`; `done` gets the byte count
     /// and the filled buffer.
     pub fn aio_read(&self, off: u64, buf: Vec<u8>, done: AioCallback) -> Result<()> {
-        self.submit("rbd_aio_read", off, buf, done, |img, bp, bl, c| {
+        self.submit("rbd_aio_read", off, buf, done, |img, bp, bl, c, _| {
             // SAFETY: bp points to bl writable bytes owned by the boxed state,
             // which lives until the completion fires.
             unsafe { sys::rbd_aio_read2(img, off, bl, bp.cast(), c, 0) }
@@ -122,7 +133,7 @@ impl Image {
 
     /// Writes `buf` at `off`; `done` gets the buffer back for reuse.
     pub fn aio_write(&self, off: u64, buf: Vec<u8>, done: AioCallback) -> Result<()> {
-        self.submit("rbd_aio_write", off, buf, done, |img, bp, bl, c| {
+        self.submit("rbd_aio_write", off, buf, done, |img, bp, bl, c, _| {
             // SAFETY: bp points to bl readable bytes owned by the boxed state,
             // which lives until the completion fires.
             unsafe { sys::rbd_aio_write2(img, off, bl, bp.cast_const().cast(), c, 0) }
@@ -139,7 +150,7 @@ impl Image {
             off,
             Vec::new(),
             done,
-            |img, _, _, c| {
+            |img, _, _, c, _| {
                 // SAFETY: no buffer is involved; the image and completion are live.
                 unsafe { sys::rbd_aio_write_zeroes(img, off, len, c, 0, 0) }
             },
@@ -148,15 +159,82 @@ impl Image {
 
     /// Discards `[off, off+len)`.
     pub fn aio_discard(&self, off: u64, len: u64, done: AioCallback) -> Result<()> {
-        self.submit("rbd_aio_discard", off, Vec::new(), done, |img, _, _, c| {
-            // SAFETY: no buffer is involved; the image and completion are live.
-            unsafe { sys::rbd_aio_discard(img, off, len, c) }
+        self.submit(
+            "rbd_aio_discard",
+            off,
+            Vec::new(),
+            done,
+            |img, _, _, c, _| {
+                // SAFETY: no buffer is involved; the image and completion are live.
+                unsafe { sys::rbd_aio_discard(img, off, len, c) }
+            },
+        )
+    }
+
+    /// Writes `pattern` repeated over `[off, off+len)`; `len` must be a
+    /// multiple of the pattern's length.
+    pub fn aio_writesame(
+        &self,
+        off: u64,
+        len: u64,
+        pattern: Vec<u8>,
+        done: AioCallback,
+    ) -> Result<()> {
+        let len =
+            usize::try_from(len).map_err(|_| Error::invalid_input("rbd_aio_writesame", "len"))?;
+        self.submit(
+            "rbd_aio_writesame",
+            off,
+            pattern,
+            done,
+            |img, bp, bl, c, _| {
+                // SAFETY: bp points to bl readable bytes owned by the boxed state,
+                // which lives until the completion fires.
+                unsafe { sys::rbd_aio_writesame(img, off, len, bp.cast_const().cast(), bl, c, 0) }
+            },
+        )
+    }
+
+    /// Compares `[off, off+len)` with the first half of `cmp_then_write`
+    /// and, when equal, writes its second half there (`len` bytes each).
+    /// A mismatch fails with `EILSEQ` and writes nothing.
+    pub fn aio_compare_and_write(
+        &self,
+        off: u64,
+        cmp_then_write: Vec<u8>,
+        done: AioCallback,
+    ) -> Result<()> {
+        if !cmp_then_write.len().is_multiple_of(2) {
+            return Err(Error::invalid_input(
+                "rbd_aio_compare_and_write",
+                "odd buffer length",
+            ));
+        }
+        let op = "rbd_aio_compare_and_write";
+        self.submit(op, off, cmp_then_write, done, |img, bp, bl, c, mm| {
+            let len = bl / 2;
+            // SAFETY: bp points to bl readable bytes owned by the boxed state
+            // (compare bytes then write bytes, len each) and mm to a u64 in
+            // it, both alive until the completion fires.
+            let ret = unsafe {
+                sys::rbd_aio_compare_and_write(
+                    img,
+                    off,
+                    len,
+                    bp.cast_const().cast(),
+                    bp.add(len).cast_const().cast(),
+                    c,
+                    mm,
+                    0,
+                )
+            };
+            c_int::try_from(ret).unwrap_or(-libc::EIO)
         })
     }
 
     /// Flushes everything written so far.
     pub fn aio_flush(&self, done: AioCallback) -> Result<()> {
-        self.submit("rbd_aio_flush", 0, Vec::new(), done, |img, _, _, c| {
+        self.submit("rbd_aio_flush", 0, Vec::new(), done, |img, _, _, c, _| {
             // SAFETY: no buffer is involved; the image and completion are live.
             unsafe { sys::rbd_aio_flush(img, c) }
         })

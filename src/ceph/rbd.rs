@@ -673,6 +673,55 @@ impl Image {
         .map(|_| ())
     }
 
+    /// Protects snapshot `name` (clones need it protected).
+    pub fn snap_protect(&self, name: &str) -> Result<()> {
+        self.snap_call(name, "rbd_snap_protect", sys::rbd_snap_protect)
+    }
+
+    /// Unprotects snapshot `name`.
+    pub fn snap_unprotect(&self, name: &str) -> Result<()> {
+        self.snap_call(name, "rbd_snap_unprotect", sys::rbd_snap_unprotect)
+    }
+
+    /// Rolls the head back to snapshot `name`. Blocking; as long as
+    /// rewriting the image.
+    pub fn snap_rollback(&self, name: &str) -> Result<()> {
+        self.snap_call(name, "rbd_snap_rollback", sys::rbd_snap_rollback)
+    }
+
+    /// Renames snapshot `from` to `to`.
+    pub fn snap_rename(&self, from: &str, to: &str) -> Result<()> {
+        let f = cstring(from, "rbd_snap_rename")?;
+        let t = cstring(to, "rbd_snap_rename")?;
+        // SAFETY: the handle is live; f and t are NUL-terminated.
+        let ret = unsafe { sys::rbd_snap_rename(self.raw(), f.as_ptr(), t.as_ptr()) };
+        check(ret, "rbd_snap_rename", || {
+            format!("{}@{from} -> {to}", self.target())
+        })
+        .map(|_| ())
+    }
+
+    /// Sets the most snapshots the image may have.
+    pub fn snap_set_limit(&self, limit: u64) -> Result<()> {
+        // SAFETY: the handle is live.
+        let ret = unsafe { sys::rbd_snap_set_limit(self.raw(), limit) };
+        check(ret, "rbd_snap_set_limit", || self.target()).map(|_| ())
+    }
+
+    /// Calls a librbd `f(image, snap_name)`.
+    fn snap_call(
+        &self,
+        name: &str,
+        op: &'static str,
+        f: unsafe extern "C" fn(sys::rbd_image_t, *const c_char) -> c_int,
+    ) -> Result<()> {
+        let c = cstring(name, op)?;
+        // SAFETY: the handle is live; c is NUL-terminated; `f` is one of
+        // librbd's snapshot calls taking exactly these two arguments.
+        let ret = unsafe { f(self.raw(), c.as_ptr()) };
+        check(ret, op, || format!("{}@{name}", self.target())).map(|_| ())
+    }
+
     /// Lists the user snapshots, oldest first.
     pub fn snap_list(&self) -> Result<Vec<SnapInfo>> {
         let mut max: c_int = 16;

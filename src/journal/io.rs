@@ -38,6 +38,20 @@ pub enum JournalError {
         #[source]
         source: EntryError,
     },
+    /// Entries of a tag are missing: entry `expected` should come next,
+    /// `found` is there instead (the journal was trimmed past this reader,
+    /// or lost entries).
+    #[error("journal {journal}: tag {tag_tid} skips from entry {expected} to {found}")]
+    Gap {
+        /// The journal (image id).
+        journal: String,
+        /// The tag.
+        tag_tid: u64,
+        /// The entry that should come next.
+        expected: u64,
+        /// The entry found in its place.
+        found: u64,
+    },
     /// The header holds a value librbd could not have written.
     #[error("journal {journal}: {what}")]
     BadHeader {
@@ -300,6 +314,21 @@ impl Journal {
         self.register_client_raw(id, &data.encode())
     }
 
+    /// Registers client `id` with `data` unless it is registered already,
+    /// as rbd-mirror does for its peer client: returns the client as the
+    /// header holds it (a new one at the oldest position of the connected
+    /// clients; an existing one with its own data, position and state,
+    /// which the caller checks).
+    pub fn register_or_reuse(&self, id: &str, data: &ClientData) -> JournalResult<Client> {
+        match self.register_client(id, data) {
+            Ok(()) => {}
+            Err(JournalError::Ceph(e)) if e.kind() == ceph::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        self.client(id)?
+            .ok_or_else(|| self.bad(format!("client {id} vanished after registering")))
+    }
+
     /// [`Journal::register_client`] with data as given, which librbd and
     /// rbd-mirror must be able to decode as [`ClientData`] (`rbd mirror
     /// image disable` fails on a client whose data does not decode).
@@ -331,6 +360,53 @@ impl Journal {
         let mut e = Encoder::new();
         e.string(id);
         self.update("client_unregister", &e.into_bytes())
+    }
+
+    /// Trims as librbd's `JournalTrimmer` does: finds the oldest object set
+    /// any connected client still needs (the lowest set among its commit
+    /// positions; `minimum_set` when one has committed nothing), removes
+    /// the data objects of the sets below it, then moves `minimum_set` up
+    /// (cls `set_minimum_set`, which notifies). Disconnected clients pin
+    /// nothing. Returns the minimum set after the call. Another trimmer
+    /// (librbd's) racing this one is fine: missing objects are skipped and
+    /// a minimum set already past ours (`ESTALE`) is left as it is.
+    pub fn trim(&self) -> JournalResult<u64> {
+        let (minimum_set, active_set) = self.object_sets()?;
+        let width = u64::from(self.layout.splay_width);
+        let mut keep = active_set;
+        for c in self.clients()? {
+            if c.state == super::types::ClientState::Disconnected {
+                continue;
+            }
+            if c.commit_position.positions.is_empty() {
+                keep = minimum_set;
+                break;
+            }
+            for p in &c.commit_position.positions {
+                keep = keep.min(p.object_number / width);
+            }
+        }
+        if keep <= minimum_set {
+            return Ok(minimum_set);
+        }
+        for set in minimum_set..keep {
+            for offset in 0..width {
+                match self.data_io.remove(&self.object_oid(set * width + offset)) {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let mut e = Encoder::new();
+        e.u64(keep);
+        match self.update("set_minimum_set", &e.into_bytes()) {
+            Ok(()) => {}
+            Err(JournalError::Ceph(e)) if e.errno() == libc::ESTALE => {}
+            Err(e) => return Err(e),
+        }
+        tracing::debug!(journal = %self.image_id, from = minimum_set, to = keep, "journal trimmed");
+        Ok(keep)
     }
 
     /// Reads data object `object_number` from `offset`, at most `max_len`
@@ -457,7 +533,7 @@ impl Journal {
         }
     }
 
-    fn bad(&self, what: String) -> JournalError {
+    pub(crate) fn bad(&self, what: String) -> JournalError {
         JournalError::BadHeader {
             journal: self.image_id.clone(),
             what,

@@ -3,11 +3,13 @@
 //! structure, and librados access to one image's journal. Not to be
 //! confused with ceph-csi's omap "journal" ([`crate::omap::journal`]).
 //!
-//! This module owns the format, not the replay: it decodes entries, events,
-//! positions, tags and client data, reads the header and data objects, and
-//! registers clients. Ordering entries across objects and tags, applying
-//! them to a replica, committing and trimming belong to the engine. No
-//! `unsafe` here: librados is reached through [`crate::ceph`].
+//! This module owns the format and the reading: it decodes entries,
+//! events, positions, tags and client data, reads the header and data
+//! objects, registers clients, and [`reader`] hands out a journal's entries
+//! in replay order from a commit position. Applying them to a replica and
+//! deciding what to commit belong to the engine
+//! (`crate::engine::journal_replay`). No `unsafe` here: librados is
+//! reached through [`crate::ceph`].
 //!
 //! # On RADOS
 //!
@@ -35,12 +37,14 @@ pub mod codec;
 pub mod entry;
 pub mod event;
 pub mod io;
+pub mod reader;
 pub mod types;
 
 pub use codec::{DecodeError, Decoder, Encoder};
 pub use entry::{Entry, EntryError, ObjectScan, ScanEnd, scan_object};
 pub use event::{Event, EventEntry, SnapEvent, UTime};
 pub use io::{Journal, JournalError, JournalResult, Layout, RecordedEntry};
+pub use reader::{CommitTracker, JournalReader, ReadEntry, ReaderStats};
 pub use types::{
     Client, ClientData, ClientState, ImageClientMeta, MirrorPeerClientMeta, MirrorPeerState,
     MirrorPeerSyncPoint, ObjectPosition, ObjectSetPosition, SnapshotNamespace, Tag, TagData,
