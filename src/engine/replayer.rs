@@ -175,6 +175,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut leased: HashSet<(String, String)> = HashSet::new();
     let due = Arc::new(DueCache::default());
+    let mut trim_due = false;
     let renewer = tokio::spawn({
         let (engine, cancel) = (Arc::clone(&engine), cancel.clone());
         async move {
@@ -268,7 +269,16 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
             }
             Err(err) => tracing::error!(error = %err, "scheduler pass panicked"),
         }
-        while tasks.try_join_next().is_some() {}
+        while tasks.try_join_next().is_some() {
+            trim_due = true;
+        }
+        // The syncs of this round are over: what they freed (the primaries'
+        // image handles, librados' reply buffers) goes back to the system
+        // instead of staying resident until the next round reuses it.
+        if trim_due && tasks.is_empty() {
+            trim_due = false;
+            let _ = tokio::task::spawn_blocking(ceph::alloc::release_free_memory).await;
+        }
         tokio::select! {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(engine.cfg.poll_interval) => {}
@@ -1364,10 +1374,10 @@ fn open_or_create_replica(
     // image that does not exist costs librbd a whole image context (its
     // copy of the configuration, about 350 KiB, built and torn down) for
     // every new replica; its id object answers in one read.
-    if !image_exists(local_io, name).ctx(|| format!("looking up replica {key}"))? {
-        if let Some((img, rec)) = create_replica(local_io, local_reg, job, primary, target)? {
-            return Ok((img, rec, true));
-        }
+    if !image_exists(local_io, name).ctx(|| format!("looking up replica {key}"))?
+        && let Some((img, rec)) = create_replica(local_io, local_reg, job, primary, target)?
+    {
+        return Ok((img, rec, true));
     }
     let img = Image::open(local_io, name).ctx(|| format!("opening replica {key}"))?;
     let id = img.id().ctx(|| format!("replica {key}"))?;
