@@ -39,6 +39,21 @@ pub fn tune_allocator(largest_block: usize) {
     let _ = largest_block;
 }
 
+/// Hands the free memory of glibc's arenas back to the system
+/// (`malloc_trim(0)`): what librbd freed when image handles closed and the
+/// reply buffers of copies that ended stay resident otherwise (measured: 200
+/// image handles opened and closed left 68 MiB resident). The replayer calls
+/// it when its syncs have ended. Blocking (walks every arena); glibc only,
+/// elsewhere a no-op.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and runs under glibc's own arena
+    // locks, so it is safe alongside allocations on other threads.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Rust allocations of at least this many bytes are mapped on their own.
 const LARGE: usize = 1 << 20;
 
