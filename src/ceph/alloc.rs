@@ -126,8 +126,8 @@ unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: the caller guarantees that new_size makes a valid layout.
         let new =
+            // SAFETY: the caller guarantees that new_size makes a valid layout.
             unsafe { std::alloc::Layout::from_size_align_unchecked(new_size, layout.align()) };
         if !Self::mapped(layout) && !Self::mapped(new) {
             // SAFETY: both the old and the new block belong to `System`.

@@ -75,8 +75,8 @@ impl Cluster {
         let cluster_name = cstring("ceph", "rados_create2")?;
         let client = cstring(&format!("client.{}", cfg.user), "rados_create2")?;
         let mut raw: sys::rados_t = ptr::null_mut();
-        // SAFETY: valid out-pointer; NUL-terminated strings, copied by librados.
         let ret =
+            // SAFETY: valid out-pointer; NUL-terminated strings, copied by librados.
             unsafe { sys::rados_create2(&mut raw, cluster_name.as_ptr(), client.as_ptr(), 0) };
         check(ret, "rados_create2", || cfg.user.clone())?;
         let handle = NonNull::new(raw)
@@ -200,8 +200,8 @@ impl Cluster {
         let mut len = 4096usize;
         loop {
             let mut buf = vec![0u8; len];
-            // SAFETY: buf is writable for `len` bytes.
             let ret =
+                // SAFETY: buf is writable for `len` bytes.
                 unsafe { sys::rados_pool_list(self.raw(), buf.as_mut_ptr().cast::<c_char>(), len) };
             let need = check(ret, "rados_pool_list", String::new)? as usize;
             if need > len {
@@ -819,8 +819,8 @@ impl OmapIter {
             let mut v: *mut c_char = ptr::null_mut();
             let mut kl = 0usize;
             let mut vl = 0usize;
-            // SAFETY: a live iterator of a completed read op; valid out-pointers.
             let ret =
+                // SAFETY: a live iterator of a completed read op; valid out-pointers.
                 unsafe { sys::rados_omap_get_next2(self.raw, &mut k, &mut v, &mut kl, &mut vl) };
             check(ret, "rados_omap_get_next2", String::new)?;
             if k.is_null() {

@@ -636,8 +636,8 @@ impl Image {
 
     /// Resizes the image (shrinking allowed).
     pub fn resize(&self, size: u64) -> Result<()> {
-        // SAFETY: the handle is live; `no_progress` ignores its arguments.
         let ret =
+            // SAFETY: the handle is live; `no_progress` ignores its arguments.
             unsafe { sys::rbd_resize2(self.raw(), size, true, Some(no_progress), ptr::null_mut()) };
         check(ret, "rbd_resize2", || self.target()).map(|_| ())
     }
@@ -726,8 +726,8 @@ impl Image {
     pub fn snap_list(&self) -> Result<Vec<SnapInfo>> {
         let mut max: c_int = 16;
         loop {
-            // SAFETY: rbd_snap_info_t is plain data; zero is valid.
             let mut snaps: Vec<sys::rbd_snap_info_t> =
+                // SAFETY: rbd_snap_info_t is plain data; zero is valid.
                 vec![unsafe { std::mem::zeroed() }; max as usize + 1];
             let mut n = max;
             // SAFETY: snaps has room for max (+1 terminator) entries.
@@ -977,8 +977,8 @@ impl Image {
     /// Breaks the exclusive lock held by `owner` (blocklisting it).
     pub fn lock_break(&self, owner: &str) -> Result<()> {
         let o = cstring(owner, "rbd_lock_break")?;
-        // SAFETY: the handle is live; o is NUL-terminated.
         let ret =
+            // SAFETY: the handle is live; o is NUL-terminated.
             unsafe { sys::rbd_lock_break(self.raw(), sys::RBD_LOCK_MODE_EXCLUSIVE, o.as_ptr()) };
         check(ret, "rbd_lock_break", || self.target()).map(|_| ())
     }
