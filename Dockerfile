@@ -16,7 +16,9 @@ WORKDIR /src
 # Dependencies first, so that source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock rust-toolchain.toml build.rs ./
 COPY proto ./proto
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+# build.rs compiles the C++ shim: it must be there for the dependency build too.
+COPY src/ceph/object_io.cc ./src/ceph/object_io.cc
+RUN echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked --features kube \
     && rm -rf src
 COPY src ./src
