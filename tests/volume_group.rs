@@ -5,8 +5,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::*;
-use csi_rbd_replicator::ceph::{ErrorKind, group};
+use csi_rbd_replicator::ceph::{ErrorKind, IoCtx, group};
+use csi_rbd_replicator::grpc::proto::volumegroup as vg;
+use csi_rbd_replicator::grpc::proto::volumegroup::controller_client::ControllerClient as VgClient;
+use tonic::Code;
+use tonic::transport::Channel;
 
 const MIB: u64 = 1 << 20;
 
@@ -122,4 +128,625 @@ fn librbd_group_wrappers_agree_with_the_rbd_cli() {
     group::remove(&io, &g1).unwrap();
     assert_eq!(b.group().unwrap(), None);
     assert!(!rbd_groups(&pool).contains(&g1));
+}
+
+// --- the VolumeGroup service through gRPC ---
+
+/// A VolumeGroup client to a sidecar.
+async fn vg_client(sc: &Sidecar) -> VgClient<Channel> {
+    VgClient::new(channel_to(&sc.socket).await.expect("connect"))
+}
+
+fn create_req(
+    name: &str,
+    volumes: &[&str],
+    params: &[(&str, &str)],
+) -> vg::CreateVolumeGroupRequest {
+    vg::CreateVolumeGroupRequest {
+        name: name.to_string(),
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        secrets: secrets(Site::A),
+        volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+fn modify_req(id: &str, volumes: &[&str]) -> vg::ModifyVolumeGroupMembershipRequest {
+    vg::ModifyVolumeGroupMembershipRequest {
+        volume_group_id: id.to_string(),
+        volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+        secrets: secrets(Site::A),
+        ..Default::default()
+    }
+}
+
+fn get_req(id: &str) -> vg::ControllerGetVolumeGroupRequest {
+    vg::ControllerGetVolumeGroupRequest {
+        volume_group_id: id.to_string(),
+        secrets: secrets(Site::A),
+    }
+}
+
+fn delete_req(id: &str) -> vg::DeleteVolumeGroupRequest {
+    vg::DeleteVolumeGroupRequest {
+        volume_group_id: id.to_string(),
+        secrets: secrets(Site::A),
+    }
+}
+
+/// Empties group `id` and deletes it, through the service.
+async fn empty_and_delete(c: &mut VgClient<Channel>, id: &str) {
+    c.modify_volume_group_membership(modify_req(id, &[]))
+        .await
+        .expect("empty the group");
+    c.delete_volume_group(delete_req(id))
+        .await
+        .expect("delete the group");
+}
+
+/// The member volume IDs of a reply, in order.
+fn member_ids(g: &vg::VolumeGroup) -> Vec<String> {
+    g.volumes.iter().map(|v| v.volume_id.clone()).collect()
+}
+
+fn sorted(v: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// The uuid at the end of a group ID.
+fn uuid_of(id: &str) -> &str {
+    &id[id.len() - 36..]
+}
+
+/// The omap of `oid` in `io` as strings (empty when the object is absent).
+fn omap(io: &IoCtx, oid: &str) -> BTreeMap<String, String> {
+    match io.omap_get_all(oid, "") {
+        Ok(m) => m
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v).unwrap()))
+            .collect(),
+        Err(e) if e.kind() == ErrorKind::NotFound => BTreeMap::new(),
+        Err(e) => panic!("{oid}: {e}"),
+    }
+}
+
+/// Removes whatever a test left of its groups (members first).
+fn remove_groups(pool: &str, groups: &[String]) {
+    for g in groups {
+        let spec = format!("{pool}/{g}");
+        let _ = rbd(Site::A, &["group", "rm", &spec]);
+    }
+}
+
+#[tokio::test]
+async fn volume_group_lifecycle_with_rbd_and_the_omap_journal_as_oracle() {
+    let pool = pool();
+    let io = ioctx(Site::A, "");
+    let vols: Vec<(CsiVolume, _)> = (0..3)
+        .map(|_| create_csi_volume(Site::A, 8 * MIB, &[(0, 4096)]))
+        .collect();
+    let [v1, v2, v3] = [0, 1, 2].map(|i| vols[i].0.handle.as_str());
+    let [i1, i2, i3] = [0, 1, 2].map(|i| vols[i].0.image.as_str());
+    let mut sc = Sidecar::start(Site::A, &["--no-replayer"]).await;
+    let mut c = vg_client(&sc).await;
+    let name = unique("vgrc");
+    let other = unique("vgrc");
+    let mut made: Vec<String> = Vec::new();
+
+    // Create with two volumes.
+    let g = c
+        .create_volume_group(create_req(&name, &[v1, v2], &[]))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    let id = g.volume_group_id.clone();
+    let uuid = uuid_of(&id).to_string();
+    let rbd_group = format!("csi-vol-group-{uuid}");
+    made.push(rbd_group.clone());
+    let _cleanup = scopeguard({
+        let (pool, made) = (pool.clone(), made.clone());
+        move || remove_groups(&pool, &made)
+    });
+    assert_eq!(
+        id,
+        format!("0001-0006-site-a-{:016x}-{uuid}", io.pool_id()),
+        "ceph-csi's group ID encoding"
+    );
+    assert_eq!(member_ids(&g), sorted(&[v1, v2]));
+    assert!(
+        g.volumes
+            .iter()
+            .all(|v| v.capacity_bytes == (8 * MIB) as i64),
+        "{g:?}"
+    );
+    assert!(rbd_groups(&pool).contains(&rbd_group));
+    assert_eq!(rbd_group_images(&pool, &rbd_group), sorted(&[i1, i2]));
+
+    // The journal, as ceph-csi writes and reads it.
+    let dir = omap(&io, "csi.groups.default");
+    assert_eq!(dir.get(&format!("csi.volume.group.{name}")), Some(&uuid));
+    let obj = omap(&io, &format!("csi.volume.group.{uuid}"));
+    assert_eq!(obj.get("csi.volname"), Some(&name));
+    assert_eq!(obj.get("csi.groupname"), Some(&rbd_group));
+    let created = obj.get("csi.creationtime").expect("creation time");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(created).is_ok() && created.ends_with('Z'),
+        "{created}"
+    );
+    let members: BTreeMap<&str, &str> = obj
+        .iter()
+        .filter(|(k, _)| !k.starts_with("csi."))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(members, BTreeMap::from([(v1, ""), (v2, "")]));
+
+    // Idempotent by name: the same volumes in another order, the same group.
+    let again = c
+        .create_volume_group(create_req(&name, &[v2, v1, v2], &[]))
+        .await
+        .expect("create again")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    assert_eq!(again.volume_group_id, id);
+    assert_eq!(member_ids(&again), sorted(&[v1, v2]));
+    // The name with fewer volumes than the group has: another request.
+    let err = c
+        .create_volume_group(create_req(&name, &[v1], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(rbd_group_images(&pool, &rbd_group), sorted(&[i1, i2]));
+
+    // Modify: v1 out, v3 in.
+    let g = c
+        .modify_volume_group_membership(modify_req(&id, &[v2, v3]))
+        .await
+        .expect("modify")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    assert_eq!(member_ids(&g), sorted(&[v2, v3]));
+    assert_eq!(rbd_group_images(&pool, &rbd_group), sorted(&[i2, i3]));
+    let obj = omap(&io, &format!("csi.volume.group.{uuid}"));
+    assert!(
+        !obj.contains_key(v1) && obj.contains_key(v2) && obj.contains_key(v3),
+        "{obj:?}"
+    );
+    // Again: nothing to do, the same answer.
+    let g2 = c
+        .modify_volume_group_membership(modify_req(&id, &[v3, v2]))
+        .await
+        .expect("modify again")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    assert_eq!(g2, g);
+    let got = c
+        .controller_get_volume_group(get_req(&id))
+        .await
+        .expect("get")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    assert_eq!(got, g);
+
+    // v1 is free again: another group takes it.
+    let g_other = c
+        .create_volume_group(create_req(&other, &[v1], &[]))
+        .await
+        .expect("create the other group")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    let other_rbd = format!("csi-vol-group-{}", uuid_of(&g_other.volume_group_id));
+    let _cleanup_other = scopeguard({
+        let (pool, g) = (pool.clone(), other_rbd.clone());
+        move || remove_groups(&pool, &[g])
+    });
+    assert_eq!(rbd_group_images(&pool, &other_rbd), vec![i1.to_string()]);
+
+    // An image is in one group at most, and a refused change changes nothing.
+    let err = c
+        .modify_volume_group_membership(modify_req(&g_other.volume_group_id, &[v1, v2]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("already in RBD group"), "{err:?}");
+    assert_eq!(rbd_group_images(&pool, &other_rbd), vec![i1.to_string()]);
+    assert_eq!(rbd_group_images(&pool, &rbd_group), sorted(&[i2, i3]));
+    let third = unique("vgrc");
+    let groups_before = rbd_groups(&pool);
+    let err = c
+        .create_volume_group(create_req(&third, &[v3], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(rbd_groups(&pool), groups_before);
+    assert!(!omap(&io, "csi.groups.default").contains_key(&format!("csi.volume.group.{third}")));
+
+    // Deleting a non-empty group is refused; it never deletes volumes.
+    let err = c.delete_volume_group(delete_req(&id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(rbd_groups(&pool).contains(&rbd_group));
+
+    // Emptied, then deleted: RBD group and journal gone, volumes kept.
+    let g = c
+        .modify_volume_group_membership(modify_req(&id, &[]))
+        .await
+        .expect("empty")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    assert!(g.volumes.is_empty());
+    assert!(rbd_group_images(&pool, &rbd_group).is_empty());
+    c.delete_volume_group(delete_req(&id))
+        .await
+        .expect("delete");
+    assert!(!rbd_groups(&pool).contains(&rbd_group));
+    assert!(omap(&io, &format!("csi.volume.group.{uuid}")).is_empty());
+    assert!(!omap(&io, "csi.groups.default").contains_key(&format!("csi.volume.group.{name}")));
+    for i in [i1, i2, i3] {
+        assert!(image_exists(Site::A, i), "{i}");
+    }
+    // Delete of a group that does not exist: OK. Get and Modify: NOT_FOUND.
+    c.delete_volume_group(delete_req(&id))
+        .await
+        .expect("delete again");
+    let err = c
+        .controller_get_volume_group(get_req(&id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = c
+        .modify_volume_group_membership(modify_req(&id, &[v2]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // The other group, emptied and deleted through the service too.
+    empty_and_delete(&mut c, &g_other.volume_group_id).await;
+    assert!(!rbd_groups(&pool).contains(&other_rbd));
+    sc.assert_alive();
+}
+
+/// A well-formed group ID (or volume handle) on site-a that names nothing.
+fn unknown_id(io: &IoCtx) -> String {
+    let uuid = uuid::Uuid::new_v4();
+    format!("0001-0006-site-a-{:016x}-{uuid}", io.pool_id())
+}
+
+#[tokio::test]
+async fn volume_group_bad_input_gets_its_code_and_changes_nothing() {
+    let pool = pool();
+    let io = ioctx(Site::A, "");
+    let (vol, _img) = create_csi_volume(Site::A, 4 * MIB, &[]);
+    let mut sc = Sidecar::start(Site::A, &["--no-replayer"]).await;
+    let mut c = vg_client(&sc).await;
+    let groups_before = rbd_groups(&pool);
+    let dir_before = omap(&io, "csi.groups.default");
+    let nothing = unknown_id(&io);
+    let name = unique("vgrc");
+
+    // Malformed IDs.
+    for bad in ["", "group-1", "0001-0006-site-a-00000000000000zz-x"] {
+        let e = c
+            .controller_get_volume_group(get_req(bad))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "get {bad:?}: {e:?}");
+        let e = c.delete_volume_group(delete_req(bad)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "delete {bad:?}: {e:?}");
+        let e = c
+            .modify_volume_group_membership(modify_req(bad, &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "modify {bad:?}: {e:?}");
+    }
+    let e = c
+        .create_volume_group(create_req(&name, &["pool/img@snap"], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Create: no name; no volumes and no pool; a volume that does not
+    // exist; another cluster; a pool that does not exist.
+    let e = c
+        .create_volume_group(create_req("", &[&vol.handle], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .create_volume_group(create_req(&name, &[], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("pool"), "{e:?}");
+    let e = c
+        .create_volume_group(create_req(&name, &[&vol.handle, &nothing], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .create_volume_group(create_req(
+            &name,
+            &[&vol.handle],
+            &[("clusterID", "site-b")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .create_volume_group(create_req(&name, &[], &[("pool", "no-such-pool")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Unknown groups: Delete is OK, Get and Modify are NOT_FOUND.
+    c.delete_volume_group(delete_req(&nothing))
+        .await
+        .expect("delete of an unknown group is OK");
+    let e = c
+        .controller_get_volume_group(get_req(&nothing))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c
+        .modify_volume_group_membership(modify_req(&nothing, &[&vol.handle]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Paging: a negative size, a token this sidecar never handed out.
+    let e = c
+        .list_volume_groups(vg::ListVolumeGroupsRequest {
+            max_entries: -1,
+            secrets: secrets(Site::A),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .list_volume_groups(vg::ListVolumeGroupsRequest {
+            max_entries: 1,
+            starting_token: "page-2".into(),
+            secrets: secrets(Site::A),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+
+    // None of it changed the cluster.
+    assert_eq!(rbd_groups(&pool), groups_before);
+    assert_eq!(omap(&io, "csi.groups.default"), dir_before);
+
+    // Modify with a volume that does not exist: NOT_FOUND, group unchanged.
+    let g = c
+        .create_volume_group(create_req(&name, &[&vol.handle], &[]))
+        .await
+        .expect("create")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    let rbd_group = format!("csi-vol-group-{}", uuid_of(&g.volume_group_id));
+    let _cleanup = scopeguard({
+        let (pool, g) = (pool.clone(), rbd_group.clone());
+        move || remove_groups(&pool, &[g])
+    });
+    let e = c
+        .modify_volume_group_membership(modify_req(&g.volume_group_id, &[&nothing]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(rbd_group_images(&pool, &rbd_group), vec![vol.image.clone()]);
+    empty_and_delete(&mut c, &g.volume_group_id).await;
+    sc.assert_alive();
+}
+
+#[tokio::test]
+async fn list_volume_groups_pages_through_every_group_once() {
+    let pool = pool();
+    let mut sc = Sidecar::start(Site::A, &["--no-replayer"]).await;
+    let mut c = vg_client(&sc).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let g = c
+            .create_volume_group(create_req(&unique("vgrc"), &[], &[("pool", &pool)]))
+            .await
+            .expect("create an empty group")
+            .into_inner()
+            .volume_group
+            .unwrap();
+        assert!(g.volumes.is_empty());
+        ids.push(g.volume_group_id);
+    }
+    let _cleanup = scopeguard({
+        let pool = pool.clone();
+        let groups: Vec<String> = ids
+            .iter()
+            .map(|id| format!("csi-vol-group-{}", uuid_of(id)))
+            .collect();
+        move || remove_groups(&pool, &groups)
+    });
+
+    let mut seen: Vec<String> = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_volume_groups(vg::ListVolumeGroupsRequest {
+                max_entries: 1,
+                starting_token: token.clone(),
+                secrets: secrets(Site::A),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(page.entries.len() <= 1, "{page:?}");
+        seen.extend(
+            page.entries
+                .iter()
+                .map(|e| e.volume_group.as_ref().unwrap().volume_group_id.clone()),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    let mut unique_seen = seen.clone();
+    unique_seen.dedup();
+    assert_eq!(unique_seen, seen, "a group listed twice: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "ordered by ID: {seen:?}"
+    );
+    for id in &ids {
+        assert!(seen.contains(id), "{id} missing from {seen:?}");
+    }
+    // Without a limit: one page with all of them.
+    let all = c
+        .list_volume_groups(vg::ListVolumeGroupsRequest {
+            secrets: secrets(Site::A),
+            ..Default::default()
+        })
+        .await
+        .expect("list all")
+        .into_inner();
+    assert!(all.next_token.is_empty());
+    for id in &ids {
+        assert!(
+            all.entries
+                .iter()
+                .any(|e| &e.volume_group.as_ref().unwrap().volume_group_id == id),
+            "{id}"
+        );
+        c.delete_volume_group(delete_req(id)).await.expect("delete");
+    }
+    sc.assert_alive();
+}
+
+/// Groups live in the pool of their volumes: volumes of two pools cannot be
+/// grouped, and a name already used in one pool is not reused in another.
+#[tokio::test]
+async fn volume_groups_stay_in_one_pool() {
+    let pool = pool();
+    let other = unique("vgpool");
+    ceph_ok(Site::A, &["osd", "pool", "create", &other, "8", "8"]);
+    let _drop_pool = scopeguard({
+        let other = other.clone();
+        move || {
+            let _ = ceph(
+                Site::A,
+                &[
+                    "osd",
+                    "pool",
+                    "rm",
+                    &other,
+                    &other,
+                    "--yes-i-really-really-mean-it",
+                ],
+            );
+        }
+    });
+    rbd_ok(Site::A, &["pool", "init", &other]);
+    let other_io = admin(Site::A).ioctx(&other, "").unwrap();
+    let (here, _a) = create_csi_volume(Site::A, 4 * MIB, &[]);
+    let (there, _b) = create_csi_volume_in(&other_io, Site::A, 4 * MIB, &[]);
+    let mut sc = Sidecar::start(Site::A, &["--no-replayer"]).await;
+    let mut c = vg_client(&sc).await;
+    let name = unique("vgrc");
+
+    let e = c
+        .create_volume_group(create_req(&name, &[&here.handle, &there.handle], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = c
+        .create_volume_group(create_req(&name, &[&here.handle], &[("pool", &other)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(rbd_groups(&other).is_empty());
+
+    let g = c
+        .create_volume_group(create_req(&name, &[&there.handle], &[]))
+        .await
+        .expect("create in the other pool")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    assert_eq!(
+        &g.volume_group_id[..33],
+        format!("0001-0006-site-a-{:016x}", other_io.pool_id()),
+        "the group ID names the volumes' pool"
+    );
+    let gname = format!("csi-vol-group-{}", uuid_of(&g.volume_group_id));
+    assert_eq!(rbd_group_images(&other, &gname), vec![there.image.clone()]);
+    let _cleanup = scopeguard({
+        let (other, gname) = (other.clone(), gname.clone());
+        move || remove_groups(&other, &[gname])
+    });
+    // The same name for volumes of the test pool: incompatible.
+    let before = rbd_groups(&pool);
+    let e = c
+        .create_volume_group(create_req(&name, &[&here.handle], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert_eq!(rbd_groups(&pool), before);
+    // Modify cannot bring in a volume of another pool either.
+    let e = c
+        .modify_volume_group_membership(modify_req(
+            &g.volume_group_id,
+            &[&there.handle, &here.handle],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(rbd_group_images(&other, &gname), vec![there.image.clone()]);
+
+    empty_and_delete(&mut c, &g.volume_group_id).await;
+    sc.assert_alive();
+}
+
+#[tokio::test]
+async fn identity_advertises_the_volume_group_service() {
+    use csi_rbd_replicator::grpc::proto::identity::{GetCapabilitiesRequest, capability};
+    let mut sc = Sidecar::start(Site::A, &["--no-replayer"]).await;
+    let caps = sc
+        .identity()
+        .await
+        .get_capabilities(GetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    let mut group: Vec<i32> = caps
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(capability::Type::VolumeGroup(g)) => Some(g.r#type),
+            _ => None,
+        })
+        .collect();
+    group.sort_unstable();
+    use capability::volume_group::Type as T;
+    assert_eq!(
+        group,
+        [
+            T::VolumeGroup,
+            T::LimitVolumeToOneVolumeGroup,
+            T::DoNotAllowVgToDeleteVolumes,
+            T::ModifyVolumeGroup,
+            T::GetVolumeGroup,
+            T::ListVolumeGroups
+        ]
+        .map(|t| t as i32)
+    );
+    sc.assert_alive();
 }
