@@ -1,6 +1,7 @@
 //! librbd groups (`rbd group`, Ceph 16.2 Pacific): create, remove and list
 //! groups, add, remove and list their images, and the group an image belongs
-//! to. A group lives in one pool and RADOS namespace (its ioctx); its images
+//! to, and group snapshots (create, list, remove, roll back). A group lives
+//! in one pool and RADOS namespace (its ioctx); its images
 //! may be in other pools, so image calls take both ioctxs. librbd itself
 //! keeps an image in at most one group: adding an image that is in a group
 //! already fails with `EEXIST`.
@@ -141,42 +142,57 @@ pub fn image_remove(group_io: &IoCtx, group: &str, image_io: &IoCtx, image: &str
 /// `ENOENT`, for a group that does not exist.
 pub fn image_list(io: &IoCtx, group: &str) -> Result<Vec<GroupImage>> {
     let g = cstring(group, "rbd_group_image_list")?;
-    let size = std::mem::size_of::<sys::rbd_group_image_info_t>();
+    list_entries(
+        "rbd_group_image_list",
+        || format!("{}/{group}", io.spec()),
+        |infos, size, n| {
+            // SAFETY: infos has room for *n entries of `size` bytes; librbd
+            // fills at most *n and sets *n to the count.
+            unsafe { sys::rbd_group_image_list(io.raw(), g.as_ptr(), infos, size, n) }
+        },
+        |i: &sys::rbd_group_image_info_t| GroupImage {
+            // SAFETY: librbd set name to a NUL-terminated string it owns
+            // until the cleanup call.
+            name: unsafe { lossy(i.name) },
+            pool_id: i.pool,
+            state: if i.state == sys::RBD_GROUP_IMAGE_STATE_ATTACHED {
+                ImageState::Attached
+            } else {
+                ImageState::Incomplete
+            },
+        },
+        sys::rbd_group_image_list_cleanup,
+    )
+}
+
+/// Calls a librbd group list function `fill(entries, entry_size, &mut n)`
+/// (`-ERANGE` with the count needed when `n` is too small), maps every
+/// entry librbd filled, and frees them with `cleanup(entries, entry_size,
+/// n)`.
+fn list_entries<T: Copy, U>(
+    op: &'static str,
+    target: impl Fn() -> String,
+    mut fill: impl FnMut(*mut T, usize, &mut usize) -> c_int,
+    map: impl Fn(&T) -> U,
+    cleanup: unsafe extern "C" fn(*mut T, usize, usize) -> c_int,
+) -> Result<Vec<U>> {
+    let size = std::mem::size_of::<T>();
     let mut max: usize = 16;
     loop {
-        let mut infos: Vec<sys::rbd_group_image_info_t> =
-            // SAFETY: plain data (a pointer and integers): all-zero is valid.
-            vec![unsafe { std::mem::zeroed() }; max];
+        // SAFETY: T is one of librbd's plain-data info structs (pointers
+        // and integers): all-zero is valid.
+        let mut infos: Vec<T> = vec![unsafe { std::mem::zeroed() }; max];
         let mut n = max;
-        // SAFETY: infos has room for n entries of `size` bytes; librbd fills
-        // at most n and sets n to the count (or the count needed, with
-        // -ERANGE).
-        let ret = unsafe {
-            sys::rbd_group_image_list(io.raw(), g.as_ptr(), infos.as_mut_ptr(), size, &mut n)
-        };
+        let ret = fill(infos.as_mut_ptr(), size, &mut n);
         if ret == -libc::ERANGE {
             max = n.max(max * 2);
             continue;
         }
-        check(ret, "rbd_group_image_list", || {
-            format!("{}/{group}", io.spec())
-        })?;
-        let out = infos[..n]
-            .iter()
-            .map(|i| GroupImage {
-                // SAFETY: librbd set name to a NUL-terminated string it owns
-                // until rbd_group_image_list_cleanup below.
-                name: unsafe { lossy(i.name) },
-                pool_id: i.pool,
-                state: if i.state == sys::RBD_GROUP_IMAGE_STATE_ATTACHED {
-                    ImageState::Attached
-                } else {
-                    ImageState::Incomplete
-                },
-            })
-            .collect();
-        // SAFETY: frees the names of exactly the n entries librbd filled.
-        unsafe { sys::rbd_group_image_list_cleanup(infos.as_mut_ptr(), size, n) };
+        check(ret, op, &target)?;
+        let out = infos[..n].iter().map(&map).collect();
+        // SAFETY: frees what librbd allocated in exactly the n entries it
+        // filled, once.
+        unsafe { cleanup(infos.as_mut_ptr(), size, n) };
         return Ok(out);
     }
 }
@@ -203,4 +219,88 @@ impl Image {
         unsafe { sys::rbd_group_info_cleanup(&mut info, size) };
         Ok(out)
     }
+}
+
+/// One snapshot of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnap {
+    /// Snapshot name.
+    pub name: String,
+    /// Whether every member's snapshot was taken.
+    pub complete: bool,
+}
+
+/// Calls a librbd `f(group_io, group, snap)`.
+fn snap_call(
+    op: &'static str,
+    f: unsafe extern "C" fn(sys::rados_ioctx_t, *const c_char, *const c_char) -> c_int,
+    io: &IoCtx,
+    group: &str,
+    snap: &str,
+) -> Result<()> {
+    let g = cstring(group, op)?;
+    let s = cstring(snap, op)?;
+    // SAFETY: the ioctx is live; g and s are NUL-terminated; `f` is one of
+    // librbd's group snapshot calls taking exactly these arguments.
+    let ret = unsafe { f(io.raw(), g.as_ptr(), s.as_ptr()) };
+    check(ret, op, || format!("{}/{group}@{snap}", io.spec())).map(|_| ())
+}
+
+/// Takes group snapshot `snap`: librbd opens every member, quiesces it and
+/// takes its exclusive lock (holders flush and hand it over, so writes
+/// pause on all members at once), snapshots each member in the group
+/// snapshot namespace, releases, and marks the group snapshot complete.
+/// Blocking; `EEXIST` when the name is taken.
+pub fn snap_create(io: &IoCtx, group: &str, snap: &str) -> Result<()> {
+    snap_call(
+        "rbd_group_snap_create",
+        sys::rbd_group_snap_create,
+        io,
+        group,
+        snap,
+    )
+}
+
+/// Removes group snapshot `snap` (and its member snapshots).
+pub fn snap_remove(io: &IoCtx, group: &str, snap: &str) -> Result<()> {
+    snap_call(
+        "rbd_group_snap_remove",
+        sys::rbd_group_snap_remove,
+        io,
+        group,
+        snap,
+    )
+}
+
+/// Rolls every member back to group snapshot `snap`. Blocking; as long as
+/// rewriting the members. No client may be writing them.
+pub fn snap_rollback(io: &IoCtx, group: &str, snap: &str) -> Result<()> {
+    snap_call(
+        "rbd_group_snap_rollback",
+        sys::rbd_group_snap_rollback,
+        io,
+        group,
+        snap,
+    )
+}
+
+/// The snapshots of group `group`.
+pub fn snap_list(io: &IoCtx, group: &str) -> Result<Vec<GroupSnap>> {
+    let g = cstring(group, "rbd_group_snap_list")?;
+    list_entries(
+        "rbd_group_snap_list",
+        || format!("{}/{group}", io.spec()),
+        |infos, size, n| {
+            // SAFETY: infos has room for *n entries of `size` bytes; librbd
+            // fills at most *n and sets *n to the count.
+            unsafe { sys::rbd_group_snap_list(io.raw(), g.as_ptr(), infos, size, n) }
+        },
+        |i: &sys::rbd_group_snap_info_t| GroupSnap {
+            // SAFETY: librbd set name to a NUL-terminated string it owns
+            // until the cleanup call.
+            name: unsafe { lossy(i.name) },
+            complete: i.state == sys::RBD_GROUP_SNAP_STATE_COMPLETE,
+        },
+        sys::rbd_group_snap_list_cleanup,
+    )
 }
