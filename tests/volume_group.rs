@@ -492,6 +492,15 @@ async fn volume_group_bad_input_gets_its_code_and_changes_nothing() {
     c.delete_volume_group(delete_req(&nothing))
         .await
         .expect("delete of an unknown group is OK");
+    let elsewhere = format!("0001-0004-nope-0000000000000001-{}", uuid::Uuid::new_v4());
+    c.delete_volume_group(delete_req(&elsewhere))
+        .await
+        .expect("delete of a group of an unknown cluster is OK");
+    let e = c
+        .controller_get_volume_group(get_req(&elsewhere))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = c
         .controller_get_volume_group(get_req(&nothing))
         .await

@@ -502,7 +502,17 @@ impl Engine {
     }
 
     fn delete_group_blocking(&self, id: &VolumeGroupId, creds: Option<&Credentials>) -> Result<()> {
-        let Some(g) = self.locate_group(id, creds)? else {
+        // A group this cluster cannot have (its cluster ID or pool unknown
+        // here) does not exist here either: OK, as the spec asks, and the
+        // deleting controller is not blocked for good.
+        let located = match self.locate_group(id, creds) {
+            Err(EngineError::NotFound(why)) => {
+                tracing::warn!(group = %id, reason = %why, "volume group cannot be on this cluster; nothing to delete");
+                None
+            }
+            other => other?,
+        };
+        let Some(g) = located else {
             info!(group = %id, "volume group does not exist; nothing to delete");
             return Ok(());
         };
