@@ -26,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let served = [
         "proto/identity.proto",
         "proto/replication.proto",
+        "proto/volumegroup.proto",
         "proto/admin.proto",
     ];
     // Forwarded to ceph-csi (`serve --forward-endpoint`): generated for the

@@ -22,9 +22,11 @@ use csi_rbd_replicator::grpc::identity::IdentityService;
 use csi_rbd_replicator::grpc::proto::admin::admin_server::AdminServer;
 use csi_rbd_replicator::grpc::proto::identity::identity_server::IdentityServer;
 use csi_rbd_replicator::grpc::proto::replication::controller_server::ControllerServer;
+use csi_rbd_replicator::grpc::proto::volumegroup::controller_server::ControllerServer as VolumeGroupServer;
 use csi_rbd_replicator::grpc::replication::ReplicationService;
 use csi_rbd_replicator::grpc::server::{Endpoint, Listeners};
 use csi_rbd_replicator::grpc::tls::{TlsConfig, TlsError, TlsFiles};
+use csi_rbd_replicator::grpc::volumegroup::VolumeGroupService;
 use csi_rbd_replicator::metrics::Metrics;
 use csi_rbd_replicator::omap;
 
@@ -509,6 +511,9 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     }
     let mut routes = tonic::service::Routes::new(IdentityServer::new(identity))
         .add_service(ControllerServer::new(ReplicationService::new(Arc::clone(
+            &engine,
+        ))))
+        .add_service(VolumeGroupServer::new(VolumeGroupService::new(Arc::clone(
             &engine,
         ))))
         .add_service(AdminServer::new(AdminService::new(Arc::clone(&engine))));

@@ -617,11 +617,11 @@ async fn forward_passes_network_fence_and_reclaim_space_through_intact() {
     ] {
         assert!(has(t), "{t:?} missing from {caps:?}");
     }
-    // Ours (controller, replication, destination info) and ceph-csi's three
-    // others, once each.
+    // Ours (controller, replication, destination info, the six VolumeGroup
+    // ones) and ceph-csi's three others, once each.
     assert_eq!(
         caps.len(),
-        6,
+        csi_rbd_replicator::grpc::identity::own_capabilities().len() + 3,
         "duplicates or ceph-csi's replication: {caps:?}"
     );
 }

@@ -225,6 +225,7 @@ async fn health_and_both_reflection_versions_answer() {
         "grpc.reflection.v1alpha.ServerReflection",
         "identity.Identity",
         "replication.Controller",
+        "volumegroup.Controller",
     ];
 
     {
@@ -399,6 +400,10 @@ async fn grpcurl_lists_describes_and_calls_over_the_unix_socket() {
             (
                 with(&["describe", "replication.EnableVolumeReplicationRequest"]),
                 "secrets",
+            ),
+            (
+                with(&["describe", "volumegroup.Controller"]),
+                "rpc CreateVolumeGroup",
             ),
             (
                 with(&["describe", "csirr.admin.v1.Admin"]),

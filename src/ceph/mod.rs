@@ -13,6 +13,7 @@
 pub mod aio;
 pub mod alloc;
 pub mod error;
+pub mod group;
 pub mod objects;
 pub mod rados;
 pub mod rbd;

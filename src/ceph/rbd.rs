@@ -166,18 +166,35 @@ pub fn remove(io: &IoCtx, name: &str) -> Result<()> {
 
 /// Lists the RBD namespaces of the ioctx's pool.
 pub fn namespace_list(io: &IoCtx) -> Result<Vec<String>> {
+    nul_list(
+        "rbd_namespace_list",
+        || io.pool().to_string(),
+        |buf, n| {
+            // SAFETY: buf is writable for *n bytes; librbd sets *n to the needed
+            // size on -ERANGE.
+            unsafe { sys::rbd_namespace_list(io.raw(), buf, n) }
+        },
+    )
+}
+
+/// Calls a librbd list function that fills a buffer with NUL-terminated
+/// names (`f(buf, &mut size)`, `-ERANGE` with the needed size when the
+/// buffer is too small), growing the buffer until it fits.
+pub(crate) fn nul_list(
+    op: &'static str,
+    target: impl Fn() -> String,
+    mut f: impl FnMut(*mut c_char, &mut usize) -> c_int,
+) -> Result<Vec<String>> {
     let mut len: usize = 1024;
     loop {
         let mut buf = vec![0u8; len];
         let mut n = len;
-        // SAFETY: buf is writable for n bytes; librbd sets n to the needed
-        // size on -ERANGE.
-        let ret = unsafe { sys::rbd_namespace_list(io.raw(), buf.as_mut_ptr().cast(), &mut n) };
+        let ret = f(buf.as_mut_ptr().cast(), &mut n);
         if ret == -libc::ERANGE {
             len = n.max(len * 2);
             continue;
         }
-        check(ret, "rbd_namespace_list", || io.pool().to_string())?;
+        check(ret, op, &target)?;
         return Ok(buf[..n.min(len)]
             .split(|b| *b == 0)
             .filter(|s| !s.is_empty())
@@ -318,7 +335,7 @@ extern "C" fn no_progress(_offset: u64, _total: u64, _arg: *mut c_void) -> c_int
 ///
 /// # Safety
 /// `p` must be null or point to a NUL-terminated string valid for the call.
-unsafe fn lossy(p: *const c_char) -> String {
+pub(crate) unsafe fn lossy(p: *const c_char) -> String {
     if p.is_null() {
         String::new()
     } else {

@@ -1,4 +1,4 @@
-//! ceph-csi identities: volume handles, the ceph-csi `config.json` and
+//! ceph-csi identities: volume handles, volume group IDs, the ceph-csi `config.json` and
 //! cluster-mapping files, VolumeReplicationClass parameters.
 //!
 //! Pure parsing and validation: nothing here talks to Ceph or to gRPC, and the
@@ -7,11 +7,13 @@
 //! INVALID_ARGUMENT.
 
 pub mod config;
+pub mod group_id;
 pub mod handle;
 pub mod params;
 pub mod volume_id;
 
 pub use config::{ClusterConfig, ClusterMapping, ConfigError, CsiConfig, PoolLocation};
+pub use group_id::{GroupIdError, VolumeGroupId};
 pub use handle::{HandleError, VolumeHandle};
 pub use params::{FlattenMode, MirroringMode, ParamError, ReplicationParams, StartTime};
 pub use volume_id::{VolumeId, VolumeIdError};

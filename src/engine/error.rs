@@ -13,6 +13,14 @@ pub enum EngineError {
     /// The volume, pool or image does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// It exists already, incompatibly with the request (a volume group of
+    /// that name with other parameters or members).
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A list request's page token is not one this sidecar handed out:
+    /// start the listing again.
+    #[error("{0}")]
+    InvalidToken(String),
     /// The cluster rejected the credentials.
     #[error("{0}")]
     Unauthenticated(String),
@@ -72,16 +80,33 @@ pub trait CephContext<T> {
 
 impl<T> CephContext<T> for ceph::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| {
-            let context = context();
-            match e.kind() {
-                ceph::ErrorKind::NotFound => EngineError::NotFound(format!("{context}: {e}")),
-                ceph::ErrorKind::PermissionDenied => {
-                    EngineError::PermissionDenied(format!("{context}: {e}"))
-                }
-                ceph::ErrorKind::TimedOut => EngineError::Timeout(format!("{context}: {e}")),
-                _ => EngineError::Ceph { context, source: e },
+        self.map_err(|e| EngineError::from_ceph(context(), e))
+    }
+}
+
+impl EngineError {
+    /// A Ceph error with what the engine was doing; expected kinds stay
+    /// typed (not found, permission denied, timed out).
+    pub fn from_ceph(context: String, e: ceph::Error) -> Self {
+        match e.kind() {
+            ceph::ErrorKind::NotFound => EngineError::NotFound(format!("{context}: {e}")),
+            ceph::ErrorKind::PermissionDenied => {
+                EngineError::PermissionDenied(format!("{context}: {e}"))
             }
-        })
+            ceph::ErrorKind::TimedOut => EngineError::Timeout(format!("{context}: {e}")),
+            _ => EngineError::Ceph { context, source: e },
+        }
+    }
+}
+
+impl From<crate::omap::OmapError> for EngineError {
+    /// Journal errors: Ceph failures keep their kind; an entry that belongs
+    /// to something else or holds what ceph-csi would not write is a
+    /// precondition a human must look at.
+    fn from(e: crate::omap::OmapError) -> Self {
+        match e {
+            crate::omap::OmapError::Ceph { context, source } => Self::from_ceph(context, source),
+            other => EngineError::FailedPrecondition(other.to_string()),
+        }
     }
 }

@@ -11,6 +11,7 @@
 pub mod conn;
 pub mod copy;
 pub mod error;
+pub mod group;
 pub mod journal_replay;
 pub mod lease;
 pub mod oplock;

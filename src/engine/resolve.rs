@@ -65,7 +65,18 @@ impl Engine {
         }
     }
 
-    fn resolve_handle(&self, h: &VolumeHandle, creds: &Credentials) -> Result<Resolved> {
+    /// The pools (opened in the cluster's RADOS namespace) that handle-encoded
+    /// `h` may name on the cluster this sidecar serves: its own cluster ID
+    /// and pool ID, and those the cluster mapping translates them to. Each
+    /// candidate is an ioctx, or the `NotFound` saying why it is none (its
+    /// pool does not exist). `what` names the thing in messages ("volume",
+    /// "volume group"). Blocking.
+    pub(crate) fn handle_ioctxs(
+        &self,
+        what: &str,
+        h: &VolumeHandle,
+        creds: &Credentials,
+    ) -> Result<Vec<Result<Arc<IoCtx>>>> {
         // This sidecar serves one Ceph cluster: only locations whose cluster
         // ID names it (by its monitors) are candidates. A handle minted on
         // the peer cluster reaches here through the cluster mapping.
@@ -74,7 +85,7 @@ impl Engine {
             .cfg
             .mapping
             .local_candidates(&self.cfg.csi_config, h.cluster_id(), h.pool_id())
-            .map_err(|e| EngineError::NotFound(format!("volume {h}: {e}")))?
+            .map_err(|e| EngineError::NotFound(format!("{what} {h}: {e}")))?
             .into_iter()
             .filter_map(|loc| {
                 let cc = self.cfg.csi_config.cluster(&loc.cluster_id).ok()?;
@@ -83,32 +94,46 @@ impl Engine {
             .collect();
         if locations.is_empty() {
             return Err(EngineError::NotFound(format!(
-                "volume {h}: cluster ID {:?} is not cluster {:?} that this sidecar serves, \
+                "{what} {h}: cluster ID {:?} is not cluster {:?} that this sidecar serves, \
                  and no cluster mapping translates it",
                 h.cluster_id(),
                 self.cfg.local_cluster.cluster_id
             )));
         }
-        let mut last = None;
+        let mut out = Vec::new();
         for (loc, cc) in locations {
             let cluster = self.conns.get(&cc.mon_host(), creds)?;
             let pool = match cluster.pool_reverse_lookup(loc.pool_id) {
                 Ok(p) => p,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
-                    last = Some(EngineError::NotFound(format!(
-                        "volume {h}: pool id {} does not exist on cluster {}",
+                    out.push(Err(EngineError::NotFound(format!(
+                        "{what} {h}: pool id {} does not exist on cluster {}",
                         loc.pool_id, loc.cluster_id
-                    )));
+                    ))));
                     continue;
                 }
                 Err(e) => {
-                    return Err(e).ctx(|| format!("volume {h}: looking up pool {}", loc.pool_id));
+                    return Err(e).ctx(|| format!("{what} {h}: looking up pool {}", loc.pool_id));
                 }
             };
             let ns = cc.rados_namespace.as_deref().unwrap_or("");
-            let io = cluster
+            out.push(Ok(cluster
                 .ioctx_by_id(loc.pool_id, &pool, ns)
-                .ctx(|| format!("volume {h}: opening pool {pool}"))?;
+                .ctx(|| format!("{what} {h}: opening pool {pool}"))?));
+        }
+        Ok(out)
+    }
+
+    fn resolve_handle(&self, h: &VolumeHandle, creds: &Credentials) -> Result<Resolved> {
+        let mut last = None;
+        for io in self.handle_ioctxs("volume", h, creds)? {
+            let io = match io {
+                Ok(io) => io,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
             let oid = format!("csi.volume.{}", h.uuid());
             let vals = match io.omap_get_vals_by_keys(&oid, &[CSI_IMAGE_KEY, CSI_IMAGE_ID_KEY]) {
                 Ok(v) => v,

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use super::forward::ForwardService;
-use super::proto::identity::capability::{self, service, volume_replication};
+use super::proto::identity::capability::{self, service, volume_group, volume_replication};
 use super::proto::identity::identity_client::IdentityClient;
 use super::proto::identity::identity_server::Identity;
 use super::proto::identity::{
@@ -53,7 +53,7 @@ impl IdentityService {
 
 /// What this sidecar serves itself.
 pub fn own_capabilities() -> Vec<Capability> {
-    vec![
+    let mut caps = vec![
         Capability {
             r#type: Some(capability::Type::Service(capability::Service {
                 r#type: service::Type::ControllerService as i32,
@@ -73,17 +73,40 @@ pub fn own_capabilities() -> Vec<Capability> {
                 },
             )),
         },
-    ]
+    ];
+    // The VolumeGroup service: an image is in one group at most, deleting
+    // a group never deletes its volumes (a non-empty group is refused), and
+    // every RPC of the service is served.
+    caps.extend(
+        [
+            volume_group::Type::VolumeGroup,
+            volume_group::Type::LimitVolumeToOneVolumeGroup,
+            volume_group::Type::DoNotAllowVgToDeleteVolumes,
+            volume_group::Type::ModifyVolumeGroup,
+            volume_group::Type::GetVolumeGroup,
+            volume_group::Type::ListVolumeGroups,
+        ]
+        .map(|t| Capability {
+            r#type: Some(capability::Type::VolumeGroup(capability::VolumeGroup {
+                r#type: t as i32,
+            })),
+        }),
+    );
+    caps
 }
 
 /// `ours` plus those of `theirs` that are new, in order. The upstream's
-/// VolumeReplication capabilities are left out: replication.Controller is
-/// this sidecar's, whatever the upstream would offer for it.
+/// VolumeReplication and VolumeGroup capabilities are left out:
+/// replication.Controller and volumegroup.Controller are this sidecar's,
+/// whatever the upstream would offer for them.
 pub fn merge_capabilities(ours: Vec<Capability>, theirs: Vec<Capability>) -> Vec<Capability> {
     let mut merged = ours;
     for cap in theirs {
-        let replication = matches!(cap.r#type, Some(capability::Type::VolumeReplication(_)));
-        if !replication && cap.r#type.is_some() && !merged.contains(&cap) {
+        let ours_only = matches!(
+            cap.r#type,
+            Some(capability::Type::VolumeReplication(_) | capability::Type::VolumeGroup(_))
+        );
+        if !ours_only && cap.r#type.is_some() && !merged.contains(&cap) {
             merged.push(cap);
         }
     }
@@ -193,10 +216,16 @@ mod tests {
                 },
             )),
         };
+        let their_group = Capability {
+            r#type: Some(capability::Type::VolumeGroup(capability::VolumeGroup {
+                r#type: volume_group::Type::VolumeGroup as i32,
+            })),
+        };
         let theirs = vec![
             own_capabilities()[0],
             fence(),
             destination_info,
+            their_group,
             reclaim(),
             fence(),
             Capability { r#type: None },

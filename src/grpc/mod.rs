@@ -1,4 +1,5 @@
-//! gRPC layer: the csi-addons Identity and replication Controller services,
+//! gRPC layer: the csi-addons Identity, replication Controller and
+//! VolumeGroup Controller services,
 //! this project's admin service (pool operations) and its client,
 //! the server that carries them (unix socket and TCP, health, reflection),
 //! the forwarding of every other service to ceph-csi, and the one mapping
@@ -15,3 +16,4 @@ pub mod replication;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod volumegroup;

@@ -12,6 +12,11 @@ pub mod replication {
     tonic::include_proto!("replication");
 }
 
+/// `volumegroup` package: the csi-addons VolumeGroup Controller service.
+pub mod volumegroup {
+    tonic::include_proto!("volumegroup");
+}
+
 /// `fence` package: csi-addons NetworkFence, which the sidecar forwards to
 /// ceph-csi (`serve --forward-endpoint`) and does not implement.
 pub mod fence {
@@ -38,7 +43,8 @@ pub mod csi {
 }
 
 /// Encoded `FileDescriptorSet` of the services the sidecar serves itself
-/// (`identity`, `replication`, `csirr.admin.v1`), for server reflection.
+/// (`identity`, `replication`, `volumegroup`, `csirr.admin.v1`), for server
+/// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("csi_addons_descriptor");
 
 /// Encoded `FileDescriptorSet` of every proto above, forwarded ones

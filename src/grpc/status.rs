@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use tonic::{Code, Status};
 use zeroize::Zeroize;
 
+use crate::csi::group_id::VolumeGroupId;
 use crate::csi::volume_id::VolumeId;
+use crate::engine::group::CreateGroup;
 use crate::engine::{Credentials, EngineError, VolumeRequest};
 
 use super::forward::ForwardError;
@@ -18,6 +20,9 @@ impl From<EngineError> for Status {
         let code = match &e {
             EngineError::InvalidArgument(_) => Code::InvalidArgument,
             EngineError::NotFound(_) => Code::NotFound,
+            EngineError::AlreadyExists(_) => Code::AlreadyExists,
+            // The csi-addons list RPCs' code for a bad starting_token.
+            EngineError::InvalidToken(_) => Code::Aborted,
             EngineError::Unauthenticated(_) => Code::Unauthenticated,
             EngineError::PermissionDenied(_) => Code::PermissionDenied,
             EngineError::Busy(_) => Code::Aborted,
@@ -142,6 +147,79 @@ pub fn volume_request(
     Ok(VolumeRequest { volume, creds })
 }
 
+/// Validates a request's `volume_group_id`.
+pub fn group_id(id: &str) -> Result<VolumeGroupId, EngineError> {
+    VolumeGroupId::parse(id).map_err(|e| EngineError::InvalidArgument(e.to_string()))
+}
+
+/// Validates a request's `volume_ids`; duplicates count once.
+pub fn volume_ids(ids: &[String]) -> Result<Vec<VolumeId>, EngineError> {
+    let mut out: Vec<VolumeId> = Vec::with_capacity(ids.len());
+    for id in ids {
+        let v = VolumeId::parse(id)
+            .map_err(|e| EngineError::InvalidArgument(format!("volume_ids: {e}")))?;
+        if !out.contains(&v) {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// Validates a CreateVolumeGroup request: a name, well-formed volume IDs,
+/// and the `pool` and `clusterID` parameters (other parameters, such as a
+/// VolumeGroupReplicationClass' own, are ignored).
+pub fn create_group_request(
+    name: &str,
+    parameters: &HashMap<String, String>,
+    volume_ids_: &[String],
+    secrets: &HashMap<String, String>,
+) -> Result<CreateGroup, EngineError> {
+    if name.is_empty() {
+        return Err(EngineError::InvalidArgument(
+            "name is required: CreateVolumeGroup is idempotent by name".into(),
+        ));
+    }
+    let param = |key: &str| -> Result<Option<String>, EngineError> {
+        match parameters.get(key).map(String::as_str) {
+            None => Ok(None),
+            Some("") => Err(EngineError::InvalidArgument(format!(
+                "parameter {key} is empty"
+            ))),
+            Some(v) => Ok(Some(v.to_string())),
+        }
+    };
+    Ok(CreateGroup {
+        name: name.to_string(),
+        pool: param("pool")?,
+        cluster_id: param("clusterID")?,
+        volumes: volume_ids(volume_ids_)?,
+        creds: Credentials::from_secrets(secrets)?,
+    })
+}
+
+/// Validates ListVolumeGroups' paging: `max_entries` (0: no limit) and
+/// `starting_token` ("" or a `next_token` this sidecar handed out, which
+/// is the last group ID of the previous page). A bad token is
+/// `InvalidToken` (ABORTED: start again), as the spec asks.
+pub fn list_page(
+    max_entries: i32,
+    starting_token: &str,
+) -> Result<(usize, Option<VolumeGroupId>), EngineError> {
+    let max = usize::try_from(max_entries).map_err(|_| {
+        EngineError::InvalidArgument(format!("max_entries {max_entries} is negative"))
+    })?;
+    if starting_token.is_empty() {
+        return Ok((max, None));
+    }
+    let after = VolumeGroupId::parse(starting_token).map_err(|e| {
+        EngineError::InvalidToken(format!(
+            "starting_token {starting_token:?} is not a next_token of ListVolumeGroups ({e}); \
+             list again from the start"
+        ))
+    })?;
+    Ok((max, Some(after)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +243,8 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (EngineError::NotFound("x".into()), Code::NotFound),
+            (EngineError::AlreadyExists("x".into()), Code::AlreadyExists),
+            (EngineError::InvalidToken("x".into()), Code::Aborted),
             (
                 EngineError::Unauthenticated("x".into()),
                 Code::Unauthenticated,
@@ -299,6 +379,53 @@ mod tests {
         assert!(
             !shown.contains("AQB") && !shown.contains("csi-rbd"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn group_requests_are_validated() {
+        let none = HashMap::new();
+        assert!(matches!(group_id(""), Err(EngineError::InvalidArgument(_))));
+        assert!(matches!(
+            group_id("grp"),
+            Err(EngineError::InvalidArgument(_))
+        ));
+        assert_eq!(group_id(H).unwrap().to_string(), H);
+
+        let ids = vec![H.to_string(), "replicapool/a".into(), H.to_string()];
+        assert_eq!(volume_ids(&ids).unwrap().len(), 2, "duplicates count once");
+        let bad = vec!["pool/img@snap".to_string()];
+        assert!(matches!(
+            volume_ids(&bad),
+            Err(EngineError::InvalidArgument(_))
+        ));
+
+        let params = HashMap::from([("pool".to_string(), "replicapool".to_string())]);
+        let c = create_group_request("vgrc-1", &params, &ids, &none).unwrap();
+        assert_eq!(c.pool.as_deref(), Some("replicapool"));
+        assert_eq!((c.cluster_id, c.volumes.len()), (None, 2));
+        assert!(matches!(
+            create_group_request("", &params, &ids, &none),
+            Err(EngineError::InvalidArgument(_))
+        ));
+        let empty = HashMap::from([("clusterID".to_string(), String::new())]);
+        assert!(matches!(
+            create_group_request("n", &empty, &[], &none),
+            Err(EngineError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn list_paging_codes() {
+        assert_eq!(list_page(0, "").unwrap(), (0, None));
+        assert_eq!(list_page(5, H).unwrap().1.unwrap().to_string(), H);
+        assert_eq!(
+            Status::from(list_page(-1, "").unwrap_err()).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            Status::from(list_page(1, "page-2").unwrap_err()).code(),
+            Code::Aborted
         );
     }
 }

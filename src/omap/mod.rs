@@ -5,8 +5,11 @@
 //! This module owns the journal entries of one volume on one cluster: it
 //! reads them, creates them, repairs a stale image id, and refuses to touch
 //! an entry that belongs to another volume. It must not create, delete or
-//! modify images, must not delete journal entries (ceph-csi's DeleteVolume
-//! does that), and must not write a key ceph-csi does not know.
+//! modify images, must not delete volume journal entries (ceph-csi's
+//! DeleteVolume does that), and must not write a key ceph-csi does not know.
+//! The volume group journal ([`group`]) is the exception that proves the
+//! rule: the VolumeGroup service creates and deletes groups, so it writes
+//! and deletes their entries, in ceph-csi's layout and order.
 //!
 //! # Layout on RADOS (as ceph-csi's `internal/journal/voljournal.go` keeps it)
 //!
@@ -55,6 +58,8 @@
 //!
 //! # Parts
 //!
+//! - [`group`]: ceph-csi's volume group journal (`csi.groups.<instance>`,
+//!   `csi.volume.group.<uuid>`), for the VolumeGroup service.
 //! - [`journal`]: the layout, the pure [`journal::diff`], RADOS reads and
 //!   writes, and [`journal::replicate_entry`] for the replayer.
 //! - [`manifest`] and [`plan`]: the pure core of `omap-generate`, from
@@ -67,6 +72,7 @@
 pub mod cli;
 pub mod error;
 pub mod generate;
+pub mod group;
 pub mod journal;
 pub mod lease;
 pub mod manifest;
