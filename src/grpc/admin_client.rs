@@ -415,6 +415,7 @@ mod tests {
                 code: code.into(),
                 message: msg.into(),
                 duration_ms: 1200,
+                ready: true,
             })),
         }
     }

@@ -1,5 +1,6 @@
 //! gRPC layer: the csi-addons Identity and replication Controller services,
-//! this project's admin service (pool operations) and its client,
+//! this project's admin service (pool operations) and its clients (pool
+//! commands; site failover and failback across two sidecars),
 //! the server that carries them (unix socket and TCP, health, reflection),
 //! the forwarding of every other service to ceph-csi, and the one mapping
 //! from errors to status codes.
@@ -13,5 +14,6 @@ pub mod metrics;
 pub mod proto;
 pub mod replication;
 pub mod server;
+pub mod site_client;
 pub mod status;
 pub mod tls;
