@@ -1,7 +1,8 @@
 //! The csi-rbd-replicator command line: `serve` runs the sidecar (gRPC
 //! services and the replayer); `verify` compares a volume with its replica;
 //! `status` reads the registries; `pool` drives a running sidecar's admin
-//! API (pool status, promote, demote).
+//! API (pool status, promote, demote); `failover` and `failback` drive both
+//! sites' sidecars' admin APIs (`grpc::site_client`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -72,6 +73,29 @@ enum Cmd {
     /// the current primary (only what diverged is copied), and with
     /// --relocate make SITE primary again (planned). Exit codes as failover.
     Failback(FailbackArgs),
+    /// DR drill on the secondary site, through its sidecar: `start` copies
+    /// each replica at its newest complete sync point into a test image
+    /// `csirr-drill-IMAGE` (the replica is only read; replication goes on),
+    /// `stop` removes them. Exit code 0: done, 2: error (nothing created).
+    #[command(subcommand)]
+    Drill(DrillCmd),
+}
+
+#[derive(Subcommand)]
+enum DrillCmd {
+    /// Create the drill images.
+    Start(DrillArgs),
+    /// Remove the drill images.
+    Stop(DrillArgs),
+}
+
+#[derive(clap::Args)]
+struct DrillArgs {
+    #[command(flatten)]
+    target: PoolTarget,
+    /// Only this replica; repeatable (default: every replica of the pool).
+    #[arg(long = "image")]
+    images: Vec<String>,
 }
 
 /// Both sites' sidecars and what a site operation acts on.
@@ -391,6 +415,7 @@ fn main() -> std::process::ExitCode {
             | Cmd::Pool(_)
             | Cmd::Failover(_)
             | Cmd::Failback(_)
+            | Cmd::Drill(_)
     );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if oneshot { "warn" } else { "info" }));
@@ -439,6 +464,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Pool(c) => return rt.block_on(pool(c)),
         Cmd::Failover(a) => return rt.block_on(site(a, None)),
         Cmd::Failback(a) => return rt.block_on(site(a.site, Some(a.relocate))),
+        Cmd::Drill(c) => return rt.block_on(drill(c)),
         Cmd::OmapGenerate(a) => omap::cli::omap_generate(a),
     };
     match res {
@@ -859,6 +885,56 @@ async fn site(a: SiteArgs, relocate: Option<bool>) -> std::process::ExitCode {
         print!("{}", report.render_text());
     }
     std::process::ExitCode::from(report.exit_code())
+}
+
+/// `drill start|stop`: exit code 0 done, 2 error.
+async fn drill(cmd: DrillCmd) -> std::process::ExitCode {
+    use csi_rbd_replicator::grpc::admin_client::{self as ac, drill_json, render_drill};
+    use csi_rbd_replicator::grpc::proto::admin::DrillRequest;
+    use csi_rbd_replicator::grpc::proto::admin::admin_client::AdminClient;
+    let (a, op) = match &cmd {
+        DrillCmd::Start(a) => (a, "start"),
+        DrillCmd::Stop(a) => (a, "stop"),
+    };
+    let fail = |msg: String| {
+        if a.target.json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("csi-rbd-replicator drill {op}: {msg}");
+        std::process::ExitCode::from(2)
+    };
+    let mut client = match ac::connect(&a.target.endpoint).await {
+        Ok(c) => AdminClient::new(c),
+        Err(e) => return fail(e),
+    };
+    let req = DrillRequest {
+        pool: a.target.pool.clone(),
+        namespace: a.target.namespace.clone(),
+        images: a.images.clone(),
+    };
+    let res = match &cmd {
+        DrillCmd::Start(_) => client.drill_start(req).await,
+        DrillCmd::Stop(_) => client.drill_stop(req).await,
+    };
+    let r = match res {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            return fail(format!(
+                "{}: {}",
+                csi_rbd_replicator::grpc::status::code_name(s.code()),
+                s.message()
+            ));
+        }
+    };
+    if a.target.json {
+        match serde_json::to_string_pretty(&drill_json(op, &r)) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(format!("cannot encode the report: {e}")),
+        }
+    } else {
+        print!("{}", render_drill(op, &r));
+    }
+    std::process::ExitCode::SUCCESS
 }
 
 /// `verify`: exit code 0 when identical, 1 when different, 2 on errors.

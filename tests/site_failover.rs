@@ -7,7 +7,9 @@
 //! clean, the rest forced at their last sync point, the report says which),
 //! then a failback with relocation once site-a's sidecar is back (the
 //! forced images resynced from site-b, everything primary on site-a again
-//! with site-b's writes). Checksums with the native `rbd export`.
+//! with site-b's writes); a DR drill on site-b during active replication
+//! (drill images equal to the replica's sync point, the replica unchanged).
+//! Checksums with the native `rbd export`.
 
 mod common;
 
@@ -352,4 +354,112 @@ async fn failover_when_the_old_site_stops_answering_then_failback() {
         );
     }
     drop(a);
+}
+
+/// A DR drill on site-b: each replica copied at its newest complete sync
+/// point into `csirr-drill-IMAGE` (same content as site-a at that point),
+/// the replica unchanged; replication goes on meanwhile (a new sync point
+/// reaches site-b and reads the same on both sites) and the drill images
+/// keep the drilled point; `drill stop` removes them. A drill on the
+/// primary site, or a second one, is refused.
+#[tokio::test]
+async fn drill_during_active_replication() {
+    let pool = TestPool::new("sitedrill");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    eight_replicated(&pool, &a).await;
+    let drilled = ["vol-1", "vol-6"];
+    let first: Vec<String> = drilled.iter().map(|n| first_sync(&aio, n)).collect();
+    for (k, n) in drilled.iter().enumerate() {
+        wait_replica_snap(&pool.name, n, &first[k], LONG).await;
+    }
+    let at_sync: Vec<String> = drilled
+        .iter()
+        .zip(&first)
+        .map(|(n, s)| checksum(Site::A, &format!("{}/{n}@{s}", pool.name)))
+        .collect();
+    let replica_before: Vec<String> = drilled
+        .iter()
+        .map(|n| checksum(Site::B, &format!("{}/{n}", pool.name)))
+        .collect();
+
+    let o = b.drill_cli(&[
+        "start", &pool.name, "--image", "vol-1", "--image", "vol-6", "--json",
+    ]);
+    eprintln!("$ drill start --json (site-b)\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j = json(&o);
+    assert_eq!(j["site"], "site-b", "{j}");
+    let imgs = j["images"].as_array().unwrap();
+    assert_eq!(imgs.len(), 2, "{j}");
+    for (k, n) in drilled.iter().enumerate() {
+        assert_eq!(imgs[k]["image"], *n, "{j}");
+        assert_eq!(imgs[k]["drill_image"], format!("csirr-drill-{n}"), "{j}");
+        assert_eq!(imgs[k]["snapshot"], first[k].as_str(), "{j}");
+        assert!(imgs[k]["sync_time"].is_string(), "{j}");
+        assert_eq!(
+            checksum(Site::B, &format!("{}/csirr-drill-{n}", pool.name)),
+            at_sync[k],
+            "{n}: the drill image is not the replica's sync point"
+        );
+        assert_eq!(
+            checksum(Site::B, &format!("{}/{n}", pool.name)),
+            replica_before[k],
+            "{n}: the replica changed"
+        );
+        assert_eq!(role(&bio, n), "secondary");
+    }
+    // Only the named replicas were drilled.
+    assert!(!image_exists_in(&bio, "csirr-drill-vol-0"));
+
+    // A second drill, and a drill on the primary site: refused.
+    let o = b.drill_cli(&["start", &pool.name, "--image", "vol-1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("a drill is running"), "{}", text(&o));
+    let o = a.drill_cli(&["start", &pool.name, "--image", "vol-1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not a replica here"), "{}", text(&o));
+
+    // Replication goes on during the drill.
+    let snap = format!("csirr-sync.{:010}", 900);
+    for (k, n) in drilled.iter().enumerate() {
+        let img = Image::open(&aio, n).expect("open on site-a");
+        write(&img, &[(4 * MIB, 1 << 20)], 900 + k as u64);
+        img.snap_create(&snap).expect("sync snapshot");
+    }
+    wait_until("site-b holds the new sync point", LONG, || {
+        drilled
+            .iter()
+            .all(|n| sync_snaps_in(&bio, n).contains(&snap))
+    })
+    .await;
+    for (k, n) in drilled.iter().enumerate() {
+        let spec = format!("{}/{n}@{snap}", pool.name);
+        assert_eq!(checksum(Site::A, &spec), checksum(Site::B, &spec), "{spec}");
+        assert_eq!(
+            checksum(Site::B, &format!("{}/csirr-drill-{n}", pool.name)),
+            at_sync[k],
+            "{n}: the drill image moved"
+        );
+    }
+
+    let o = b.drill_cli(&["stop", &pool.name]);
+    eprintln!("$ drill stop (site-b)\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("drill stop on site-b: 2 drill images removed"),
+        "{}",
+        text(&o)
+    );
+    for n in drilled {
+        assert!(!image_exists_in(&bio, &format!("csirr-drill-{n}")));
+    }
+}
+
+fn image_exists_in(io: &std::sync::Arc<csi_rbd_replicator::ceph::IoCtx>, name: &str) -> bool {
+    csi_rbd_replicator::ceph::rbd::list(io)
+        .expect("list")
+        .iter()
+        .any(|s| s.name == name)
 }

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use super::proto::admin::admin_server::Admin;
 use super::proto::admin::{self as pb, pool_op_event::Event};
 use super::status::{code_name, pool_request};
+use crate::engine::drill::DrillImage;
 use crate::engine::pool::{
     DEFAULT_PARALLEL, ImageOutcome, MAX_PARALLEL, Outcome, PoolOp, validate_image_target,
 };
@@ -122,6 +123,25 @@ impl AdminService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    /// A drill's images on the wire.
+    fn drill_response(&self, pool: String, images: Vec<DrillImage>) -> pb::DrillResponse {
+        pb::DrillResponse {
+            cluster_id: self.engine.config().local_cluster.cluster_id.clone(),
+            pool,
+            images: images
+                .into_iter()
+                .map(|d| pb::DrillImage {
+                    namespace: d.namespace,
+                    image: d.image,
+                    drill_image: d.drill_image,
+                    snapshot: d.snapshot,
+                    sync_time: d.sync_time.map(timestamp),
+                    bytes: d.bytes,
+                })
+                .collect(),
+        }
+    }
+
     /// Validates and runs `op` on one image; the image's outcome is the
     /// result, the call fails only on bad input or an unknown image.
     async fn image_op(
@@ -202,13 +222,17 @@ fn health(h: Health) -> pb::Health {
     }
 }
 
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
 fn sync_point(l: &SyncPoint) -> pb::SyncPoint {
     pb::SyncPoint {
         snapshot: l.snap_name.clone(),
-        time: Some(Timestamp {
-            seconds: l.snap_time.timestamp(),
-            nanos: l.snap_time.timestamp_subsec_nanos() as i32,
-        }),
+        time: Some(timestamp(l.snap_time)),
         duration_ms: l.duration_ms,
         bytes: l.bytes,
     }
@@ -371,6 +395,32 @@ impl Admin for AdminService {
         let op = PoolOp::Resync { force: r.force };
         self.image_op("ImageResync", &r.pool, &r.namespace, &r.image, op)
             .await
+    }
+
+    async fn drill_start(
+        &self,
+        req: Request<pb::DrillRequest>,
+    ) -> Result<Response<pb::DrillResponse>, Status> {
+        let r = req.into_inner();
+        let ns = pool_request(&r.pool, &r.namespace)?;
+        let images = self
+            .engine
+            .drill_start(&r.pool, ns.as_deref(), r.images)
+            .await?;
+        Ok(Response::new(self.drill_response(r.pool, images)))
+    }
+
+    async fn drill_stop(
+        &self,
+        req: Request<pb::DrillRequest>,
+    ) -> Result<Response<pb::DrillResponse>, Status> {
+        let r = req.into_inner();
+        let ns = pool_request(&r.pool, &r.namespace)?;
+        let images = self
+            .engine
+            .drill_stop(&r.pool, ns.as_deref(), r.images)
+            .await?;
+        Ok(Response::new(self.drill_response(r.pool, images)))
     }
 }
 

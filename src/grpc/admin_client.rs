@@ -209,6 +209,59 @@ pub fn status_exit_code(s: &pb::PoolStatusResponse) -> u8 {
     u8::from(s.health != pb::Health::Ok as i32)
 }
 
+/// `drill start|stop` as text: a line per drill image.
+pub fn render_drill(op: &str, r: &pb::DrillResponse) -> String {
+    let mut out = String::new();
+    let verb = if op == "start" { "created" } else { "removed" };
+    for d in &r.images {
+        let _ = write!(
+            out,
+            "{}/{}: {}",
+            r.pool,
+            spec(&d.namespace, &d.drill_image),
+            verb
+        );
+        if op == "start" {
+            let at = time_of(d.sync_time.as_ref()).map_or_else(
+                || "?".into(),
+                |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            );
+            let _ = write!(
+                out,
+                " from {} at sync point {} of {at} ({})",
+                spec(&d.namespace, &d.image),
+                d.snapshot,
+                fmt_bytes(d.bytes)
+            );
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "drill {op} on {}: {} drill images {verb}",
+        r.cluster_id,
+        r.images.len()
+    );
+    out
+}
+
+/// `drill start|stop --json`.
+pub fn drill_json(op: &str, r: &pb::DrillResponse) -> Value {
+    json!({
+        "operation": format!("drill {op}"),
+        "site": r.cluster_id,
+        "pool": r.pool,
+        "images": r.images.iter().map(|d| json!({
+            "namespace": d.namespace,
+            "image": d.image,
+            "drill_image": d.drill_image,
+            "snapshot": d.snapshot,
+            "sync_time": time_of(d.sync_time.as_ref()).map(|t| t.to_rfc3339()),
+            "bytes": d.bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 /// A pool operation's stream, collected.
 #[derive(Debug, Default, Clone)]
 pub struct OpReport {

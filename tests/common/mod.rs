@@ -491,6 +491,18 @@ impl Sidecar {
             .expect("pool command runs")
     }
 
+    /// Runs the built binary's `drill ARGS` command against this sidecar's
+    /// socket (`--endpoint unix://...` appended).
+    pub fn drill_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
+            .arg("drill")
+            .args(args)
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .output()
+            .expect("drill command runs")
+    }
+
     /// Sends `signal` (e.g. `STOP`, `CONT`) with the kill command.
     pub fn signal(&self, signal: &str) {
         let ok = Command::new("kill")
