@@ -463,3 +463,94 @@ fn image_exists_in(io: &std::sync::Arc<csi_rbd_replicator::ceph::IoCtx>, name: &
         .iter()
         .any(|s| s.name == name)
 }
+
+/// Per-outcome p50 / max per image and the total of a site report, seconds.
+fn report_times(j: &serde_json::Value, outcome: &str) -> String {
+    let t = &j["timings"][outcome];
+    format!(
+        "{} {outcome}: per image p50 {:.2}s max {:.2}s",
+        t["images"],
+        t["p50_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        t["max_ms"].as_f64().unwrap_or(0.0) / 1000.0
+    )
+}
+
+/// A pool of many small images (`CSIRR_FAILOVER_IMAGES`, default 12; the
+/// README's figure is from 100), `CSIRR_POOL_PARALLEL` (8) at once: a
+/// failover to site-b with both sites up (every image clean), then back to
+/// site-a with site-b failing demotions after half of them (fail point):
+/// the first half clean, the rest forced. Prints the time per image and in
+/// total.
+#[tokio::test]
+async fn failover_at_scale_clean_and_forced() {
+    let n: usize = std::env::var("CSIRR_FAILOVER_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12)
+        .max(4);
+    let parallel = std::env::var("CSIRR_POOL_PARALLEL").unwrap_or_else(|_| "8".into());
+    let half = n / 2;
+    let pool = TestPool::new("sitescale");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let fp = format!("admin::image_demote={half}*off->return");
+    let b = Sidecar::start_with_env(Site::B, &pool.args(), &[("FAILPOINTS", &fp)]).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    let mut ca = a.controller().await;
+    for k in 0..n {
+        let name = format!("s-{k:03}");
+        drop(create_image_in(
+            &aio,
+            &name,
+            4 * MIB,
+            &[(0, 1 << 20)],
+            1000 + k as u64,
+        ));
+        let vid = format!("{}/{name}", pool.name);
+        ca.enable_volume_replication(enable_req(Site::A, &vid, &[("schedulingInterval", "1h")]))
+            .await
+            .expect("enable");
+    }
+    for k in 0..n {
+        wait_synced(&a, &format!("{}/s-{k:03}", pool.name), LONG).await;
+    }
+
+    let o = site_cli(
+        "failover",
+        &b,
+        &a,
+        &pool.name,
+        &["--json", "--parallel", &parallel],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j = json(&o);
+    assert_eq!(j["totals"]["clean"], n, "{j}");
+    eprintln!(
+        "failover of {n} to site-b, both up, --parallel {parallel}: {}, total {:.2}s",
+        report_times(&j, "clean"),
+        j["duration_ms"].as_f64().unwrap() / 1000.0
+    );
+    for k in 0..n {
+        assert_eq!(role(&bio, &format!("s-{k:03}")), "primary");
+    }
+
+    let o = site_cli(
+        "failover",
+        &a,
+        &b,
+        &pool.name,
+        &["--json", "--parallel", &parallel],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let j = json(&o);
+    assert_eq!(j["totals"]["clean"], half, "{j}");
+    assert_eq!(j["totals"]["forced"], n - half, "{j}");
+    eprintln!(
+        "failover of {n} to site-a, site-b lost after {half}, --parallel {parallel}: {}; {}; total {:.2}s",
+        report_times(&j, "clean"),
+        report_times(&j, "forced"),
+        j["duration_ms"].as_f64().unwrap() / 1000.0
+    );
+    for k in 0..n {
+        assert_eq!(role(&aio, &format!("s-{k:03}")), "primary");
+    }
+}
