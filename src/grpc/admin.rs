@@ -123,6 +123,25 @@ impl AdminService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    /// DrillStart (`start`) or DrillStop.
+    async fn drill(
+        &self,
+        r: pb::DrillRequest,
+        start: bool,
+    ) -> Result<Response<pb::DrillResponse>, Status> {
+        let ns = pool_request(&r.pool, &r.namespace)?;
+        let images = if start {
+            self.engine
+                .drill_start(&r.pool, ns.as_deref(), r.images)
+                .await?
+        } else {
+            self.engine
+                .drill_stop(&r.pool, ns.as_deref(), r.images)
+                .await?
+        };
+        Ok(Response::new(self.drill_response(r.pool, images)))
+    }
+
     /// A drill's images on the wire.
     fn drill_response(&self, pool: String, images: Vec<DrillImage>) -> pb::DrillResponse {
         pb::DrillResponse {
@@ -401,26 +420,14 @@ impl Admin for AdminService {
         &self,
         req: Request<pb::DrillRequest>,
     ) -> Result<Response<pb::DrillResponse>, Status> {
-        let r = req.into_inner();
-        let ns = pool_request(&r.pool, &r.namespace)?;
-        let images = self
-            .engine
-            .drill_start(&r.pool, ns.as_deref(), r.images)
-            .await?;
-        Ok(Response::new(self.drill_response(r.pool, images)))
+        self.drill(req.into_inner(), true).await
     }
 
     async fn drill_stop(
         &self,
         req: Request<pb::DrillRequest>,
     ) -> Result<Response<pb::DrillResponse>, Status> {
-        let r = req.into_inner();
-        let ns = pool_request(&r.pool, &r.namespace)?;
-        let images = self
-            .engine
-            .drill_stop(&r.pool, ns.as_deref(), r.images)
-            .await?;
-        Ok(Response::new(self.drill_response(r.pool, images)))
+        self.drill(req.into_inner(), false).await
     }
 }
 

@@ -534,6 +534,39 @@ mod tests {
     }
 
     #[test]
+    fn drill_reports_name_the_sync_point() {
+        let r = pb::DrillResponse {
+            cluster_id: "site-b".into(),
+            pool: "rp".into(),
+            images: vec![pb::DrillImage {
+                namespace: String::new(),
+                image: "vol".into(),
+                drill_image: "csirr-drill-vol".into(),
+                snapshot: "csirr-sync.0000000002".into(),
+                sync_time: Some(prost_types::Timestamp {
+                    seconds: 1_790_000_000,
+                    nanos: 0,
+                }),
+                bytes: 3 << 20,
+            }],
+        };
+        let t = render_drill("start", &r);
+        assert!(
+            t.starts_with(
+                "rp/csirr-drill-vol: created from vol at sync point csirr-sync.0000000002 of 2026-09-21T"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("(3.0 MiB)\ndrill start on site-b: 1 drill images created\n"),
+            "{t}"
+        );
+        let j = drill_json("stop", &r);
+        assert_eq!(j["operation"], "drill stop");
+        assert_eq!(j["images"][0]["drill_image"], "csirr-drill-vol");
+    }
+
+    #[test]
     fn all_ok_is_exit_zero() {
         let mut r = OpReport::new("promote");
         r.add(start(1));
