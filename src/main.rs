@@ -1,7 +1,8 @@
 //! The csi-rbd-replicator command line: `serve` runs the sidecar (gRPC
 //! services and the replayer); `verify` compares a volume with its replica;
 //! `status` reads the registries; `pool` drives a running sidecar's admin
-//! API (pool status, promote, demote).
+//! API (pool status, promote, demote); `failover` and `failback` drive both
+//! sites' sidecars' admin APIs (`grpc::site_client`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,6 +64,88 @@ enum Cmd {
     /// connection error.
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// Fail every replicated image of the pools over to site SITE, the
+    /// Cinder way: demote on the old site while it answers, promote (planned)
+    /// on SITE; on the first demotion that fails or times out, force-promote
+    /// the rest on SITE. Exit code 0: every image clean (or already primary),
+    /// 3: some were forced, 1: some failed, 2: usage or SITE unreachable.
+    Failover(SiteArgs),
+    /// Fail back to site SITE, the old site once it is back: demote there
+    /// the images primary on both sites, resync every demoted image from
+    /// the current primary (only what diverged is copied), and with
+    /// --relocate make SITE primary again (planned). Exit codes as failover.
+    Failback(FailbackArgs),
+    /// DR drill on the secondary site, through its sidecar: `start` copies
+    /// each replica at its newest complete sync point into a test image
+    /// `csirr-drill-IMAGE` (the replica is only read; replication goes on),
+    /// `stop` removes them. Exit code 0: done, 2: error (nothing created).
+    #[command(subcommand)]
+    Drill(DrillCmd),
+}
+
+#[derive(Subcommand)]
+enum DrillCmd {
+    /// Create the drill images.
+    Start(DrillArgs),
+    /// Remove the drill images.
+    Stop(DrillArgs),
+}
+
+#[derive(clap::Args)]
+struct DrillArgs {
+    #[command(flatten)]
+    target: PoolTarget,
+    /// Only this replica; repeatable (default: every replica of the pool).
+    #[arg(long = "image")]
+    images: Vec<String>,
+}
+
+/// Both sites' sidecars and what a site operation acts on.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["pools", "all"])))]
+struct SiteArgs {
+    /// The cluster ID of the site that becomes primary (its sidecar is
+    /// --to-endpoint).
+    #[arg(long)]
+    to: String,
+    /// The admin endpoint of SITE's sidecar: `unix:///path.sock` or
+    /// `tcp://host:port`.
+    #[arg(long)]
+    to_endpoint: Endpoint,
+    /// The admin endpoint of the other site's sidecar. When it cannot be
+    /// reached every image is promoted by force.
+    #[arg(long)]
+    from_endpoint: Endpoint,
+    /// A pool to act on; repeatable.
+    #[arg(long = "pool")]
+    pools: Vec<String>,
+    /// Every pool SITE's sidecar replicates.
+    #[arg(long)]
+    all: bool,
+    /// Bound on each demotion on the other site; past it the site is
+    /// assumed gone.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    timeout: Duration,
+    /// How long a planned promotion waits for the demotion snapshot to be
+    /// copied (failback: for the resyncs to complete).
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    wait: Duration,
+    /// Images worked on at once.
+    #[arg(long, default_value_t = engine::pool::DEFAULT_PARALLEL)]
+    parallel: usize,
+    /// Print the report (or the error) as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct FailbackArgs {
+    #[command(flatten)]
+    site: SiteArgs,
+    /// Once resynced, relocate the images back to SITE (planned demotion
+    /// on the other site, promotion on SITE).
+    #[arg(long)]
+    relocate: bool,
 }
 
 #[derive(Subcommand)]
@@ -328,7 +411,13 @@ fn main() -> std::process::ExitCode {
     // `verify` keeps stdout for its report: its logs go to stderr, warnings only.
     let oneshot = matches!(
         cli.cmd,
-        Cmd::Verify(_) | Cmd::OmapGenerate(_) | Cmd::Status(_) | Cmd::Pool(_)
+        Cmd::Verify(_)
+            | Cmd::OmapGenerate(_)
+            | Cmd::Status(_)
+            | Cmd::Pool(_)
+            | Cmd::Failover(_)
+            | Cmd::Failback(_)
+            | Cmd::Drill(_)
     );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if oneshot { "warn" } else { "info" }));
@@ -375,6 +464,9 @@ fn main() -> std::process::ExitCode {
         Cmd::Verify(a) => return verify(a),
         Cmd::Status(a) => return status(a),
         Cmd::Pool(c) => return rt.block_on(pool(c)),
+        Cmd::Failover(a) => return rt.block_on(site(a, None)),
+        Cmd::Failback(a) => return rt.block_on(site(a.site, Some(a.relocate))),
+        Cmd::Drill(c) => return rt.block_on(drill(c)),
         Cmd::OmapGenerate(a) => omap::cli::omap_generate(a),
     };
     match res {
@@ -730,6 +822,124 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
         eprintln!("csi-rbd-replicator pool {op}: {b}");
     }
     std::process::ExitCode::from(report.exit_code())
+}
+
+/// `failover` (`relocate` is `None`) or `failback`: talks to both sites'
+/// sidecars (see `grpc::site_client`).
+async fn site(a: SiteArgs, relocate: Option<bool>) -> std::process::ExitCode {
+    use csi_rbd_replicator::grpc::admin_client::connect;
+    use csi_rbd_replicator::grpc::site_client::{
+        self as sc, Client, EXIT_USAGE, SiteOptions, SiteReport, Sites,
+    };
+    let op = if relocate.is_some() {
+        "failback"
+    } else {
+        "failover"
+    };
+    let fail = |msg: String| {
+        if a.json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("csi-rbd-replicator {op}: {msg}");
+        std::process::ExitCode::from(EXIT_USAGE)
+    };
+    let to = match connect(&a.to_endpoint).await {
+        Ok(c) => Client::new(c),
+        Err(e) => return fail(e),
+    };
+    let (from, from_error) = match connect(&a.from_endpoint).await {
+        Ok(c) => (Some(Client::new(c)), None),
+        Err(e) => (None, Some(e)),
+    };
+    let sites = Sites {
+        to,
+        from,
+        from_error,
+    };
+    let opts = SiteOptions {
+        to: a.to.clone(),
+        pools: a.pools.clone(),
+        timeout: a.timeout,
+        wait: a.wait,
+        parallel: a.parallel.clamp(1, engine::pool::MAX_PARALLEL),
+    };
+    // Progress on a terminal only: one line, rewritten as images finish.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = move |r: &SiteReport| {
+        if tty {
+            eprint!("\r\x1b[K{}", r.progress_line());
+        }
+    };
+    let res = match relocate {
+        None => sc::failover(sites, &opts, &progress).await,
+        Some(relocate) => sc::failback(sites, &opts, relocate, &progress).await,
+    };
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let report = match res {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(format!("cannot encode the report: {e}")),
+        }
+    } else {
+        print!("{}", report.render_text());
+    }
+    std::process::ExitCode::from(report.exit_code())
+}
+
+/// `drill start|stop`: exit code 0 done, 2 error.
+async fn drill(cmd: DrillCmd) -> std::process::ExitCode {
+    use csi_rbd_replicator::grpc::admin_client::{self as ac, drill_json, render_drill};
+    use csi_rbd_replicator::grpc::proto::admin::DrillRequest;
+    use csi_rbd_replicator::grpc::proto::admin::admin_client::AdminClient;
+    let (a, op) = match &cmd {
+        DrillCmd::Start(a) => (a, "start"),
+        DrillCmd::Stop(a) => (a, "stop"),
+    };
+    let fail = |msg: String| {
+        if a.target.json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("csi-rbd-replicator drill {op}: {msg}");
+        std::process::ExitCode::from(2)
+    };
+    let mut client = match ac::connect(&a.target.endpoint).await {
+        Ok(c) => AdminClient::new(c),
+        Err(e) => return fail(e),
+    };
+    let req = DrillRequest {
+        pool: a.target.pool.clone(),
+        namespace: a.target.namespace.clone(),
+        images: a.images.clone(),
+    };
+    let res = match &cmd {
+        DrillCmd::Start(_) => client.drill_start(req).await,
+        DrillCmd::Stop(_) => client.drill_stop(req).await,
+    };
+    let r = match res {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            return fail(format!(
+                "{}: {}",
+                csi_rbd_replicator::grpc::status::code_name(s.code()),
+                s.message()
+            ));
+        }
+    };
+    if a.target.json {
+        match serde_json::to_string_pretty(&drill_json(op, &r)) {
+            Ok(j) => println!("{j}"),
+            Err(e) => return fail(format!("cannot encode the report: {e}")),
+        }
+    } else {
+        print!("{}", render_drill(op, &r));
+    }
+    std::process::ExitCode::SUCCESS
 }
 
 /// `verify`: exit code 0 when identical, 1 when different, 2 on errors.

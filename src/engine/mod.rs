@@ -10,6 +10,7 @@
 
 pub mod conn;
 pub mod copy;
+pub mod drill;
 pub mod error;
 pub mod group;
 pub mod journal_replay;

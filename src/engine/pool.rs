@@ -74,6 +74,12 @@ pub enum PoolOp {
     /// DemoteVolume on each primary (and, idempotently, each demoted)
     /// image; replicas are skipped.
     Demote,
+    /// ResyncVolume: a demoted image becomes a replica of the peer's
+    /// primary from the newest sync point both share.
+    Resync {
+        /// Discard the local changes since that sync point.
+        force: bool,
+    },
 }
 
 impl PoolOp {
@@ -82,6 +88,7 @@ impl PoolOp {
         match self {
             PoolOp::Promote { .. } => "promote",
             PoolOp::Demote => "demote",
+            PoolOp::Resync { .. } => "resync",
         }
     }
 }
@@ -111,6 +118,20 @@ pub struct ImageOutcome {
     pub outcome: Outcome,
     /// Time spent on it, retries included.
     pub elapsed: Duration,
+    /// A resync: whether the replica holds a complete sync point of the
+    /// primary yet. True after every other successful operation.
+    pub ready: bool,
+}
+
+/// One RBD image of a pool, replicated or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteImage {
+    /// RADOS namespace (empty: the default one).
+    pub namespace: String,
+    /// Image name.
+    pub name: String,
+    /// Its role here, when replication is enabled for it.
+    pub role: Option<Role>,
 }
 
 /// Validates a pool operation's target: a pool name and an optional RBD
@@ -127,6 +148,18 @@ pub fn validate_target(pool: &str, namespace: &str) -> Result<()> {
                 "{what} name {v:?} contains '/', '@' or NUL"
             )));
         }
+    }
+    Ok(())
+}
+
+/// Validates a one-image operation's target: [`validate_target`], and an
+/// image name that is not empty and has no `/`, `@` or NUL.
+pub fn validate_image_target(pool: &str, namespace: &str, image: &str) -> Result<()> {
+    validate_target(pool, namespace)?;
+    if image.is_empty() || image.contains(['/', '@', '\0']) {
+        return Err(EngineError::InvalidArgument(format!(
+            "image name {image:?} is empty or contains '/', '@' or NUL"
+        )));
     }
     Ok(())
 }
@@ -186,6 +219,86 @@ impl Engine {
         .await
     }
 
+    /// Every RBD image of `pool` (one namespace, or all), replicated or
+    /// not, by namespace and name. Reads only.
+    pub async fn site_images(
+        self: &Arc<Self>,
+        pool: &str,
+        namespace: Option<&str>,
+    ) -> Result<Vec<SiteImage>> {
+        let (pool, namespace) = (pool.to_string(), namespace.map(str::to_string));
+        self.run(move |e| {
+            let mut out = Vec::new();
+            for io in e.pool_ioctxs(&pool, namespace.as_deref())? {
+                let roles: std::collections::HashMap<String, Role> = Registry::new(Arc::clone(&io))
+                    .list()?
+                    .into_iter()
+                    .map(|r| (r.image_name, r.role))
+                    .collect();
+                let names = crate::ceph::rbd::list(&io)
+                    .ctx(|| format!("listing the images of {}", io.spec()))?;
+                for spec in names {
+                    out.push(SiteImage {
+                        namespace: io.namespace().to_string(),
+                        role: roles.get(&spec.name).copied(),
+                        name: spec.name,
+                    });
+                }
+            }
+            out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The pools this sidecar replicates that hold replicated images,
+    /// sorted. Pools that cannot be read (not RBD pools) are left out.
+    pub async fn replicated_pools(self: &Arc<Self>) -> Result<Vec<String>> {
+        let pools = self.run(|e| e.status_pools()).await?;
+        let mut out = Vec::new();
+        for p in pools {
+            if self
+                .pool_images(&p, None)
+                .await
+                .is_ok_and(|i| !i.is_empty())
+            {
+                out.push(p);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// `op` on one replicated image of `pool`, through the per-volume
+    /// operation. `NotFound` when replication is not enabled for it here.
+    pub async fn image_op(
+        self: &Arc<Self>,
+        pool: &str,
+        namespace: &str,
+        image: &str,
+        op: PoolOp,
+    ) -> Result<ImageOutcome> {
+        let ns = (!namespace.is_empty()).then_some(namespace);
+        let img = self
+            .pool_images(pool, ns)
+            .await?
+            .into_iter()
+            .find(|i| i.namespace == namespace && i.name == image)
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "replication is not enabled for {pool}/{} here",
+                    PoolImage {
+                        namespace: namespace.to_string(),
+                        name: image.to_string(),
+                        role: Role::Secondary,
+                        volume_id: None,
+                    }
+                    .spec()
+                ))
+            })?;
+        Ok(self.image_role_change(pool, img, op).await)
+    }
+
     /// [`Engine::pool_status_in`] on the blocking pool, within the RPC
     /// deadline.
     pub async fn pool_status_of(
@@ -223,6 +336,7 @@ impl Engine {
                             image: img,
                             outcome: Outcome::Skipped("not started: the caller went away".into()),
                             elapsed: Duration::ZERO,
+                            ready: false,
                         };
                     }
                     me.image_role_change(&pool, img, op).await
@@ -259,15 +373,16 @@ impl Engine {
         op: PoolOp,
     ) -> ImageOutcome {
         let started = Instant::now();
-        let done = |img: PoolImage, role_after: Role, outcome: Outcome| ImageOutcome {
+        let done = |img: PoolImage, role_after: Role, outcome: Outcome, ready: bool| ImageOutcome {
             image: img,
             role_after,
             outcome,
             elapsed: started.elapsed(),
+            ready,
         };
         if op == PoolOp::Demote && img.role == Role::Secondary {
             let why = "a replica here; nothing to demote".to_string();
-            return done(img.clone(), img.role, Outcome::Skipped(why));
+            return done(img.clone(), img.role, Outcome::Skipped(why), true);
         }
         let spec = VolumeId::Spec {
             pool: pool.to_string(),
@@ -294,26 +409,30 @@ impl Engine {
         {
             res = self.role_change_of(spec, op).await;
         }
-        let (wanted, already) = match op {
-            PoolOp::Promote { .. } => (Role::Primary, img.role == Role::Primary),
-            PoolOp::Demote => (Role::Demoted, img.role == Role::Demoted),
+        let wanted = match op {
+            PoolOp::Promote { .. } => Role::Primary,
+            PoolOp::Demote => Role::Demoted,
+            PoolOp::Resync { .. } => Role::Secondary,
         };
+        let already = img.role == wanted;
         match res {
-            Ok(()) if already => done(img, wanted, Outcome::Unchanged),
-            Ok(()) => done(img, wanted, Outcome::Changed),
-            Err(e) => done(img.clone(), img.role, Outcome::Failed(e)),
+            Ok(ready) if already => done(img, wanted, Outcome::Unchanged, ready),
+            Ok(ready) => done(img, wanted, Outcome::Changed, ready),
+            Err(e) => done(img.clone(), img.role, Outcome::Failed(e), false),
         }
     }
 
     /// The per-volume operation; a planned promotion answered UNAVAILABLE
-    /// is retried until `wait` has passed.
-    async fn role_change_of(self: &Arc<Self>, volume: VolumeId, op: PoolOp) -> Result<()> {
+    /// is retried until `wait` has passed. Returns whether the image is
+    /// ready (a resync: the replica holds a complete sync point).
+    async fn role_change_of(self: &Arc<Self>, volume: VolumeId, op: PoolOp) -> Result<bool> {
         let req = VolumeRequest {
             volume,
             creds: None,
         };
         match op {
-            PoolOp::Demote => self.demote(req, false).await,
+            PoolOp::Demote => self.demote(req, false).await.map(|()| true),
+            PoolOp::Resync { force } => self.resync(req, force).await,
             PoolOp::Promote { force, wait } => {
                 let deadline = Instant::now() + wait;
                 loop {
@@ -325,7 +444,7 @@ impl Engine {
                             tracing::debug!(volume = %req.volume, reason = %m, "promotion not possible yet; retrying");
                             tokio::time::sleep(RETRY_EVERY).await;
                         }
-                        r => return r,
+                        r => return r.map(|()| true),
                     }
                 }
             }
@@ -354,6 +473,25 @@ mod tests {
                     Err(EngineError::InvalidArgument(_))
                 ),
                 "{pool:?} {ns:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn image_targets_need_an_image_name() {
+        assert!(validate_image_target("p", "", "vol").is_ok());
+        for (pool, ns, image) in [
+            ("p", "", ""),
+            ("p", "", "a/b"),
+            ("", "", "vol"),
+            ("p", "", "v@s"),
+        ] {
+            assert!(
+                matches!(
+                    validate_image_target(pool, ns, image),
+                    Err(EngineError::InvalidArgument(_))
+                ),
+                "{pool:?} {ns:?} {image:?}"
             );
         }
     }

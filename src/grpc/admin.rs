@@ -18,7 +18,10 @@ use tonic::{Request, Response, Status};
 use super::proto::admin::admin_server::Admin;
 use super::proto::admin::{self as pb, pool_op_event::Event};
 use super::status::{code_name, pool_request};
-use crate::engine::pool::{DEFAULT_PARALLEL, ImageOutcome, MAX_PARALLEL, Outcome, PoolOp};
+use crate::engine::drill::DrillImage;
+use crate::engine::pool::{
+    DEFAULT_PARALLEL, ImageOutcome, MAX_PARALLEL, Outcome, PoolOp, validate_image_target,
+};
 use crate::engine::registry::SyncPoint;
 use crate::engine::status::{ImageStatus, PoolStatus, role_name};
 use crate::engine::{Engine, Health};
@@ -119,6 +122,77 @@ impl AdminService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    /// DrillStart (`start`) or DrillStop.
+    async fn drill(
+        &self,
+        r: pb::DrillRequest,
+        start: bool,
+    ) -> Result<Response<pb::DrillResponse>, Status> {
+        let ns = pool_request(&r.pool, &r.namespace)?;
+        let images = if start {
+            self.engine
+                .drill_start(&r.pool, ns.as_deref(), r.images)
+                .await?
+        } else {
+            self.engine
+                .drill_stop(&r.pool, ns.as_deref(), r.images)
+                .await?
+        };
+        Ok(Response::new(self.drill_response(r.pool, images)))
+    }
+
+    /// A drill's images on the wire.
+    fn drill_response(&self, pool: String, images: Vec<DrillImage>) -> pb::DrillResponse {
+        pb::DrillResponse {
+            cluster_id: self.engine.config().local_cluster.cluster_id.clone(),
+            pool,
+            images: images
+                .into_iter()
+                .map(|d| pb::DrillImage {
+                    namespace: d.namespace,
+                    image: d.image,
+                    drill_image: d.drill_image,
+                    snapshot: d.snapshot,
+                    sync_time: d.sync_time.map(timestamp),
+                    bytes: d.bytes,
+                })
+                .collect(),
+        }
+    }
+
+    /// Validates and runs `op` on one image; the image's outcome is the
+    /// result, the call fails only on bad input or an unknown image.
+    async fn image_op(
+        &self,
+        rpc: &'static str,
+        pool: &str,
+        namespace: &str,
+        image: &str,
+        op: PoolOp,
+    ) -> Result<Response<pb::ImageResult>, Status> {
+        validate_image_target(pool, namespace, image)?;
+        match self.engine.image_op(pool, namespace, image, op).await {
+            Ok(o) => {
+                let r = image_result(o);
+                tracing::info!(
+                    rpc,
+                    pool,
+                    namespace,
+                    image,
+                    code = r.code,
+                    ready = r.ready,
+                    "image operation done"
+                );
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                let s = Status::from(e);
+                tracing::info!(rpc, pool, namespace, image, code = ?s.code(), message = s.message(), "image operation refused");
+                Err(s)
+            }
+        }
+    }
 }
 
 fn event(e: Event) -> pb::PoolOpEvent {
@@ -154,6 +228,7 @@ fn image_result(o: ImageOutcome) -> pb::ImageResult {
         code: code.to_string(),
         message,
         duration_ms: millis(o.elapsed),
+        ready: o.ready,
     }
 }
 
@@ -166,13 +241,17 @@ fn health(h: Health) -> pb::Health {
     }
 }
 
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
 fn sync_point(l: &SyncPoint) -> pb::SyncPoint {
     pb::SyncPoint {
         snapshot: l.snap_name.clone(),
-        time: Some(Timestamp {
-            seconds: l.snap_time.timestamp(),
-            nanos: l.snap_time.timestamp_subsec_nanos() as i32,
-        }),
+        time: Some(timestamp(l.snap_time)),
         duration_ms: l.duration_ms,
         bytes: l.bytes,
     }
@@ -260,6 +339,96 @@ impl Admin for AdminService {
         self.pool_op(r.pool, r.namespace, r.parallel, PoolOp::Demote)
             .await
     }
+
+    async fn site_info(
+        &self,
+        _req: Request<pb::SiteInfoRequest>,
+    ) -> Result<Response<pb::SiteInfoResponse>, Status> {
+        let pools = self.engine.replicated_pools().await?;
+        Ok(Response::new(pb::SiteInfoResponse {
+            cluster_id: self.engine.config().local_cluster.cluster_id.clone(),
+            pools,
+        }))
+    }
+
+    async fn site_images(
+        &self,
+        req: Request<pb::SiteImagesRequest>,
+    ) -> Result<Response<pb::SiteImagesResponse>, Status> {
+        let r = req.into_inner();
+        let ns = pool_request(&r.pool, &r.namespace)?;
+        let images = self.engine.site_images(&r.pool, ns.as_deref()).await?;
+        Ok(Response::new(pb::SiteImagesResponse {
+            cluster_id: self.engine.config().local_cluster.cluster_id.clone(),
+            pool: r.pool,
+            images: images
+                .into_iter()
+                .map(|i| pb::SiteImage {
+                    namespace: i.namespace,
+                    name: i.name,
+                    replicated: i.role.is_some(),
+                    role: i.role.map(role_name).unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn image_promote(
+        &self,
+        req: Request<pb::ImagePromoteRequest>,
+    ) -> Result<Response<pb::ImageResult>, Status> {
+        let r = req.into_inner();
+        let op = PoolOp::Promote {
+            force: r.force,
+            wait: Duration::from_secs(u64::from(r.wait_seconds)),
+        };
+        self.image_op("ImagePromote", &r.pool, &r.namespace, &r.image, op)
+            .await
+    }
+
+    async fn image_demote(
+        &self,
+        req: Request<pb::ImageRequest>,
+    ) -> Result<Response<pb::ImageResult>, Status> {
+        // Tests: `admin::image_demote=3*off->return` makes this site stop
+        // answering demotions part-way through a site failover.
+        fail::fail_point!("admin::image_demote", |_| Err(Status::unavailable(
+            "fail point admin::image_demote"
+        )));
+        let r = req.into_inner();
+        self.image_op(
+            "ImageDemote",
+            &r.pool,
+            &r.namespace,
+            &r.image,
+            PoolOp::Demote,
+        )
+        .await
+    }
+
+    async fn image_resync(
+        &self,
+        req: Request<pb::ImageResyncRequest>,
+    ) -> Result<Response<pb::ImageResult>, Status> {
+        let r = req.into_inner();
+        let op = PoolOp::Resync { force: r.force };
+        self.image_op("ImageResync", &r.pool, &r.namespace, &r.image, op)
+            .await
+    }
+
+    async fn drill_start(
+        &self,
+        req: Request<pb::DrillRequest>,
+    ) -> Result<Response<pb::DrillResponse>, Status> {
+        self.drill(req.into_inner(), true).await
+    }
+
+    async fn drill_stop(
+        &self,
+        req: Request<pb::DrillRequest>,
+    ) -> Result<Response<pb::DrillResponse>, Status> {
+        self.drill(req.into_inner(), false).await
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +448,7 @@ mod tests {
             role_after: after,
             outcome: o,
             elapsed: Duration::from_millis(1500),
+            ready: true,
         })
     }
 

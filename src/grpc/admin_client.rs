@@ -209,6 +209,59 @@ pub fn status_exit_code(s: &pb::PoolStatusResponse) -> u8 {
     u8::from(s.health != pb::Health::Ok as i32)
 }
 
+/// `drill start|stop` as text: a line per drill image.
+pub fn render_drill(op: &str, r: &pb::DrillResponse) -> String {
+    let mut out = String::new();
+    let verb = if op == "start" { "created" } else { "removed" };
+    for d in &r.images {
+        let _ = write!(
+            out,
+            "{}/{}: {}",
+            r.pool,
+            spec(&d.namespace, &d.drill_image),
+            verb
+        );
+        if op == "start" {
+            let at = time_of(d.sync_time.as_ref()).map_or_else(
+                || "?".into(),
+                |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            );
+            let _ = write!(
+                out,
+                " from {} at sync point {} of {at} ({})",
+                spec(&d.namespace, &d.image),
+                d.snapshot,
+                fmt_bytes(d.bytes)
+            );
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "drill {op} on {}: {} drill images {verb}",
+        r.cluster_id,
+        r.images.len()
+    );
+    out
+}
+
+/// `drill start|stop --json`.
+pub fn drill_json(op: &str, r: &pb::DrillResponse) -> Value {
+    json!({
+        "operation": format!("drill {op}"),
+        "site": r.cluster_id,
+        "pool": r.pool,
+        "images": r.images.iter().map(|d| json!({
+            "namespace": d.namespace,
+            "image": d.image,
+            "drill_image": d.drill_image,
+            "snapshot": d.snapshot,
+            "sync_time": time_of(d.sync_time.as_ref()).map(|t| t.to_rfc3339()),
+            "bytes": d.bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 /// A pool operation's stream, collected.
 #[derive(Debug, Default, Clone)]
 pub struct OpReport {
@@ -415,6 +468,7 @@ mod tests {
                 code: code.into(),
                 message: msg.into(),
                 duration_ms: 1200,
+                ready: true,
             })),
         }
     }
@@ -477,6 +531,39 @@ mod tests {
         assert_eq!(j["results"][0]["image"], "a");
         assert_eq!(j["results"][0]["code"], "FAILED_PRECONDITION");
         assert_eq!(j["summary"]["failed"], 1);
+    }
+
+    #[test]
+    fn drill_reports_name_the_sync_point() {
+        let r = pb::DrillResponse {
+            cluster_id: "site-b".into(),
+            pool: "rp".into(),
+            images: vec![pb::DrillImage {
+                namespace: String::new(),
+                image: "vol".into(),
+                drill_image: "csirr-drill-vol".into(),
+                snapshot: "csirr-sync.0000000002".into(),
+                sync_time: Some(prost_types::Timestamp {
+                    seconds: 1_790_000_000,
+                    nanos: 0,
+                }),
+                bytes: 3 << 20,
+            }],
+        };
+        let t = render_drill("start", &r);
+        assert!(
+            t.starts_with(
+                "rp/csirr-drill-vol: created from vol at sync point csirr-sync.0000000002 of 2026-09-21T"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("(3.0 MiB)\ndrill start on site-b: 1 drill images created\n"),
+            "{t}"
+        );
+        let j = drill_json("stop", &r);
+        assert_eq!(j["operation"], "drill stop");
+        assert_eq!(j["images"][0]["drill_image"], "csirr-drill-vol");
     }
 
     #[test]

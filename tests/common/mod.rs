@@ -482,13 +482,25 @@ impl Sidecar {
     /// Runs the built binary's `pool ARGS` command against this sidecar's
     /// socket (`--endpoint unix://...` appended).
     pub fn pool_cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_at("pool", args)
+    }
+
+    /// Runs the built binary's `CMD ARGS` with `--endpoint unix://...` of
+    /// this sidecar appended.
+    fn cli_at(&self, cmd: &str, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
-            .arg("pool")
+            .arg(cmd)
             .args(args)
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket.display()))
             .output()
-            .expect("pool command runs")
+            .unwrap_or_else(|e| panic!("{cmd} command runs: {e}"))
+    }
+
+    /// Runs the built binary's `drill ARGS` command against this sidecar's
+    /// socket (`--endpoint unix://...` appended).
+    pub fn drill_cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_at("drill", args)
     }
 
     /// Sends `signal` (e.g. `STOP`, `CONT`) with the kill command.
