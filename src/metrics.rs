@@ -140,6 +140,18 @@ pub struct ReplicaProgress {
     pub state: &'static str,
 }
 
+/// What a journal-mode replay did since its last report, as
+/// [`Metrics::journal_progress`] records it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JournalProgress {
+    /// Journal entries taken since the last report.
+    pub entries: u64,
+    /// Bytes of IO events applied since the last report.
+    pub io_bytes: u64,
+    /// The start of the newest poll that found the replica caught up.
+    pub caught_up: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// The metrics of one process. Shared as an `Arc`; every method is cheap
 /// and never blocks on I/O.
 pub struct Metrics {
@@ -156,6 +168,9 @@ pub struct Metrics {
     rpc_duration: HistogramFamily<MethodLabels>,
     local_up: Gauge,
     leaked_write_bytes: Gauge,
+    journal_entries: Family<ImageLabels, Counter>,
+    journal_bytes: Family<ImageLabels, Counter>,
+    journal_caught_up: Family<ImageLabels, FloatGauge>,
     /// Images with per-image series, for [`Metrics::retain_images`].
     images: Mutex<HashSet<ImageLabels>>,
 }
@@ -201,6 +216,9 @@ impl Metrics {
             rpc_duration: Family::new_with_constructor(rpc_histogram),
             local_up: Gauge::default(),
             leaked_write_bytes: Gauge::default(),
+            journal_entries: Family::default(),
+            journal_bytes: Family::default(),
+            journal_caught_up: Family::default(),
             images: Mutex::default(),
             registry: Registry::default(),
         };
@@ -272,7 +290,37 @@ impl Metrics {
              may still reference them",
             m.leaked_write_bytes.clone(),
         );
+        registry.register(
+            "journal_entries",
+            "Journal entries replayed into the replica (journal mode)",
+            m.journal_entries.clone(),
+        );
+        registry.register_with_unit(
+            "journal_io",
+            "Bytes of journaled IO applied to the replica (journal mode)",
+            Unit::Bytes,
+            m.journal_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "journal_caught_up_timestamp",
+            "Unix time of the newest poll that found the replica caught up with the primary's \
+             journal: everything written before it is on the replica (journal mode)",
+            Unit::Seconds,
+            m.journal_caught_up.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Records what the journal replay of `img` did since its last report.
+    pub fn journal_progress(&self, img: &ImageLabels, p: &JournalProgress) {
+        self.remember(img);
+        self.journal_entries.get_or_create(img).inc_by(p.entries);
+        self.journal_bytes.get_or_create(img).inc_by(p.io_bytes);
+        if let Some(t) = p.caught_up {
+            self.journal_caught_up
+                .get_or_create(img)
+                .set(t.timestamp_millis() as f64 / 1000.0);
+        }
     }
 
     fn remember(&self, img: &ImageLabels) {
@@ -357,6 +405,9 @@ impl Metrics {
         self.pending.remove(img);
         self.rate.remove(img);
         self.rpo_threshold.remove(img);
+        self.journal_entries.remove(img);
+        self.journal_bytes.remove(img);
+        self.journal_caught_up.remove(img);
         for s in REPLICA_STATES {
             self.state.remove(&state_labels(img, s));
         }

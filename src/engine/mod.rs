@@ -11,6 +11,7 @@
 pub mod conn;
 pub mod copy;
 pub mod error;
+pub mod journal_mode;
 pub mod journal_replay;
 pub mod lease;
 pub mod oplock;
@@ -428,15 +429,6 @@ impl Engine {
         req: VolumeRequest,
         params: ReplicationParams,
     ) -> Result<()> {
-        if params.mirroring_mode != MirroringMode::Snapshot {
-            // A valid value of the class that this version cannot serve
-            // (yet): the volume is fine, the driver is not ready for it.
-            return Err(EngineError::FailedPrecondition(format!(
-                "mirroringMode {} is not supported by this version of the driver yet; \
-                 use mirroringMode snapshot",
-                params.mirroring_mode
-            )));
-        }
         let key = req.volume.to_string();
         let volume = key.clone();
         let first = self
@@ -491,13 +483,22 @@ impl Engine {
                 tracing::info!("image is a replica; enable changes nothing");
                 return Ok(None);
             }
+            Some(rec) if rec.mode != params.mirroring_mode.as_str() => {
+                return Err(EngineError::ModeMismatch {
+                    volume: req.volume.to_string(),
+                    enabled: rec.mode,
+                    requested: params.mirroring_mode.to_string(),
+                });
+            }
             Some(rec) => rec,
             None => ImageRecord {
                 version: 1,
                 image_name: vol.image.name().to_string(),
                 image_id: vol.image_id.clone(),
                 role: Role::Primary,
-                mode: MirroringMode::Snapshot.to_string(),
+                mode: params.mirroring_mode.to_string(),
+                features_added: None,
+                journal: None,
                 schedule: schedule.clone(),
                 volume_id: vol.handle.as_ref().map(ToString::to_string),
                 enabled_at: Utc::now(),
@@ -524,6 +525,21 @@ impl Engine {
             vol.image
                 .flatten()
                 .ctx(|| format!("flattening {}", vol.image.spec()))?;
+        }
+        if params.mirroring_mode == MirroringMode::Journal {
+            let added = journal_mode::enable_journaling(&vol.image, &req.volume.to_string())?;
+            if added != 0 {
+                rec.features_added = Some(rec.features_added.unwrap_or(0) | added);
+            }
+            reg.put(&mut rec)?;
+            // The replica side registers in the journal and bootstraps
+            // itself from a snapshot it takes after registering.
+            reg.announce();
+            tracing::info!(
+                features_added = added,
+                "replication enabled in journal mode"
+            );
+            return Ok(None);
         }
         reg.put(&mut rec)?;
         // Whether a first sync snapshot is still needed is decided in the
