@@ -171,6 +171,7 @@ pub struct Metrics {
     journal_entries: Family<ImageLabels, Counter>,
     journal_bytes: Family<ImageLabels, Counter>,
     journal_caught_up: Family<ImageLabels, FloatGauge>,
+    journal_resyncs: Counter,
     /// Images with per-image series, for [`Metrics::retain_images`].
     images: Mutex<HashSet<ImageLabels>>,
 }
@@ -219,6 +220,7 @@ impl Metrics {
             journal_entries: Family::default(),
             journal_bytes: Family::default(),
             journal_caught_up: Family::default(),
+            journal_resyncs: Counter::default(),
             images: Mutex::default(),
             registry: Registry::default(),
         };
@@ -308,7 +310,19 @@ impl Metrics {
             Unit::Seconds,
             m.journal_caught_up.clone(),
         );
+        registry.register(
+            "journal_resyncs",
+            "Journal-mode replicas found too far behind and resynced from a new snapshot",
+            m.journal_resyncs.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// A journal-mode replica (`key`, for the log) was too far behind and is
+    /// resynced.
+    pub fn journal_resynced(&self, key: &str) {
+        tracing::debug!(image = %key, "journal resync counted");
+        self.journal_resyncs.inc();
     }
 
     /// Records what the journal replay of `img` did since its last report.

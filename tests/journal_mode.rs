@@ -148,6 +148,13 @@ async fn journal_mode_replicates_resumes_and_disables() {
         bootstrap.as_secs_f64(),
         boot.as_secs_f64()
     );
+    // The copy completes just before the client is marked replaying.
+    wait_until("the client replaying", LONG, || {
+        our_clients(&pool, name)
+            .iter()
+            .any(|(_, d)| matches!(d, ClientData::MirrorPeer(m) if m.state == MirrorPeerState::Replaying))
+    })
+    .await;
     let clients = our_clients(&pool, name);
     assert_eq!(clients.len(), 1, "{clients:?}");
     let replica_id = Image::open_read_only(&pool.ioctx(Site::B), name, None)
@@ -264,5 +271,77 @@ async fn journal_mode_replicates_resumes_and_disables() {
         "journaling left on: {f:#x}"
     );
     write(&img, &[(0, 4096)], 9);
+    drop(b2);
+}
+
+/// A replica more than `--journal-max-sets-behind` object sets behind (its
+/// sidecar was down while the primary wrote) is reported, unregistered and
+/// bootstrapped again from a new snapshot, and ends equal to the primary.
+/// Journaling that was on before Enable stays on after Disable.
+#[tokio::test]
+async fn journal_replica_too_far_behind_is_resynced() {
+    let pool = TestPool::new("jlag");
+    let args = ["--pools", &pool.name, "--journal-max-sets-behind", "2"];
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let mut b = Sidecar::start(Site::B, &args).await;
+    let aio = pool.ioctx(Site::A);
+    let name = "lagvol";
+    let vid = format!("{}/{name}", pool.name);
+    // Small journal objects: 4 x 64 KiB per object set.
+    rbd_ok(
+        Site::A,
+        &[
+            "create",
+            "--size",
+            "32M",
+            "--image-feature",
+            "layering,exclusive-lock,journaling",
+            "--journal-object-size",
+            "64K",
+            &vid,
+        ],
+    );
+    let mut ca = a.controller().await;
+    ca.enable_volume_replication(enable_req(Site::A, &vid, &[("mirroringMode", "journal")]))
+        .await
+        .expect("enable in journal mode");
+    let rec = registry_record(&aio, name).expect("record");
+    assert!(rec.get("features_added").is_none(), "{rec}");
+    wait_equal(&pool, name, LONG).await;
+    assert_eq!(sync_snaps_in(&aio, name).len(), 1);
+
+    b.stop();
+    bench(&pool, name, "8M");
+    let b2 = Sidecar::start(Site::B, &args).await;
+    wait_until("the replica found too far behind", LONG, || {
+        b2.log_text().contains("too far behind")
+    })
+    .await;
+    let t = Instant::now();
+    wait_equal(&pool, name, LONG).await;
+    eprintln!(
+        "resync of a replica too far behind: equal {:.2}s after it was detected",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        sync_snaps_in(&aio, name).len(),
+        2,
+        "no new bootstrap snapshot"
+    );
+    assert_eq!(our_clients(&pool, name).len(), 1);
+
+    ca.disable_volume_replication(req::disable(Site::A, &vid))
+        .await
+        .expect("disable");
+    assert!(our_clients(&pool, name).is_empty());
+    let f = Image::open_read_only(&aio, name, None)
+        .unwrap()
+        .features()
+        .unwrap();
+    assert_ne!(
+        f & ceph::features::JOURNALING,
+        0,
+        "journaling turned off: {f:#x}"
+    );
     drop(b2);
 }

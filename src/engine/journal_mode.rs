@@ -52,6 +52,10 @@ pub const CLIENT_PREFIX: &str = "csirr-";
 /// How long the replay loop waits between polls of an idle journal.
 pub const IDLE_POLL: Duration = Duration::from_millis(50);
 
+/// Default of `--journal-max-sets-behind`: with librbd's defaults (16 MiB
+/// objects, splay width 4) 32 sets are 2 GiB of journal.
+pub const DEFAULT_MAX_SETS_BEHIND: u64 = 32;
+
 /// How often the replay loop re-reads the primary's record (disabled, role
 /// changed) and reports its status to the primary's registry at most.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -255,6 +259,11 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         )));
     };
     let skip = rec.journal.as_ref().and_then(|j| j.skip_until.clone());
+    if let Some(behind) = too_far_behind(engine, &journal, &client, &key)? {
+        return resync_laggy(
+            engine, &journal, &client, &local_reg, rec, &key, behind, &report,
+        );
+    }
 
     let replica = match engine.held.get(&key) {
         Some(img) => img,
@@ -307,6 +316,17 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             if !still_wanted(&peer_reg, job)? {
                 tracing::info!(image = %key, "the primary no longer asks for journal replication; stopping");
                 return Ok(());
+            }
+            if let Some(behind) = too_far_behind(engine, replayer.journal(), &client, &key)? {
+                drop(replayer);
+                let journal = Journal::open(&peer_io, &job.primary.image_id)
+                    .map_err(|e| journal_err(e, &key))?;
+                let rec = local_reg.get(&rec.image_id)?.ok_or_else(|| {
+                    EngineError::Internal(format!("replica {key} lost its registry record"))
+                })?;
+                return resync_laggy(
+                    engine, &journal, &client, &local_reg, rec, &key, behind, &report,
+                );
             }
         }
         let Some(guard) = slot.try_enter() else {
@@ -393,6 +413,68 @@ pub fn report_failure(engine: &Engine, job: &Job, err: &EngineError) {
     if let Err(e) = Registry::new(peer_io).put_status(&job.primary.image_id, &st) {
         tracing::warn!(image = %job.key(), error = %e, "cannot report status to the primary");
     }
+}
+
+/// How many object sets client `client` is behind the journal's active
+/// set, when that is more than the configured bound.
+fn too_far_behind(
+    engine: &Engine,
+    journal: &Journal,
+    client: &str,
+    key: &str,
+) -> Result<Option<u64>> {
+    let Some(c) = journal.client(client).map_err(|e| journal_err(e, key))? else {
+        return Ok(None);
+    };
+    let width = u64::from(journal.layout().splay_width.max(1));
+    let (minimum_set, active_set) = journal.object_sets().map_err(|e| journal_err(e, key))?;
+    let oldest = c
+        .commit_position
+        .positions
+        .iter()
+        .map(|p| p.object_number / width)
+        .min()
+        .unwrap_or(minimum_set);
+    let behind = active_set.saturating_sub(oldest);
+    Ok((behind > engine.cfg.journal_max_sets_behind).then_some(behind))
+}
+
+/// A replica too far behind: reported, its client unregistered (so that
+/// it pins the primary's journal no longer) and its bootstrap state
+/// cleared, so that the next start bootstraps it again from a new
+/// snapshot (a delta from the newest common sync snapshot).
+#[allow(clippy::too_many_arguments)]
+fn resync_laggy(
+    engine: &Engine,
+    journal: &Journal,
+    client: &str,
+    local_reg: &Registry,
+    mut rec: ImageRecord,
+    key: &str,
+    behind: u64,
+    report: &dyn Fn(ReplayState, String, Option<SyncPoint>, Option<u64>),
+) -> Result<()> {
+    let bound = engine.cfg.journal_max_sets_behind;
+    tracing::warn!(image = %key, behind, bound, "journal replica too far behind; resyncing it from a new snapshot");
+    report(
+        ReplayState::Error,
+        format!(
+            "journal: the replica is {behind} object sets behind the primary (bound {bound}); \
+             resyncing it from a new snapshot"
+        ),
+        None,
+        None,
+    );
+    engine.held.release(key);
+    rec.journal = None;
+    local_reg.put(&mut rec)?;
+    match journal.unregister_client(client) {
+        Ok(()) => {}
+        Err(JournalError::Ceph(e)) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(journal_err(e, key)),
+    }
+    engine.metrics.journal_resynced(key);
+    Ok(())
 }
 
 /// Whether the primary's record still asks for journal replication.

@@ -80,6 +80,9 @@ pub struct EngineConfig {
     /// A replica more than this many schedule intervals behind is DEGRADED
     /// ("RPO exceeded").
     pub rpo_factor: f64,
+    /// Journal mode: object sets a replica may be behind the primary's
+    /// active set before it is resynced from a new snapshot.
+    pub journal_max_sets_behind: u64,
 }
 
 impl EngineConfig {
@@ -109,6 +112,7 @@ impl EngineConfig {
             rpc_timeout: Duration::from_secs(150),
             max_concurrent_rpcs: 32,
             rpo_factor: status::DEFAULT_RPO_FACTOR,
+            journal_max_sets_behind: journal_mode::DEFAULT_MAX_SETS_BEHIND,
         }
     }
 }
