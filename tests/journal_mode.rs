@@ -257,6 +257,36 @@ async fn journal_mode_replicates_resumes_and_disables() {
     );
     assert_eq!(our_clients(&pool, name).len(), 1);
 
+    // Role changes are not served in journal mode yet: a clear refusal
+    // on both sides, and replication goes on (Promote of the primary is
+    // idempotent).
+    let mut cb = b2.controller().await;
+    let e = cb
+        .promote_volume(req::promote(Site::B, &vid, false))
+        .await
+        .expect_err("promote of a journal replica");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("journal"), "{e:?}");
+    let e = cb
+        .resync_volume(req::resync(Site::B, &vid, false))
+        .await
+        .expect_err("resync of a journal replica");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = ca
+        .demote_volume(req::demote(Site::A, &vid, false))
+        .await
+        .expect_err("demote of a journal primary");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    ca.promote_volume(req::promote(Site::A, &vid, false))
+        .await
+        .expect("promote of the primary");
+    assert_eq!(registry_record(&aio, name).unwrap()["role"], "primary");
+    {
+        let img = Image::open(&aio, name).unwrap();
+        write(&img, &[(60 * MIB, 4096)], 11);
+    }
+    wait_equal(&pool, name, LONG).await;
+
     // Disable: our client is gone and journaling (which Enable turned on)
     // is off; the image stays usable.
     ca.disable_volume_replication(req::disable(Site::A, &vid))

@@ -13,8 +13,8 @@
 //!   registering and copies the replica to it with the snapshot-mode copy
 //!   ([`super::replayer::sync_image`]); records the snapshot in the replica's
 //!   record as `journal.skip_until`; then replays the journal from the
-//!   registered position with [`JournalReplayer`], skipping IO entries until
-//!   that snapshot's `SnapCreate` (the replica holds them already), polling
+//!   registered position with [`JournalReplayer`], skipping every entry
+//!   before that snapshot's `SnapCreate` (the replica holds their effect), polling
 //!   every [`IDLE_POLL`] while idle and at once again after work. A restart
 //!   finds the record and the registered client and resumes from the
 //!   committed position without a new bootstrap.

@@ -152,7 +152,7 @@ pub struct ReplayStats {
     pub commits: u64,
     /// Trims of the primary's journal.
     pub trims: u64,
-    /// IO events skipped because the bootstrap snapshot holds them.
+    /// Entries skipped because the bootstrap snapshot holds their effect.
     pub skipped_io: u64,
 }
 
@@ -191,7 +191,7 @@ pub struct JournalReplayer {
     done_tx: mpsc::Sender<(u64, ceph::Result<()>)>,
     done_rx: mpsc::Receiver<(u64, ceph::Result<()>)>,
     stats: ReplayStats,
-    /// IO events are skipped until the `SnapCreate` of this snapshot.
+    /// Entries are skipped until the `SnapCreate` of this snapshot.
     skip_until: Option<String>,
     /// Set when the skip ended and its hook has not run yet.
     on_skip_passed: Option<SkipPassed>,
@@ -264,11 +264,10 @@ impl JournalReplayer {
         })
     }
 
-    /// Skips IO events until the `SnapCreate` of snapshot `snap` (a
+    /// Skips every entry before the `SnapCreate` of snapshot `snap` (a
     /// bootstrap snapshot taken after this client registered, whose
-    /// content the replica already holds); `passed` runs before the first
-    /// commit after it. Ops before it are applied as usual (their effects
-    /// are idempotent on the replica: an existing snapshot counts as made).
+    /// content the replica already holds: IO and ops alike); `passed`
+    /// runs before the first commit after it.
     pub fn skip_io_until_snap(&mut self, snap: &str, passed: SkipPassed) {
         self.skip_until = Some(snap.to_string());
         self.on_skip_passed = Some(passed);
@@ -406,19 +405,18 @@ impl JournalReplayer {
             entry_tid: p.entry_tid,
             what,
         };
-        let is_io = matches!(
-            ev.event,
-            Event::AioWrite { .. }
-                | Event::AioDiscard { .. }
-                | Event::AioWriteSame { .. }
-                | Event::AioCompareAndWrite { .. }
-        );
-        if is_io && self.skip_until.is_some() {
+        let is_bootstrap_snap = matches!(&ev.event, Event::SnapCreate(s)
+            if self.skip_until.as_deref() == Some(s.snap_name.as_str()));
+        if self.skip_until.is_some() && !is_bootstrap_snap {
+            // The bootstrap snapshot holds the effect of everything before
+            // its SnapCreate (replaying an old shrink, say, would lose data
+            // it holds); an op finishing after it whose start is skipped
+            // here counts as committed before.
             self.stats.skipped_io += 1;
             return self.skip(p);
         }
         if let Event::SnapCreate(s) = &ev.event
-            && self.skip_until.as_deref() == Some(s.snap_name.as_str())
+            && is_bootstrap_snap
         {
             tracing::info!(
                 journal = self.journal.image_id(),
