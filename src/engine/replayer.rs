@@ -172,6 +172,9 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
+    // Journal-mode replay loops live as long as their image replicates:
+    // apart from the syncs, so that a round of syncs still ends.
+    let mut journal_tasks = tokio::task::JoinSet::new();
     let stop = Arc::new(AtomicBool::new(false));
     let mut leased: HashSet<(String, String)> = HashSet::new();
     let due = Arc::new(DueCache::default());
@@ -224,7 +227,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                         // A long-lived replay loop per image, outside the
                         // sync slots; a failure is reported to the primary
                         // and the next discovery pass starts it again.
-                        tasks.spawn(async move {
+                        journal_tasks.spawn(async move {
                             let span = tracing::info_span!("journal", image = %key);
                             let (k2, e2) = (key.clone(), Arc::clone(&e));
                             let res = tokio::task::spawn_blocking(move || {
@@ -305,6 +308,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
         while tasks.try_join_next().is_some() {
             trim_due = true;
         }
+        while journal_tasks.try_join_next().is_some() {}
         // The syncs of this round are over: what they freed (the primaries'
         // image handles, librados' reply buffers) goes back to the system
         // instead of staying resident until the next round reuses it.
@@ -322,10 +326,11 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
-        running = tasks.len(),
+        running = tasks.len() + journal_tasks.len(),
         "replayer stopping; waiting for syncs to stop"
     );
     while tasks.join_next().await.is_some() {}
+    while journal_tasks.join_next().await.is_some() {}
     let _ = renewer.await;
     let e = Arc::clone(&engine);
     let _ = tokio::task::spawn_blocking(move || {
