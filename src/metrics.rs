@@ -150,6 +150,8 @@ pub struct JournalProgress {
     pub io_bytes: u64,
     /// The start of the newest poll that found the replica caught up.
     pub caught_up: Option<chrono::DateTime<chrono::Utc>>,
+    /// Object sets the replica is behind the primary's active set.
+    pub sets_behind: Option<u64>,
 }
 
 /// The metrics of one process. Shared as an `Arc`; every method is cheap
@@ -172,6 +174,7 @@ pub struct Metrics {
     journal_bytes: Family<ImageLabels, Counter>,
     journal_caught_up: Family<ImageLabels, FloatGauge>,
     journal_resyncs: Counter,
+    journal_behind: Family<ImageLabels, Gauge>,
     /// Images with per-image series, for [`Metrics::retain_images`].
     images: Mutex<HashSet<ImageLabels>>,
 }
@@ -221,6 +224,7 @@ impl Metrics {
             journal_bytes: Family::default(),
             journal_caught_up: Family::default(),
             journal_resyncs: Counter::default(),
+            journal_behind: Family::default(),
             images: Mutex::default(),
             registry: Registry::default(),
         };
@@ -315,6 +319,11 @@ impl Metrics {
             "Journal-mode replicas found too far behind and resynced from a new snapshot",
             m.journal_resyncs.clone(),
         );
+        registry.register(
+            "journal_sets_behind",
+            "Journal object sets the replica is behind the primary's active set (journal mode)",
+            m.journal_behind.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -330,6 +339,9 @@ impl Metrics {
         self.remember(img);
         self.journal_entries.get_or_create(img).inc_by(p.entries);
         self.journal_bytes.get_or_create(img).inc_by(p.io_bytes);
+        if let Some(b) = p.sets_behind {
+            self.journal_behind.get_or_create(img).set(gauge_i64(b));
+        }
         if let Some(t) = p.caught_up {
             self.journal_caught_up
                 .get_or_create(img)
@@ -422,6 +434,7 @@ impl Metrics {
         self.journal_entries.remove(img);
         self.journal_bytes.remove(img);
         self.journal_caught_up.remove(img);
+        self.journal_behind.remove(img);
         for s in REPLICA_STATES {
             self.state.remove(&state_labels(img, s));
         }

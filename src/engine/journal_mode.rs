@@ -174,6 +174,8 @@ struct Progress {
     since: Instant,
     base: ReplayStats,
     metered: ReplayStats,
+    /// Object sets behind the primary's active set, as last checked.
+    sets_behind: Option<u64>,
     last_report: Option<Instant>,
 }
 
@@ -304,6 +306,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         since: Instant::now(),
         base: replayer.stats(),
         metered: replayer.stats(),
+        sets_behind: None,
         last_report: None,
     };
     let mut last_check = Instant::now();
@@ -317,7 +320,11 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 tracing::info!(image = %key, "the primary no longer asks for journal replication; stopping");
                 return Ok(());
             }
-            if let Some(behind) = too_far_behind(engine, replayer.journal(), &client, &key)? {
+            p.sets_behind = sets_behind(replayer.journal(), &client, &key)?;
+            if let Some(behind) = p
+                .sets_behind
+                .filter(|&b| b > engine.cfg.journal_max_sets_behind)
+            {
                 drop(replayer);
                 let journal = Journal::open(&peer_io, &job.primary.image_id)
                     .map_err(|e| journal_err(e, &key))?;
@@ -350,12 +357,17 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 entries: stats.entries - p.metered.entries,
                 io_bytes: stats.io_bytes - p.metered.io_bytes,
                 caught_up: p.caught_up,
+                sets_behind: p.sets_behind,
             },
         );
         p.metered = stats;
         if p.last_report.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
             let secs = p.since.elapsed().as_secs_f64().max(0.001);
             let rate = ((stats.io_bytes - p.base.io_bytes) as f64 / secs) as u64;
+            let behind = p
+                .sets_behind
+                .map(|b| format!(", {b} object sets behind the primary's active set"))
+                .unwrap_or_default();
             let (state, msg) = match (n, replayer.skipping()) {
                 (_, true) => (
                     ReplayState::Syncing,
@@ -370,7 +382,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 ),
                 (_, false) => (
                     ReplayState::Syncing,
-                    format!("journal: replaying ({n} entries in the last poll)"),
+                    format!("journal: replaying ({n} entries in the last poll){behind}"),
                 ),
             };
             let last = p.caught_up.map(|t| SyncPoint {
@@ -423,6 +435,12 @@ fn too_far_behind(
     client: &str,
     key: &str,
 ) -> Result<Option<u64>> {
+    Ok(sets_behind(journal, client, key)?.filter(|&b| b > engine.cfg.journal_max_sets_behind))
+}
+
+/// How many object sets client `client` is behind the journal's active set
+/// (two header reads); `None` when it is not registered.
+fn sets_behind(journal: &Journal, client: &str, key: &str) -> Result<Option<u64>> {
     let Some(c) = journal.client(client).map_err(|e| journal_err(e, key))? else {
         return Ok(None);
     };
@@ -435,8 +453,7 @@ fn too_far_behind(
         .map(|p| p.object_number / width)
         .min()
         .unwrap_or(minimum_set);
-    let behind = active_set.saturating_sub(oldest);
-    Ok((behind > engine.cfg.journal_max_sets_behind).then_some(behind))
+    Ok(Some(active_set.saturating_sub(oldest)))
 }
 
 /// A replica too far behind: reported, its client unregistered (so that
