@@ -371,6 +371,11 @@ struct ServeArgs {
     /// replica further behind is DEGRADED ("RPO exceeded").
     #[arg(long, default_value_t = engine::status::DEFAULT_RPO_FACTOR)]
     rpo_factor: f64,
+    /// Journal mode: a replica more than this many journal object sets
+    /// behind the primary's active set is resynced from a new snapshot
+    /// instead of pinning the primary's journal.
+    #[arg(long, default_value_t = engine::journal_mode::DEFAULT_MAX_SETS_BEHIND)]
+    journal_max_sets_behind: u64,
     /// Images synced at once.
     #[arg(long, default_value_t = 6)]
     max_concurrent_syncs: usize,
@@ -520,6 +525,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         rpc_timeout: a.rpc_timeout,
         max_concurrent_rpcs: a.max_concurrent_rpcs.max(1),
         rpo_factor: a.rpo_factor,
+        journal_max_sets_behind: a.journal_max_sets_behind.max(1),
         ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
     };
     tracing::info!(

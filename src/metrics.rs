@@ -140,6 +140,20 @@ pub struct ReplicaProgress {
     pub state: &'static str,
 }
 
+/// What a journal-mode replay did since its last report, as
+/// [`Metrics::journal_progress`] records it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JournalProgress {
+    /// Journal entries taken since the last report.
+    pub entries: u64,
+    /// Bytes of IO events applied since the last report.
+    pub io_bytes: u64,
+    /// The start of the newest poll that found the replica caught up.
+    pub caught_up: Option<chrono::DateTime<chrono::Utc>>,
+    /// Object sets the replica is behind the primary's active set.
+    pub sets_behind: Option<u64>,
+}
+
 /// The metrics of one process. Shared as an `Arc`; every method is cheap
 /// and never blocks on I/O.
 pub struct Metrics {
@@ -156,6 +170,11 @@ pub struct Metrics {
     rpc_duration: HistogramFamily<MethodLabels>,
     local_up: Gauge,
     leaked_write_bytes: Gauge,
+    journal_entries: Family<ImageLabels, Counter>,
+    journal_bytes: Family<ImageLabels, Counter>,
+    journal_caught_up: Family<ImageLabels, FloatGauge>,
+    journal_resyncs: Counter,
+    journal_behind: Family<ImageLabels, Gauge>,
     /// Images with per-image series, for [`Metrics::retain_images`].
     images: Mutex<HashSet<ImageLabels>>,
 }
@@ -201,6 +220,11 @@ impl Metrics {
             rpc_duration: Family::new_with_constructor(rpc_histogram),
             local_up: Gauge::default(),
             leaked_write_bytes: Gauge::default(),
+            journal_entries: Family::default(),
+            journal_bytes: Family::default(),
+            journal_caught_up: Family::default(),
+            journal_resyncs: Counter::default(),
+            journal_behind: Family::default(),
             images: Mutex::default(),
             registry: Registry::default(),
         };
@@ -272,7 +296,57 @@ impl Metrics {
              may still reference them",
             m.leaked_write_bytes.clone(),
         );
+        registry.register(
+            "journal_entries",
+            "Journal entries replayed into the replica (journal mode)",
+            m.journal_entries.clone(),
+        );
+        registry.register_with_unit(
+            "journal_io",
+            "Bytes of journaled IO applied to the replica (journal mode)",
+            Unit::Bytes,
+            m.journal_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "journal_caught_up_timestamp",
+            "Unix time of the newest poll that found the replica caught up with the primary's \
+             journal: everything written before it is on the replica (journal mode)",
+            Unit::Seconds,
+            m.journal_caught_up.clone(),
+        );
+        registry.register(
+            "journal_resyncs",
+            "Journal-mode replicas found too far behind and resynced from a new snapshot",
+            m.journal_resyncs.clone(),
+        );
+        registry.register(
+            "journal_sets_behind",
+            "Journal object sets the replica is behind the primary's active set (journal mode)",
+            m.journal_behind.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// A journal-mode replica (`key`, for the log) was too far behind and is
+    /// resynced.
+    pub fn journal_resynced(&self, key: &str) {
+        tracing::debug!(image = %key, "journal resync counted");
+        self.journal_resyncs.inc();
+    }
+
+    /// Records what the journal replay of `img` did since its last report.
+    pub fn journal_progress(&self, img: &ImageLabels, p: &JournalProgress) {
+        self.remember(img);
+        self.journal_entries.get_or_create(img).inc_by(p.entries);
+        self.journal_bytes.get_or_create(img).inc_by(p.io_bytes);
+        if let Some(b) = p.sets_behind {
+            self.journal_behind.get_or_create(img).set(gauge_i64(b));
+        }
+        if let Some(t) = p.caught_up {
+            self.journal_caught_up
+                .get_or_create(img)
+                .set(t.timestamp_millis() as f64 / 1000.0);
+        }
     }
 
     fn remember(&self, img: &ImageLabels) {
@@ -357,6 +431,10 @@ impl Metrics {
         self.pending.remove(img);
         self.rate.remove(img);
         self.rpo_threshold.remove(img);
+        self.journal_entries.remove(img);
+        self.journal_bytes.remove(img);
+        self.journal_caught_up.remove(img);
+        self.journal_behind.remove(img);
         for s in REPLICA_STATES {
             self.state.remove(&state_labels(img, s));
         }

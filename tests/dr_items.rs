@@ -67,7 +67,9 @@ async fn probe_says_not_ready_instead_of_failing() {
 }
 
 /// A malformed userKey is INVALID_ARGUMENT naming the user, never the key;
-/// a journal-mode class is FAILED_PRECONDITION; neither changes anything.
+/// journal mode on an image that cannot have journaling (its pool's
+/// journal pool does not exist) is FAILED_PRECONDITION, and the features
+/// Enable turned on before failing are off again; none changes anything.
 #[tokio::test]
 async fn bad_keys_and_journal_mode_get_their_codes() {
     let a = Sidecar::start(Site::A, &["--no-replayer"]).await;
@@ -83,14 +85,52 @@ async fn bad_keys_and_journal_mode_get_their_codes() {
         assert!(e.message().contains("client."), "{e:?}");
         assert!(!e.message().contains(bad), "the key is shown: {e:?}");
     }
-    let e = c
-        .enable_volume_replication(enable_req(Site::A, &vid, &[("mirroringMode", "journal")]))
-        .await
-        .expect_err("journal mode");
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("journal"), "{e:?}");
     assert!(snapshots(Site::A, &name).is_empty(), "something changed");
     assert!(!a.log_text().contains("AQBsecret"), "a key reached the log");
+
+    let tp = TestPool::new("nojournal");
+    rbd_ok(
+        Site::A,
+        &[
+            "config",
+            "pool",
+            "set",
+            &tp.name,
+            "rbd_journal_pool",
+            "no-such-pool",
+        ],
+    );
+    let aio = tp.ioctx(Site::A);
+    csi_rbd_replicator::ceph::rbd::create(
+        &aio,
+        "vol",
+        8 * MIB,
+        &csi_rbd_replicator::ceph::CreateOptions {
+            features: Some(csi_rbd_replicator::ceph::features::LAYERING),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let jvid = format!("{}/vol", tp.name);
+    let e = c
+        .enable_volume_replication(enable_req(Site::A, &jvid, &[("mirroringMode", "journal")]))
+        .await
+        .expect_err("journal mode without a journal pool");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("journal mode"), "{e:?}");
+    let f = Image::open_read_only(&aio, "vol", None)
+        .unwrap()
+        .features()
+        .unwrap();
+    assert_eq!(
+        f,
+        csi_rbd_replicator::ceph::features::LAYERING,
+        "features changed: {f:#x}"
+    );
+    assert!(
+        registry_record(&aio, "vol").is_none(),
+        "a record was written"
+    );
 }
 
 /// DisableVolumeReplication on a healthy replica (the VolumeReplication

@@ -33,6 +33,8 @@ fn record(id: &str) -> ImageRecord {
         image_id: id.into(),
         role: Role::Primary,
         mode: "snapshot".into(),
+        features_added: None,
+        journal: None,
         schedule: Schedule::default(),
         volume_id: None,
         enabled_at: Utc::now(),

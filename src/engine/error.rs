@@ -38,6 +38,34 @@ pub enum EngineError {
     /// The volume is not in a state that allows this (e.g. not enabled).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// `mirroringMode: journal` asked for an image that cannot have
+    /// exclusive-lock and journaling (nothing was changed).
+    #[error("volume {volume} cannot be replicated in journal mode: {reason}")]
+    JournalUnavailable {
+        /// The volume.
+        volume: String,
+        /// Why (Ceph's answer to enabling the features).
+        reason: String,
+    },
+    /// Enable asked for another mirroring mode than the one the volume is
+    /// already replicated in (switching is not supported).
+    #[error(
+        "volume {volume} is already replicated in mirroringMode {enabled}, not {requested}; \
+         switching modes is not supported: disable replication first, then enable it with \
+         mirroringMode {requested}"
+    )]
+    ModeMismatch {
+        /// The volume.
+        volume: String,
+        /// The mode it is replicated in.
+        enabled: String,
+        /// The mode asked for.
+        requested: String,
+    },
+    /// The operation is not served for images replicated in journal mode
+    /// (yet); the image is fine.
+    #[error("{0}")]
+    NotInJournalMode(String),
     /// Retry later (e.g. a demotion snapshot is still being replayed).
     #[error("{0}")]
     Unavailable(String),

@@ -98,6 +98,9 @@ pub enum ReplayError {
         #[source]
         source: DecodeError,
     },
+    /// Recording the replayer's own state (outside the journal) failed.
+    #[error("recording the replay state: {0}")]
+    State(String),
     /// An event this replayer cannot apply (an unknown type, or an op
     /// started twice).
     #[error("journal entry {tag_tid}/{entry_tid}: {what}")]
@@ -149,7 +152,14 @@ pub struct ReplayStats {
     pub commits: u64,
     /// Trims of the primary's journal.
     pub trims: u64,
+    /// Entries skipped because the bootstrap snapshot holds their effect.
+    pub skipped_io: u64,
 }
+
+/// Called once before the first commit after the replay passed the
+/// bootstrap snapshot's `SnapCreate`: records (outside the journal) that
+/// nothing is to be skipped any more, before a commit moves past it.
+pub type SkipPassed = Box<dyn FnMut() -> Result<(), String> + Send>;
 
 /// An op start waiting for its finish.
 struct PendingOp {
@@ -181,6 +191,11 @@ pub struct JournalReplayer {
     done_tx: mpsc::Sender<(u64, ceph::Result<()>)>,
     done_rx: mpsc::Receiver<(u64, ceph::Result<()>)>,
     stats: ReplayStats,
+    /// Entries are skipped until the `SnapCreate` of this snapshot.
+    skip_until: Option<String>,
+    /// Set when the skip ended and its hook has not run yet.
+    on_skip_passed: Option<SkipPassed>,
+    skip_passed: bool,
 }
 
 impl std::fmt::Debug for JournalReplayer {
@@ -243,7 +258,25 @@ impl JournalReplayer {
             done_tx: tx,
             done_rx: rx,
             stats: ReplayStats::default(),
+            skip_until: None,
+            on_skip_passed: None,
+            skip_passed: false,
         })
+    }
+
+    /// Skips every entry before the `SnapCreate` of snapshot `snap` (a
+    /// bootstrap snapshot taken after this client registered, whose
+    /// content the replica already holds: IO and ops alike); `passed`
+    /// runs before the first commit after it.
+    pub fn skip_io_until_snap(&mut self, snap: &str, passed: SkipPassed) {
+        self.skip_until = Some(snap.to_string());
+        self.on_skip_passed = Some(passed);
+    }
+
+    /// Whether IO is still being skipped (the bootstrap snapshot's
+    /// `SnapCreate` not reached yet).
+    pub fn skipping(&self) -> bool {
+        self.skip_until.is_some()
     }
 
     /// The counters.
@@ -309,6 +342,13 @@ impl JournalReplayer {
         if position == self.committed {
             return Ok(());
         }
+        if self.skip_passed {
+            if let Some(hook) = self.on_skip_passed.as_mut() {
+                hook().map_err(ReplayError::State)?;
+            }
+            self.skip_passed = false;
+            self.on_skip_passed = None;
+        }
         self.journal.commit(&self.client_id, &position)?;
         self.stats.commits += 1;
         tracing::debug!(
@@ -365,6 +405,29 @@ impl JournalReplayer {
             entry_tid: p.entry_tid,
             what,
         };
+        let is_bootstrap_snap = matches!(&ev.event, Event::SnapCreate(s)
+            if self.skip_until.as_deref() == Some(s.snap_name.as_str()));
+        if self.skip_until.is_some() && !is_bootstrap_snap {
+            // The bootstrap snapshot holds the effect of everything before
+            // its SnapCreate (replaying an old shrink, say, would lose data
+            // it holds); an op finishing after it whose start is skipped
+            // here counts as committed before.
+            self.stats.skipped_io += 1;
+            return self.skip(p);
+        }
+        if let Event::SnapCreate(s) = &ev.event
+            && is_bootstrap_snap
+        {
+            tracing::info!(
+                journal = self.journal.image_id(),
+                replica = %self.replica.spec(),
+                snapshot = %s.snap_name,
+                skipped = self.stats.skipped_io,
+                "bootstrap snapshot reached in the journal: replaying IO from here"
+            );
+            self.skip_until = None;
+            self.skip_passed = true;
+        }
         match ev.event {
             Event::AioWrite { offset, mut data } => {
                 let Some(len) = self.clip(offset, data.len() as u64) else {

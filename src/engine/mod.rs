@@ -13,6 +13,7 @@ pub mod copy;
 pub mod drill;
 pub mod error;
 pub mod group;
+pub mod journal_mode;
 pub mod journal_replay;
 pub mod lease;
 pub mod oplock;
@@ -81,6 +82,9 @@ pub struct EngineConfig {
     /// A replica more than this many schedule intervals behind is DEGRADED
     /// ("RPO exceeded").
     pub rpo_factor: f64,
+    /// Journal mode: object sets a replica may be behind the primary's
+    /// active set before it is resynced from a new snapshot.
+    pub journal_max_sets_behind: u64,
 }
 
 impl EngineConfig {
@@ -110,6 +114,7 @@ impl EngineConfig {
             rpc_timeout: Duration::from_secs(150),
             max_concurrent_rpcs: 32,
             rpo_factor: status::DEFAULT_RPO_FACTOR,
+            journal_max_sets_behind: journal_mode::DEFAULT_MAX_SETS_BEHIND,
         }
     }
 }
@@ -430,15 +435,6 @@ impl Engine {
         req: VolumeRequest,
         params: ReplicationParams,
     ) -> Result<()> {
-        if params.mirroring_mode != MirroringMode::Snapshot {
-            // A valid value of the class that this version cannot serve
-            // (yet): the volume is fine, the driver is not ready for it.
-            return Err(EngineError::FailedPrecondition(format!(
-                "mirroringMode {} is not supported by this version of the driver yet; \
-                 use mirroringMode snapshot",
-                params.mirroring_mode
-            )));
-        }
         let key = req.volume.to_string();
         let volume = key.clone();
         let first = self
@@ -493,13 +489,22 @@ impl Engine {
                 tracing::info!("image is a replica; enable changes nothing");
                 return Ok(None);
             }
+            Some(rec) if rec.mode != params.mirroring_mode.as_str() => {
+                return Err(EngineError::ModeMismatch {
+                    volume: req.volume.to_string(),
+                    enabled: rec.mode,
+                    requested: params.mirroring_mode.to_string(),
+                });
+            }
             Some(rec) => rec,
             None => ImageRecord {
                 version: 1,
                 image_name: vol.image.name().to_string(),
                 image_id: vol.image_id.clone(),
                 role: Role::Primary,
-                mode: MirroringMode::Snapshot.to_string(),
+                mode: params.mirroring_mode.to_string(),
+                features_added: None,
+                journal: None,
                 schedule: schedule.clone(),
                 volume_id: vol.handle.as_ref().map(ToString::to_string),
                 enabled_at: Utc::now(),
@@ -526,6 +531,21 @@ impl Engine {
             vol.image
                 .flatten()
                 .ctx(|| format!("flattening {}", vol.image.spec()))?;
+        }
+        if params.mirroring_mode == MirroringMode::Journal {
+            let added = journal_mode::enable_journaling(&vol.image, &req.volume.to_string())?;
+            if added != 0 {
+                rec.features_added = Some(rec.features_added.unwrap_or(0) | added);
+            }
+            reg.put(&mut rec)?;
+            // The replica side registers in the journal and bootstraps
+            // itself from a snapshot it takes after registering.
+            reg.announce();
+            tracing::info!(
+                features_added = added,
+                "replication enabled in journal mode"
+            );
+            return Ok(None);
         }
         reg.put(&mut rec)?;
         // Whether a first sync snapshot is still needed is decided in the

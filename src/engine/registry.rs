@@ -177,8 +177,16 @@ pub struct ImageRecord {
     pub image_id: String,
     /// Role on this cluster.
     pub role: Role,
-    /// `snapshot` (journal later).
+    /// The mirroring mode: `snapshot` or `journal`.
     pub mode: String,
+    /// Journal mode, primary: the features Enable turned on (exclusive-lock,
+    /// journaling), which Disable turns off again.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub features_added: Option<u64>,
+    /// Journal mode, replica: its registration in the primary's journal and
+    /// how far the bootstrap got.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub journal: Option<JournalReplica>,
     /// Schedule of sync snapshots (primary side).
     #[serde(default)]
     pub schedule: Schedule,
@@ -234,6 +242,18 @@ impl Revision {
     fn stored(&self) -> Option<&[u8]> {
         self.0.as_deref()
     }
+}
+
+/// A journal-mode replica's state (in its own record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalReplica {
+    /// Its client id in the primary's journal.
+    pub client_id: String,
+    /// The bootstrap snapshot while the replay has not passed its
+    /// `SnapCreate` yet: IO entries before it are already in the replica
+    /// and are skipped. `None` once passed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub skip_until: Option<String>,
 }
 
 /// The last role change of an image.
@@ -648,6 +668,8 @@ mod tests {
             image_id: "abc".into(),
             role: Role::Secondary,
             mode: "snapshot".into(),
+            features_added: None,
+            journal: None,
             schedule: Schedule {
                 interval: Some("5m".into()),
                 start_time: None,

@@ -49,13 +49,13 @@ pub struct Job {
 }
 
 impl Job {
-    fn labels(&self) -> crate::metrics::ImageLabels {
+    pub(crate) fn labels(&self) -> crate::metrics::ImageLabels {
         crate::metrics::ImageLabels::new(&self.pool, &self.namespace, &self.primary.image_name)
     }
 
     /// The image's key in the held images and the slots: the same key the
     /// RPCs derive from a resolved volume.
-    fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         image_key(&self.pool, &self.namespace, &self.primary.image_name)
     }
 }
@@ -172,6 +172,9 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
+    // Journal-mode replay loops live as long as their image replicates:
+    // apart from the syncs, so that a round of syncs still ends.
+    let mut journal_tasks = tokio::task::JoinSet::new();
     let stop = Arc::new(AtomicBool::new(false));
     let mut leased: HashSet<(String, String)> = HashSet::new();
     let due = Arc::new(DueCache::default());
@@ -220,6 +223,39 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                         Arc::clone(&running),
                         Arc::clone(&stop),
                     );
+                    if job.primary.mode == super::journal_mode::MODE {
+                        // A long-lived replay loop per image, outside the
+                        // sync slots; a failure is reported to the primary
+                        // and the next discovery pass starts it again.
+                        journal_tasks.spawn(async move {
+                            let span = tracing::info_span!("journal", image = %key);
+                            let (k2, e2) = (key.clone(), Arc::clone(&e));
+                            let res = tokio::task::spawn_blocking(move || {
+                                let _e = span.enter();
+                                let r = super::journal_mode::run_journal_image(&e, &job, &stop);
+                                if let Err(err) = &r {
+                                    e.held.release(&job.key());
+                                    super::journal_mode::report_failure(&e, &job, err);
+                                }
+                                r
+                            })
+                            .await;
+                            match res {
+                                Ok(Ok(())) => tracing::info!(image = %k2, "journal replay stopped"),
+                                Ok(Err(err)) => {
+                                    wake.note_error(&err);
+                                    tracing::warn!(image = %k2, error = %err, "journal replay failed")
+                                }
+                                Err(err) => {
+                                    e2.held.release(&k2);
+                                    tracing::error!(image = %k2, error = %err, "journal replay panicked")
+                                }
+                            }
+                            run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        });
+                        drop(s);
+                        continue;
+                    }
                     tasks.spawn(async move {
                         let mut progressed = false;
                         if let Ok(permit) = s.acquire_owned().await {
@@ -272,6 +308,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
         while tasks.try_join_next().is_some() {
             trim_due = true;
         }
+        while journal_tasks.try_join_next().is_some() {}
         // The syncs of this round are over: what they freed (the primaries'
         // image handles, librados' reply buffers) goes back to the system
         // instead of staying resident until the next round reuses it.
@@ -289,10 +326,11 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
-        running = tasks.len(),
+        running = tasks.len() + journal_tasks.len(),
         "replayer stopping; waiting for syncs to stop"
     );
     while tasks.join_next().await.is_some() {}
+    while journal_tasks.join_next().await.is_some() {}
     let _ = renewer.await;
     let e = Arc::clone(&engine);
     let _ = tokio::task::spawn_blocking(move || {
@@ -625,7 +663,7 @@ impl Engine {
 
 /// Takes the replica's exclusive lock. Fail point `replayer::lock_replica`
 /// (tests) answers as librbd did after an OSD stall: EINVAL.
-fn lock_replica(img: &Image) -> ceph::Result<()> {
+pub(crate) fn lock_replica(img: &Image) -> ceph::Result<()> {
     fail::fail_point!("replayer::lock_replica", |_| Err(
         ceph::Error::invalid_input("rbd_lock_acquire", img.spec())
     ));
@@ -1482,6 +1520,8 @@ fn create_replica(
         image_id: id,
         role: Role::Secondary,
         mode: job.primary.mode.clone(),
+        features_added: None,
+        journal: None,
         schedule: job.primary.schedule.clone(),
         volume_id: job.primary.volume_id.clone(),
         enabled_at: Utc::now(),

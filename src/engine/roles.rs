@@ -186,6 +186,12 @@ impl Engine {
             self.hold_lock(&key, &vol.image)?;
             return Ok(());
         }
+        if rec.mode == super::journal_mode::MODE {
+            return Err(super::journal_mode::roles_refused(
+                &req.volume.to_string(),
+                "DemoteVolume",
+            ));
+        }
         let me = vol.image.ioctx().cluster().instance_id();
         let writers: Vec<String> = vol
             .image
@@ -334,6 +340,12 @@ impl Engine {
             .scheduling_interval
             .is_some()
             .then(|| Schedule::of(params));
+        if rec.role != Role::Primary && rec.mode == super::journal_mode::MODE {
+            return Err(super::journal_mode::roles_refused(
+                &req.volume.to_string(),
+                "PromoteVolume",
+            ));
+        }
         match rec.role {
             Role::Primary => {
                 if let Some(s) = schedule.filter(|s| *s != rec.schedule) {
@@ -478,6 +490,12 @@ impl Engine {
         let key = Self::key_of(&vol);
         let span = tracing::info_span!("resync", volume = %req.volume, image = %key, force);
         let _s = span.enter();
+        if rec.role != Role::Primary && rec.mode == super::journal_mode::MODE {
+            return Err(super::journal_mode::roles_refused(
+                &req.volume.to_string(),
+                "ResyncVolume",
+            ));
+        }
         match rec.role {
             Role::Primary => {
                 return Err(EngineError::FailedPrecondition(format!(
@@ -687,6 +705,12 @@ impl Engine {
                         Err(e) => return Err(e).ctx(|| format!("removing {key}@{n}")),
                     }
                 }
+                if rec.mode == super::journal_mode::MODE {
+                    super::journal_mode::disable_journal_primary(
+                        &vol.image,
+                        rec.features_added.unwrap_or(0),
+                    )?;
+                }
                 reg.remove(&rec)?;
                 reg.announce();
                 tracing::info!(
@@ -697,7 +721,12 @@ impl Engine {
                 let last = rec.last_sync.as_ref().map(|l| l.snap_name.clone());
                 self.break_foreign_locks(&vol.image, &key);
                 settle_pending_snap(&vol.image, reg, &mut rec)?;
-                if let Some(s) = &last {
+                // A journal-mode replica is at an entry boundary of its
+                // primary, newer than its bootstrap snapshot: kept as it is.
+                if let Some(s) = last
+                    .as_ref()
+                    .filter(|_| rec.mode != super::journal_mode::MODE)
+                {
                     rollback_to(vol.ioctx(), &vol.image, s, self.cfg.limits, &|| false)?;
                 }
                 if let Some(p) = &rec.primary {

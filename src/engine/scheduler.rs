@@ -138,6 +138,8 @@ impl Engine {
         let due: Vec<&ImageRecord> = records
             .iter()
             .filter(|r| r.role == Role::Primary)
+            // Journal mode: the replica takes its bootstrap snapshot itself.
+            .filter(|r| r.mode != super::journal_mode::MODE)
             .filter(|r| cache.get(&r.image_id).is_none_or(|d| d <= now))
             .collect();
         // Concurrently: each snapshot waits for a monitor round, and

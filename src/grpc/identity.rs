@@ -143,7 +143,10 @@ impl Identity for IdentityService {
                 "cluster-id".to_string(),
                 cfg.local_cluster.cluster_id.clone(),
             ),
-            ("mirroring-modes".to_string(), "snapshot".to_string()),
+            (
+                "mirroring-modes".to_string(),
+                "snapshot,journal".to_string(),
+            ),
         ]);
         Ok(Response::new(GetIdentityResponse {
             name: self.driver_name.clone(),

@@ -30,6 +30,11 @@ impl From<EngineError> for Status {
             // caller retries the (idempotent) request later.
             EngineError::Conflict(_) => Code::Aborted,
             EngineError::FailedPrecondition(_) => Code::FailedPrecondition,
+            // The volume cannot be (or is already otherwise) replicated in
+            // that mode: the caller must change the volume or the class.
+            EngineError::JournalUnavailable { .. } => Code::FailedPrecondition,
+            EngineError::ModeMismatch { .. } => Code::FailedPrecondition,
+            EngineError::NotInJournalMode(_) => Code::FailedPrecondition,
             EngineError::Unavailable(_) => Code::Unavailable,
             // A cluster that does not answer: the caller should retry later.
             EngineError::Timeout(_) => Code::Unavailable,
@@ -260,6 +265,25 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (EngineError::Unavailable("x".into()), Code::Unavailable),
+            (
+                EngineError::JournalUnavailable {
+                    volume: "v".into(),
+                    reason: "r".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                EngineError::ModeMismatch {
+                    volume: "v".into(),
+                    enabled: "snapshot".into(),
+                    requested: "journal".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                EngineError::NotInJournalMode("x".into()),
+                Code::FailedPrecondition,
+            ),
             (EngineError::Timeout("x".into()), Code::Unavailable),
             (EngineError::Unsupported("x".into()), Code::Unimplemented),
             (EngineError::Internal("x".into()), Code::Internal),
