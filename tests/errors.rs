@@ -607,7 +607,7 @@ fn malformed_cases(good: &str, enabled: &str, handle: &str) -> Vec<(String, Rpc,
             Code::InvalidArgument,
         ),
         (
-            "journal mode",
+            "journal mode on a snapshot-mode volume",
             &[("mirroringMode", "journal")],
             Code::FailedPrecondition,
         ),
@@ -619,6 +619,11 @@ fn malformed_cases(good: &str, enabled: &str, handle: &str) -> Vec<(String, Rpc,
                 // is the idempotent success the spec asks for (the mode is
                 // Enable's business; journal mode ignores the schedule).
                 if rpc == Rpc::Promote && vid == enabled && code == Code::FailedPrecondition {
+                    continue;
+                }
+                // Journal mode on a volume not enabled yet is a valid request
+                // (it enables it); on the snapshot-mode volume it is refused.
+                if vid == good && code == Code::FailedPrecondition {
                     continue;
                 }
                 let f = Fields {
