@@ -19,7 +19,7 @@
 //! - Entries of an ended tag never reach here (the reader drops them);
 //!   op starts of an ended tag without their finish are dropped.
 //! - Commit: after `commit_every` entries and at the end of each
-//!   [`JournalReplayer::replay_available`], the IO in flight is drained,
+//!   [`JournalReplayer::replay_available`] that applied any, the IO in flight is drained,
 //!   the replica flushed, and the position of the newest entry such that
 //!   it and everything before it is applied (an op start waiting for its
 //!   finish holds the position back) is sent with cls `client_commit`.
@@ -323,7 +323,12 @@ impl JournalReplayer {
                 break;
             }
         }
-        self.commit()?;
+        // An idle poll has nothing to commit: the last commit drained and
+        // flushed everything applied before it (no flush of the replica
+        // every idle poll).
+        if taken > 0 {
+            self.commit()?;
+        }
         Ok(taken)
     }
 
