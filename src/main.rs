@@ -655,12 +655,20 @@ async fn spawn_metrics(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(address = %listener.local_addr()?, "metrics server listening");
     let opts = engine::status::StatusOptions::of(engine.config());
-    tokio::spawn(engine::status::collect_metrics(
+    let (e, m, c) = (Arc::clone(engine), Arc::clone(metrics), shutdown.clone());
+    tokio::spawn(engine::background::supervise(
         Arc::clone(engine),
-        Arc::clone(metrics),
-        opts,
-        every.max(Duration::from_secs(1)),
+        "metrics collector",
         shutdown.clone(),
+        move || {
+            engine::status::collect_metrics(
+                Arc::clone(&e),
+                Arc::clone(&m),
+                opts,
+                every.max(Duration::from_secs(1)),
+                c.clone(),
+            )
+        },
     ));
     let e = Arc::clone(engine);
     let health = move || e.probe(Duration::from_secs(30));

@@ -63,9 +63,9 @@ extern "C" fn complete(c: sys::rbd_completion_t, arg: *mut c_void) {
     // A panic must not unwind into librbd.
     let _ = catch_unwind(AssertUnwindSafe(move || done(res, buf)));
     // Closing an image from librbd's own completion thread would deadlock;
-    // if this was the last reference, close it on a thread of its own.
+    // if this was the last reference, the reaper thread closes it.
     if let Some(last) = Arc::into_inner(img) {
-        std::thread::spawn(move || drop(last));
+        super::reaper::drop_later(last);
     }
 }
 

@@ -17,6 +17,7 @@ pub mod group;
 pub mod objects;
 pub mod rados;
 pub mod rbd;
+mod reaper;
 #[allow(
     non_upper_case_globals,
     non_camel_case_types,

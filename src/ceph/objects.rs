@@ -657,11 +657,11 @@ unsafe extern "C" fn sparse_complete(arg: *mut c_void, read: *mut c_void) {
 }
 
 /// Drops a reference to an ioctx from librados' completion thread: if it is
-/// the last one, on a thread of its own (destroying an ioctx there could
+/// the last one, on the reaper thread (destroying an ioctx there could
 /// deadlock).
-fn release_io(io: Option<Arc<IoCtx>>) {
+pub(super) fn release_io(io: Option<Arc<IoCtx>>) {
     if let Some(last) = io.and_then(Arc::into_inner) {
-        std::thread::spawn(move || drop(last));
+        super::reaper::drop_later(last);
     }
 }
 

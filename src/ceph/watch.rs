@@ -179,3 +179,86 @@ impl IoCtx {
         }
     }
 }
+
+/// What a notify sent with [`IoCtx::notify_in_background`] needs until its
+/// completion: the reply librados fills in, and the ioctx it runs on.
+struct NotifyState {
+    reply: *mut std::os::raw::c_char,
+    reply_len: usize,
+    io: Option<Arc<IoCtx>>,
+    oid: String,
+}
+
+impl IoCtx {
+    /// Notifies the watchers of `oid` (an empty message) without waiting:
+    /// librados collects their acks for up to `timeout` in the background.
+    /// The result is only logged (at debug): callers use it where a lost
+    /// notification merely delays the watchers until their next poll.
+    /// Fails only when the notify cannot be submitted.
+    pub fn notify_in_background(self: &Arc<Self>, oid: &str, timeout: Duration) -> Result<()> {
+        let o = cstring(oid, "rados_aio_notify")?;
+        let st = Box::new(NotifyState {
+            reply: ptr::null_mut(),
+            reply_len: 0,
+            io: Some(Arc::clone(self)),
+            oid: oid.to_string(),
+        });
+        let arg = Box::into_raw(st);
+        let mut c: sys::rados_completion_t = ptr::null_mut();
+        let cb: sys::rados_callback_t = Some(notify_complete);
+        // SAFETY: arg is reclaimed by `notify_complete` (or below on failure).
+        let ret = unsafe { sys::rados_aio_create_completion2(arg.cast(), cb, &mut c) };
+        if ret < 0 {
+            // SAFETY: no completion exists: the box is still only ours.
+            drop(unsafe { Box::from_raw(arg) });
+            return check(ret, "rados_aio_create_completion2", || self.spec()).map(|_| ());
+        }
+        // SAFETY: live ioctx and completion; o is NUL-terminated and copied
+        // before the call returns; the empty message is a null pointer of
+        // length 0; the reply out-pointers are fields of the boxed state,
+        // which stays where it is until `notify_complete` reclaims it, after
+        // librados wrote them.
+        let ret = unsafe {
+            sys::rados_aio_notify(
+                self.raw(),
+                o.as_ptr(),
+                c,
+                ptr::null(),
+                0,
+                timeout.as_millis() as u64,
+                &raw mut (*arg).reply,
+                &raw mut (*arg).reply_len,
+            )
+        };
+        if ret < 0 {
+            // SAFETY: a failed submission never fires the completion:
+            // release it and reclaim the box ourselves.
+            unsafe {
+                sys::rados_aio_release(c);
+                drop(Box::from_raw(arg));
+            }
+            return check(ret, "rados_aio_notify", || format!("{}/{oid}", self.spec())).map(|_| ());
+        }
+        Ok(())
+    }
+}
+
+extern "C" fn notify_complete(c: sys::rados_completion_t, arg: *mut c_void) {
+    // SAFETY: arg is the Box<NotifyState> leaked in `notify_in_background`;
+    // librados calls this exactly once per completion.
+    let mut st = unsafe { Box::from_raw(arg.cast::<NotifyState>()) };
+    // SAFETY: c is the completion this callback was registered on; valid
+    // until released right after.
+    let ret = unsafe { sys::rados_aio_get_return_value(c) };
+    // SAFETY: our only reference; librados keeps its own while calling back.
+    unsafe { sys::rados_aio_release(c) };
+    if !st.reply.is_null() {
+        // SAFETY: librados allocated the reply buffer; freed once.
+        unsafe { sys::rados_buffer_free(st.reply) };
+    }
+    if ret < 0 && ret != -libc::ETIMEDOUT {
+        // No panic may unwind into librados; logging does not panic.
+        tracing::debug!(object = %st.oid, errno = -ret, "notify failed");
+    }
+    super::objects::release_io(st.io.take());
+}

@@ -8,6 +8,7 @@
 //! a volume runs to completion even if the RPC that asked for it goes away,
 //! and holds the volume's [`oplock`] until then.
 
+pub mod background;
 pub mod conn;
 pub mod copy;
 pub mod drill;
@@ -171,8 +172,9 @@ pub struct Engine {
     locks: oplock::OpLocks,
     last_local_ok: Mutex<Option<Instant>>,
     last_local_err: Mutex<Option<String>>,
-    /// Why the replayer is not running, while it is not (for readiness).
-    replayer_down: Mutex<Option<String>>,
+    /// Why a supervised loop (the replayer, ...) is not running, while it
+    /// is not (for readiness).
+    down: Mutex<std::collections::BTreeMap<&'static str, String>>,
     cookie: String,
     /// The global byte-rate cap, shared by every copy.
     throttle: Arc<copy::Throttle>,
@@ -195,6 +197,8 @@ pub struct Engine {
     /// First sync snapshots Enable left to the background, at most
     /// [`scheduler::SNAPSHOT_BATCH`] at once.
     first_snaps: Arc<tokio::sync::Semaphore>,
+    /// Jobs started in the background (pruning, first sync snapshots).
+    background: background::Background,
 }
 
 /// How many times a role change re-reads and decides again when the
@@ -210,7 +214,7 @@ impl Engine {
             locks: oplock::OpLocks::default(),
             last_local_ok: Mutex::new(None),
             last_local_err: Mutex::new(None),
-            replayer_down: Mutex::new(None),
+            down: Mutex::default(),
             cookie: format!("csirr-{}", uuid::Uuid::new_v4()),
             throttle: Arc::new(copy::Throttle::new(cfg.max_bytes_per_second)),
             budget: copy::ByteBudget::new(cfg.limits.max_inflight_bytes),
@@ -221,6 +225,7 @@ impl Engine {
             leases: lease::LeaseTable::default(),
             rpc_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_rpcs.max(1))),
             first_snaps: Arc::new(tokio::sync::Semaphore::new(scheduler::SNAPSHOT_BATCH)),
+            background: background::Background::default(),
             cfg,
         })
     }
@@ -377,20 +382,28 @@ impl Engine {
         }
     }
 
-    /// Records whether the replayer runs: `Some(reason)` while it does not
-    /// (it died and waits to be restarted), `None` once it runs again.
-    pub fn set_replayer_down(&self, reason: Option<String>) {
-        *self.replayer_down.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    /// Records whether supervised loop `task` runs: `Some(reason)` while it
+    /// does not (it died and waits to be restarted), `None` once it runs
+    /// again.
+    pub fn set_down(&self, task: &'static str, reason: Option<String>) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        match reason {
+            Some(r) => down.insert(task, r),
+            None => down.remove(task),
+        };
     }
 
-    /// Ready when the local cluster answered within `within` and the
-    /// replayer (if this process runs one) is running; otherwise the reason.
+    /// Ready when the local cluster answered within `within` and every
+    /// supervised loop of this process (the replayer, if it runs one) is
+    /// running; otherwise the reason.
     pub fn probe(&self, within: Duration) -> std::result::Result<(), String> {
         if let Some(why) = self
-            .replayer_down
+            .down
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .values()
+            .next()
+            .cloned()
         {
             return Err(why);
         }
@@ -450,7 +463,8 @@ impl Engine {
     /// sharing monitor rounds with the other first snapshots in flight.
     fn spawn_first_sync_point(self: &Arc<Self>, volume: String, first: scheduler::FirstSync) {
         let (me, sem) = (Arc::clone(self), Arc::clone(&self.first_snaps));
-        tokio::spawn(async move {
+        let key = first.key();
+        self.background.spawn("first-sync", &key, async move {
             let Ok(_permit) = sem.acquire_owned().await else {
                 return;
             };

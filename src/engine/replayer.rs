@@ -138,30 +138,11 @@ impl HeldImages {
 /// dies (a panic, or an unexpected end); readiness ([`Engine::probe`]) is
 /// down, with the reason, until it runs again.
 pub async fn supervise(engine: Arc<Engine>, cancel: CancellationToken) {
-    const MAX_BACKOFF: Duration = Duration::from_secs(30);
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        engine.set_replayer_down(None);
-        let started = Instant::now();
-        let ended = tokio::spawn(run(Arc::clone(&engine), cancel.clone())).await;
-        if cancel.is_cancelled() {
-            break;
-        }
-        let why = match ended {
-            Ok(()) => "the replayer stopped unexpectedly".to_string(),
-            Err(e) => format!("the replayer failed: {e}"),
-        };
-        if started.elapsed() > Duration::from_secs(60) {
-            backoff = Duration::from_secs(1);
-        }
-        tracing::error!(reason = %why, restart_in = ?backoff, "replayer down; restarting it");
-        engine.set_replayer_down(Some(format!("{why}; restarting in {backoff:?}")));
-        tokio::select! {
-            () = cancel.cancelled() => break,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-    }
+    let (e, c) = (Arc::clone(&engine), cancel.clone());
+    super::background::supervise(engine, "replayer", cancel, move || {
+        run(Arc::clone(&e), c.clone())
+    })
+    .await;
 }
 
 /// The replayer: discovery, syncs and the local scheduler pass, until
@@ -331,6 +312,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     );
     while tasks.join_next().await.is_some() {}
     while journal_tasks.join_next().await.is_some() {}
+    engine.background.drain(Duration::from_secs(30)).await;
     let _ = renewer.await;
     let e = Arc::clone(&engine);
     let _ = tokio::task::spawn_blocking(move || {
@@ -975,12 +957,11 @@ fn sync_inner(
             job.primary.image_id.clone(),
             key.clone(),
         );
-        let spawned = std::thread::Builder::new()
-            .name("csirr-prune".into())
-            .spawn(move || prune_primary(&io, &id, &doomed, &k));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start a pruning thread");
-        }
+        engine
+            .background
+            .spawn_blocking("prune-primary", &key, move || {
+                prune_primary(&io, &id, &doomed, &k)
+            });
     }
     let mut bytes = 0u64;
     for (i, point) in points.iter().enumerate() {

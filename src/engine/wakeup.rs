@@ -127,18 +127,11 @@ impl Wakeups {
 }
 
 /// Tells the watchers of `oid` in `io` (the peers' replayers) that it
-/// changed, without waiting for their acks: a lost notification only delays
-/// the peer until its next poll.
+/// changed, without waiting for their acks (librados collects them in the
+/// background): a lost notification only delays the peer until its next
+/// poll.
 pub fn announce(io: &Arc<IoCtx>, oid: &str) {
-    let (io, oid) = (Arc::clone(io), oid.to_string());
-    let spawned = std::thread::Builder::new()
-        .name("csirr-notify".into())
-        .spawn(move || {
-            if let Err(e) = io.notify(&oid, Duration::from_secs(5)) {
-                tracing::debug!(object = %oid, pool = %io.spec(), error = %e, "notify failed");
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::debug!(error = %e, "cannot start a notify thread");
+    if let Err(e) = io.notify_in_background(oid, Duration::from_secs(5)) {
+        tracing::debug!(object = %oid, pool = %io.spec(), error = %e, "notify failed");
     }
 }
