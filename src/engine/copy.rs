@@ -14,6 +14,7 @@
 //! objects directly: a delta's extents of one object in one read and one
 //! write, a first sync's allocated data only (sparse reads).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
@@ -682,10 +683,14 @@ pub fn copy_extents(
     let dst = dest.image;
     let (tx, rx) = mpsc::channel::<Event>();
     let mut c = Copier {
+        src,
         dst,
         dst_objects: dest.objects,
         extents,
         fresh,
+        limits,
+        throttles,
+        budget,
         tx,
         stats: CopyStats::default(),
         inflight: InFlight {
@@ -699,258 +704,30 @@ pub fn copy_extents(
         done_bytes: 0,
         first_err: None,
         progress,
+        obj_size: src.objects.map(DataObjects::object_size),
+        next: 0,
+        retry: VecDeque::new(),
+        throttle_wait: None,
     };
-    let mut obj_size = src.objects.map(DataObjects::object_size);
-    let mut next = 0usize;
-    // Data extents whose direct read failed, to read again through librbd.
-    let mut retry: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
-    let mut throttle_wait: Option<std::time::Duration> = None;
-
+    // Submit what the limits allow, wait for one completion, handle it:
+    // until everything is done or an error stopped the submissions and the
+    // operations in flight have drained.
     loop {
-        // Submit as much as the limits allow.
-        while c.first_err.is_none()
-            && (!retry.is_empty() || next < extents.len())
-            && c.ops < limits.max_ops
-        {
-            if cancelled() {
-                c.first_err = Some(EngineError::Unavailable("sync cancelled".into()));
-                break;
-            }
-            let again = retry.front().copied();
-            let idx = again.unwrap_or(next);
-            let ext = extents[idx];
-            if !ext.data {
-                let t = c.tx.clone();
-                let len = ext.len;
-                let r = dst.aio_write_zeroes(
-                    ext.off,
-                    ext.len,
-                    Box::new(move |res, buf| {
-                        let _ = t.send(Event::Written {
-                            idx,
-                            len,
-                            res,
-                            buf,
-                            zero: true,
-                            hole: true,
-                        });
-                    }),
-                );
-                if let Err(e) = r {
-                    c.first_err = Some(ceph_err("zeroing", dst, e));
-                    break;
-                }
-                c.pending[idx] = 1;
-                c.ops += 1;
-                next += 1;
-                continue;
-            }
-            if let (true, Some(objects), Some(obj), None) =
-                (src.sparse, src.objects, obj_size, again)
-                && unit_end_in_object(&extents[idx..=idx], obj)
-            {
-                match c.submit_sparse(objects, idx, obj, c.ops == 0, throttles) {
-                    Ok(()) => {
-                        next += 1;
-                        continue;
-                    }
-                    Err(Some(wait)) => {
-                        throttle_wait = Some(wait);
-                        break;
-                    }
-                    Err(None) => break,
-                }
-            }
-            let end = unit_end(extents, idx, obj_size, limits.chunk);
-            let unit = &extents[idx..end];
-            // The extents of one object in one operation, or the extent
-            // alone through librbd.
-            let direct = match (src.objects, obj_size) {
-                (Some(o), Some(obj)) if again.is_none() && unit_end_in_object(unit, obj) => {
-                    Some((o, obj))
-                }
-                _ => None,
-            };
-            let unit = if direct.is_some() { unit } else { &unit[..1] };
-            let len: u64 = unit.iter().map(|e| e.len).sum();
-            let Ok(ulen) = usize::try_from(len) else {
-                c.first_err = Some(EngineError::Internal(format!("extent of {len} bytes")));
-                break;
-            };
-            if !c.inflight.try_take(ulen, c.ops == 0) {
-                break;
-            }
-            if let Err(wait) = take_all(throttles, len) {
-                c.inflight.give(ulen);
-                throttle_wait = Some(wait);
-                break;
-            }
-            let buf = budget.buffer(ulen);
-            let t = c.tx.clone();
-            let count = unit.len();
-            let r = match direct {
-                Some((objects, obj)) => {
-                    let spans: Vec<(u64, usize)> =
-                        unit.iter().map(|e| (e.off % obj, e.len as usize)).collect();
-                    objects.aio_read(
-                        ext.off / obj,
-                        &spans,
-                        buf,
-                        Box::new(move |res, buf| {
-                            let _ = t.send(Event::Read {
-                                first: idx,
-                                count,
-                                direct: true,
-                                res,
-                                buf,
-                            });
-                        }),
-                    )
-                }
-                None => src.image.aio_read(
-                    ext.off,
-                    buf,
-                    Box::new(move |res, buf| {
-                        let _ = t.send(Event::Read {
-                            first: idx,
-                            count: 1,
-                            direct: false,
-                            res: res.map(|_| ()),
-                            buf,
-                        });
-                    }),
-                ),
-            };
-            if let Err(e) = r {
-                c.inflight.give(ulen);
-                c.first_err = Some(ceph_err("reading", src.image, e));
-                break;
-            }
-            c.ops += 1;
-            if again.is_some() {
-                retry.pop_front();
-            } else {
-                next = idx + count;
-            }
-        }
-        if c.ops == 0 {
-            match throttle_wait.take() {
-                // Throttled with nothing in flight: wait, then submit again.
-                Some(wait) if c.first_err.is_none() => {
-                    std::thread::sleep(wait.min(std::time::Duration::from_millis(200)));
-                    continue;
-                }
-                _ => break,
-            }
-        }
-        let ev = match throttle_wait.take() {
-            Some(wait) => match rx.recv_timeout(wait.min(std::time::Duration::from_millis(200))) {
-                Ok(ev) => ev,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
-            None => match rx.recv() {
-                Ok(ev) => ev,
-                Err(_) => break,
-            },
+        c.submit_all(cancelled);
+        let ev = match c.wait(&rx) {
+            Wait::Event(ev) => ev,
+            Wait::Again => continue,
+            Wait::Done => break,
         };
         match ev {
-            Event::Sparse { idx, obj, len, res } => {
-                c.ops -= 1;
-                match res {
-                    Err(e) if c.first_err.is_none() => {
-                        if obj_size.take().is_some() {
-                            tracing::warn!(
-                                error = %e,
-                                "reading data objects directly failed; reading through librbd"
-                            );
-                        }
-                        c.inflight.give(len);
-                        retry.push_back(idx);
-                    }
-                    Err(e) => {
-                        c.inflight.give(len);
-                        c.first_err.get_or_insert(ceph_err("reading", src.image, e));
-                    }
-                    Ok(_) if c.first_err.is_some() => c.inflight.give(len),
-                    Ok(data) => {
-                        let got = data.data().len();
-                        c.stats.bytes_read += got as u64;
-                        for t in throttles {
-                            t.refund((len - got.min(len)) as u64);
-                        }
-                        c.inflight.give(len);
-                        c.write_sparse(idx, obj, &data);
-                    }
-                }
-            }
+            Event::Sparse { idx, obj, len, res } => c.on_sparse(idx, obj, len, res),
             Event::Read {
                 first,
                 count,
                 direct,
                 res,
                 buf,
-            } => {
-                c.ops -= 1;
-                match res {
-                    // A direct read that librbd might still do (e.g. caps
-                    // that do not cover the data pool): read those extents
-                    // through librbd, and the rest of the copy too.
-                    Err(e) if direct && c.first_err.is_none() => {
-                        if obj_size.take().is_some() {
-                            tracing::warn!(
-                                error = %e,
-                                "reading data objects directly failed; reading through librbd"
-                            );
-                        }
-                        c.inflight.release(buf);
-                        retry.extend(first..first + count);
-                    }
-                    Err(e) => {
-                        c.inflight.release(buf);
-                        c.first_err.get_or_insert(ceph_err("reading", src.image, e));
-                    }
-                    Ok(()) if c.first_err.is_some() => c.inflight.release(buf),
-                    Ok(()) => {
-                        c.stats.bytes_read += buf.len() as u64;
-                        c.inflight.give(buf.len());
-                        let left = if count == 1 {
-                            c.write_extent(first, Data::Owned(buf))
-                        } else {
-                            // The extents of one object: one direct write
-                            // for them all, or librbd writes for each.
-                            let direct = c.direct_target(first..first + count);
-                            let mut all = Vec::new();
-                            let mut pos = 0usize;
-                            for (i, e) in extents.iter().enumerate().skip(first).take(count) {
-                                let len = e.len as usize;
-                                let Some(part) = buf.get(pos..pos + len) else {
-                                    c.first_err.get_or_insert(EngineError::Internal(format!(
-                                        "read of {} bytes is short of extent {i}",
-                                        buf.len()
-                                    )));
-                                    break;
-                                };
-                                let (parts, _) = c.extent_parts(i, Data::Part(part));
-                                match direct {
-                                    Some(_) => all.extend(parts),
-                                    None => c.submit_writes(i, parts),
-                                }
-                                pos += len;
-                            }
-                            if let Some((objects, objno)) = direct
-                                && c.first_err.is_none()
-                            {
-                                c.write_object(objects, first..first + count, objno, all);
-                            }
-                            Some(buf)
-                        };
-                        if let Some(b) = left {
-                            budget.recycle(b);
-                        }
-                    }
-                }
-            }
+            } => c.on_read(first, count, direct, res, buf),
             Event::WrittenObject {
                 first,
                 count,
@@ -958,27 +735,7 @@ pub fn copy_extents(
                 zeroed,
                 res,
                 bufs,
-            } => {
-                c.ops -= 1;
-                for b in bufs {
-                    c.inflight.release(b);
-                }
-                match res {
-                    Err(e) => {
-                        c.first_err.get_or_insert(ceph_err("writing", dst, e));
-                    }
-                    Ok(()) => {
-                        c.stats.bytes_written += written;
-                        c.stats.bytes_zeroed += zeroed;
-                        for idx in first..first + count {
-                            c.pending[idx] = c.pending[idx].saturating_sub(1);
-                            if c.pending[idx] == 0 {
-                                c.extent_done(idx);
-                            }
-                        }
-                    }
-                }
-            }
+            } => c.on_written_object(first..first + count, written, zeroed, res, bufs),
             Event::Written {
                 idx,
                 len,
@@ -986,33 +743,7 @@ pub fn copy_extents(
                 buf,
                 zero,
                 hole,
-            } => {
-                c.ops -= 1;
-                if zero {
-                    budget.recycle(buf);
-                } else {
-                    c.inflight.release(buf);
-                }
-                match res {
-                    Err(e) => {
-                        c.first_err.get_or_insert(ceph_err("writing", dst, e));
-                    }
-                    Ok(_) => {
-                        if zero {
-                            c.stats.bytes_zeroed += len;
-                            if hole {
-                                c.stats.bytes_holes += len;
-                            }
-                        } else {
-                            c.stats.bytes_written += len;
-                        }
-                        c.pending[idx] = c.pending[idx].saturating_sub(1);
-                        if c.pending[idx] == 0 {
-                            c.extent_done(idx);
-                        }
-                    }
-                }
-            }
+            } => c.on_written(idx, len, res, buf, zero, hole),
         }
     }
     if let Some(e) = c.first_err {
@@ -1021,6 +752,16 @@ pub fn copy_extents(
     let stats = c.stats;
     dst.flush().map_err(|e| ceph_err("flushing", dst, e))?;
     Ok(stats)
+}
+
+/// What the copy loop does after submitting.
+enum Wait {
+    /// Handle this completion.
+    Event(Event),
+    /// Submit again (a throttle's wait is over).
+    Again,
+    /// Nothing in flight and nothing more to submit (or an error).
+    Done,
 }
 
 /// Whether the unit lies in one object of `obj` bytes (the extents are
@@ -1051,11 +792,15 @@ type Part = (u64, u64, Option<Vec<u8>>);
 
 /// The state of one copy between its submissions and completions.
 struct Copier<'a, 'p> {
+    src: Source<'a>,
     dst: &'a Image,
     /// The destination's data objects, written directly.
     dst_objects: Option<&'a DataObjects>,
     extents: &'a [Extent],
     fresh: bool,
+    limits: CopyLimits,
+    throttles: &'a [&'a Throttle],
+    budget: &'a ByteBudget,
     tx: mpsc::Sender<Event>,
     stats: CopyStats,
     inflight: InFlight<'a>,
@@ -1067,9 +812,378 @@ struct Copier<'a, 'p> {
     done_bytes: u64,
     first_err: Option<EngineError>,
     progress: &'p mut dyn FnMut(u64, u64),
+    /// The source's object size while its data objects are read directly;
+    /// `None` after a direct read failed (the rest goes through librbd).
+    obj_size: Option<u64>,
+    /// The next extent to submit.
+    next: usize,
+    /// Data extents whose direct read failed, to read again through librbd.
+    retry: VecDeque<usize>,
+    /// Set when a throttle stopped the submissions: how long it asks to
+    /// wait.
+    throttle_wait: Option<std::time::Duration>,
 }
 
 impl<'a> Copier<'a, '_> {
+    /// Submits reads (and the zeroing of holes) as long as the limits allow,
+    /// until everything is submitted, a limit is reached, or an error.
+    fn submit_all(&mut self, cancelled: &dyn Fn() -> bool) {
+        while self.first_err.is_none()
+            && (!self.retry.is_empty() || self.next < self.extents.len())
+            && self.ops < self.limits.max_ops
+        {
+            if cancelled() {
+                self.first_err = Some(EngineError::Unavailable("sync cancelled".into()));
+                break;
+            }
+            let again = self.retry.front().copied();
+            let idx = again.unwrap_or(self.next);
+            let submitted = if !self.extents[idx].data {
+                self.submit_zeroes(idx)
+            } else if let Some(sparse) = self.try_submit_sparse(idx, again.is_some()) {
+                sparse
+            } else {
+                self.submit_read(idx, again.is_some())
+            };
+            if !submitted {
+                break;
+            }
+        }
+    }
+
+    /// Zeroes hole `idx` on the destination. False when it failed.
+    fn submit_zeroes(&mut self, idx: usize) -> bool {
+        let ext = self.extents[idx];
+        let t = self.tx.clone();
+        let len = ext.len;
+        let r = self.dst.aio_write_zeroes(
+            ext.off,
+            ext.len,
+            Box::new(move |res, buf| {
+                let _ = t.send(Event::Written {
+                    idx,
+                    len,
+                    res,
+                    buf,
+                    zero: true,
+                    hole: true,
+                });
+            }),
+        );
+        if let Err(e) = r {
+            self.first_err = Some(ceph_err("zeroing", self.dst, e));
+            return false;
+        }
+        self.pending[idx] = 1;
+        self.ops += 1;
+        self.next += 1;
+        true
+    }
+
+    /// Starts a sparse read of data extent `idx` when the source is read
+    /// sparsely and the extent lies in one object: `Some(submitted)`, or
+    /// `None` when it is read otherwise.
+    fn try_submit_sparse(&mut self, idx: usize, again: bool) -> Option<bool> {
+        let (true, Some(objects), Some(obj), false) =
+            (self.src.sparse, self.src.objects, self.obj_size, again)
+        else {
+            return None;
+        };
+        if !unit_end_in_object(&self.extents[idx..=idx], obj) {
+            return None;
+        }
+        match self.submit_sparse(objects, idx, obj, self.ops == 0) {
+            Ok(()) => {
+                self.next += 1;
+                Some(true)
+            }
+            Err(wait) => {
+                self.throttle_wait = wait;
+                Some(false)
+            }
+        }
+    }
+
+    /// Starts the read of the unit starting at data extent `idx`: the
+    /// extents of one object in one direct operation, or the extent alone
+    /// through librbd (`again`: a direct read of it failed). False when a
+    /// limit or an error stopped it.
+    fn submit_read(&mut self, idx: usize, again: bool) -> bool {
+        let (extents, ext) = (self.extents, self.extents[idx]);
+        let end = unit_end(extents, idx, self.obj_size, self.limits.chunk);
+        let unit = &extents[idx..end];
+        let direct = match (self.src.objects, self.obj_size) {
+            (Some(o), Some(obj)) if !again && unit_end_in_object(unit, obj) => Some((o, obj)),
+            _ => None,
+        };
+        let unit = if direct.is_some() { unit } else { &unit[..1] };
+        let len: u64 = unit.iter().map(|e| e.len).sum();
+        let Ok(ulen) = usize::try_from(len) else {
+            self.first_err = Some(EngineError::Internal(format!("extent of {len} bytes")));
+            return false;
+        };
+        if !self.inflight.try_take(ulen, self.ops == 0) {
+            return false;
+        }
+        if let Err(wait) = take_all(self.throttles, len) {
+            self.inflight.give(ulen);
+            self.throttle_wait = Some(wait);
+            return false;
+        }
+        let buf = self.budget.buffer(ulen);
+        let t = self.tx.clone();
+        let count = unit.len();
+        let r = match direct {
+            Some((objects, obj)) => {
+                let spans: Vec<(u64, usize)> =
+                    unit.iter().map(|e| (e.off % obj, e.len as usize)).collect();
+                objects.aio_read(
+                    ext.off / obj,
+                    &spans,
+                    buf,
+                    Box::new(move |res, buf| {
+                        let _ = t.send(Event::Read {
+                            first: idx,
+                            count,
+                            direct: true,
+                            res,
+                            buf,
+                        });
+                    }),
+                )
+            }
+            None => self.src.image.aio_read(
+                ext.off,
+                buf,
+                Box::new(move |res, buf| {
+                    let _ = t.send(Event::Read {
+                        first: idx,
+                        count: 1,
+                        direct: false,
+                        res: res.map(|_| ()),
+                        buf,
+                    });
+                }),
+            ),
+        };
+        if let Err(e) = r {
+            self.inflight.give(ulen);
+            self.first_err = Some(ceph_err("reading", self.src.image, e));
+            return false;
+        }
+        self.ops += 1;
+        if again {
+            self.retry.pop_front();
+        } else {
+            self.next = idx + count;
+        }
+        true
+    }
+
+    /// Waits for the next completion; when a throttle stopped the
+    /// submissions, at most until it allows more.
+    fn wait(&mut self, rx: &mpsc::Receiver<Event>) -> Wait {
+        let cap = std::time::Duration::from_millis(200);
+        if self.ops == 0 {
+            return match self.throttle_wait.take() {
+                // Throttled with nothing in flight: wait, then submit again.
+                Some(wait) if self.first_err.is_none() => {
+                    std::thread::sleep(wait.min(cap));
+                    Wait::Again
+                }
+                _ => Wait::Done,
+            };
+        }
+        match self.throttle_wait.take() {
+            Some(wait) => match rx.recv_timeout(wait.min(cap)) {
+                Ok(ev) => Wait::Event(ev),
+                Err(mpsc::RecvTimeoutError::Timeout) => Wait::Again,
+                Err(mpsc::RecvTimeoutError::Disconnected) => Wait::Done,
+            },
+            None => match rx.recv() {
+                Ok(ev) => Wait::Event(ev),
+                Err(_) => Wait::Done,
+            },
+        }
+    }
+
+    /// A direct read failed while the copy is healthy: the rest of the copy
+    /// reads through librbd (e.g. caps that do not cover the data pool).
+    fn fall_back_to_librbd(&mut self, e: &ceph::Error) {
+        if self.obj_size.take().is_some() {
+            tracing::warn!(
+                error = %e,
+                "reading data objects directly failed; reading through librbd"
+            );
+        }
+    }
+
+    /// A sparse read of extent `idx` completed.
+    fn on_sparse(&mut self, idx: usize, obj: u64, len: usize, res: ceph::Result<SparseData>) {
+        self.ops -= 1;
+        self.inflight.give(len);
+        match res {
+            Err(e) if self.first_err.is_none() => {
+                self.fall_back_to_librbd(&e);
+                self.retry.push_back(idx);
+            }
+            Err(e) => {
+                self.first_err
+                    .get_or_insert(ceph_err("reading", self.src.image, e));
+            }
+            Ok(_) if self.first_err.is_some() => {}
+            Ok(data) => {
+                let got = data.data().len();
+                self.stats.bytes_read += got as u64;
+                for t in self.throttles {
+                    t.refund((len - got.min(len)) as u64);
+                }
+                self.write_sparse(idx, obj, &data);
+            }
+        }
+    }
+
+    /// A read of extents `first..first + count` completed into `buf`.
+    fn on_read(
+        &mut self,
+        first: usize,
+        count: usize,
+        direct: bool,
+        res: ceph::Result<()>,
+        buf: Vec<u8>,
+    ) {
+        self.ops -= 1;
+        match res {
+            Err(e) if direct && self.first_err.is_none() => {
+                self.fall_back_to_librbd(&e);
+                self.inflight.release(buf);
+                self.retry.extend(first..first + count);
+            }
+            Err(e) => {
+                self.inflight.release(buf);
+                self.first_err
+                    .get_or_insert(ceph_err("reading", self.src.image, e));
+            }
+            Ok(()) if self.first_err.is_some() => self.inflight.release(buf),
+            Ok(()) => {
+                self.stats.bytes_read += buf.len() as u64;
+                self.inflight.give(buf.len());
+                let left = if count == 1 {
+                    self.write_extent(first, Data::Owned(buf))
+                } else {
+                    self.write_unit(first, count, &buf);
+                    Some(buf)
+                };
+                if let Some(b) = left {
+                    self.budget.recycle(b);
+                }
+            }
+        }
+    }
+
+    /// Writes the extents `first..first + count` of one object, read one
+    /// after the other into `buf`: one direct write for them all, or
+    /// librbd writes for each.
+    fn write_unit(&mut self, first: usize, count: usize, buf: &[u8]) {
+        let direct = self.direct_target(first..first + count);
+        let mut all = Vec::new();
+        let mut pos = 0usize;
+        for i in first..first + count {
+            let len = self.extents[i].len as usize;
+            let Some(part) = buf.get(pos..pos + len) else {
+                self.first_err.get_or_insert(EngineError::Internal(format!(
+                    "read of {} bytes is short of extent {i}",
+                    buf.len()
+                )));
+                break;
+            };
+            let (parts, _) = self.extent_parts(i, Data::Part(part));
+            match direct {
+                Some(_) => all.extend(parts),
+                None => self.submit_writes(i, parts),
+            }
+            pos += len;
+        }
+        if let Some((objects, objno)) = direct
+            && self.first_err.is_none()
+        {
+            self.write_object(objects, first..first + count, objno, all);
+        }
+    }
+
+    /// A direct write of the extents `range` (one object) completed.
+    fn on_written_object(
+        &mut self,
+        range: std::ops::Range<usize>,
+        written: u64,
+        zeroed: u64,
+        res: ceph::Result<()>,
+        bufs: Vec<Vec<u8>>,
+    ) {
+        self.ops -= 1;
+        for b in bufs {
+            self.inflight.release(b);
+        }
+        match res {
+            Err(e) => {
+                self.first_err
+                    .get_or_insert(ceph_err("writing", self.dst, e));
+            }
+            Ok(()) => {
+                self.stats.bytes_written += written;
+                self.stats.bytes_zeroed += zeroed;
+                for idx in range {
+                    self.part_done(idx);
+                }
+            }
+        }
+    }
+
+    /// A write of `len` bytes of extent `idx` completed (`zero`: zeroes,
+    /// `hole`: of a hole of the diff).
+    fn on_written(
+        &mut self,
+        idx: usize,
+        len: u64,
+        res: ceph::Result<usize>,
+        buf: Vec<u8>,
+        zero: bool,
+        hole: bool,
+    ) {
+        self.ops -= 1;
+        if zero {
+            self.budget.recycle(buf);
+        } else {
+            self.inflight.release(buf);
+        }
+        match res {
+            Err(e) => {
+                self.first_err
+                    .get_or_insert(ceph_err("writing", self.dst, e));
+            }
+            Ok(_) => {
+                if zero {
+                    self.stats.bytes_zeroed += len;
+                    if hole {
+                        self.stats.bytes_holes += len;
+                    }
+                } else {
+                    self.stats.bytes_written += len;
+                }
+                self.part_done(idx);
+            }
+        }
+    }
+
+    /// One outstanding write of extent `idx` is done; the extent is when
+    /// none is left.
+    fn part_done(&mut self, idx: usize) {
+        self.pending[idx] = self.pending[idx].saturating_sub(1);
+        if self.pending[idx] == 0 {
+            self.extent_done(idx);
+        }
+    }
+
     fn extent_done(&mut self, idx: usize) {
         self.done_bytes += self.extents[idx].len;
         self.mark.complete(idx);
@@ -1160,7 +1274,6 @@ impl<'a> Copier<'a, '_> {
         idx: usize,
         obj: u64,
         force: bool,
-        throttles: &[&Throttle],
     ) -> Result<(), Option<std::time::Duration>> {
         let ext = self.extents[idx];
         let Ok(len) = usize::try_from(ext.len) else {
@@ -1174,7 +1287,7 @@ impl<'a> Copier<'a, '_> {
         if !self.inflight.try_take(len, force) {
             return Err(None);
         }
-        if let Err(wait) = take_all(throttles, ext.len) {
+        if let Err(wait) = take_all(self.throttles, ext.len) {
             self.inflight.give(len);
             return Err(Some(wait));
         }
