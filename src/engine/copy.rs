@@ -854,22 +854,8 @@ impl<'a> Copier<'a, '_> {
     /// Zeroes hole `idx` on the destination. False when it failed.
     fn submit_zeroes(&mut self, idx: usize) -> bool {
         let ext = self.extents[idx];
-        let t = self.tx.clone();
-        let len = ext.len;
-        let r = self.dst.aio_write_zeroes(
-            ext.off,
-            ext.len,
-            Box::new(move |res, buf| {
-                let _ = t.send(Event::Written {
-                    idx,
-                    len,
-                    res,
-                    buf,
-                    zero: true,
-                    hole: true,
-                });
-            }),
-        );
+        let done = self.written(idx, ext.len, true, true);
+        let r = self.dst.aio_write_zeroes(ext.off, ext.len, done);
         if let Err(e) = r {
             self.first_err = Some(ceph_err("zeroing", self.dst, e));
             return false;
@@ -1175,6 +1161,22 @@ impl<'a> Copier<'a, '_> {
         }
     }
 
+    /// The completion of a librbd write of `len` bytes of extent `idx`:
+    /// sends [`Event::Written`] to the copy loop.
+    fn written(&self, idx: usize, len: u64, zero: bool, hole: bool) -> ceph::aio::AioCallback {
+        let t = self.tx.clone();
+        Box::new(move |res, buf| {
+            let _ = t.send(Event::Written {
+                idx,
+                len,
+                res,
+                buf,
+                zero,
+                hole,
+            });
+        })
+    }
+
     /// One outstanding write of extent `idx` is done; the extent is when
     /// none is left.
     fn part_done(&mut self, idx: usize) {
@@ -1411,17 +1413,7 @@ impl<'a> Copier<'a, '_> {
         let mut failed = false;
         for (off, len, buf) in parts {
             let zero = buf.is_none();
-            let t = self.tx.clone();
-            let cb: ceph::aio::AioCallback = Box::new(move |res, b| {
-                let _ = t.send(Event::Written {
-                    idx,
-                    len,
-                    res,
-                    buf: b,
-                    zero,
-                    hole: false,
-                });
-            });
+            let cb = self.written(idx, len, zero, false);
             let r = match buf {
                 // Zero exactly, without data: the replica stays sparse where
                 // the primary is.
