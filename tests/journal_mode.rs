@@ -587,6 +587,26 @@ async fn journal_mode_relocates_both_ways() {
     assert!(info.last_sync_time.is_some(), "{info:?}");
     // Resync of a replica that became one by itself: ready, no copy.
     resync_until_ready(&a, &vid, false, LONG).await;
+    // The `status` command agrees on both sites.
+    let image_in = |site: Site| {
+        let st = json(&cli(
+            "status",
+            site,
+            &["--pool", &pool.name, "--verbose", "--json"],
+        ));
+        st["pools"][0]["images"]
+            .as_array()
+            .and_then(|v| v.iter().find(|i| i["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{name} not in the status of {}: {st}", site.id()))
+    };
+    assert_eq!(image_in(Site::B)["role"], "primary");
+    let on_a = image_in(Site::A);
+    assert_eq!(on_a["role"], "secondary", "{on_a}");
+    let b_id = Image::open_read_only(&pool.ioctx(Site::B), name, None)
+        .unwrap()
+        .id()
+        .unwrap();
+    assert_eq!(on_a["primary"]["image_id"], b_id.as_str(), "{on_a}");
 
     relocate(&pool, name, (&b, Site::B), (&a, Site::A)).await;
     write_on(&pool, Site::A, name, &[(7 * MIB, 64 << 10)], 4);
