@@ -600,6 +600,11 @@ async fn journal_mode_relocates_both_ways() {
             .unwrap_or_else(|| panic!("{name} not in the status of {}: {st}", site.id()))
     };
     assert_eq!(image_in(Site::B)["role"], "primary");
+    // The replica reports the journal bytes it has left to replay: none.
+    wait_until("site-a reporting nothing left to replay", LONG, || {
+        image_in(Site::B)["replicas"][0]["bytes_pending"] == 0
+    })
+    .await;
     let on_a = image_in(Site::A);
     assert_eq!(on_a["role"], "secondary", "{on_a}");
     let b_id = Image::open_read_only(&pool.ioctx(Site::B), name, None)

@@ -167,6 +167,8 @@ struct Progress {
     metered: ReplayStats,
     /// Object sets behind the primary's active set, as last checked.
     sets_behind: Option<u64>,
+    /// Bytes of the primary's journal not replayed yet, as last checked.
+    bytes_behind: Option<u64>,
     last_report: Option<Instant>,
 }
 
@@ -191,6 +193,8 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
     let local_reg = Registry::new(Arc::clone(&local_io));
     let peer_reg = Registry::new(Arc::clone(&peer_io));
     let fsid = local.fsid().to_string();
+    // Journal bytes left to replay, as last measured (the loop sets it).
+    let pending = std::cell::Cell::new(None::<u64>);
     let report = |st: ReplayState, message: String, last: Option<SyncPoint>, rate: Option<u64>| {
         let s = ReplicaStatus {
             replica_fsid: fsid.clone(),
@@ -199,7 +203,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             percent: None,
             syncing_snap: None,
             last_sync: last,
-            bytes_pending: None,
+            bytes_pending: pending.get(),
             bytes_per_sec: rate,
             updated_at: Utc::now(),
         };
@@ -334,6 +338,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         base: replayer.stats(),
         metered: replayer.stats(),
         sets_behind: None,
+        bytes_behind: None,
         last_report: None,
     };
     let mut last_check = Instant::now();
@@ -350,6 +355,13 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 return Ok(());
             }
             p.sets_behind = sets_behind(replayer.journal(), &client, &key)?;
+            p.bytes_behind = match replayer.bytes_behind() {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::debug!(image = %key, error = %e, "cannot size what is left to replay");
+                    None
+                }
+            };
             if let Some(behind) = p
                 .sets_behind
                 .filter(|&b| b > engine.cfg.journal_max_sets_behind)
@@ -417,6 +429,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 io_bytes: stats.io_bytes - p.metered.io_bytes,
                 caught_up: p.caught_up,
                 sets_behind: p.sets_behind,
+                bytes_behind: p.bytes_behind,
             },
         );
         p.metered = stats;
@@ -426,7 +439,10 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             let behind = p
                 .sets_behind
                 .map(|b| format!(", {b} object sets behind the primary's active set"))
-                .unwrap_or_default();
+                .unwrap_or_default()
+                + &p.bytes_behind
+                    .map(|b| format!(", {b} journal bytes to replay"))
+                    .unwrap_or_default();
             let (state, msg) = match (n, replayer.skipping()) {
                 (0, false) if demoted_at.is_some() => (
                     ReplayState::Idle,
@@ -458,6 +474,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 duration_ms: 0,
                 bytes: stats.io_bytes,
             });
+            pending.set(p.bytes_behind);
             report(state, msg, last, Some(rate));
             p.last_report = Some(Instant::now());
             p.since = Instant::now();

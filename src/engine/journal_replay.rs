@@ -292,6 +292,12 @@ impl JournalReplayer {
         self.demoted
     }
 
+    /// Bytes of the primary's journal not replayed yet (an estimate: see
+    /// [`crate::journal::JournalReader::bytes_behind`]). Blocking.
+    pub fn bytes_behind(&self) -> ReplayResult<u64> {
+        Ok(self.reader.bytes_behind(&self.journal)?)
+    }
+
     /// The counters.
     pub fn stats(&self) -> ReplayStats {
         self.stats

@@ -458,6 +458,16 @@ impl Journal {
         Ok(keep)
     }
 
+    /// The size of data object `object_number`; `None` when it does not
+    /// exist (not written yet, or trimmed).
+    pub fn data_object_size(&self, object_number: u64) -> JournalResult<Option<u64>> {
+        match self.data_io.stat(&self.object_oid(object_number)) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Reads data object `object_number` from `offset`, at most `max_len`
     /// bytes, in reads of at most the object size. `None` when the object
     /// does not exist (not written yet, or trimmed).
