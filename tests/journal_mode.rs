@@ -344,6 +344,14 @@ async fn journal_replica_too_far_behind_is_resynced() {
     );
     assert_eq!(our_clients(&pool, name).len(), 1);
 
+    // Demoted, then disabled with no site primary: journaling (on before
+    // Enable) stays on, and the journal is promoted back, or librbd would
+    // refuse every writer of the image for good.
+    ca.demote_volume(req::demote(Site::A, &vid, false))
+        .await
+        .expect("demote");
+    assert_eq!(newest_tag(&pool, Site::A, name).1.mirror_uuid, "<orphan>");
+    assert_librbd_refuses_writes(&pool, Site::A, name);
     ca.disable_volume_replication(req::disable(Site::A, &vid))
         .await
         .expect("disable");
@@ -357,6 +365,8 @@ async fn journal_replica_too_far_behind_is_resynced() {
         0,
         "journaling turned off: {f:#x}"
     );
+    assert_eq!(newest_tag(&pool, Site::A, name).1.mirror_uuid, "");
+    bench(&pool, name, "64K");
     drop(b2);
 }
 

@@ -692,6 +692,18 @@ impl Engine {
         self.held.release(&key);
         match rec.role {
             Role::Primary | Role::Demoted => {
+                // A journal-mode image demoted in its journal is promoted
+                // back first: librbd refuses it every change (its
+                // snapshots' removal too), and for good where journaling
+                // stays on (it was on before Enable). No peer took over:
+                // this side holds the data of record.
+                if rec.mode == super::journal_mode::MODE
+                    && rec.role == Role::Demoted
+                    && super::journal_roles::local_demotion(vol.ioctx(), &vol.image_id, &key)?
+                        .is_some()
+                {
+                    super::journal_roles::promote_journal(&vol.image, &key, None, false)?;
+                }
                 reg.put_tombstone(&Tombstone {
                     image_id: vol.image_id.clone(),
                     image_name: vol.image.name().to_string(),
@@ -705,18 +717,10 @@ impl Engine {
                     }
                 }
                 if rec.mode == super::journal_mode::MODE {
-                    let added = rec.features_added.unwrap_or(0);
-                    super::journal_mode::disable_journal_primary(&vol.image, added)?;
-                    // Journaling that stays on (it was on before Enable)
-                    // must not stay demoted: librbd would refuse every
-                    // writer of the image for good.
-                    if rec.role == Role::Demoted
-                        && added & ceph::features::JOURNALING == 0
-                        && super::journal_roles::local_demotion(vol.ioctx(), &vol.image_id, &key)?
-                            .is_some()
-                    {
-                        super::journal_roles::promote_journal(&vol.image, &key, None, false)?;
-                    }
+                    super::journal_mode::disable_journal_primary(
+                        &vol.image,
+                        rec.features_added.unwrap_or(0),
+                    )?;
                 }
                 reg.remove(&rec)?;
                 reg.announce();
