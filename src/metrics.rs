@@ -152,6 +152,8 @@ pub struct JournalProgress {
     pub caught_up: Option<chrono::DateTime<chrono::Utc>>,
     /// Object sets the replica is behind the primary's active set.
     pub sets_behind: Option<u64>,
+    /// Bytes of the primary's journal not replayed yet (an estimate).
+    pub bytes_behind: Option<u64>,
 }
 
 /// The metrics of one process. Shared as an `Arc`; every method is cheap
@@ -175,6 +177,7 @@ pub struct Metrics {
     journal_caught_up: Family<ImageLabels, FloatGauge>,
     journal_resyncs: Counter,
     journal_behind: Family<ImageLabels, Gauge>,
+    journal_bytes_behind: Family<ImageLabels, Gauge>,
     /// Images with per-image series, for [`Metrics::retain_images`].
     images: Mutex<HashSet<ImageLabels>>,
 }
@@ -225,6 +228,7 @@ impl Metrics {
             journal_caught_up: Family::default(),
             journal_resyncs: Counter::default(),
             journal_behind: Family::default(),
+            journal_bytes_behind: Family::default(),
             images: Mutex::default(),
             registry: Registry::default(),
         };
@@ -324,6 +328,13 @@ impl Metrics {
             "Journal object sets the replica is behind the primary's active set (journal mode)",
             m.journal_behind.clone(),
         );
+        registry.register_with_unit(
+            "journal_behind",
+            "Bytes of the primary's journal the replica has not replayed yet, padding \
+             included (journal mode)",
+            Unit::Bytes,
+            m.journal_bytes_behind.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -341,6 +352,11 @@ impl Metrics {
         self.journal_bytes.get_or_create(img).inc_by(p.io_bytes);
         if let Some(b) = p.sets_behind {
             self.journal_behind.get_or_create(img).set(gauge_i64(b));
+        }
+        if let Some(b) = p.bytes_behind {
+            self.journal_bytes_behind
+                .get_or_create(img)
+                .set(gauge_i64(b));
         }
         if let Some(t) = p.caught_up {
             self.journal_caught_up
@@ -435,6 +451,7 @@ impl Metrics {
         self.journal_bytes.remove(img);
         self.journal_caught_up.remove(img);
         self.journal_behind.remove(img);
+        self.journal_bytes_behind.remove(img);
         for s in REPLICA_STATES {
             self.state.remove(&state_labels(img, s));
         }

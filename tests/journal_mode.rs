@@ -6,7 +6,10 @@
 //! bench` and small writes; a restarted site-b sidecar resumes without a
 //! new bootstrap; Disable unregisters the client and turns journaling off.
 //! The lag of a single write and the catch-up after `rbd bench` are logged
-//! (never asserted).
+//! (never asserted). Roles: a relocation there and back (demote, planned
+//! promote, the old primary a replica by itself), and a forced failover
+//! followed by a resync and a failback, with checksums at every switch and
+//! the journal tags, clients and features as librbd and `rbd` see them.
 
 mod common;
 
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use csi_rbd_replicator::ceph::{self, Image};
 use csi_rbd_replicator::grpc::proto::replication::get_volume_replication_info_response::Status as Health;
-use csi_rbd_replicator::journal::{ClientData, Journal, MirrorPeerState};
+use csi_rbd_replicator::journal::{ClientData, Journal, MirrorPeerState, TagData};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
@@ -257,26 +260,7 @@ async fn journal_mode_replicates_resumes_and_disables() {
     );
     assert_eq!(our_clients(&pool, name).len(), 1);
 
-    // Role changes are not served in journal mode yet: a clear refusal
-    // on both sides, and replication goes on (Promote of the primary is
-    // idempotent).
-    let mut cb = b2.controller().await;
-    let e = cb
-        .promote_volume(req::promote(Site::B, &vid, false))
-        .await
-        .expect_err("promote of a journal replica");
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("journal"), "{e:?}");
-    let e = cb
-        .resync_volume(req::resync(Site::B, &vid, false))
-        .await
-        .expect_err("resync of a journal replica");
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
-    let e = ca
-        .demote_volume(req::demote(Site::A, &vid, false))
-        .await
-        .expect_err("demote of a journal primary");
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    // Promote of the primary is idempotent; replication goes on.
     ca.promote_volume(req::promote(Site::A, &vid, false))
         .await
         .expect("promote of the primary");
@@ -360,6 +344,14 @@ async fn journal_replica_too_far_behind_is_resynced() {
     );
     assert_eq!(our_clients(&pool, name).len(), 1);
 
+    // Demoted, then disabled with no site primary: journaling (on before
+    // Enable) stays on, and the journal is promoted back, or librbd would
+    // refuse every writer of the image for good.
+    ca.demote_volume(req::demote(Site::A, &vid, false))
+        .await
+        .expect("demote");
+    assert_eq!(newest_tag(&pool, Site::A, name).1.mirror_uuid, "<orphan>");
+    assert_librbd_refuses_writes(&pool, Site::A, name);
     ca.disable_volume_replication(req::disable(Site::A, &vid))
         .await
         .expect("disable");
@@ -373,5 +365,421 @@ async fn journal_replica_too_far_behind_is_resynced() {
         0,
         "journaling turned off: {f:#x}"
     );
+    assert_eq!(newest_tag(&pool, Site::A, name).1.mirror_uuid, "");
+    bench(&pool, name, "64K");
     drop(b2);
+}
+
+/// Waits until `from`'s export of the image equals the other site's (the
+/// primary `from` is quiesced by the caller); returns the checksum.
+async fn wait_equal_from(pool: &TestPool, from: Site, name: &str) -> String {
+    let spec = format!("{}/{name}", pool.name);
+    let want = checksum(from, &spec);
+    let to = from.other();
+    let t = Instant::now();
+    let mut last = String::new();
+    while t.elapsed() < LONG {
+        if Image::open_read_only(&pool.ioctx(to), name, None).is_ok() {
+            last = checksum(to, &spec);
+            if last == want {
+                return want;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!(
+        "{} never equalled {} ({want} != {last})",
+        to.id(),
+        from.id()
+    );
+}
+
+/// The journal of `name` on `site`, when it has one.
+fn journal_of(pool: &TestPool, site: Site, name: &str) -> Option<Journal> {
+    let io = pool.ioctx(site);
+    let id = Image::open_read_only(&io, name, None).ok()?.id().unwrap();
+    Journal::open(&io, &id).ok()
+}
+
+/// The newest tag of librbd's client `""` in `name`'s journal on `site`,
+/// decoded.
+fn newest_tag(pool: &TestPool, site: Site, name: &str) -> (u64, TagData) {
+    let j = journal_of(pool, site, name).expect("a journal");
+    let t = j.tags("", 0, None).unwrap().pop().expect("a tag");
+    (t.tid, t.tag_data().unwrap())
+}
+
+fn features_of(pool: &TestPool, site: Site, name: &str) -> u64 {
+    Image::open_read_only(&pool.ioctx(site), name, None)
+        .unwrap()
+        .features()
+        .unwrap()
+}
+
+fn role_of(pool: &TestPool, site: Site, name: &str) -> String {
+    registry_record(&pool.ioctx(site), name)
+        .map(|r| r["role"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+/// librbd refuses writers of an image demoted in its journal: `rbd bench`
+/// cannot take the lock ("local image not promoted", EPERM).
+fn assert_librbd_refuses_writes(pool: &TestPool, site: Site, name: &str) {
+    let o = rbd(
+        site,
+        &[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4K",
+            "--io-total",
+            "4K",
+            &format!("{}/{name}", pool.name),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "librbd let a writer in on {}",
+        site.id()
+    );
+    assert!(err.contains("not permitted"), "{err}");
+}
+
+fn write_on(pool: &TestPool, site: Site, name: &str, writes: &[(u64, usize)], seed: u64) {
+    let img = Image::open(&pool.ioctx(site), name).unwrap();
+    write(&img, writes, seed);
+    img.flush().unwrap();
+}
+
+/// Demote on `from`, planned promote on the other site (retried while the
+/// replica still replays up to the demotion), the old primary a replica by
+/// itself; checks the tags and clients on both sides, and that both sides
+/// are equal at the switch.
+async fn relocate(pool: &TestPool, name: &str, from: (&Sidecar, Site), to: (&Sidecar, Site)) {
+    let vid = format!("{}/{name}", pool.name);
+    let before = checksum(from.1, &vid);
+    let snaps = sync_snaps_in(&pool.ioctx(to.1), name);
+    from.0
+        .controller()
+        .await
+        .demote_volume(req::demote(from.1, &vid, false))
+        .await
+        .expect("demote");
+    let rec = registry_record(&pool.ioctx(from.1), name).unwrap();
+    assert_eq!(rec["role"], "demoted", "{rec}");
+    let (dtag, d) = newest_tag(pool, from.1, name);
+    assert_eq!(d.mirror_uuid, "<orphan>", "{d:?}");
+    assert_eq!(d.predecessor.mirror_uuid, "", "{d:?}");
+    assert_eq!(
+        rec["demotion_snap"].as_str(),
+        Some(format!("journal-tag.{dtag}").as_str())
+    );
+    assert_librbd_refuses_writes(pool, from.1, name);
+    // Demote again: idempotent, the same demotion.
+    from.0
+        .controller()
+        .await
+        .demote_volume(req::demote(from.1, &vid, false))
+        .await
+        .expect("demote again");
+    assert_eq!(newest_tag(pool, from.1, name).0, dtag);
+
+    let t = Instant::now();
+    promote_planned(to.0, &vid, LONG).await;
+    eprintln!(
+        "relocation {} -> {}: planned promote answered {:.2}s after the demotion",
+        from.1.id(),
+        to.1.id(),
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(role_of(pool, to.1, name), "primary");
+    assert_ne!(
+        features_of(pool, to.1, name) & ceph::features::JOURNALING,
+        0
+    );
+    // The new primary's journal: the peer's demotion recorded as an
+    // orphan epoch, then librbd's orderly promotion linked to it.
+    let (ptag, p) = newest_tag(pool, to.1, name);
+    assert_eq!(p.mirror_uuid, "", "{p:?}");
+    assert_eq!(p.predecessor.mirror_uuid, "<orphan>", "{p:?}");
+    assert!(p.predecessor.commit_valid);
+    assert_eq!(p.predecessor.entry_tid, 1);
+    let j = journal_of(pool, to.1, name).unwrap();
+    let o = j
+        .tag(p.predecessor.tag_tid)
+        .unwrap()
+        .expect("the orphan epoch")
+        .tag_data()
+        .unwrap();
+    assert_eq!(o.mirror_uuid, "<orphan>");
+    assert_eq!(o.predecessor.mirror_uuid, admin(from.1).fsid());
+    assert_eq!(o.predecessor.tag_tid, dtag);
+    assert!(ptag > p.predecessor.tag_tid);
+    // `rbd journal status` lists the old primary's client.
+    let st = rbd_ok(
+        to.1,
+        &["journal", "status", "--pool", &pool.name, "--image", name],
+    );
+    assert!(
+        st.contains(&format!("csirr-{}", admin(from.1).fsid())),
+        "{st}"
+    );
+    // Equal at the switch: the old primary becomes a replica with no copy.
+    assert_eq!(checksum(to.1, &vid), before, "the new primary differs");
+    wait_until("the old primary a replica", LONG, || {
+        role_of(pool, from.1, name) == "secondary"
+    })
+    .await;
+    assert_eq!(
+        features_of(pool, from.1, name) & ceph::features::JOURNALING,
+        0,
+        "a replica keeps no journal"
+    );
+    assert_eq!(checksum(from.1, &vid), before);
+    // No bootstrap: the new primary got no sync snapshot.
+    assert_eq!(sync_snaps_in(&pool.ioctx(to.1), name), snaps);
+}
+
+/// A relocation site-a -> site-b -> site-a with writes in between; both
+/// sides are equal at each switch and after each site's writes; Disable on
+/// the final primary unregisters the clients and turns off what Enable
+/// turned on, and the replica goes to the trash.
+#[tokio::test]
+async fn journal_mode_relocates_both_ways() {
+    let pool = TestPool::new("jreloc");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let aio = pool.ioctx(Site::A);
+    let name = "rvol";
+    let vid = format!("{}/{name}", pool.name);
+    ceph::rbd::create(
+        &aio,
+        name,
+        32 * MIB,
+        &ceph::CreateOptions {
+            features: Some(ceph::features::LAYERING),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    write_on(&pool, Site::A, name, &[(0, 1 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("mirroringMode", "journal")]))
+        .await
+        .expect("enable in journal mode");
+    wait_until("a replica", LONG, || {
+        registry_record(&pool.ioctx(Site::B), name)
+            .is_some_and(|r| r["journal"].get("skip_until").is_none() && !r["journal"].is_null())
+    })
+    .await;
+    write_on(
+        &pool,
+        Site::A,
+        name,
+        &[(3 * MIB, 64 << 10), (20 * MIB, 4096)],
+        2,
+    );
+    wait_equal_from(&pool, Site::A, name).await;
+
+    relocate(&pool, name, (&a, Site::A), (&b, Site::B)).await;
+    // site-b's writes reach site-a.
+    write_on(&pool, Site::B, name, &[(5 * MIB, 128 << 10), (0, 4096)], 3);
+    discard(
+        &Image::open(&pool.ioctx(Site::B), name).unwrap(),
+        20 * MIB,
+        64 << 10,
+    );
+    wait_equal_from(&pool, Site::B, name).await;
+    let info = wait_synced(&b, &vid, LONG).await;
+    assert!(info.last_sync_time.is_some(), "{info:?}");
+    // Resync of a replica that became one by itself: ready, no copy.
+    resync_until_ready(&a, &vid, false, LONG).await;
+    // The `status` command agrees on both sites.
+    let image_in = |site: Site| {
+        let st = json(&cli(
+            "status",
+            site,
+            &["--pool", &pool.name, "--verbose", "--json"],
+        ));
+        st["pools"][0]["images"]
+            .as_array()
+            .and_then(|v| v.iter().find(|i| i["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{name} not in the status of {}: {st}", site.id()))
+    };
+    assert_eq!(image_in(Site::B)["role"], "primary");
+    // The replica reports the journal bytes it has left to replay: none.
+    wait_until("site-a reporting nothing left to replay", LONG, || {
+        image_in(Site::B)["replicas"][0]["bytes_pending"] == 0
+    })
+    .await;
+    let on_a = image_in(Site::A);
+    assert_eq!(on_a["role"], "secondary", "{on_a}");
+    let b_id = Image::open_read_only(&pool.ioctx(Site::B), name, None)
+        .unwrap()
+        .id()
+        .unwrap();
+    assert_eq!(on_a["primary"]["image_id"], b_id.as_str(), "{on_a}");
+
+    relocate(&pool, name, (&b, Site::B), (&a, Site::A)).await;
+    write_on(&pool, Site::A, name, &[(7 * MIB, 64 << 10)], 4);
+    wait_equal_from(&pool, Site::A, name).await;
+    let mut healthy = false;
+    for _ in 0..100 {
+        let i = a
+            .controller()
+            .await
+            .get_volume_replication_info(info_req(Site::A, &vid))
+            .await
+            .unwrap()
+            .into_inner();
+        if i.status == Health::Healthy as i32 {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(healthy, "never healthy after the relocations");
+
+    // Disable on the final primary (site-a): its journal loses our
+    // clients, journaling goes off (Enable turned it on), the replica goes
+    // to the trash.
+    a.controller()
+        .await
+        .disable_volume_replication(req::disable(Site::A, &vid))
+        .await
+        .expect("disable");
+    assert!(our_clients(&pool, name).is_empty());
+    assert_eq!(
+        features_of(&pool, Site::A, name) & ceph::features::JOURNALING,
+        0
+    );
+    wait_until("the replica trashed", LONG, || {
+        Image::open_read_only(&pool.ioctx(Site::B), name, None).is_err()
+    })
+    .await;
+    write_on(&pool, Site::A, name, &[(0, 4096)], 5);
+}
+
+/// Forced failover to site-b with site-a's sidecar stopped (site-a still
+/// primary, not demoted), writes on both sides (a split-brain), then
+/// site-a demoted and resynced with force from site-b, then failed back by
+/// a planned relocation; checksums at each step.
+#[tokio::test]
+async fn journal_mode_forced_failover_resync_and_failback() {
+    let pool = TestPool::new("jfail");
+    let mut a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let aio = pool.ioctx(Site::A);
+    let name = "fvol";
+    let vid = format!("{}/{name}", pool.name);
+    ceph::rbd::create(
+        &aio,
+        name,
+        32 * MIB,
+        &ceph::CreateOptions {
+            features: Some(ceph::features::LAYERING | ceph::features::EXCLUSIVE_LOCK),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    write_on(&pool, Site::A, name, &[(0, 1 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("mirroringMode", "journal")]))
+        .await
+        .expect("enable in journal mode");
+    write_on(&pool, Site::A, name, &[(2 * MIB, 64 << 10)], 2);
+    let agreed = wait_equal_from(&pool, Site::A, name).await;
+
+    // Failover: site-a's sidecar is gone; site-b takes over by force.
+    a.stop();
+    let mut cb = b.controller().await;
+    let e = cb
+        .promote_volume(req::promote(Site::B, &vid, false))
+        .await
+        .expect_err("a planned promotion while site-a is primary");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    cb.promote_volume(req::promote(Site::B, &vid, true))
+        .await
+        .expect("forced promotion");
+    assert_eq!(role_of(&pool, Site::B, name), "primary");
+    assert_eq!(checksum(Site::B, &vid), agreed, "not at the last entry");
+    // librbd's forced promotion: an epoch no peer links to.
+    let (_, p) = newest_tag(&pool, Site::B, name);
+    assert_eq!(p.mirror_uuid, "");
+    assert_eq!(p.predecessor.mirror_uuid, "");
+    assert_eq!(p.predecessor.entry_tid, 0);
+    // Split brain: both sides written.
+    write_on(&pool, Site::A, name, &[(9 * MIB, 64 << 10)], 3);
+    write_on(&pool, Site::B, name, &[(4 * MIB, 64 << 10)], 4);
+
+    // site-a's sidecar back: both report the split-brain; nothing copied.
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let mut ca = a.controller().await;
+    let mut seen = false;
+    for _ in 0..150 {
+        let i = cb
+            .get_volume_replication_info(info_req(Site::B, &vid))
+            .await
+            .unwrap()
+            .into_inner();
+        if i.status == Health::Error as i32 {
+            assert!(
+                i.status_message.contains("split-brain"),
+                "{}",
+                i.status_message
+            );
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen, "site-b never reported the split-brain");
+    assert_eq!(role_of(&pool, Site::A, name), "primary");
+
+    // Failback: demote site-a, resync it (refused without force), then it
+    // equals site-b.
+    ca.demote_volume(req::demote(Site::A, &vid, false))
+        .await
+        .expect("demote site-a");
+    let e = ca
+        .resync_volume(req::resync(Site::A, &vid, false))
+        .await
+        .expect_err("resync without force");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("split-brain"), "{e:?}");
+    let t = Instant::now();
+    resync_until_ready(&a, &vid, true, LONG).await;
+    let b_now = wait_equal_from(&pool, Site::B, name).await;
+    eprintln!(
+        "journal resync after a split-brain: site-a equal {:.2}s after ResyncVolume",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(role_of(&pool, Site::A, name), "secondary");
+    assert_eq!(
+        features_of(&pool, Site::A, name) & ceph::features::JOURNALING,
+        0
+    );
+    // site-b's writes keep flowing.
+    write_on(&pool, Site::B, name, &[(6 * MIB, 4096)], 5);
+    let b_next = wait_equal_from(&pool, Site::B, name).await;
+    assert_ne!(b_now, b_next);
+
+    // Relocate back to site-a, then write there.
+    relocate(&pool, name, (&b, Site::B), (&a, Site::A)).await;
+    write_on(&pool, Site::A, name, &[(10 * MIB, 64 << 10)], 6);
+    wait_equal_from(&pool, Site::A, name).await;
+
+    // Disable on site-a: our clients gone; exclusive-lock was there before
+    // Enable and stays, journaling (added) goes.
+    ca.disable_volume_replication(req::disable(Site::A, &vid))
+        .await
+        .expect("disable");
+    assert!(our_clients(&pool, name).is_empty());
+    let f = features_of(&pool, Site::A, name);
+    assert_eq!(f & ceph::features::JOURNALING, 0, "{f:#x}");
+    assert_ne!(f & ceph::features::EXCLUSIVE_LOCK, 0, "{f:#x}");
 }

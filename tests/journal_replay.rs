@@ -212,8 +212,21 @@ fn journal_replay_makes_the_replica_equal_and_resumes_after_its_commit() {
         ReplayConfig::default(),
     )
     .unwrap();
+    // Everything is left to replay: at least the entries' bytes.
+    let before = r.bytes_behind().unwrap();
     let n1 = r.replay_available().unwrap();
     let took = t.elapsed();
+    // Each entry is framed with 33 bytes.
+    assert!(
+        before >= r.stats().entries * 33 && before > 0,
+        "bytes behind before the replay: {before}, entries in it: {}",
+        r.stats().entries
+    );
+    assert_eq!(
+        r.bytes_behind().unwrap(),
+        0,
+        "bytes behind after the replay"
+    );
     let stats = r.stats();
     let rstats = r.reader_stats();
     eprintln!(

@@ -582,6 +582,20 @@ impl IoCtx {
         Ok(usize::try_from(n).unwrap_or(0).min(buf.len()))
     }
 
+    /// The size of object `oid`. `NotFound` when it does not exist.
+    /// Blocking.
+    pub fn stat(&self, oid: &str) -> Result<u64> {
+        let o = cstring(oid, "rados_stat")?;
+        let mut size: u64 = 0;
+        let mut mtime: sys::time_t = 0;
+        // SAFETY: ioctx is live; o is NUL-terminated and valid for the call;
+        // size and mtime are writable locals that librados fills before the
+        // synchronous call returns.
+        let ret = unsafe { sys::rados_stat(self.raw(), o.as_ptr(), &mut size, &mut mtime) };
+        check(ret, "rados_stat", || format!("{}/{oid}", self.spec()))?;
+        Ok(size)
+    }
+
     /// Removes object `oid`.
     pub fn remove(&self, oid: &str) -> Result<()> {
         let o = cstring(oid, "rados_remove")?;

@@ -21,8 +21,8 @@
 //! - **Disable** (primary side, [`disable_journal_primary`]): unregisters
 //!   this replicator's clients and turns off the features Enable turned on.
 //!
-//! Roles (promote, demote, resync) are not served in journal mode yet; the
-//! RPCs answer FAILED_PRECONDITION ([`EngineError::NotInJournalMode`]).
+//! Roles (promote, demote, resync) are in [`super::journal_roles`]: librbd's
+//! journal tags record who is primary.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -148,15 +148,6 @@ pub fn disable_journal_primary(img: &Image, added: u64) -> Result<()> {
     Ok(())
 }
 
-/// The answer to a role change on a journal-mode image.
-pub fn roles_refused(volume: &str, rpc: &str) -> EngineError {
-    EngineError::NotInJournalMode(format!(
-        "{rpc} is not served for volume {volume} replicated in mirroringMode journal yet \
-         (replication goes on); to fail over, disable replication on the primary and use the \
-         replica as a normal image, or replicate the volume in mirroringMode snapshot"
-    ))
-}
-
 fn journal_err(e: JournalError, what: &str) -> EngineError {
     match e {
         JournalError::Ceph(source) => Err::<(), _>(source)
@@ -176,6 +167,8 @@ struct Progress {
     metered: ReplayStats,
     /// Object sets behind the primary's active set, as last checked.
     sets_behind: Option<u64>,
+    /// Bytes of the primary's journal not replayed yet, as last checked.
+    bytes_behind: Option<u64>,
     last_report: Option<Instant>,
 }
 
@@ -200,6 +193,8 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
     let local_reg = Registry::new(Arc::clone(&local_io));
     let peer_reg = Registry::new(Arc::clone(&peer_io));
     let fsid = local.fsid().to_string();
+    // Journal bytes left to replay, as last measured (the loop sets it).
+    let pending = std::cell::Cell::new(None::<u64>);
     let report = |st: ReplayState, message: String, last: Option<SyncPoint>, rate: Option<u64>| {
         let s = ReplicaStatus {
             replica_fsid: fsid.clone(),
@@ -208,7 +203,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             percent: None,
             syncing_snap: None,
             last_sync: last,
-            bytes_pending: None,
+            bytes_pending: pending.get(),
             bytes_per_sec: rate,
             updated_at: Utc::now(),
         };
@@ -222,19 +217,55 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         Journal::open(&peer_io, &job.primary.image_id).map_err(|e| journal_err(e, &key))?;
 
     let mut rec = replica_record(&local_io, &local_reg, job)?;
-    if let Some(r) = &rec
+    if let Some(r) = rec.clone()
         && r.role != Role::Secondary
     {
-        report(
-            ReplayState::Stopped,
-            format!(
-                "{key} is {:?} on the replica's site; journal mode does not change roles yet",
-                r.role
-            ),
-            None,
-            None,
-        );
-        return Ok(());
+        match (r.role, job.primary.role) {
+            // A finished relocation: the peer is demoted, this side primary.
+            (Role::Primary, Role::Demoted) => return Ok(()),
+            (Role::Primary, _) => {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "split-brain: {key} is primary on both sites; nothing is replayed or \
+                     overwritten. Decide which site keeps its data, demote the other one and \
+                     resync it (ResyncVolume with force)"
+                )));
+            }
+            (Role::Demoted, Role::Primary) => {
+                match engine.journal_adopt_linked(
+                    &local_io,
+                    &local_reg,
+                    &r,
+                    &journal,
+                    job.peer.fsid(),
+                    &job.primary.image_id,
+                    &key,
+                )? {
+                    Some(adopted) => rec = Some(adopted),
+                    None => {
+                        report(
+                            ReplayState::Stopped,
+                            format!(
+                                "{key} is demoted on the replica's site and the new primary's \
+                                 journal does not link to its demotion (a forced promotion): it \
+                                 waits for ResyncVolume with force"
+                            ),
+                            None,
+                            None,
+                        );
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {
+                report(
+                    ReplayState::Stopped,
+                    format!("{key} is demoted on both sites; waiting for one to be promoted"),
+                    None,
+                    None,
+                );
+                return Ok(());
+            }
+        }
     }
     let registered = journal.client(&client).map_err(|e| journal_err(e, &key))?;
     let bootstrapped = rec.as_ref().is_some_and(|r| r.journal.is_some())
@@ -307,9 +338,12 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         base: replayer.stats(),
         metered: replayer.stats(),
         sets_behind: None,
+        bytes_behind: None,
         last_report: None,
     };
     let mut last_check = Instant::now();
+    let mut generation = slot.generation();
+    let mut demoted_at = rec.journal.as_ref().and_then(|j| j.demoted_at);
     loop {
         if cancelled() || slot.cancelled() {
             return Ok(());
@@ -321,6 +355,13 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 return Ok(());
             }
             p.sets_behind = sets_behind(replayer.journal(), &client, &key)?;
+            p.bytes_behind = match replayer.bytes_behind() {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::debug!(image = %key, error = %e, "cannot size what is left to replay");
+                    None
+                }
+            };
             if let Some(behind) = p
                 .sets_behind
                 .filter(|&b| b > engine.cfg.journal_max_sets_behind)
@@ -341,8 +382,38 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             std::thread::sleep(IDLE_POLL);
             continue;
         };
+        if slot.generation() != generation {
+            // A role change ran meanwhile: replay on only if the image is
+            // still this primary's replica.
+            generation = slot.generation();
+            let now = local_reg.get(&rec.image_id)?;
+            if !now.as_ref().is_some_and(|r| {
+                r.role == Role::Secondary
+                    && r.journal.is_some()
+                    && r.primary
+                        .as_ref()
+                        .is_some_and(|p| p.image_id == job.primary.image_id)
+            }) {
+                tracing::info!(image = %key, role = ?now.map(|r| r.role), "a role change took the image; journal replay stops");
+                return Ok(());
+            }
+        }
         let t0 = Utc::now();
         let n = replayer.replay_available()?;
+        if replayer.demoted() != demoted_at {
+            // Recorded under the slot: a planned promotion reads it.
+            let mut r = local_reg.get(&rec.image_id)?.ok_or_else(|| {
+                EngineError::Internal(format!("replica {key} lost its registry record"))
+            })?;
+            if let Some(j) = r.journal.as_mut() {
+                j.demoted_at = replayer.demoted();
+            }
+            local_reg.put(&mut r)?;
+            demoted_at = replayer.demoted();
+            if let Some(t) = demoted_at {
+                tracing::info!(image = %key, tag = t, "the primary was demoted; the replica holds everything it wrote");
+            }
+        }
         drop(guard);
         if n == 0 {
             if p.caught_up.is_none() {
@@ -358,6 +429,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 io_bytes: stats.io_bytes - p.metered.io_bytes,
                 caught_up: p.caught_up,
                 sets_behind: p.sets_behind,
+                bytes_behind: p.bytes_behind,
             },
         );
         p.metered = stats;
@@ -367,8 +439,18 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             let behind = p
                 .sets_behind
                 .map(|b| format!(", {b} object sets behind the primary's active set"))
-                .unwrap_or_default();
+                .unwrap_or_default()
+                + &p.bytes_behind
+                    .map(|b| format!(", {b} journal bytes to replay"))
+                    .unwrap_or_default();
             let (state, msg) = match (n, replayer.skipping()) {
+                (0, false) if demoted_at.is_some() => (
+                    ReplayState::Idle,
+                    format!(
+                        "journal: the primary was demoted; replayed up to its demotion (tag {})",
+                        demoted_at.unwrap_or_default()
+                    ),
+                ),
                 (_, true) => (
                     ReplayState::Syncing,
                     "journal: skipping what the bootstrap copied".to_string(),
@@ -392,6 +474,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 duration_ms: 0,
                 bytes: stats.io_bytes,
             });
+            pending.set(p.bytes_behind);
             report(state, msg, last, Some(rate));
             p.last_report = Some(Instant::now());
             p.since = Instant::now();
@@ -503,9 +586,10 @@ fn still_wanted(peer_reg: &Registry, job: &Job) -> Result<bool> {
     {
         return Ok(false);
     }
+    // A demoted primary still has its demotion to deliver.
     Ok(peer_reg
         .get(&job.primary.image_id)?
-        .is_some_and(|r| r.role == Role::Primary && r.mode == MODE))
+        .is_some_and(|r| matches!(r.role, Role::Primary | Role::Demoted) && r.mode == MODE))
 }
 
 /// The replica's record, if the replica exists.
@@ -585,7 +669,12 @@ fn bootstrap(
     rec.journal = Some(JournalReplica {
         client_id: client.to_string(),
         skip_until: Some(snap.clone()),
+        demoted_at: None,
     });
+    // The features the volume's Enable added travel with the volume: a
+    // promotion of this replica keeps them, so that Disable on the new
+    // primary turns exactly those off.
+    rec.features_added = Some(job.primary.features_added.unwrap_or(0));
     local_reg.put(&mut rec)?;
     journal
         .update_client_data(

@@ -196,6 +196,10 @@ pub struct JournalReplayer {
     /// Set when the skip ended and its hook has not run yet.
     on_skip_passed: Option<SkipPassed>,
     skip_passed: bool,
+    /// The tag of the last entry applied when that entry is the
+    /// `DemotePromote` of a demotion (a tag owned by `<orphan>`): the
+    /// primary was demoted and the replica holds everything before it.
+    demoted: Option<u64>,
 }
 
 impl std::fmt::Debug for JournalReplayer {
@@ -261,6 +265,7 @@ impl JournalReplayer {
             skip_until: None,
             on_skip_passed: None,
             skip_passed: false,
+            demoted: None,
         })
     }
 
@@ -277,6 +282,20 @@ impl JournalReplayer {
     /// `SnapCreate` not reached yet).
     pub fn skipping(&self) -> bool {
         self.skip_until.is_some()
+    }
+
+    /// The demotion tag when the last entry read is a demotion's
+    /// `DemotePromote` (an `<orphan>` tag, as librbd's demotion writes):
+    /// the primary was demoted and the replica, flushed at the end of each
+    /// [`JournalReplayer::replay_available`], holds everything it wrote.
+    pub fn demoted(&self) -> Option<u64> {
+        self.demoted
+    }
+
+    /// Bytes of the primary's journal not replayed yet (an estimate: see
+    /// [`crate::journal::JournalReader::bytes_behind`]). Blocking.
+    pub fn bytes_behind(&self) -> ReplayResult<u64> {
+        Ok(self.reader.bytes_behind(&self.journal)?)
     }
 
     /// The counters.
@@ -405,6 +424,16 @@ impl JournalReplayer {
             source,
         })?;
         self.drop_ops_of_ended_tags(p.tag_tid);
+        self.demoted = None;
+        if matches!(ev.event, Event::DemotePromote) {
+            let tag = self.journal.tag(p.tag_tid)?;
+            let orphan = tag
+                .and_then(|t| t.tag_data().ok())
+                .is_some_and(|d| d.mirror_uuid == crate::journal::types::ORPHAN_MIRROR_UUID);
+            if orphan {
+                self.demoted = Some(p.tag_tid);
+            }
+        }
         let unsupported = |what: String| ReplayError::Unsupported {
             tag_tid: p.tag_tid,
             entry_tid: p.entry_tid,

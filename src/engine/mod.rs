@@ -16,6 +16,7 @@ pub mod error;
 pub mod group;
 pub mod journal_mode;
 pub mod journal_replay;
+pub mod journal_roles;
 pub mod lease;
 pub mod oplock;
 pub mod pool;

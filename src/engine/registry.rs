@@ -254,6 +254,11 @@ pub struct JournalReplica {
     /// and are skipped. `None` once passed.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub skip_until: Option<String>,
+    /// The primary's demotion (its `<orphan>` tag) once the replay applied
+    /// it: the replica holds everything the primary wrote, and a planned
+    /// promotion may proceed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub demoted_at: Option<u64>,
 }
 
 /// The last role change of an image.

@@ -587,7 +587,9 @@ impl Engine {
     /// `nio`'s pool and namespace) that this process does not hold yet.
     fn hold_demoted(&self, nio: &Arc<IoCtx>, records: &[ImageRecord]) -> Result<()> {
         for rec in records {
-            if rec.role != Role::Demoted {
+            // librbd itself refuses every writer of a journal-mode image
+            // demoted in its journal (its lock included).
+            if rec.role != Role::Demoted || rec.mode == super::journal_mode::MODE {
                 continue;
             }
             let key = image_key(nio.pool(), nio.namespace(), &rec.image_name);

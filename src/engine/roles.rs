@@ -34,10 +34,10 @@ use super::slots::{SlotGuard, image_key};
 use super::{Engine, VolumeRequest};
 
 /// The peer's view of an image: its cluster and its registry record.
-struct PeerImage {
-    cluster: Arc<Cluster>,
-    io: Arc<IoCtx>,
-    rec: Option<ImageRecord>,
+pub(crate) struct PeerImage {
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) io: Arc<IoCtx>,
+    pub(crate) rec: Option<ImageRecord>,
 }
 
 /// How a demoted image relates to the peer's new primary.
@@ -104,13 +104,13 @@ fn change(what: impl Into<String>) -> Option<RoleChange> {
 }
 
 impl Engine {
-    fn key_of(vol: &Resolved) -> String {
+    pub(crate) fn key_of(vol: &Resolved) -> String {
         let io = vol.ioctx();
         image_key(io.pool(), io.namespace(), vol.image.name())
     }
 
     /// Takes the image's slot, stopping the replayer's work on it.
-    fn take_slot(&self, key: &str) -> Result<SlotGuard> {
+    pub(crate) fn take_slot(&self, key: &str) -> Result<SlotGuard> {
         // A running delta stops between submissions, but I/O in flight to
         // an unreachable peer only fails after the operation timeout.
         let wait = self.cfg.op_timeout + Duration::from_secs(10);
@@ -138,7 +138,11 @@ impl Engine {
 
     /// The peer's record of the image, found by the same pool, namespace and
     /// name. Blocking; bounded by the operation timeout.
-    fn peer_record(&self, vol: &Resolved, primary_id: Option<&str>) -> Result<PeerImage> {
+    pub(crate) fn peer_record(
+        &self,
+        vol: &Resolved,
+        primary_id: Option<&str>,
+    ) -> Result<PeerImage> {
         let io = vol.ioctx();
         let peers = self.peers_of_pool(io.pool())?;
         let Some((peer, cluster)) = peers.into_iter().next() else {
@@ -183,14 +187,12 @@ impl Engine {
         let _s = span.enter();
         if rec.role != Role::Primary {
             tracing::info!(role = ?rec.role, "already not primary");
-            self.hold_lock(&key, &vol.image)?;
+            // A journal-mode image demoted in its journal is refused to
+            // every writer by librbd itself (its lock too).
+            if rec.mode != super::journal_mode::MODE {
+                self.hold_lock(&key, &vol.image)?;
+            }
             return Ok(());
-        }
-        if rec.mode == super::journal_mode::MODE {
-            return Err(super::journal_mode::roles_refused(
-                &req.volume.to_string(),
-                "DemoteVolume",
-            ));
         }
         let me = vol.image.ioctx().cluster().instance_id();
         let writers: Vec<String> = vol
@@ -217,6 +219,9 @@ impl Engine {
                     format!(" (exclusive lock held by {})", owners.join(", "))
                 }
             )));
+        }
+        if rec.mode == super::journal_mode::MODE {
+            return self.journal_demote(&vol, &reg, rec, &key, force, &owners);
         }
         // The scheduler stays off the image meanwhile (no sync snapshot of
         // its own racing the demotion snapshot).
@@ -257,7 +262,7 @@ impl Engine {
     /// Breaks the exclusive lock of `img` if a client other than this one
     /// holds it. Best effort: a lock that cannot be broken makes the writes
     /// that follow fail with a clear error instead.
-    fn break_foreign_locks(&self, img: &Image, key: &str) {
+    pub(crate) fn break_foreign_locks(&self, img: &Image, key: &str) {
         for owner in img.lock_owners().unwrap_or_default() {
             match img.lock_break(&owner) {
                 Ok(()) => {
@@ -341,10 +346,7 @@ impl Engine {
             .is_some()
             .then(|| Schedule::of(params));
         if rec.role != Role::Primary && rec.mode == super::journal_mode::MODE {
-            return Err(super::journal_mode::roles_refused(
-                &req.volume.to_string(),
-                "PromoteVolume",
-            ));
+            return self.journal_promote(req, &vol, &reg, rec, force, schedule);
         }
         match rec.role {
             Role::Primary => {
@@ -490,11 +492,8 @@ impl Engine {
         let key = Self::key_of(&vol);
         let span = tracing::info_span!("resync", volume = %req.volume, image = %key, force);
         let _s = span.enter();
-        if rec.role != Role::Primary && rec.mode == super::journal_mode::MODE {
-            return Err(super::journal_mode::roles_refused(
-                &req.volume.to_string(),
-                "ResyncVolume",
-            ));
+        if rec.mode == super::journal_mode::MODE {
+            return self.journal_resync(req, &vol, &reg, rec, force);
         }
         match rec.role {
             Role::Primary => {
@@ -693,6 +692,18 @@ impl Engine {
         self.held.release(&key);
         match rec.role {
             Role::Primary | Role::Demoted => {
+                // A journal-mode image demoted in its journal is promoted
+                // back first: librbd refuses it every change (its
+                // snapshots' removal too), and for good where journaling
+                // stays on (it was on before Enable). No peer took over:
+                // this side holds the data of record.
+                if rec.mode == super::journal_mode::MODE
+                    && rec.role == Role::Demoted
+                    && super::journal_roles::local_demotion(vol.ioctx(), &vol.image_id, &key)?
+                        .is_some()
+                {
+                    super::journal_roles::promote_journal(&vol.image, &key, None, false)?;
+                }
                 reg.put_tombstone(&Tombstone {
                     image_id: vol.image_id.clone(),
                     image_name: vol.image.name().to_string(),
@@ -773,7 +784,12 @@ fn replica_health(
         {
             Err("it replicates another image than the peer's primary".into())
         }
-        _ if rec.last_sync.is_none() => Err("it never completed a sync".into()),
+        _ if rec.mode == super::journal_mode::MODE && rec.journal.is_none() => {
+            Err("it never completed its journal bootstrap".into())
+        }
+        _ if rec.mode != super::journal_mode::MODE && rec.last_sync.is_none() => {
+            Err("it never completed a sync".into())
+        }
         _ => Ok(()),
     }
 }

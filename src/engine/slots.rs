@@ -6,7 +6,7 @@
 //! checks the cancel flag between submissions and drains its in-flight I/O.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub struct Slot {
     busy: AtomicBool,
     cancel: AtomicBool,
+    /// How many times a role change entered (see [`Slot::generation`]).
+    generation: AtomicU64,
 }
 
 /// Held while working on an image; frees the slot on drop.
@@ -41,6 +43,7 @@ impl Slot {
         loop {
             if let Some(g) = self.try_enter() {
                 self.cancel.store(false, Ordering::Release);
+                self.generation.fetch_add(1, Ordering::AcqRel);
                 return Some(g);
             }
             self.cancel.store(true, Ordering::Release);
@@ -55,6 +58,15 @@ impl Slot {
     /// Whether the current holder has been asked to stop.
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Acquire)
+    }
+
+    /// Counts the entries through [`Slot::enter_cancelling`] (role
+    /// changes): a long-lived worker that only holds the slot now and then
+    /// (a journal replay loop) compares it to see whether a role change
+    /// ran while it did not hold the slot, even one that never had to
+    /// cancel it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 }
 

@@ -362,6 +362,55 @@ impl Journal {
         self.update("client_unregister", &e.into_bytes())
     }
 
+    /// cls `get_next_tag_tid`: the tid the next tag will get.
+    pub fn next_tag_tid(&self) -> JournalResult<u64> {
+        self.decode_reply("get_next_tag_tid", &[], |d| d.u64("next_tag_tid"))
+    }
+
+    /// cls `tag_create` of a tag of `tag_class` holding `data` (librbd's
+    /// [`super::TagData`]) with the next tid, retried while another writer
+    /// takes that tid first (`ESTALE`), as libjournal's `allocate_tag`
+    /// does; notifies. Returns the tag.
+    pub fn create_tag(&self, tag_class: u64, data: &[u8]) -> JournalResult<Tag> {
+        let mut tries = 0;
+        loop {
+            let tid = self.next_tag_tid()?;
+            let mut e = Encoder::new();
+            e.u64(tid).u64(tag_class).bytes(data);
+            match self.update("tag_create", &e.into_bytes()) {
+                Ok(()) => {
+                    return Ok(Tag {
+                        tid,
+                        tag_class,
+                        data: data.to_vec(),
+                    });
+                }
+                Err(JournalError::Ceph(e)) if e.errno() == libc::ESTALE && tries < 16 => {
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Appends the framed `entry` ([`super::entry::encode_entry`]) to data
+    /// object `object_number` with cls `append` (Octopus and later; it
+    /// pads as librbd's own appends are padded), as libjournal's recorder
+    /// appends. The object's soft size limit is not enforced: one entry may
+    /// go past it, as a recorder's last append does.
+    pub fn append_entry(&self, object_number: u64, entry: &[u8]) -> JournalResult<()> {
+        let mut e = Encoder::new();
+        e.u64(u64::MAX).bytes(entry);
+        self.data_io.exec(
+            &self.object_oid(object_number),
+            "journal",
+            "append",
+            &e.into_bytes(),
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Trims as librbd's `JournalTrimmer` does: finds the oldest object set
     /// any connected client still needs (the lowest set among its commit
     /// positions; `minimum_set` when one has committed nothing), removes
@@ -407,6 +456,16 @@ impl Journal {
         }
         tracing::debug!(journal = %self.image_id, from = minimum_set, to = keep, "journal trimmed");
         Ok(keep)
+    }
+
+    /// The size of data object `object_number`; `None` when it does not
+    /// exist (not written yet, or trimmed).
+    pub fn data_object_size(&self, object_number: u64) -> JournalResult<Option<u64>> {
+        match self.data_io.stat(&self.object_oid(object_number)) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads data object `object_number` from `offset`, at most `max_len`

@@ -119,6 +119,26 @@ impl JournalReader {
         })
     }
 
+    /// Bytes of the journal this reader has not handed out yet: what its
+    /// cursors have not read of each offset's objects up to the active set
+    /// (a stat per object, padding included), plus what it read and holds
+    /// back. An estimate of how far behind its client is.
+    pub fn bytes_behind(&self, journal: &Journal) -> JournalResult<u64> {
+        let (_, active_set) = journal.object_sets()?;
+        let mut behind: u64 = self.queued_bytes.iter().map(|&b| b as u64).sum();
+        for (o, c) in self.cursors.iter().enumerate() {
+            let last = active_set * self.width + o as u64;
+            let mut obj = c.object_number;
+            while obj <= last {
+                let size = journal.data_object_size(obj)?.unwrap_or(0);
+                let read = if obj == c.object_number { c.offset } else { 0 };
+                behind += size.saturating_sub(read);
+                obj += self.width;
+            }
+        }
+        Ok(behind)
+    }
+
     /// Sets the most bytes read from one object per poll (at least 4 KiB).
     pub fn with_max_read(mut self, max_read: usize) -> Self {
         self.max_read = max_read.max(4096);
