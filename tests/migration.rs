@@ -387,3 +387,93 @@ async fn migration_of_glance_nova_cinder_pools() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("pool mode off"), "{}", text(&o));
 }
+
+/// The switch's downtime with `CSIRR_MIGRATE_IMAGES` images (8 by default;
+/// the README's figure ran 20) in one pool, written until just before the
+/// switch (so the final delta carries the writes since the last sync
+/// point): every image identical at its final sync point (`--verify`, and
+/// `rbd export` for a sample), the downtime printed.
+#[tokio::test]
+async fn migration_switch_downtime_with_many_images() {
+    let n: usize = std::env::var("CSIRR_MIGRATE_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let pool = TestPool::new("migscale");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let aio = pool.ioctx(Site::A);
+    let names: Vec<String> = (0..n).map(|k| format!("disk-{k:02}")).collect();
+    for (k, name) in names.iter().enumerate() {
+        drop(create_image_in(
+            &aio,
+            name,
+            32 * MIB,
+            &[(0, 4 << 20), (16 * MIB, 2 << 20)],
+            100 + k as u64,
+        ));
+    }
+    let pools = [pool.name.as_str()];
+    let o = migrate("start", &a, &b, &pools, &["--schedule", "10s"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(
+        names
+            .iter()
+            .map(|n| (Arc::clone(&aio), n.clone()))
+            .collect(),
+        Arc::clone(&stop),
+    );
+    let stopper = {
+        let stop = Arc::clone(&stop);
+        scopeguard(move || stop.store(true, Ordering::Relaxed))
+    };
+    let mut last = String::new();
+    wait_until("every image ready to switch", LONG, || {
+        let o = migrate("status", &a, &b, &pools, &[]);
+        last = text(&o);
+        o.status.code() == Some(0)
+    })
+    .await;
+    eprintln!("$ migrate status\n{last}");
+    // Writes go on past the first sync points, up to the switch.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(stopper);
+    let rounds = w.join().unwrap();
+    let o = migrate("switch", &a, &b, &pools, &["--verify", "--parallel", "16"]);
+    eprintln!("$ migrate switch --verify --parallel 16\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        t.contains(&format!("switched {n} images site-a -> site-b: downtime ")),
+        "{t}"
+    );
+    assert!(t.contains("every image identical"), "{t}");
+    eprintln!(
+        "MEASURED {n} images, {rounds} write rounds of 256 KiB each: {}",
+        t.lines().last().unwrap_or_default()
+    );
+    for name in [&names[0], &names[n - 1]] {
+        let head = checksum(Site::A, &format!("{}/{name}", pool.name));
+        assert_eq!(
+            checksum(Site::B, &format!("{}/{name}", pool.name)),
+            head,
+            "{name}"
+        );
+    }
+    let o = migrate("cleanup", &a, &b, &pools, &["--remove-source"]);
+    eprintln!("$ migrate cleanup --remove-source\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for name in &names {
+        assert!(
+            Image::open_read_only(&aio, name, None).is_err(),
+            "{name}: the source image is still there"
+        );
+        assert!(
+            registry_record(&pool.ioctx(Site::B), name).is_none(),
+            "{name}"
+        );
+    }
+    let trash = rbd_ok(Site::A, &["trash", "ls", &pool.name]);
+    assert_eq!(trash.lines().count(), n, "{trash}");
+}
