@@ -234,9 +234,22 @@ impl Engine {
     fn pool_mode_candidates(&self, pools: &[String]) -> Result<Vec<Candidate>> {
         let mut out = Vec::new();
         for pool in pools {
-            for io in self.pool_ioctxs(pool, None)? {
-                let Some(settings) = read_settings(&io)? else {
+            // One pool that cannot be read does not hold the others up.
+            let ios = match self.pool_ioctxs(pool, None) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::debug!(pool = %pool, error = %e, "pool mode: cannot list the namespaces");
                     continue;
+                }
+            };
+            for io in ios {
+                let settings = match read_settings(&io) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(pool = %io.spec(), error = %e, "pool mode: cannot read the settings");
+                        continue;
+                    }
                 };
                 let params = settings.params()?;
                 let known: HashSet<String> = Registry::new(Arc::clone(&io))
