@@ -2,7 +2,8 @@
 //! services and the replayer); `verify` compares a volume with its replica;
 //! `status` reads the registries; `pool` drives a running sidecar's admin
 //! API (pool status, promote, demote); `failover` and `failback` drive both
-//! sites' sidecars' admin APIs (`grpc::site_client`).
+//! sites' sidecars' admin APIs (`grpc::site_client`); `migrate` moves pools
+//! to the other cluster through both (`grpc::migrate_client`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
