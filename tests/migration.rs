@@ -126,6 +126,84 @@ async fn pool_mode_replicates_images_created_later() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(role(&aio, "later"), "none");
     assert_eq!(role(&aio, "after"), "primary", "replicated images stay so");
+
+    // A RADOS namespace is enabled on its own: its images replicate, the
+    // default namespace's stay as they are.
+    let ns = "tenant";
+    for site in [Site::A, Site::B] {
+        rbd_ok(
+            site,
+            &[
+                "namespace",
+                "create",
+                "--pool",
+                &pool.name,
+                "--namespace",
+                ns,
+            ],
+        );
+    }
+    let (tna, tnb) = (
+        admin(Site::A).ioctx(&pool.name, ns).unwrap(),
+        admin(Site::B).ioctx(&pool.name, ns).unwrap(),
+    );
+    drop(create_image_in(&tna, "t-0", 8 * MIB, &[(MIB, 1 << 20)], 4));
+    let o = bin()
+        .args([
+            "pool",
+            "enable",
+            &pool.name,
+            "--namespace",
+            ns,
+            "--schedule",
+            "3s",
+        ])
+        .args(["--endpoint", &ep])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!(
+            "{}/{ns}: pool mode on (every 3s), 1 images enrolled now",
+            pool.name
+        )),
+        "{}",
+        text(&o)
+    );
+    drop(create_image_in(
+        &tna,
+        "t-1",
+        8 * MIB,
+        &[(3 * MIB, 1 << 20)],
+        5,
+    ));
+    wait_until("the namespace's new image is enrolled", LONG, || {
+        role(&tna, "t-1") == "primary"
+    })
+    .await;
+    assert_eq!(
+        role(&aio, "later"),
+        "none",
+        "the default namespace is not in pool mode"
+    );
+    for name in ["t-0", "t-1"] {
+        let mut common = None;
+        wait_until(
+            "a sync point of the namespace's image on both sites",
+            LONG,
+            || {
+                let theirs = sync_snaps_in(&tnb, name);
+                common = sync_snaps_in(&tna, name)
+                    .into_iter()
+                    .rev()
+                    .find(|s| theirs.contains(s));
+                common.is_some()
+            },
+        )
+        .await;
+        let at = format!("{}/{ns}/{name}@{}", pool.name, common.unwrap());
+        assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
+    }
 }
 
 /// Writes to `images` until `stop`, holding them open (a running VM).
