@@ -34,6 +34,7 @@ use tonic::transport::Channel;
 use super::admin_client::OpReport;
 use super::proto::admin::{self as pb, admin_client::AdminClient};
 use super::status::code_name;
+use crate::engine::pool_mode::RESERVED_PREFIX;
 use crate::engine::status::fmt_bytes;
 
 /// An admin API client.
@@ -361,6 +362,11 @@ async fn pool_state(c: &mut Client, pool: &str, ns: &str) -> Result<PoolState, S
         .collect();
     let mut images = Vec::new();
     for d in details(c, pool, ns, "source").await? {
+        // Drill images and the like are never replicated (pool mode
+        // leaves them out) and are not the application's.
+        if d.name.starts_with(RESERVED_PREFIX) {
+            continue;
+        }
         let s = by_name.get(d.name.as_str());
         let role = if d.role.is_empty() {
             "none".to_string()
@@ -528,6 +534,9 @@ pub struct SwitchReport {
     pub verify_ms: Option<u64>,
     /// Per-image failures of the demotion or promotion.
     pub failures: Vec<String>,
+    /// Images of the source that were not replicated when it was demoted
+    /// (created after the readiness check): not on the target.
+    pub not_migrated: Vec<String>,
 }
 
 impl SwitchReport {
@@ -563,6 +572,12 @@ impl SwitchReport {
         for f in &self.failures {
             let _ = writeln!(out, "  FAILED {f}");
         }
+        for n in &self.not_migrated {
+            let _ = writeln!(
+                out,
+                "  NOT MIGRATED {n}: not replicated when the source was demoted (created during the switch?)"
+            );
+        }
         let _ = writeln!(
             out,
             "switched {} images {} -> {}: downtime {:.2} s (final sync snapshots {:.2} s, final delta \
@@ -592,6 +607,7 @@ impl SwitchReport {
     pub fn exit_code(&self) -> u8 {
         if self.refused.is_some()
             || !self.failures.is_empty()
+            || !self.not_migrated.is_empty()
             || self.images.iter().any(|i| i.identical == Some(false))
         {
             EXIT_NOT_DONE
@@ -746,6 +762,8 @@ pub async fn switch(
         for d in details(&mut source, pool, ns, "source").await? {
             if d.role == "demoted" {
                 finals.push((pool.clone(), ns.clone(), d.name, d.demotion_snapshot));
+            } else if d.role.is_empty() && !d.name.starts_with(RESERVED_PREFIX) {
+                report.not_migrated.push(spec(pool, ns, &d.name));
             }
         }
     }
@@ -916,9 +934,13 @@ pub async fn cleanup(
             })
             .await
             .map_err(|e| rpc_error(&format!("pool mode off on {}", pool_spec(&pool, &ns)), &e))?;
-        let mut names: Vec<&str> = s.iter().map(|d| d.name.as_str()).collect();
+        let mut names: Vec<&str> = s
+            .iter()
+            .map(|d| d.name.as_str())
+            .filter(|n| !n.starts_with(RESERVED_PREFIX))
+            .collect();
         for d in &t {
-            if !names.contains(&d.name.as_str()) {
+            if !names.contains(&d.name.as_str()) && !d.name.starts_with(RESERVED_PREFIX) {
                 names.push(&d.name);
             }
         }
@@ -1024,6 +1046,10 @@ mod tests {
         );
         assert!(t.contains("every image identical"), "{t}");
         assert_eq!(r.exit_code(), EXIT_OK);
+        r.not_migrated = vec!["cinder/late".into()];
+        assert!(r.render_text().contains("NOT MIGRATED cinder/late"));
+        assert_eq!(r.exit_code(), EXIT_NOT_DONE);
+        r.not_migrated.clear();
         r.images[0].identical = Some(false);
         assert_eq!(r.exit_code(), EXIT_NOT_DONE);
         r.refused = Some("clients".into());
