@@ -2,7 +2,8 @@
 //! services and the replayer); `verify` compares a volume with its replica;
 //! `status` reads the registries; `pool` drives a running sidecar's admin
 //! API (pool status, promote, demote); `failover` and `failback` drive both
-//! sites' sidecars' admin APIs (`grpc::site_client`).
+//! sites' sidecars' admin APIs (`grpc::site_client`); `migrate` moves pools
+//! to the other cluster through both (`grpc::migrate_client`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ use csi_rbd_replicator::grpc::tls::{TlsConfig, TlsError, TlsFiles};
 use csi_rbd_replicator::grpc::volumegroup::VolumeGroupService;
 use csi_rbd_replicator::metrics::Metrics;
 use csi_rbd_replicator::omap;
+
+mod migrate_cli;
 
 #[derive(Parser)]
 #[command(
@@ -81,6 +84,12 @@ enum Cmd {
     /// `stop` removes them. Exit code 0: done, 2: error (nothing created).
     #[command(subcommand)]
     Drill(DrillCmd),
+    /// Migrate whole pools to the other cluster with minimal downtime
+    /// through both sites' sidecars: `start` (one-way pool-mode
+    /// replication), `status`, `switch` (final delta, demote, promote,
+    /// measured downtime), `cleanup`.
+    #[command(subcommand)]
+    Migrate(migrate_cli::MigrateCmd),
 }
 
 #[derive(Subcommand)]
@@ -158,6 +167,12 @@ enum PoolCmd {
     /// Demote every primary image of the pool on this site (replicas are
     /// skipped).
     Demote(PoolDemoteArgs),
+    /// Pool mode on (like `rbd mirror pool enable POOL pool`): every image
+    /// of the pool's namespace is replicated, images created later
+    /// included, with the schedule given. On the primary's site.
+    Enable(migrate_cli::PoolModeArgs),
+    /// Pool mode off: no new image is enrolled; replicated images stay so.
+    Disable(migrate_cli::PoolModeArgs),
 }
 
 /// The sidecar to talk to and the pool.
@@ -423,6 +438,7 @@ fn main() -> std::process::ExitCode {
             | Cmd::Failover(_)
             | Cmd::Failback(_)
             | Cmd::Drill(_)
+            | Cmd::Migrate(_)
     );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if oneshot { "warn" } else { "info" }));
@@ -468,7 +484,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Serve(a) => rt.block_on(serve(*a)),
         Cmd::Verify(a) => return verify(a),
         Cmd::Status(a) => return status(a),
+        Cmd::Pool(PoolCmd::Enable(a)) => return rt.block_on(migrate_cli::pool_mode(a, true)),
+        Cmd::Pool(PoolCmd::Disable(a)) => return rt.block_on(migrate_cli::pool_mode(a, false)),
         Cmd::Pool(c) => return rt.block_on(pool(c)),
+        Cmd::Migrate(c) => return rt.block_on(migrate_cli::migrate(c)),
         Cmd::Failover(a) => return rt.block_on(site(a, None)),
         Cmd::Failback(a) => return rt.block_on(site(a.site, Some(a.relocate))),
         Cmd::Drill(c) => return rt.block_on(drill(c)),
@@ -739,6 +758,7 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
         PoolCmd::Status(t) => (t, "status"),
         PoolCmd::Promote(a) => (&a.target, "promote"),
         PoolCmd::Demote(a) => (&a.target, "demote"),
+        PoolCmd::Enable(_) | PoolCmd::Disable(_) => unreachable!("dispatched in main"),
     };
     let json = t.json;
     let fail = |msg: String| {
@@ -798,6 +818,7 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
             };
             client.pool_demote(req).await
         }
+        PoolCmd::Enable(_) | PoolCmd::Disable(_) => unreachable!("dispatched in main"),
     };
     let mut stream = match stream {
         Ok(s) => s.into_inner(),

@@ -286,6 +286,10 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
             }
             Err(err) => tracing::error!(error = %err, "scheduler pass panicked"),
         }
+        // Pool mode: the new images of pools in pool mode are enabled.
+        engine
+            .pool_mode_pass(leased.iter().map(|(p, _)| p.clone()).collect())
+            .await;
         while tasks.try_join_next().is_some() {
             trim_due = true;
         }

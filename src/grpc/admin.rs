@@ -22,7 +22,8 @@ use crate::engine::drill::DrillImage;
 use crate::engine::pool::{
     DEFAULT_PARALLEL, ImageOutcome, MAX_PARALLEL, Outcome, PoolOp, validate_image_target,
 };
-use crate::engine::registry::SyncPoint;
+use crate::engine::pool_mode::PoolModeSettings;
+use crate::engine::registry::{Schedule, SyncPoint};
 use crate::engine::status::{ImageStatus, PoolStatus, role_name};
 use crate::engine::{Engine, Health};
 
@@ -273,6 +274,8 @@ fn image_status(i: &ImageStatus) -> pb::ImageStatus {
         bytes_pending: a.bytes_pending,
         interval_seconds: i.interval_seconds,
         rpo_threshold_seconds: a.rpo_threshold_seconds,
+        bytes_per_sec: a.bytes_per_sec,
+        eta_seconds: a.eta_seconds,
     }
 }
 
@@ -428,6 +431,122 @@ impl Admin for AdminService {
         req: Request<pb::DrillRequest>,
     ) -> Result<Response<pb::DrillResponse>, Status> {
         self.drill(req.into_inner(), false).await
+    }
+
+    async fn pool_mode_enable(
+        &self,
+        req: Request<pb::PoolModeRequest>,
+    ) -> Result<Response<pb::PoolModeResponse>, Status> {
+        let r = req.into_inner();
+        let schedule = Schedule {
+            interval: (!r.scheduling_interval.is_empty()).then(|| r.scheduling_interval.clone()),
+            start_time: (!r.scheduling_start_time.is_empty())
+                .then(|| r.scheduling_start_time.clone()),
+        };
+        let (s, n) = self
+            .engine
+            .pool_mode_enable(&r.pool, &r.namespace, schedule, r.label.clone())
+            .await?;
+        let mut out = pool_mode_response(&r, Some(&s));
+        out.images_enrolled = u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(out))
+    }
+
+    async fn pool_mode_disable(
+        &self,
+        req: Request<pb::PoolModeRequest>,
+    ) -> Result<Response<pb::PoolModeResponse>, Status> {
+        let r = req.into_inner();
+        self.engine.pool_mode_disable(&r.pool, &r.namespace).await?;
+        Ok(Response::new(pool_mode_response(&r, None)))
+    }
+
+    async fn pool_mode_get(
+        &self,
+        req: Request<pb::PoolModeRequest>,
+    ) -> Result<Response<pb::PoolModeResponse>, Status> {
+        let r = req.into_inner();
+        let s = self.engine.pool_mode_get(&r.pool, &r.namespace).await?;
+        Ok(Response::new(pool_mode_response(&r, s.as_ref())))
+    }
+
+    async fn image_details(
+        &self,
+        req: Request<pb::SiteImagesRequest>,
+    ) -> Result<Response<pb::ImageDetailsResponse>, Status> {
+        let r = req.into_inner();
+        let ns = pool_request(&r.pool, &r.namespace)?;
+        let images = self.engine.image_details(&r.pool, ns.as_deref()).await?;
+        Ok(Response::new(pb::ImageDetailsResponse {
+            cluster_id: self.engine.config().local_cluster.cluster_id.clone(),
+            pool: r.pool,
+            images: images
+                .into_iter()
+                .map(|i| pb::ImageDetail {
+                    namespace: i.namespace,
+                    name: i.name,
+                    size: i.size,
+                    clone: i.clone,
+                    clients: i.clients,
+                    role: i.role.map(role_name).unwrap_or_default(),
+                    demotion_snapshot: i.demotion_snap.unwrap_or_default(),
+                    newest_sync_snapshot: i.newest_sync_snap.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn image_checksum(
+        &self,
+        req: Request<pb::ImageChecksumRequest>,
+    ) -> Result<Response<pb::ImageChecksumResponse>, Status> {
+        let r = req.into_inner();
+        let c = self
+            .engine
+            .image_checksum(&r.pool, &r.namespace, &r.image, &r.snapshot)
+            .await?;
+        Ok(Response::new(pb::ImageChecksumResponse {
+            sha256: c.sha256,
+            size: c.size,
+        }))
+    }
+
+    async fn image_disable(
+        &self,
+        req: Request<pb::ImageDisableRequest>,
+    ) -> Result<Response<pb::ImageDisableResponse>, Status> {
+        let r = req.into_inner();
+        let removed = self
+            .engine
+            .image_disable(&r.pool, &r.namespace, &r.image, r.force, r.remove)
+            .await
+            .map_err(|e| {
+                let s = Status::from(e);
+                tracing::info!(rpc = "ImageDisable", pool = r.pool, namespace = r.namespace, image = r.image, code = ?s.code(), message = s.message(), "refused");
+                s
+            })?;
+        Ok(Response::new(pb::ImageDisableResponse { removed }))
+    }
+}
+
+/// A namespace's pool-mode settings on the wire (`None`: off).
+fn pool_mode_response(
+    r: &pb::PoolModeRequest,
+    s: Option<&PoolModeSettings>,
+) -> pb::PoolModeResponse {
+    pb::PoolModeResponse {
+        pool: r.pool.clone(),
+        namespace: r.namespace.clone(),
+        enabled: s.is_some(),
+        scheduling_interval: s
+            .and_then(|s| s.schedule.interval.clone())
+            .unwrap_or_default(),
+        scheduling_start_time: s
+            .and_then(|s| s.schedule.start_time.clone())
+            .unwrap_or_default(),
+        label: s.map(|s| s.label.clone()).unwrap_or_default(),
+        enabled_at: s.map(|s| timestamp(s.enabled_at)),
+        images_enrolled: 0,
     }
 }
 

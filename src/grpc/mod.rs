@@ -12,6 +12,7 @@ pub(crate) mod authority;
 pub mod forward;
 pub mod identity;
 pub mod metrics;
+pub mod migrate_client;
 pub mod proto;
 pub mod replication;
 pub mod server;

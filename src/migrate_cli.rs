@@ -1,0 +1,241 @@
+//! The command line of pool mode (`pool enable|disable`) and of pool
+//! migration (`migrate start|status|switch|cleanup`); the orchestration is
+//! in `grpc::migrate_client`, pool mode in `engine::pool_mode`.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use csi_rbd_replicator::grpc::admin_client::connect;
+use csi_rbd_replicator::grpc::migrate_client::{self as mc, Client, EXIT_USAGE, Plan};
+use csi_rbd_replicator::grpc::proto::admin::PoolModeRequest;
+use csi_rbd_replicator::grpc::server::Endpoint;
+
+/// `pool enable|disable`.
+#[derive(clap::Args)]
+pub struct PoolModeArgs {
+    /// The pool.
+    pub pool: String,
+    /// The RBD namespace (default: the pool's default namespace).
+    #[arg(long, default_value = "")]
+    pub namespace: String,
+    /// enable: schedulingInterval of the images enrolled (`^\d+[smhd]$`).
+    #[arg(long, default_value = "5m")]
+    pub schedule: String,
+    /// enable: schedulingStartTime (ISO 8601), optional.
+    #[arg(long, default_value = "")]
+    pub start_time: String,
+    /// The sidecar's endpoint (of the primary's site).
+    #[arg(long, default_value = "unix:///csi/csi-addons.sock")]
+    pub endpoint: Endpoint,
+    /// Print the result (or the error) as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pool enable` (`enable`) or `pool disable`: exit code 0 done, 2 error.
+pub async fn pool_mode(a: PoolModeArgs, enable: bool) -> std::process::ExitCode {
+    let op = if enable { "enable" } else { "disable" };
+    let fail = |msg: String| {
+        if a.json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("csi-rbd-replicator pool {op}: {msg}");
+        std::process::ExitCode::from(EXIT_USAGE)
+    };
+    let mut c = match connect(&a.endpoint).await {
+        Ok(c) => Client::new(c),
+        Err(e) => return fail(e),
+    };
+    let req = PoolModeRequest {
+        pool: a.pool.clone(),
+        namespace: a.namespace.clone(),
+        scheduling_interval: a.schedule.clone(),
+        scheduling_start_time: a.start_time.clone(),
+        label: "pool enable".into(),
+    };
+    let r = if enable {
+        c.pool_mode_enable(req).await
+    } else {
+        c.pool_mode_disable(req).await
+    };
+    let r = match r {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            return fail(format!(
+                "{}: {}",
+                csi_rbd_replicator::grpc::status::code_name(s.code()),
+                s.message()
+            ));
+        }
+    };
+    let target = if r.namespace.is_empty() {
+        r.pool.clone()
+    } else {
+        format!("{}/{}", r.pool, r.namespace)
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "pool": r.pool, "namespace": r.namespace, "enabled": r.enabled,
+                "scheduling_interval": r.scheduling_interval,
+                "scheduling_start_time": r.scheduling_start_time,
+                "images_enrolled": r.images_enrolled,
+            })
+        );
+    } else if enable {
+        println!(
+            "{target}: pool mode on (every {}), {} images enrolled now; images created later are replicated too",
+            r.scheduling_interval, r.images_enrolled
+        );
+    } else {
+        println!("{target}: pool mode off; images already replicated stay replicated");
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// What every `migrate` command names.
+#[derive(clap::Args)]
+pub struct MigrateTarget {
+    /// The cluster ID of the source site (its sidecar is --from-endpoint).
+    #[arg(long)]
+    pub from: String,
+    /// The admin endpoint of the source site's sidecar.
+    #[arg(long)]
+    pub from_endpoint: Endpoint,
+    /// The admin endpoint of the target site's sidecar.
+    #[arg(long)]
+    pub to_endpoint: Endpoint,
+    /// A pool to migrate, `POOL` or `POOL/NAMESPACE`; repeatable.
+    #[arg(long = "pool", required = true)]
+    pub pools: Vec<String>,
+    /// Print the report (or the error) as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `migrate start`.
+#[derive(clap::Args)]
+pub struct MigrateStartArgs {
+    #[command(flatten)]
+    pub target: MigrateTarget,
+    /// schedulingInterval of the sync points while the migration runs.
+    #[arg(long, default_value = "1m")]
+    pub schedule: String,
+    /// Migrate clones as flat copies (parent data included, no parent link
+    /// on the target); without it a pool with clones is refused.
+    #[arg(long)]
+    pub flatten: bool,
+}
+
+/// `migrate switch`.
+#[derive(clap::Args)]
+pub struct MigrateSwitchArgs {
+    #[command(flatten)]
+    pub target: MigrateTarget,
+    /// Images demoted and promoted at once per pool.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: u32,
+    /// How long the promotion waits for the final deltas.
+    #[arg(long, default_value = "10m", value_parser = crate::duration)]
+    pub wait: Duration,
+    /// Compare SHA-256 checksums of every image at its final sync point on
+    /// both sites (after the switch; not part of the downtime).
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// `migrate cleanup`.
+#[derive(clap::Args)]
+pub struct MigrateCleanupArgs {
+    #[command(flatten)]
+    pub target: MigrateTarget,
+    /// Move the source images to the RBD trash (restorable for 7 days).
+    #[arg(long)]
+    pub remove_source: bool,
+}
+
+/// `migrate ...`.
+#[derive(Subcommand)]
+pub enum MigrateCmd {
+    /// Pool mode on the source for every pool: the target replicates every
+    /// image, new ones included. Exit code 0 started, 2 refused or error.
+    Start(MigrateStartArgs),
+    /// Progress per pool and image, ready-to-switch. Exit code 0 ready, 1
+    /// not yet, 2 error.
+    Status(MigrateTarget),
+    /// Demote the source, promote the target after the final delta, print
+    /// the downtime. Refused while clients have source images open. Exit
+    /// code 0 switched, 1 refused or failed, 2 error.
+    Switch(MigrateSwitchArgs),
+    /// End replication after the switch: source images detached (or moved
+    /// to the trash), the target's replication state and sync snapshots
+    /// removed. Exit code 0 done, 1 refused or failed, 2 error.
+    Cleanup(MigrateCleanupArgs),
+}
+
+/// `migrate ...`.
+pub async fn migrate(cmd: MigrateCmd) -> std::process::ExitCode {
+    let (t, op) = match &cmd {
+        MigrateCmd::Start(a) => (&a.target, "start"),
+        MigrateCmd::Status(a) => (a, "status"),
+        MigrateCmd::Switch(a) => (&a.target, "switch"),
+        MigrateCmd::Cleanup(a) => (&a.target, "cleanup"),
+    };
+    let json = t.json;
+    let fail = |msg: String| {
+        if json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("csi-rbd-replicator migrate {op}: {msg}");
+        std::process::ExitCode::from(EXIT_USAGE)
+    };
+    let mut pools = Vec::new();
+    for p in &t.pools {
+        match mc::parse_pool(p) {
+            Ok(p) => pools.push(p),
+            Err(e) => return fail(e),
+        }
+    }
+    let plan = Plan {
+        from: t.from.clone(),
+        pools,
+    };
+    let source = match connect(&t.from_endpoint).await {
+        Ok(c) => Client::new(c),
+        Err(e) => return fail(e),
+    };
+    let target = match connect(&t.to_endpoint).await {
+        Ok(c) => Client::new(c),
+        Err(e) => return fail(e),
+    };
+    fn out<T: serde::Serialize>(json: bool, r: &T, text: String) -> Result<(), String> {
+        if json {
+            let j = serde_json::to_string_pretty(r)
+                .map_err(|e| format!("cannot encode the report: {e}"))?;
+            println!("{j}");
+        } else {
+            print!("{text}");
+        }
+        Ok(())
+    }
+    let res = match &cmd {
+        MigrateCmd::Start(a) => mc::start(source, target, &plan, &a.schedule, a.flatten)
+            .await
+            .and_then(|r| out(json, &r, r.render_text()).map(|()| 0)),
+        MigrateCmd::Status(_) => mc::status(source, target, &plan)
+            .await
+            .and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
+        MigrateCmd::Switch(a) => mc::switch(source, target, &plan, a.parallel, a.wait, a.verify)
+            .await
+            .and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
+        MigrateCmd::Cleanup(a) => mc::cleanup(source, target, &plan, a.remove_source)
+            .await
+            .and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
+    };
+    match res {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(e) => fail(e),
+    }
+}

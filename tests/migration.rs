@@ -1,0 +1,557 @@
+//! Pool mode and pool migration (issues 16 and 17) against the real pair,
+//! through the `pool enable|disable` and `migrate start|status|switch|cleanup`
+//! commands talking to the sidecars' admin APIs.
+//!
+//! Pools of their own (created by the test on both sites, peers
+//! bootstrapped), shaped like the OpenStack seed: "glance" with a base
+//! image and a protected snapshot, "nova" with two clones of it, "cinder"
+//! with volumes; one more cinder volume created after `migrate start`; two
+//! images written while the migration runs. After the switch every image on
+//! the target equals the source at its final sync point (native `rbd
+//! export` checksums, and the switch's own `--verify`), and the downtime the
+//! switch measured is printed.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use csi_rbd_replicator::ceph::Image;
+
+const MIB: u64 = 1 << 20;
+const LONG: Duration = Duration::from_secs(180);
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"))
+}
+
+/// `migrate OP --from site-a --from-endpoint A --to-endpoint B --pool ...`.
+fn migrate(op: &str, a: &Sidecar, b: &Sidecar, pools: &[&str], args: &[&str]) -> Output {
+    let mut c = bin();
+    c.args(["migrate", op, "--from", "site-a"])
+        .arg("--from-endpoint")
+        .arg(format!("unix://{}", a.socket.display()))
+        .arg("--to-endpoint")
+        .arg(format!("unix://{}", b.socket.display()));
+    for p in pools {
+        c.args(["--pool", p]);
+    }
+    c.args(args).output().expect("migrate runs")
+}
+
+fn role(io: &Arc<csi_rbd_replicator::ceph::IoCtx>, name: &str) -> String {
+    registry_record(io, name).map_or("none".into(), |r| r["role"].as_str().unwrap().into())
+}
+
+/// Pool mode on a pool of its own: the images present are enrolled at once,
+/// an image created afterwards is replicated too (checksums at its sync
+/// point), `pool disable` enrolls nothing more, bad input changes nothing.
+#[tokio::test]
+async fn pool_mode_replicates_images_created_later() {
+    let pool = TestPool::new("poolmode");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let _b = Sidecar::start(Site::B, &pool.args()).await;
+    let aio = pool.ioctx(Site::A);
+    drop(create_image_in(&aio, "before", 8 * MIB, &[(0, 1 << 20)], 1));
+    let ep = format!("unix://{}", a.socket.display());
+
+    // Bad input: refused, nothing enrolled.
+    let o = bin()
+        .args([
+            "pool",
+            "enable",
+            &pool.name,
+            "--schedule",
+            "soon",
+            "--endpoint",
+            &ep,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("INVALID_ARGUMENT"), "{}", text(&o));
+    assert_eq!(role(&aio, "before"), "none");
+    let o = bin()
+        .args(["pool", "enable", "no-such-pool", "--endpoint", &ep])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("NOT_FOUND"), "{}", text(&o));
+
+    let o = bin()
+        .args(["pool", "enable", &pool.name, "--schedule", "3s", "--json"])
+        .args(["--endpoint", &ep])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j = json(&o);
+    assert_eq!(j["enabled"], true, "{j}");
+    assert_eq!(j["images_enrolled"], 1, "{j}");
+    assert_eq!(j["scheduling_interval"], "3s", "{j}");
+    assert_eq!(role(&aio, "before"), "primary");
+
+    // Created after pool mode was turned on: the replayer's pass enrolls it.
+    let img = create_image_in(
+        &aio,
+        "after",
+        16 * MIB,
+        &[(MIB, 2 << 20), (9 * MIB, 1 << 20)],
+        2,
+    );
+    drop(img);
+    wait_until("the new image is enrolled", LONG, || {
+        role(&aio, "after") == "primary"
+    })
+    .await;
+    let rec = registry_record(&aio, "after").unwrap();
+    assert_eq!(rec["schedule"]["interval"], "3s", "{rec}");
+    for name in ["before", "after"] {
+        let snap = converged_after(&pool, Site::A, name, None).await;
+        let s = format!("{}/{name}@{snap}", pool.name);
+        assert_eq!(checksum(Site::A, &s), checksum(Site::B, &s), "{s}");
+    }
+
+    // Off: a later image is not enrolled (two passes at --poll-interval 1s
+    // give it every chance).
+    let o = bin()
+        .args(["pool", "disable", &pool.name, "--endpoint", &ep])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("pool mode off"), "{}", text(&o));
+    drop(create_image_in(&aio, "later", 8 * MIB, &[(0, 1 << 20)], 3));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(role(&aio, "later"), "none");
+    assert_eq!(role(&aio, "after"), "primary", "replicated images stay so");
+
+    // A RADOS namespace is enabled on its own: its images replicate, the
+    // default namespace's stay as they are.
+    let ns = "tenant";
+    for site in [Site::A, Site::B] {
+        rbd_ok(
+            site,
+            &[
+                "namespace",
+                "create",
+                "--pool",
+                &pool.name,
+                "--namespace",
+                ns,
+            ],
+        );
+    }
+    let (tna, tnb) = (
+        admin(Site::A).ioctx(&pool.name, ns).unwrap(),
+        admin(Site::B).ioctx(&pool.name, ns).unwrap(),
+    );
+    drop(create_image_in(&tna, "t-0", 8 * MIB, &[(MIB, 1 << 20)], 4));
+    let o = bin()
+        .args([
+            "pool",
+            "enable",
+            &pool.name,
+            "--namespace",
+            ns,
+            "--schedule",
+            "3s",
+        ])
+        .args(["--endpoint", &ep])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!(
+            "{}/{ns}: pool mode on (every 3s), 1 images enrolled now",
+            pool.name
+        )),
+        "{}",
+        text(&o)
+    );
+    drop(create_image_in(
+        &tna,
+        "t-1",
+        8 * MIB,
+        &[(3 * MIB, 1 << 20)],
+        5,
+    ));
+    wait_until("the namespace's new image is enrolled", LONG, || {
+        role(&tna, "t-1") == "primary"
+    })
+    .await;
+    assert_eq!(
+        role(&aio, "later"),
+        "none",
+        "the default namespace is not in pool mode"
+    );
+    for name in ["t-0", "t-1"] {
+        let mut common = None;
+        wait_until(
+            "a sync point of the namespace's image on both sites",
+            LONG,
+            || {
+                let theirs = sync_snaps_in(&tnb, name);
+                common = sync_snaps_in(&tna, name)
+                    .into_iter()
+                    .rev()
+                    .find(|s| theirs.contains(s));
+                common.is_some()
+            },
+        )
+        .await;
+        let at = format!("{}/{ns}/{name}@{}", pool.name, common.unwrap());
+        assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
+    }
+}
+
+/// Writes to `images` until `stop`, holding them open (a running VM).
+fn writer(
+    images: Vec<(Arc<csi_rbd_replicator::ceph::IoCtx>, String)>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let open: Vec<Image> = images
+            .iter()
+            .map(|(io, n)| Image::open(io, n).expect("open"))
+            .collect();
+        let mut k = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            for img in &open {
+                write(img, &[((k % 12) * MIB, 256 << 10)], 7000 + k);
+            }
+            k += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        k
+    })
+}
+
+/// The seed's migration: glance, nova (clones) and cinder from site-a to
+/// site-b with start, status, switch and cleanup, writes until the switch.
+#[tokio::test]
+async fn migration_of_glance_nova_cinder_pools() {
+    let glance = TestPool::new("glance");
+    let nova = TestPool::new("nova");
+    let cinder = TestPool::new("cinder");
+    let all = format!("{},{},{}", glance.name, nova.name, cinder.name);
+    let a = Sidecar::start(Site::A, &["--pools", &all]).await;
+    let b = Sidecar::start(Site::B, &["--pools", &all]).await;
+    let (ga, na, ca) = (
+        glance.ioctx(Site::A),
+        nova.ioctx(Site::A),
+        cinder.ioctx(Site::A),
+    );
+    let pools = [
+        glance.name.as_str(),
+        nova.name.as_str(),
+        cinder.name.as_str(),
+    ];
+
+    // The seed: a glance base image with a snapshot, two nova clones of it
+    // (one with data of its own), two cinder volumes.
+    drop(create_image_in(
+        &ga,
+        "base",
+        32 * MIB,
+        &[(0, 4 << 20), (20 * MIB, 2 << 20)],
+        11,
+    ));
+    let base_snap = format!("{}/base@snap", glance.name);
+    rbd_ok(Site::A, &["snap", "create", &base_snap]);
+    rbd_ok(Site::A, &["snap", "protect", &base_snap]);
+    for vm in ["vm-0", "vm-1"] {
+        rbd_ok(
+            Site::A,
+            &["clone", &base_snap, &format!("{}/{vm}", nova.name)],
+        );
+    }
+    write(&Image::open(&na, "vm-0").unwrap(), &[(MIB, 1 << 20)], 12);
+    for (k, v) in ["vol-0", "vol-1"].iter().enumerate() {
+        drop(create_image_in(
+            &ca,
+            v,
+            16 * MIB,
+            &[(k as u64 * MIB, 3 << 20)],
+            20 + k as u64,
+        ));
+    }
+
+    // Clones without --flatten: refused, naming them, nothing enrolled.
+    let o = migrate("start", &a, &b, &pools, &["--json"]);
+    eprintln!("$ migrate start (no --flatten)\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = json(&o)["error"].as_str().unwrap().to_string();
+    assert!(err.contains(&format!("{}/vm-0", nova.name)), "{err}");
+    assert!(err.contains("--flatten"), "{err}");
+    assert_eq!(role(&ga, "base"), "none");
+    assert_eq!(role(&ca, "vol-0"), "none");
+
+    let o = migrate("start", &a, &b, &pools, &["--flatten", "--schedule", "5s"]);
+    eprintln!("$ migrate start --flatten\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(t.contains("migration site-a -> site-b started"), "{t}");
+    assert!(
+        t.contains(&format!(
+            "{}: pool mode on (every 5s), 2 images, 2 enrolled now",
+            nova.name
+        )),
+        "{t}"
+    );
+    assert!(t.contains("clones replicated as flat copies"), "{t}");
+    for (io, n) in [(&ga, "base"), (&na, "vm-0"), (&na, "vm-1"), (&ca, "vol-0")] {
+        assert_eq!(role(io, n), "primary", "{n}");
+    }
+
+    // A volume created while the migration runs, and writes into two
+    // images (held open, as a running VM holds its disk).
+    drop(create_image_in(
+        &ca,
+        "vol-new",
+        8 * MIB,
+        &[(2 * MIB, 1 << 20)],
+        30,
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(
+        vec![
+            (Arc::clone(&na), "vm-1".to_string()),
+            (Arc::clone(&ca), "vol-0".to_string()),
+        ],
+        Arc::clone(&stop),
+    );
+    let stopper = {
+        let stop = Arc::clone(&stop);
+        scopeguard(move || stop.store(true, Ordering::Relaxed))
+    };
+
+    // Status until every image, the new one included, is ready.
+    let mut last = String::new();
+    wait_until("every image ready to switch", LONG, || {
+        let o = migrate("status", &a, &b, &pools, &[]);
+        last = text(&o);
+        o.status.code() == Some(0)
+    })
+    .await;
+    eprintln!("$ migrate status\n{last}");
+    assert!(
+        last.contains(&format!("{}/vol-new: primary", cinder.name)),
+        "{last}"
+    );
+    let o = migrate("status", &a, &b, &pools, &["--json"]);
+    let j = json(&o);
+    let images: Vec<&serde_json::Value> = j["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["images"].as_array().unwrap())
+        .collect();
+    assert_eq!(images.len(), 6, "{j}");
+    assert!(images.iter().all(|i| i["ready"] == true), "{j}");
+    let open: Vec<&str> = images
+        .iter()
+        .filter(|i| !i["clients"].as_array().unwrap().is_empty())
+        .map(|i| i["image"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        open,
+        [
+            format!("{}/vm-1", nova.name),
+            format!("{}/vol-0", cinder.name)
+        ],
+        "{j}"
+    );
+
+    // The switch is refused while the writer has images open, naming them;
+    // nothing changes.
+    let o = migrate("switch", &a, &b, &pools, &["--json"]);
+    eprintln!("$ migrate switch (clients open)\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let refused = json(&o)["refused"].as_str().unwrap().to_string();
+    assert!(
+        refused.contains(&format!("{}/vol-0 open by client.", cinder.name)),
+        "{refused}"
+    );
+    assert_eq!(role(&ca, "vol-0"), "primary");
+
+    // The application stops; the switch takes the final deltas.
+    drop(stopper);
+    let rounds = w.join().unwrap();
+    assert!(rounds > 0);
+    let names: Vec<(&TestPool, &str)> = vec![
+        (&glance, "base"),
+        (&nova, "vm-0"),
+        (&nova, "vm-1"),
+        (&cinder, "vol-0"),
+        (&cinder, "vol-1"),
+        (&cinder, "vol-new"),
+    ];
+    let heads: Vec<String> = names
+        .iter()
+        .map(|(p, n)| checksum(Site::A, &format!("{}/{n}", p.name)))
+        .collect();
+    let o = migrate("switch", &a, &b, &pools, &["--verify", "--json"]);
+    eprintln!("$ migrate switch --verify --json\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j = json(&o);
+    assert_eq!(j["images"].as_array().unwrap().len(), 6, "{j}");
+    assert!(
+        j["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["identical"] == true),
+        "{j}"
+    );
+    let downtime = j["downtime_ms"].as_u64().unwrap();
+    assert!(downtime > 0, "{j}");
+    eprintln!(
+        "MEASURED switch downtime with 6 images in 3 pools: {downtime} ms (final sync snapshots {} ms, final delta and promotion {} ms)",
+        j["demote_ms"], j["final_delta_and_promote_ms"]
+    );
+    for ((p, n), head) in names.iter().zip(&heads) {
+        let i = j["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["image"] == format!("{}/{n}", p.name))
+            .unwrap_or_else(|| panic!("{n} not in {j}"));
+        let snap = i["snapshot"].as_str().unwrap();
+        let at = format!("{}/{n}@{snap}", p.name);
+        let (sa, sb) = (checksum(Site::A, &at), checksum(Site::B, &at));
+        assert_eq!(sa, sb, "{at}: target differs from the source");
+        assert_eq!(
+            &sa, head,
+            "{at}: the final sync point misses the last writes"
+        );
+        assert_eq!(
+            i["source_sha256"], sa,
+            "{at}: --verify's checksum is not rbd export's"
+        );
+        assert_eq!(role(&p.ioctx(Site::B), n), "primary", "{n}");
+        assert_ne!(role(&p.ioctx(Site::A), n), "primary", "{n}");
+    }
+    // The user snapshot of the glance base is on the target too.
+    assert!(
+        rbd_ok(Site::B, &["snap", "ls", &format!("{}/base", glance.name)]).contains(" snap "),
+        "glance base snapshot missing on the target"
+    );
+
+    // Cleanup: replication state and sync snapshots gone on both sites,
+    // the source images kept (not removed without --remove-source).
+    let o = migrate("cleanup", &a, &b, &pools, &["--json"]);
+    eprintln!("$ migrate cleanup --json\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for ((p, n), head) in names.iter().zip(&heads) {
+        for site in [Site::A, Site::B] {
+            let io = p.ioctx(site);
+            assert!(registry_record(&io, n).is_none(), "{n} on {}", site.id());
+            assert!(sync_snaps_in(&io, n).is_empty(), "{n} on {}", site.id());
+        }
+        assert_eq!(
+            &checksum(Site::B, &format!("{}/{n}", p.name)),
+            head,
+            "{n}: the target changed"
+        );
+        assert!(
+            Image::open_read_only(&p.ioctx(Site::A), n, None).is_ok(),
+            "{n}: the source image is gone"
+        );
+    }
+    // Nothing is replicated any more: a status says so (not ready).
+    let o = migrate("status", &a, &b, &pools, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("pool mode off"), "{}", text(&o));
+}
+
+/// The switch's downtime with `CSIRR_MIGRATE_IMAGES` images (8 by default;
+/// the README's figure ran 20) in one pool, written until just before the
+/// switch (so the final delta carries the writes since the last sync
+/// point): every image identical at its final sync point (`--verify`, and
+/// `rbd export` for a sample), the downtime printed.
+#[tokio::test]
+async fn migration_switch_downtime_with_many_images() {
+    let n: usize = std::env::var("CSIRR_MIGRATE_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let pool = TestPool::new("migscale");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let aio = pool.ioctx(Site::A);
+    let names: Vec<String> = (0..n).map(|k| format!("disk-{k:02}")).collect();
+    for (k, name) in names.iter().enumerate() {
+        drop(create_image_in(
+            &aio,
+            name,
+            32 * MIB,
+            &[(0, 4 << 20), (16 * MIB, 2 << 20)],
+            100 + k as u64,
+        ));
+    }
+    let pools = [pool.name.as_str()];
+    let o = migrate("start", &a, &b, &pools, &["--schedule", "10s"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(
+        names
+            .iter()
+            .map(|n| (Arc::clone(&aio), n.clone()))
+            .collect(),
+        Arc::clone(&stop),
+    );
+    let stopper = {
+        let stop = Arc::clone(&stop);
+        scopeguard(move || stop.store(true, Ordering::Relaxed))
+    };
+    let mut last = String::new();
+    wait_until("every image ready to switch", LONG, || {
+        let o = migrate("status", &a, &b, &pools, &[]);
+        last = text(&o);
+        o.status.code() == Some(0)
+    })
+    .await;
+    eprintln!("$ migrate status\n{last}");
+    // Writes go on past the first sync points, up to the switch.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(stopper);
+    let rounds = w.join().unwrap();
+    let o = migrate("switch", &a, &b, &pools, &["--verify", "--parallel", "16"]);
+    eprintln!("$ migrate switch --verify --parallel 16\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        t.contains(&format!("switched {n} images site-a -> site-b: downtime ")),
+        "{t}"
+    );
+    assert!(t.contains("every image identical"), "{t}");
+    eprintln!(
+        "MEASURED {n} images, {rounds} write rounds of 256 KiB each: {}",
+        t.lines().last().unwrap_or_default()
+    );
+    for name in [&names[0], &names[n - 1]] {
+        let head = checksum(Site::A, &format!("{}/{name}", pool.name));
+        assert_eq!(
+            checksum(Site::B, &format!("{}/{name}", pool.name)),
+            head,
+            "{name}"
+        );
+    }
+    let o = migrate("cleanup", &a, &b, &pools, &["--remove-source"]);
+    eprintln!("$ migrate cleanup --remove-source\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for name in &names {
+        assert!(
+            Image::open_read_only(&aio, name, None).is_err(),
+            "{name}: the source image is still there"
+        );
+        assert!(
+            registry_record(&pool.ioctx(Site::B), name).is_none(),
+            "{name}"
+        );
+    }
+    let trash = rbd_ok(Site::A, &["trash", "ls", &pool.name]);
+    assert_eq!(trash.lines().count(), n, "{trash}");
+}
