@@ -795,83 +795,13 @@ fn sync_inner(
     let target = target.clone();
 
     // The replica: existing (must be ours), or created now.
-    let (replica, mut rec, fresh) = match engine.held.get(&key) {
-        Some(img) => {
-            let id = img.id().ctx(|| format!("replica {key}"))?;
-            let rec = local_reg.get(&id)?.ok_or_else(|| {
-                EngineError::Internal(format!("replica {key} lost its registry record"))
-            })?;
-            (img, rec, false)
-        }
-        None => {
-            let (img, rec, fresh) =
-                open_or_create_replica(&local_io, &local_reg, job, &primary, &target)?;
-            if rec.role == Role::Secondary {
-                let locked = lock_replica(&img);
-                if let Err(e) = locked {
-                    // The replica was created with exclusive-lock, so EINVAL
-                    // means this connection's image state is broken (seen
-                    // after an OSD hang timed out the close of the previous
-                    // handle); only a new client recovers, as a restart did.
-                    if e.kind() == ceph::ErrorKind::InvalidInput {
-                        tracing::warn!(image = %key, error = %e,
-                            "cannot lock the replica through this connection; reconnecting");
-                        engine.reconnect_local(local);
-                    }
-                    return Err(e).ctx(|| format!("locking replica {key} against other writers"));
-                }
-                engine.held.put(&key, img.clone());
-                ensure_csi_journal(peer_io, &local_io, job, &rec.image_id);
-            }
-            (img, rec, fresh)
-        }
-    };
-    match rec.role {
-        Role::Secondary => {}
-        // Demoted here while the peer is primary: after an orderly switch
-        // (the peer promoted once it held this side's demotion snapshot, and
-        // nothing was written here since), this side is a replica again by
-        // itself, as rbd-mirror resumes. Anything else is a split brain that
-        // only ResyncVolume with force may settle.
-        Role::Demoted if job.primary.role == Role::Primary => {
-            let div = engine.divergence(&replica, &primary, &key)?;
-            if div.diverged() {
-                reporter.report(
-                    ReplayState::Stopped,
-                    format!(
-                        "{key} is demoted on the replica's site and diverged from this primary \
-                         (newest common sync point: {}); it waits for ResyncVolume with force",
-                        div.common.as_deref().unwrap_or("none")
-                    ),
-                    None,
-                );
-                return Ok(false);
-            }
-            let primary_ref = PrimaryRef {
-                fsid: job.peer.fsid().to_string(),
-                image_id: job.primary.image_id.clone(),
-            };
-            engine.adopt_as_replica(&local_reg, &mut rec, &replica, &key, primary_ref, &div)?;
-            ensure_csi_journal(peer_io, &local_io, job, &rec.image_id);
-        }
-        Role::Demoted => {
-            reporter.report(
-                ReplayState::Stopped,
-                format!("{key} is demoted on both sites; waiting for one to be promoted"),
-                None,
-            );
-            return Ok(false);
-        }
-        Role::Primary if job.primary.role == Role::Primary => {
-            return Err(EngineError::FailedPrecondition(format!(
-                "split-brain: {key} is primary on both sites; nothing is copied or \
-                 overwritten. Decide which site keeps its data, demote the other one and \
-                 resync it (ResyncVolume with force)"
-            )));
-        }
-        // The peer is demoted and this side primary: a finished relocation,
-        // nothing to replay.
-        Role::Primary => return Ok(false),
+    let (replica, mut rec, fresh) = replica_for_sync(
+        engine, local, job, peer_io, &local_io, &local_reg, &primary, &target,
+    )?;
+    if !replays_here(
+        engine, job, peer_io, &local_io, &local_reg, &mut rec, &replica, &primary, reporter,
+    )? {
+        return Ok(false);
     }
     if rec
         .primary
@@ -917,26 +847,7 @@ fn sync_inner(
         prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
         return Ok(false);
     }
-    // Base of the delta: the newest sync snapshot both sides have.
-    let base = sync_snaps(&rall)
-        .into_values()
-        .rev()
-        .find_map(|r| psync.values().find(|p| p.name == r.name).cloned());
-    let base_id = base.as_ref().map_or(0, |b| b.id);
-    // Points to reach in order: user snapshots taken on the primary between
-    // the base and the target (the replica gets them too), then the target.
-    let mut points: Vec<ceph::SnapInfo> = pall
-        .iter()
-        .filter(|s| {
-            sync_snap_seq(&s.name).is_none()
-                && s.id > base_id
-                && s.id < target.id
-                && !rnames.contains(s.name.as_str())
-        })
-        .cloned()
-        .collect();
-    points.sort_by_key(|s| s.id);
-    points.push(target.clone());
+    let (base, points) = plan_points(&pall, &psync, &rall, &target);
     tracing::debug!(
         base = ?base.as_ref().map(|b| &b.name),
         target = %target.name,
@@ -1033,6 +944,156 @@ fn sync_inner(
         .ctx(|| format!("listing snapshots of replica {key}"))?;
     prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
     Ok(true)
+}
+
+/// The replica of `job` for a sync: the handle this process holds, or the
+/// image opened (or created from the primary's `target`), locked against
+/// other writers and held when it is a replica. Returns it with its record
+/// and whether it was created empty now.
+#[allow(clippy::too_many_arguments)]
+fn replica_for_sync(
+    engine: &Engine,
+    local: &Arc<Cluster>,
+    job: &Job,
+    peer_io: &Arc<IoCtx>,
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    primary: &Image,
+    target: &ceph::SnapInfo,
+) -> Result<(Image, ImageRecord, bool)> {
+    let key = job.key();
+    Ok(match engine.held.get(&key) {
+        Some(img) => {
+            let id = img.id().ctx(|| format!("replica {key}"))?;
+            let rec = local_reg.get(&id)?.ok_or_else(|| {
+                EngineError::Internal(format!("replica {key} lost its registry record"))
+            })?;
+            (img, rec, false)
+        }
+        None => {
+            let (img, rec, fresh) =
+                open_or_create_replica(local_io, local_reg, job, primary, target)?;
+            if rec.role == Role::Secondary {
+                let locked = lock_replica(&img);
+                if let Err(e) = locked {
+                    // The replica was created with exclusive-lock, so EINVAL
+                    // means this connection's image state is broken (seen
+                    // after an OSD hang timed out the close of the previous
+                    // handle); only a new client recovers, as a restart did.
+                    if e.kind() == ceph::ErrorKind::InvalidInput {
+                        tracing::warn!(
+                            image = %key,
+                            error = %e,
+                            "cannot lock the replica through this connection; reconnecting"
+                        );
+                        engine.reconnect_local(local);
+                    }
+                    return Err(e).ctx(|| format!("locking replica {key} against other writers"));
+                }
+                engine.held.put(&key, img.clone());
+                ensure_csi_journal(peer_io, local_io, job, &rec.image_id);
+            }
+            (img, rec, fresh)
+        }
+    })
+}
+
+/// Whether the sync goes on given this side's role (`rec`) and the
+/// primary's: a replica does; a demoted image whose peer promoted after an
+/// orderly switch becomes a replica again first; anything else is reported
+/// and nothing is copied (`false`), or is a split brain (an error).
+#[allow(clippy::too_many_arguments)]
+fn replays_here(
+    engine: &Engine,
+    job: &Job,
+    peer_io: &Arc<IoCtx>,
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    rec: &mut ImageRecord,
+    replica: &Image,
+    primary: &Image,
+    reporter: &Reporter<'_>,
+) -> Result<bool> {
+    let key = job.key();
+    match rec.role {
+        Role::Secondary => Ok(true),
+        // Demoted here while the peer is primary: after an orderly switch
+        // (the peer promoted once it held this side's demotion snapshot, and
+        // nothing was written here since), this side is a replica again by
+        // itself, as rbd-mirror resumes. Anything else is a split brain that
+        // only ResyncVolume with force may settle.
+        Role::Demoted if job.primary.role == Role::Primary => {
+            let div = engine.divergence(replica, primary, &key)?;
+            if div.diverged() {
+                reporter.report(
+                    ReplayState::Stopped,
+                    format!(
+                        "{key} is demoted on the replica's site and diverged from this primary \
+                     (newest common sync point: {}); it waits for ResyncVolume with force",
+                        div.common.as_deref().unwrap_or("none")
+                    ),
+                    None,
+                );
+                return Ok(false);
+            }
+            let primary_ref = PrimaryRef {
+                fsid: job.peer.fsid().to_string(),
+                image_id: job.primary.image_id.clone(),
+            };
+            engine.adopt_as_replica(local_reg, rec, replica, &key, primary_ref, &div)?;
+            ensure_csi_journal(peer_io, local_io, job, &rec.image_id);
+            Ok(true)
+        }
+        Role::Demoted => {
+            reporter.report(
+                ReplayState::Stopped,
+                format!("{key} is demoted on both sites; waiting for one to be promoted"),
+                None,
+            );
+            Ok(false)
+        }
+        Role::Primary if job.primary.role == Role::Primary => {
+            Err(EngineError::FailedPrecondition(format!(
+                "split-brain: {key} is primary on both sites; nothing is copied or \
+             overwritten. Decide which site keeps its data, demote the other one and \
+             resync it (ResyncVolume with force)"
+            )))
+        }
+        // The peer is demoted and this side primary: a finished relocation,
+        // nothing to replay.
+        Role::Primary => Ok(false),
+    }
+}
+
+/// The delta's base (the newest sync snapshot both sides have) and the
+/// points to reach from it in order: the user snapshots taken on the
+/// primary between the base and `target` that the replica (`rall`) lacks
+/// (it gets them too), then `target`.
+fn plan_points(
+    pall: &[ceph::SnapInfo],
+    psync: &BTreeMap<u64, ceph::SnapInfo>,
+    rall: &[ceph::SnapInfo],
+    target: &ceph::SnapInfo,
+) -> (Option<ceph::SnapInfo>, Vec<ceph::SnapInfo>) {
+    let rnames: HashSet<&str> = rall.iter().map(|s| s.name.as_str()).collect();
+    let base = sync_snaps(rall)
+        .into_values()
+        .rev()
+        .find_map(|r| psync.values().find(|p| p.name == r.name).cloned());
+    let base_id = base.as_ref().map_or(0, |b| b.id);
+    let mut points: Vec<ceph::SnapInfo> = pall
+        .iter()
+        .filter(|s| {
+            sync_snap_seq(&s.name).is_none()
+                && s.id > base_id
+                && s.id < target.id
+                && !rnames.contains(s.name.as_str())
+        })
+        .cloned()
+        .collect();
+    points.sort_by_key(|s| s.id);
+    points.push(target.clone());
+    (base, points)
 }
 
 /// Takes the replica's snapshot of a sync point recorded complete before
