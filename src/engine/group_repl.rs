@@ -960,7 +960,10 @@ impl Engine {
 
     /// GetVolumeReplicationInfo of a group, on the primary: the newest cut
     /// every member's replica holds, with bytes summed over members.
-    pub async fn group_replication_info(self: &Arc<Self>, req: GroupRequest) -> Result<ReplicationInfo> {
+    pub async fn group_replication_info(
+        self: &Arc<Self>,
+        req: GroupRequest,
+    ) -> Result<ReplicationInfo> {
         self.run(move |e| e.group_info_blocking(&req)).await
     }
 
@@ -1020,6 +1023,64 @@ impl Engine {
             health,
             message,
         })
+    }
+
+    /// GetReplicationDestinationInfo of a group: the group's ID on the peer
+    /// (same uuid, the peer's cluster ID from the cluster mapping and the
+    /// peer pool's ID) and each member's volume ID there, by the member's
+    /// volume ID here (a ceph-csi handle re-minted the same way; a plain
+    /// `pool/image` is the same on both sites).
+    pub async fn group_destination(
+        self: &Arc<Self>,
+        req: GroupRequest,
+    ) -> Result<(String, BTreeMap<String, String>)> {
+        self.run(move |e| e.group_destination_blocking(&req)).await
+    }
+
+    fn group_destination_blocking(
+        &self,
+        req: &GroupRequest,
+    ) -> Result<(String, BTreeMap<String, String>)> {
+        let g = self.locate_for_replication(req)?;
+        self.group_record_of(&g)?;
+        let local_id = &self.cfg.local_cluster.cluster_id;
+        let peer_id = self
+            .cfg
+            .mapping
+            .entries()
+            .iter()
+            .flat_map(|e| e.cluster_ids.iter())
+            .find_map(|(a, b)| match (a == local_id, b == local_id) {
+                (true, _) => Some(b.clone()),
+                (_, true) => Some(a.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                EngineError::FailedPrecondition(format!(
+                    "cluster-mapping.json has no clusterIDMapping entry for the local cluster \
+                     {local_id}: the peer's cluster ID is unknown"
+                ))
+            })?;
+        let (cluster, _) = self.group_peer(&g.io)?;
+        let pool = g.io.pool();
+        let peer_pool = cluster
+            .pool_lookup(pool)
+            .ctx(|| format!("looking up pool {pool} on the peer cluster {peer_id}"))?;
+        let dest = VolumeGroupId::new(peer_id.clone(), peer_pool, g.id.uuid())
+            .map_err(|e| EngineError::Internal(format!("minting the peer's group ID: {e}")))?;
+        let volumes = g
+            .attrs
+            .members
+            .iter()
+            .map(|k| {
+                let d = crate::csi::handle::VolumeHandle::parse(k)
+                    .ok()
+                    .and_then(|h| h.with_location(&peer_id, peer_pool).ok())
+                    .map_or_else(|| k.clone(), |h| h.to_string());
+                (k.clone(), d)
+            })
+            .collect();
+        Ok((dest.to_string(), volumes))
     }
 
     /// The replayer's group work over the pools whose lease this process

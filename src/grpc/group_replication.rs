@@ -130,12 +130,19 @@ impl GroupRpc for GetReplicationDestinationInfoRequest {
     type Answer = GetReplicationDestinationInfoResponse;
     async fn run_group(
         self,
-        _: Arc<Engine>,
+        engine: Arc<Engine>,
         req: GroupRequest,
     ) -> Result<Self::Answer, EngineError> {
-        Err(EngineError::Unsupported(format!(
-            "GetReplicationDestinationInfo of volume group {} is not served yet",
-            req.group
-        )))
+        let (volume_group_id, volume_ids) = engine.group_destination(req).await?;
+        Ok(GetReplicationDestinationInfoResponse {
+            replication_destination: Some(ReplicationDestination {
+                r#type: Some(replication_destination::Type::Volumegroup(
+                    replication_destination::VolumeGroupDestination {
+                        volume_group_id,
+                        volume_ids: volume_ids.into_iter().collect(),
+                    },
+                )),
+            }),
+        })
     }
 }
