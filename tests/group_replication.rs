@@ -461,11 +461,21 @@ async fn group_replication_relocates_and_fails_over_with_every_member_at_one_ins
 
     // --- planned relocation to site-b ---
     let last = writer.stop();
-    ca.demote_volume(g_demote(Site::A, &ga))
-        .await
-        .expect("Demote on site-a");
     let mut cb = b.as_ref().unwrap().controller().await;
     let deadline = Instant::now() + Duration::from_secs(90);
+    // The controller requeues a Demote refused while a client has a member
+    // open (site-b's replayer briefly opens the primary's members to prune
+    // old cuts).
+    loop {
+        match ca.demote_volume(g_demote(Site::A, &ga)).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::FailedPrecondition && Instant::now() < deadline => {
+                eprintln!("Demote on site-a requeued: {}", s.message());
+            }
+            Err(s) => panic!("Demote on site-a: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     loop {
         let ready = ca
             .resync_volume(g_resync(Site::A, &ga, false))

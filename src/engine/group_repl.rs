@@ -441,6 +441,8 @@ impl Engine {
                 )));
             }
         }
+        // The scheduler stays off the group until its first cut is taken.
+        let _slot = self.take_group_slot(&Self::group_slot_key(&g.io, &uuid))?;
         let mut rec = GroupRecord {
             uuid,
             role: Role::Primary,
@@ -532,6 +534,9 @@ impl Engine {
             self.hold_members(&g.io, &rec.members)?;
             return Ok(());
         }
+        // The scheduler's cuts (its own connection, a client of the members
+        // while it cuts) stop first, so that they are not taken for writers.
+        let _slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
         let members = rbd_members(&g.io, g.id.uuid())?;
         let me = g.io.cluster().instance_id();
         let mut writers = Vec::new();
@@ -553,7 +558,6 @@ impl Engine {
             )));
         }
         drop(members);
-        let _slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
         let current = rbd_members(&g.io, g.id.uuid())?;
         let refs: Vec<MemberRef> = current.iter().map(|(m, _)| m.clone()).collect();
         drop(current);
@@ -1556,13 +1560,25 @@ impl Engine {
             }
         }
         for m in &job.primary.members {
-            if let Ok(img) = Image::open_by_id(&job.peer_io, &m.image_id)
-                && let Ok(cuts) = member_cuts(&img)
-            {
-                for (q, s) in cuts {
-                    if q < keep {
-                        let _ = drop_snap(&img, &s.name);
-                    }
+            // Listed through a read-only handle (not a client of the image);
+            // a writable one only while there is something to remove, as it
+            // counts as a client in "is the group in use?" checks.
+            let old: Vec<String> = Image::open_by_id_read_only(&job.peer_io, &m.image_id, None)
+                .ok()
+                .and_then(|img| member_cuts(&img).ok())
+                .map(|c| {
+                    c.into_iter()
+                        .filter(|(q, _)| *q < keep)
+                        .map(|(_, s)| s.name)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if old.is_empty() {
+                continue;
+            }
+            if let Ok(img) = Image::open_by_id(&job.peer_io, &m.image_id) {
+                for name in &old {
+                    let _ = drop_snap(&img, name);
                 }
             }
         }
