@@ -1091,7 +1091,7 @@ impl Engine {
     /// holds: cuts of local primaries on their schedule, locks of local
     /// replicas and demoted groups, and the copy of every peer primary's
     /// newest cut. Blocking.
-    pub(crate) fn group_pass(&self, cancelled: &dyn Fn() -> bool) -> Result<()> {
+    pub(crate) fn group_pass(&self, cancelled: &(dyn Fn() -> bool + Sync)) -> Result<()> {
         let local = self.local()?;
         for pool in self.leases.pools() {
             if cancelled() {
@@ -1221,7 +1221,7 @@ impl Engine {
 
     /// Brings the local replica of the peer's group `job` up to the peer's
     /// newest complete cut. Blocking.
-    fn sync_group(&self, job: &GroupJob, cancelled: &dyn Fn() -> bool) -> Result<()> {
+    fn sync_group(&self, job: &GroupJob, cancelled: &(dyn Fn() -> bool + Sync)) -> Result<()> {
         let local = self.local()?;
         let lio = local
             .ioctx(&job.pool, &job.namespace)
@@ -1347,8 +1347,9 @@ impl Engine {
         let pgname = gname(&uuid);
         let mut bytes = 0u64;
         let mut snap_time = None;
-        let mut replicas: Vec<(MemberRef, Image)> = Vec::new();
-        for m in &job.primary.members {
+        // One member: its replica brought to the cut; `None` when it is not
+        // a member at this cut.
+        let one = |m: &MemberRef| -> Result<Option<Copied>> {
             if cancelled() {
                 return Err(EngineError::Unavailable(format!(
                     "the sync of group {uuid} was stopped"
@@ -1361,14 +1362,12 @@ impl Engine {
                 .ctx(|| format!("finding {target} of {}", m.image_name))?
             else {
                 tracing::debug!(member = %m.image_name, cut = %target, "not a member at this cut");
-                continue;
+                return Ok(None);
             };
-            snap_time = snap_time.or_else(|| {
-                primary
-                    .snap_timestamp(snap_id)
-                    .ok()
-                    .and_then(|s| Utc.timestamp_opt(s, 0).single())
-            });
+            let time = primary
+                .snap_timestamp(snap_id)
+                .ok()
+                .and_then(|s| Utc.timestamp_opt(s, 0).single());
             let pbase = match &base {
                 Some(b) => member_cuts(&primary)?.values().any(|s| &s.name == b),
                 None => false,
@@ -1382,27 +1381,67 @@ impl Engine {
                 _ => false,
             };
             let from = if rbase { base.as_deref() } else { None };
-            bytes += self.copy_member(&primary, &replica, from, fresh, &cancelled)?;
+            let bytes = self.copy_member(&primary, &replica, from, fresh, &cancelled)?;
             report(
                 ReplayState::Syncing,
                 format!("copying cut {target}: {} done", m.image_name),
                 rec.last_cut.clone(),
             );
-            replicas.push((mref, replica));
+            Ok(Some((mref, replica, bytes, time)))
+        };
+        // Members copied --max-concurrent-syncs at a time.
+        let mut replicas: Vec<(MemberRef, Image)> = Vec::new();
+        for batch in job
+            .primary
+            .members
+            .chunks(self.cfg.max_concurrent_syncs.max(1))
+        {
+            let done: Vec<Result<Option<Copied>>> = std::thread::scope(|s| {
+                let hs: Vec<_> = batch.iter().map(|m| s.spawn(|| one(m))).collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(EngineError::Internal("a member copy panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
+            for d in done {
+                if let Some((mref, replica, b, t)) = d? {
+                    bytes += b;
+                    snap_time = snap_time.or(t);
+                    replicas.push((mref, replica));
+                }
+            }
         }
         if cancelled() {
             return Err(EngineError::Unavailable(format!(
                 "the sync of group {uuid} was stopped"
             )));
         }
-        // Every member holds the cut: snapshot each, then record the cut as
-        // complete.
-        for (_, r) in &replicas {
-            match r.snap_create(target) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e).ctx(|| format!("snapshotting {}@{target}", r.spec())),
-            }
+        // Every member holds the cut: snapshot each (all at once: each waits
+        // for a monitor round), then record the cut as complete.
+        let snapped: Vec<Result<()>> = std::thread::scope(|s| {
+            let hs: Vec<_> = replicas
+                .iter()
+                .map(|(_, r)| {
+                    s.spawn(move || match r.snap_create(target) {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+                        Err(e) => Err(e).ctx(|| format!("snapshotting {}@{target}", r.spec())),
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(EngineError::Internal("a replica snapshot panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for r in snapped {
+            r?;
         }
         let elapsed = started.elapsed();
         rec.members = replicas.iter().map(|(m, _)| m.clone()).collect();
@@ -1595,6 +1634,10 @@ impl Engine {
         }
     }
 }
+
+/// A member copied to a cut: its replica, the bytes copied and when the
+/// primary took the cut.
+type Copied = (MemberRef, Image, u64, Option<DateTime<Utc>>);
 
 /// Where a demoted group stands against the peer's primary.
 enum Divergence {
