@@ -427,7 +427,7 @@ fn malformed_cases(good: &str, enabled: &str, handle: &str) -> Vec<(String, Rpc,
         ),
         ("empty volume ID", with(""), Code::InvalidArgument),
         (
-            "volume group source",
+            "volume group source with a malformed group ID",
             Fields {
                 source: Some(pb::ReplicationSource {
                     r#type: Some(pb::replication_source::Type::Volumegroup(
@@ -439,7 +439,7 @@ fn malformed_cases(good: &str, enabled: &str, handle: &str) -> Vec<(String, Rpc,
                 secrets: ok.clone(),
                 ..Default::default()
             },
-            Code::Unimplemented,
+            Code::InvalidArgument,
         ),
         (
             "malformed handle",

@@ -304,3 +304,65 @@ pub fn snap_list(io: &IoCtx, group: &str) -> Result<Vec<GroupSnap>> {
         sys::rbd_group_snap_list_cleanup,
     )
 }
+
+impl Image {
+    /// Makes reads see snapshot `id`, of any snapshot namespace (a group
+    /// snapshot's member snapshot too, which has no user-visible name).
+    /// `rbd_diff_iterate2` then diffs up to it.
+    pub fn snap_set_by_id(&self, id: u64) -> Result<()> {
+        // SAFETY: the handle is live.
+        let ret = unsafe { sys::rbd_snap_set_by_id(self.h.raw(), id) };
+        check(ret, "rbd_snap_set_by_id", || {
+            format!("{}@{id}", self.spec())
+        })
+        .map(|_| ())
+    }
+
+    /// The id of this image's member snapshot of group snapshot `snap` of
+    /// group `group` (in the pool with id `group_pool`); `None` when the
+    /// image has none. Looks at every snapshot id of the header's snapshot
+    /// context and asks librbd for the group namespace of those in one.
+    pub fn group_snap_id(&self, group_pool: i64, group: &str, snap: &str) -> Result<Option<u64>> {
+        let (_, ids) = super::objects::snap_context(self)?;
+        for id in ids {
+            let mut ty: sys::rbd_snap_namespace_type_t = 0;
+            // SAFETY: the handle is live; ty is a valid out-pointer.
+            let ret = unsafe { sys::rbd_snap_get_namespace_type(self.h.raw(), id, &mut ty) };
+            if ret == -libc::ENOENT {
+                // Removed since the snapshot context was read.
+                continue;
+            }
+            check(ret, "rbd_snap_get_namespace_type", || {
+                format!("{}@{id}", self.spec())
+            })?;
+            if ty != sys::RBD_SNAP_NAMESPACE_TYPE_GROUP {
+                continue;
+            }
+            let size = std::mem::size_of::<sys::rbd_snap_group_namespace_t>();
+            let mut ns = sys::rbd_snap_group_namespace_t {
+                group_pool: NO_GROUP_POOL,
+                group_name: ptr::null_mut(),
+                group_snap_name: ptr::null_mut(),
+            };
+            // SAFETY: the handle is live; ns is a valid out-pointer of
+            // `size` bytes.
+            let ret = unsafe { sys::rbd_snap_get_group_namespace(self.h.raw(), id, &mut ns, size) };
+            if ret == -libc::ENOENT {
+                continue;
+            }
+            check(ret, "rbd_snap_get_group_namespace", || {
+                format!("{}@{id}", self.spec())
+            })?;
+            // SAFETY: librbd set both names to NUL-terminated strings it owns
+            // until the cleanup call below.
+            let (g, s) = unsafe { (lossy(ns.group_name), lossy(ns.group_snap_name)) };
+            let pool = ns.group_pool;
+            // SAFETY: frees what librbd allocated in `ns`, once.
+            unsafe { sys::rbd_snap_group_namespace_cleanup(&mut ns, size) };
+            if pool == group_pool && g == group && s == snap {
+                return Ok(Some(id));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -531,7 +531,7 @@ pub static LEAKED_WRITE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic:
 
 /// The snapshot context of `image` (its header's: the newest snapshot id
 /// ever and the ids of its snapshots, newest first), as librbd writes with.
-fn snap_context(image: &Image) -> Result<(u64, Vec<u64>)> {
+pub(crate) fn snap_context(image: &Image) -> Result<(u64, Vec<u64>)> {
     let oid = format!("rbd_header.{}", image.id()?);
     let out = image
         .ioctx()

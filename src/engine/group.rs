@@ -93,10 +93,13 @@ enum Rpc {
 type GroupDirectory = (Arc<IoCtx>, BTreeMap<String, String>);
 
 /// A group found through its ID: where it lives and its journal.
-struct Located {
-    io: Arc<IoCtx>,
-    id: VolumeGroupId,
-    attrs: journal::GroupAttrs,
+pub(crate) struct Located {
+    /// The group's pool (in the cluster's RADOS namespace).
+    pub(crate) io: Arc<IoCtx>,
+    /// The ID as this cluster names the group.
+    pub(crate) id: VolumeGroupId,
+    /// Its ceph-csi journal.
+    pub(crate) attrs: journal::GroupAttrs,
 }
 
 /// A resolved volume to add, with the ID its journal key records.
@@ -263,7 +266,11 @@ impl Engine {
         Ok(None)
     }
 
-    fn locate_existing(&self, id: &VolumeGroupId, creds: Option<&Credentials>) -> Result<Located> {
+    pub(crate) fn locate_existing(
+        &self,
+        id: &VolumeGroupId,
+        creds: Option<&Credentials>,
+    ) -> Result<Located> {
         self.locate_group(id, creds)?
             .ok_or_else(|| EngineError::NotFound(format!("volume group {id} does not exist")))
     }

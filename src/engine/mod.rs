@@ -14,6 +14,7 @@ pub mod copy;
 pub mod drill;
 pub mod error;
 pub mod group;
+pub mod group_repl;
 pub mod journal_mode;
 pub mod journal_replay;
 pub mod journal_roles;

@@ -160,6 +160,8 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let mut leased: HashSet<(String, String)> = HashSet::new();
     let due = Arc::new(DueCache::default());
     let mut trim_due = false;
+    // Volume groups (group_repl.rs): a loop of their own.
+    let groups = tokio::spawn(super::group_repl::run(Arc::clone(&engine), cancel.clone()));
     let renewer = tokio::spawn({
         let (engine, cancel) = (Arc::clone(&engine), cancel.clone());
         async move {
@@ -318,6 +320,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     while journal_tasks.join_next().await.is_some() {}
     engine.background.drain(Duration::from_secs(30)).await;
     let _ = renewer.await;
+    let _ = groups.await;
     let e = Arc::clone(&engine);
     let _ = tokio::task::spawn_blocking(move || {
         e.wakeups.clear();

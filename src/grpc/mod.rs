@@ -10,6 +10,7 @@ pub mod admin;
 pub mod admin_client;
 pub(crate) mod authority;
 pub mod forward;
+pub(crate) mod group_replication;
 pub mod identity;
 pub mod metrics;
 pub mod migrate_client;

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use prost_types::{Duration as PbDuration, Timestamp};
 use tonic::{Request, Response, Status};
 
+use super::group_replication::{GroupRpc, group_request, group_source};
 use super::proto::replication::controller_server::Controller;
 use super::proto::replication::get_volume_replication_info_response::Status as PbHealth;
 use super::proto::replication::*;
 use super::status::{Secrets, volume_request};
 use crate::csi::params::ReplicationParams;
-use crate::engine::{Engine, EngineError, Health, VolumeRequest};
+use crate::engine::{Engine, EngineError, Health, ReplicationInfo, VolumeRequest};
 
 /// Replication Controller state.
 pub struct ReplicationService {
@@ -101,16 +102,24 @@ impl ReplicationService {
         call: impl FnOnce(Arc<Engine>, VolumeRequest, R) -> Fut,
     ) -> Result<Response<T>, Status>
     where
-        R: VolumeRpc,
+        R: VolumeRpc + GroupRpc<Answer = T>,
         Fut: Future<Output = Result<T, EngineError>>,
     {
         let mut r = req.into_inner();
         let secrets = Secrets::take(r.secrets());
         let (deprecated, source) = r.target();
         let volume = volume_label(deprecated, source);
-        let res = match volume_request(deprecated, source, &secrets) {
-            Ok(vr) => call(Arc::clone(&self.engine), vr, r).await,
-            Err(e) => Err(e),
+        // A volume group: the group's own path (group_replication.rs).
+        let res = if let Some(g) = group_source(source) {
+            match group_request(g, &secrets) {
+                Ok(gr) => r.run_group(Arc::clone(&self.engine), gr).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            match volume_request(deprecated, source, &secrets) {
+                Ok(vr) => call(Arc::clone(&self.engine), vr, r).await,
+                Err(e) => Err(e),
+            }
         };
         match res {
             Ok(v) => {
@@ -197,30 +206,7 @@ impl Controller for ReplicationService {
         req: Request<GetVolumeReplicationInfoRequest>,
     ) -> Result<Response<GetVolumeReplicationInfoResponse>, Status> {
         self.handle(req, |engine, vr, _| async move {
-            let info = engine.info(vr).await?;
-            let status = match info.health {
-                Health::Healthy => PbHealth::Healthy,
-                Health::Degraded => PbHealth::Degraded,
-                Health::Error => PbHealth::Error,
-                Health::Unknown => PbHealth::Unknown,
-            };
-            let last = info.last_sync.as_ref();
-            Ok(GetVolumeReplicationInfoResponse {
-                // Unset until a sync point exists: the controller then
-                // leaves lastSyncTime empty instead of showing a sync that
-                // never happened.
-                last_sync_time: last.map(|l| Timestamp {
-                    seconds: l.time.timestamp(),
-                    nanos: l.time.timestamp_subsec_nanos() as i32,
-                }),
-                last_sync_duration: last.map(|l| PbDuration {
-                    seconds: l.duration.as_secs() as i64,
-                    nanos: l.duration.subsec_nanos() as i32,
-                }),
-                last_sync_bytes: last.map_or(0, |l| i64::try_from(l.bytes).unwrap_or(i64::MAX)),
-                status: status as i32,
-                status_message: info.message,
-            })
+            Ok(info_response(engine.info(vr).await?))
         })
         .await
     }
@@ -240,6 +226,33 @@ impl Controller for ReplicationService {
             })
         })
         .await
+    }
+}
+
+/// The wire form of replication information (a volume's or a group's).
+pub(crate) fn info_response(info: ReplicationInfo) -> GetVolumeReplicationInfoResponse {
+    let status = match info.health {
+        Health::Healthy => PbHealth::Healthy,
+        Health::Degraded => PbHealth::Degraded,
+        Health::Error => PbHealth::Error,
+        Health::Unknown => PbHealth::Unknown,
+    };
+    let last = info.last_sync.as_ref();
+    GetVolumeReplicationInfoResponse {
+        // Unset until a sync point exists: the controller then
+        // leaves lastSyncTime empty instead of showing a sync that
+        // never happened.
+        last_sync_time: last.map(|l| Timestamp {
+            seconds: l.time.timestamp(),
+            nanos: l.time.timestamp_subsec_nanos() as i32,
+        }),
+        last_sync_duration: last.map(|l| PbDuration {
+            seconds: l.duration.as_secs() as i64,
+            nanos: l.duration.subsec_nanos() as i32,
+        }),
+        last_sync_bytes: last.map_or(0, |l| i64::try_from(l.bytes).unwrap_or(i64::MAX)),
+        status: status as i32,
+        status_message: info.message,
     }
 }
 

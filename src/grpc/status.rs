@@ -133,7 +133,9 @@ pub fn volume_request(
         Some(SourceType::Volume(v)) => Some(v.volume_id.as_str()),
         Some(SourceType::Volumegroup(_)) => {
             return Err(EngineError::Unsupported(
-                "volume group replication is not supported; name a single volume".into(),
+                "this call takes a single volume, not a volume group (the replication \
+                 service serves groups through its own path)"
+                    .into(),
             ));
         }
         None => None,

@@ -1,0 +1,956 @@
+//! Replication of volume groups (issue 15) against the real pair.
+//!
+//! The first test pins what the design rests on (docs/volume-groups.md,
+//! "Group replication"): on Ceph 16.2, `rbd_diff_iterate2` from a user
+//! snapshot to a group snapshot's member snapshot (set on the handle by id)
+//! lists exactly the extents written between the two, so a delta between
+//! two crash-consistent cuts can be copied from the member snapshots.
+
+mod common;
+
+use common::*;
+use csi_rbd_replicator::ceph::{Image, group};
+
+const MIB: u64 = 1 << 20;
+
+/// Extents `(offset, length, exists)` that differ between user snapshot
+/// `from` (or nothing) and the snapshot set on `img`.
+fn diff(img: &Image, from: Option<&str>, size: u64) -> Vec<(u64, u64, bool)> {
+    let mut out = Vec::new();
+    img.diff_iterate::<_, ()>(from, 0, size, false, false, |o, l, e| {
+        out.push((o, l, e));
+        Ok(())
+    })
+    .unwrap();
+    out
+}
+
+/// The whole of `img` as it reads now (head or the snapshot set).
+fn content(img: &Image, size: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; size as usize];
+    assert_eq!(img.read(0, &mut buf).unwrap(), buf.len());
+    buf
+}
+
+#[test]
+fn diff_from_a_user_snapshot_to_a_group_member_snapshot() {
+    let pool = pool();
+    let io = ioctx(Site::A, "");
+    let gname = unique("grp");
+    let img = unique("gimg");
+    let size = 16 * MIB;
+    let head = create_image(Site::A, &img, size, &[(0, 64 << 10), (8 * MIB, 4096)]);
+    let _cleanup = scopeguard({
+        let (pool, gname, img) = (pool.clone(), gname.clone(), img.clone());
+        move || {
+            let _ = rbd(Site::A, &["group", "rm", &format!("{pool}/{gname}")]);
+            let _ = rbd(Site::A, &["snap", "purge", &format!("{pool}/{img}")]);
+            let _ = rbd(Site::A, &["rm", &format!("{pool}/{img}")]);
+        }
+    });
+    group::create(&io, &gname).unwrap();
+    group::image_add(&io, &gname, &io, &img).unwrap();
+    // Cut 1: user snapshot u1, then group snapshot g1 with a write between
+    // them (it belongs to g1, not u1).
+    head.snap_create("u1").unwrap();
+    write(&head, &[(2 * MIB, 8192)], 7);
+    group::snap_create(&io, &gname, "g1").unwrap();
+    // Between cut 1 and cut 2: more writes, a discard of a whole object
+    // (partial ones are skipped by librbd's default
+    // rbd_skip_partial_discard).
+    write(&head, &[(4 * MIB, 4096), (12 * MIB, MIB as usize)], 8);
+    discard(&head, 8 * MIB, 4 * MIB);
+    head.snap_create("u2").unwrap();
+    group::snap_create(&io, &gname, "g2").unwrap();
+    // After cut 2: not in any delta up to g2.
+    write(&head, &[(14 * MIB, 4096)], 9);
+
+    let ro = Image::open_read_only(&io, &img, None).unwrap();
+    let g1 = ro
+        .group_snap_id(io.pool_id(), &gname, "g1")
+        .unwrap()
+        .expect("g1 member");
+    let g2 = ro
+        .group_snap_id(io.pool_id(), &gname, "g2")
+        .unwrap()
+        .expect("g2 member");
+    assert!(g1 < g2);
+    assert_eq!(
+        ro.group_snap_id(io.pool_id(), &gname, "nope").unwrap(),
+        None
+    );
+
+    // The first copy: everything allocated at g1 (diff from nothing).
+    ro.snap_set_by_id(g1).unwrap();
+    let full: Vec<_> = diff(&ro, None, size);
+    let covers = |ex: &[(u64, u64, bool)], off: u64, len: u64| {
+        ex.iter()
+            .any(|&(o, l, e)| e && o <= off && off + len <= o + l)
+    };
+    assert!(covers(&full, 0, 64 << 10), "{full:?}");
+    assert!(
+        covers(&full, 2 * MIB, 8192),
+        "the write between u1 and g1: {full:?}"
+    );
+    assert!(!covers(&full, 4 * MIB, 4096), "{full:?}");
+    // The delta u1 -> g2 (the user snapshot of cut 1 to the member snapshot
+    // of cut 2): a superset of g1 -> g2.
+    ro.snap_set_by_id(g2).unwrap();
+    let delta = diff(&ro, Some("u1"), size);
+    eprintln!("u1 -> g2: {delta:?}");
+    assert!(covers(&delta, 2 * MIB, 8192), "{delta:?}");
+    assert!(covers(&delta, 4 * MIB, 4096), "{delta:?}");
+    assert!(covers(&delta, 12 * MIB, MIB), "{delta:?}");
+    assert!(
+        delta
+            .iter()
+            .any(|&(o, l, e)| !e && o <= 8 * MIB && 8 * MIB + 4096 <= o + l),
+        "the discard is a hole in the delta: {delta:?}"
+    );
+    assert!(
+        !delta
+            .iter()
+            .any(|&(o, l, _)| o < 14 * MIB + 4096 && 14 * MIB < o + l),
+        "a write after g2 is not in a delta up to g2: {delta:?}"
+    );
+    assert!(
+        !delta.iter().any(|&(o, l, _)| o < 64 << 10 && o + l > 0),
+        "unchanged data since u1 is not in the delta: {delta:?}"
+    );
+
+    // Applying the first copy at g1 and then the delta u1 -> g2, both read
+    // at the member snapshots, onto another image gives exactly g2.
+    let copy = unique("gcopy");
+    let dst = create_image(Site::A, &copy, size, &[]);
+    let _cleanup2 = scopeguard({
+        let (pool, copy) = (pool.clone(), copy.clone());
+        move || {
+            let _ = rbd(Site::A, &["rm", &format!("{pool}/{copy}")]);
+        }
+    });
+    for (snap, from) in [(g1, None), (g2, Some("u1"))] {
+        ro.snap_set_by_id(snap).unwrap();
+        for (o, l, e) in diff(&ro, from, size) {
+            let mut buf = vec![0u8; l as usize];
+            if e {
+                ro.read(o, &mut buf).unwrap();
+            }
+            dst.write(o, &buf).unwrap();
+        }
+    }
+    dst.flush().unwrap();
+    ro.snap_set_by_id(g2).unwrap();
+    assert!(content(&dst, size) == content(&ro, size), "copy of g2");
+    ro.snap_set(None).unwrap();
+    assert!(
+        content(&dst, size) != content(&ro, size),
+        "the head moved on after g2"
+    );
+}
+
+// --- replication of a group through gRPC, on two sites ---
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use csi_rbd_replicator::ceph::IoCtx;
+use csi_rbd_replicator::csi::VolumeGroupId;
+use csi_rbd_replicator::grpc::proto::replication as pb;
+use csi_rbd_replicator::grpc::proto::volumegroup as vg;
+use csi_rbd_replicator::grpc::proto::volumegroup::controller_client::ControllerClient as VgClient;
+use tonic::Code;
+
+const BLOCK: usize = 4096;
+/// Slots of the data volume's bulk writes (1 MiB on), one per sequence
+/// number modulo this.
+const SLOTS: u64 = 512;
+
+fn gsource(id: &str) -> Option<pb::ReplicationSource> {
+    Some(pb::ReplicationSource {
+        r#type: Some(pb::replication_source::Type::Volumegroup(
+            pb::replication_source::VolumeGroupSource {
+                volume_group_id: id.to_string(),
+            },
+        )),
+    })
+}
+
+fn params(p: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    p.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn g_enable(site: Site, id: &str, p: &[(&str, &str)]) -> pb::EnableVolumeReplicationRequest {
+    pb::EnableVolumeReplicationRequest {
+        replication_source: gsource(id),
+        secrets: secrets(site),
+        parameters: params(p),
+        ..Default::default()
+    }
+}
+
+fn g_promote(site: Site, id: &str, force: bool) -> pb::PromoteVolumeRequest {
+    pb::PromoteVolumeRequest {
+        replication_source: gsource(id),
+        secrets: secrets(site),
+        force,
+        ..Default::default()
+    }
+}
+
+fn g_demote(site: Site, id: &str) -> pb::DemoteVolumeRequest {
+    pb::DemoteVolumeRequest {
+        replication_source: gsource(id),
+        secrets: secrets(site),
+        ..Default::default()
+    }
+}
+
+fn g_resync(site: Site, id: &str, force: bool) -> pb::ResyncVolumeRequest {
+    pb::ResyncVolumeRequest {
+        replication_source: gsource(id),
+        secrets: secrets(site),
+        force,
+        ..Default::default()
+    }
+}
+
+fn g_info(site: Site, id: &str) -> pb::GetVolumeReplicationInfoRequest {
+    pb::GetVolumeReplicationInfoRequest {
+        replication_source: gsource(id),
+        secrets: secrets(site),
+        ..Default::default()
+    }
+}
+
+fn g_disable(site: Site, id: &str) -> pb::DisableVolumeReplicationRequest {
+    pb::DisableVolumeReplicationRequest {
+        replication_source: gsource(id),
+        secrets: secrets(site),
+        ..Default::default()
+    }
+}
+
+/// The group record `uuid` in the registry of `io` (JSON), if any.
+fn group_record(io: &IoCtx, uuid: &str) -> Option<serde_json::Value> {
+    let key = format!("group.{uuid}");
+    io.omap_get_vals_by_keys("csi-rbd-replicator.registry", &[&key])
+        .ok()?
+        .get(&key)
+        .and_then(|v| serde_json::from_slice(v).ok())
+}
+
+fn last_cut(io: &IoCtx, uuid: &str) -> Option<String> {
+    group_record(io, uuid)?["last_cut"]["snap_name"]
+        .as_str()
+        .map(str::to_string)
+}
+
+fn role(io: &IoCtx, uuid: &str) -> Option<String> {
+    group_record(io, uuid)?["role"].as_str().map(str::to_string)
+}
+
+fn u64_at(img: &Image, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    img.read(off, &mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+fn slot(n: u64) -> u64 {
+    MIB + (n % SLOTS) * 2 * BLOCK as u64
+}
+
+/// Checks that `log` and `data` (opened at one state) show a state that
+/// existed at one instant of the writer: data's head never ahead of log's,
+/// log at most one ahead, and data's bulk block of its head's number written.
+/// Returns the log's number.
+fn check_state(what: &str, log: &Image, data: &Image) -> u64 {
+    let (l, d) = (u64_at(log, 0), u64_at(data, 0));
+    assert!(
+        d <= l && l <= d + 1,
+        "{what}: log at {l}, data at {d}: not a state that existed at one instant"
+    );
+    if d > 0 {
+        assert_eq!(u64_at(data, slot(d)), d, "{what}: data's block of {d}");
+    }
+    l
+}
+
+/// An application writing log n, then data's block n, then data's head n,
+/// each flushed before the next, on its own connection to `site`.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+}
+
+impl Writer {
+    fn start(site: Site, pool: &str, log: &str, data: &str, from: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(from));
+        let thread = std::thread::spawn({
+            let (stop, written) = (Arc::clone(&stop), Arc::clone(&written));
+            let (pool, log, data) = (pool.to_string(), log.to_string(), data.to_string());
+            move || -> Result<(), String> {
+                let io = admin(site).ioctx(&pool, "").unwrap();
+                let l = Image::open(&io, &log).map_err(|e| e.to_string())?;
+                let d = Image::open(&io, &data).map_err(|e| e.to_string())?;
+                let mut block = vec![0u8; BLOCK];
+                let mut n = from;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    block[..8].copy_from_slice(&n.to_le_bytes());
+                    for (img, off) in [(&l, 0), (&d, slot(n)), (&d, 0)] {
+                        img.write(off, &block)
+                            .map_err(|e| format!("write {n}: {e}"))?;
+                        img.flush().map_err(|e| format!("flush {n}: {e}"))?;
+                    }
+                    written.store(n, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(())
+            }
+        });
+        Writer {
+            stop,
+            written,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops it; its last acknowledged number.
+    fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap().expect("the writer's I/O never fails");
+        }
+        self.written.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Waits until `site`'s record of group `uuid` holds a complete cut other
+/// than every one in `seen`; checks the consistency of its snapshot on the
+/// members there and returns its name.
+async fn next_cut(io: &Arc<IoCtx>, uuid: &str, seen: &[String], members: [&str; 2]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(c) = last_cut(io, uuid).filter(|c| !seen.contains(c)) {
+            // The next cut may complete and prune this one meanwhile.
+            let at = |m: &str| Image::open_read_only(io, m, Some(&c));
+            if let (Ok(l), Ok(d)) = (at(members[0]), at(members[1])) {
+                let n = check_state(&format!("cut {c}"), &l, &d);
+                eprintln!("cut {c}: log at {n}");
+                return c;
+            }
+        }
+        assert!(Instant::now() < deadline, "no new complete cut of {uuid}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The whole content of `image` in `io` at `snap` (or its head).
+fn read_all(io: &Arc<IoCtx>, image: &str, snap: Option<&str>) -> Vec<u8> {
+    let img = Image::open_read_only(io, image, snap).unwrap();
+    let size = img.size().unwrap();
+    content(&img, size)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_replication_relocates_and_fails_over_with_every_member_at_one_instant() {
+    let tp = TestPool::new("grepl");
+    let pool = tp.name.clone();
+    let (ioa, iob) = (tp.ioctx(Site::A), tp.ioctx(Site::B));
+    let (log, data) = ("log".to_string(), "data".to_string());
+    for m in [&log, &data] {
+        drop(create_image_in(&ioa, m, 8 * MIB, &[], 1));
+    }
+    let a = Sidecar::start(Site::A, &tp.args()).await;
+    let mut b = Some(Sidecar::start(Site::B, &tp.args()).await);
+
+    // The group, made as the VolumeGroupReplicationContent controller does.
+    let mut vga = VgClient::new(channel_to(&a.socket).await.unwrap());
+    let g = vga
+        .create_volume_group(vg::CreateVolumeGroupRequest {
+            name: unique("vgrc"),
+            volume_ids: vec![format!("{pool}/{log}"), format!("{pool}/{data}")],
+            secrets: secrets(Site::A),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolumeGroup")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    let ga = g.volume_group_id;
+    let uuid = VolumeGroupId::parse(&ga).unwrap().uuid().to_string();
+    // The same group as site-b names it (what Ramen restores there).
+    let gb = VolumeGroupId::new("site-b", iob.pool_id(), uuid.clone())
+        .unwrap()
+        .to_string();
+    let members = [log.as_str(), data.as_str()];
+
+    let mut writer = Writer::start(Site::A, &pool, &log, &data, 0);
+    while writer.written.load(Ordering::SeqCst) < 50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut ca = a.controller().await;
+    let t0 = Instant::now();
+    ca.enable_volume_replication(g_enable(Site::A, &ga, &[("schedulingInterval", "3s")]))
+        .await
+        .expect("Enable of the group");
+    // Enable again: idempotent.
+    ca.enable_volume_replication(g_enable(Site::A, &ga, &[("schedulingInterval", "3s")]))
+        .await
+        .expect("Enable again");
+
+    // Complete cuts on site-b, each one instant of the writer.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let c = next_cut(&iob, &uuid, &seen, members).await;
+        if seen.is_empty() {
+            eprintln!(
+                "first complete cut {:.2} s after Enable",
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        seen.push(c);
+    }
+    let info = ca
+        .get_volume_replication_info(g_info(Site::A, &ga))
+        .await
+        .expect("info")
+        .into_inner();
+    eprintln!("info: {info:?}");
+    assert!(info.last_sync_time.is_some(), "{info:?}");
+    assert_eq!(info.status, 1, "HEALTHY: {info:?}");
+    // The group's ID on site-b and its members' there.
+    let dest = ca
+        .get_replication_destination_info(pb::GetReplicationDestinationInfoRequest {
+            replication_source: gsource(&ga),
+            secrets: secrets(Site::A),
+        })
+        .await
+        .expect("GetReplicationDestinationInfo of the group")
+        .into_inner();
+    match dest.replication_destination.and_then(|d| d.r#type) {
+        Some(pb::replication_destination::Type::Volumegroup(d)) => {
+            assert_eq!(d.volume_group_id, gb);
+            let want: std::collections::HashMap<String, String> = members
+                .iter()
+                .map(|m| (format!("{pool}/{m}"), format!("{pool}/{m}")))
+                .collect();
+            assert_eq!(d.volume_ids, want);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The group and its journal exist on site-b, with the replicas in it.
+    let bimages: Vec<String> = group::image_list(&iob, &format!("csi-vol-group-{uuid}"))
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(bimages.len(), 2, "{bimages:?}");
+
+    // --- planned relocation to site-b ---
+    let last = writer.stop();
+    let mut cb = b.as_ref().unwrap().controller().await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    // The controller requeues a Demote refused while a client has a member
+    // open (site-b's replayer briefly opens the primary's members to prune
+    // old cuts).
+    loop {
+        match ca.demote_volume(g_demote(Site::A, &ga)).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::FailedPrecondition && Instant::now() < deadline => {
+                eprintln!("Demote on site-a requeued: {}", s.message());
+            }
+            Err(s) => panic!("Demote on site-a: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    loop {
+        let ready = ca
+            .resync_volume(g_resync(Site::A, &ga, false))
+            .await
+            .expect("Resync on site-a")
+            .into_inner()
+            .ready;
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "site-a never settled");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    loop {
+        match cb.promote_volume(g_promote(Site::B, &gb, false)).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {}
+            Err(s) => panic!("planned Promote on site-b: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for m in members {
+        assert!(
+            read_all(&ioa, m, None) == read_all(&iob, m, None),
+            "{m}: site-b's head equals site-a's demoted head"
+        );
+    }
+    let at = |io: &Arc<IoCtx>, m: &str| Image::open_read_only(io, m, None).unwrap();
+    assert_eq!(
+        check_state("site-b after relocation", &at(&iob, &log), &at(&iob, &data)),
+        last,
+        "nothing acknowledged was lost"
+    );
+
+    // Site-b writes; site-a becomes its replica by itself.
+    let mut writer = Writer::start(Site::B, &pool, &log, &data, last);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while role(&ioa, &uuid).as_deref() != Some("secondary") {
+        assert!(Instant::now() < deadline, "site-a never became a replica");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut seen_a = vec![last_cut(&ioa, &uuid).unwrap_or_default()];
+    for _ in 0..2 {
+        let c = next_cut(&ioa, &uuid, &seen_a, members).await;
+        seen_a.push(c);
+    }
+    let forced_at = last_cut(&ioa, &uuid).unwrap();
+
+    // --- forced failover to site-a: site-b's sidecar is gone ---
+    let mut sb = b.take().unwrap();
+    sb.kill();
+    drop(sb);
+    // Let the writer go on past the last cut on site-b (not replicated).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last_b = writer.stop();
+    ca.promote_volume(g_promote(Site::A, &ga, true))
+        .await
+        .expect("forced Promote on site-a");
+    // The cut it rolled back to: the last complete one.
+    let cut_now = last_cut(&ioa, &uuid).unwrap();
+    let n = check_state("site-a after failover", &at(&ioa, &log), &at(&ioa, &data));
+    assert!(n <= last_b, "{n} > {last_b}");
+    for m in members {
+        assert!(
+            read_all(&ioa, m, None) == read_all(&ioa, m, Some(&cut_now)),
+            "{m}: site-a's head is its last complete cut {cut_now} (was {forced_at} before)"
+        );
+    }
+
+    // --- failback: site-b returns, is demoted and resynced with force ---
+    let b2 = Sidecar::start(Site::B, &tp.args()).await;
+    let mut cb = b2.controller().await;
+    let mut writer = Writer::start(Site::A, &pool, &log, &data, n);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match cb.demote_volume(g_demote(Site::B, &gb)).await {
+            Ok(_) => break,
+            // The killed sidecar's watches expire after about 30 s.
+            Err(s) if s.code() == Code::FailedPrecondition && Instant::now() < deadline => {}
+            Err(s) => panic!("Demote on site-b: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = cb.resync_volume(g_resync(Site::B, &gb, false)).await;
+    assert_eq!(
+        r.as_ref().map_err(|s| s.code()).err(),
+        Some(Code::FailedPrecondition),
+        "split-brain without force: {r:?}"
+    );
+    cb.resync_volume(g_resync(Site::B, &gb, true))
+        .await
+        .expect("Resync with force on site-b");
+    let mut seen_b = vec![last_cut(&iob, &uuid).unwrap_or_default()];
+    for _ in 0..2 {
+        let c = next_cut(&iob, &uuid, &seen_b, members).await;
+        seen_b.push(c);
+    }
+    writer.stop();
+    // Each member of site-b's newest cut equals site-a's member snapshot of
+    // that group snapshot (read again if a newer cut pruned it meanwhile).
+    let gname = format!("csi-vol-group-{uuid}");
+    let mut compared = 0;
+    for _ in 0..10 {
+        let c = last_cut(&iob, &uuid).unwrap();
+        compared = 0;
+        for m in members {
+            let pa = Image::open_read_only(&ioa, m, None).unwrap();
+            let Some(id) = pa.group_snap_id(ioa.pool_id(), &gname, &c).unwrap() else {
+                break;
+            };
+            pa.snap_set_by_id(id).unwrap();
+            let size = pa.size().unwrap();
+            let Ok(rb) = Image::open_read_only(&iob, m, Some(&c)) else {
+                break;
+            };
+            assert!(
+                content(&pa, size) == content(&rb, size),
+                "{m}: site-b's cut {c} equals site-a's"
+            );
+            compared += 1;
+        }
+        if compared == members.len() {
+            break;
+        }
+    }
+    assert_eq!(
+        compared,
+        members.len(),
+        "site-b's newest cut compared with site-a's"
+    );
+
+    // --- Disable on the primary: site-b lets go of its replicas ---
+    ca.disable_volume_replication(g_disable(Site::A, &ga))
+        .await
+        .expect("Disable");
+    assert!(group_record(&ioa, &uuid).is_none());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while group_record(&iob, &uuid).is_some() {
+        assert!(Instant::now() < deadline, "site-b kept its group record");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let snaps = Image::open_read_only(&ioa, &log, None)
+        .unwrap()
+        .snap_list()
+        .unwrap();
+    assert!(snaps.is_empty(), "cuts left on site-a: {snaps:?}");
+    drop(b2);
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_replication_bad_input_gets_its_code() {
+    let pool = pool();
+    let io = ioctx(Site::A, "");
+    let a = Sidecar::start(Site::A, &["--no-replayer"]).await;
+    let mut c = a.controller().await;
+    let (m1, m2) = (unique("gm"), unique("gm"));
+    for m in [&m1, &m2] {
+        drop(create_image(Site::A, m, 4 * MIB, &[]));
+    }
+    let _cleanup = scopeguard({
+        let (pool, m1, m2) = (pool.clone(), m1.clone(), m2.clone());
+        move || {
+            for m in [&m1, &m2] {
+                let _ = rbd(Site::A, &["snap", "purge", &format!("{pool}/{m}")]);
+                let _ = rbd(Site::A, &["rm", &format!("{pool}/{m}")]);
+            }
+        }
+    });
+    let code = |r: Result<tonic::Response<pb::EnableVolumeReplicationResponse>, tonic::Status>| {
+        r.map(|_| ()).map_err(|s| s.code()).err()
+    };
+    // Malformed IDs.
+    for id in ["", "not-a-group-id", "0001-0006-site-a-zzzz"] {
+        assert_eq!(
+            code(
+                c.enable_volume_replication(g_enable(Site::A, id, &[]))
+                    .await
+            ),
+            Some(Code::InvalidArgument),
+            "{id:?}"
+        );
+    }
+    // A well-formed ID of a group that does not exist.
+    let missing = VolumeGroupId::new("site-a", io.pool_id(), uuid::Uuid::new_v4().to_string())
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        code(
+            c.enable_volume_replication(g_enable(Site::A, &missing, &[]))
+                .await
+        ),
+        Some(Code::NotFound)
+    );
+    let mut vga = VgClient::new(channel_to(&a.socket).await.unwrap());
+    let g = vga
+        .create_volume_group(vg::CreateVolumeGroupRequest {
+            name: unique("vgrc"),
+            volume_ids: vec![format!("{pool}/{m1}"), format!("{pool}/{m2}")],
+            secrets: secrets(Site::A),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_group
+        .unwrap()
+        .volume_group_id;
+    let _cleanup2 = scopeguard({
+        let (pool, g) = (pool.clone(), g.clone());
+        move || {
+            let uuid = VolumeGroupId::parse(&g).unwrap().uuid().to_string();
+            let _ = rbd(
+                Site::A,
+                &["group", "rm", &format!("{pool}/csi-vol-group-{uuid}")],
+            );
+        }
+    });
+    // Bad parameters; journal mode for a group.
+    for p in [
+        &[("schedulingInterval", "five minutes")][..],
+        &[("mirroringMode", "journal")][..],
+    ] {
+        assert_eq!(
+            code(c.enable_volume_replication(g_enable(Site::A, &g, p)).await),
+            Some(Code::InvalidArgument),
+            "{p:?}"
+        );
+    }
+    // Not enabled yet: role changes and info are FAILED_PRECONDITION.
+    let fp = Some(Code::FailedPrecondition);
+    let e = |r: Result<(), tonic::Status>| r.map_err(|s| s.code()).err();
+    assert_eq!(
+        e(c.promote_volume(g_promote(Site::A, &g, false))
+            .await
+            .map(|_| ())),
+        fp
+    );
+    assert_eq!(
+        e(c.demote_volume(g_demote(Site::A, &g)).await.map(|_| ())),
+        fp
+    );
+    assert_eq!(
+        e(c.resync_volume(g_resync(Site::A, &g, false))
+            .await
+            .map(|_| ())),
+        fp
+    );
+    assert_eq!(
+        e(c.get_volume_replication_info(g_info(Site::A, &g))
+            .await
+            .map(|_| ())),
+        fp
+    );
+    // Disable of a group not enabled: nothing to do.
+    c.disable_volume_replication(g_disable(Site::A, &g))
+        .await
+        .expect("Disable");
+    // A member replicated on its own cannot be replicated with the group.
+    let v1 = format!("{pool}/{m1}");
+    c.enable_volume_replication(enable_req(Site::A, &v1, &[]))
+        .await
+        .expect("Enable of the volume");
+    assert_eq!(
+        code(
+            c.enable_volume_replication(g_enable(Site::A, &g, &[]))
+                .await
+        ),
+        fp
+    );
+    assert!(
+        group::snap_list(
+            &io,
+            &format!("csi-vol-group-{}", VolumeGroupId::parse(&g).unwrap().uuid())
+        )
+        .unwrap()
+        .is_empty(),
+        "no cut taken"
+    );
+    c.disable_volume_replication(req::disable(Site::A, &v1))
+        .await
+        .expect("Disable of the volume");
+    // Now it works, and the first cut is there.
+    c.enable_volume_replication(g_enable(Site::A, &g, &[]))
+        .await
+        .expect("Enable of the group");
+    let cuts = group::snap_list(
+        &io,
+        &format!("csi-vol-group-{}", VolumeGroupId::parse(&g).unwrap().uuid()),
+    )
+    .unwrap();
+    assert_eq!(cuts.len(), 1, "{cuts:?}");
+    assert!(
+        cuts[0].complete && cuts[0].name.starts_with("csirr-gcut."),
+        "{cuts:?}"
+    );
+    c.disable_volume_replication(g_disable(Site::A, &g))
+        .await
+        .expect("Disable of the group");
+    assert!(
+        group::snap_list(
+            &io,
+            &format!("csi-vol-group-{}", VolumeGroupId::parse(&g).unwrap().uuid())
+        )
+        .unwrap()
+        .is_empty()
+    );
+}
+
+/// A measurement, ignored by default: a group of `CSIRR_GROUP_MEMBERS` (10)
+/// volumes of 64 MiB, fully written, from EnableVolumeReplication of the
+/// group to its first complete cut reported by GetVolumeReplicationInfo.
+/// `cargo nextest run --test group_replication --run-ignored only --no-capture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn group_bench_enable_to_first_complete_cut() {
+    let n: usize = std::env::var("CSIRR_GROUP_MEMBERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let tp = TestPool::new("gbench");
+    let pool = tp.name.clone();
+    let ioa = tp.ioctx(Site::A);
+    let names: Vec<String> = (0..n).map(|i| format!("vol{i:02}")).collect();
+    for (i, m) in names.iter().enumerate() {
+        drop(create_image_in(
+            &ioa,
+            m,
+            64 * MIB,
+            &[(0, 64 << 20)],
+            i as u64 + 1,
+        ));
+    }
+    let a = Sidecar::start(Site::A, &tp.args()).await;
+    let b = Sidecar::start(Site::B, &tp.args()).await;
+    let mut vga = VgClient::new(channel_to(&a.socket).await.unwrap());
+    let ga = vga
+        .create_volume_group(vg::CreateVolumeGroupRequest {
+            name: unique("vgrc"),
+            volume_ids: names.iter().map(|m| format!("{pool}/{m}")).collect(),
+            secrets: secrets(Site::A),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_group
+        .unwrap()
+        .volume_group_id;
+    let mut ca = a.controller().await;
+    let t0 = Instant::now();
+    ca.enable_volume_replication(g_enable(Site::A, &ga, &[("schedulingInterval", "1h")]))
+        .await
+        .expect("Enable");
+    let enabled = t0.elapsed();
+    let info = loop {
+        let i = ca
+            .get_volume_replication_info(g_info(Site::A, &ga))
+            .await
+            .unwrap()
+            .into_inner();
+        if i.last_sync_time.is_some() {
+            break i;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(600), "{i:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let total = t0.elapsed();
+    eprintln!(
+        "group of {n} x 64 MiB: Enable answered in {:.2} s (first cut taken), first complete \
+         cut reported {:.2} s after Enable; copy {:?}, {} bytes",
+        enabled.as_secs_f64(),
+        total.as_secs_f64(),
+        info.last_sync_duration,
+        info.last_sync_bytes
+    );
+    assert_eq!(info.last_sync_bytes, (n as i64) * (64 << 20));
+    let uuid = VolumeGroupId::parse(&ga).unwrap().uuid().to_string();
+    let c = last_cut(&tp.ioctx(Site::B), &uuid).unwrap();
+    for m in names.iter().take(2) {
+        assert_eq!(
+            checksum(Site::A, &format!("{pool}/{m}")),
+            checksum(Site::B, &format!("{pool}/{m}@{c}")),
+            "{m}"
+        );
+    }
+    drop(b);
+    drop(a);
+}
+
+/// A volume added to a replicated group is copied whole; the first cut that
+/// includes it is complete only once its replica holds it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_added_later_is_copied_whole_before_a_cut_counts() {
+    let tp = TestPool::new("gadd");
+    let pool = tp.name.clone();
+    let (ioa, iob) = (tp.ioctx(Site::A), tp.ioctx(Site::B));
+    drop(create_image_in(
+        &ioa,
+        "m1",
+        8 * MIB,
+        &[(0, MIB as usize)],
+        1,
+    ));
+    drop(create_image_in(
+        &ioa,
+        "m2",
+        8 * MIB,
+        &[(MIB, 3 * MIB as usize), (7 * MIB, 4096)],
+        2,
+    ));
+    let a = Sidecar::start(Site::A, &tp.args()).await;
+    let b = Sidecar::start(Site::B, &tp.args()).await;
+    let mut vga = VgClient::new(channel_to(&a.socket).await.unwrap());
+    let ga = vga
+        .create_volume_group(vg::CreateVolumeGroupRequest {
+            name: unique("vgrc"),
+            volume_ids: vec![format!("{pool}/m1")],
+            secrets: secrets(Site::A),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_group
+        .unwrap()
+        .volume_group_id;
+    let uuid = VolumeGroupId::parse(&ga).unwrap().uuid().to_string();
+    let mut ca = a.controller().await;
+    ca.enable_volume_replication(g_enable(Site::A, &ga, &[("schedulingInterval", "2s")]))
+        .await
+        .expect("Enable");
+    let members_b =
+        || group_record(&iob, &uuid).map_or(0, |r| r["members"].as_array().map_or(0, Vec::len));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while last_cut(&iob, &uuid).is_none() {
+        assert!(Instant::now() < deadline, "no first cut");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(members_b(), 1);
+    assert!(!image_exists_in(&iob, "m2"));
+    vga.modify_volume_group_membership(vg::ModifyVolumeGroupMembershipRequest {
+        volume_group_id: ga.clone(),
+        volume_ids: vec![format!("{pool}/m1"), format!("{pool}/m2")],
+        secrets: secrets(Site::A),
+        ..Default::default()
+    })
+    .await
+    .expect("Modify");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while members_b() < 2 {
+        assert!(Instant::now() < deadline, "no cut with the new member");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The cut recorded complete holds the new member whole.
+    let c = last_cut(&iob, &uuid).unwrap();
+    let got = Image::open_read_only(&iob, "m2", Some(&c));
+    if let Ok(img) = got {
+        let size = img.size().unwrap();
+        assert!(
+            content(&img, size) == read_all(&ioa, "m2", None),
+            "m2 at {c} on site-b equals site-a's m2"
+        );
+    } else {
+        // A newer cut completed and pruned it: the newest one holds it too.
+        let c = last_cut(&iob, &uuid).unwrap();
+        assert!(read_all(&iob, "m2", Some(&c)) == read_all(&ioa, "m2", None));
+    }
+    ca.disable_volume_replication(g_disable(Site::A, &ga))
+        .await
+        .expect("Disable");
+    drop(b);
+    drop(a);
+}
+
+fn image_exists_in(io: &Arc<IoCtx>, name: &str) -> bool {
+    Image::open_read_only(io, name, None).is_ok()
+}
