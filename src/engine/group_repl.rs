@@ -465,17 +465,7 @@ impl Engine {
 
     /// The peer's registry and cluster for group `g`. Blocking.
     fn group_peer(&self, io: &IoCtx) -> Result<(Arc<Cluster>, Arc<IoCtx>)> {
-        let peers = self.peers_of_pool(io.pool())?;
-        let Some((peer, cluster)) = peers.into_iter().next() else {
-            return Err(EngineError::FailedPrecondition(format!(
-                "pool {} has no mirror peer",
-                io.pool()
-            )));
-        };
-        let pio = cluster
-            .ioctx(io.pool(), io.namespace())
-            .ctx(|| format!("opening {} on peer {}", io.spec(), peer.site_name))?;
-        Ok((cluster, pio))
+        self.peer_of(io)
     }
 
     fn group_record_of(&self, g: &super::group::Located) -> Result<GroupRecord> {
@@ -600,15 +590,8 @@ impl Engine {
         params: ReplicationParams,
     ) -> Result<()> {
         let key = format!("volume group {}", req.group);
-        let timeout = self.cfg.promote_timeout;
         let work = self.run_locked(key, move |e| e.promote_group_blocking(&req, force, &params));
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(EngineError::Unavailable(format!(
-                "promotion did not finish within {timeout:?}; it goes on in the background, \
-                 retry to see its outcome"
-            ))),
-        }
+        self.within_promote_timeout(work).await
     }
 
     fn promote_group_blocking(
@@ -1047,24 +1030,7 @@ impl Engine {
     ) -> Result<(String, BTreeMap<String, String>)> {
         let g = self.locate_for_replication(req)?;
         self.group_record_of(&g)?;
-        let local_id = &self.cfg.local_cluster.cluster_id;
-        let peer_id = self
-            .cfg
-            .mapping
-            .entries()
-            .iter()
-            .flat_map(|e| e.cluster_ids.iter())
-            .find_map(|(a, b)| match (a == local_id, b == local_id) {
-                (true, _) => Some(b.clone()),
-                (_, true) => Some(a.clone()),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                EngineError::FailedPrecondition(format!(
-                    "cluster-mapping.json has no clusterIDMapping entry for the local cluster \
-                     {local_id}: the peer's cluster ID is unknown"
-                ))
-            })?;
+        let peer_id = self.peer_cluster_id()?;
         let (cluster, _) = self.group_peer(&g.io)?;
         let pool = g.io.pool();
         let peer_pool = cluster

@@ -378,21 +378,7 @@ impl Engine {
         let key = key.as_str();
         if rec.role == Role::Demoted {
             if !force {
-                match self.peer_record(vol, None) {
-                    Ok(p) if p.rec.as_ref().is_some_and(|r| r.role == Role::Primary) => {
-                        return Err(EngineError::FailedPrecondition(format!(
-                            "the peer site is primary for {key}; promoting this side too would \
-                             split the brain. Demote the peer first"
-                        )));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Err(EngineError::FailedPrecondition(format!(
-                            "cannot reach the peer to check its role ({e}); promote with force \
-                             to take over without it"
-                        )));
-                    }
-                }
+                self.peer_not_primary(vol, key)?;
             }
             let _slot = self.take_slot(key)?;
             let tid = promote_journal(&vol.image, key, None, force)?;
@@ -415,48 +401,21 @@ impl Engine {
         })?;
         let replayed = rec.journal.as_ref().and_then(|j| j.demoted_at);
         if !force {
-            let peer = self
-                .peer_record(vol, Some(&primary.image_id))
-                .map_err(|e| {
-                    EngineError::FailedPrecondition(format!(
-                        "cannot reach the peer site of {key} ({e}); promote with force to fail \
-                         over without it"
+            let prec = self.demoted_peer(vol, Some(&primary.image_id), key)?;
+            let want = prec
+                .demotion_snap
+                .as_deref()
+                .and_then(demotion_tag)
+                .ok_or_else(|| {
+                    EngineError::Internal(format!(
+                        "peer record of {key} is demoted without a journal demotion tag"
                     ))
                 })?;
-            let prec = peer.rec.ok_or_else(|| {
-                EngineError::FailedPrecondition(format!(
-                    "the peer site has no replication record for {key}"
-                ))
-            })?;
-            match prec.role {
-                Role::Primary => {
-                    return Err(EngineError::FailedPrecondition(format!(
-                        "the peer site is still primary for {key}; demote it first, or promote \
-                         with force"
-                    )));
-                }
-                Role::Secondary => {
-                    return Err(EngineError::FailedPrecondition(format!(
-                        "the peer site's {key} is a replica too; nothing to promote from"
-                    )));
-                }
-                Role::Demoted => {
-                    let want = prec
-                        .demotion_snap
-                        .as_deref()
-                        .and_then(demotion_tag)
-                        .ok_or_else(|| {
-                            EngineError::Internal(format!(
-                                "peer record of {key} is demoted without a journal demotion tag"
-                            ))
-                        })?;
-                    if replayed != Some(want) {
-                        return Err(EngineError::Unavailable(format!(
-                            "the replica of {key} is still replaying the peer's journal up to \
+            if replayed != Some(want) {
+                return Err(EngineError::Unavailable(format!(
+                    "the replica of {key} is still replaying the peer's journal up to \
                              its demotion (tag {want}); retry shortly"
-                        )));
-                    }
-                }
+                )));
             }
         }
         // Stops the replay loop: at an entry boundary, flushed.

@@ -234,6 +234,28 @@ impl Engine {
         })
     }
 
+    /// The peer's cluster ID: the other side of the cluster mapping's
+    /// `clusterIDMapping` entry that names the local cluster.
+    pub(crate) fn peer_cluster_id(&self) -> Result<String> {
+        let local_id = &self.cfg.local_cluster.cluster_id;
+        self.cfg
+            .mapping
+            .entries()
+            .iter()
+            .flat_map(|e| e.cluster_ids.iter())
+            .find_map(|(a, b)| match (a == local_id, b == local_id) {
+                (true, _) => Some(b.clone()),
+                (_, true) => Some(a.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                EngineError::FailedPrecondition(format!(
+                    "cluster-mapping.json has no clusterIDMapping entry for the local cluster \
+                     {local_id}: the peer's cluster ID is unknown"
+                ))
+            })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
@@ -673,24 +695,7 @@ impl Engine {
         let Some(handle) = &vol.handle else {
             return Ok(req.volume.to_string());
         };
-        let local_id = &self.cfg.local_cluster.cluster_id;
-        let peer_id = self
-            .cfg
-            .mapping
-            .entries()
-            .iter()
-            .flat_map(|e| e.cluster_ids.iter())
-            .find_map(|(a, b)| match (a == local_id, b == local_id) {
-                (true, _) => Some(b.clone()),
-                (_, true) => Some(a.clone()),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                EngineError::FailedPrecondition(format!(
-                    "cluster-mapping.json has no clusterIDMapping entry for the local cluster \
-                     {local_id}: the peer's cluster ID is unknown"
-                ))
-            })?;
+        let peer_id = self.peer_cluster_id()?;
         let pool = vol.ioctx().pool();
         let (_, peer) = self
             .peers_of_pool(pool)?
@@ -705,7 +710,7 @@ impl Engine {
         if let Some(mapped) = self
             .cfg
             .mapping
-            .candidates(local_id, vol.ioctx().pool_id())
+            .candidates(&self.cfg.local_cluster.cluster_id, vol.ioctx().pool_id())
             .into_iter()
             .find(|l| l.cluster_id == peer_id)
             .filter(|l| l.pool_id != peer_pool)

@@ -121,6 +121,56 @@ impl Engine {
         })
     }
 
+    /// Refuses to undo a demotion of `key` without force while the peer is
+    /// primary (that would split the brain) or cannot be asked. Blocking.
+    pub(crate) fn peer_not_primary(&self, vol: &Resolved, key: &str) -> Result<()> {
+        match self.peer_record(vol, None) {
+            Ok(PeerImage { rec: Some(p), .. }) if p.role == Role::Primary => {
+                Err(EngineError::FailedPrecondition(format!(
+                    "the peer site is primary for {key}; promoting this side too would split \
+                     the brain. Demote the peer first"
+                )))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(EngineError::FailedPrecondition(format!(
+                "cannot reach the peer to check its role ({e}); promote with force to take \
+                 over without it"
+            ))),
+        }
+    }
+
+    /// The peer's record of `key` for a planned promotion: it must answer
+    /// and be demoted (FAILED_PRECONDITION naming what to do otherwise).
+    /// Blocking.
+    pub(crate) fn demoted_peer(
+        &self,
+        vol: &Resolved,
+        primary_id: Option<&str>,
+        key: &str,
+    ) -> Result<ImageRecord> {
+        let peer = self.peer_record(vol, primary_id).map_err(|e| {
+            EngineError::FailedPrecondition(format!(
+                "cannot reach the peer site of {key} ({e}); promote with force to fail over \
+                 without it"
+            ))
+        })?;
+        let prec = peer.rec.ok_or_else(|| {
+            EngineError::FailedPrecondition(format!(
+                "the peer site has no replication record for {key}"
+            ))
+        })?;
+        match prec.role {
+            Role::Demoted => Ok(prec),
+            Role::Primary => Err(EngineError::FailedPrecondition(format!(
+                "the peer site is still primary for {key}; demote it first, or promote with \
+                 force"
+            ))),
+            Role::Secondary => Err(EngineError::FailedPrecondition(format!(
+                "the peer site's {key} is a replica too; nothing to promote from"
+            ))),
+        }
+    }
+
     fn record_of(&self, vol: &Resolved, req: &VolumeRequest) -> Result<(Registry, ImageRecord)> {
         let reg = Registry::new(Arc::clone(vol.ioctx()));
         let rec = reg.get(&vol.image_id)?.ok_or_else(|| {
@@ -136,14 +186,9 @@ impl Engine {
         Ok((reg, rec))
     }
 
-    /// The peer's record of the image, found by the same pool, namespace and
-    /// name. Blocking; bounded by the operation timeout.
-    pub(crate) fn peer_record(
-        &self,
-        vol: &Resolved,
-        primary_id: Option<&str>,
-    ) -> Result<PeerImage> {
-        let io = vol.ioctx();
+    /// The peer cluster of `io`'s pool (its first mirror peer) and the same
+    /// pool and namespace there. Blocking.
+    pub(crate) fn peer_of(&self, io: &IoCtx) -> Result<(Arc<Cluster>, Arc<IoCtx>)> {
         let peers = self.peers_of_pool(io.pool())?;
         let Some((peer, cluster)) = peers.into_iter().next() else {
             return Err(EngineError::FailedPrecondition(format!(
@@ -154,6 +199,17 @@ impl Engine {
         let pio = cluster
             .ioctx(io.pool(), io.namespace())
             .ctx(|| format!("opening {} on peer {}", io.spec(), peer.site_name))?;
+        Ok((cluster, pio))
+    }
+
+    /// The peer's record of the image, found by the same pool, namespace and
+    /// name. Blocking; bounded by the operation timeout.
+    pub(crate) fn peer_record(
+        &self,
+        vol: &Resolved,
+        primary_id: Option<&str>,
+    ) -> Result<PeerImage> {
+        let (cluster, pio) = self.peer_of(vol.ioctx())?;
         let reg = Registry::new(Arc::clone(&pio));
         let rec = match primary_id {
             Some(id) => reg.get(id)?,
@@ -319,8 +375,17 @@ impl Engine {
         params: ReplicationParams,
     ) -> Result<()> {
         let key = req.volume.to_string();
-        let timeout = self.cfg.promote_timeout;
         let work = self.run_locked(key, move |e| e.promote_blocking(&req, force, &params));
+        self.within_promote_timeout(work).await
+    }
+
+    /// Waits for `work` (a promotion) up to `--promote-timeout`; past it
+    /// the answer is UNAVAILABLE while the work goes on in the background.
+    pub(crate) async fn within_promote_timeout(
+        &self,
+        work: impl std::future::Future<Output = Result<()>>,
+    ) -> Result<()> {
+        let timeout = self.cfg.promote_timeout;
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(EngineError::Unavailable(format!(
@@ -360,64 +425,25 @@ impl Engine {
             }
             Role::Demoted if !force => {
                 // Undo a demotion, unless the peer took over meanwhile.
-                match self.peer_record(&vol, None) {
-                    Ok(PeerImage { rec: Some(p), .. }) if p.role == Role::Primary => {
-                        return Err(EngineError::FailedPrecondition(format!(
-                            "the peer site is primary for {key}; promoting this side too would \
-                             split the brain. Demote the peer first"
-                        )));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Err(EngineError::FailedPrecondition(format!(
-                            "cannot reach the peer to check its role ({e}); promote with force \
-                             to take over without it"
-                        )));
-                    }
-                }
+                self.peer_not_primary(&vol, &key)?;
             }
             Role::Secondary if !force => {
                 let primary_id = rec.primary.as_ref().map(|p| p.image_id.clone());
-                let peer = self.peer_record(&vol, primary_id.as_deref()).map_err(|e| {
-                    EngineError::FailedPrecondition(format!(
-                        "cannot reach the peer site of {key} ({e}); promote with force to fail \
-                         over without it"
-                    ))
-                })?;
-                let prec = peer.rec.ok_or_else(|| {
-                    EngineError::FailedPrecondition(format!(
-                        "the peer site has no replication record for {key}"
-                    ))
-                })?;
-                match prec.role {
-                    Role::Primary => {
-                        return Err(EngineError::FailedPrecondition(format!(
-                            "the peer site is still primary for {key}; demote it first, or \
-                             promote with force"
-                        )));
-                    }
-                    Role::Secondary => {
-                        return Err(EngineError::FailedPrecondition(format!(
-                            "the peer site's {key} is a replica too; nothing to promote from"
-                        )));
-                    }
-                    Role::Demoted => {
-                        let Some(d) = prec.demotion_snap.clone() else {
-                            return Err(EngineError::Internal(format!(
-                                "peer record of {key} is demoted without a demotion snapshot"
-                            )));
-                        };
-                        // Copied completely, even if the replica's snapshot
-                        // of it is still being taken.
-                        let have = rec.pending_snap.as_deref() == Some(d.as_str())
-                            || sync_names(&vol.image)?.into_iter().any(|(_, n)| n == d);
-                        if !have {
-                            return Err(EngineError::Unavailable(format!(
-                                "the peer's demotion snapshot {d} of {key} is still being \
+                let prec = self.demoted_peer(&vol, primary_id.as_deref(), &key)?;
+                let Some(d) = prec.demotion_snap.clone() else {
+                    return Err(EngineError::Internal(format!(
+                        "peer record of {key} is demoted without a demotion snapshot"
+                    )));
+                };
+                // Copied completely, even if the replica's snapshot
+                // of it is still being taken.
+                let have = rec.pending_snap.as_deref() == Some(d.as_str())
+                    || sync_names(&vol.image)?.into_iter().any(|(_, n)| n == d);
+                if !have {
+                    return Err(EngineError::Unavailable(format!(
+                        "the peer's demotion snapshot {d} of {key} is still being \
                                  replicated; retry shortly"
-                            )));
-                        }
-                    }
+                    )));
                 }
             }
             _ => {}
