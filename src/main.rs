@@ -30,9 +30,9 @@ use csi_rbd_replicator::grpc::server::{Endpoint, Listeners};
 use csi_rbd_replicator::grpc::tls::{TlsConfig, TlsError, TlsFiles};
 use csi_rbd_replicator::grpc::volumegroup::VolumeGroupService;
 use csi_rbd_replicator::metrics::Metrics;
-use csi_rbd_replicator::omap;
 
 mod migrate_cli;
+mod omap_cli;
 
 #[derive(Parser)]
 #[command(
@@ -56,7 +56,7 @@ enum Cmd {
     Verify(VerifyArgs),
     /// Create or repair ceph-csi's omap journal entries on this cluster from
     /// PersistentVolume manifests (e.g. restored PVs of replicated volumes).
-    OmapGenerate(omap::cli::OmapGenerateArgs),
+    OmapGenerate(omap_cli::OmapGenerateArgs),
     /// Replication status of the pools of this cluster, in the spirit of
     /// `rbd mirror pool status`. Exit code 0: healthy, 1: an image is
     /// degraded or in error, 2: cannot read.
@@ -313,7 +313,7 @@ struct VerifyArgs {
 #[derive(Parser)]
 struct ServeArgs {
     #[command(flatten)]
-    pv_watch: omap::cli::WatchArgs,
+    pv_watch: omap_cli::WatchArgs,
     /// Where to listen: `unix:///path.sock` or `tcp://host:port`; repeatable.
     #[arg(long = "endpoint", required = true)]
     endpoints: Vec<Endpoint>,
@@ -491,7 +491,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Failover(a) => return rt.block_on(site(a, None)),
         Cmd::Failback(a) => return rt.block_on(site(a.site, Some(a.relocate))),
         Cmd::Drill(c) => return rt.block_on(drill(c)),
-        Cmd::OmapGenerate(a) => omap::cli::omap_generate(a),
+        Cmd::OmapGenerate(a) => omap_cli::omap_generate(a),
     };
     match res {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -603,7 +603,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
             }
         });
     }
-    let pv_watch = omap::cli::spawn_pv_watch(
+    let pv_watch = omap_cli::spawn_pv_watch(
         &a.pv_watch,
         Arc::clone(&engine),
         a.drivername.clone(),

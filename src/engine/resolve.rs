@@ -34,8 +34,8 @@ impl Resolved {
     }
 }
 
-const CSI_IMAGE_KEY: &str = "csi.imagename";
-const CSI_IMAGE_ID_KEY: &str = "csi.imageid";
+/// ceph-csi's per-volume journal keys, declared once in the omap module.
+use crate::omap::journal::keys::{IMAGE_ID as CSI_IMAGE_ID_KEY, IMAGE_NAME as CSI_IMAGE_KEY};
 
 impl Engine {
     /// Resolves `vol` with `creds` (or the sidecar's own credentials) and

@@ -66,10 +66,10 @@
 //!   PersistentVolume objects to entries.
 //! - [`generate`]: the executor against a cluster.
 //! - [`lease`]: the leader-election decision of `--watch-pvs`.
-//! - [`cli`]: the command-line glue (the binary's layer: it may use the
-//!   engine's credentials and connections).
+//!
+//! The command-line glue (`omap-generate`, `--watch-pvs`) is the binary's
+//! (`src/omap_cli.rs`).
 
-pub mod cli;
 pub mod error;
 pub mod generate;
 pub mod group;

@@ -1,7 +1,7 @@
 //! Command-line glue of the omap generator: the `omap-generate` subcommand
-//! and the `--watch-pvs` flags of `serve`. This is the binary's layer (it
-//! uses the engine's credentials and connection); the logic it calls lives in
-//! the other submodules, which never import the engine.
+//! and the `--watch-pvs` flags of `serve`. It lives in the binary (clap, and
+//! the engine's credentials and connection); the logic it calls lives in the
+//! library's `omap` module, which never imports the engine.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -10,15 +10,16 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::ceph::Cluster;
-use crate::csi::config::{CLUSTER_MAPPING_PATH, CONFIG_PATH, ClusterMapping, CsiConfig};
-use crate::csi::params::parse_interval;
-use crate::engine::{Credentials, Engine};
-
-use super::generate::{self, Options, PvOutcome};
-use super::journal::{DEFAULT_INSTANCE, Outcome};
-use super::manifest::{self, ManifestObject};
-use super::plan::PlanContext;
+use csi_rbd_replicator::ceph::Cluster;
+use csi_rbd_replicator::csi::config::{
+    CLUSTER_MAPPING_PATH, CONFIG_PATH, ClusterMapping, CsiConfig,
+};
+use csi_rbd_replicator::csi::params::parse_interval;
+use csi_rbd_replicator::engine::{Credentials, Engine};
+use csi_rbd_replicator::omap::generate::{self, Options, PvOutcome};
+use csi_rbd_replicator::omap::journal::{DEFAULT_INSTANCE, Outcome};
+use csi_rbd_replicator::omap::manifest::{self, ManifestObject};
+use csi_rbd_replicator::omap::plan::PlanContext;
 
 fn duration(s: &str) -> Result<Duration, String> {
     parse_interval(s).map_err(|e| e.to_string())
@@ -192,7 +193,7 @@ pub fn spawn_pv_watch(
     #[cfg(feature = "kube")]
     {
         let cfg = engine.config();
-        let watch = super::watch::WatchConfig {
+        let watch = csi_rbd_replicator::omap::watch::WatchConfig {
             driver,
             csi_config: cfg.csi_config.clone(),
             mapping: cfg.mapping.clone(),
@@ -202,9 +203,9 @@ pub fn spawn_pv_watch(
             lease_name: args.lease_name.clone(),
             resync: args.pv_resync,
         };
-        let connect: super::watch::Connect =
+        let connect: csi_rbd_replicator::omap::watch::Connect =
             Arc::new(move || engine.local().map_err(|e| e.to_string()));
-        Ok(Some(tokio::spawn(super::watch::run(
+        Ok(Some(tokio::spawn(csi_rbd_replicator::omap::watch::run(
             watch, connect, shutdown,
         ))))
     }
