@@ -883,21 +883,18 @@ fn sync_inner(
                 prune_primary(&io, &id, &doomed, &k)
             });
     }
+    let sides = Sides {
+        engine,
+        job,
+        primary: &primary,
+        replica: &replica,
+        local_reg: &local_reg,
+        cancelled,
+        reporter,
+    };
     let mut bytes = 0u64;
     for (i, point) in points.iter().enumerate() {
-        let stats = delta(
-            engine,
-            job,
-            &primary,
-            &replica,
-            &local_reg,
-            &mut rec,
-            from.as_deref(),
-            point,
-            fresh,
-            cancelled,
-            reporter,
-        )?;
+        let stats = delta(&sides, &mut rec, from.as_deref(), point, fresh)?;
         bytes += stats.transferred();
         // A user snapshot on the way is the next delta's base: it must
         // exist before that delta writes.
@@ -1144,23 +1141,39 @@ fn ensure_csi_journal(peer_io: &IoCtx, local_io: &IoCtx, job: &Job, replica_id: 
     }
 }
 
+/// What every delta of one sync works on.
+#[derive(Clone, Copy)]
+struct Sides<'a, 'r> {
+    engine: &'a Engine,
+    job: &'a Job,
+    /// The sync's read-only handle of the primary.
+    primary: &'a Image,
+    replica: &'a Image,
+    /// The replica's registry.
+    local_reg: &'a Registry,
+    cancelled: &'a dyn Fn() -> bool,
+    reporter: &'a Reporter<'r>,
+}
+
 /// Copies the delta `from` -> `to` of the primary into the replica, resuming
-/// from the record's checkpoint when it is for the same delta. `primary` is
-/// the sync's read-only handle of the primary: it is set to snapshot `to`.
-#[allow(clippy::too_many_arguments)]
+/// from the record's checkpoint when it is for the same delta. The
+/// primary's handle is set to snapshot `to`.
 fn delta(
-    engine: &Engine,
-    job: &Job,
-    primary: &Image,
-    replica: &Image,
-    local_reg: &Registry,
+    sides: &Sides<'_, '_>,
     rec: &mut ImageRecord,
     from: Option<&str>,
     to: &ceph::SnapInfo,
     fresh: bool,
-    cancelled: &dyn Fn() -> bool,
-    reporter: &Reporter<'_>,
 ) -> Result<copy::CopyStats> {
+    let Sides {
+        engine,
+        job,
+        primary,
+        replica,
+        local_reg,
+        cancelled,
+        reporter,
+    } = *sides;
     let key = job.key();
     // The handle that listed the snapshots, not a second open of the image.
     primary
