@@ -768,13 +768,7 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
         eprintln!("csi-rbd-replicator pool {op}: {msg}");
         std::process::ExitCode::from(2)
     };
-    let rpc_error = |s: tonic::Status| {
-        format!(
-            "{}: {}",
-            csi_rbd_replicator::grpc::status::code_name(s.code()),
-            s.message()
-        )
-    };
+    let rpc_error = |s: tonic::Status| csi_rbd_replicator::grpc::status::describe(&s);
     let channel = match ac::connect(&t.endpoint).await {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -959,11 +953,7 @@ async fn drill(cmd: DrillCmd) -> std::process::ExitCode {
     let r = match res {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            return fail(format!(
-                "{}: {}",
-                csi_rbd_replicator::grpc::status::code_name(s.code()),
-                s.message()
-            ));
+            return fail(csi_rbd_replicator::grpc::status::describe(&s));
         }
     };
     if a.target.json {

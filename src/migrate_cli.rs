@@ -62,11 +62,7 @@ pub async fn pool_mode(a: PoolModeArgs, enable: bool) -> std::process::ExitCode 
     let r = match r {
         Ok(r) => r.into_inner(),
         Err(s) => {
-            return fail(format!(
-                "{}: {}",
-                csi_rbd_replicator::grpc::status::code_name(s.code()),
-                s.message()
-            ));
+            return fail(csi_rbd_replicator::grpc::status::describe(&s));
         }
     };
     let target = if r.namespace.is_empty() {

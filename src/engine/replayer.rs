@@ -153,6 +153,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut pool_mode_scanned: Option<Instant> = None;
     // Journal-mode replay loops live as long as their image replicates:
     // apart from the syncs, so that a round of syncs still ends.
     let mut journal_tasks = tokio::task::JoinSet::new();
@@ -288,10 +289,15 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
             }
             Err(err) => tracing::error!(error = %err, "scheduler pass panicked"),
         }
-        // Pool mode: the new images of pools in pool mode are enabled.
-        engine
-            .pool_mode_pass(leased.iter().map(|(p, _)| p.clone()).collect())
-            .await;
+        // Pool mode: the new images of pools in pool mode are enabled, once
+        // per poll interval (the loop also turns at every notification; the
+        // scan lists namespaces and images).
+        if pool_mode_scanned.is_none_or(|t| t.elapsed() >= engine.cfg.poll_interval) {
+            pool_mode_scanned = Some(Instant::now());
+            engine
+                .pool_mode_pass(leased.iter().map(|(p, _)| p.clone()).collect())
+                .await;
+        }
         while tasks.try_join_next().is_some() {
             trim_due = true;
         }

@@ -33,7 +33,6 @@ use tonic::transport::Channel;
 
 use super::admin_client::OpReport;
 use super::proto::admin::{self as pb, admin_client::AdminClient};
-use super::status::code_name;
 use crate::engine::pool_mode::RESERVED_PREFIX;
 use crate::engine::status::fmt_bytes;
 
@@ -80,7 +79,7 @@ fn pool_spec(pool: &str, ns: &str) -> String {
 }
 
 fn rpc_error(what: &str, s: &tonic::Status) -> String {
-    format!("{what}: {}: {}", code_name(s.code()), s.message())
+    format!("{what}: {}", super::status::describe(s))
 }
 
 fn millis(d: Duration) -> u64 {

@@ -378,7 +378,7 @@ pub struct Sites {
 }
 
 fn rpc_error(s: &tonic::Status) -> String {
-    format!("{}: {}", code_name(s.code()), s.message())
+    super::status::describe(s)
 }
 
 /// A call's answer as a step.

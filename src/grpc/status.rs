@@ -47,6 +47,11 @@ impl From<EngineError> for Status {
 }
 
 /// The canonical name of a gRPC code (`OK`, `UNAVAILABLE`, ...), as the
+/// A status as the CLI prints an RPC's failure: `CODE_NAME: message`.
+pub fn describe(s: &tonic::Status) -> String {
+    format!("{}: {}", code_name(s.code()), s.message())
+}
+
 /// admin API reports per-image outcomes and grpcurl prints codes.
 pub fn code_name(code: Code) -> &'static str {
     match code {
