@@ -2,7 +2,7 @@
 #
 # csi-rbd-replicator image: a Rust build on Debian 12 (bookworm) against librbd/librados,
 # and a debian:12-slim runtime with the matching Ceph client libraries (16.2, Pacific,
-# as Debian 12 packages them; the checked-in bindings in src/ceph/sys.rs are for it).
+# as Debian 12 packages them; the checked-in bindings in crates/ceph-sys/src/bindings.rs are for it).
 #
 #   docker build -t csi-rbd-replicator:0.1.0 .
 #
@@ -13,17 +13,28 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends librbd-dev librados-dev libradospp-dev g++ \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Dependencies first, so that source edits do not rebuild them.
-COPY Cargo.toml Cargo.lock rust-toolchain.toml build.rs ./
-COPY proto ./proto
-# build.rs compiles the C++ shim: it must be there for the dependency build too.
-COPY src/ceph/object_io.cc ./src/ceph/object_io.cc
-RUN echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+# Dependencies first, so that source edits do not rebuild them: the workspace's
+# manifests and build scripts with empty crates (src/ stays for the real build).
+COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
+COPY crates/ceph-sys/Cargo.toml crates/ceph-sys/build.rs crates/ceph-sys/
+COPY crates/ceph/Cargo.toml crates/ceph/
+COPY crates/csi/Cargo.toml crates/csi/
+COPY crates/metrics/Cargo.toml crates/metrics/
+COPY crates/journal/Cargo.toml crates/journal/
+COPY crates/omap/Cargo.toml crates/omap/
+COPY crates/engine/Cargo.toml crates/engine/
+COPY crates/grpc/Cargo.toml crates/grpc/build.rs crates/grpc/
+COPY crates/grpc/proto ./crates/grpc/proto
+# ceph-sys' build.rs compiles the C++ shim: it must be there for this build too.
+COPY crates/ceph-sys/src/object_io.cc ./crates/ceph-sys/src/object_io.cc
+RUN for d in crates/*/; do mkdir -p "$d/src" && touch "$d/src/lib.rs"; done \
+    && mkdir -p src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked --features kube \
-    && rm -rf src
+    && rm -rf src crates/*/src/lib.rs
 COPY src ./src
+COPY crates ./crates
 # Make sure the real sources are newer than the placeholder build.
-RUN touch src/main.rs src/lib.rs \
+RUN find src crates -name '*.rs' -exec touch {} + \
     && cargo build --release --locked --features kube \
     && install -m 0755 target/release/csi-rbd-replicator /usr/local/bin/csi-rbd-replicator
 

@@ -5,33 +5,8 @@
 
 use std::collections::HashMap;
 
-/// The HTTP/2 `:authority` rewriter, fed in two pieces split at the first
-/// byte's value (connections deliver bytes in arbitrary chunks).
-pub fn authority(data: &[u8]) {
-    let split = data.first().map_or(0, |b| usize::from(*b)).min(data.len());
-    let mut r = crate::grpc::authority::Rewriter::new();
-    let mut out = Vec::new();
-    if r.feed(&data[..split], &mut out).is_ok() {
-        let _ = r.feed(&data[split..], &mut out);
-    }
-}
-
-/// The HPACK decoder behind the rewriter.
-pub fn hpack(data: &[u8]) {
-    let mut d = crate::grpc::authority::Decoder::new();
-    for block in data.split(|b| *b == 0xff) {
-        if d.decode(block).is_err() {
-            return;
-        }
-    }
-}
-
-/// The `SnapContext` decoder (replies of cls_rbd `get_snapcontext`).
-pub fn snap_context(data: &[u8]) {
-    if let Some((seq, snaps)) = crate::ceph::objects::decode_snap_context(data) {
-        assert_eq!(data.len(), 12 + snaps.len() * 8, "seq {seq}");
-    }
-}
+pub use csirr_ceph::objects::fuzz_snap_context as snap_context;
+pub use csirr_grpc::fuzzing::{authority, hpack};
 
 /// Registry values: image records, replica statuses, tombstones, and the
 /// sync snapshot name parser.

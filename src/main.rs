@@ -5,6 +5,8 @@
 //! sites' sidecars' admin APIs (`grpc::site_client`); `migrate` moves pools
 //! to the other cluster through both (`grpc::migrate_client`).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

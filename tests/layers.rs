@@ -1,96 +1,166 @@
-//! The library's layers import one way only (src/lib.rs): a module may use
-//! the modules below it, never one above. Read from the source tree, so a
-//! new `crate::` path that points upwards fails here (doc comments and
-//! comments are not imports and are skipped).
+//! The workspace's crates depend on each other one way only: gRPC -> engine
+//! -> {journal, omap, csi, metrics} -> ceph -> ceph-sys, read from `cargo
+//! metadata`, so a new path dependency that points up the layering (or a
+//! gRPC or CLI crate pulled into the engine) fails here. Also checked: only
+//! the two Ceph crates may contain `unsafe`; every other crate forbids it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
-/// Each layer and the modules it may import (besides itself).
+/// Each workspace crate and the workspace crates it may depend on.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("ceph", &[]),
-    ("csi", &[]),
-    ("metrics", &[]),
-    ("journal", &["ceph"]),
-    ("omap", &["ceph", "csi"]),
-    ("engine", &["ceph", "csi", "journal", "omap", "metrics"]),
+    ("csirr-ceph-sys", &[]),
+    ("csirr-ceph", &["csirr-ceph-sys"]),
+    ("csirr-csi", &[]),
+    ("csirr-metrics", &[]),
+    ("csirr-journal", &["csirr-ceph"]),
+    ("csirr-omap", &["csirr-ceph", "csirr-csi"]),
     (
-        "grpc",
-        &["ceph", "csi", "journal", "omap", "metrics", "engine"],
+        "csirr-engine",
+        &[
+            "csirr-ceph",
+            "csirr-csi",
+            "csirr-journal",
+            "csirr-metrics",
+            "csirr-omap",
+        ],
+    ),
+    (
+        "csirr-grpc",
+        &[
+            "csirr-ceph",
+            "csirr-csi",
+            "csirr-engine",
+            "csirr-journal",
+            "csirr-metrics",
+            "csirr-omap",
+        ],
     ),
 ];
 
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).expect("readable source dir") {
-        let path = entry.expect("dir entry").path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
+/// External crates that belong to the transport or the CLI, never to the
+/// layers below gRPC.
+const TRANSPORT_AND_CLI: &[&str] = &["tonic", "prost", "hyper", "clap", "tower"];
+
+/// The crates allowed to contain `unsafe` code.
+const UNSAFE_CRATES: &[&str] = &["csirr-ceph-sys", "csirr-ceph"];
+
+/// A workspace package: its name, its manifest's directory and the names
+/// of its normal (non-dev, non-build) dependencies.
+struct Package {
+    name: String,
+    dir: PathBuf,
+    deps: BTreeSet<String>,
 }
 
-/// The `crate::<module>` paths used outside comments in `text`.
-fn crate_imports(text: &str) -> BTreeSet<String> {
-    let mut used = BTreeSet::new();
-    for line in text.lines() {
-        let code = line.split("//").next().unwrap_or("");
-        let mut rest = code;
-        while let Some(at) = rest.find("crate::") {
-            let after = &rest[at + "crate::".len()..];
-            let name: String = after
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            // `csi_rbd_replicator::crate::` never occurs; a path segment
-            // such as `my_crate::` is not ours.
-            let before = &rest[..at];
-            if !before.ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
-                used.insert(name);
-            }
-            rest = after;
-        }
+fn workspace() -> Vec<Package> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let out = Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata is JSON");
+    let mut packages = Vec::new();
+    for p in meta["packages"].as_array().expect("packages") {
+        let manifest = PathBuf::from(p["manifest_path"].as_str().expect("manifest_path"));
+        let deps = p["dependencies"]
+            .as_array()
+            .expect("dependencies")
+            .iter()
+            .filter(|d| d["kind"].is_null())
+            .map(|d| d["name"].as_str().expect("name").to_string())
+            .collect();
+        packages.push(Package {
+            name: p["name"].as_str().expect("name").to_string(),
+            dir: manifest.parent().expect("a directory").to_path_buf(),
+            deps,
+        });
     }
-    used
+    packages
 }
 
 #[test]
-fn layers_import_one_way() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+fn crates_depend_one_way() {
+    let packages = workspace();
+    let layers: BTreeMap<&str, &[&str]> = LAYERS.iter().copied().collect();
+    let mut seen = BTreeSet::new();
     let mut violations = Vec::new();
-    for (layer, allowed) in LAYERS {
-        let mut files = Vec::new();
-        let dir = src.join(layer);
-        if dir.is_dir() {
-            rust_files(&dir, &mut files);
+    for p in &packages {
+        seen.insert(p.name.as_str());
+        if p.name == "csi-rbd-replicator" {
+            continue; // the binary wires everything
         }
-        let single = src.join(format!("{layer}.rs"));
-        if single.is_file() {
-            files.push(single);
-        }
-        assert!(!files.is_empty(), "layer {layer} has no source files");
-        for f in files {
-            let text = std::fs::read_to_string(&f).expect("readable source file");
-            for used in crate_imports(&text) {
-                let ok = used == *layer || allowed.contains(&used.as_str());
-                let known = LAYERS.iter().any(|(l, _)| *l == used);
-                if known && !ok {
-                    violations.push(format!("{} uses crate::{used}", f.display()));
-                }
+        let Some(allowed) = layers.get(p.name.as_str()) else {
+            violations.push(format!(
+                "{} is not in the layering of tests/layers.rs",
+                p.name
+            ));
+            continue;
+        };
+        for d in &p.deps {
+            let ours = layers.contains_key(d.as_str()) || d == "csi-rbd-replicator";
+            if ours && !allowed.contains(&d.as_str()) {
+                violations.push(format!("{} depends on {d}", p.name));
+            }
+            if p.name != "csirr-grpc" && TRANSPORT_AND_CLI.contains(&d.as_str()) {
+                violations.push(format!("{} depends on {d} (transport or CLI)", p.name));
             }
         }
     }
+    for (name, _) in LAYERS {
+        assert!(seen.contains(name), "{name} is not a workspace member");
+    }
     assert!(
         violations.is_empty(),
-        "imports against the layering of src/lib.rs:\n{}",
+        "dependencies against the layering:\n{}",
         violations.join("\n")
     );
 }
 
 #[test]
-fn the_scanner_sees_imports_and_skips_comments() {
-    let text = "use crate::engine::Engine;\n//! see crate::grpc\nlet x = crate::omap::f(); // crate::grpc\n";
-    let got: Vec<String> = crate_imports(text).into_iter().collect();
-    assert_eq!(got, ["engine", "omap"]);
+fn only_the_ceph_crates_have_unsafe() {
+    for p in workspace() {
+        let lib = p.dir.join("src/lib.rs");
+        let text = std::fs::read_to_string(&lib).expect("every crate is a library");
+        let forbids = text.contains("#![forbid(unsafe_code)]");
+        if UNSAFE_CRATES.contains(&p.name.as_str()) {
+            continue;
+        }
+        assert!(forbids, "{} must #![forbid(unsafe_code)]", lib.display());
+        if p.name == "csi-rbd-replicator" {
+            // The binary's root is not under the library's forbid.
+            let main = std::fs::read_to_string(p.dir.join("src/main.rs")).expect("main.rs");
+            assert!(
+                main.contains("#![forbid(unsafe_code)]"),
+                "src/main.rs must #![forbid(unsafe_code)]"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_source_file_is_left_outside_a_crate() {
+    // The layers' old home: every module moved into crates/.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut dirs: Vec<String> = std::fs::read_dir(&src)
+        .expect("src")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    assert!(dirs.is_empty(), "directories under src/: {dirs:?}");
 }

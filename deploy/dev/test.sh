@@ -137,7 +137,7 @@ if [[ ${CSIRR_SKIP_CARGO:-0} == 1 ]]; then
     exit 0
 fi
 phase "toolchain" check_toolchain
-phase "cargo fmt --check" cargo fmt --check
+phase "cargo fmt --check" cargo fmt --all --check
 phase "cargo clippy" cargo clippy --all-targets -- -D warnings
 # The PV watcher (cargo feature kube, off by default for build time) and the
 # tests' fail points (feature failpoints) must not rot.

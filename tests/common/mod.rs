@@ -377,7 +377,7 @@ impl Sidecar {
             // its clients cannot answer the HTTP/2 shutdown handshake.
             .args(["--grace", "2s"])
             .args(extra)
-            .env("RUST_LOG", "info,csi_rbd_replicator=debug")
+            .env("RUST_LOG", "info,csi_rbd_replicator=debug,csirr=debug")
             .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)

@@ -1,0 +1,710 @@
+//! Journal mode (`mirroringMode: journal`): the primary's writes reach the
+//! replica through the primary image's journal instead of sync snapshots.
+//!
+//! - **Enable** (primary side, [`enable_journaling`]): exclusive-lock and
+//!   journaling are turned on for the image (what was turned on is kept in
+//!   the registry record, so that Disable turns exactly that off again); the
+//!   record says `mode: journal`; the scheduler takes no sync snapshots of it.
+//! - **Replica side** ([`run_journal_image`], one blocking task per image,
+//!   started by the replayer's discovery like a snapshot sync): registers
+//!   `csirr-<local fsid>` as a client of the primary's journal (data: an
+//!   rbd-mirror `MirrorPeerClientMeta`, so that librbd and `rbd mirror image
+//!   disable` decode it), takes a sync snapshot on the primary *after*
+//!   registering and copies the replica to it with the snapshot-mode copy
+//!   ([`super::replayer::sync_image`]); records the snapshot in the replica's
+//!   record as `journal.skip_until`; then replays the journal from the
+//!   registered position with [`JournalReplayer`], skipping every entry
+//!   before that snapshot's `SnapCreate` (the replica holds their effect), polling
+//!   every [`IDLE_POLL`] while idle and at once again after work. A restart
+//!   finds the record and the registered client and resumes from the
+//!   committed position without a new bootstrap.
+//! - **Disable** (primary side, [`disable_journal_primary`]): unregisters
+//!   this replicator's clients and turns off the features Enable turned on.
+//!
+//! Roles (promote, demote, resync) are in [`super::journal_roles`]: librbd's
+//! journal tags record who is primary.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+
+use csirr_ceph::{self as ceph, ErrorKind, Image, IoCtx, features};
+use csirr_journal::{
+    ClientData, ClientState, Journal, JournalError, MirrorPeerClientMeta, MirrorPeerState,
+};
+
+use super::Engine;
+use super::error::{CephContext, EngineError, Result};
+use super::journal_replay::{JournalReplayer, ReplayConfig, ReplayStats};
+use super::registry::{
+    ImageRecord, JournalReplica, Registry, ReplayState, ReplicaStatus, Role, SyncPoint, sync_snaps,
+};
+use super::replayer::Job;
+
+/// The registry's `mode` of journal-mode images.
+pub const MODE: &str = "journal";
+
+/// The prefix of this replicator's client ids in a primary's journal.
+pub const CLIENT_PREFIX: &str = "csirr-";
+
+/// How long the replay loop waits between polls of an idle journal.
+pub const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Default of `--journal-max-sets-behind`: with librbd's defaults (16 MiB
+/// objects, splay width 4) 32 sets are 2 GiB of journal.
+pub const DEFAULT_MAX_SETS_BEHIND: u64 = 32;
+
+/// How often the replay loop re-reads the primary's record (disabled, role
+/// changed) and reports its status to the primary's registry at most.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// The client id of the replicator whose local cluster has `fsid`: stable
+/// across restarts and unique per replica site.
+pub fn client_id(fsid: &str) -> String {
+    format!("{CLIENT_PREFIX}{fsid}")
+}
+
+/// rbd-mirror's client data for a peer in `state` replicating into replica
+/// image `image_id` (`""` before it exists).
+pub fn peer_client_data(image_id: &str, state: MirrorPeerState) -> ClientData {
+    ClientData::MirrorPeer(MirrorPeerClientMeta {
+        image_id: image_id.to_string(),
+        state,
+        sync_object_count: 0,
+        sync_points: Vec::new(),
+        snap_seqs: Vec::new(),
+    })
+}
+
+/// Turns on exclusive-lock and journaling of `img` where they are off;
+/// returns the features turned on. When Ceph refuses, what this call turned
+/// on is turned off again and the answer is
+/// [`EngineError::JournalUnavailable`]. Blocking.
+pub fn enable_journaling(img: &Image, volume: &str) -> Result<u64> {
+    let have = img.features().ctx(|| img.spec())?;
+    let unavailable = |e: ceph::Error| EngineError::JournalUnavailable {
+        volume: volume.to_string(),
+        reason: format!("enabling features on {}: {e}", img.spec()),
+    };
+    let mut added = 0;
+    for f in [features::EXCLUSIVE_LOCK, features::JOURNALING] {
+        if have & f != 0 {
+            continue;
+        }
+        if let Err(e) = img.update_features(f, true) {
+            if added != 0
+                && let Err(undo) = img.update_features(added, false)
+            {
+                tracing::warn!(image = %img.spec(), error = %undo, "cannot turn the features added back off");
+            }
+            return Err(unavailable(e));
+        }
+        added |= f;
+    }
+    Ok(added)
+}
+
+/// Journal mode's part of disabling replication of a primary: unregisters
+/// every client of this replicator from its journal (a missing journal or
+/// client is fine) and turns off the features Enable turned on (`added`),
+/// journaling first. Journaling that was on before Enable stays on: another
+/// user (rbd-mirror, an operator) wanted it. Blocking.
+pub fn disable_journal_primary(img: &Image, added: u64) -> Result<()> {
+    let key = img.spec();
+    let id = img.id().ctx(|| key.clone())?;
+    match Journal::open(img.ioctx(), &id) {
+        Ok(journal) => {
+            for c in journal.clients().map_err(|e| journal_err(e, &key))? {
+                if !c.id.starts_with(CLIENT_PREFIX) {
+                    continue;
+                }
+                match journal.unregister_client(&c.id) {
+                    Ok(()) => {
+                        tracing::info!(image = %key, client = %c.id, "journal client unregistered")
+                    }
+                    Err(JournalError::Ceph(e)) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(journal_err(e, &key)),
+                }
+            }
+        }
+        Err(JournalError::Ceph(e)) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(journal_err(e, &key)),
+    }
+    for f in [features::JOURNALING, features::EXCLUSIVE_LOCK] {
+        if added & f == 0 {
+            continue;
+        }
+        match img.update_features(f, false) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::InvalidInput => {
+                // Already off, or another feature (object-map) needs it now.
+                tracing::info!(image = %key, feature = f, error = %e, "feature left as it is");
+            }
+            Err(e) => return Err(e).ctx(|| format!("turning feature {f} of {key} off")),
+        }
+    }
+    Ok(())
+}
+
+fn journal_err(e: JournalError, what: &str) -> EngineError {
+    match e {
+        JournalError::Ceph(source) => Err::<(), _>(source)
+            .ctx(|| format!("the journal of {what}"))
+            .unwrap_err(),
+        e => EngineError::Internal(format!("the journal of {what}: {e}")),
+    }
+}
+
+/// What a journal-mode replica reports about itself.
+struct Progress {
+    /// The start of the newest poll that found nothing more to replay:
+    /// everything the primary wrote before it is on the replica.
+    caught_up: Option<chrono::DateTime<Utc>>,
+    since: Instant,
+    base: ReplayStats,
+    metered: ReplayStats,
+    /// Object sets behind the primary's active set, as last checked.
+    sets_behind: Option<u64>,
+    /// Bytes of the primary's journal not replayed yet, as last checked.
+    bytes_behind: Option<u64>,
+    last_report: Option<Instant>,
+}
+
+/// Replicates the primary of `job` (a journal-mode record) into its
+/// replica until `stop`, the pool's lease lost, a role change on the image,
+/// or the primary's record no longer asking for it. Returns an error when
+/// replication fails; the caller reports it and the next discovery pass
+/// starts the image again. Blocking.
+pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Result<()> {
+    let key = job.key();
+    let local = engine.local()?;
+    let peer_io = job
+        .peer
+        .ioctx(&job.pool, &job.namespace)
+        .ctx(|| format!("opening {key} on the peer"))?;
+    let local_io = local.ioctx(&job.pool, &job.namespace).ctx(|| {
+        format!(
+            "opening {}/{} on the local cluster",
+            job.pool, job.namespace
+        )
+    })?;
+    let local_reg = Registry::new(Arc::clone(&local_io));
+    let peer_reg = Registry::new(Arc::clone(&peer_io));
+    let fsid = local.fsid().to_string();
+    // Journal bytes left to replay, as last measured (the loop sets it).
+    let pending = std::cell::Cell::new(None::<u64>);
+    let report = |st: ReplayState, message: String, last: Option<SyncPoint>, rate: Option<u64>| {
+        let s = ReplicaStatus {
+            replica_fsid: fsid.clone(),
+            state: st,
+            message,
+            percent: None,
+            syncing_snap: None,
+            last_sync: last,
+            bytes_pending: pending.get(),
+            bytes_per_sec: rate,
+            updated_at: Utc::now(),
+        };
+        if let Err(e) = peer_reg.put_status(&job.primary.image_id, &s) {
+            tracing::warn!(image = %key, error = %e, "cannot report status to the primary");
+        }
+    };
+    let cancelled = || stop.load(Ordering::Relaxed) || !engine.leases.ok(&job.pool);
+    let client = client_id(&fsid);
+    let journal =
+        Journal::open(&peer_io, &job.primary.image_id).map_err(|e| journal_err(e, &key))?;
+
+    let mut rec = replica_record(&local_io, &local_reg, job)?;
+    if let Some(r) = rec.clone()
+        && r.role != Role::Secondary
+    {
+        match (r.role, job.primary.role) {
+            // A finished relocation: the peer is demoted, this side primary.
+            (Role::Primary, Role::Demoted) => return Ok(()),
+            (Role::Primary, _) => {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "split-brain: {key} is primary on both sites; nothing is replayed or \
+                     overwritten. Decide which site keeps its data, demote the other one and \
+                     resync it (ResyncVolume with force)"
+                )));
+            }
+            (Role::Demoted, Role::Primary) => {
+                match engine.journal_adopt_linked(
+                    &local_io,
+                    &local_reg,
+                    &r,
+                    &journal,
+                    job.peer.fsid(),
+                    &job.primary.image_id,
+                    &key,
+                )? {
+                    Some(adopted) => rec = Some(adopted),
+                    None => {
+                        report(
+                            ReplayState::Stopped,
+                            format!(
+                                "{key} is demoted on the replica's site and the new primary's \
+                                 journal does not link to its demotion (a forced promotion): it \
+                                 waits for ResyncVolume with force"
+                            ),
+                            None,
+                            None,
+                        );
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {
+                report(
+                    ReplayState::Stopped,
+                    format!("{key} is demoted on both sites; waiting for one to be promoted"),
+                    None,
+                    None,
+                );
+                return Ok(());
+            }
+        }
+    }
+    let registered = journal.client(&client).map_err(|e| journal_err(e, &key))?;
+    let bootstrapped = rec.as_ref().is_some_and(|r| r.journal.is_some())
+        && registered
+            .as_ref()
+            .is_some_and(|c| c.state == ClientState::Connected);
+    if !bootstrapped {
+        if registered
+            .as_ref()
+            .is_some_and(|c| c.state == ClientState::Disconnected)
+        {
+            tracing::info!(image = %key, client, "journal client was disconnected: registering anew");
+            journal
+                .unregister_client(&client)
+                .map_err(|e| journal_err(e, &key))?;
+        }
+        rec = Some(bootstrap(
+            engine, job, &journal, &client, &local_reg, stop, &report,
+        )?);
+    }
+    let Some(rec) = rec else {
+        return Err(EngineError::Internal(format!(
+            "{key}: no replica after its bootstrap"
+        )));
+    };
+    let skip = rec.journal.as_ref().and_then(|j| j.skip_until.clone());
+    if let Some(behind) = too_far_behind(engine, &journal, &client, &key)? {
+        return resync_laggy(
+            engine, &journal, &client, &local_reg, rec, &key, behind, &report,
+        );
+    }
+
+    let replica = match engine.held.get(&key) {
+        Some(img) => img,
+        None => {
+            let img = Image::open(&local_io, &job.primary.image_name)
+                .ctx(|| format!("opening replica {key}"))?;
+            super::replayer::lock_replica(&img)
+                .ctx(|| format!("locking replica {key} against other writers"))?;
+            engine.held.put(&key, img.clone());
+            img
+        }
+    };
+    let cfg = ReplayConfig {
+        commit_every: 1024,
+        ..ReplayConfig::default()
+    };
+    let mut replayer = JournalReplayer::start(journal, &client, replica, cfg)?;
+    if let Some(snap) = skip {
+        let (reg, id) = (local_reg.clone(), rec.image_id.clone());
+        replayer.skip_io_until_snap(
+            &snap,
+            Box::new(move || {
+                let mut r = reg
+                    .get(&id)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| "the replica's record is gone".to_string())?;
+                if let Some(j) = r.journal.as_mut() {
+                    j.skip_until = None;
+                }
+                reg.put(&mut r).map_err(|e| e.to_string())
+            }),
+        );
+    }
+    let labels = job.labels();
+    let slot = engine.slots.get(&key);
+    let mut p = Progress {
+        caught_up: None,
+        since: Instant::now(),
+        base: replayer.stats(),
+        metered: replayer.stats(),
+        sets_behind: None,
+        bytes_behind: None,
+        last_report: None,
+    };
+    let mut last_check = Instant::now();
+    let mut generation = slot.generation();
+    let mut demoted_at = rec.journal.as_ref().and_then(|j| j.demoted_at);
+    loop {
+        if cancelled() || slot.cancelled() {
+            return Ok(());
+        }
+        if last_check.elapsed() >= CHECK_EVERY {
+            last_check = Instant::now();
+            if !still_wanted(&peer_reg, job)? {
+                tracing::info!(image = %key, "the primary no longer asks for journal replication; stopping");
+                return Ok(());
+            }
+            p.sets_behind = sets_behind(replayer.journal(), &client, &key)?;
+            p.bytes_behind = match replayer.bytes_behind() {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::debug!(image = %key, error = %e, "cannot size what is left to replay");
+                    None
+                }
+            };
+            if let Some(behind) = p
+                .sets_behind
+                .filter(|&b| b > engine.cfg.journal_max_sets_behind)
+            {
+                drop(replayer);
+                let journal = Journal::open(&peer_io, &job.primary.image_id)
+                    .map_err(|e| journal_err(e, &key))?;
+                let rec = local_reg.get(&rec.image_id)?.ok_or_else(|| {
+                    EngineError::Internal(format!("replica {key} lost its registry record"))
+                })?;
+                return resync_laggy(
+                    engine, &journal, &client, &local_reg, rec, &key, behind, &report,
+                );
+            }
+        }
+        let Some(guard) = slot.try_enter() else {
+            // A role change works on the image.
+            std::thread::sleep(IDLE_POLL);
+            continue;
+        };
+        if slot.generation() != generation {
+            // A role change ran meanwhile: replay on only if the image is
+            // still this primary's replica.
+            generation = slot.generation();
+            let now = local_reg.get(&rec.image_id)?;
+            if !now.as_ref().is_some_and(|r| {
+                r.role == Role::Secondary
+                    && r.journal.is_some()
+                    && r.primary
+                        .as_ref()
+                        .is_some_and(|p| p.image_id == job.primary.image_id)
+            }) {
+                tracing::info!(image = %key, role = ?now.map(|r| r.role), "a role change took the image; journal replay stops");
+                return Ok(());
+            }
+        }
+        let t0 = Utc::now();
+        let n = replayer.replay_available()?;
+        if replayer.demoted() != demoted_at {
+            // Recorded under the slot: a planned promotion reads it.
+            let mut r = local_reg.get(&rec.image_id)?.ok_or_else(|| {
+                EngineError::Internal(format!("replica {key} lost its registry record"))
+            })?;
+            if let Some(j) = r.journal.as_mut() {
+                j.demoted_at = replayer.demoted();
+            }
+            local_reg.put(&mut r)?;
+            demoted_at = replayer.demoted();
+            if let Some(t) = demoted_at {
+                tracing::info!(image = %key, tag = t, "the primary was demoted; the replica holds everything it wrote");
+            }
+        }
+        drop(guard);
+        if n == 0 {
+            if p.caught_up.is_none() {
+                tracing::info!(image = %key, skipped_io = replayer.stats().skipped_io, "journal replay caught up");
+            }
+            p.caught_up = Some(t0);
+        }
+        let stats = replayer.stats();
+        engine.metrics.journal_progress(
+            &labels,
+            &csirr_metrics::JournalProgress {
+                entries: stats.entries - p.metered.entries,
+                io_bytes: stats.io_bytes - p.metered.io_bytes,
+                caught_up: p.caught_up,
+                sets_behind: p.sets_behind,
+                bytes_behind: p.bytes_behind,
+            },
+        );
+        p.metered = stats;
+        if p.last_report.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
+            let secs = p.since.elapsed().as_secs_f64().max(0.001);
+            let rate = ((stats.io_bytes - p.base.io_bytes) as f64 / secs) as u64;
+            let behind = p
+                .sets_behind
+                .map(|b| format!(", {b} object sets behind the primary's active set"))
+                .unwrap_or_default()
+                + &p.bytes_behind
+                    .map(|b| format!(", {b} journal bytes to replay"))
+                    .unwrap_or_default();
+            let (state, msg) = match (n, replayer.skipping()) {
+                (0, false) if demoted_at.is_some() => (
+                    ReplayState::Idle,
+                    format!(
+                        "journal: the primary was demoted; replayed up to its demotion (tag {})",
+                        demoted_at.unwrap_or_default()
+                    ),
+                ),
+                (_, true) => (
+                    ReplayState::Syncing,
+                    "journal: skipping what the bootstrap copied".to_string(),
+                ),
+                (0, false) => (
+                    ReplayState::Idle,
+                    format!(
+                        "journal: caught up, {} entries replayed since start",
+                        stats.entries
+                    ),
+                ),
+                (_, false) => (
+                    ReplayState::Syncing,
+                    format!("journal: replaying ({n} entries in the last poll){behind}"),
+                ),
+            };
+            let last = p.caught_up.map(|t| SyncPoint {
+                snap_name: format!("journal:{client}"),
+                snap_time: t,
+                completed_at: Utc::now(),
+                duration_ms: 0,
+                bytes: stats.io_bytes,
+            });
+            pending.set(p.bytes_behind);
+            report(state, msg, last, Some(rate));
+            p.last_report = Some(Instant::now());
+            p.since = Instant::now();
+            p.base = stats;
+        }
+        if n == 0 {
+            std::thread::sleep(IDLE_POLL);
+        }
+    }
+}
+
+/// Reports a failed journal replay of `job` to the primary's registry
+/// (GetVolumeReplicationInfo and `status` show it until the next discovery
+/// pass starts the image again). Blocking.
+pub fn report_failure(engine: &Engine, job: &Job, err: &EngineError) {
+    let Ok(local) = engine.local() else { return };
+    let Ok(peer_io) = job.peer.ioctx(&job.pool, &job.namespace) else {
+        return;
+    };
+    let st = ReplicaStatus {
+        replica_fsid: local.fsid().to_string(),
+        state: ReplayState::Error,
+        message: format!("journal replay failed (restarted at the next discovery pass): {err}"),
+        percent: None,
+        syncing_snap: None,
+        last_sync: None,
+        bytes_pending: None,
+        bytes_per_sec: None,
+        updated_at: Utc::now(),
+    };
+    if let Err(e) = Registry::new(peer_io).put_status(&job.primary.image_id, &st) {
+        tracing::warn!(image = %job.key(), error = %e, "cannot report status to the primary");
+    }
+}
+
+/// How many object sets client `client` is behind the journal's active
+/// set, when that is more than the configured bound.
+fn too_far_behind(
+    engine: &Engine,
+    journal: &Journal,
+    client: &str,
+    key: &str,
+) -> Result<Option<u64>> {
+    Ok(sets_behind(journal, client, key)?.filter(|&b| b > engine.cfg.journal_max_sets_behind))
+}
+
+/// How many object sets client `client` is behind the journal's active set
+/// (two header reads); `None` when it is not registered.
+fn sets_behind(journal: &Journal, client: &str, key: &str) -> Result<Option<u64>> {
+    let Some(c) = journal.client(client).map_err(|e| journal_err(e, key))? else {
+        return Ok(None);
+    };
+    let width = u64::from(journal.layout().splay_width.max(1));
+    let (minimum_set, active_set) = journal.object_sets().map_err(|e| journal_err(e, key))?;
+    let oldest = c
+        .commit_position
+        .positions
+        .iter()
+        .map(|p| p.object_number / width)
+        .min()
+        .unwrap_or(minimum_set);
+    Ok(Some(active_set.saturating_sub(oldest)))
+}
+
+/// A replica too far behind: reported, its client unregistered (so that
+/// it pins the primary's journal no longer) and its bootstrap state
+/// cleared, so that the next start bootstraps it again from a new
+/// snapshot (a delta from the newest common sync snapshot).
+#[allow(clippy::too_many_arguments)]
+fn resync_laggy(
+    engine: &Engine,
+    journal: &Journal,
+    client: &str,
+    local_reg: &Registry,
+    mut rec: ImageRecord,
+    key: &str,
+    behind: u64,
+    report: &dyn Fn(ReplayState, String, Option<SyncPoint>, Option<u64>),
+) -> Result<()> {
+    let bound = engine.cfg.journal_max_sets_behind;
+    tracing::warn!(image = %key, behind, bound, "journal replica too far behind; resyncing it from a new snapshot");
+    report(
+        ReplayState::Error,
+        format!(
+            "journal: the replica is {behind} object sets behind the primary (bound {bound}); \
+             resyncing it from a new snapshot"
+        ),
+        None,
+        None,
+    );
+    engine.held.release(key);
+    rec.journal = None;
+    local_reg.put(&mut rec)?;
+    match journal.unregister_client(client) {
+        Ok(()) => {}
+        Err(JournalError::Ceph(e)) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(journal_err(e, key)),
+    }
+    engine.metrics.journal_resynced(key);
+    Ok(())
+}
+
+/// Whether the primary's record still asks for journal replication.
+fn still_wanted(peer_reg: &Registry, job: &Job) -> Result<bool> {
+    if peer_reg
+        .tombstones()?
+        .iter()
+        .any(|t| t.image_id == job.primary.image_id)
+    {
+        return Ok(false);
+    }
+    // A demoted primary still has its demotion to deliver.
+    Ok(peer_reg
+        .get(&job.primary.image_id)?
+        .is_some_and(|r| matches!(r.role, Role::Primary | Role::Demoted) && r.mode == MODE))
+}
+
+/// The replica's record, if the replica exists.
+fn replica_record(local_io: &Arc<IoCtx>, reg: &Registry, job: &Job) -> Result<Option<ImageRecord>> {
+    let key = job.key();
+    let img = match Image::open_read_only(local_io, &job.primary.image_name, None) {
+        Ok(i) => i,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).ctx(|| format!("opening replica {key}")),
+    };
+    let id = img.id().ctx(|| format!("replica {key}"))?;
+    reg.get(&id)
+}
+
+/// Registers in the primary's journal, takes a sync snapshot on the
+/// primary after that, copies the replica to it and records it as the
+/// point the replay skips IO up to. Returns the replica's record.
+fn bootstrap(
+    engine: &Engine,
+    job: &Job,
+    journal: &Journal,
+    client: &str,
+    local_reg: &Registry,
+    stop: &AtomicBool,
+    report: &dyn Fn(ReplayState, String, Option<SyncPoint>, Option<u64>),
+) -> Result<ImageRecord> {
+    let key = job.key();
+    let begun = Instant::now();
+    let registered = journal
+        .register_or_reuse(client, &peer_client_data("", MirrorPeerState::Syncing))
+        .map_err(|e| journal_err(e, &key))?;
+    tracing::info!(image = %key, client, from = ?registered.commit_position.newest(), "registered in the primary's journal");
+    report(
+        ReplayState::Starting,
+        "journal: bootstrapping the replica from a snapshot".into(),
+        None,
+        None,
+    );
+    let peer_io = job
+        .peer
+        .ioctx(&job.pool, &job.namespace)
+        .ctx(|| format!("opening {key} on the peer"))?;
+    let primary = Image::open_by_id(&peer_io, &job.primary.image_id)
+        .ctx(|| format!("opening primary {key}"))?;
+    let snaps = primary
+        .snap_list()
+        .ctx(|| format!("listing snapshots of primary {key}"))?;
+    let seq = match sync_snaps(&snaps).keys().next_back() {
+        Some(&s) => super::registry::next_sync_seq(s)?,
+        None => 1,
+    };
+    let snap = engine.take_sync_snapshot(&primary, seq)?;
+    drop(primary);
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let rec = loop {
+        if stop.load(Ordering::Relaxed) || !engine.leases.ok(&job.pool) {
+            return Err(EngineError::Unavailable(format!(
+                "the bootstrap of {key} was stopped (shutdown or the pool's lease lost)"
+            )));
+        }
+        super::replayer::sync_image(engine, job, stop, &mut None)?;
+        let local_io = local_reg.ioctx();
+        if let Some(r) = replica_record(local_io, local_reg, job)?
+            && r.last_sync.as_ref().is_some_and(|l| l.snap_name == snap)
+            && r.pending_snap.is_none()
+        {
+            break r;
+        }
+        if Instant::now() > deadline {
+            return Err(EngineError::Timeout(format!(
+                "the bootstrap copy of {key} to {snap} did not complete"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut rec = rec;
+    rec.journal = Some(JournalReplica {
+        client_id: client.to_string(),
+        skip_until: Some(snap.clone()),
+        demoted_at: None,
+    });
+    // The features the volume's Enable added travel with the volume: a
+    // promotion of this replica keeps them, so that Disable on the new
+    // primary turns exactly those off.
+    rec.features_added = Some(job.primary.features_added.unwrap_or(0));
+    local_reg.put(&mut rec)?;
+    journal
+        .update_client_data(
+            client,
+            &peer_client_data(&rec.image_id, MirrorPeerState::Replaying),
+        )
+        .map_err(|e| journal_err(e, &key))?;
+    tracing::info!(
+        image = %key,
+        snapshot = %snap,
+        seconds = begun.elapsed().as_secs_f64(),
+        "journal bootstrap complete; replaying"
+    );
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_stable_and_prefixed() {
+        assert_eq!(client_id("abc"), "csirr-abc");
+        assert!(client_id("abc").starts_with(CLIENT_PREFIX));
+    }
+
+    #[test]
+    fn client_data_decodes_as_a_mirror_peer() {
+        let d = peer_client_data("img", MirrorPeerState::Replaying);
+        let back = ClientData::decode_all(&d.encode()).unwrap();
+        assert_eq!(back, d);
+    }
+}

@@ -1,0 +1,1645 @@
+//! The snapshot replayer: pulls primary images of the peer cluster into
+//! replicas on the local cluster.
+//!
+//! Every poll interval it lists the local pools (or `--pools`), reads each
+//! pool's Ceph mirror peers and their `mon_host`/`key` attributes (what
+//! `rbd mirror pool peer bootstrap import` stores), takes the pool's replayer
+//! lease so that one process per cluster replays, and reads the peer's
+//! registry in the same pool name and every namespace. For each primary image
+//! there it runs [`sync_image`] on the blocking pool, a bounded number at a
+//! time: create the replica if needed (same pool, namespace and name, same
+//! size and features, plus exclusive-lock), keep it open and locked so that
+//! nobody else can write it, copy the delta from the newest common sync
+//! snapshot to the primary's newest one, then snapshot the replica and record
+//! the sync point on both sides.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use csirr_ceph::{self as ceph, Cluster, ErrorKind, Image, IoCtx, features};
+
+use super::copy::{self, Extent};
+use super::error::{CephContext, EngineError, Result};
+use super::registry::{
+    Checkpoint, ImageRecord, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role, SyncPoint,
+    namespace_ioctxs, sync_snap_seq, sync_snaps,
+};
+use super::scheduler::DueCache;
+use super::slots::image_key;
+use super::wakeup::WatchTarget;
+use super::{Credentials, Engine};
+
+/// One image to replicate: where its primary is.
+#[derive(Clone)]
+pub struct Job {
+    /// Pool name (same on both sides).
+    pub pool: String,
+    /// RADOS namespace (same on both sides).
+    pub namespace: String,
+    /// The peer cluster holding the primary.
+    pub peer: Arc<Cluster>,
+    /// The primary's registry record.
+    pub primary: ImageRecord,
+}
+
+impl Job {
+    pub(crate) fn labels(&self) -> csirr_metrics::ImageLabels {
+        csirr_metrics::ImageLabels::new(&self.pool, &self.namespace, &self.primary.image_name)
+    }
+
+    /// The image's key in the held images and the slots: the same key the
+    /// RPCs derive from a resolved volume.
+    pub(crate) fn key(&self) -> String {
+        image_key(&self.pool, &self.namespace, &self.primary.image_name)
+    }
+}
+
+/// Pools (and namespaces) whose replayer lease this process holds.
+type Leases = HashSet<(String, String)>;
+
+/// Images this process holds open and exclusively locked, by
+/// `pool[/ns]/name`: replicas while they are replayed, demoted images until
+/// they are resynced. Releasing drops the lock.
+#[derive(Default)]
+pub struct HeldImages {
+    open: Mutex<HashMap<String, Image>>,
+}
+
+impl HeldImages {
+    /// The held image `key`, if any.
+    pub fn get(&self, key: &str) -> Option<Image> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    /// Holds `img` (its lock already taken).
+    pub fn put(&self, key: &str, img: Image) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string(), img);
+    }
+
+    /// Releases the lock of `key` and forgets it.
+    pub fn release(&self, key: &str) {
+        let img = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        if let Some(img) = img {
+            let _ = img.lock_release();
+        }
+    }
+
+    /// Releases the images of pool `pool` (its lease was lost: another
+    /// replayer takes them over).
+    pub fn release_pool(&self, pool: &str) {
+        let prefix = format!("{pool}/");
+        let gone: Vec<Image> = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<String> = open
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| open.remove(k)).collect()
+        };
+        for img in gone {
+            let _ = img.lock_release();
+        }
+    }
+
+    /// Releases everything (shutdown).
+    pub fn release_all(&self) {
+        let all: Vec<Image> = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, i)| i)
+            .collect();
+        for img in all {
+            let _ = img.lock_release();
+        }
+    }
+}
+
+/// Runs the replayer until `cancel`, restarting it with backoff when it
+/// dies (a panic, or an unexpected end); readiness ([`Engine::probe`]) is
+/// down, with the reason, until it runs again.
+pub async fn supervise(engine: Arc<Engine>, cancel: CancellationToken) {
+    let (e, c) = (Arc::clone(&engine), cancel.clone());
+    super::background::supervise(engine, "replayer", cancel, move || {
+        run(Arc::clone(&e), c.clone())
+    })
+    .await;
+}
+
+/// The replayer: discovery, syncs and the local scheduler pass, until
+/// `cancel`. Use [`supervise`] to run it.
+pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
+    // Tests: `replayer::start=panic` kills the replayer task at its start.
+    fail::fail_point!("replayer::start");
+    let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
+    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut pool_mode_scanned: Option<Instant> = None;
+    // Journal-mode replay loops live as long as their image replicates:
+    // apart from the syncs, so that a round of syncs still ends.
+    let mut journal_tasks = tokio::task::JoinSet::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut leased: HashSet<(String, String)> = HashSet::new();
+    let due = Arc::new(DueCache::default());
+    let mut trim_due = false;
+    // Volume groups (group_repl.rs): a loop of their own.
+    let groups = tokio::spawn(super::group_repl::run(Arc::clone(&engine), cancel.clone()));
+    let renewer = tokio::spawn({
+        let (engine, cancel) = (Arc::clone(&engine), cancel.clone());
+        async move {
+            let period = engine.lease_ttl() / 4;
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(period) => {}
+                }
+                let e = Arc::clone(&engine);
+                if let Err(err) = tokio::task::spawn_blocking(move || e.renew_leases()).await {
+                    tracing::error!(error = %err, "lease renewal panicked");
+                }
+            }
+        }
+    });
+    loop {
+        let e = Arc::clone(&engine);
+        let pass = Instant::now();
+        let discovered = tokio::task::spawn_blocking(move || e.discover()).await;
+        match discovered {
+            Ok(Ok((jobs, pools))) => {
+                tracing::debug!(
+                    seconds = pass.elapsed().as_secs_f64(),
+                    jobs = jobs.len(),
+                    "discovery pass"
+                );
+                leased = pools;
+                for job in jobs {
+                    let key = job.key();
+                    if !running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.clone())
+                    {
+                        continue;
+                    }
+                    let wake = Arc::clone(&engine);
+                    let (e, s, run, stop) = (
+                        Arc::clone(&engine),
+                        Arc::clone(&sem),
+                        Arc::clone(&running),
+                        Arc::clone(&stop),
+                    );
+                    if job.primary.mode == super::journal_mode::MODE {
+                        // A long-lived replay loop per image, outside the
+                        // sync slots; a failure is reported to the primary
+                        // and the next discovery pass starts it again.
+                        journal_tasks.spawn(async move {
+                            let span = tracing::info_span!("journal", image = %key);
+                            let (k2, e2) = (key.clone(), Arc::clone(&e));
+                            let res = tokio::task::spawn_blocking(move || {
+                                let _e = span.enter();
+                                let r = super::journal_mode::run_journal_image(&e, &job, &stop);
+                                if let Err(err) = &r {
+                                    e.held.release(&job.key());
+                                    super::journal_mode::report_failure(&e, &job, err);
+                                }
+                                r
+                            })
+                            .await;
+                            match res {
+                                Ok(Ok(())) => tracing::info!(image = %k2, "journal replay stopped"),
+                                Ok(Err(err)) => {
+                                    wake.note_error(&err);
+                                    tracing::warn!(image = %k2, error = %err, "journal replay failed")
+                                }
+                                Err(err) => {
+                                    e2.held.release(&k2);
+                                    tracing::error!(image = %k2, error = %err, "journal replay panicked")
+                                }
+                            }
+                            run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        });
+                        drop(s);
+                        continue;
+                    }
+                    tasks.spawn(async move {
+                        let mut progressed = false;
+                        if let Ok(permit) = s.acquire_owned().await {
+                            let span = tracing::info_span!("sync", image = %key);
+                            let k2 = key.clone();
+                            let res = tokio::task::spawn_blocking(move || {
+                                let _e = span.enter();
+                                let mut permit = Some(permit);
+                                sync_image(&e, &job, &stop, &mut permit)
+                            })
+                            .await;
+                            match res {
+                                Ok(Ok(done)) => progressed = done,
+                                Ok(Err(err)) => {
+                                    wake.note_error(&err);
+                                    tracing::warn!(image = %k2, error = %err, "sync failed")
+                                }
+                                Err(err) => {
+                                    tracing::error!(image = %k2, error = %err, "sync task panicked")
+                                }
+                            }
+                        }
+                        run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        // A sync point may have been taken while this one
+                        // was copied; its notification found the image busy.
+                        if progressed {
+                            wake.wakeups.wake();
+                        }
+                    });
+                }
+            }
+            Ok(Err(err)) => {
+                engine.note_error(&err);
+                tracing::warn!(error = %err, "replayer discovery failed");
+            }
+            Err(err) => tracing::error!(error = %err, "replayer discovery panicked"),
+        }
+        // Sync snapshots of this cluster's primaries on their schedule, and
+        // demoted images locked.
+        let (e, l, c) = (Arc::clone(&engine), leased.clone(), Arc::clone(&due));
+        match tokio::task::spawn_blocking(move || e.local_pass(&l, &c)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(snapshots = n, "scheduled sync snapshots taken"),
+            Ok(Err(err)) => {
+                engine.note_error(&err);
+                tracing::warn!(error = %err, "scheduler pass failed");
+            }
+            Err(err) => tracing::error!(error = %err, "scheduler pass panicked"),
+        }
+        // Pool mode: the new images of pools in pool mode are enabled, once
+        // per poll interval (the loop also turns at every notification; the
+        // scan lists namespaces and images).
+        if pool_mode_scanned.is_none_or(|t| t.elapsed() >= engine.cfg.poll_interval) {
+            pool_mode_scanned = Some(Instant::now());
+            engine
+                .pool_mode_pass(leased.iter().map(|(p, _)| p.clone()).collect())
+                .await;
+        }
+        while tasks.try_join_next().is_some() {
+            trim_due = true;
+        }
+        while journal_tasks.try_join_next().is_some() {}
+        // The syncs of this round are over: what they freed (the primaries'
+        // image handles, librados' reply buffers) goes back to the system
+        // instead of staying resident until the next round reuses it.
+        if trim_due && tasks.is_empty() {
+            trim_due = false;
+            let _ = tokio::task::spawn_blocking(ceph::alloc::release_free_memory).await;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(engine.cfg.poll_interval) => {}
+            () = engine.wakeups.wait() => {
+                tracing::trace!("woken by a notification");
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        running = tasks.len() + journal_tasks.len(),
+        "replayer stopping; waiting for syncs to stop"
+    );
+    while tasks.join_next().await.is_some() {}
+    while journal_tasks.join_next().await.is_some() {}
+    engine.background.drain(Duration::from_secs(30)).await;
+    let _ = renewer.await;
+    let _ = groups.await;
+    let e = Arc::clone(&engine);
+    let _ = tokio::task::spawn_blocking(move || {
+        e.wakeups.clear();
+        e.held.release_all();
+        e.release_leases(&leased);
+    })
+    .await;
+}
+
+impl Engine {
+    /// Finds the images to replicate. Returns the jobs and the pools whose
+    /// lease this process holds. Blocking.
+    fn discover(&self) -> Result<(Vec<Job>, Leases)> {
+        let local = self.local()?;
+        let pools = match &self.cfg.pools {
+            Some(p) => p.clone(),
+            None => local.pool_list().ctx(|| "listing pools".into())?,
+        };
+        let mut jobs = Vec::new();
+        let mut leased = HashSet::new();
+        let mut watch = Vec::new();
+        for pool in pools {
+            let io = match local.ioctx(&pool, "") {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::debug!(pool = %pool, error = %e, "skipping pool");
+                    continue;
+                }
+            };
+            let peers = match ceph::rbd::mirror_peer_list(&io) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(pool = %pool, error = %e, "no mirror peers readable");
+                    continue;
+                }
+            };
+            if peers.is_empty() {
+                continue;
+            }
+            if !self.renew_lease(&io) {
+                continue;
+            }
+            leased.insert((pool.clone(), String::new()));
+            for peer in peers {
+                match self.peer_jobs(&io, &pool, &peer, &mut watch) {
+                    Ok(mut j) => jobs.append(&mut j),
+                    Err(e) => {
+                        tracing::warn!(pool = %pool, peer = %peer.site_name, error = %e, "cannot read peer")
+                    }
+                }
+            }
+        }
+        self.wakeups.watch_only(watch);
+        Ok((jobs, leased))
+    }
+
+    /// How long a replayer lease lasts unless renewed.
+    fn lease_ttl(&self) -> Duration {
+        self.cfg.poll_interval * 6 + Duration::from_secs(10)
+    }
+
+    /// Takes or renews the lease on the pool of `io` (its default
+    /// namespace); whether this process holds it now. A lease another
+    /// replayer took releases this process' images of the pool. Errors are
+    /// per pool: the lease counts until it runs out. Blocking.
+    fn renew_lease(&self, io: &Arc<IoCtx>) -> bool {
+        let pool = io.pool();
+        let asked = Instant::now();
+        match Registry::new(Arc::clone(io)).acquire_lease(&self.cookie, self.lease_ttl()) {
+            Ok(true) => {
+                self.leases.renewed(pool, asked, self.lease_ttl());
+                true
+            }
+            Ok(false) => {
+                if self.leases.lost(pool) {
+                    tracing::warn!(
+                        pool,
+                        "another replayer took the lease; letting its images go"
+                    );
+                    self.held.release_pool(pool);
+                } else {
+                    tracing::debug!(pool, "another replayer holds the lease");
+                }
+                false
+            }
+            Err(e) => {
+                self.note_error(&e);
+                let ok = self.leases.ok(pool);
+                tracing::warn!(pool, error = %e, still_valid = ok, "cannot renew the replayer lease");
+                if !ok && self.leases.lost(pool) {
+                    self.held.release_pool(pool);
+                }
+                ok
+            }
+        }
+    }
+
+    /// Renews the lease of every pool this process holds, on its own timer
+    /// (a pass may take longer than a lease). Blocking.
+    fn renew_leases(&self) {
+        let Ok(local) = self.local() else {
+            for pool in self.leases.pools() {
+                if !self.leases.ok(&pool) && self.leases.lost(&pool) {
+                    self.held.release_pool(&pool);
+                }
+            }
+            return;
+        };
+        for pool in self.leases.pools() {
+            match local.ioctx(&pool, "") {
+                Ok(io) => {
+                    self.renew_lease(&io);
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %pool, error = %e, "cannot open pool to renew its lease")
+                }
+            }
+        }
+    }
+
+    /// Connects to mirror peer `peer` of the pool of `io` with the
+    /// `mon_host`/`key` attributes that `rbd mirror pool peer bootstrap
+    /// import` stored. Blocking.
+    pub fn connect_peer(&self, io: &IoCtx, peer: &ceph::MirrorPeer) -> Result<Arc<Cluster>> {
+        let pool = io.pool();
+        let attrs = ceph::rbd::mirror_peer_attributes(io, &peer.uuid).ctx(|| {
+            format!(
+                "reading the attributes of mirror peer {} of pool {pool} \
+                 (a least-privilege user needs mon cap \
+                 'allow command \"config-key get\" with \"key\" prefix \"rbd/mirror/peer/\"')",
+                peer.site_name
+            )
+        })?;
+        let (Some(mon), Some(key)) = (attrs.get("mon_host"), attrs.get("key")) else {
+            return Err(EngineError::FailedPrecondition(format!(
+                "mirror peer {} of pool {pool} has no mon_host/key attributes \
+                 (add the peer with `rbd mirror pool peer bootstrap import`)",
+                peer.site_name
+            )));
+        };
+        let creds = Credentials::new(&peer.client_name, key)?;
+        self.conns.get(mon, &creds)
+    }
+
+    /// The peer clusters of the local pool `pool`. Blocking.
+    pub fn peers_of_pool(&self, pool: &str) -> Result<Vec<(ceph::MirrorPeer, Arc<Cluster>)>> {
+        let io = self
+            .local()?
+            .ioctx(pool, "")
+            .ctx(|| format!("opening pool {pool}"))?;
+        let peers =
+            ceph::rbd::mirror_peer_list(&io).ctx(|| format!("listing mirror peers of {pool}"))?;
+        peers
+            .into_iter()
+            .map(|p| {
+                let c = self.connect_peer(&io, &p)?;
+                Ok((p, c))
+            })
+            .collect()
+    }
+
+    /// The jobs of the primaries in pool `pool` of mirror peer `peer`; adds
+    /// the objects whose notifications should wake the replayer to `watch`.
+    fn peer_jobs(
+        &self,
+        io: &IoCtx,
+        pool: &str,
+        peer: &ceph::MirrorPeer,
+        watch: &mut Vec<WatchTarget>,
+    ) -> Result<Vec<Job>> {
+        let cluster = self.connect_peer(io, peer)?;
+        let pio = match cluster.ioctx(pool, "") {
+            Ok(p) => p,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e).ctx(|| format!("opening pool {pool} on peer {}", peer.site_name));
+            }
+        };
+        let mut jobs = Vec::new();
+        let local = self.local()?;
+        for nio in namespace_ioctxs(&pio)? {
+            let ns = nio.namespace().to_string();
+            watch.push(WatchTarget::registry(&nio));
+            let preg = Registry::new(Arc::clone(&nio));
+            let Ok(lio) = local.ioctx(pool, &ns) else {
+                continue;
+            };
+            // Replicas of primaries whose replication was disabled go to
+            // the trash. The primary's record may still be listed while its
+            // side finishes disabling: no job for it (that would create the
+            // replica again), and the tombstone stays until the record is
+            // gone.
+            let records = preg.list()?;
+            let tombstones = preg.tombstones()?;
+            for t in &tombstones {
+                match self.bury(&lio, t) {
+                    Ok(true) if !records.iter().any(|r| r.image_id == t.image_id) => {
+                        if let Err(e) = preg.remove_tombstone(&t.image_id) {
+                            tracing::warn!(error = %e, "cannot clear tombstone");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(image = %t.image_name, error = %e, "cannot trash replica")
+                    }
+                }
+            }
+            let detached: HashSet<String> = Registry::new(Arc::clone(&lio))
+                .detached()?
+                .into_iter()
+                .map(|t| t.image_id)
+                .collect();
+            for rec in records {
+                if tombstones.iter().any(|t| t.image_id == rec.image_id) {
+                    continue;
+                }
+                // A demoted primary still has its final sync snapshot to
+                // deliver.
+                if matches!(rec.role, Role::Primary | Role::Demoted) {
+                    if detached.contains(&rec.image_id) {
+                        Reporter {
+                            reg: preg.clone(),
+                            image_id: &rec.image_id,
+                            fsid: local.fsid().to_string(),
+                        }
+                        .report(
+                            ReplayState::Stopped,
+                            "replication was disabled on the replica's site; the replica is a \
+                             normal image there"
+                                .into(),
+                            None,
+                        );
+                        continue;
+                    }
+                    jobs.push(Job {
+                        pool: pool.to_string(),
+                        namespace: ns.clone(),
+                        peer: Arc::clone(&cluster),
+                        primary: rec,
+                    });
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// The local half of a poll, over every namespace of the leased pools,
+    /// reading each registry once: takes the sync snapshots that are due
+    /// (primaries) and locks demoted images this process does not hold yet
+    /// (after a restart they refuse writers again). Returns the snapshots
+    /// taken.
+    fn local_pass(&self, leased: &Leases, cache: &DueCache) -> Result<usize> {
+        let local = self.local()?;
+        let mut taken = 0;
+        for (pool, _) in leased {
+            let io = local
+                .ioctx(pool, "")
+                .ctx(|| format!("opening pool {pool}"))?;
+            for nio in namespace_ioctxs(&io)? {
+                let records = Registry::new(Arc::clone(&nio)).list()?;
+                taken += self.schedule_pool(&nio, &records, cache)?;
+                if let Err(e) = self.hold_demoted(&nio, &records) {
+                    tracing::warn!(pool = %nio.spec(), error = %e, "cannot lock demoted images");
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Takes and keeps the lock of every demoted image among `records` (of
+    /// `nio`'s pool and namespace) that this process does not hold yet.
+    fn hold_demoted(&self, nio: &Arc<IoCtx>, records: &[ImageRecord]) -> Result<()> {
+        for rec in records {
+            // librbd itself refuses every writer of a journal-mode image
+            // demoted in its journal (its lock included).
+            if rec.role != Role::Demoted || rec.mode == super::journal_mode::MODE {
+                continue;
+            }
+            let key = image_key(nio.pool(), nio.namespace(), &rec.image_name);
+            if self.held.get(&key).is_some() {
+                continue;
+            }
+            // A role change on it is running (e.g. a resync that just
+            // released it): leave it to that.
+            let slot = self.slots.get(&key);
+            let Some(_guard) = slot.try_enter() else {
+                continue;
+            };
+            // Re-read under the slot: the role may have changed since.
+            if Registry::new(Arc::clone(nio))
+                .get(&rec.image_id)?
+                .is_none_or(|r| r.role != Role::Demoted)
+            {
+                continue;
+            }
+            match Image::open_by_id(nio, &rec.image_id) {
+                Ok(img) => self.hold_lock(&key, &img)?,
+                Err(e) => tracing::warn!(image = %key, error = %e, "cannot open demoted image"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up what this process holds through the local connection `old`
+    /// and drops it, because that connection can no longer lock replicas.
+    /// Its syncs stop first (the leases are forgotten here), then the replica
+    /// locks and the pool leases are released through `old`, so that the
+    /// next pass takes them at once through a new connection instead of
+    /// waiting for the old leases to expire.
+    fn reconnect_local(&self, old: &Arc<Cluster>) {
+        let pools = self.leases.pools();
+        self.leases.clear();
+        self.held.release_all();
+        for pool in pools {
+            if let Ok(io) = old.ioctx(&pool, "") {
+                Registry::new(io).release_lease(&self.cookie);
+            }
+        }
+        self.conns.forget(old);
+    }
+
+    fn release_leases(&self, leased: &HashSet<(String, String)>) {
+        let Ok(local) = self.local() else { return };
+        for (pool, ns) in leased {
+            if let Ok(io) = local.ioctx(pool, ns) {
+                Registry::new(io).release_lease(&self.cookie);
+            }
+        }
+    }
+}
+
+/// Takes the replica's exclusive lock. Fail point `replayer::lock_replica`
+/// (tests) answers as librbd did after an OSD stall: EINVAL.
+pub(crate) fn lock_replica(img: &Image) -> ceph::Result<()> {
+    fail::fail_point!("replayer::lock_replica", |_| Err(
+        ceph::Error::invalid_input("rbd_lock_acquire", img.spec())
+    ));
+    img.lock_acquire(ceph::LockMode::Exclusive)
+}
+
+fn snap_time(img: &Image, id: u64) -> DateTime<Utc> {
+    img.snap_timestamp(id)
+        .ok()
+        .and_then(|s| Utc.timestamp_opt(s, 0).single())
+        .unwrap_or_else(Utc::now)
+}
+
+/// Writes the replica's status into the primary's registry.
+struct Reporter<'a> {
+    reg: Registry,
+    image_id: &'a str,
+    fsid: String,
+}
+
+impl Reporter<'_> {
+    fn report(&self, state: ReplayState, message: String, last: Option<SyncPoint>) {
+        self.put(ReplicaStatus {
+            replica_fsid: self.fsid.clone(),
+            state,
+            message,
+            percent: None,
+            syncing_snap: None,
+            last_sync: last,
+            bytes_pending: None,
+            bytes_per_sec: None,
+            updated_at: Utc::now(),
+        });
+    }
+
+    fn put(&self, st: ReplicaStatus) {
+        if let Err(e) = self.reg.put_status(self.image_id, &st) {
+            tracing::warn!(error = %e, "cannot report status to the primary");
+        }
+    }
+}
+
+/// Brings the replica of `job` up to the primary's newest sync snapshot.
+/// Returns whether it completed a sync point. `permit`, the slot among the
+/// syncs that move data at once, is released as soon as the data is copied
+/// (snapshotting and pruning the replica need none). Blocking.
+pub fn sync_image(
+    engine: &Engine,
+    job: &Job,
+    stop: &AtomicBool,
+    permit: &mut Option<OwnedSemaphorePermit>,
+) -> Result<bool> {
+    let key = job.key();
+    // A role change on this image is running: skip this round.
+    let slot = engine.slots.get(&key);
+    let Some(_guard) = slot.try_enter() else {
+        return Ok(false);
+    };
+    // A lost lease stops the copy: another replayer owns the image now.
+    let cancelled = || {
+        stop.load(std::sync::atomic::Ordering::Relaxed)
+            || slot.cancelled()
+            || !engine.leases.ok(&job.pool)
+    };
+    let local = engine.local()?;
+    let peer_io = job
+        .peer
+        .ioctx(&job.pool, &job.namespace)
+        .ctx(|| format!("opening {key} on the peer"))?;
+    let reporter = Reporter {
+        reg: Registry::new(Arc::clone(&peer_io)),
+        image_id: &job.primary.image_id,
+        fsid: local.fsid().to_string(),
+    };
+    let result = sync_inner(engine, &local, job, &peer_io, &cancelled, &reporter, permit);
+    if let Err(e @ EngineError::Conflict(_)) = &result {
+        // Another replayer (a new lease holder) or a role change wrote the
+        // replica's record since this sync read it: this sync's view is
+        // stale and nothing more of it is written. The next pass re-reads.
+        engine.held.release(&key);
+        tracing::info!(image = %key, error = %e, "sync stopped: its registry record changed under it");
+        return result;
+    }
+    if let Err(e) = &result {
+        engine.held.release(&key);
+        let last = local
+            .ioctx(&job.pool, &job.namespace)
+            .ok()
+            .and_then(|io| Registry::new(io).list().ok())
+            .and_then(|l| {
+                l.into_iter()
+                    .find(|r| r.image_name == job.primary.image_name)
+                    .and_then(|r| r.last_sync)
+            });
+        if !cancelled() {
+            engine
+                .metrics
+                .sync_finished(&job.labels(), 0, Duration::ZERO, false);
+            reporter.report(ReplayState::Error, e.to_string(), last);
+        }
+    }
+    result
+}
+
+fn sync_inner(
+    engine: &Engine,
+    local: &Arc<Cluster>,
+    job: &Job,
+    peer_io: &Arc<IoCtx>,
+    cancelled: &dyn Fn() -> bool,
+    reporter: &Reporter<'_>,
+    permit: &mut Option<OwnedSemaphorePermit>,
+) -> Result<bool> {
+    let key = job.key();
+    let begun = Instant::now();
+    let local_io = local.ioctx(&job.pool, &job.namespace).ctx(|| {
+        format!(
+            "opening {}/{} on the local cluster",
+            job.pool, job.namespace
+        )
+    })?;
+    let local_reg = Registry::new(Arc::clone(&local_io));
+
+    // The primary, read-only (a read-write handle would make this process
+    // one of its clients; pruning opens one just for that), and its newest
+    // sync snapshot.
+    let primary = Image::open_by_id_read_only(peer_io, &job.primary.image_id, None)
+        .ctx(|| format!("opening primary {key}"))?;
+    let pall = primary
+        .snap_list()
+        .ctx(|| format!("listing snapshots of primary {key}"))?;
+    let psync = sync_snaps(&pall);
+    let Some((_, target)) = psync.iter().next_back() else {
+        reporter.report(
+            ReplayState::Starting,
+            "waiting for the first sync snapshot".into(),
+            None,
+        );
+        return Ok(false);
+    };
+    let target = target.clone();
+
+    // The replica: existing (must be ours), or created now.
+    let (replica, mut rec, fresh) = replica_for_sync(
+        engine, local, job, peer_io, &local_io, &local_reg, &primary, &target,
+    )?;
+    if !replays_here(
+        engine, job, peer_io, &local_io, &local_reg, &mut rec, &replica, &primary, reporter,
+    )? {
+        return Ok(false);
+    }
+    if rec
+        .primary
+        .as_ref()
+        .is_some_and(|p| p.image_id != job.primary.image_id)
+    {
+        return Err(EngineError::FailedPrecondition(format!(
+            "{key} here replicates another primary image than the peer's; not touching it"
+        )));
+    }
+    // A sync point recorded before its snapshot existed (the process
+    // stopped in between): take the snapshot before anything looks at or
+    // writes the replica.
+    settle_pending_snap(&replica, &local_reg, &mut rec)?;
+
+    let rall = replica
+        .snap_list()
+        .ctx(|| format!("listing snapshots of replica {key}"))?;
+    let rnames: HashSet<&str> = rall.iter().map(|s| s.name.as_str()).collect();
+    if rnames.contains(target.name.as_str()) {
+        // The replica already has the primary's newest sync point (e.g. a
+        // demoted image resynced to the peer that replayed its demotion
+        // snapshot): record it as this replica's complete sync point.
+        if rec
+            .last_sync
+            .as_ref()
+            .is_none_or(|l| l.snap_name != target.name)
+        {
+            rec.last_sync = Some(SyncPoint {
+                snap_name: target.name.clone(),
+                snap_time: snap_time(&primary, target.id),
+                completed_at: Utc::now(),
+                duration_ms: 0,
+                bytes: 0,
+            });
+            rec.checkpoint = None;
+            local_reg.put(&mut rec)?;
+        }
+        reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+        let doomed = surplus(engine.cfg.keep_snapshots, &psync, &[&target.name]);
+        drop(primary);
+        prune_primary(peer_io, &job.primary.image_id, &doomed, &key);
+        prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
+        return Ok(false);
+    }
+    let (base, points) = plan_points(&pall, &psync, &rall, &target);
+    tracing::debug!(
+        base = ?base.as_ref().map(|b| &b.name),
+        target = %target.name,
+        seconds = begun.elapsed().as_secs_f64(),
+        "sync planned"
+    );
+
+    let started = Instant::now();
+    let mut from = base.as_ref().map(|b| b.name.clone());
+    let mut fresh = fresh;
+    // The primary's surplus sync snapshots go on a thread of their own
+    // (each removal waits for a monitor commit), never the delta's base or
+    // target; the primary's scheduler removes what is left before it takes
+    // the next one.
+    let protect: Vec<&str> = base
+        .iter()
+        .map(|b| b.name.as_str())
+        .chain([target.name.as_str()])
+        .collect();
+    let doomed = surplus(engine.cfg.keep_snapshots, &psync, &protect);
+    if !doomed.is_empty() {
+        let (io, id, k) = (
+            Arc::clone(peer_io),
+            job.primary.image_id.clone(),
+            key.clone(),
+        );
+        engine
+            .background
+            .spawn_blocking("prune-primary", &key, move || {
+                prune_primary(&io, &id, &doomed, &k)
+            });
+    }
+    let sides = Sides {
+        engine,
+        job,
+        primary: &primary,
+        replica: &replica,
+        local_reg: &local_reg,
+        cancelled,
+        reporter,
+    };
+    let mut bytes = 0u64;
+    for (i, point) in points.iter().enumerate() {
+        let stats = delta(&sides, &mut rec, from.as_deref(), point, fresh)?;
+        bytes += stats.transferred();
+        // A user snapshot on the way is the next delta's base: it must
+        // exist before that delta writes.
+        if i + 1 < points.len() {
+            replica
+                .snap_create(&point.name)
+                .ctx(|| format!("snapshotting replica {key}@{}", point.name))?;
+        }
+        from = Some(point.name.clone());
+        fresh = false;
+    }
+    let elapsed = started.elapsed();
+    if cancelled() {
+        return Err(EngineError::Unavailable(format!(
+            "the sync of {key} was stopped (shutdown, a role change, or the pool's lease lost)"
+        )));
+    }
+    // The replica's head is the target, flushed by the copy: the sync point
+    // is complete now. Its snapshot (a monitor commit, up to a second) is
+    // taken right after the report, and always before the next delta or a
+    // promotion touches the replica (`pending_snap`).
+    rec.checkpoint = None;
+    rec.pending_snap = Some(target.name.clone());
+    rec.last_sync = Some(SyncPoint {
+        snap_name: target.name.clone(),
+        snap_time: snap_time(&primary, target.id),
+        completed_at: Utc::now(),
+        duration_ms: elapsed.as_millis() as u64,
+        bytes,
+    });
+    local_reg.put(&mut rec)?;
+    tracing::info!(snapshot = %target.name, bytes, seconds = elapsed.as_secs_f64(), "sync point complete");
+    engine
+        .metrics
+        .sync_finished(&job.labels(), bytes, elapsed, true);
+    reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+    drop(permit.take());
+    // Not a client of the primary any longer than needed: an open handle
+    // counts as one for "is the volume in use?" checks.
+    drop(primary);
+    // Tests: `replayer::before_replica_snapshot=sleep(ms)` holds the
+    // pending state open between the report and the replica's snapshot.
+    fail::fail_point!("replayer::before_replica_snapshot");
+    settle_pending_snap(&replica, &local_reg, &mut rec)?;
+    let rall = replica
+        .snap_list()
+        .ctx(|| format!("listing snapshots of replica {key}"))?;
+    prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
+    Ok(true)
+}
+
+/// The replica of `job` for a sync: the handle this process holds, or the
+/// image opened (or created from the primary's `target`), locked against
+/// other writers and held when it is a replica. Returns it with its record
+/// and whether it was created empty now.
+#[allow(clippy::too_many_arguments)]
+fn replica_for_sync(
+    engine: &Engine,
+    local: &Arc<Cluster>,
+    job: &Job,
+    peer_io: &Arc<IoCtx>,
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    primary: &Image,
+    target: &ceph::SnapInfo,
+) -> Result<(Image, ImageRecord, bool)> {
+    let key = job.key();
+    Ok(match engine.held.get(&key) {
+        Some(img) => {
+            let id = img.id().ctx(|| format!("replica {key}"))?;
+            let rec = local_reg.get(&id)?.ok_or_else(|| {
+                EngineError::Internal(format!("replica {key} lost its registry record"))
+            })?;
+            (img, rec, false)
+        }
+        None => {
+            let (img, rec, fresh) =
+                open_or_create_replica(local_io, local_reg, job, primary, target)?;
+            if rec.role == Role::Secondary {
+                let locked = lock_replica(&img);
+                if let Err(e) = locked {
+                    // The replica was created with exclusive-lock, so EINVAL
+                    // means this connection's image state is broken (seen
+                    // after an OSD hang timed out the close of the previous
+                    // handle); only a new client recovers, as a restart did.
+                    if e.kind() == ceph::ErrorKind::InvalidInput {
+                        tracing::warn!(
+                            image = %key,
+                            error = %e,
+                            "cannot lock the replica through this connection; reconnecting"
+                        );
+                        engine.reconnect_local(local);
+                    }
+                    return Err(e).ctx(|| format!("locking replica {key} against other writers"));
+                }
+                engine.held.put(&key, img.clone());
+                ensure_csi_journal(peer_io, local_io, job, &rec.image_id);
+            }
+            (img, rec, fresh)
+        }
+    })
+}
+
+/// Whether the sync goes on given this side's role (`rec`) and the
+/// primary's: a replica does; a demoted image whose peer promoted after an
+/// orderly switch becomes a replica again first; anything else is reported
+/// and nothing is copied (`false`), or is a split brain (an error).
+#[allow(clippy::too_many_arguments)]
+fn replays_here(
+    engine: &Engine,
+    job: &Job,
+    peer_io: &Arc<IoCtx>,
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    rec: &mut ImageRecord,
+    replica: &Image,
+    primary: &Image,
+    reporter: &Reporter<'_>,
+) -> Result<bool> {
+    let key = job.key();
+    match rec.role {
+        Role::Secondary => Ok(true),
+        // Demoted here while the peer is primary: after an orderly switch
+        // (the peer promoted once it held this side's demotion snapshot, and
+        // nothing was written here since), this side is a replica again by
+        // itself, as rbd-mirror resumes. Anything else is a split brain that
+        // only ResyncVolume with force may settle.
+        Role::Demoted if job.primary.role == Role::Primary => {
+            let div = engine.divergence(replica, primary, &key)?;
+            if div.diverged() {
+                reporter.report(
+                    ReplayState::Stopped,
+                    format!(
+                        "{key} is demoted on the replica's site and diverged from this primary \
+                     (newest common sync point: {}); it waits for ResyncVolume with force",
+                        div.common.as_deref().unwrap_or("none")
+                    ),
+                    None,
+                );
+                return Ok(false);
+            }
+            let primary_ref = PrimaryRef {
+                fsid: job.peer.fsid().to_string(),
+                image_id: job.primary.image_id.clone(),
+            };
+            engine.adopt_as_replica(local_reg, rec, replica, &key, primary_ref, &div)?;
+            ensure_csi_journal(peer_io, local_io, job, &rec.image_id);
+            Ok(true)
+        }
+        Role::Demoted => {
+            reporter.report(
+                ReplayState::Stopped,
+                format!("{key} is demoted on both sites; waiting for one to be promoted"),
+                None,
+            );
+            Ok(false)
+        }
+        Role::Primary if job.primary.role == Role::Primary => {
+            Err(EngineError::FailedPrecondition(format!(
+                "split-brain: {key} is primary on both sites; nothing is copied or \
+             overwritten. Decide which site keeps its data, demote the other one and \
+             resync it (ResyncVolume with force)"
+            )))
+        }
+        // The peer is demoted and this side primary: a finished relocation,
+        // nothing to replay.
+        Role::Primary => Ok(false),
+    }
+}
+
+/// The delta's base (the newest sync snapshot both sides have) and the
+/// points to reach from it in order: the user snapshots taken on the
+/// primary between the base and `target` that the replica (`rall`) lacks
+/// (it gets them too), then `target`.
+fn plan_points(
+    pall: &[ceph::SnapInfo],
+    psync: &BTreeMap<u64, ceph::SnapInfo>,
+    rall: &[ceph::SnapInfo],
+    target: &ceph::SnapInfo,
+) -> (Option<ceph::SnapInfo>, Vec<ceph::SnapInfo>) {
+    let rnames: HashSet<&str> = rall.iter().map(|s| s.name.as_str()).collect();
+    let base = sync_snaps(rall)
+        .into_values()
+        .rev()
+        .find_map(|r| psync.values().find(|p| p.name == r.name).cloned());
+    let base_id = base.as_ref().map_or(0, |b| b.id);
+    let mut points: Vec<ceph::SnapInfo> = pall
+        .iter()
+        .filter(|s| {
+            sync_snap_seq(&s.name).is_none()
+                && s.id > base_id
+                && s.id < target.id
+                && !rnames.contains(s.name.as_str())
+        })
+        .cloned()
+        .collect();
+    points.sort_by_key(|s| s.id);
+    points.push(target.clone());
+    (base, points)
+}
+
+/// Takes the replica's snapshot of a sync point recorded complete before
+/// its snapshot existed (`pending_snap`), then clears the mark. The head
+/// still holds exactly that sync point: nothing writes a replica between
+/// recording it and this. Blocking.
+pub(crate) fn settle_pending_snap(
+    replica: &Image,
+    reg: &Registry,
+    rec: &mut ImageRecord,
+) -> Result<()> {
+    let Some(name) = rec.pending_snap.clone() else {
+        return Ok(());
+    };
+    match replica.snap_create(&name) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).ctx(|| format!("snapshotting replica {}@{name}", replica.spec())),
+    }
+    rec.pending_snap = None;
+    reg.put(rec)
+}
+
+/// Writes ceph-csi's journal entries for the replica of a ceph-csi volume on
+/// this cluster (same uuid and image name, the replica's own image id), so
+/// that a PersistentVolume restored here finds its image. Best effort: a
+/// failure is logged and never stops the data sync.
+fn ensure_csi_journal(peer_io: &IoCtx, local_io: &IoCtx, job: &Job, replica_id: &str) {
+    let uuid = job
+        .primary
+        .volume_id
+        .as_deref()
+        .and_then(|v| csirr_csi::handle::VolumeHandle::parse(v).ok())
+        .map(|h| h.uuid().to_owned())
+        .or_else(|| csirr_omap::uuid_from_image_name(&job.primary.image_name).map(str::to_owned));
+    let Some(uuid) = uuid else { return };
+    match csirr_omap::replicate_entry(peer_io, local_io, &uuid, replica_id) {
+        Ok(o) => tracing::info!(outcome = %o, uuid, "ceph-csi journal entry of the replica"),
+        Err(csirr_omap::OmapError::PrimaryEntryMissing { .. }) => {
+            tracing::debug!(uuid, "not a ceph-csi volume: no journal entry to replicate")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, uuid, "cannot write the ceph-csi journal entry of the replica")
+        }
+    }
+}
+
+/// What every delta of one sync works on.
+#[derive(Clone, Copy)]
+struct Sides<'a, 'r> {
+    engine: &'a Engine,
+    job: &'a Job,
+    /// The sync's read-only handle of the primary.
+    primary: &'a Image,
+    replica: &'a Image,
+    /// The replica's registry.
+    local_reg: &'a Registry,
+    cancelled: &'a dyn Fn() -> bool,
+    reporter: &'a Reporter<'r>,
+}
+
+/// Copies the delta `from` -> `to` of the primary into the replica, resuming
+/// from the record's checkpoint when it is for the same delta. The
+/// primary's handle is set to snapshot `to`.
+fn delta(
+    sides: &Sides<'_, '_>,
+    rec: &mut ImageRecord,
+    from: Option<&str>,
+    to: &ceph::SnapInfo,
+    fresh: bool,
+) -> Result<copy::CopyStats> {
+    let Sides {
+        engine,
+        job,
+        primary,
+        replica,
+        local_reg,
+        cancelled,
+        reporter,
+    } = *sides;
+    let key = job.key();
+    // The handle that listed the snapshots, not a second open of the image.
+    primary
+        .snap_set(Some(&to.name))
+        .ctx(|| format!("reading primary {key}@{}", to.name))?;
+    let size = to.size;
+    let rsize = replica.size().ctx(|| format!("replica {key}"))?;
+    if rsize != size {
+        tracing::info!(from = rsize, to = size, "resizing replica");
+        replica
+            .resize(size)
+            .ctx(|| format!("resizing replica {key}"))?;
+    }
+    // A delta's extents are exactly what was written: read them from the
+    // primary's data objects, an object's extents in one operation. A first
+    // sync lists whole objects, mostly holes on a thin volume: it reads each
+    // sparsely, so that only the allocated data comes over.
+    let objects = ceph::DataObjects::open(primary, to.id).unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "reading through librbd");
+        None
+    });
+    let sparse = from.is_none();
+    // Extents inside one object each, so that they can be read directly.
+    let chunk = match &objects {
+        Some(o) => engine.cfg.limits.chunk.min(o.object_size()),
+        None => engine.cfg.limits.chunk,
+    };
+    // A first sync of an image read directly (no parent data at the
+    // snapshot) lists whole objects: from the object map alone when it is
+    // valid, instead of asking every object of the image (13 s for a thin
+    // 1 TiB image on the dev pair); the sparse reads bring over only their
+    // allocated data. A clone's first sync lists the extents a reader sees
+    // through to its parent, read through librbd. Both sides have the same
+    // pool/name: the error says which one failed.
+    let whole = sparse && objects.is_some();
+    let mut extents = copy::changed_extents(primary, from, size, chunk, whole)
+        .map_err(|e| on_side(e, "primary"))?;
+    if from.is_none() && !fresh {
+        // A full copy over a replica that holds data (an interrupted first
+        // sync): whatever the source does not cover must become zero. The
+        // replica is never a clone: whole objects, from its object map.
+        let have = copy::changed_extents(replica, None, size, chunk, true)
+            .map_err(|e| on_side(e, "replica"))?;
+        for (s, e) in copy::uncovered(&have, &extents) {
+            extents.push(Extent {
+                off: s,
+                len: e - s,
+                data: false,
+            });
+        }
+        extents.sort_by_key(|e| e.off);
+    }
+    let total: u64 = extents.iter().map(|e| e.len).sum();
+    // Resume from a checkpoint of the same delta.
+    let resume_at = rec
+        .checkpoint
+        .as_ref()
+        .filter(|c| c.from.as_deref() == from && c.to == to.name)
+        .map_or(0, |c| c.offset);
+    if resume_at > 0 {
+        extents = copy::skip_below(&extents, resume_at);
+    }
+    let remaining: u64 = extents.iter().map(|e| e.len).sum();
+    // The replica's objects are written directly too, an object's extents
+    // in one operation, once they are marked in its object map.
+    let dst_objects = match &objects {
+        Some(o) => {
+            direct_replica(replica, &extents, o.object_size()).ctx(|| format!("replica {key}"))?
+        }
+        None => None,
+    };
+    tracing::info!(
+        from = ?from,
+        to = %to.name,
+        bytes = total,
+        remaining,
+        resume_at,
+        extents = extents.len(),
+        direct = objects.is_some(),
+        sparse,
+        direct_writes = dst_objects.is_some(),
+        "delta started"
+    );
+    // The cap is the primary's setting (its Enable parameters).
+    let throttle = copy::Throttle::new(job.primary.bandwidth_limit.unwrap_or(0));
+    let throttles = [&*engine.throttle, &throttle];
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let mut last_checkpoint = Instant::now();
+    let every = engine.cfg.checkpoint_interval;
+    let mut ckpt_err = None;
+    // A checkpoint refused because the record changed under this sync
+    // (another replayer took over) stops the copy at once.
+    let lost_record = AtomicBool::new(false);
+    let cancelled = || cancelled() || lost_record.load(std::sync::atomic::Ordering::Relaxed);
+    let mut progress = |done: u64, mark: u64| {
+        if last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            let done_total = total - remaining + done;
+            reporter.put(ReplicaStatus {
+                replica_fsid: reporter.fsid.clone(),
+                state: ReplayState::Syncing,
+                message: String::new(),
+                percent: Some(if total == 0 {
+                    100.0
+                } else {
+                    done_total as f64 * 100.0 / total as f64
+                }),
+                syncing_snap: Some(to.name.clone()),
+                last_sync: rec.last_sync.clone(),
+                bytes_pending: Some(total.saturating_sub(done_total)),
+                bytes_per_sec: Some((done as f64 / secs) as u64),
+                updated_at: Utc::now(),
+            });
+        }
+        if last_checkpoint.elapsed() >= every && mark > resume_at {
+            last_checkpoint = Instant::now();
+            // What the checkpoint claims must be durable first.
+            let r = replica
+                .flush()
+                .ctx(|| format!("flushing replica {key}"))
+                .and_then(|()| {
+                    rec.checkpoint = Some(Checkpoint {
+                        from: from.map(str::to_string),
+                        to: to.name.clone(),
+                        offset: mark,
+                        total,
+                    });
+                    local_reg.put(rec)
+                });
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot write checkpoint");
+                if matches!(e, EngineError::Conflict(_)) {
+                    lost_record.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                // A conflict stays the reason the copy stopped.
+                if !matches!(ckpt_err, Some(EngineError::Conflict(_))) {
+                    ckpt_err = Some(e);
+                }
+            }
+        }
+    };
+    let stats = copy::copy_extents(
+        copy::Source {
+            image: primary,
+            objects: objects.as_ref(),
+            sparse,
+        },
+        copy::Dest {
+            image: replica,
+            objects: dst_objects.as_ref(),
+        },
+        &extents,
+        fresh && resume_at == 0,
+        engine.cfg.limits,
+        Some(&engine.budget),
+        &throttles,
+        &cancelled,
+        &mut progress,
+    );
+    let stats = match ckpt_err {
+        // The copy stopped for it: the conflict is the reason.
+        Some(e @ EngineError::Conflict(_)) => return Err(e),
+        Some(e) => {
+            tracing::debug!(error = %e, "a checkpoint write failed during the delta");
+            stats?
+        }
+        None => stats?,
+    };
+    if dst_objects.is_some() {
+        reload_object_map(replica).ctx(|| format!("replica {key}"))?;
+    }
+    tracing::info!(
+        to = %to.name,
+        bytes_read = stats.bytes_read,
+        bytes_written = stats.bytes_written,
+        bytes_zeroed = stats.bytes_zeroed,
+        bytes_skipped = stats.bytes_skipped,
+        seconds = started.elapsed().as_secs_f64(),
+        "delta complete"
+    );
+    Ok(stats)
+}
+
+/// `e` naming the side (primary or replica) of an image whose pool and
+/// name are the same on both clusters.
+fn on_side(e: EngineError, side: &str) -> EngineError {
+    match e {
+        EngineError::Ceph { context, source } => EngineError::Ceph {
+            context: format!("{context} (the {side})"),
+            source,
+        },
+        other => other,
+    }
+}
+
+/// The replica's data objects for direct writes (with its snapshot context:
+/// no snapshot of the replica may be taken until the copy is done), with
+/// the objects that `extents` touch marked in its object map; `None` when
+/// there is no data to write, for another object size, or a layout only
+/// librbd writes. Blocking.
+fn direct_replica(
+    replica: &Image,
+    extents: &[Extent],
+    obj: u64,
+) -> ceph::Result<Option<ceph::DataObjects>> {
+    // Nothing to write (an unchanged sync point, discards only): librbd
+    // needs no reload afterwards. A journal would miss the writes that
+    // bypass librbd.
+    let runs = object_runs(extents, obj);
+    if runs.is_empty() || replica.features()? & ceph::features::JOURNALING != 0 {
+        return Ok(None);
+    }
+    let Some(objects) = ceph::DataObjects::open_head(replica)? else {
+        return Ok(None);
+    };
+    if objects.object_size() != obj {
+        return Ok(None);
+    }
+    ceph::objects::mark_objects_exist(replica, &runs)?;
+    Ok(Some(objects))
+}
+
+/// The runs `start..end` of objects of `obj` bytes that the data extents
+/// touch.
+fn object_runs(extents: &[Extent], obj: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for e in extents.iter().filter(|e| e.data && e.len > 0) {
+        let (first, end) = (e.off / obj, (e.off + e.len - 1) / obj + 1);
+        match runs.last_mut() {
+            Some(r) if first <= r.1 => r.1 = r.1.max(end),
+            _ => runs.push((first, end)),
+        }
+    }
+    runs
+}
+
+/// Makes librbd reload the replica's object map from disk after direct
+/// writes: its copy in memory does not know the objects written, and a
+/// later discard would skip them. Re-acquiring the exclusive lock loads the
+/// map afresh. Blocking.
+fn reload_object_map(replica: &Image) -> ceph::Result<()> {
+    if replica.features()? & ceph::features::OBJECT_MAP == 0 {
+        return Ok(());
+    }
+    replica.lock_release()?;
+    replica.lock_acquire(ceph::LockMode::Exclusive)
+}
+
+/// The sync snapshots of `sync` beyond the newest `keep`, except those in
+/// `keep_always`, oldest first.
+pub(crate) fn surplus(
+    keep: usize,
+    sync: &BTreeMap<u64, ceph::SnapInfo>,
+    keep_always: &[&str],
+) -> Vec<String> {
+    sync.values()
+        .take(sync.len().saturating_sub(keep.max(1)))
+        .filter(|s| !keep_always.contains(&s.name.as_str()))
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// Removes the sync snapshots `doomed` of the primary with id `image_id` in
+/// `io`, through a read-write handle opened for just that (the replayer
+/// reads the primary through read-only ones, which are not clients of it).
+fn prune_primary(io: &Arc<IoCtx>, image_id: &str, doomed: &[String], key: &str) {
+    if doomed.is_empty() {
+        return;
+    }
+    match Image::open_by_id(io, image_id) {
+        Ok(img) => remove_snaps(&img, doomed, key, "primary"),
+        Err(e) => tracing::warn!(image = key, error = %e, "cannot open the primary to prune it"),
+    }
+}
+
+/// Removes the snapshots `names` of `img` (the `side` of image `key`).
+/// Failures are logged: pruning is retried after every sync.
+pub(crate) fn remove_snaps(img: &Image, names: &[String], key: &str, side: &str) {
+    for name in names {
+        match img.snap_remove(name) {
+            Ok(()) => tracing::debug!(image = key, snapshot = %name, side, "pruned snapshot"),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(image = key, snapshot = %name, side, error = %e, "cannot prune snapshot")
+            }
+        }
+    }
+}
+
+/// Keeps the newest `--keep-snapshots` sync snapshots on the replica, never
+/// the one the next delta starts from (`keep_always`), and removes user
+/// snapshots the primary no longer had (`pall`, listed at the start of the
+/// sync). Failures are logged.
+fn prune_replica(
+    engine: &Engine,
+    pall: &[ceph::SnapInfo],
+    replica: &Image,
+    rall: &[ceph::SnapInfo],
+    keep_always: &str,
+    key: &str,
+) {
+    let mut gone = surplus(engine.cfg.keep_snapshots, &sync_snaps(rall), &[keep_always]);
+    let pnames: HashSet<&str> = pall.iter().map(|s| s.name.as_str()).collect();
+    if !pnames.is_empty() {
+        gone.extend(
+            rall.iter()
+                .filter(|s| sync_snap_seq(&s.name).is_none() && !pnames.contains(s.name.as_str()))
+                .map(|s| s.name.clone()),
+        );
+    }
+    remove_snaps(replica, &gone, key, "replica");
+}
+
+/// Opens the local replica of `job`, creating it if it does not exist.
+/// Refuses an existing image that is not a replica of this primary.
+fn open_or_create_replica(
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    job: &Job,
+    primary: &Image,
+    target: &ceph::SnapInfo,
+) -> Result<(Image, ImageRecord, bool)> {
+    let name = &job.primary.image_name;
+    let key = job.key();
+    // A missing replica is created without opening it first: opening an
+    // image that does not exist costs librbd a whole image context (its
+    // copy of the configuration, about 350 KiB, built and torn down) for
+    // every new replica; its id object answers in one read.
+    if !image_exists(local_io, name).ctx(|| format!("looking up replica {key}"))?
+        && let Some((img, rec)) = create_replica(local_io, local_reg, job, primary, target)?
+    {
+        return Ok((img, rec, true));
+    }
+    let img = Image::open(local_io, name).ctx(|| format!("opening replica {key}"))?;
+    let id = img.id().ctx(|| format!("replica {key}"))?;
+    match local_reg.get(&id)? {
+        // A former primary (demoted) of this volume: the caller
+        // decides whether it becomes a replica.
+        Some(rec) if matches!(rec.role, Role::Primary | Role::Demoted) => Ok((img, rec, false)),
+        Some(rec)
+            if rec
+                .primary
+                .as_ref()
+                .is_some_and(|p| p.image_id == job.primary.image_id) =>
+        {
+            Ok((img, rec, false))
+        }
+        Some(_) => Err(EngineError::FailedPrecondition(format!(
+            "{key} on this cluster is a replica of another primary image; not touching it"
+        ))),
+        None => Err(EngineError::FailedPrecondition(format!(
+            "an image {key} exists on this cluster and is not a replica; not overwriting it"
+        ))),
+    }
+}
+
+/// Whether an image `name` (format 2) exists in `io`: its id object exists.
+fn image_exists(io: &IoCtx, name: &str) -> ceph::Result<bool> {
+    let mut id = [0u8; 64];
+    match io.read(&format!("rbd_id.{name}"), 0, &mut id) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates the replica of `job` as a copy of `primary`'s layout at `target`
+/// and registers it; `None` if an image of that name exists after all.
+fn create_replica(
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    job: &Job,
+    primary: &Image,
+    target: &ceph::SnapInfo,
+) -> Result<Option<(Image, ImageRecord)>> {
+    let name = &job.primary.image_name;
+    let key = job.key();
+    let pf = primary.features().ctx(|| format!("primary {key}"))?;
+    let info = primary.stat().ctx(|| format!("primary {key}"))?;
+    // Snapshot mode never needs the journal; the exclusive lock is how
+    // the replica is protected from other writers.
+    let feats = (pf | features::EXCLUSIVE_LOCK) & !features::JOURNALING;
+    let stripe = if pf & features::STRIPINGV2 != 0 {
+        Some(primary.stripe().ctx(|| format!("primary {key}"))?)
+    } else {
+        None
+    };
+    let opts = ceph::CreateOptions {
+        features: Some(feats),
+        order: Some(info.order as u64),
+        stripe,
+        data_pool: None,
+    };
+    match ceph::rbd::create(local_io, name, target.size, &opts) {
+        Ok(()) => {}
+        // Created in between, or an image without an id object (format 1):
+        // what is there is checked below.
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(None),
+        Err(e) => return Err(e).ctx(|| format!("creating replica {key}")),
+    }
+    let img = Image::open(local_io, name).ctx(|| format!("opening new replica {key}"))?;
+    let id = img.id().ctx(|| format!("replica {key}"))?;
+    let mut rec = ImageRecord {
+        version: 1,
+        image_name: name.clone(),
+        image_id: id,
+        role: Role::Secondary,
+        mode: job.primary.mode.clone(),
+        features_added: None,
+        journal: None,
+        schedule: job.primary.schedule.clone(),
+        volume_id: job.primary.volume_id.clone(),
+        enabled_at: Utc::now(),
+        primary: Some(PrimaryRef {
+            fsid: job.peer.fsid().to_string(),
+            image_id: job.primary.image_id.clone(),
+        }),
+        last_sync: None,
+        checkpoint: None,
+        bandwidth_limit: None,
+        demotion_snap: None,
+        role_change: None,
+        pending_snap: None,
+        revision: Default::default(),
+    };
+    local_reg.put(&mut rec)?;
+    tracing::info!(features = feats, size = target.size, "replica created");
+    Ok(Some((img, rec)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(off: u64, len: u64) -> Extent {
+        Extent {
+            off,
+            len,
+            data: true,
+        }
+    }
+
+    #[test]
+    fn object_runs_merge_touching_objects_and_skip_zero_extents() {
+        const OBJ: u64 = 4 << 20;
+        let extents = [
+            data(0, 2 << 20),
+            data(2 << 20, 2 << 20),
+            // object 1 untouched; 2 and 3 by one extent across them
+            data(3 * OBJ - 4096, 8192),
+            Extent {
+                off: 5 * OBJ,
+                len: OBJ,
+                data: false,
+            },
+            data(7 * OBJ + 1, 1),
+        ];
+        assert_eq!(object_runs(&extents, OBJ), vec![(0, 1), (2, 4), (7, 8)]);
+        assert!(object_runs(&[], OBJ).is_empty());
+    }
+}
