@@ -34,6 +34,7 @@ pub mod rollback;
 pub mod scheduler;
 pub mod slots;
 pub mod status;
+mod store;
 pub mod verify;
 pub mod wakeup;
 

@@ -232,12 +232,12 @@ pub struct Revision(Option<Arc<[u8]>>);
 
 impl Revision {
     /// The revision of a record read as `stored`.
-    fn of(stored: &[u8]) -> Self {
+    pub(crate) fn of(stored: &[u8]) -> Self {
         Self(Some(stored.into()))
     }
 
     /// The stored bytes (none: the record must not exist yet).
-    fn stored(&self) -> Option<&[u8]> {
+    pub(crate) fn stored(&self) -> Option<&[u8]> {
         self.0.as_deref()
     }
 }

@@ -31,6 +31,7 @@ use super::replayer::settle_pending_snap;
 use super::resolve::Resolved;
 use super::rollback::rollback_to;
 use super::slots::{SlotGuard, image_key};
+use super::store::{CephVolume, VolumeStore};
 use super::{Engine, VolumeRequest};
 
 /// The peer's view of an image: its cluster and its registry record.
@@ -124,19 +125,7 @@ impl Engine {
     /// Refuses to undo a demotion of `key` without force while the peer is
     /// primary (that would split the brain) or cannot be asked. Blocking.
     pub(crate) fn peer_not_primary(&self, vol: &Resolved, key: &str) -> Result<()> {
-        match self.peer_record(vol, None) {
-            Ok(PeerImage { rec: Some(p), .. }) if p.role == Role::Primary => {
-                Err(EngineError::FailedPrecondition(format!(
-                    "the peer site is primary for {key}; promoting this side too would split \
-                     the brain. Demote the peer first"
-                )))
-            }
-            Ok(_) => Ok(()),
-            Err(e) => Err(EngineError::FailedPrecondition(format!(
-                "cannot reach the peer to check its role ({e}); promote with force to take \
-                 over without it"
-            ))),
-        }
+        peer_not_primary(self.peer_record(vol, None).map(|p| p.rec), key)
     }
 
     /// The peer's record of `key` for a planned promotion: it must answer
@@ -148,27 +137,7 @@ impl Engine {
         primary_id: Option<&str>,
         key: &str,
     ) -> Result<ImageRecord> {
-        let peer = self.peer_record(vol, primary_id).map_err(|e| {
-            EngineError::FailedPrecondition(format!(
-                "cannot reach the peer site of {key} ({e}); promote with force to fail over \
-                 without it"
-            ))
-        })?;
-        let prec = peer.rec.ok_or_else(|| {
-            EngineError::FailedPrecondition(format!(
-                "the peer site has no replication record for {key}"
-            ))
-        })?;
-        match prec.role {
-            Role::Demoted => Ok(prec),
-            Role::Primary => Err(EngineError::FailedPrecondition(format!(
-                "the peer site is still primary for {key}; demote it first, or promote with \
-                 force"
-            ))),
-            Role::Secondary => Err(EngineError::FailedPrecondition(format!(
-                "the peer site's {key} is a replica too; nothing to promote from"
-            ))),
-        }
+        demoted_peer(self.peer_record(vol, primary_id).map(|p| p.rec), key)
     }
 
     fn record_of(&self, vol: &Resolved, req: &VolumeRequest) -> Result<(Registry, ImageRecord)> {
@@ -237,82 +206,18 @@ impl Engine {
 
     fn demote_blocking(&self, req: &VolumeRequest, force: bool) -> Result<()> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
-        let (reg, mut rec) = self.record_of(&vol, req)?;
+        let (reg, rec) = self.record_of(&vol, req)?;
         let key = Self::key_of(&vol);
         let span = tracing::info_span!("demote", volume = %req.volume, image = %key);
         let _s = span.enter();
-        if rec.role != Role::Primary {
-            tracing::info!(role = ?rec.role, "already not primary");
-            // A journal-mode image demoted in its journal is refused to
-            // every writer by librbd itself (its lock too).
-            if rec.mode != super::journal_mode::MODE {
-                self.hold_lock(&key, &vol.image)?;
-            }
-            return Ok(());
-        }
-        let me = vol.image.ioctx().cluster().instance_id();
-        let writers: Vec<String> = vol
-            .image
-            .watchers()
-            .ctx(|| format!("listing clients of {key}"))?
-            .into_iter()
-            .filter(|w| u64::try_from(w.id).ok() != Some(me))
-            .map(|w| format!("client.{} at {}", w.id, w.addr))
-            .collect();
-        let owners = vol
-            .image
-            .lock_owners()
-            .ctx(|| format!("reading the lock of {key}"))?;
-        if !writers.is_empty() && !force {
-            return Err(EngineError::FailedPrecondition(format!(
-                "volume {} is still in use by {}{}; stop the application (unmap the \
-                 volume) before demoting it",
-                req.volume,
-                writers.join(", "),
-                if owners.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (exclusive lock held by {})", owners.join(", "))
-                }
-            )));
-        }
-        if rec.mode == super::journal_mode::MODE {
-            return self.journal_demote(&vol, &reg, rec, &key, force, &owners);
-        }
-        // The scheduler stays off the image meanwhile (no sync snapshot of
-        // its own racing the demotion snapshot).
-        let _slot = self.take_slot(&key)?;
-        // The lock first: once this process holds it nobody else can write,
-        // so the demotion snapshot below is the last state any client wrote
-        // and a planned promotion elsewhere misses nothing. A lock that
-        // cannot be taken fails the demotion before anything changes.
-        if force {
-            for o in &owners {
-                tracing::warn!(owner = %o, "breaking the lock of a writer (forced demotion)");
-                let _ = vol.image.lock_break(o);
-            }
-        }
-        self.hold_lock(&key, &vol.image)?;
-        let newest = sync_names(&vol.image)?.last().map_or(0, |(q, _)| *q);
-        let seq = super::registry::next_sync_seq(newest)?;
-        let snap = match self.take_sync_snapshot(&vol.image, seq) {
-            Ok(s) => s,
-            Err(e) => {
-                // Still primary: let the application have its image back.
-                self.held.release(&key);
-                return Err(e);
-            }
+        let store = CephVolume {
+            engine: self,
+            req,
+            vol: &vol,
+            reg: &reg,
+            key,
         };
-        rec.role = Role::Demoted;
-        rec.demotion_snap = Some(snap.clone());
-        rec.role_change = change(format!("demoted at {snap}"));
-        if let Err(e) = reg.put(&mut rec) {
-            self.held.release(&key);
-            return Err(e);
-        }
-        reg.announce();
-        tracing::info!(snapshot = %snap, "demoted; final sync snapshot taken");
-        Ok(())
+        demote_volume(&store, rec, force)
     }
 
     /// Breaks the exclusive lock of `img` if a client other than this one
@@ -402,7 +307,7 @@ impl Engine {
         params: &ReplicationParams,
     ) -> Result<()> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
-        let (reg, mut rec) = self.record_of(&vol, req)?;
+        let (reg, rec) = self.record_of(&vol, req)?;
         let key = Self::key_of(&vol);
         let span = tracing::info_span!("promote", volume = %req.volume, image = %key, force);
         let _s = span.enter();
@@ -410,95 +315,14 @@ impl Engine {
             .scheduling_interval
             .is_some()
             .then(|| Schedule::of(params));
-        if rec.role != Role::Primary && rec.mode == super::journal_mode::MODE {
-            return self.journal_promote(req, &vol, &reg, rec, force, schedule);
-        }
-        match rec.role {
-            Role::Primary => {
-                if let Some(s) = schedule.filter(|s| *s != rec.schedule) {
-                    tracing::info!(schedule = ?s, "schedule changed at promotion");
-                    rec.schedule = s;
-                    reg.put(&mut rec)?;
-                    reg.announce();
-                }
-                return Ok(());
-            }
-            Role::Demoted if !force => {
-                // Undo a demotion, unless the peer took over meanwhile.
-                self.peer_not_primary(&vol, &key)?;
-            }
-            Role::Secondary if !force => {
-                let primary_id = rec.primary.as_ref().map(|p| p.image_id.clone());
-                let prec = self.demoted_peer(&vol, primary_id.as_deref(), &key)?;
-                let Some(d) = prec.demotion_snap.clone() else {
-                    return Err(EngineError::Internal(format!(
-                        "peer record of {key} is demoted without a demotion snapshot"
-                    )));
-                };
-                // Copied completely, even if the replica's snapshot
-                // of it is still being taken.
-                let have = rec.pending_snap.as_deref() == Some(d.as_str())
-                    || sync_names(&vol.image)?.into_iter().any(|(_, n)| n == d);
-                if !have {
-                    return Err(EngineError::Unavailable(format!(
-                        "the peer's demotion snapshot {d} of {key} is still being \
-                                 replicated; retry shortly"
-                    )));
-                }
-            }
-            _ => {}
-        }
-        let _slot = self.take_slot(&key)?;
-        self.held.release(&key);
-        let mut rolled = 0;
-        if rec.role == Role::Secondary {
-            let last = rec
-                .last_sync
-                .as_ref()
-                .map(|l| l.snap_name.clone())
-                .or_else(|| {
-                    sync_names(&vol.image)
-                        .ok()
-                        .and_then(|v| v.last().map(|(_, n)| n.clone()))
-                })
-                .ok_or_else(|| {
-                    EngineError::FailedPrecondition(format!(
-                        "{key} never completed a sync; it holds no consistent data to promote"
-                    ))
-                })?;
-            // A lock left by an earlier replayer (a crashed process) would
-            // refuse our writes: break it. librbd refuses (EINVAL) to break a
-            // lock of this very client, which was just released anyway.
-            self.break_foreign_locks(&vol.image, &key);
-            settle_pending_snap(&vol.image, &reg, &mut rec)?;
-            rolled = rollback_to(vol.ioctx(), &vol.image, &last, self.cfg.limits, &|| false)?;
-            rec.role_change = change(format!(
-                "promoted{} at {last}{}",
-                if force { " (forced)" } else { "" },
-                if rolled > 0 {
-                    format!(", rolled back {rolled} bytes of a partial delta")
-                } else {
-                    String::new()
-                }
-            ));
-        } else {
-            rec.role_change = change(if force {
-                "promoted (forced) from demoted"
-            } else {
-                "promoted from demoted"
-            });
-        }
-        rec.role = Role::Primary;
-        rec.primary = None;
-        rec.checkpoint = None;
-        rec.demotion_snap = None;
-        if let Some(s) = schedule {
-            rec.schedule = s;
-        }
-        reg.put(&mut rec)?;
-        reg.announce();
-        tracing::info!(rolled_back_bytes = rolled, "promoted");
-        Ok(())
+        let store = CephVolume {
+            engine: self,
+            req,
+            vol: &vol,
+            reg: &reg,
+            key,
+        };
+        promote_volume(&store, rec, force, schedule)
     }
 
     /// ResyncVolume on the demoted side: converts it into a replica of the
@@ -778,6 +602,210 @@ impl Engine {
     }
 }
 
+/// Refuses to undo a demotion of `key` without force while the peer (its
+/// record, or why it could not be read) is primary or cannot be asked.
+fn peer_not_primary(peer: Result<Option<ImageRecord>>, key: &str) -> Result<()> {
+    match peer {
+        Ok(Some(p)) if p.role == Role::Primary => Err(EngineError::FailedPrecondition(format!(
+            "the peer site is primary for {key}; promoting this side too would split \
+             the brain. Demote the peer first"
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) => Err(EngineError::FailedPrecondition(format!(
+            "cannot reach the peer to check its role ({e}); promote with force to take \
+             over without it"
+        ))),
+    }
+}
+
+/// The peer's record for a planned promotion of `key`: it must have been
+/// read and be demoted (FAILED_PRECONDITION naming what to do otherwise).
+fn demoted_peer(peer: Result<Option<ImageRecord>>, key: &str) -> Result<ImageRecord> {
+    let peer = peer.map_err(|e| {
+        EngineError::FailedPrecondition(format!(
+            "cannot reach the peer site of {key} ({e}); promote with force to fail over \
+             without it"
+        ))
+    })?;
+    let prec = peer.ok_or_else(|| {
+        EngineError::FailedPrecondition(format!(
+            "the peer site has no replication record for {key}"
+        ))
+    })?;
+    match prec.role {
+        Role::Demoted => Ok(prec),
+        Role::Primary => Err(EngineError::FailedPrecondition(format!(
+            "the peer site is still primary for {key}; demote it first, or promote with \
+             force"
+        ))),
+        Role::Secondary => Err(EngineError::FailedPrecondition(format!(
+            "the peer site's {key} is a replica too; nothing to promote from"
+        ))),
+    }
+}
+
+/// DemoteVolume's steps on a volume whose record is `rec`: refuse while
+/// other clients have it open (unless `force`), keep the replayer off,
+/// take the lock (nobody else writes after it), take the final sync
+/// snapshot, record the demotion. A failure before the record is written
+/// leaves the volume primary and unlocked.
+fn demote_volume<S: VolumeStore>(s: &S, mut rec: ImageRecord, force: bool) -> Result<()> {
+    let key = s.key().to_string();
+    if rec.role != Role::Primary {
+        tracing::info!(role = ?rec.role, "already not primary");
+        // A journal-mode image demoted in its journal is refused to
+        // every writer by librbd itself (its lock too).
+        if rec.mode != super::journal_mode::MODE {
+            s.hold_lock()?;
+        }
+        return Ok(());
+    }
+    let writers = s.writers()?;
+    let owners = s.lock_owners()?;
+    if !writers.is_empty() && !force {
+        return Err(EngineError::FailedPrecondition(format!(
+            "volume {key} is still in use by {}{}; stop the application (unmap the \
+             volume) before demoting it",
+            writers.join(", "),
+            if owners.is_empty() {
+                String::new()
+            } else {
+                format!(" (exclusive lock held by {})", owners.join(", "))
+            }
+        )));
+    }
+    if rec.mode == super::journal_mode::MODE {
+        return s.journal_demote(rec, force, &owners);
+    }
+    // The scheduler stays off the image meanwhile (no sync snapshot of
+    // its own racing the demotion snapshot).
+    let _pause = s.pause()?;
+    // The lock first: once this process holds it nobody else can write,
+    // so the demotion snapshot below is the last state any client wrote
+    // and a planned promotion elsewhere misses nothing. A lock that
+    // cannot be taken fails the demotion before anything changes.
+    if force {
+        for o in &owners {
+            s.break_lock(o);
+        }
+    }
+    s.hold_lock()?;
+    let snap = s
+        .sync_snapshots()
+        .and_then(|v| super::registry::next_sync_seq(v.last().map_or(0, |(q, _)| *q)))
+        .and_then(|seq| s.take_sync_snapshot(seq));
+    let snap = match snap {
+        Ok(snap) => snap,
+        Err(e) => {
+            // Still primary: let the application have its image back.
+            s.release_lock();
+            return Err(e);
+        }
+    };
+    rec.role = Role::Demoted;
+    rec.demotion_snap = Some(snap.clone());
+    rec.role_change = change(format!("demoted at {snap}"));
+    if let Err(e) = s.put(&mut rec) {
+        s.release_lock();
+        return Err(e);
+    }
+    tracing::info!(snapshot = %snap, "demoted; final sync snapshot taken");
+    Ok(())
+}
+
+/// PromoteVolume's steps on a volume whose record is `rec` (see
+/// [`Engine::promote`] for the rules): a planned promotion of a replica
+/// only once it holds the peer's demotion snapshot; a replica is rolled
+/// back to its newest complete sync point before it is recorded primary,
+/// so a failure before the record is written leaves it a replica.
+fn promote_volume<S: VolumeStore>(
+    s: &S,
+    mut rec: ImageRecord,
+    force: bool,
+    schedule: Option<Schedule>,
+) -> Result<()> {
+    let key = s.key().to_string();
+    if rec.role != Role::Primary && rec.mode == super::journal_mode::MODE {
+        return s.journal_promote(rec, force, schedule);
+    }
+    match rec.role {
+        Role::Primary => {
+            if let Some(sch) = schedule.filter(|sch| *sch != rec.schedule) {
+                tracing::info!(schedule = ?sch, "schedule changed at promotion");
+                rec.schedule = sch;
+                s.put(&mut rec)?;
+            }
+            return Ok(());
+        }
+        // Undo a demotion, unless the peer took over meanwhile.
+        Role::Demoted if !force => peer_not_primary(s.peer_record(None), &key)?,
+        Role::Secondary if !force => {
+            let primary_id = rec.primary.as_ref().map(|p| p.image_id.as_str());
+            let prec = demoted_peer(s.peer_record(primary_id), &key)?;
+            let Some(d) = prec.demotion_snap else {
+                return Err(EngineError::Internal(format!(
+                    "peer record of {key} is demoted without a demotion snapshot"
+                )));
+            };
+            // Copied completely, even if the replica's snapshot of it is
+            // still being taken.
+            let have = rec.pending_snap.as_deref() == Some(d.as_str())
+                || s.sync_snapshots()?.into_iter().any(|(_, n)| n == d);
+            if !have {
+                return Err(EngineError::Unavailable(format!(
+                    "the peer's demotion snapshot {d} of {key} is still being replicated; \
+                     retry shortly"
+                )));
+            }
+        }
+        _ => {}
+    }
+    let _pause = s.pause()?;
+    s.release_lock();
+    let mut rolled = 0;
+    if rec.role == Role::Secondary {
+        let last = match rec.last_sync.as_ref() {
+            Some(l) => Some(l.snap_name.clone()),
+            None => s.sync_snapshots()?.pop().map(|(_, n)| n),
+        }
+        .ok_or_else(|| {
+            EngineError::FailedPrecondition(format!(
+                "{key} never completed a sync; it holds no consistent data to promote"
+            ))
+        })?;
+        // A lock left by an earlier replayer (a crashed process) would
+        // refuse our writes: break it.
+        s.break_foreign_locks();
+        s.settle_pending(&mut rec)?;
+        rolled = s.rollback_to(&last)?;
+        rec.role_change = change(format!(
+            "promoted{} at {last}{}",
+            if force { " (forced)" } else { "" },
+            if rolled > 0 {
+                format!(", rolled back {rolled} bytes of a partial delta")
+            } else {
+                String::new()
+            }
+        ));
+    } else {
+        rec.role_change = change(if force {
+            "promoted (forced) from demoted"
+        } else {
+            "promoted from demoted"
+        });
+    }
+    rec.role = Role::Primary;
+    rec.primary = None;
+    rec.checkpoint = None;
+    rec.demotion_snap = None;
+    if let Some(sch) = schedule {
+        rec.schedule = sch;
+    }
+    s.put(&mut rec)?;
+    tracing::info!(rolled_back_bytes = rolled, "promoted");
+    Ok(())
+}
+
 /// Whether the replica `rec` is healthy enough to keep replicating after its
 /// VolumeReplication is deleted: its primary answers, is still the primary
 /// it replicates (or took over from this demoted image), and the replica
@@ -853,5 +881,195 @@ impl Engine {
         reg.remove(&rec)?;
         tracing::info!(image = %key, "replication disabled on the primary: replica moved to the trash");
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The role rules on two in-memory sites (`store::fake`): every order of
+    //! demote, replicate and promote an operator or a controller can produce,
+    //! and a failure injected at every step of a demotion and a promotion.
+
+    use super::*;
+    use crate::store::fake::{MemVolume, World};
+
+    fn demote(v: &MemVolume, force: bool) -> Result<()> {
+        demote_volume(v, v.rec(), force)
+    }
+
+    fn promote(v: &MemVolume, force: bool) -> Result<()> {
+        promote_volume(v, v.rec(), force, None)
+    }
+
+    fn code(r: Result<()>) -> &'static str {
+        match r {
+            Ok(()) => "ok",
+            Err(EngineError::Unavailable(_)) => "unavailable",
+            Err(EngineError::FailedPrecondition(_)) => "failed-precondition",
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn planned_relocation_waits_for_the_demotion_snapshot() {
+        let (a, b) = MemVolume::pair();
+        assert!(a.write("v2"));
+        // b cannot be promoted while a is primary, or before a's final
+        // snapshot reached it.
+        assert_eq!(code(promote(&b, false)), "failed-precondition");
+        demote(&a, false).unwrap();
+        let ra = a.rec();
+        assert_eq!(ra.role, Role::Demoted);
+        assert_eq!(a.site().lock.as_deref(), Some("me"), "demoted and locked");
+        assert!(!a.write("lost"), "nobody writes a demoted image");
+        assert_eq!(
+            code(promote(&b, false)),
+            "unavailable",
+            "retry, never force"
+        );
+        a.replicate_to(&b);
+        promote(&b, false).unwrap();
+        assert_eq!(b.rec().role, Role::Primary);
+        assert_eq!(b.site().head, "v2", "everything a acknowledged is on b");
+        // Idempotent on both sides; a cannot take the role back unforced.
+        promote(&b, false).unwrap();
+        demote(&a, false).unwrap();
+        assert_eq!(code(promote(&a, false)), "failed-precondition");
+    }
+
+    #[test]
+    fn demotion_refuses_open_clients_unless_forced() {
+        let (a, _b) = MemVolume::pair();
+        a.with(|w| {
+            w.sites[0].writers = vec!["client.7".into()];
+            w.sites[0].lock = Some("client.7".into());
+        });
+        let err = demote(&a, false).unwrap_err().to_string();
+        assert!(err.contains("client.7"), "{err}");
+        assert_eq!(a.rec().role, Role::Primary, "nothing changed");
+        assert_eq!(a.site().snaps.len(), 1, "no snapshot taken");
+        demote(&a, true).unwrap();
+        assert_eq!(a.rec().role, Role::Demoted);
+        assert_eq!(
+            a.site().lock.as_deref(),
+            Some("me"),
+            "the writer's lock broken"
+        );
+    }
+
+    #[test]
+    fn forced_promotion_rolls_back_to_the_last_complete_sync_point() {
+        let (a, b) = MemVolume::pair();
+        // A delta half applied on b when site a is lost.
+        b.with(|w| w.sites[1].head = "v1+half-of-v2".into());
+        a.with(|w| w.sites[0].reachable = false);
+        assert_eq!(code(promote(&b, false)), "failed-precondition");
+        promote(&b, true).unwrap();
+        assert_eq!(b.site().head, "v1", "back at the sync point");
+        let rb = b.rec();
+        assert_eq!(rb.role, Role::Primary);
+        assert!(rb.role_change.unwrap().what.contains("rolled back"));
+        // The old primary comes back still primary: its unforced promotion
+        // of a demotion would split the brain, and is refused.
+        a.with(|w| w.sites[0].reachable = true);
+        demote(&a, false).unwrap();
+        assert_eq!(code(promote(&a, false)), "failed-precondition");
+    }
+
+    #[test]
+    fn a_replica_that_never_synced_cannot_be_promoted() {
+        let (_a, b) = MemVolume::pair();
+        b.with(|w| {
+            let s = &mut w.sites[1];
+            s.snaps.clear();
+            let mut rec = s.record().unwrap();
+            rec.last_sync = None;
+            s.stored = Some(serde_json::to_vec(&rec).unwrap());
+        });
+        assert_eq!(code(promote(&b, true)), "failed-precondition");
+        assert_eq!(b.rec().role, Role::Secondary);
+    }
+
+    #[test]
+    fn a_record_changed_under_a_role_change_is_a_conflict() {
+        let (a, _b) = MemVolume::pair();
+        let stale = a.rec();
+        demote(&a, false).unwrap();
+        let err = demote_volume(&a, stale, false).unwrap_err();
+        assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+        assert_eq!(a.rec().role, Role::Demoted);
+    }
+
+    /// The number of steps `run` takes without failures on a fresh pair.
+    fn steps_of(run: impl Fn(&MemVolume, &MemVolume) -> Result<()>) -> usize {
+        let (a, b) = MemVolume::pair();
+        run(&a, &b).unwrap();
+        a.with(|w: &mut World| w.steps.len())
+    }
+
+    #[test]
+    fn a_failure_at_any_step_of_a_demotion_leaves_a_primary_or_a_demoted_image() {
+        let n = steps_of(|a, _| demote(a, false));
+        assert!(n >= 5, "demotion has {n} steps");
+        for at in 0..n {
+            let (a, _b) = MemVolume::pair();
+            a.with(|w| w.fail_at = Some(at));
+            assert!(demote(&a, false).is_err(), "step {at} fails");
+            let (rec, site) = (a.rec(), a.site());
+            match rec.role {
+                Role::Primary => assert_ne!(
+                    site.lock.as_deref(),
+                    Some("me"),
+                    "step {at}: a failed demotion gives the image back to its application"
+                ),
+                Role::Demoted => {
+                    let snap = rec.demotion_snap.expect("demoted at a snapshot");
+                    assert!(site.snaps.iter().any(|(_, n, _)| *n == snap), "step {at}");
+                    assert_eq!(site.lock.as_deref(), Some("me"), "step {at}");
+                }
+                Role::Secondary => panic!("step {at}: a primary became a replica"),
+            }
+            assert!(!site.paused, "step {at}: the replayer is let back");
+            // The retry completes it.
+            a.with(|w| w.fail_at = None);
+            demote(&a, false).unwrap();
+            assert_eq!(a.rec().role, Role::Demoted, "step {at}");
+        }
+    }
+
+    #[test]
+    fn a_failure_at_any_step_of_a_promotion_leaves_a_replica_or_a_consistent_primary() {
+        let setup = || {
+            let (a, b) = MemVolume::pair();
+            assert!(a.write("v2"));
+            demote(&a, false).unwrap();
+            a.replicate_to(&b);
+            b.with(|w| w.steps.clear());
+            (a, b)
+        };
+        let n = {
+            let (_a, b) = setup();
+            promote(&b, false).unwrap();
+            b.with(|w| w.steps.len())
+        };
+        assert!(n >= 5, "promotion has {n} steps");
+        for at in 0..n {
+            let (_a, b) = setup();
+            b.with(|w| {
+                w.sites[1].head = "v2+partial".into();
+                w.fail_at = Some(at);
+            });
+            assert!(promote(&b, false).is_err(), "step {at} fails");
+            let (rec, site) = (b.rec(), b.site());
+            if rec.role == Role::Primary {
+                assert_eq!(site.head, "v2", "step {at}: primary only at the sync point");
+            } else {
+                assert_eq!(rec.role, Role::Secondary, "step {at}");
+            }
+            assert!(!site.paused, "step {at}");
+            b.with(|w| w.fail_at = None);
+            promote(&b, false).unwrap();
+            assert_eq!((b.rec().role, b.site().head), (Role::Primary, "v2".into()));
+        }
     }
 }
