@@ -507,48 +507,8 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(a: ServeArgs) -> Result<(), String> {
     // Flags first: a bad TLS setup fails at once, before any cluster work.
-    let tls = TlsFiles::new(
-        a.tls_cert.clone(),
-        a.tls_key.clone(),
-        a.tls_client_ca.clone(),
-    )
-    .map_err(|e| e.to_string())?;
-    if tls.is_some()
-        && !a
-            .endpoints
-            .iter()
-            .any(|e| matches!(e, Endpoint::Tcp { .. }))
-    {
-        return Err(TlsError::NoTcpEndpoint.to_string());
-    }
-    let tls = tls
-        .map(TlsConfig::load)
-        .transpose()
-        .map_err(|e| e.to_string())?;
-    let (csi_config, mapping, local_cluster, local_creds) = a.cluster.load()?;
-    let cfg = EngineConfig {
-        op_timeout: a.op_timeout,
-        limits: CopyLimits {
-            // One budget shared by all syncs: a lone image may use all of
-            // it (at least two objects' worth).
-            max_inflight_bytes: a.max_inflight_bytes.max(8 << 20),
-            max_ops: a.max_inflight_ops.max(1),
-            ..CopyLimits::default()
-        },
-        poll_interval: a.poll_interval,
-        pools: a.pools.clone(),
-        max_concurrent_syncs: a.max_concurrent_syncs,
-        peer_stale_after: (a.poll_interval * 6).max(Duration::from_secs(60)),
-        keep_snapshots: a.keep_snapshots.max(1),
-        checkpoint_interval: a.checkpoint_interval,
-        max_bytes_per_second: a.max_bytes_per_second as u64,
-        promote_timeout: a.promote_timeout,
-        rpc_timeout: a.rpc_timeout,
-        max_concurrent_rpcs: a.max_concurrent_rpcs.max(1),
-        rpo_factor: a.rpo_factor,
-        journal_max_sets_behind: a.journal_max_sets_behind.max(1),
-        ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
-    };
+    let tls = load_tls(&a)?;
+    let cfg = engine_config(&a)?;
     tracing::info!(
         cluster_id = %cfg.local_cluster.cluster_id,
         monitors = %cfg.local_cluster.mon_host(),
@@ -570,41 +530,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         None => None,
     };
     let (health, _) = tonic_health::server::health_reporter();
-    // Local cluster liveness for Probe and gRPC health.
-    {
-        let (engine, health, token) = (Arc::clone(&engine), health.clone(), shutdown.clone());
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            loop {
-                engine.check_local().await;
-                let ok = engine.probe(Duration::from_secs(30)).is_ok();
-                metrics.set_local_cluster_up(ok);
-                metrics.set_leaked_write_bytes(
-                    csi_rbd_replicator::ceph::objects::LEAKED_WRITE_BYTES
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                );
-                for svc in [
-                    "identity.Identity",
-                    "replication.Controller",
-                    "csirr.admin.v1.Admin",
-                ] {
-                    if ok {
-                        health
-                            .set_service_status(svc, tonic_health::ServingStatus::Serving)
-                            .await;
-                    } else {
-                        health
-                            .set_service_status(svc, tonic_health::ServingStatus::NotServing)
-                            .await;
-                    }
-                }
-                tokio::select! {
-                    () = token.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_secs(10)) => {}
-                }
-            }
-        });
-    }
+    spawn_liveness(&engine, health.clone(), &shutdown);
     let pv_watch = omap_cli::spawn_pv_watch(
         &a.pv_watch,
         Arc::clone(&engine),
@@ -618,28 +544,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         ))
     });
 
-    let forward = a.forward_endpoint.clone().map(ForwardService::new);
-    let mut identity = IdentityService::new(
-        a.drivername.clone(),
-        Arc::clone(&engine),
-        Duration::from_secs(30),
-    );
-    if let Some(f) = &forward {
-        tracing::info!(endpoint = %f.endpoint(), "forwarding other csi-addons services");
-        identity = identity.with_upstream(f.clone());
-    }
-    let mut routes = tonic::service::Routes::new(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(ReplicationService::new(Arc::clone(
-            &engine,
-        ))))
-        .add_service(VolumeGroupServer::new(VolumeGroupService::new(Arc::clone(
-            &engine,
-        ))))
-        .add_service(AdminServer::new(AdminService::new(Arc::clone(&engine))));
-    if let Some(f) = forward {
-        routes = forward::with_fallback(routes, f);
-    }
-    let routes = csi_rbd_replicator::grpc::metrics::with_rpc_metrics(routes, Arc::clone(&metrics));
+    let routes = routes(&a, &engine);
     let served = async {
         let mut listeners = Listeners::bind(&a.endpoints).await?;
         if let Some(tls) = tls {
@@ -662,6 +567,122 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         let _ = m.await;
     }
     served
+}
+
+/// The TLS configuration of `--tls-cert`/`--tls-key`/`--tls-client-ca`,
+/// refused without a tcp:// endpoint to use it on.
+fn load_tls(a: &ServeArgs) -> Result<Option<TlsConfig>, String> {
+    let tls = TlsFiles::new(
+        a.tls_cert.clone(),
+        a.tls_key.clone(),
+        a.tls_client_ca.clone(),
+    )
+    .map_err(|e| e.to_string())?;
+    if tls.is_some()
+        && !a
+            .endpoints
+            .iter()
+            .any(|e| matches!(e, Endpoint::Tcp { .. }))
+    {
+        return Err(TlsError::NoTcpEndpoint.to_string());
+    }
+    tls.map(TlsConfig::load)
+        .transpose()
+        .map_err(|e| e.to_string())
+}
+
+/// The engine's configuration from the flags and the cluster files.
+fn engine_config(a: &ServeArgs) -> Result<EngineConfig, String> {
+    let (csi_config, mapping, local_cluster, local_creds) = a.cluster.load()?;
+    Ok(EngineConfig {
+        op_timeout: a.op_timeout,
+        limits: CopyLimits {
+            // One budget shared by all syncs: a lone image may use all of
+            // it (at least two objects' worth).
+            max_inflight_bytes: a.max_inflight_bytes.max(8 << 20),
+            max_ops: a.max_inflight_ops.max(1),
+            ..CopyLimits::default()
+        },
+        poll_interval: a.poll_interval,
+        pools: a.pools.clone(),
+        max_concurrent_syncs: a.max_concurrent_syncs,
+        peer_stale_after: (a.poll_interval * 6).max(Duration::from_secs(60)),
+        keep_snapshots: a.keep_snapshots.max(1),
+        checkpoint_interval: a.checkpoint_interval,
+        max_bytes_per_second: a.max_bytes_per_second as u64,
+        promote_timeout: a.promote_timeout,
+        rpc_timeout: a.rpc_timeout,
+        max_concurrent_rpcs: a.max_concurrent_rpcs.max(1),
+        rpo_factor: a.rpo_factor,
+        journal_max_sets_behind: a.journal_max_sets_behind.max(1),
+        ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
+    })
+}
+
+/// Checks the local cluster every 10 s until `shutdown`: Probe's answer,
+/// the gRPC health of the served services and the liveness metrics.
+fn spawn_liveness(
+    engine: &Arc<Engine>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: &CancellationToken,
+) {
+    let (engine, token) = (Arc::clone(engine), shutdown.clone());
+    tokio::spawn(async move {
+        loop {
+            engine.check_local().await;
+            let ok = engine.probe(Duration::from_secs(30)).is_ok();
+            let metrics = engine.metrics();
+            metrics.set_local_cluster_up(ok);
+            metrics.set_leaked_write_bytes(
+                csi_rbd_replicator::ceph::objects::LEAKED_WRITE_BYTES
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let status = if ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for svc in [
+                "identity.Identity",
+                "replication.Controller",
+                "csirr.admin.v1.Admin",
+            ] {
+                health.set_service_status(svc, status).await;
+            }
+            tokio::select! {
+                () = token.cancelled() => break,
+                () = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        }
+    });
+}
+
+/// The served gRPC services (identity, replication, volume group, admin),
+/// with ceph-csi behind them for the rest when `--forward-endpoint` is set,
+/// and the RPC metrics around all.
+fn routes(a: &ServeArgs, engine: &Arc<Engine>) -> tonic::service::Routes {
+    let forward = a.forward_endpoint.clone().map(ForwardService::new);
+    let mut identity = IdentityService::new(
+        a.drivername.clone(),
+        Arc::clone(engine),
+        Duration::from_secs(30),
+    );
+    if let Some(f) = &forward {
+        tracing::info!(endpoint = %f.endpoint(), "forwarding other csi-addons services");
+        identity = identity.with_upstream(f.clone());
+    }
+    let mut routes = tonic::service::Routes::new(IdentityServer::new(identity))
+        .add_service(ControllerServer::new(ReplicationService::new(Arc::clone(
+            engine,
+        ))))
+        .add_service(VolumeGroupServer::new(VolumeGroupService::new(Arc::clone(
+            engine,
+        ))))
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(engine))));
+    if let Some(f) = forward {
+        routes = forward::with_fallback(routes, f);
+    }
+    csi_rbd_replicator::grpc::metrics::with_rpc_metrics(routes, Arc::clone(engine.metrics()))
 }
 
 /// Binds `addr` and serves `/metrics` and `/healthz` there until `shutdown`;

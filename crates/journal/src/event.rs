@@ -299,6 +299,8 @@ fn snap_event(d: &mut Decoder<'_>, version: u8, create: bool) -> DecodeResult<Sn
     })
 }
 
+// Long by nature: one short arm per librbd event type, in the order of
+// librbd's `EventType`, so that it reads side by side with journal/Types.h.
 fn decode_event(d: &mut Decoder<'_>, version: u8) -> DecodeResult<Event> {
     let event_type = d.u32("EventEntry.type")?;
     let ev = match event_type {

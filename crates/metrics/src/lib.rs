@@ -211,6 +211,8 @@ fn gauge_i64(v: u64) -> i64 {
 
 impl Metrics {
     /// A fresh registry with every metric registered.
+    // Long by nature: one registration (name, help, unit) per metric, the
+    // list an operator reads to learn what is exported.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix(PREFIX);
         let m = Self {
