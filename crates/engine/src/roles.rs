@@ -53,6 +53,34 @@ pub(crate) struct Divergence {
 }
 
 impl Divergence {
+    /// How sync snapshots `ours` relate to the primary's `theirs`;
+    /// `head_changed_since` tells whether the local head was written after
+    /// a snapshot.
+    pub(crate) fn of(
+        ours: &[(u64, String)],
+        theirs: &[String],
+        head_changed_since: impl FnOnce(&str) -> Result<bool>,
+    ) -> Result<Self> {
+        // Newest sync snapshot both sides have (names are unique).
+        let common_at = ours.iter().rposition(|(_, n)| theirs.contains(n));
+        let common = common_at.map(|i| ours[i].1.clone());
+        let newer_here: Vec<String> = ours
+            .iter()
+            .skip(common_at.map_or(0, |i| i + 1))
+            .filter(|(_, n)| !theirs.contains(n))
+            .map(|(_, n)| n.clone())
+            .collect();
+        let head_changed = match &common {
+            Some(c) => head_changed_since(c)?,
+            None => true,
+        };
+        Ok(Self {
+            common,
+            newer_here,
+            head_changed,
+        })
+    }
+
     /// Whether the two sides went apart (a split brain, or a promotion that
     /// did not wait for this side's demotion snapshot): only a resync with
     /// force may discard the local changes.
@@ -338,56 +366,18 @@ impl Engine {
 
     fn resync_blocking(&self, req: &VolumeRequest, force: bool) -> Result<bool> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
-        let (reg, mut rec) = self.record_of(&vol, req)?;
+        let (reg, rec) = self.record_of(&vol, req)?;
         let key = Self::key_of(&vol);
         let span = tracing::info_span!("resync", volume = %req.volume, image = %key, force);
         let _s = span.enter();
-        if rec.mode == super::journal_mode::MODE {
-            return self.journal_resync(req, &vol, &reg, rec, force);
-        }
-        match rec.role {
-            Role::Primary => {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "volume {} is primary; demote it before resyncing it",
-                    req.volume
-                )));
-            }
-            Role::Secondary => {
-                // Already a replica: ready once it holds a complete sync
-                // point of its primary and no delta is half applied.
-                return Ok(rec.last_sync.is_some() && rec.checkpoint.is_none());
-            }
-            Role::Demoted => {}
-        }
-        let peer = self.peer_record(&vol, None)?;
-        let prec = match peer.rec {
-            Some(p) if p.role == Role::Primary => p,
-            other => {
-                // Neither side is primary (a relocation in progress: Ramen
-                // waits for this side to settle before it promotes the
-                // other). Nothing to resync once the peer holds the newest
-                // sync point this side has (its demotion snapshot).
-                let ours = sync_names(&vol.image)?.last().map(|(_, n)| n.clone());
-                let theirs = other.as_ref().and_then(newest_complete);
-                let settled = ours.is_some() && ours == theirs;
-                tracing::info!(ours = ?ours, theirs = ?theirs, settled, "the peer is not primary");
-                return Ok(settled);
-            }
+        let store = CephVolume {
+            engine: self,
+            req,
+            vol: &vol,
+            reg: &reg,
+            key,
         };
-        let _slot = self.take_slot(&key)?;
-        let pimg = Image::open_by_id_read_only(&peer.io, &prec.image_id, None)
-            .ctx(|| format!("opening the peer's primary {key}"))?;
-        let div = self.divergence(&vol.image, &pimg, &key)?;
-        drop(pimg);
-        if div.diverged() && !force {
-            return Err(EngineError::FailedPrecondition(div.explain(&key)));
-        }
-        let primary = PrimaryRef {
-            fsid: peer.cluster.fsid().to_string(),
-            image_id: prec.image_id.clone(),
-        };
-        self.adopt_as_replica(&reg, &mut rec, &vol.image, &key, primary, &div)?;
-        Ok(false)
+        resync_volume(&store, rec, force)
     }
 
     /// How the local image `img` (not primary) relates to the peer's primary
@@ -396,28 +386,12 @@ impl Engine {
     /// written since it. Blocking.
     pub(crate) fn divergence(&self, img: &Image, primary: &Image, key: &str) -> Result<Divergence> {
         let theirs: Vec<String> = sync_names(primary)?.into_iter().map(|(_, n)| n).collect();
-        let ours = sync_names(img)?;
-        // Newest sync snapshot both sides have (names are unique).
-        let common_at = ours.iter().rposition(|(_, n)| theirs.contains(n));
-        let common = common_at.map(|i| ours[i].1.clone());
-        let newer_here: Vec<String> = ours
-            .iter()
-            .skip(common_at.map_or(0, |i| i + 1))
-            .filter(|(_, n)| !theirs.contains(n))
-            .map(|(_, n)| n.clone())
-            .collect();
-        let head_changed = match &common {
-            Some(c) => {
-                let size = img.size().ctx(|| key.to_string())?;
+        Divergence::of(&sync_names(img)?, &theirs, |c| {
+            let size = img.size().ctx(|| key.to_string())?;
+            Ok(
                 !crate::copy::changed_extents(img, Some(c), size, self.cfg.limits.chunk, false)?
-                    .is_empty()
-            }
-            None => true,
-        };
-        Ok(Divergence {
-            common,
-            newer_here,
-            head_changed,
+                    .is_empty(),
+            )
         })
     }
 
@@ -458,9 +432,11 @@ impl Engine {
             (Some(c), true) => format!("resync from {c} (rolled back {rolled} bytes)"),
             (None, _) => "full resync".to_string(),
         });
+        // Locked before it is recorded a replica: a lock that cannot be
+        // taken leaves it demoted, and a retry does it all again.
+        self.hold_lock(key, img)?;
         reg.put(rec)?;
         reg.announce();
-        self.hold_lock(key, img)?;
         tracing::info!(
             image = key,
             common = ?div.common,
@@ -806,6 +782,50 @@ fn promote_volume<S: VolumeStore>(
     Ok(())
 }
 
+/// ResyncVolume's steps on a volume whose record is `rec` (see
+/// [`Engine::resync`]): nothing to do on a replica (ready once it holds a
+/// complete sync point) or while neither side is primary; otherwise the
+/// demoted image becomes a replica of the peer's primary, discarding local
+/// changes only with `force`. Returns whether the replica is complete.
+fn resync_volume<S: VolumeStore>(s: &S, mut rec: ImageRecord, force: bool) -> Result<bool> {
+    let key = s.key().to_string();
+    if rec.mode == super::journal_mode::MODE {
+        return s.journal_resync(rec, force);
+    }
+    match rec.role {
+        Role::Primary => {
+            return Err(EngineError::FailedPrecondition(format!(
+                "volume {key} is primary; demote it before resyncing it"
+            )));
+        }
+        // Already a replica: ready once it holds a complete sync point of
+        // its primary and no delta is half applied.
+        Role::Secondary => return Ok(rec.last_sync.is_some() && rec.checkpoint.is_none()),
+        Role::Demoted => {}
+    }
+    let prec = match s.peer_record(None)? {
+        Some(p) if p.role == Role::Primary => p,
+        other => {
+            // Neither side is primary (a relocation in progress: Ramen
+            // waits for this side to settle before it promotes the
+            // other). Nothing to resync once the peer holds the newest
+            // sync point this side has (its demotion snapshot).
+            let ours = s.sync_snapshots()?.pop().map(|(_, n)| n);
+            let theirs = other.as_ref().and_then(newest_complete);
+            let settled = ours.is_some() && ours == theirs;
+            tracing::info!(ours = ?ours, theirs = ?theirs, settled, "the peer is not primary");
+            return Ok(settled);
+        }
+    };
+    let _pause = s.pause()?;
+    let (div, primary) = s.divergence_from(&prec.image_id)?;
+    if div.diverged() && !force {
+        return Err(EngineError::FailedPrecondition(div.explain(&key)));
+    }
+    s.adopt_as_replica(&mut rec, primary, &div)?;
+    Ok(false)
+}
+
 /// Whether the replica `rec` is healthy enough to keep replicating after its
 /// VolumeReplication is deleted: its primary answers, is still the primary
 /// it replicates (or took over from this demoted image), and the replica
@@ -1070,6 +1090,104 @@ mod tests {
             b.with(|w| w.fail_at = None);
             promote(&b, false).unwrap();
             assert_eq!((b.rec().role, b.site().head), (Role::Primary, "v2".into()));
+        }
+    }
+
+    fn resync(v: &MemVolume, force: bool) -> Result<bool> {
+        resync_volume(v, v.rec(), force)
+    }
+
+    /// Site a was primary, wrote after the last sync point and was demoted;
+    /// site b was promoted by force without it: a split brain.
+    fn split_brain() -> (MemVolume, MemVolume) {
+        let (a, b) = MemVolume::pair();
+        a.with(|w| w.sites[0].reachable = false);
+        promote(&b, true).unwrap();
+        a.with(|w| w.sites[0].reachable = true);
+        assert!(a.write("a-only"));
+        demote(&a, false).unwrap();
+        assert!(b.write("b-only"));
+        (a, b)
+    }
+
+    #[test]
+    fn resync_after_an_orderly_switch_keeps_everything() {
+        let (a, b) = MemVolume::pair();
+        assert_eq!(code(resync(&a, false).map(|_| ())), "failed-precondition");
+        assert!(
+            resync(&b, false).unwrap(),
+            "a replica with a sync point is ready"
+        );
+        assert!(a.write("v2"));
+        demote(&a, false).unwrap();
+        // Neither side primary: settled once b holds a's demotion snapshot.
+        assert!(!resync(&a, false).unwrap());
+        a.replicate_to(&b);
+        assert!(resync(&a, false).unwrap());
+        promote(&b, false).unwrap();
+        let snaps = a.site().snaps;
+        assert!(!resync(&a, false).unwrap(), "a replica now, to be filled");
+        let ra = a.rec();
+        assert_eq!(ra.role, Role::Secondary);
+        assert_eq!(a.site().snaps, snaps, "nothing removed");
+        assert_eq!(a.site().head, "v2");
+        assert_eq!(
+            a.site().lock.as_deref(),
+            Some("me"),
+            "locked against writers"
+        );
+    }
+
+    #[test]
+    fn split_brain_is_resynced_only_with_force_and_from_the_common_point() {
+        let (a, _b) = split_brain();
+        let before = a.site();
+        let err = resync(&a, false).unwrap_err().to_string();
+        assert!(
+            err.contains("split-brain") && err.contains("csirr-sync.1"),
+            "{err}"
+        );
+        assert_eq!(a.rec().role, Role::Demoted, "nothing changed");
+        assert_eq!(a.site().snaps, before.snaps);
+        assert_eq!(a.site().head, before.head);
+        assert!(!resync(&a, true).unwrap());
+        let site = a.site();
+        assert_eq!(a.rec().role, Role::Secondary);
+        assert_eq!(site.head, "v1", "rolled back to the common sync point");
+        assert_eq!(site.snaps.len(), 1, "a's own later snapshot removed");
+    }
+
+    #[test]
+    fn a_failure_at_any_step_of_a_forced_resync_leaves_it_demoted_or_a_replica() {
+        let n = {
+            let (a, _b) = split_brain();
+            a.with(|w| w.steps.clear());
+            resync(&a, true).unwrap();
+            a.with(|w| w.steps.len())
+        };
+        assert!(n >= 4, "resync has {n} steps");
+        for at in 0..n {
+            let (a, _b) = split_brain();
+            a.with(|w| {
+                w.steps.clear();
+                w.fail_at = Some(at);
+            });
+            assert!(resync(&a, true).is_err(), "step {at} fails");
+            let role = a.rec().role;
+            assert!(
+                matches!(role, Role::Demoted | Role::Secondary),
+                "step {at}: {role:?}"
+            );
+            assert!(!a.site().paused, "step {at}");
+            a.with(|w| w.fail_at = None);
+            resync(&a, true).unwrap();
+            let site = a.site();
+            assert_eq!(
+                (a.rec().role, site.head.as_str()),
+                (Role::Secondary, "v1"),
+                "step {at}"
+            );
+            assert_eq!(site.lock.as_deref(), Some("me"), "step {at}");
         }
     }
 }

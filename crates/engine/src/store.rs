@@ -12,9 +12,10 @@
 use csirr_ceph::Image;
 
 use super::error::{CephContext, Result};
-use super::registry::{ImageRecord, Registry, Schedule, sync_snapshots};
+use super::registry::{ImageRecord, PrimaryRef, Registry, Schedule, sync_snapshots};
 use super::replayer::settle_pending_snap;
 use super::resolve::Resolved;
+use super::roles::Divergence;
 use super::rollback::rollback_to;
 use super::slots::SlotGuard;
 use super::{Engine, VolumeRequest};
@@ -56,6 +57,20 @@ pub(crate) trait VolumeStore {
     /// Makes the head equal to sync snapshot `snap`; returns the bytes
     /// rewritten.
     fn rollback_to(&self, snap: &str) -> Result<u64>;
+    /// How this (demoted) image relates to the peer's primary `primary_id`,
+    /// and the reference to that primary.
+    fn divergence_from(&self, primary_id: &str) -> Result<(Divergence, PrimaryRef)>;
+    /// Makes the image a replica of `primary` (rolling back and removing
+    /// what diverged), records it, and locks it against writers. Returns
+    /// the bytes rolled back.
+    fn adopt_as_replica(
+        &self,
+        rec: &mut ImageRecord,
+        primary: PrimaryRef,
+        div: &Divergence,
+    ) -> Result<u64>;
+    /// Journal mode's resync.
+    fn journal_resync(&self, rec: ImageRecord, force: bool) -> Result<bool>;
     /// Journal mode's demotion (orphan tag, DemotePromote event).
     fn journal_demote(&self, rec: ImageRecord, force: bool, owners: &[String]) -> Result<()>;
     /// Journal mode's promotion (linked or forced tag).
@@ -174,6 +189,33 @@ impl VolumeStore for CephVolume<'_> {
         )
     }
 
+    fn divergence_from(&self, primary_id: &str) -> Result<(Divergence, PrimaryRef)> {
+        let (cluster, pio) = self.engine.peer_of(self.vol.ioctx())?;
+        let pimg = Image::open_by_id_read_only(&pio, primary_id, None)
+            .ctx(|| format!("opening the peer's primary {}", self.key))?;
+        let div = self.engine.divergence(self.image(), &pimg, &self.key)?;
+        let primary = PrimaryRef {
+            fsid: cluster.fsid().to_string(),
+            image_id: primary_id.to_string(),
+        };
+        Ok((div, primary))
+    }
+
+    fn adopt_as_replica(
+        &self,
+        rec: &mut ImageRecord,
+        primary: PrimaryRef,
+        div: &Divergence,
+    ) -> Result<u64> {
+        self.engine
+            .adopt_as_replica(self.reg, rec, self.image(), &self.key, primary, div)
+    }
+
+    fn journal_resync(&self, rec: ImageRecord, force: bool) -> Result<bool> {
+        self.engine
+            .journal_resync(self.req, self.vol, self.reg, rec, force)
+    }
+
     fn journal_demote(&self, rec: ImageRecord, force: bool, owners: &[String]) -> Result<()> {
         self.engine
             .journal_demote(self.vol, self.reg, rec, &self.key, force, owners)
@@ -204,6 +246,7 @@ pub(crate) mod fake {
     use super::VolumeStore;
     use crate::error::{EngineError, Result};
     use crate::registry::{ImageRecord, PrimaryRef, Revision, Role, Schedule, SyncPoint};
+    use crate::roles::Divergence;
 
     /// One site's state of the volume.
     #[derive(Debug, Default, Clone)]
@@ -505,6 +548,60 @@ pub(crate) mod fake {
                 s.head = content;
                 Ok(changed)
             })
+        }
+
+        fn divergence_from(&self, primary_id: &str) -> Result<(Divergence, PrimaryRef)> {
+            self.step("divergence_from")?;
+            let (ours, theirs, head, contents) = self.with(|w| {
+                let (me, peer) = (&w.sites[self.me], &w.sites[1 - self.me]);
+                let ours: Vec<(u64, String)> =
+                    me.snaps.iter().map(|(q, n, _)| (*q, n.clone())).collect();
+                let theirs: Vec<String> = peer.snaps.iter().map(|(_, n, _)| n.clone()).collect();
+                (ours, theirs, me.head.clone(), me.snaps.clone())
+            });
+            let div = Divergence::of(&ours, &theirs, |c| {
+                Ok(contents
+                    .iter()
+                    .any(|(_, n, content)| n == c && *content != head))
+            })?;
+            let primary = PrimaryRef {
+                fsid: format!("fsid-{}", 1 - self.me),
+                image_id: primary_id.into(),
+            };
+            Ok((div, primary))
+        }
+
+        fn adopt_as_replica(
+            &self,
+            rec: &mut ImageRecord,
+            primary: PrimaryRef,
+            div: &Divergence,
+        ) -> Result<u64> {
+            self.step("adopt_as_replica")?;
+            let mut rolled = 0;
+            if div.diverged() {
+                self.release_lock();
+                if let (Some(c), true) = (&div.common, div.head_changed) {
+                    rolled = self.rollback_to(c)?;
+                }
+                self.with(|w| {
+                    w.sites[self.me]
+                        .snaps
+                        .retain(|(_, n, _)| !div.newer_here.contains(n));
+                });
+            }
+            rec.role = Role::Secondary;
+            rec.primary = Some(primary);
+            rec.demotion_snap = None;
+            rec.last_sync = None;
+            rec.checkpoint = None;
+            self.hold_lock()?;
+            self.put(rec)?;
+            Ok(rolled)
+        }
+
+        fn journal_resync(&self, _: ImageRecord, _: bool) -> Result<bool> {
+            Err(EngineError::Unsupported("journal mode in the fake".into()))
         }
 
         fn journal_demote(&self, _: ImageRecord, _: bool, _: &[String]) -> Result<()> {
