@@ -233,10 +233,23 @@ impl Engine {
     }
 
     fn demote_blocking(&self, req: &VolumeRequest, force: bool) -> Result<()> {
+        self.on_volume(req, "demote", force, |s, rec| demote_volume(s, rec, force))
+    }
+
+    /// Runs the role change `op` on the volume of `req` through the storage
+    /// seam: resolves it, reads its record, and logs within a span that
+    /// names the operation, the volume and the image. Blocking.
+    fn on_volume<T>(
+        &self,
+        req: &VolumeRequest,
+        op: &'static str,
+        force: bool,
+        f: impl FnOnce(&CephVolume<'_>, ImageRecord) -> Result<T>,
+    ) -> Result<T> {
         let vol = self.resolve(&req.volume, req.creds.as_ref())?;
         let (reg, rec) = self.record_of(&vol, req)?;
         let key = Self::key_of(&vol);
-        let span = tracing::info_span!("demote", volume = %req.volume, image = %key);
+        let span = tracing::info_span!("role", op, volume = %req.volume, image = %key, force);
         let _s = span.enter();
         let store = CephVolume {
             engine: self,
@@ -245,7 +258,7 @@ impl Engine {
             reg: &reg,
             key,
         };
-        demote_volume(&store, rec, force)
+        f(&store, rec)
     }
 
     /// Breaks the exclusive lock of `img` if a client other than this one
@@ -334,23 +347,13 @@ impl Engine {
         force: bool,
         params: &ReplicationParams,
     ) -> Result<()> {
-        let vol = self.resolve(&req.volume, req.creds.as_ref())?;
-        let (reg, rec) = self.record_of(&vol, req)?;
-        let key = Self::key_of(&vol);
-        let span = tracing::info_span!("promote", volume = %req.volume, image = %key, force);
-        let _s = span.enter();
         let schedule = params
             .scheduling_interval
             .is_some()
             .then(|| Schedule::of(params));
-        let store = CephVolume {
-            engine: self,
-            req,
-            vol: &vol,
-            reg: &reg,
-            key,
-        };
-        promote_volume(&store, rec, force, schedule)
+        self.on_volume(req, "promote", force, |s, rec| {
+            promote_volume(s, rec, force, schedule)
+        })
     }
 
     /// ResyncVolume on the demoted side: converts it into a replica of the
@@ -365,19 +368,7 @@ impl Engine {
     }
 
     fn resync_blocking(&self, req: &VolumeRequest, force: bool) -> Result<bool> {
-        let vol = self.resolve(&req.volume, req.creds.as_ref())?;
-        let (reg, rec) = self.record_of(&vol, req)?;
-        let key = Self::key_of(&vol);
-        let span = tracing::info_span!("resync", volume = %req.volume, image = %key, force);
-        let _s = span.enter();
-        let store = CephVolume {
-            engine: self,
-            req,
-            vol: &vol,
-            reg: &reg,
-            key,
-        };
-        resync_volume(&store, rec, force)
+        self.on_volume(req, "resync", force, |s, rec| resync_volume(s, rec, force))
     }
 
     /// How the local image `img` (not primary) relates to the peer's primary
