@@ -201,6 +201,50 @@ fn racing_writers_exactly_one_wins_each_round_and_nothing_acknowledged_is_lost()
     io.remove(REGISTRY_OBJECT).unwrap();
 }
 
+/// Group records (`group.<uuid>`) are written by compare-and-swap like
+/// image records: of two writers that read the same group record, the
+/// second write is refused and changes nothing; a new record is refused
+/// where one exists (two Enables of one group on two sidecars).
+#[test]
+fn group_records_are_compare_and_swap_too() {
+    use csi_rbd_replicator::engine::group_repl::{GroupRecord, get_record, put_record};
+    let ns = unique("casgroup");
+    let (io1, io2) = (ioctx(Site::A, &ns), ioctx(Site::A, &ns));
+    let fresh = || -> GroupRecord {
+        serde_json::from_value(serde_json::json!({
+            "uuid": "g1",
+            "role": "primary",
+            "schedule": {},
+            "members": [],
+            "enabled_at": Utc::now(),
+        }))
+        .expect("a group record")
+    };
+    put_record(&io1, &mut fresh()).expect("a new record");
+    let err = put_record(&io2, &mut fresh()).expect_err("a second new record");
+    assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+    let mut a = get_record(&io1, "g1").unwrap().expect("stored");
+    let mut b = get_record(&io2, "g1").unwrap().expect("stored");
+    a.schedule.interval = Some("1h".into());
+    b.schedule.interval = Some("2h".into());
+    put_record(&io1, &mut a).expect("the first writer");
+    let err = put_record(&io2, &mut b).expect_err("the second writer of one read");
+    assert!(matches!(err, EngineError::Conflict(_)), "{err}");
+    let stored = get_record(&io2, "g1").unwrap().expect("stored");
+    assert_eq!(stored.schedule.interval.as_deref(), Some("1h"));
+    // Re-read, the second writer's change lands on top; and a writer's own
+    // successive writes chain (its revision follows its write).
+    let mut b = stored;
+    b.schedule.start_time = Some("2026-01-01T00:00:00Z".into());
+    put_record(&io2, &mut b).expect("after re-reading");
+    b.schedule.interval = Some("3h".into());
+    put_record(&io2, &mut b).expect("a second write of the same writer");
+    let last = get_record(&io1, "g1").unwrap().expect("stored");
+    assert_eq!(last.schedule.interval.as_deref(), Some("3h"));
+    assert!(last.schedule.start_time.is_some());
+    io1.remove(REGISTRY_OBJECT).unwrap();
+}
+
 /// Two sidecars of one site: a PromoteVolume on the first reads the record
 /// and pauses (fault injection) while one on the second changes the
 /// schedule; the first one's write conflicts, it re-reads and decides again,

@@ -57,7 +57,8 @@ use super::conn::Credentials;
 use super::copy::{self, Extent};
 use super::error::{CephContext, EngineError, Result};
 use super::registry::{
-    REGISTRY_OBJECT, ReplayState, Role, RoleChange, Schedule, SyncPoint, namespace_ioctxs,
+    REGISTRY_OBJECT, Registry, ReplayState, Revision, Role, RoleChange, Schedule, SyncPoint,
+    namespace_ioctxs,
 };
 use super::rollback::rollback_to;
 use super::slots::image_key;
@@ -122,6 +123,10 @@ pub struct GroupRecord {
     /// The last role change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role_change: Option<RoleChange>,
+    /// What the record's key held when it was read (never stored): the
+    /// value [`put_record`] expects to replace, as for image records.
+    #[serde(skip)]
+    pub revision: Revision,
 }
 
 /// How the replica of a group is doing, as its replayer reports it to the
@@ -152,12 +157,17 @@ pub fn get_record(io: &IoCtx, uuid: &str) -> Result<Option<GroupRecord>> {
     };
     m.get(&key)
         .map(|v| {
-            serde_json::from_slice(v).map_err(|e| {
-                EngineError::Internal(format!(
-                    "group record {key} in {} is corrupt: {e}",
-                    io.spec()
-                ))
-            })
+            serde_json::from_slice(v)
+                .map(|r: GroupRecord| GroupRecord {
+                    revision: Revision::of(v),
+                    ..r
+                })
+                .map_err(|e| {
+                    EngineError::Internal(format!(
+                        "group record {key} in {} is corrupt: {e}",
+                        io.spec()
+                    ))
+                })
         })
         .transpose()
 }
@@ -171,7 +181,10 @@ pub fn list_records(io: &IoCtx) -> Result<Vec<GroupRecord>> {
     };
     Ok(m.iter()
         .filter_map(|(k, v)| match serde_json::from_slice(v) {
-            Ok(r) => Some(r),
+            Ok(r) => Some(GroupRecord {
+                revision: Revision::of(v),
+                ..r
+            }),
             Err(e) => {
                 tracing::warn!(key = %k, error = %e, "skipping a group record this version cannot read");
                 None
@@ -180,12 +193,14 @@ pub fn list_records(io: &IoCtx) -> Result<Vec<GroupRecord>> {
         .collect())
 }
 
-/// Writes `rec` (whole).
-pub fn put_record(io: &Arc<IoCtx>, rec: &GroupRecord) -> Result<()> {
+/// Writes `rec` (whole) if its key still holds what was read (or nothing,
+/// for a new record): otherwise `Conflict`, and the caller decides again
+/// from a fresh read, as for image records ([`Registry::put`]).
+pub fn put_record(io: &Arc<IoCtx>, rec: &mut GroupRecord) -> Result<()> {
     let key = format!("{GROUP_KEY}{}", rec.uuid);
-    let val = serde_json::to_vec(rec).map_err(|e| EngineError::Internal(e.to_string()))?;
-    io.omap_set(REGISTRY_OBJECT, &[(&key, &val)])
-        .ctx(|| format!("writing {key} in the registry of {}", io.spec()))?;
+    let val = serde_json::to_vec(&*rec).map_err(|e| EngineError::Internal(e.to_string()))?;
+    Registry::new(Arc::clone(io)).swap(&key, rec.revision.stored(), Some(&val), &[])?;
+    rec.revision = Revision::of(&val);
     super::wakeup::announce(io, REGISTRY_OBJECT);
     Ok(())
 }
@@ -426,7 +441,7 @@ impl Engine {
             }
             if rec.schedule != schedule {
                 rec.schedule = schedule;
-                put_record(&g.io, &rec)?;
+                put_record(&g.io, &mut rec)?;
             }
             return Ok(());
         }
@@ -454,8 +469,9 @@ impl Engine {
             last_cut: None,
             demotion_cut: None,
             role_change: None,
+            revision: Revision::default(),
         };
-        put_record(&g.io, &rec)?;
+        put_record(&g.io, &mut rec)?;
         if !rec.members.is_empty() {
             let name = self.cut_and_record(&g.io, &mut rec)?;
             tracing::info!(cut = %name, members = rec.members.len(), "group replication enabled; first cut taken");
@@ -527,6 +543,15 @@ impl Engine {
         // The scheduler's cuts (its own connection, a client of the members
         // while it cuts) stop first, so that they are not taken for writers.
         let _slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
+        // The record as it stands now that the scheduler is stopped: a cut
+        // it took since the first read changed it.
+        rec = self.group_record_of(&g)?;
+        if rec.role != Role::Primary {
+            return Err(EngineError::Conflict(format!(
+                "the role of group {} changed meanwhile",
+                g.id
+            )));
+        }
         let members = rbd_members(&g.io, g.id.uuid())?;
         let me = g.io.cluster().instance_id();
         let mut writers = Vec::new();
@@ -563,17 +588,21 @@ impl Engine {
         // Nobody else has the members open: the final cut is the last state
         // any client wrote. librbd takes the members' locks for the group
         // snapshot itself; this process keeps them from then on.
-        let name = match self.take_cut(&g.io, g.id.uuid()) {
-            Ok((n, _)) => n,
-            Err(e) => return Err(e),
-        };
-        self.hold_members(&g.io, &refs)?;
-        rec.role = Role::Demoted;
-        rec.members = refs;
-        rec.demotion_cut = Some(name.clone());
-        rec.last_cut_at = Some(Utc::now());
-        rec.role_change = change(format!("demoted at {name}"));
-        put_record(&g.io, &rec)?;
+        let (name, _) = self.take_cut(&g.io, g.id.uuid())?;
+        let demoted = self.hold_members(&g.io, &refs).and_then(|()| {
+            rec.role = Role::Demoted;
+            rec.members = refs.clone();
+            rec.demotion_cut = Some(name.clone());
+            rec.last_cut_at = Some(Utc::now());
+            rec.role_change = change(format!("demoted at {name}"));
+            put_record(&g.io, &mut rec)
+        });
+        if let Err(e) = demoted {
+            // Still primary: the members go back to their application (and
+            // a retry's cut needs their locks free).
+            self.release_members(&g.io, &refs);
+            return Err(e);
+        }
         tracing::info!(cut = %name, "group demoted; final cut taken");
         Ok(())
     }
@@ -609,7 +638,7 @@ impl Engine {
         }
         match rec.role {
             Role::Primary => {
-                put_record(&g.io, &rec)?;
+                put_record(&g.io, &mut rec)?;
                 return Ok(());
             }
             Role::Demoted if !force => {
@@ -696,7 +725,7 @@ impl Engine {
             (Role::Secondary, false) => "promoted (planned)".to_string(),
             _ => "demotion undone".to_string(),
         });
-        put_record(&g.io, &rec)?;
+        put_record(&g.io, &mut rec)?;
         drop(slot);
         tracing::info!(rolled_back_bytes = rolled, "group promoted");
         Ok(())
@@ -804,7 +833,7 @@ impl Engine {
                         rec.last_cut = None;
                         rec.demotion_cut = None;
                         rec.role_change = change("full resync (forced)");
-                        put_record(&g.io, &rec)?;
+                        put_record(&g.io, &mut rec)?;
                         self.hold_members(&g.io, &rec.members)?;
                     }
                 }
@@ -1225,6 +1254,7 @@ impl Engine {
                 last_cut: None,
                 demotion_cut: None,
                 role_change: None,
+                revision: Revision::default(),
             },
             Some(r) => r,
         };
@@ -1420,7 +1450,7 @@ impl Engine {
             duration_ms: elapsed.as_millis() as u64,
             bytes,
         });
-        put_record(&lio, &rec)?;
+        put_record(&lio, &mut rec)?;
         tracing::info!(group = %uuid, cut = %target, members = replicas.len(), bytes, seconds = elapsed.as_secs_f64(), "group cut complete");
         report(ReplayState::Idle, String::new(), rec.last_cut.clone());
         drop(replicas);

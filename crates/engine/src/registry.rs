@@ -489,7 +489,7 @@ impl Registry {
     /// operation that the OSD applies only if the key holds `expected`
     /// (`None`: the key is absent; a missing key compares equal to an empty
     /// value, and records are never empty).
-    fn swap(
+    pub(crate) fn swap(
         &self,
         key: &str,
         expected: Option<&[u8]>,
