@@ -298,6 +298,19 @@ impl JournalReplayer {
         Ok(self.reader.bytes_behind(&self.journal)?)
     }
 
+    /// Entries and bytes of the primary's journal not replayed yet (see
+    /// [`crate::journal::JournalReader::entries_behind`]; up to
+    /// `scan_limit` unread bytes are read to count them). Blocking.
+    pub fn behind(&self, scan_limit: u64) -> ReplayResult<crate::journal::Behind> {
+        Ok(self.reader.entries_behind(&self.journal, scan_limit)?)
+    }
+
+    /// Whether an entry may be readable at the place the next one lands
+    /// (one stat; see [`crate::journal::JournalReader::probe`]). Blocking.
+    pub fn probe(&self) -> ReplayResult<bool> {
+        Ok(self.reader.probe(&self.journal)?)
+    }
+
     /// The counters.
     pub fn stats(&self) -> ReplayStats {
         self.stats
