@@ -1068,6 +1068,32 @@ mod tests {
     }
 
     #[test]
+    fn journal_replicas_report_entries_behind_and_their_rate() {
+        let st = ReplicaStatus {
+            entries_pending: Some(120),
+            entries_per_sec: Some(900),
+            ..status(ReplayState::Idle, 2, Some(point(3, 1)))
+        };
+        let a = check(&primary("5m"), &[st.clone()]);
+        assert_eq!(
+            a.message,
+            "replaying, idle, 120 journal entries behind, 900 entries/s; 1s behind \
+             (csirr-sync.0000000003)"
+        );
+        assert_eq!(a.replicas[0].entries_pending, Some(120));
+        assert_eq!(a.replicas[0].entries_per_sec, Some(900));
+        // A silent replica's figures are not current.
+        let a = check(
+            &primary("5m"),
+            &[ReplicaStatus {
+                updated_at: ago(500),
+                ..st
+            }],
+        );
+        assert_eq!(a.replicas[0].entries_pending, None);
+    }
+
+    #[test]
     fn syncing_reports_percent_rate_pending_and_eta() {
         let a = check(&primary("5m"), &[syncing(1, Some(point(3, 310)))]);
         assert_eq!(a.health, Health::Healthy);
