@@ -740,14 +740,12 @@ def behind(tool, ib, name, port):
         return got.get("e"), got.get("b")
     try:
         with rbd.Image(ib, name, read_only=True) as img:
-            st = img.mirror_image_get_global_status()
+            st = img.mirror_image_get_status()
     except rbd.Error:
         return None, None
-    for s in st.get("site_statuses", []):
-        m = re.search(r'"entries_behind_primary":(\d+)', s.get("description", ""))
-        if m:
-            return int(m.group(1)), None
-    return None, None
+    # The replica's own status: "replaying, {..."entries_behind_primary":N...}".
+    m = re.search(r'"entries_behind_primary":\s*(\d+)', str(st.get("description", "")))
+    return (int(m.group(1)) if m else None), None
 
 
 def wait_on_replica(ib, name, off, data, timeout):

@@ -404,6 +404,9 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
     };
     let cfg = ReplayConfig {
         commit_every: 1024,
+        // Back to the loop at least every 4096 entries while it works off a
+        // backlog: the checks, the entries behind and the reports go on.
+        max_per_call: 4096,
         ..ReplayConfig::default()
     };
     let mut replayer = JournalReplayer::start(journal, &client, replica, cfg)?;
