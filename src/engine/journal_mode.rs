@@ -564,10 +564,10 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                     tracing::info!(image = %key, skipped_io = replayer.stats().skipped_io, "journal replay caught up");
                 }
                 p.caught_up = Some(t0);
-                // Caught up: nothing is left behind until the next check.
-                if p.entries_behind.is_some() {
-                    p.entries_behind = Some(0);
-                }
+                // The entries behind stay as the last check counted them:
+                // a read that found nothing under load (the next entry's
+                // append not done yet while later ones are) is no proof
+                // that nothing is behind.
             }
         }
         let stats = replayer.stats();

@@ -1074,7 +1074,7 @@ mod tests {
             entries_per_sec: Some(900),
             ..status(ReplayState::Idle, 2, Some(point(3, 1)))
         };
-        let a = check(&primary("5m"), &[st.clone()]);
+        let a = check(&primary("5m"), std::slice::from_ref(&st));
         assert_eq!(
             a.message,
             "replaying, idle, 120 journal entries behind, 900 entries/s; 1s behind \
