@@ -393,6 +393,16 @@ struct ServeArgs {
     /// instead of pinning the primary's journal.
     #[arg(long, default_value_t = engine::journal_mode::DEFAULT_MAX_SETS_BEHIND)]
     journal_max_sets_behind: u64,
+    /// Journal mode: how often a replica reads the primary's journal in
+    /// full when nothing woke it (the safety net for a notification lost on
+    /// the journal header: new tags and object sets are notified there).
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    journal_poll_interval: Duration,
+    /// Journal mode: how often a replica checks (one stat of one object)
+    /// whether the primary appended an entry where the next one lands;
+    /// appends notify nobody, so this bounds the lag of a write at rest.
+    #[arg(long, default_value = "50ms", value_parser = duration)]
+    journal_probe_interval: Duration,
     /// Images synced at once.
     #[arg(long, default_value_t = 6)]
     max_concurrent_syncs: usize,
@@ -615,6 +625,8 @@ fn engine_config(a: &ServeArgs) -> Result<EngineConfig, String> {
         max_concurrent_rpcs: a.max_concurrent_rpcs.max(1),
         rpo_factor: a.rpo_factor,
         journal_max_sets_behind: a.journal_max_sets_behind.max(1),
+        journal_poll_interval: a.journal_poll_interval,
+        journal_probe_interval: a.journal_probe_interval,
         ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
     })
 }

@@ -288,6 +288,186 @@ async fn journal_mode_replicates_resumes_and_disables() {
     drop(b2);
 }
 
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The body of `GET /metrics` on 127.0.0.1:`port`.
+async fn metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to the metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The value of the series of `/metrics` on `port` whose line starts with
+/// `name{` and contains every label of `labels` (0 when absent).
+async fn metric_value(port: u16, name: &str, labels: &[&str]) -> f64 {
+    metrics(port)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the sidecar whose metrics are on `port` reported the image
+/// of label `image` caught up with the primary's journal.
+async fn wait_caught_up(port: u16, image: &str) {
+    let t = Instant::now();
+    while metric_value(
+        port,
+        "csi_rbd_replicator_journal_caught_up_timestamp_seconds",
+        &[image],
+    )
+    .await
+        <= 0.0
+    {
+        assert!(t.elapsed() < LONG, "{image} never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the replica reads `data` at `off`.
+async fn wait_data(pool: &TestPool, name: &str, off: u64, data: &[u8]) {
+    let t = Instant::now();
+    let mut buf = vec![0u8; data.len()];
+    loop {
+        if let Ok(replica) = Image::open_read_only(&pool.ioctx(Site::B), name, None) {
+            replica.read(off, &mut buf).unwrap();
+            if buf == data {
+                return;
+            }
+        }
+        assert!(
+            t.elapsed() < LONG,
+            "the write at {off} never reached the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Appends notify nobody (docs/journal.md): a write at rest reaches the
+/// replica through the probe of the object where the next entry lands, and
+/// a new tag or object set through the notification librbd sends on the
+/// journal header. First with the probe and the safety-net poll both at 10
+/// minutes, so that only the watch can deliver within the test's deadline:
+/// the writes of `rbd bench` (a new tag when it takes the lock, librbd's
+/// commit when it closes: both notified) reach the replica, counted as
+/// watch wake-ups. Then with the default probe and the poll still at 10
+/// minutes: writes of a writer that keeps the image open (nothing notified
+/// until librbd's commit, 5 s later) reach the replica, counted as probe
+/// hits. The entries-behind gauge is exported.
+#[tokio::test]
+async fn journal_watch_and_probe_deliver_writes() {
+    let pool = TestPool::new("jwake");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let only_watch = [
+        "--pools",
+        &pool.name,
+        "--metrics-address",
+        &addr,
+        "--journal-poll-interval",
+        "10m",
+        "--journal-probe-interval",
+        "10m",
+    ];
+    let mut b = Sidecar::start(Site::B, &only_watch).await;
+    let aio = pool.ioctx(Site::A);
+    let name = "jwake";
+    let vid = format!("{}/{name}", pool.name);
+    drop(create_image_in(&aio, name, 32 * MIB, &[(0, 1 << 20)], 1));
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &vid, &[("mirroringMode", "journal")]))
+        .await
+        .expect("enable in journal mode");
+    wait_equal(&pool, name, LONG).await;
+    let image = format!("image=\"{name}\"");
+    // The replay loop runs (its first full read found it caught up): what
+    // is written from now on needs a wake-up.
+    wait_caught_up(port, &image).await;
+    let wakeups = "csi_rbd_replicator_journal_wakeups_total";
+    let watch0 = metric_value(port, wakeups, &[&image, "cause=\"watch\""]).await;
+
+    // Only the watch: a new tag and librbd's commit at close.
+    bench(&pool, name, "64K");
+    wait_equal(&pool, name, LONG).await;
+    let watch1 = metric_value(port, wakeups, &[&image, "cause=\"watch\""]).await;
+    assert!(
+        watch1 > watch0,
+        "no watch wake-up counted ({watch0} -> {watch1})"
+    );
+    assert_eq!(
+        metric_value(port, wakeups, &[&image, "cause=\"probe\""]).await,
+        0.0,
+        "a probe ran with --journal-probe-interval 10m"
+    );
+    b.stop();
+
+    // The probe: a writer that keeps the image open.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let probing = [
+        "--pools",
+        &pool.name,
+        "--metrics-address",
+        &addr,
+        "--journal-poll-interval",
+        "10m",
+    ];
+    let b2 = Sidecar::start(Site::B, &probing).await;
+    wait_caught_up(port, &image).await;
+    let img = Image::open(&aio, name).unwrap();
+    // The first write takes the lock: a new tag, notified.
+    img.write(8 * MIB, &pattern(21, 4096)).unwrap();
+    img.flush().unwrap();
+    wait_data(&pool, name, 8 * MIB, &pattern(21, 4096)).await;
+    for i in 0..3u64 {
+        let (off, data) = (9 * MIB + i * 8192, pattern(30 + i, 4096));
+        img.write(off, &data).unwrap();
+        img.flush().unwrap();
+        wait_data(&pool, name, off, &data).await;
+    }
+    let hits = metric_value(port, wakeups, &[&image, "cause=\"probe\""]).await;
+    assert!(hits >= 1.0, "no probe hit counted: {hits}");
+    drop(img);
+    wait_equal(&pool, name, LONG).await;
+    // Caught up: nothing behind (the gauge is refreshed every 2 s).
+    let t = Instant::now();
+    loop {
+        let body = metrics(port).await;
+        let gauge = |name: &str| {
+            body.lines()
+                .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&image))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        if gauge("csi_rbd_replicator_journal_behind_entries") == Some(0.0)
+            && gauge("csi_rbd_replicator_journal_behind_bytes") == Some(0.0)
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < LONG,
+            "entries and bytes behind never 0 once caught up:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(b2);
+}
+
 /// A replica more than `--journal-max-sets-behind` object sets behind (its
 /// sidecar was down while the primary wrote) is reported, unregistered and
 /// bootstrapped again from a new snapshot, and ends equal to the primary.

@@ -214,8 +214,31 @@ fn journal_replay_makes_the_replica_equal_and_resumes_after_its_commit() {
     .unwrap();
     // Everything is left to replay: at least the entries' bytes.
     let before = r.bytes_behind().unwrap();
+    // Entries behind: every entry read and counted; a scan limit of 0
+    // estimates them instead; the probe sees the first entry.
+    let counted = r.behind(u64::MAX).unwrap();
+    assert!(counted.exact && counted.entries > 0, "{counted:?}");
+    let estimated = r.behind(0).unwrap();
+    assert!(!estimated.exact && estimated.entries > 0, "{estimated:?}");
+    assert!(
+        r.probe().unwrap(),
+        "the probe misses a journal full of entries"
+    );
     let n1 = r.replay_available().unwrap();
     let took = t.elapsed();
+    // What the reader dropped (entries of ended tags) was counted too.
+    assert_eq!(
+        counted.entries,
+        n1 + r.reader_stats().skipped,
+        "{counted:?}, {:?}",
+        r.reader_stats()
+    );
+    let after = r.behind(u64::MAX).unwrap();
+    assert_eq!((after.entries, after.exact), (0, true), "{after:?}");
+    assert!(
+        !r.probe().unwrap(),
+        "the probe finds entries in a replayed journal"
+    );
     // Each entry is framed with 33 bytes.
     assert!(
         before >= r.stats().entries * 33 && before > 0,
@@ -329,6 +352,9 @@ fn journal_replay_makes_the_replica_equal_and_resumes_after_its_commit() {
     };
     let mut r =
         JournalReplayer::start(j_clone(&ns.io, &id), &client, replica.image(), cfg).unwrap();
+    // A restarted reader counts only what is after the commit position.
+    let counted = r.behind(u64::MAX).unwrap();
+    assert_eq!(counted.entries, new.len() as u64, "{counted:?}");
     let n2 = r.replay_available().unwrap();
     eprintln!(
         "round 2: {n2} entries; {:?}, {:?}",

@@ -28,6 +28,24 @@
 #       the same 64 MiB in 256 writes spread over the whole image: first sync time and
 #       the replaying process's peak RSS (a fresh process per phase)
 #   (f) 200 images of 4 MiB (phase n, $BENCH_MANY) enabled at once: until all complete
+#   (j) journal mode (engine: mirroringMode journal; rbd-mirror: `mirror image enable IMG
+#       journal`; export-diff has none): a 256 MiB image with exclusive-lock and
+#       journaling and $BENCH_J_IDLE (10) idle 16 MiB ones, enabled and caught up, then
+#       (j0) CPU of the replaying process over $BENCH_J_IDLE_SECONDS (20) s with all of
+#       them idle; (j1) $BENCH_J_WRITES (20) single 4 KiB writes at rest, 0.1-0.3 s apart,
+#       from one librbd client that keeps the image open: each write+flush returned on
+#       the primary (its ack: librbd acks a journaled write once its journal entry is
+#       safe) -> the data read back on the replica (a fresh uncached librbd read every
+#       2 ms), median, p99 and max; (j2) `rbd bench --io-type write --io-pattern rand
+#       --io-size 4K --io-threads 16 --io-total $BENCH_J_TOTAL` (64M) on the primary,
+#       the replica's entries (engine: also bytes) behind sampled every second (engine:
+#       csi_rbd_replicator_journal_behind_entries/_bytes, refreshed every 2 s;
+#       rbd-mirror: entries_behind_primary of `mirror image status`, computed from the
+#       primary's commit position, which librbd updates every 5 s), then a marker write
+#       from a new client: catch-up = rbd bench exited -> the marker readable on the
+#       replica (the replay is in journal order: the marker there means the whole load
+#       is; the marker's open, lock and write are included).
+#       Runnable alone: BENCH_TOOLS="engine rbd-mirror" BENCH_PHASES=j deploy/dev/bench.sh
 # Data is written before the tool's daemons start; the timed window holds nothing but the
 # trigger and the replication.
 #
@@ -75,7 +93,11 @@
 #   BENCH_ENGINE_ARGS  extra `serve` flags of the replaying sidecar (e.g.
 #                      "--max-concurrent-syncs 20")
 #   BENCH_ENGINE_ENV   environment of the sidecars, e.g. "MALLOC_ARENA_MAX=2"
-#   BENCH_PHASES       phases to run (default "ab c d ds m1 mt n")
+#   BENCH_PHASES       phases to run (default "ab c d ds m1 mt n j")
+#   BENCH_J_WRITES, BENCH_J_TOTAL, BENCH_J_IDLE, BENCH_J_IDLE_SECONDS
+#                      phase (j): single writes timed (20), rbd bench total (64M), idle
+#                      journal images (10), idle CPU window (20)
+#   BENCH_J_PORT       metrics port of the replaying sidecar in (j) (default 9473)
 #   BENCH_MAX_BUSY     before each timed scenario, wait (up to BENCH_QUIET_WAIT s, default
 #                      90) until the cores are at most this % busy (default 30)
 #   BENCH_TIMEOUT      seconds to wait for one scenario (default 120)
@@ -135,6 +157,12 @@ declare -A RSS=()    # RSS[tool] = MiB
 declare -A NOTES=()  # NOTES[scenario] = engine timeline summary
 declare -A ALLOC=()  # ALLOC[c] = MiB the engine's replica of (c) allocates
 declare -A CALLS=()  # CALLS[tool] = {"enable": "p50/p99/max" ms, ...} of the serial run
+declare -A JRES=()   # JRES[tool.key] = figures of phase (j)
+J_WRITES=${BENCH_J_WRITES:-20}
+J_TOTAL=${BENCH_J_TOTAL:-64M}
+J_IDLE=${BENCH_J_IDLE:-10}
+J_IDLE_SECONDS=${BENCH_J_IDLE_SECONDS:-20}
+J_PORT=${BENCH_J_PORT:-9473}
 declare -A PRSS=()   # PRSS[tool.phase] = peak RSS (MiB) of the replaying process in a phase
 declare -A PCPU=()   # PCPU[tool.phase] = CPU seconds of the tool's processes in a phase
 ALLOC_MIRROR="" ALLOC_EXPORT=""
@@ -664,6 +692,162 @@ def main():
 
 main()
 PY
+cat >"$WORK/jbench.py" <<'PY'
+"""Journal-mode phase (j): lag of single writes at rest, and catch-up after a load.
+
+  lag  TOOL POOL IMG N PORT     (j1) N single 4 KiB writes, each flushed on the primary
+  load TOOL POOL IMG TOTAL PORT (j2) rbd bench of TOTAL random 4 KiB writes, then a marker
+Prints one JSON object. TOOL is engine (PORT: the replaying sidecar's metrics port) or
+rbd-mirror (its `mirror image status` on site-b); the replica is read through librbd
+without cache (a fresh read each time).
+"""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import rados
+import rbd
+
+
+def connect(site):
+    s = "A" if site == "site-a" else "B"
+    c = rados.Rados(conffile=os.environ[f"CSIRR_SITE_{s}_CONF"], name="client.admin",
+                    conf={"keyring": os.environ[f"CSIRR_SITE_{s}_KEYRING"],
+                          "rbd_cache": "false"})
+    c.connect(timeout=30)
+    return c
+
+
+def behind(tool, ib, name, port):
+    """(entries, bytes) the replica is behind, as the tool reports it (None: unknown)."""
+    if tool == "engine":
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            return None, None
+        got = {}
+        for line in body.splitlines():
+            for m, k in (("csi_rbd_replicator_journal_behind_entries{", "e"),
+                         ("csi_rbd_replicator_journal_behind_bytes{", "b")):
+                if line.startswith(m) and f'image="{name}"' in line:
+                    got[k] = int(float(line.rsplit(" ", 1)[1]))
+        return got.get("e"), got.get("b")
+    try:
+        with rbd.Image(ib, name, read_only=True) as img:
+            st = img.mirror_image_get_status()
+    except rbd.Error:
+        return None, None
+    # The replica's own status: "replaying, {..."entries_behind_primary":N...}".
+    m = re.search(r'"entries_behind_primary":\s*(\d+)', str(st.get("description", "")))
+    return (int(m.group(1)) if m else None), None
+
+
+def wait_on_replica(ib, name, off, data, timeout):
+    """Seconds (epoch) when `data` is readable at `off` on the replica."""
+    deadline = time.time() + timeout
+    img = None
+    while time.time() < deadline:
+        try:
+            if img is None:
+                img = rbd.Image(ib, name, read_only=True)
+            if img.read(off, len(data)) == data:
+                t = time.time()
+                img.close()
+                return t
+        except rbd.Error:
+            if img is not None:
+                img.close()
+            img = None
+            time.sleep(0.05)
+        time.sleep(0.002)
+    raise SystemExit(f"{name}: a write at {off} was not on the replica after {timeout}s")
+
+
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def main():
+    cmd, tool, pool, name = sys.argv[1:5]
+    arg, port, timeout = sys.argv[5], sys.argv[6], float(os.environ.get("BENCH_TIMEOUT", 120))
+    a, b = connect("site-a"), connect("site-b")
+    ia, ib = a.open_ioctx(pool), b.open_ioctx(pool)
+    rnd = random.Random(7)
+    size = rbd.Image(ia, name, read_only=True).size()
+    if cmd == "lag":
+        n = int(arg)
+        lags = []
+        with rbd.Image(ia, name) as img:
+            # The first write takes the exclusive lock (a new journal tag).
+            first = os.urandom(4096)
+            img.write(first, 0)
+            img.flush()
+            wait_on_replica(ib, name, 0, first, timeout)
+            for i in range(n):
+                time.sleep(rnd.uniform(0.1, 0.3))
+                off = rnd.randrange(1, size // 4096) * 4096
+                data = os.urandom(4096)
+                img.write(data, off)
+                img.flush()
+                t = time.time()
+                lags.append(wait_on_replica(ib, name, off, data, timeout) - t)
+        print(json.dumps({"n": n, "median": round(pct(lags, 50), 3), "p99": round(pct(lags, 99), 3),
+                          "max": round(max(lags), 3), "min": round(min(lags), 3)}))
+    elif cmd == "load":
+        samples, stop = [], threading.Event()
+        t0 = time.time()
+
+        def sample():
+            while not stop.is_set():
+                e, by = behind(tool, ib, name, port)
+                samples.append((round(time.time() - t0, 1), e, by))
+                stop.wait(1.0)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        s = "A"
+        out = subprocess.run(
+            ["rbd", "-c", os.environ[f"CSIRR_SITE_{s}_CONF"], "--keyring",
+             os.environ[f"CSIRR_SITE_{s}_KEYRING"], "bench", "--io-type", "write",
+             "--io-pattern", "rand", "--io-size", "4K", "--io-threads", "16",
+             "--io-total", arg, f"{pool}/{name}"], capture_output=True, text=True, check=True)
+        t_stop = time.time()
+        m = re.search(r"elapsed:\s*(\d+)\s+ops:\s*(\d+)\s+ops/sec:\s*([\d.]+)", out.stdout)
+        # A marker written after the load: the replay is in journal order, so the
+        # marker on the replica means the whole load is.
+        data = os.urandom(4096)
+        with rbd.Image(ia, name) as img:
+            img.write(data, 0)
+            img.flush()
+            t_ack = time.time()
+        t_seen = wait_on_replica(ib, name, 0, data, timeout * 3)
+        time.sleep(1.5)
+        stop.set()
+        th.join()
+        during = [x for x in samples if x[0] <= t_stop - t0]
+        print(json.dumps({
+            "bench_seconds": round(t_stop - t0, 2),
+            "bench_ops": int(m.group(2)) if m else None,
+            "bench_iops": float(m.group(3)) if m else None,
+            "catch_up": round(t_seen - t_stop, 2),
+            "marker_lag": round(t_seen - t_ack, 3),
+            "max_entries_behind": max((x[1] for x in during if x[1] is not None), default=None),
+            "max_bytes_behind": max((x[2] for x in during if x[2] is not None), default=None),
+            "samples": samples,
+        }))
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+
+
+main()
+PY
 helper() {
     [[ $1 == timeline ]] || wait_quiet
     /usr/bin/python3 "$WORK/bench.py" "$1" "$POOL" "$BENCH_TIMEOUT" "${@:2}"
@@ -784,6 +968,16 @@ write_images() { # PREFIX PHASE
     m1) helper write-spread "${p}m1" $((1 << 30)) >/dev/null ;;
     mt) helper write-spread "${p}mt" $((1 << 40)) >/dev/null ;;
     n) helper create-many "${p}n" "$N_MANY" $((4 << 20)) >/dev/null ;;
+    j)
+        c_rbd site-a create --size 256M --image-feature layering,exclusive-lock,journaling \
+            "$POOL/${p}j"
+        c_rbd site-a bench --io-type write --io-pattern seq --io-size 4M --io-total 32M \
+            "$POOL/${p}j" >/dev/null
+        for i in $(j_names "$p"); do
+            c_rbd site-a create --size 16M --image-feature layering,exclusive-lock,journaling \
+                "$POOL/$i"
+        done
+        ;;
     d | ds)
         for i in $(multi_names "$p"); do
             c_rbd site-a create --size 64M "$POOL/$i"
@@ -808,8 +1002,8 @@ write_images() { # PREFIX PHASE
 # of this pair that runs out of space crashes (bluestore ENOSPC) and takes the pair
 # down for everyone. Worst cases per site in GiB (site-b, engine (c): a replica that
 # allocates whole objects, 4 GiB).
-declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4 [ds]=1.4 [m1]=0.2 [mt]=0.2 [n]=1.0)
-declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4 [ds]=1.4 [m1]=0.3 [mt]=0.3 [n]=1.0)
+declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4 [ds]=1.4 [m1]=0.2 [mt]=0.2 [n]=1.0 [j]=0.8)
+declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4 [ds]=1.4 [m1]=0.3 [mt]=0.3 [n]=1.0 [j]=0.8)
 room_for() { # PHASE
     local site need
     for site in site-a site-b; do
@@ -836,6 +1030,11 @@ delta_writes() { # IMAGE
 multi_names() { # PREFIX
     local i
     for ((i = 1; i <= N_MULTI; i++)); do printf '%sd%02d\n' "$1" "$i"; done
+}
+
+j_names() { # PREFIX: the idle images of (j)
+    local i
+    for ((i = 1; i <= J_IDLE; i++)); do printf '%sji%02d\n' "$1" "$i"; done
 }
 
 many_names() { # PREFIX: the images of (f), as create-many names them
@@ -963,10 +1162,54 @@ max_rss() { # TOOL MIB: keeps the larger
 # Each tool runs in three phases, (a)+(b), (c) and (d), each in a fresh pool that is
 # deleted afterwards, with its daemons started for the phase only: one phase at a time
 # keeps the space the benchmark needs on the pair's small OSDs bounded.
-read -r -a PHASES <<<"${BENCH_PHASES:-ab c d ds m1 mt n}"
+read -r -a PHASES <<<"${BENCH_PHASES:-ab c d ds m1 mt n j}"
+
+# Phase (j), journal mode, for TOOL (engine: the site-b sidecar's metrics on $J_PORT;
+# rbd-mirror) whose replaying process is PID: the images enabled by the caller, waits
+# until every replica replays, then (j0) idle CPU, (j1) single-write lag, (j2) load.
+journal_phase() { # TOOL PREFIX PID
+    local tool=$1 p=$2 pid=$3 n ready c0 c1 out img
+    local names=("${p}j")
+    mapfile -t -O 1 names < <(j_names "$p")
+    for ((n = 0; n < BENCH_TIMEOUT * 5; n++)); do
+        ready=0
+        for img in "${names[@]}"; do
+            if [[ $tool == engine ]]; then
+                curl -sf "http://127.0.0.1:$J_PORT/metrics" 2>/dev/null |
+                    grep -F "csi_rbd_replicator_journal_caught_up_timestamp_seconds{" |
+                    grep -F "image=\"$img\"" >/dev/null && ready=$((ready + 1))
+            else
+                c_rbd site-b mirror image status "$POOL/$img" --format json 2>/dev/null |
+                    jq -e '.state == "up+replaying"' >/dev/null && ready=$((ready + 1))
+            fi
+        done
+        ((ready == ${#names[@]})) && break
+        sleep 0.2
+    done
+    ((ready == ${#names[@]})) || die "$tool: only $ready of ${#names[@]} journal replicas replay after ${BENCH_TIMEOUT}s"
+    log "$tool: ${#names[@]} journal-mode replicas replaying after $((n / 5)) s"
+    sleep 5
+    wait_quiet
+    c0=$(cpu_seconds "$pid")
+    sleep "$J_IDLE_SECONDS"
+    c1=$(cpu_seconds "$pid")
+    JRES[$tool.j0]=$(awk -v a="$c0" -v b="$c1" -v s="$J_IDLE_SECONDS" 'BEGIN { printf "%.1f", 100 * (b - a) / s }')
+    log "$tool (j0): CPU of the idle replaying process with ${#names[@]} journal images: ${JRES[$tool.j0]}% of a core"
+    wait_quiet
+    out=$(BENCH_TIMEOUT=$BENCH_TIMEOUT /usr/bin/python3 "$WORK/jbench.py" lag "$tool" "$POOL" "${p}j" "$J_WRITES" "$J_PORT")
+    JRES[$tool.j1]=$(jq -r '"\(.median) / \(.p99) / \(.max)"' <<<"$out")
+    log "$tool (j1): lag of $J_WRITES single 4 KiB writes, median / p99 / max s: ${JRES[$tool.j1]}"
+    wait_quiet
+    out=$(BENCH_TIMEOUT=$BENCH_TIMEOUT /usr/bin/python3 "$WORK/jbench.py" load "$tool" "$POOL" "${p}j" "$J_TOTAL" "$J_PORT")
+    JRES[$tool.j2]=$(jq -r '"rbd bench \(.bench_ops) writes in \(.bench_seconds) s (\(.bench_iops | floor) IOPS); catch-up \(.catch_up) s after it exited; max behind during the load: \(.max_entries_behind // "-") entries, \(.max_bytes_behind // "-") bytes"' <<<"$out")
+    JRES[$tool.j2c]=$(jq -r .catch_up <<<"$out")
+    JRES[$tool.j2s]=$(jq -c '[.samples[] | "\(.[0])s:\(.[1] // "-")"] | join(" ")' <<<"$out")
+    log "$tool (j2): ${JRES[$tool.j2]}"
+    log "$tool (j2): entries behind over time: ${JRES[$tool.j2s]}"
+}
 
 run_engine() {
-    local p=eng- sa="$WORK/a.sock" sb="$WORK/b.sock" phase pid_a pid_b out multi many rss r
+    local p=eng- sa="$WORK/a.sock" sb="$WORK/b.sock" phase pid_a pid_b out multi many rss r img jargs
     log "=== engine ==="
     mapfile -t multi < <(multi_names "$p")
     for phase in "${PHASES[@]}"; do
@@ -976,8 +1219,10 @@ run_engine() {
         start_sidecar site-a "$sa" "$WORK/sidecar-a.log" --no-replayer
         pid_a=$LAST_PID
         # shellcheck disable=SC2086 # BENCH_ENGINE_ARGS is a list of flags
+        jargs=()
+        [[ $phase != j ]] || jargs=(--metrics-address "127.0.0.1:$J_PORT")
         start_sidecar site-b "$sb" "$WORK/sidecar-b.log" --poll-interval "$BENCH_POLL" \
-            $BENCH_ENGINE_ARGS
+            $BENCH_ENGINE_ARGS "${jargs[@]}"
         pid_b=$LAST_PID
         perf_pid=""
         if [[ -n ${BENCH_PERF:-} ]]; then
@@ -1032,6 +1277,16 @@ run_engine() {
             out=$(helper engine-enable "$sa" "${many[@]}")
             record engine n "$out"
             ;;
+        j)
+            for img in "${p}j" $(j_names "$p"); do
+                grpcurl -plaintext -unix -authority localhost -d "{\"replication_source\": \
+                    {\"volume\": {\"volume_id\": \"$POOL/$img\"}}, \"parameters\": \
+                    {\"mirroringMode\": \"journal\"}}" "$sa" \
+                    replication.Controller/EnableVolumeReplication >/dev/null ||
+                    die "EnableVolumeReplication $img (journal) failed"
+            done
+            journal_phase engine "$p" "$pid_b"
+            ;;
         esac
         rss=$(vmhwm_mib "$pid_b")
         PRSS[engine.$phase]=$rss
@@ -1078,7 +1333,7 @@ start_rbd_mirror() {
 }
 
 run_mirror() {
-    local p=mir- phase pid out multi many rss r
+    local p=mir- phase pid out multi many rss r img
     log "=== rbd-mirror ==="
     mapfile -t multi < <(multi_names "$p")
     for phase in "${PHASES[@]}"; do
@@ -1122,6 +1377,12 @@ run_mirror() {
             out=$(helper mirror-enable "${many[@]}")
             record rbd-mirror n "$out"
             ;;
+        j)
+            for img in "${p}j" $(j_names "$p"); do
+                c_rbd site-a mirror image enable "$POOL/$img" journal >/dev/null
+            done
+            journal_phase rbd-mirror "$p" "$pid"
+            ;;
         esac
         rss=$(vmhwm_mib "$pid")
         PRSS[rbd-mirror.$phase]=$rss
@@ -1143,7 +1404,7 @@ run_export() {
     for phase in "${PHASES[@]}"; do
         # (d) serial times Enable/Promote calls; (e) and (f) are about the replaying
         # process (memory, many images), which export-diff does not have.
-        case $phase in ds | m1 | mt | n) continue ;; esac
+        case $phase in ds | m1 | mt | n | j) continue ;; esac
         room_for "$phase" || continue
         pool_create 0
         write_images "$p" "$phase"
@@ -1271,6 +1532,20 @@ verdict() { # VALUE TARGET
             [[ -n ${RES[engine.$s]:-} && -n ${COPY[$s]:-} ]] || continue
             echo "  ${TITLE[$s]}: lastSyncDuration ${COPY[$s]:-?}s (max over images); ${NOTES[$s]:-}"
             sed 's/^/    /' "$WORK/timeline-$s.txt" 2>/dev/null || true
+        done
+    fi
+    if [[ -n ${JRES[engine.j1]:-}${JRES[rbd-mirror.j1]:-} ]]; then
+        echo
+        echo "journal mode (j), engine vs rbd-mirror (what each figure includes: the header of deploy/dev/bench.sh):"
+        printf '%-52s %22s %22s\n' scenario engine rbd-mirror
+        printf '%-52s %22s %22s\n' "(j0) idle CPU, $((J_IDLE + 1)) journal images (% of a core)" \
+            "${JRES[engine.j0]:--}" "${JRES[rbd-mirror.j0]:--}"
+        printf '%-52s %22s %22s\n' "(j1) 4 KiB write lag, median / p99 / max (s)" \
+            "${JRES[engine.j1]:--}" "${JRES[rbd-mirror.j1]:--}"
+        printf '%-52s %22s %22s\n' "(j2) catch-up after rbd bench $J_TOTAL rand 4K (s)" \
+            "${JRES[engine.j2c]:--}" "${JRES[rbd-mirror.j2c]:--}"
+        for t in engine rbd-mirror; do
+            [[ -z ${JRES[$t.j2]:-} ]] || echo "  $t (j2): ${JRES[$t.j2]}; entries behind every second: ${JRES[$t.j2s]}"
         done
     fi
     if ((${#BUSY_NOTE[@]})); then

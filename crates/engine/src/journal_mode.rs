@@ -49,8 +49,21 @@ pub const MODE: &str = "journal";
 /// The prefix of this replicator's client ids in a primary's journal.
 pub const CLIENT_PREFIX: &str = "csirr-";
 
-/// How long the replay loop waits between polls of an idle journal.
+/// How long the replay loop waits before it tries again when a role change
+/// holds the image.
 pub const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Default of `--journal-probe-interval`: how often an idle replica checks
+/// (one stat) whether the object where the primary's next entry lands grew.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Default of `--journal-poll-interval`: how often an idle replica reads the
+/// primary's journal in full when nothing woke it.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Unread journal bytes read to count the entries behind at most; beyond
+/// them the count is estimated from the mean entry size.
+const BEHIND_SCAN_LIMIT: u64 = 4 << 20;
 
 /// Default of `--journal-max-sets-behind`: with librbd's defaults (16 MiB
 /// objects, splay width 4) 32 sets are 2 GiB of journal.
@@ -157,6 +170,74 @@ fn journal_err(e: JournalError, what: &str) -> EngineError {
     }
 }
 
+/// Wakes the replay loop when the primary's journal header is notified.
+/// librbd notifies it (checked on 16.2.15, see docs/journal.md) at a new tag
+/// (every lock acquisition), a new active object set, a client's commit
+/// (librbd's own every 5 s while it writes, and at close), registration and
+/// trim; never at an append.
+struct HeaderWake {
+    flag: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    watch: Option<ceph::Watch>,
+}
+
+impl HeaderWake {
+    fn new() -> Self {
+        Self {
+            flag: Arc::default(),
+            watch: None,
+        }
+    }
+
+    /// Watches the header of `journal` unless a healthy watch is there;
+    /// whether one is. A failure is logged: the loop then reads the journal
+    /// in full at every probe interval. Blocking.
+    fn ensure(&mut self, journal: &Journal, key: &str) -> bool {
+        if self.watch.as_ref().is_some_and(ceph::Watch::healthy) {
+            return true;
+        }
+        // Dropped before a new one: unwatching waits for its callbacks.
+        self.watch = None;
+        let flag = Arc::clone(&self.flag);
+        let on_event = Box::new(move || {
+            let (m, cv) = &*flag;
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
+        });
+        match ceph::Watch::new(journal.header_ioctx(), &journal.header_oid(), on_event) {
+            Ok(w) => {
+                tracing::debug!(image = %key, object = %w.object(), "watching the primary's journal header");
+                self.watch = Some(w);
+                // Whatever was notified while no watch was there.
+                self.raise();
+                true
+            }
+            Err(e) => {
+                tracing::warn!(image = %key, error = %e, "cannot watch the primary's journal header; reading it in full at every probe");
+                false
+            }
+        }
+    }
+
+    fn raise(&self) {
+        let (m, cv) = &*self.flag;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Whether a notification came since the last call.
+    fn take(&self) -> bool {
+        std::mem::take(&mut *self.flag.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Waits up to `timeout`, less when a notification comes (it stays
+    /// raised for [`HeaderWake::take`]).
+    fn wait(&self, timeout: Duration) {
+        let (m, cv) = &*self.flag;
+        let g = m.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = cv.wait_timeout_while(g, timeout, |raised| !*raised);
+    }
+}
+
 /// What a journal-mode replica reports about itself.
 struct Progress {
     /// The start of the newest poll that found nothing more to replay:
@@ -169,6 +250,13 @@ struct Progress {
     sets_behind: Option<u64>,
     /// Bytes of the primary's journal not replayed yet, as last checked.
     bytes_behind: Option<u64>,
+    /// Entries of the primary's journal not replayed yet, as last checked.
+    entries_behind: Option<u64>,
+    /// Full reads since the last metrics update, by cause: a header
+    /// notification, a probe that found an entry, the poll interval.
+    by_watch: u64,
+    by_probe: u64,
+    by_poll: u64,
     last_report: Option<Instant>,
 }
 
@@ -193,8 +281,11 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
     let local_reg = Registry::new(Arc::clone(&local_io));
     let peer_reg = Registry::new(Arc::clone(&peer_io));
     let fsid = local.fsid().to_string();
-    // Journal bytes left to replay, as last measured (the loop sets it).
+    // Journal bytes and entries left to replay and the entry rate, as last
+    // measured (the loop sets them).
     let pending = std::cell::Cell::new(None::<u64>);
+    let pending_entries = std::cell::Cell::new(None::<u64>);
+    let entry_rate = std::cell::Cell::new(None::<u64>);
     let report = |st: ReplayState, message: String, last: Option<SyncPoint>, rate: Option<u64>| {
         let s = ReplicaStatus {
             replica_fsid: fsid.clone(),
@@ -205,6 +296,8 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             last_sync: last,
             bytes_pending: pending.get(),
             bytes_per_sec: rate,
+            entries_pending: pending_entries.get(),
+            entries_per_sec: entry_rate.get(),
             updated_at: Utc::now(),
         };
         if let Err(e) = peer_reg.put_status(&job.primary.image_id, &s) {
@@ -311,6 +404,9 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
     };
     let cfg = ReplayConfig {
         commit_every: 1024,
+        // Back to the loop at least every 4096 entries while it works off a
+        // backlog: the checks, the entries behind and the reports go on.
+        max_per_call: 4096,
         ..ReplayConfig::default()
     };
     let mut replayer = JournalReplayer::start(journal, &client, replica, cfg)?;
@@ -339,11 +435,27 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         metered: replayer.stats(),
         sets_behind: None,
         bytes_behind: None,
+        entries_behind: None,
+        by_watch: 0,
+        by_probe: 0,
+        by_poll: 0,
         last_report: None,
     };
-    let mut last_check = Instant::now();
+    let probe_every = engine.cfg.journal_probe_interval;
+    let mut wake = HeaderWake::new();
+    // Watched before the first read, so that nothing notified after it is
+    // missed.
+    let mut watching = wake.ensure(replayer.journal(), &key);
+    // The first turn checks (and sizes what is behind) at once.
+    let mut last_check = Instant::now()
+        .checked_sub(CHECK_EVERY)
+        .unwrap_or_else(Instant::now);
     let mut generation = slot.generation();
     let mut demoted_at = rec.journal.as_ref().and_then(|j| j.demoted_at);
+    // The last full read of the journal, and whether it found entries (then
+    // the next turn reads again at once).
+    let mut last_full: Option<Instant> = None;
+    let mut busy = true;
     loop {
         if cancelled() || slot.cancelled() {
             return Ok(());
@@ -354,12 +466,13 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 tracing::info!(image = %key, "the primary no longer asks for journal replication; stopping");
                 return Ok(());
             }
+            watching = wake.ensure(replayer.journal(), &key);
             p.sets_behind = sets_behind(replayer.journal(), &client, &key)?;
-            p.bytes_behind = match replayer.bytes_behind() {
-                Ok(b) => Some(b),
+            (p.bytes_behind, p.entries_behind) = match replayer.behind(BEHIND_SCAN_LIMIT) {
+                Ok(b) => (Some(b.bytes), Some(b.entries)),
                 Err(e) => {
                     tracing::debug!(image = %key, error = %e, "cannot size what is left to replay");
-                    None
+                    (None, None)
                 }
             };
             if let Some(behind) = p
@@ -377,69 +490,115 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 );
             }
         }
-        let Some(guard) = slot.try_enter() else {
-            // A role change works on the image.
-            std::thread::sleep(IDLE_POLL);
-            continue;
+        // Without a watch, every probe interval reads in full (no
+        // notification says when a new tag or object set starts).
+        let poll_every = if watching {
+            engine.cfg.journal_poll_interval
+        } else {
+            probe_every.min(engine.cfg.journal_poll_interval)
         };
-        if slot.generation() != generation {
-            // A role change ran meanwhile: replay on only if the image is
-            // still this primary's replica.
-            generation = slot.generation();
-            let now = local_reg.get(&rec.image_id)?;
-            if !now.as_ref().is_some_and(|r| {
-                r.role == Role::Secondary
-                    && r.journal.is_some()
-                    && r.primary
-                        .as_ref()
-                        .is_some_and(|p| p.image_id == job.primary.image_id)
-            }) {
-                tracing::info!(image = %key, role = ?now.map(|r| r.role), "a role change took the image; journal replay stops");
-                return Ok(());
-            }
-        }
         let t0 = Utc::now();
-        let n = replayer.replay_available()?;
-        if replayer.demoted() != demoted_at {
-            // Recorded under the slot: a planned promotion reads it.
-            let mut r = local_reg.get(&rec.image_id)?.ok_or_else(|| {
-                EngineError::Internal(format!("replica {key} lost its registry record"))
-            })?;
-            if let Some(j) = r.journal.as_mut() {
-                j.demoted_at = replayer.demoted();
+        let notified = wake.take();
+        let timed = last_full.is_none_or(|t| t.elapsed() >= poll_every);
+        let mut full = busy || notified || timed;
+        if !full {
+            if replayer.probe()? {
+                full = true;
+                p.by_probe += 1;
+            } else if p.caught_up.is_some() {
+                // Nothing where the next entry lands, and no new tag or
+                // object set notified: caught up at the probe's start.
+                p.caught_up = Some(t0);
             }
-            local_reg.put(&mut r)?;
-            demoted_at = replayer.demoted();
-            if let Some(t) = demoted_at {
-                tracing::info!(image = %key, tag = t, "the primary was demoted; the replica holds everything it wrote");
+        } else if !busy {
+            if notified {
+                p.by_watch += 1;
+            } else {
+                p.by_poll += 1;
             }
         }
-        drop(guard);
-        if n == 0 {
-            if p.caught_up.is_none() {
-                tracing::info!(image = %key, skipped_io = replayer.stats().skipped_io, "journal replay caught up");
+        let mut n = 0;
+        if full {
+            let Some(guard) = slot.try_enter() else {
+                // A role change works on the image.
+                busy = true;
+                std::thread::sleep(IDLE_POLL);
+                continue;
+            };
+            if slot.generation() != generation {
+                // A role change ran meanwhile: replay on only if the image is
+                // still this primary's replica.
+                generation = slot.generation();
+                let now = local_reg.get(&rec.image_id)?;
+                if !now.as_ref().is_some_and(|r| {
+                    r.role == Role::Secondary
+                        && r.journal.is_some()
+                        && r.primary
+                            .as_ref()
+                            .is_some_and(|p| p.image_id == job.primary.image_id)
+                }) {
+                    tracing::info!(image = %key, role = ?now.map(|r| r.role), "a role change took the image; journal replay stops");
+                    return Ok(());
+                }
             }
-            p.caught_up = Some(t0);
+            last_full = Some(Instant::now());
+            n = replayer.replay_available()?;
+            if replayer.demoted() != demoted_at {
+                // Recorded under the slot: a planned promotion reads it.
+                let mut r = local_reg.get(&rec.image_id)?.ok_or_else(|| {
+                    EngineError::Internal(format!("replica {key} lost its registry record"))
+                })?;
+                if let Some(j) = r.journal.as_mut() {
+                    j.demoted_at = replayer.demoted();
+                }
+                local_reg.put(&mut r)?;
+                demoted_at = replayer.demoted();
+                if let Some(t) = demoted_at {
+                    tracing::info!(image = %key, tag = t, "the primary was demoted; the replica holds everything it wrote");
+                }
+            }
+            drop(guard);
+            busy = n > 0;
+            if n == 0 {
+                if p.caught_up.is_none() {
+                    tracing::info!(image = %key, skipped_io = replayer.stats().skipped_io, "journal replay caught up");
+                }
+                p.caught_up = Some(t0);
+                // The entries behind stay as the last check counted them:
+                // a read that found nothing under load (the next entry's
+                // append not done yet while later ones are) is no proof
+                // that nothing is behind.
+            }
         }
         let stats = replayer.stats();
-        engine.metrics.journal_progress(
-            &labels,
-            &csirr_metrics::JournalProgress {
-                entries: stats.entries - p.metered.entries,
-                io_bytes: stats.io_bytes - p.metered.io_bytes,
-                caught_up: p.caught_up,
-                sets_behind: p.sets_behind,
-                bytes_behind: p.bytes_behind,
-            },
-        );
-        p.metered = stats;
+        if full || p.last_report.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
+            engine.metrics.journal_progress(
+                &labels,
+                &csirr_metrics::JournalProgress {
+                    entries: stats.entries - p.metered.entries,
+                    io_bytes: stats.io_bytes - p.metered.io_bytes,
+                    caught_up: p.caught_up,
+                    sets_behind: p.sets_behind,
+                    bytes_behind: p.bytes_behind,
+                    entries_behind: p.entries_behind,
+                    watch_wakeups: std::mem::take(&mut p.by_watch),
+                    probe_hits: std::mem::take(&mut p.by_probe),
+                    timed_polls: std::mem::take(&mut p.by_poll),
+                },
+            );
+            p.metered = stats;
+        }
         if p.last_report.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
             let secs = p.since.elapsed().as_secs_f64().max(0.001);
             let rate = ((stats.io_bytes - p.base.io_bytes) as f64 / secs) as u64;
+            let entries_rate = ((stats.entries - p.base.entries) as f64 / secs) as u64;
             let behind = p
-                .sets_behind
-                .map(|b| format!(", {b} object sets behind the primary's active set"))
+                .entries_behind
+                .map(|e| format!(", {e} entries behind"))
                 .unwrap_or_default()
+                + &p.sets_behind
+                    .map(|b| format!(", {b} object sets behind the primary's active set"))
+                    .unwrap_or_default()
                 + &p.bytes_behind
                     .map(|b| format!(", {b} journal bytes to replay"))
                     .unwrap_or_default();
@@ -464,7 +623,10 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 ),
                 (_, false) => (
                     ReplayState::Syncing,
-                    format!("journal: replaying ({n} entries in the last poll){behind}"),
+                    format!(
+                        "journal: replaying ({n} entries in the last poll, {entries_rate} \
+                         entries/s){behind}"
+                    ),
                 ),
             };
             let last = p.caught_up.map(|t| SyncPoint {
@@ -475,13 +637,24 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 bytes: stats.io_bytes,
             });
             pending.set(p.bytes_behind);
+            pending_entries.set(p.entries_behind);
+            entry_rate.set(Some(entries_rate));
             report(state, msg, last, Some(rate));
             p.last_report = Some(Instant::now());
             p.since = Instant::now();
             p.base = stats;
         }
-        if n == 0 {
-            std::thread::sleep(IDLE_POLL);
+        if !busy {
+            // Until the next probe, the next full read, or a notification.
+            let until_full = last_full
+                .map(|t| poll_every.saturating_sub(t.elapsed()))
+                .unwrap_or_default();
+            let wait = probe_every
+                .min(until_full)
+                .min(CHECK_EVERY.saturating_sub(last_check.elapsed()));
+            if !wait.is_zero() {
+                wake.wait(wait);
+            }
         }
     }
 }
@@ -503,6 +676,8 @@ pub fn report_failure(engine: &Engine, job: &Job, err: &EngineError) {
         last_sync: None,
         bytes_pending: None,
         bytes_per_sec: None,
+        entries_pending: None,
+        entries_per_sec: None,
         updated_at: Utc::now(),
     };
     if let Err(e) = Registry::new(peer_io).put_status(&job.primary.image_id, &st) {

@@ -58,6 +58,10 @@ pub struct ReplayConfig {
     /// moved this client's oldest set (librbd trims only while it has the
     /// image open).
     pub trim: bool,
+    /// Entries one [`JournalReplayer::replay_available`] takes at most (it
+    /// returns earlier only when nothing more is readable), so that a
+    /// caller replaying a backlog gets control back to report progress.
+    pub max_per_call: u64,
 }
 
 impl Default for ReplayConfig {
@@ -68,6 +72,7 @@ impl Default for ReplayConfig {
             batch: 1024,
             max_read: csirr_journal::reader::DEFAULT_MAX_READ,
             trim: true,
+            max_per_call: u64::MAX,
         }
     }
 }
@@ -298,6 +303,19 @@ impl JournalReplayer {
         Ok(self.reader.bytes_behind(&self.journal)?)
     }
 
+    /// Entries and bytes of the primary's journal not replayed yet (see
+    /// [`csirr_journal::JournalReader::entries_behind`]; up to
+    /// `scan_limit` unread bytes are read to count them). Blocking.
+    pub fn behind(&self, scan_limit: u64) -> ReplayResult<csirr_journal::Behind> {
+        Ok(self.reader.entries_behind(&self.journal, scan_limit)?)
+    }
+
+    /// Whether an entry may be readable at the place the next one lands
+    /// (one stat; see [`csirr_journal::JournalReader::probe`]). Blocking.
+    pub fn probe(&self) -> ReplayResult<bool> {
+        Ok(self.reader.probe(&self.journal)?)
+    }
+
     /// The counters.
     pub fn stats(&self) -> ReplayStats {
         self.stats
@@ -318,13 +336,18 @@ impl JournalReplayer {
         &self.journal
     }
 
-    /// Applies every entry readable now, committing in batches and once at
-    /// the end; returns how many entries it took.
+    /// Applies every entry readable now (at most `max_per_call`),
+    /// committing in batches and once at the end; returns how many entries
+    /// it took.
     pub fn replay_available(&mut self) -> ReplayResult<u64> {
         let mut taken = 0u64;
         let mut since_commit = 0u64;
         loop {
-            let batch = self.reader.poll(&self.journal, self.cfg.batch)?;
+            let want = (self.cfg.batch as u64).min(self.cfg.max_per_call.saturating_sub(taken));
+            if want == 0 {
+                break;
+            }
+            let batch = self.reader.poll(&self.journal, want as usize)?;
             if batch.is_empty() {
                 break;
             }
@@ -338,7 +361,7 @@ impl JournalReplayer {
                     since_commit = 0;
                 }
             }
-            if n < self.cfg.batch {
+            if (n as u64) < want {
                 break;
             }
         }

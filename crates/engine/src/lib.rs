@@ -94,6 +94,14 @@ pub struct EngineConfig {
     /// Journal mode: object sets a replica may be behind the primary's
     /// active set before it is resynced from a new snapshot.
     pub journal_max_sets_behind: u64,
+    /// Journal mode: how often the replay loop reads the primary's journal
+    /// in full (header and every splay offset) when nothing woke it: the
+    /// safety net for a lost notification on the journal header.
+    pub journal_poll_interval: Duration,
+    /// Journal mode: how often the replay loop checks (one stat) whether the
+    /// object where the primary's next entry lands grew. Appends notify
+    /// nobody, so this bounds the lag of a write at rest.
+    pub journal_probe_interval: Duration,
 }
 
 impl EngineConfig {
@@ -124,6 +132,8 @@ impl EngineConfig {
             max_concurrent_rpcs: 32,
             rpo_factor: status::DEFAULT_RPO_FACTOR,
             journal_max_sets_behind: journal_mode::DEFAULT_MAX_SETS_BEHIND,
+            journal_poll_interval: journal_mode::DEFAULT_POLL_INTERVAL,
+            journal_probe_interval: journal_mode::DEFAULT_PROBE_INTERVAL,
         }
     }
 }

@@ -363,6 +363,12 @@ pub struct ReplicaStatus {
     /// Copy rate of the running sync, bytes/s.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bytes_per_sec: Option<u64>,
+    /// Journal mode: entries of the primary's journal not replayed yet.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub entries_pending: Option<u64>,
+    /// Journal mode: entries replayed per second since the last report.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub entries_per_sec: Option<u64>,
     /// When this status was written (a heartbeat).
     pub updated_at: DateTime<Utc>,
 }

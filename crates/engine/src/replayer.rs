@@ -692,6 +692,8 @@ impl Reporter<'_> {
             last_sync: last,
             bytes_pending: None,
             bytes_per_sec: None,
+            entries_pending: None,
+            entries_per_sec: None,
             updated_at: Utc::now(),
         });
     }
@@ -1293,6 +1295,8 @@ fn delta(
                 last_sync: rec.last_sync.clone(),
                 bytes_pending: Some(total.saturating_sub(done_total)),
                 bytes_per_sec: Some((done as f64 / secs) as u64),
+                entries_pending: None,
+                entries_per_sec: None,
                 updated_at: Utc::now(),
             });
         }

@@ -132,6 +132,10 @@ pub struct ReplicaAssessment {
     pub bytes_per_sec: Option<u64>,
     /// `bytes_pending / bytes_per_sec`.
     pub eta_seconds: Option<u64>,
+    /// Journal mode: entries of the primary's journal not replayed yet.
+    pub entries_pending: Option<u64>,
+    /// Journal mode: entries replayed per second.
+    pub entries_per_sec: Option<u64>,
     /// Newest complete sync point.
     pub last_sync: Option<SyncPoint>,
     /// When the replayer last reported.
@@ -290,6 +294,13 @@ fn assess_replica(
         State::Stopped => format!("replication stopped: {}", st.message),
         _ => "replaying, idle".to_string(),
     };
+    let activity = match (st.entries_pending, st.entries_per_sec) {
+        (Some(e), Some(r)) if r > 0 => {
+            format!("{activity}, {e} journal entries behind, {r} entries/s")
+        }
+        (Some(e), _) => format!("{activity}, {e} journal entries behind"),
+        (None, _) => activity,
+    };
     let lag = lag_text(behind, st.last_sync.as_ref());
     let rpo_exceeded = behind.filter(|b| Duration::from_secs(*b) > threshold);
     let split_brain = st.message.starts_with("split-brain");
@@ -342,6 +353,8 @@ fn assess_replica(
         bytes_pending: pending,
         bytes_per_sec: rate.filter(|_| syncing),
         eta_seconds: eta(pending, rate).filter(|_| syncing),
+        entries_pending: st.entries_pending.filter(|_| !stale),
+        entries_per_sec: st.entries_per_sec.filter(|_| !stale),
         last_sync: st.last_sync.clone(),
         updated_at: st.updated_at,
         reported_seconds_ago: reported,
@@ -948,6 +961,12 @@ fn render_image(out: &mut String, img: &ImageStatus) {
         if let Some(v) = r.eta_seconds {
             field(out, j, "eta", format!("{v}s"));
         }
+        if let Some(v) = r.entries_pending {
+            field(out, j, "entries pending", v);
+        }
+        if let Some(v) = r.entries_per_sec {
+            field(out, j, "entry rate", format!("{v}/s"));
+        }
         match &r.last_sync {
             Some(l) => field(out, j, "last sync", sync_point_text(l)),
             None => field(out, j, "last sync", "none yet"),
@@ -1046,6 +1065,32 @@ mod tests {
             "replaying, idle; 42s behind (csirr-sync.0000000003)"
         );
         assert_eq!(a.last_sync, Some(point(3, 42)));
+    }
+
+    #[test]
+    fn journal_replicas_report_entries_behind_and_their_rate() {
+        let st = ReplicaStatus {
+            entries_pending: Some(120),
+            entries_per_sec: Some(900),
+            ..status(ReplayState::Idle, 2, Some(point(3, 1)))
+        };
+        let a = check(&primary("5m"), std::slice::from_ref(&st));
+        assert_eq!(
+            a.message,
+            "replaying, idle, 120 journal entries behind, 900 entries/s; 1s behind \
+             (csirr-sync.0000000003)"
+        );
+        assert_eq!(a.replicas[0].entries_pending, Some(120));
+        assert_eq!(a.replicas[0].entries_per_sec, Some(900));
+        // A silent replica's figures are not current.
+        let a = check(
+            &primary("5m"),
+            &[ReplicaStatus {
+                updated_at: ago(500),
+                ..st
+            }],
+        );
+        assert_eq!(a.replicas[0].entries_pending, None);
     }
 
     #[test]

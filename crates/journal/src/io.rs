@@ -486,13 +486,19 @@ impl Journal {
                 return Ok(Some(out));
             }
             let at = out.len();
-            out.resize(at + want, 0);
-            let n = match self.data_io.read(&oid, offset + at as u64, &mut out[at..]) {
-                Ok(n) => n,
+            // Not zeroed first: an idle replica reads at the end of its
+            // objects, where a read of `max_len` finds nothing.
+            let part = match self.data_io.read_to_vec(&oid, offset + at as u64, want) {
+                Ok(p) => p,
                 Err(e) if e.is_not_found() => return Ok(None),
                 Err(e) => return Err(e.into()),
             };
-            out.truncate(at + n);
+            let n = part.len();
+            if out.is_empty() {
+                out = part;
+            } else {
+                out.extend_from_slice(&part);
+            }
             if n < want {
                 return Ok(Some(out));
             }

@@ -47,7 +47,7 @@ pub use codec::{DecodeError, Decoder, Encoder};
 pub use entry::{Entry, EntryError, ObjectScan, ScanEnd, scan_object};
 pub use event::{Event, EventEntry, SnapEvent, UTime};
 pub use io::{Journal, JournalError, JournalResult, Layout, RecordedEntry};
-pub use reader::{CommitTracker, JournalReader, ReadEntry, ReaderStats};
+pub use reader::{Behind, CommitTracker, JournalReader, ReadEntry, ReaderStats};
 pub use types::{
     Client, ClientData, ClientState, ImageClientMeta, MirrorPeerClientMeta, MirrorPeerState,
     MirrorPeerSyncPoint, ObjectPosition, ObjectSetPosition, SnapshotNamespace, Tag, TagData,

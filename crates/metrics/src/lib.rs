@@ -113,6 +113,14 @@ struct StateLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WakeupLabels {
+    pool: String,
+    namespace: String,
+    image: String,
+    cause: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RpcLabels {
     method: String,
     code: &'static str,
@@ -157,6 +165,17 @@ pub struct JournalProgress {
     pub sets_behind: Option<u64>,
     /// Bytes of the primary's journal not replayed yet (an estimate).
     pub bytes_behind: Option<u64>,
+    /// Entries of the primary's journal not replayed yet.
+    pub entries_behind: Option<u64>,
+    /// Full reads of the journal started by a notification on its header
+    /// since the last report.
+    pub watch_wakeups: u64,
+    /// Full reads of the journal started by a probe that found a new entry
+    /// since the last report.
+    pub probe_hits: u64,
+    /// Full reads of the journal started by the safety-net poll interval
+    /// since the last report.
+    pub timed_polls: u64,
 }
 
 /// The metrics of one process. Shared as an `Arc`; every method is cheap
@@ -181,6 +200,8 @@ pub struct Metrics {
     journal_resyncs: Counter,
     journal_behind: Family<ImageLabels, Gauge>,
     journal_bytes_behind: Family<ImageLabels, Gauge>,
+    journal_entries_behind: Family<ImageLabels, Gauge>,
+    journal_wakeups: Family<WakeupLabels, Counter>,
     /// Images with per-image series, for [`Metrics::retain_images`].
     images: Mutex<HashSet<ImageLabels>>,
 }
@@ -234,6 +255,8 @@ impl Metrics {
             journal_resyncs: Counter::default(),
             journal_behind: Family::default(),
             journal_bytes_behind: Family::default(),
+            journal_entries_behind: Family::default(),
+            journal_wakeups: Family::default(),
             images: Mutex::default(),
             registry: Registry::default(),
         };
@@ -340,6 +363,19 @@ impl Metrics {
             Unit::Bytes,
             m.journal_bytes_behind.clone(),
         );
+        registry.register(
+            "journal_behind_entries",
+            "Entries of the primary's journal the replica has not replayed yet: counted in \
+             up to 4 MiB of unread journal, estimated from their mean size beyond (journal mode)",
+            m.journal_entries_behind.clone(),
+        );
+        registry.register(
+            "journal_wakeups",
+            "Full reads of the primary's journal by the replay loop, by cause: watch (a \
+             notification on the journal header), probe (the object where the next entry \
+             lands grew), poll (the safety-net interval) (journal mode)",
+            m.journal_wakeups.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -362,6 +398,27 @@ impl Metrics {
             self.journal_bytes_behind
                 .get_or_create(img)
                 .set(gauge_i64(b));
+        }
+        if let Some(n) = p.entries_behind {
+            self.journal_entries_behind
+                .get_or_create(img)
+                .set(gauge_i64(n));
+        }
+        for (cause, n) in [
+            ("watch", p.watch_wakeups),
+            ("probe", p.probe_hits),
+            ("poll", p.timed_polls),
+        ] {
+            if n > 0 {
+                self.journal_wakeups
+                    .get_or_create(&WakeupLabels {
+                        pool: img.pool.clone(),
+                        namespace: img.namespace.clone(),
+                        image: img.image.clone(),
+                        cause,
+                    })
+                    .inc_by(n);
+            }
         }
         if let Some(t) = p.caught_up {
             self.journal_caught_up
@@ -457,6 +514,15 @@ impl Metrics {
         self.journal_caught_up.remove(img);
         self.journal_behind.remove(img);
         self.journal_bytes_behind.remove(img);
+        self.journal_entries_behind.remove(img);
+        for cause in ["watch", "probe", "poll"] {
+            self.journal_wakeups.remove(&WakeupLabels {
+                pool: img.pool.clone(),
+                namespace: img.namespace.clone(),
+                image: img.image.clone(),
+                cause,
+            });
+        }
         for s in REPLICA_STATES {
             self.state.remove(&state_labels(img, s));
         }
