@@ -516,6 +516,28 @@ impl Engine {
         Ok(())
     }
 
+    /// Refuses (UNAVAILABLE, retry) when a member was written after cut
+    /// `name`: librbd needs the members' locks free to take the group
+    /// snapshot, so this process can lock them only after it, and a client
+    /// that opened a member in between could have written after the cut.
+    fn unwritten_since(&self, io: &Arc<IoCtx>, members: &[MemberRef], name: &str) -> Result<()> {
+        for m in members {
+            let img = Image::open_by_id_read_only(io, &m.image_id, None)
+                .ctx(|| format!("opening group member {}", m.image_name))?;
+            let size = img.size().ctx(|| m.image_name.clone())?;
+            let written =
+                crate::copy::changed_extents(&img, Some(name), size, self.cfg.limits.chunk, false)?;
+            if !written.is_empty() {
+                return Err(EngineError::Unavailable(format!(
+                    "group member {} was written after the demotion cut {name} (a client \
+                     opened it meanwhile); retry once the application has stopped",
+                    m.image_name
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn release_members(&self, io: &IoCtx, members: &[MemberRef]) {
         for m in members {
             self.held.release(&Self::member_key(io, &m.image_name));
@@ -590,6 +612,7 @@ impl Engine {
         // snapshot itself; this process keeps them from then on.
         let (name, _) = self.take_cut(&g.io, g.id.uuid())?;
         let demoted = self.hold_members(&g.io, &refs).and_then(|()| {
+            self.unwritten_since(&g.io, &refs, &name)?;
             rec.role = Role::Demoted;
             rec.members = refs.clone();
             rec.demotion_cut = Some(name.clone());
