@@ -8,8 +8,9 @@
 //! with volumes; one more cinder volume created after `migrate start`; two
 //! images written while the migration runs. After the switch every image on
 //! the target equals the source at its final sync point (native `rbd
-//! export` checksums, and the switch's own `--verify`), and the downtime the
-//! switch measured is printed.
+//! export` checksums, and the switch's own `--verify`), the nova clones are
+//! clones of the target's glance image at the same snapshot, and the
+//! downtime the switch measured is printed.
 
 mod common;
 
@@ -278,18 +279,21 @@ async fn migration_of_glance_nova_cinder_pools() {
         ));
     }
 
-    // Clones without --flatten: refused, naming them, nothing enrolled.
-    let o = migrate("start", &a, &b, &pools, &["--json"]);
-    eprintln!("$ migrate start (no --flatten)\n{}", text(&o));
+    // Clones whose parent's pool is not migrated, without --flatten:
+    // refused, naming them, nothing enrolled.
+    let o = migrate("start", &a, &b, &pools[1..], &["--json"]);
+    eprintln!("$ migrate start (nova and cinder only)\n{}", text(&o));
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let err = json(&o)["error"].as_str().unwrap().to_string();
     assert!(err.contains(&format!("{}/vm-0", nova.name)), "{err}");
+    assert!(err.contains(&format!("parent {base_snap}")), "{err}");
     assert!(err.contains("--flatten"), "{err}");
-    assert_eq!(role(&ga, "base"), "none");
+    assert_eq!(role(&na, "vm-0"), "none");
     assert_eq!(role(&ca, "vol-0"), "none");
 
-    let o = migrate("start", &a, &b, &pools, &["--flatten", "--schedule", "5s"]);
-    eprintln!("$ migrate start --flatten\n{}", text(&o));
+    // With glance migrated too, the clones stay clones.
+    let o = migrate("start", &a, &b, &pools, &["--schedule", "5s"]);
+    eprintln!("$ migrate start\n{}", text(&o));
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let t = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(t.contains("migration site-a -> site-b started"), "{t}");
@@ -300,7 +304,13 @@ async fn migration_of_glance_nova_cinder_pools() {
         )),
         "{t}"
     );
-    assert!(t.contains("clones replicated as flat copies"), "{t}");
+    assert!(
+        t.contains(&format!(
+            "clones kept as clones: {}/vm-0 -> {base_snap}",
+            nova.name
+        )),
+        "{t}"
+    );
     for (io, n) in [(&ga, "base"), (&na, "vm-0"), (&na, "vm-1"), (&ca, "vol-0")] {
         assert_eq!(role(io, n), "primary", "{n}");
     }
@@ -432,6 +442,15 @@ async fn migration_of_glance_nova_cinder_pools() {
         );
         assert_eq!(role(&p.ioctx(Site::B), n), "primary", "{n}");
         assert_ne!(role(&p.ioctx(Site::A), n), "primary", "{n}");
+    }
+    // The nova disks are clones of the target's glance image at the same
+    // snapshot.
+    for vm in ["vm-0", "vm-1"] {
+        let info = rbd_ok(Site::B, &["info", &format!("{}/{vm}", nova.name)]);
+        assert!(
+            info.contains(&format!("parent: {base_snap}")),
+            "{vm} on the target is not a clone of {base_snap}: {info}"
+        );
     }
     // The user snapshot of the glance base is on the target too.
     assert!(

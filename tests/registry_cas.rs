@@ -43,6 +43,7 @@ fn record(id: &str) -> ImageRecord {
         checkpoint: None,
         pending_snap: None,
         bandwidth_limit: None,
+        flatten_replica: false,
         demotion_snap: None,
         role_change: None,
         revision: Default::default(),

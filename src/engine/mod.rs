@@ -552,6 +552,7 @@ impl Engine {
                 last_sync: None,
                 checkpoint: None,
                 bandwidth_limit: None,
+                flatten_replica: false,
                 demotion_snap: None,
                 role_change: None,
                 pending_snap: None,
@@ -560,10 +561,12 @@ impl Engine {
         };
         rec.schedule = schedule;
         rec.bandwidth_limit = params.bandwidth_limit;
+        // How the replica of a clone is made is decided when it is created
+        // (the replayer's `clone_plan`); a later change applies to replicas
+        // created after it.
+        rec.flatten_replica = params.flatten_replica;
         // ceph-csi's flattenMode: `force` detaches a clone from its parent
-        // first. Replicas are flat copies either way (a clone's first sync
-        // reads through to its parent); flattening only frees the primary
-        // from its parent.
+        // first (its replica is then a plain image too).
         if params.flatten_mode == FlattenMode::Force
             && vol.image.parent_overlap().ctx(|| vol.image.spec())? > 0
         {

@@ -215,6 +215,10 @@ pub struct ImageRecord {
     /// `bandwidthLimit` parameter; applied by the replayer.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bandwidth_limit: Option<u64>,
+    /// Primary: the replica of this image, when it is a clone, is a flat
+    /// copy even when its parent is replicated (`replicaClones=flatten`).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub flatten_replica: bool,
     /// Demoted: the final sync snapshot taken by DemoteVolume.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub demotion_snap: Option<String>,
@@ -688,6 +692,7 @@ mod tests {
             last_sync: None,
             checkpoint: None,
             bandwidth_limit: Some(1 << 20),
+            flatten_replica: false,
             demotion_snap: None,
             role_change: None,
             pending_snap: None,
