@@ -44,6 +44,8 @@ fn record(id: &str) -> ImageRecord {
         pending_snap: None,
         bandwidth_limit: None,
         flatten_replica: false,
+        live_migration: None,
+        migrated_from: None,
         demotion_snap: None,
         role_change: None,
         revision: Default::default(),

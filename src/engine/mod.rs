@@ -19,6 +19,7 @@ pub mod journal_mode;
 pub mod journal_replay;
 pub mod journal_roles;
 pub mod lease;
+pub mod live_migration;
 pub mod migrate;
 pub mod oplock;
 pub mod pool;
@@ -553,6 +554,8 @@ impl Engine {
                 checkpoint: None,
                 bandwidth_limit: None,
                 flatten_replica: false,
+                live_migration: None,
+                migrated_from: None,
                 demotion_snap: None,
                 role_change: None,
                 pending_snap: None,

@@ -784,6 +784,29 @@ fn sync_inner(
     })?;
     let local_reg = Registry::new(Arc::clone(&local_io));
 
+    // The primary is being live-migrated on its cluster: nothing is copied
+    // until the migration is committed (the record then names the new
+    // image) or aborted.
+    if let Some(lm) = &job.primary.live_migration {
+        let last = local_reg
+            .list()?
+            .into_iter()
+            .find(|r| r.image_name == job.primary.image_name)
+            .and_then(|r| r.last_sync);
+        reporter.report(
+            ReplayState::Stopped,
+            format!(
+                "the primary is being live-migrated (rbd migration, state {}, to {}): \
+                 replication is paused at its last sync point; it follows the new image after \
+                 `rbd migration commit` (same pool and name), and goes on as before after \
+                 `rbd migration abort`",
+                lm.state, lm.dest_name
+            ),
+            last,
+        );
+        return Ok(false);
+    }
+
     // The primary, read-only (a read-write handle would make this process
     // one of its clients; pruning opens one just for that), and its newest
     // sync snapshot.
@@ -839,14 +862,24 @@ fn sync_inner(
     )? {
         return Ok(false);
     }
-    if rec
+    if let Some(p) = rec
         .primary
-        .as_ref()
-        .is_some_and(|p| p.image_id != job.primary.image_id)
+        .clone()
+        .filter(|p| p.image_id != job.primary.image_id)
     {
-        return Err(EngineError::FailedPrecondition(format!(
-            "{key} here replicates another primary image than the peer's; not touching it"
-        )));
+        if job.primary.migrated_from.as_deref() != Some(p.image_id.as_str()) {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{key} here replicates another primary image than the peer's; not touching it"
+            )));
+        }
+        // A committed live-migration replaced the primary's image: its
+        // sync snapshots came along by name, so the replica follows it.
+        tracing::info!(image = %key, from = %p.image_id, to = %job.primary.image_id, "the primary was live-migrated: the replica follows its new image");
+        rec.primary = Some(PrimaryRef {
+            fsid: p.fsid,
+            image_id: job.primary.image_id.clone(),
+        });
+        local_reg.put(&mut rec)?;
     }
     // A sync point recorded before its snapshot existed (the process
     // stopped in between): take the snapshot before anything looks at or
@@ -1589,10 +1622,10 @@ fn open_or_create_replica(
         // decides whether it becomes a replica.
         Some(rec) if matches!(rec.role, Role::Primary | Role::Demoted) => Ok((img, rec, false)),
         Some(rec)
-            if rec
-                .primary
-                .as_ref()
-                .is_some_and(|p| p.image_id == job.primary.image_id) =>
+            if rec.primary.as_ref().is_some_and(|p| {
+                p.image_id == job.primary.image_id
+                    || job.primary.migrated_from.as_deref() == Some(p.image_id.as_str())
+            }) =>
         {
             Ok((img, rec, false))
         }
@@ -1783,6 +1816,8 @@ fn create_replica(
         checkpoint: None,
         bandwidth_limit: None,
         flatten_replica: false,
+        live_migration: None,
+        migrated_from: None,
         demotion_snap: None,
         role_change: None,
         pending_snap: None,
