@@ -53,6 +53,7 @@ pub async fn pool_mode(a: PoolModeArgs, enable: bool) -> std::process::ExitCode 
         scheduling_interval: a.schedule.clone(),
         scheduling_start_time: a.start_time.clone(),
         label: "pool enable".into(),
+        flatten_clones: false,
     };
     let r = if enable {
         c.pool_mode_enable(req).await
@@ -119,8 +120,10 @@ pub struct MigrateStartArgs {
     /// schedulingInterval of the sync points while the migration runs.
     #[arg(long, default_value = "1m")]
     pub schedule: String,
-    /// Migrate clones as flat copies (parent data included, no parent link
-    /// on the target); without it a pool with clones is refused.
+    /// Migrate every clone as a flat copy (parent data included, no parent
+    /// link on the target). Without it a clone stays a clone on the target
+    /// when its parent's pool is migrated too, and a clone whose parent is
+    /// not migrated is refused.
     #[arg(long)]
     pub flatten: bool,
 }

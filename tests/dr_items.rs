@@ -3,7 +3,8 @@
 //! times, Disable on a replica keeps DR, bad keys and unsupported modes get
 //! their codes, Promote applies the class' schedule, the destination's
 //! volume ID resolves on the peer; and clones replicate with their parent's
-//! data (issue 13.1).
+//! data (issue 13.1), or stay clones when their parent is replicated too
+//! (issue 17).
 
 mod common;
 
@@ -352,6 +353,104 @@ async fn clones_replicate_with_their_parent_data() {
     );
     let o = cli("verify", Site::A, &[&vid, "--json"]);
     assert!(o.status.success(), "{}", text(&o));
+}
+
+/// A clone whose parent is replicated too stays a clone on the replica, as
+/// rbd-mirror keeps it: the replica is a clone of the parent's replica at
+/// the same snapshot (`rbd info` names it), only the clone's own objects
+/// are copied (not the parent's data), and both read the same (the
+/// parent's data, the clone's writes, a discard over parent data); later
+/// deltas, a planned relocation to the replica's site and replication back
+/// keep the link on both sites.
+#[tokio::test]
+async fn clones_stay_clones_when_their_parent_is_replicated() {
+    let pool = TestPool::new("clonelink");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    let p = pool.name.clone();
+    drop(create_image_in(
+        &aio,
+        "golden",
+        32 * MIB,
+        &[(0, 8 << 20), (20 * MIB, 2 << 20)],
+        1,
+    ));
+    let base = format!("{p}/golden@base");
+    rbd_ok(Site::A, &["snap", "create", &base]);
+    rbd_ok(Site::A, &["snap", "protect", &base]);
+    let (gvid, cvid) = (format!("{p}/golden"), format!("{p}/child"));
+    rbd_ok(Site::A, &["clone", &base, &cvid]);
+    let child = Image::open(&aio, "child").unwrap();
+    write(&child, &[(4 * MIB, 1 << 20)], 2);
+    discard(&child, 20 * MIB, 1 << 20);
+    drop(child);
+    let hourly = [("schedulingInterval", "1h")];
+    let mut ca = a.controller().await;
+    // The parent first: a clone enabled while its parent is not replicated
+    // gets a flat replica.
+    for vid in [&gvid, &cvid] {
+        ca.enable_volume_replication(enable_req(Site::A, vid, &hourly))
+            .await
+            .expect("enable");
+    }
+    let first = first_sync(&aio, "child");
+    wait_replica_snap(&p, "child", &first, LONG).await;
+    let at = format!("{cvid}@{first}");
+    assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
+    let info = rbd_ok(Site::B, &["info", &cvid]);
+    assert!(
+        info.contains(&format!("parent: {base}")),
+        "the replica is not a clone of the parent's replica: {info}"
+    );
+    // The clone's own objects only (objects 1 and 5, 4 MiB each): a flat
+    // copy reads 10 MiB of the parent's data besides.
+    let rec = registry_record(&bio, "child").expect("replica record");
+    let bytes = rec["last_sync"]["bytes"].as_u64().unwrap();
+    eprintln!("MEASURED first sync of the clone: {bytes} bytes copied");
+    assert!(bytes <= 8 * MIB, "the parent's data was copied: {rec}");
+
+    // A delta of the clone.
+    let child = Image::open(&aio, "child").unwrap();
+    write(&child, &[(12 * MIB, 1 << 20), (30 * MIB, 512 << 10)], 3);
+    let next = format!("csirr-sync.{:010}", 900);
+    child.snap_create(&next).expect("sync snapshot");
+    drop(child);
+    wait_replica_snap(&p, "child", &next, LONG).await;
+    let at = format!("{cvid}@{next}");
+    assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
+
+    // Planned relocation of the clone to B: promoted there, still a clone;
+    // A follows it as a replica and stays a clone too.
+    ca.demote_volume(req::demote(Site::A, &cvid, false))
+        .await
+        .expect("demote the clone on A");
+    promote_planned(&b, &cvid, LONG).await;
+    resync_until_ready(&a, &cvid, false, LONG).await;
+    let bimg = Image::open(&bio, "child").expect("open the promoted clone on B");
+    write(&bimg, &[(8 * MIB, 1 << 20)], 4);
+    let back = format!("csirr-sync.{:010}", 950);
+    bimg.snap_create(&back).expect("sync snapshot on B");
+    drop(bimg);
+    let at = format!("{cvid}@{back}");
+    wait_until("A replicates B's clone", LONG, || {
+        sync_snaps_in(&aio, "child").contains(&back)
+    })
+    .await;
+    assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
+    for site in [Site::A, Site::B] {
+        let info = rbd_ok(site, &["info", &cvid]);
+        assert!(
+            info.contains(&format!("parent: {base}")),
+            "the clone lost its parent on {}: {info}",
+            site.id()
+        );
+    }
+    assert_eq!(
+        registry_record(&bio, "child").unwrap()["role"],
+        "primary",
+        "B is the clone's primary"
+    );
 }
 
 /// Every RPC answers within its deadline (UNAVAILABLE past it, the work

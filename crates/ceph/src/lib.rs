@@ -25,6 +25,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use objects::DataObjects;
 pub use rados::{Cluster, ConnectConfig, IoCtx, OmapCmp, WriteOp};
 pub use rbd::{
-    CreateOptions, Image, ImageInfo, ImageSpec, LockMode, MirrorPeer, SnapInfo, Watcher, features,
+    CreateOptions, Image, ImageInfo, ImageSpec, LockMode, MigrationStatus, MirrorPeer, ParentSpec,
+    SnapInfo, Watcher, features,
 };
 pub use watch::Watch;

@@ -107,6 +107,181 @@ pub fn create(io: &IoCtx, name: &str, size: u64, opts: &CreateOptions) -> Result
     check(ret, "rbd_create4", || format!("{}/{name}", io.spec())).map(|_| ())
 }
 
+/// Creates image `name` in `io` as a clone of `parent_name@parent_snap` in
+/// `parent_io` (`rbd clone`), in clone format 2: the parent snapshot needs
+/// no protection (whatever `rbd_default_clone_format` and the cluster's
+/// minimum client release say) and stays removable (librbd moves it to the
+/// trash namespace while clones hang off it). `opts` sets the child's
+/// features, order and striping; its size is the parent snapshot's.
+/// Blocking.
+pub fn clone(
+    parent_io: &IoCtx,
+    parent_name: &str,
+    parent_snap: &str,
+    io: &IoCtx,
+    name: &str,
+    opts: &CreateOptions,
+) -> Result<()> {
+    let pn = cstring(parent_name, "rbd_clone3")?;
+    let ps = cstring(parent_snap, "rbd_clone3")?;
+    let c = cstring(name, "rbd_clone3")?;
+    let mut o = ImageOptions::new();
+    o.set_u64(sys::RBD_IMAGE_OPTION_FORMAT, 2)?;
+    o.set_u64(sys::RBD_IMAGE_OPTION_CLONE_FORMAT, 2)?;
+    if let Some(f) = opts.features {
+        o.set_u64(sys::RBD_IMAGE_OPTION_FEATURES, f | features::LAYERING)?;
+    }
+    if let Some(order) = opts.order {
+        o.set_u64(sys::RBD_IMAGE_OPTION_ORDER, order)?;
+    }
+    if let Some((unit, count)) = opts.stripe {
+        o.set_u64(sys::RBD_IMAGE_OPTION_STRIPE_UNIT, unit)?;
+        o.set_u64(sys::RBD_IMAGE_OPTION_STRIPE_COUNT, count)?;
+    }
+    if let Some(dp) = &opts.data_pool {
+        o.set_str(sys::RBD_IMAGE_OPTION_DATA_POOL, dp)?;
+    }
+    // SAFETY: both ioctxs and the options handle are live for the call (the
+    // borrows and `o` outlive it); the three names are NUL-terminated
+    // CStrings owned by this frame, which librbd only reads during the call.
+    let ret = unsafe {
+        sys::rbd_clone3(
+            parent_io.raw(),
+            pn.as_ptr(),
+            ps.as_ptr(),
+            io.raw(),
+            c.as_ptr(),
+            o.0,
+        )
+    };
+    check(ret, "rbd_clone3", || {
+        format!(
+            "{}/{name} from {}/{parent_name}@{parent_snap}",
+            io.spec(),
+            parent_io.spec()
+        )
+    })
+    .map(|_| ())
+}
+
+/// A live-migration (`rbd migration prepare|execute|commit|abort`) an image
+/// takes part in, as `rbd status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationStatus {
+    /// The source image's pool id, namespace, name and id.
+    pub source_pool_id: i64,
+    /// See `source_pool_id`.
+    pub source_namespace: String,
+    /// See `source_pool_id`.
+    pub source_name: String,
+    /// See `source_pool_id`.
+    pub source_id: String,
+    /// The destination image's pool id, namespace, name and id.
+    pub dest_pool_id: i64,
+    /// See `dest_pool_id`.
+    pub dest_namespace: String,
+    /// See `dest_pool_id`.
+    pub dest_name: String,
+    /// See `dest_pool_id`.
+    pub dest_id: String,
+    /// `preparing`, `prepared`, `executing`, `executed`, `aborting`,
+    /// `error` or `unknown`.
+    pub state: &'static str,
+    /// librbd's description of the state (errors).
+    pub description: String,
+}
+
+/// The live-migration image `name` of `io` takes part in (as source or
+/// destination), `None` when it is in none. Blocking.
+pub fn migration_status(io: &IoCtx, name: &str) -> Result<Option<MigrationStatus>> {
+    let c = cstring(name, "rbd_migration_status")?;
+    // SAFETY: the struct is plain C data (integers, pointers, an enum whose
+    // zero is a valid variant) for which all-zero is valid; librbd fills it.
+    let mut st: sys::rbd_image_migration_status_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctx is live, c is NUL-terminated, st is a valid
+    // out-pointer of exactly the size passed.
+    let ret = unsafe {
+        sys::rbd_migration_status(
+            io.raw(),
+            c.as_ptr(),
+            &mut st,
+            std::mem::size_of::<sys::rbd_image_migration_status_t>(),
+        )
+    };
+    match check(ret, "rbd_migration_status", || {
+        format!("{}/{name}", io.spec())
+    }) {
+        Ok(_) => {}
+        // Not migrating: librbd finds no migration header.
+        Err(e) if matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::NotFound) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    }
+    let state = match st.state {
+        sys::RBD_IMAGE_MIGRATION_STATE_ERROR => "error",
+        sys::RBD_IMAGE_MIGRATION_STATE_PREPARING => "preparing",
+        sys::RBD_IMAGE_MIGRATION_STATE_PREPARED => "prepared",
+        sys::RBD_IMAGE_MIGRATION_STATE_EXECUTING => "executing",
+        sys::RBD_IMAGE_MIGRATION_STATE_EXECUTED => "executed",
+        sys::RBD_IMAGE_MIGRATION_STATE_ABORTING => "aborting",
+        _ => "unknown",
+    };
+    // SAFETY: on success librbd set every string field to a NUL-terminated
+    // string it owns until rbd_migration_status_cleanup below.
+    let out = unsafe {
+        MigrationStatus {
+            source_pool_id: st.source_pool_id,
+            source_namespace: lossy(st.source_pool_namespace),
+            source_name: lossy(st.source_image_name),
+            source_id: lossy(st.source_image_id),
+            dest_pool_id: st.dest_pool_id,
+            dest_namespace: lossy(st.dest_pool_namespace),
+            dest_name: lossy(st.dest_image_name),
+            dest_id: lossy(st.dest_image_id),
+            state,
+            description: lossy(st.state_description),
+        }
+    };
+    // SAFETY: frees exactly what rbd_migration_status allocated, once.
+    unsafe { sys::rbd_migration_status_cleanup(&mut st) };
+    Ok(Some(out))
+}
+
+/// Where a clone reads through to: its parent image and snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentSpec {
+    /// The parent's pool name.
+    pub pool: String,
+    /// The parent's RADOS namespace ("" for the default one).
+    pub namespace: String,
+    /// The parent image's name.
+    pub image_name: String,
+    /// The parent image's id.
+    pub image_id: String,
+    /// The parent snapshot's name.
+    pub snap_name: String,
+    /// The parent snapshot's id.
+    pub snap_id: u64,
+    /// The parent snapshot is a user snapshot (not one moved to the trash
+    /// namespace after its removal, nor a group or mirror snapshot).
+    pub user_snap: bool,
+}
+
+impl std::fmt::Display for ParentSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{}/{}@{}", self.pool, self.image_name, self.snap_name)
+        } else {
+            write!(
+                f,
+                "{}/{}/{}@{}",
+                self.pool, self.namespace, self.image_name, self.snap_name
+            )
+        }
+    }
+}
+
 /// One image of a pool/namespace listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
@@ -602,6 +777,43 @@ impl Image {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
             Err(e) => Err(e),
         }
+    }
+
+    /// The image's parent (at the snapshot it was opened at), `None` when
+    /// it is not a clone (or was flattened).
+    pub fn parent(&self) -> Result<Option<ParentSpec>> {
+        // SAFETY: both structs are plain C data (integers, pointers, a bool)
+        // for which all-zero is a valid value; librbd overwrites them.
+        let mut img: sys::rbd_linked_image_spec_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut snap: sys::rbd_snap_spec_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the handle is live; both are valid out-pointers that
+        // librbd fills only on success (strings it allocates).
+        let ret = unsafe { sys::rbd_get_parent(self.raw(), &mut img, &mut snap) };
+        match check(ret, "rbd_get_parent", || self.target()) {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        // SAFETY: on success librbd set every string field to a
+        // NUL-terminated string it owns until the cleanups below.
+        let out = unsafe {
+            ParentSpec {
+                pool: lossy(img.pool_name),
+                namespace: lossy(img.pool_namespace),
+                image_name: lossy(img.image_name),
+                image_id: lossy(img.image_id),
+                snap_name: lossy(snap.name),
+                snap_id: snap.id,
+                user_snap: snap.namespace_type == sys::RBD_SNAP_NAMESPACE_TYPE_USER,
+            }
+        };
+        // SAFETY: frees exactly what rbd_get_parent allocated, once.
+        unsafe {
+            sys::rbd_linked_image_spec_cleanup(&mut img);
+            sys::rbd_snap_spec_cleanup(&mut snap);
+        }
+        Ok(Some(out))
     }
 
     /// The prefix of the image's data object names, e.g.

@@ -12,6 +12,7 @@
 //! | `schedulingInterval` | `<n>m`, `<n>h`, `<n>d` (and `<n>s`, our extension for tests) | none (engine default) |
 //! | `schedulingStartTime` | ISO 8601 time of day or date-time | none |
 //! | `flattenMode` | `never`, `force` | `never` |
+//! | `replicaClones` | `linked`, `flatten` (ours: how the replica of a clone is made) | `linked` |
 //! | `force` | a Go `strconv.ParseBool` boolean (used by Disable) | `false` |
 //!
 //! As in ceph-csi: unknown keys are ignored (returned in
@@ -43,6 +44,10 @@ pub const SCHEDULING_INTERVAL_KEY: &str = "schedulingInterval";
 pub const SCHEDULING_START_TIME_KEY: &str = "schedulingStartTime";
 /// The `flattenMode` key.
 pub const FLATTEN_MODE_KEY: &str = "flattenMode";
+/// Key of how the replica of a clone is made (an extension of this
+/// sidecar): `linked` (a clone of the parent's replica when the parent is
+/// replicated, as rbd-mirror does) or `flatten` (always a flat copy).
+pub const REPLICA_CLONES_KEY: &str = "replicaClones";
 /// The `force` key (DisableVolumeReplication).
 pub const FORCE_KEY: &str = "force";
 /// Key of the per-image byte-rate cap (an extension of this sidecar), e.g.
@@ -250,6 +255,9 @@ pub struct ReplicationParams {
     pub force: bool,
     /// `bandwidthLimit`: byte-rate cap of this image's replication, bytes/s.
     pub bandwidth_limit: Option<u64>,
+    /// `replicaClones=flatten`: the replica of a clone is a flat copy even
+    /// when its parent is replicated.
+    pub flatten_replica: bool,
     /// Keys that were present but not used, sorted: unknown keys, and the
     /// scheduling keys in journal mode. Not part of [`to_map`](Self::to_map).
     pub ignored: Vec<String>,
@@ -282,6 +290,7 @@ impl ReplicationParams {
         let mut flatten = None;
         let mut force = None;
         let mut bandwidth = None;
+        let mut replica_clones = None;
         let mut ignored = Vec::new();
         for (key, value) in pairs {
             match key {
@@ -291,6 +300,7 @@ impl ReplicationParams {
                 FLATTEN_MODE_KEY => flatten = Some(value),
                 FORCE_KEY => force = Some(value),
                 BANDWIDTH_LIMIT_KEY => bandwidth = Some(value),
+                REPLICA_CLONES_KEY => replica_clones = Some(value),
                 _ => ignored.push(key.to_owned()),
             }
         }
@@ -336,6 +346,16 @@ impl ReplicationParams {
             }
         };
 
+        let flatten_replica = match replica_clones {
+            None | Some("linked") => false,
+            Some("flatten") => true,
+            Some(other) => {
+                return Err(ParamError::InvalidReplicaClones {
+                    value: other.to_owned(),
+                });
+            }
+        };
+
         let force = match force {
             None => false,
             Some(v) => parse_go_bool(v).ok_or_else(|| ParamError::InvalidForce {
@@ -363,6 +383,7 @@ impl ReplicationParams {
             flatten_mode,
             force,
             bandwidth_limit,
+            flatten_replica,
             ignored,
         })
     }
@@ -389,6 +410,9 @@ impl ReplicationParams {
         m.insert(FORCE_KEY.to_owned(), self.force.to_string());
         if let Some(b) = self.bandwidth_limit {
             m.insert(BANDWIDTH_LIMIT_KEY.to_owned(), b.to_string());
+        }
+        if self.flatten_replica {
+            m.insert(REPLICA_CLONES_KEY.to_owned(), "flatten".to_owned());
         }
         m
     }
@@ -645,6 +669,15 @@ pub enum ParamError {
          and \"force\""
     )]
     InvalidFlattenMode {
+        /// The value given.
+        value: String,
+    },
+    /// `replicaClones` has an unknown value.
+    #[error(
+        "replicaClones {value:?} is not supported; accepted values are \"linked\" (the \
+         default) and \"flatten\""
+    )]
+    InvalidReplicaClones {
         /// The value given.
         value: String,
     },

@@ -125,6 +125,37 @@ pub fn changed_extents(
     }
 }
 
+/// Lists the whole objects a clone `src` (opened at the target snapshot)
+/// holds itself, its parent's data left out (`diff_iterate2` from the
+/// image's creation with `include_parent` off), split at `chunk`
+/// boundaries: what a replica that is a clone of the same parent snapshot
+/// lacks. Whole objects, because an object the clone holds is read from it
+/// alone (zeroes past its end, never the parent's data), and a replica's
+/// object must be overwritten entirely after librbd copies it up from the
+/// replica's parent.
+pub fn own_extents(src: &Image, size: u64, chunk: u64) -> Result<Vec<Extent>> {
+    let mut out = Vec::new();
+    let r = src.diff_iterate::<_, std::convert::Infallible>(
+        None,
+        0,
+        size,
+        false,
+        true,
+        |off, len, exists| {
+            push_split(&mut out, off, len, exists, chunk);
+            Ok(())
+        },
+    );
+    match r {
+        Ok(()) => Ok(out),
+        Err(ceph::rbd::DiffError::Ceph(e)) => Err(EngineError::Ceph {
+            context: format!("listing the objects of clone {}", src.spec()),
+            source: e,
+        }),
+        Err(ceph::rbd::DiffError::Callback(never)) => match never {},
+    }
+}
+
 /// Appends `[off, off+len)` split at multiples of `chunk`.
 fn push_split(out: &mut Vec<Extent>, off: u64, len: u64, data: bool, chunk: u64) {
     let end = off.saturating_add(len);

@@ -22,6 +22,7 @@ pub mod journal_mode;
 pub mod journal_replay;
 pub mod journal_roles;
 pub mod lease;
+pub mod live_migration;
 pub mod migrate;
 pub mod oplock;
 pub mod pool;
@@ -566,6 +567,9 @@ impl Engine {
                 last_sync: None,
                 checkpoint: None,
                 bandwidth_limit: None,
+                flatten_replica: false,
+                live_migration: None,
+                migrated_from: None,
                 demotion_snap: None,
                 role_change: None,
                 pending_snap: None,
@@ -574,10 +578,12 @@ impl Engine {
         };
         rec.schedule = schedule;
         rec.bandwidth_limit = params.bandwidth_limit;
+        // How the replica of a clone is made is decided when it is created
+        // (the replayer's `clone_plan`); a later change applies to replicas
+        // created after it.
+        rec.flatten_replica = params.flatten_replica;
         // ceph-csi's flattenMode: `force` detaches a clone from its parent
-        // first. Replicas are flat copies either way (a clone's first sync
-        // reads through to its parent); flattening only frees the primary
-        // from its parent.
+        // first (its replica is then a plain image too).
         if params.flatten_mode == FlattenMode::Force
             && vol.image.parent_overlap().ctx(|| vol.image.spec())? > 0
         {

@@ -37,6 +37,8 @@ pub struct ImageDetail {
     pub size: u64,
     /// A clone (reads through to a parent snapshot).
     pub clone: bool,
+    /// A clone's parent snapshot.
+    pub parent: Option<csirr_ceph::ParentSpec>,
     /// Clients that have it open, other than this sidecar
     /// (`client.ID at ADDR`).
     pub clients: Vec<String>,
@@ -91,10 +93,17 @@ impl Engine {
                     let snaps = img
                         .snap_list()
                         .ctx(|| format!("listing snapshots of {key}"))?;
+                    let clone = img.parent_overlap().ctx(|| key.clone())? > 0;
+                    let parent = if clone {
+                        img.parent().ctx(|| key.clone())?
+                    } else {
+                        None
+                    };
                     out.push(ImageDetail {
                         namespace: io.namespace().to_string(),
                         size: img.size().ctx(|| key.clone())?,
-                        clone: img.parent_overlap().ctx(|| key.clone())? > 0,
+                        clone,
+                        parent,
                         clients,
                         role: rec.map(|r| r.role),
                         demotion_snap: rec.and_then(|r| r.demotion_snap.clone()),

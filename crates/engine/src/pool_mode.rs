@@ -52,12 +52,18 @@ pub struct PoolModeSettings {
     pub label: String,
     /// When it was turned on.
     pub enabled_at: DateTime<Utc>,
+    /// The replicas of the clones it enrolls are flat copies
+    /// (`replicaClones=flatten`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flatten_clones: bool,
 }
 
 impl PoolModeSettings {
     /// The Enable parameters of an image it enrolls.
     pub fn params(&self) -> Result<ReplicationParams> {
-        schedule_params(&self.schedule)
+        let mut p = schedule_params(&self.schedule)?;
+        p.flatten_replica = self.flatten_clones;
+        Ok(p)
     }
 }
 
@@ -103,7 +109,8 @@ struct Candidate {
 
 impl Engine {
     /// Turns pool mode on for `pool`'s namespace `namespace` (empty: the
-    /// default one) with `schedule`, and enrolls its images at once.
+    /// default one) with `schedule` (`flatten_clones`: the replicas of its
+    /// clones are flat copies), and enrolls its images at once.
     /// Returns the settings and how many images were enabled now. Turning
     /// it on again replaces the schedule for images enrolled later.
     pub async fn pool_mode_enable(
@@ -112,6 +119,7 @@ impl Engine {
         namespace: &str,
         schedule: Schedule,
         label: String,
+        flatten_clones: bool,
     ) -> Result<(PoolModeSettings, usize)> {
         super::pool::validate_target(pool, namespace)?;
         schedule_params(&schedule)?;
@@ -119,6 +127,7 @@ impl Engine {
             schedule,
             label,
             enabled_at: Utc::now(),
+            flatten_clones,
         };
         let (p, ns, s) = (pool.to_string(), namespace.to_string(), settings.clone());
         self.run(move |e| {
@@ -289,6 +298,7 @@ mod tests {
             },
             label: "migration to site-b".into(),
             enabled_at: Utc::now(),
+            flatten_clones: false,
         };
         let j = serde_json::to_vec(&s).unwrap();
         let back: PoolModeSettings = serde_json::from_slice(&j).unwrap();

@@ -213,6 +213,20 @@ pub struct ImageRecord {
     /// `bandwidthLimit` parameter; applied by the replayer.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bandwidth_limit: Option<u64>,
+    /// Primary: the replica of this image, when it is a clone, is a flat
+    /// copy even when its parent is replicated (`replicaClones=flatten`).
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub flatten_replica: bool,
+    /// Primary: a live-migration of the image (`rbd migration prepare`)
+    /// seen by its sidecar and not finished yet: replication pauses at the
+    /// last sync point until it is committed (the record then follows the
+    /// new image) or aborted.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub live_migration: Option<LiveMigration>,
+    /// Primary: the image id this record followed a committed
+    /// live-migration from; the replica of that id follows it too.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub migrated_from: Option<String>,
     /// Demoted: the final sync snapshot taken by DemoteVolume.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub demotion_snap: Option<String>,
@@ -223,6 +237,25 @@ pub struct ImageRecord {
     /// stored): the value [`Registry::put`] expects to replace.
     #[serde(skip)]
     pub revision: Revision,
+}
+
+/// A live-migration of a primary image (`rbd migration prepare`), as the
+/// scheduler last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveMigration {
+    /// The destination image's pool id, namespace, name and id.
+    pub dest_pool_id: i64,
+    /// See `dest_pool_id`.
+    #[serde(default)]
+    pub dest_namespace: String,
+    /// See `dest_pool_id`.
+    pub dest_name: String,
+    /// See `dest_pool_id`.
+    pub dest_id: String,
+    /// librbd's state: prepared, executing, executed, ...
+    pub state: String,
+    /// When the scheduler saw that state.
+    pub seen_at: DateTime<Utc>,
 }
 
 /// The stored bytes of a record as it was read, or none for a record not
@@ -491,6 +524,48 @@ impl Registry {
         self.swap(&key, rec.revision.stored(), None, &also)
     }
 
+    /// Moves the record `old` (as it was read) to `new`'s image id, the
+    /// replica statuses of the old id removed, in one operation that the
+    /// OSD applies only if `old`'s key still holds what it was read as
+    /// (else [`EngineError::Conflict`] and nothing changes): a primary
+    /// image that a committed live-migration replaced.
+    pub fn rebind(&self, old: &ImageRecord, new: &mut ImageRecord) -> Result<()> {
+        let old_key = format!("{IMAGE_KEY}{}", old.image_id);
+        let new_key = format!("{IMAGE_KEY}{}", new.image_id);
+        let mut gone: Vec<String> = self
+            .read_prefix(&format!("{STATUS_KEY}{}.", old.image_id))?
+            .into_keys()
+            .collect();
+        gone.push(old_key.clone());
+        let val = serde_json::to_vec(new).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let mut op = WriteOp::new().ctx(|| "creating a write op".into())?;
+        op.omap_cmp(
+            &old_key,
+            OmapCmp::Eq,
+            old.revision.stored().unwrap_or_default(),
+        );
+        op.omap_set(&[(new_key.as_str(), val.as_slice())]);
+        let keys: Vec<&str> = gone.iter().map(String::as_str).collect();
+        op.omap_rm_keys(&keys);
+        match op.operate(&self.io, REGISTRY_OBJECT) {
+            Ok(()) => {
+                new.revision = Revision::of(&val);
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::Canceled => Err(EngineError::Conflict(format!(
+                "the registry record {old_key} in {} was changed by another writer since it \
+                 was read; re-read it and retry",
+                self.io.spec()
+            ))),
+            Err(e) => Err(e).ctx(|| {
+                format!(
+                    "moving {old_key} to {new_key} in the registry of {}",
+                    self.io.spec()
+                )
+            }),
+        }
+    }
+
     /// Replaces omap `key` (with `new`, or removes it and `also`) in one
     /// operation that the OSD applies only if the key holds `expected`
     /// (`None`: the key is absent; a missing key compares equal to an empty
@@ -692,6 +767,9 @@ mod tests {
             last_sync: None,
             checkpoint: None,
             bandwidth_limit: Some(1 << 20),
+            flatten_replica: false,
+            live_migration: None,
+            migrated_from: None,
             demotion_snap: None,
             role_change: None,
             pending_snap: None,

@@ -786,6 +786,29 @@ fn sync_inner(
     })?;
     let local_reg = Registry::new(Arc::clone(&local_io));
 
+    // The primary is being live-migrated on its cluster: nothing is copied
+    // until the migration is committed (the record then names the new
+    // image) or aborted.
+    if let Some(lm) = &job.primary.live_migration {
+        let last = local_reg
+            .list()?
+            .into_iter()
+            .find(|r| r.image_name == job.primary.image_name)
+            .and_then(|r| r.last_sync);
+        reporter.report(
+            ReplayState::Stopped,
+            format!(
+                "the primary is being live-migrated (rbd migration, state {}, to {}): \
+                 replication is paused at its last sync point; it follows the new image after \
+                 `rbd migration commit` (same pool and name), and goes on as before after \
+                 `rbd migration abort`",
+                lm.state, lm.dest_name
+            ),
+            last,
+        );
+        return Ok(false);
+    }
+
     // The primary, read-only (a read-write handle would make this process
     // one of its clients; pruning opens one just for that), and its newest
     // sync snapshot.
@@ -805,23 +828,60 @@ fn sync_inner(
     };
     let target = target.clone();
 
+    // A replica still to be created of a clone: a clone of its parent's
+    // replica when the parent is replicated, once that replica holds the
+    // parent snapshot (until then the image waits); a flat copy otherwise.
+    let mut link = None;
+    if engine.held.get(&key).is_none()
+        && !image_exists(&local_io, &job.primary.image_name)
+            .ctx(|| format!("looking up replica {key}"))?
+    {
+        match clone_plan(local, job, &primary)? {
+            ClonePlan::Flat => {}
+            ClonePlan::Link(l) => link = Some(l),
+            ClonePlan::Wait(why) => {
+                tracing::info!(image = %key, reason = %why, "replica of a clone waits for its parent");
+                reporter.report(ReplayState::Starting, why, None);
+                return Ok(false);
+            }
+        }
+    }
+
     // The replica: existing (must be ours), or created now.
     let (replica, mut rec, fresh) = replica_for_sync(
-        engine, local, job, peer_io, &local_io, &local_reg, &primary, &target,
+        engine,
+        local,
+        job,
+        peer_io,
+        &local_io,
+        &local_reg,
+        &primary,
+        &target,
+        link.as_ref(),
     )?;
     if !replays_here(
         engine, job, peer_io, &local_io, &local_reg, &mut rec, &replica, &primary, reporter,
     )? {
         return Ok(false);
     }
-    if rec
+    if let Some(p) = rec
         .primary
-        .as_ref()
-        .is_some_and(|p| p.image_id != job.primary.image_id)
+        .clone()
+        .filter(|p| p.image_id != job.primary.image_id)
     {
-        return Err(EngineError::FailedPrecondition(format!(
-            "{key} here replicates another primary image than the peer's; not touching it"
-        )));
+        if job.primary.migrated_from.as_deref() != Some(p.image_id.as_str()) {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{key} here replicates another primary image than the peer's; not touching it"
+            )));
+        }
+        // A committed live-migration replaced the primary's image: its
+        // sync snapshots came along by name, so the replica follows it.
+        tracing::info!(image = %key, from = %p.image_id, to = %job.primary.image_id, "the primary was live-migrated: the replica follows its new image");
+        rec.primary = Some(PrimaryRef {
+            fsid: p.fsid,
+            image_id: job.primary.image_id.clone(),
+        });
+        local_reg.put(&mut rec)?;
     }
     // A sync point recorded before its snapshot existed (the process
     // stopped in between): take the snapshot before anything looks at or
@@ -968,6 +1028,7 @@ fn replica_for_sync(
     local_reg: &Registry,
     primary: &Image,
     target: &ceph::SnapInfo,
+    link: Option<&ParentLink>,
 ) -> Result<(Image, ImageRecord, bool)> {
     let key = job.key();
     Ok(match engine.held.get(&key) {
@@ -980,7 +1041,7 @@ fn replica_for_sync(
         }
         None => {
             let (img, rec, fresh) =
-                open_or_create_replica(local_io, local_reg, job, primary, target)?;
+                open_or_create_replica(local_io, local_reg, job, primary, target, link)?;
             if rec.role == Role::Secondary {
                 let locked = lock_replica(&img);
                 if let Err(e) = locked {
@@ -1217,9 +1278,44 @@ fn delta(
     // through to its parent, read through librbd. Both sides have the same
     // pool/name: the error says which one failed.
     let whole = sparse && objects.is_some();
-    let mut extents = copy::changed_extents(primary, from, size, chunk, whole)
-        .map_err(|e| on_side(e, "primary"))?;
-    if from.is_none() && !fresh {
+    // A replica that is a clone of the parent's replica (which holds the
+    // parent snapshot's data): a first sync copies the primary's own
+    // objects only, and makes zero what the primary no longer reads from
+    // its parent (a shrink and grow cut its overlap).
+    let linked = from.is_none() && replica.parent_overlap().ctx(|| format!("replica {key}"))? > 0;
+    let mut extents = if linked {
+        let mut own = copy::own_extents(primary, size, chunk).map_err(|e| on_side(e, "primary"))?;
+        let pov = primary.parent_overlap().ctx(|| format!("primary {key}"))?;
+        let rov = replica.parent_overlap().ctx(|| format!("replica {key}"))?;
+        if pov < rov {
+            let have = own.clone();
+            let gap = [Extent {
+                off: pov,
+                len: rov - pov,
+                data: false,
+            }];
+            for (mut s, e) in copy::uncovered(&gap, &have) {
+                while s < e {
+                    let end = ((s / chunk + 1) * chunk).min(e);
+                    own.push(Extent {
+                        off: s,
+                        len: end - s,
+                        data: false,
+                    });
+                    s = end;
+                }
+            }
+            own.sort_by_key(|e| e.off);
+        }
+        own
+    } else {
+        copy::changed_extents(primary, from, size, chunk, whole)
+            .map_err(|e| on_side(e, "primary"))?
+    };
+    // (A resumed linked first sync needs nothing more: what the replica
+    // holds beyond the primary's own objects is its parent's data, as on
+    // the primary.)
+    if from.is_none() && !fresh && !linked {
         // A full copy over a replica that holds data (an interrupted first
         // sync): whatever the source does not cover must become zero. The
         // replica is never a clone: whole objects, from its object map.
@@ -1263,6 +1359,7 @@ fn delta(
         direct = objects.is_some(),
         sparse,
         direct_writes = dst_objects.is_some(),
+        linked,
         "delta started"
     );
     // The cap is the primary's setting (its Enable parameters).
@@ -1338,7 +1435,9 @@ fn delta(
             objects: dst_objects.as_ref(),
         },
         &extents,
-        fresh && resume_at == 0,
+        // A clone is not empty: its parent shows through where zeroes are
+        // skipped.
+        fresh && resume_at == 0 && !linked,
         engine.cfg.limits,
         Some(&engine.budget),
         &throttles,
@@ -1507,6 +1606,7 @@ fn open_or_create_replica(
     job: &Job,
     primary: &Image,
     target: &ceph::SnapInfo,
+    link: Option<&ParentLink>,
 ) -> Result<(Image, ImageRecord, bool)> {
     let name = &job.primary.image_name;
     let key = job.key();
@@ -1515,7 +1615,7 @@ fn open_or_create_replica(
     // copy of the configuration, about 350 KiB, built and torn down) for
     // every new replica; its id object answers in one read.
     if !image_exists(local_io, name).ctx(|| format!("looking up replica {key}"))?
-        && let Some((img, rec)) = create_replica(local_io, local_reg, job, primary, target)?
+        && let Some((img, rec)) = create_replica(local_io, local_reg, job, primary, target, link)?
     {
         return Ok((img, rec, true));
     }
@@ -1526,10 +1626,10 @@ fn open_or_create_replica(
         // decides whether it becomes a replica.
         Some(rec) if matches!(rec.role, Role::Primary | Role::Demoted) => Ok((img, rec, false)),
         Some(rec)
-            if rec
-                .primary
-                .as_ref()
-                .is_some_and(|p| p.image_id == job.primary.image_id) =>
+            if rec.primary.as_ref().is_some_and(|p| {
+                p.image_id == job.primary.image_id
+                    || job.primary.migrated_from.as_deref() == Some(p.image_id.as_str())
+            }) =>
         {
             Ok((img, rec, false))
         }
@@ -1540,6 +1640,113 @@ fn open_or_create_replica(
             "an image {key} exists on this cluster and is not a replica; not overwriting it"
         ))),
     }
+}
+
+/// The parent snapshot on this cluster that the replica of a clone is
+/// created from.
+struct ParentLink {
+    /// The parent replica's pool and namespace here.
+    io: Arc<IoCtx>,
+    /// The parent's name (the same on both clusters).
+    image_name: String,
+    /// The parent snapshot's name (a user snapshot the parent's replication
+    /// brought over).
+    snap_name: String,
+    /// The parent spec, for logs and messages.
+    spec: ceph::ParentSpec,
+}
+
+/// How the replica of a primary is created.
+enum ClonePlan {
+    /// Empty, then a full copy (a clone's parent data included).
+    Flat,
+    /// As a clone of the parent's replica; only the clone's own objects
+    /// are copied.
+    Link(ParentLink),
+    /// Not yet: the parent is replicated but its replica here lacks the
+    /// parent snapshot (why, for the status).
+    Wait(String),
+}
+
+/// How the replica of `primary` (a clone or not) is created, as rbd-mirror
+/// does: a clone whose parent image is replicated too (a registry record on
+/// the peer) becomes a clone of the parent's replica here, once that holds
+/// the parent snapshot; a clone whose parent is not replicated, or whose
+/// primary record asks for it (`flatten_replica`), becomes a flat copy.
+/// Blocking.
+fn clone_plan(local: &Arc<Cluster>, job: &Job, primary: &Image) -> Result<ClonePlan> {
+    let key = job.key();
+    if job.primary.flatten_replica
+        || primary.parent_overlap().ctx(|| format!("primary {key}"))? == 0
+    {
+        return Ok(ClonePlan::Flat);
+    }
+    let Some(parent) = primary.parent().ctx(|| format!("primary {key}"))? else {
+        return Ok(ClonePlan::Flat);
+    };
+    if !parent.user_snap {
+        // Removed (clone v2 keeps it in the trash namespace): no
+        // replication brings such a snapshot over.
+        return Ok(ClonePlan::Flat);
+    }
+    let peer_io = job
+        .peer
+        .ioctx(&parent.pool, &parent.namespace)
+        .ctx(|| format!("opening the pool of parent {parent} on the peer"))?;
+    let Some(precord) = Registry::new(peer_io).get(&parent.image_id)? else {
+        tracing::info!(image = %key, parent = %parent, "the parent is not replicated: the replica is a flat copy");
+        return Ok(ClonePlan::Flat);
+    };
+    let wait = |why: &str| {
+        Ok(ClonePlan::Wait(format!(
+            "{key} is a clone of {parent}, which is replicated: {why}; the replica is created \
+             as a clone of it once it is there (or set replicaClones=flatten for a flat copy)"
+        )))
+    };
+    let lio = match local.ioctx(&parent.pool, &parent.namespace) {
+        Ok(io) => io,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return wait("its pool does not exist on this cluster");
+        }
+        Err(e) => return Err(e).ctx(|| format!("opening the pool of parent {parent} here")),
+    };
+    if !image_exists(&lio, &parent.image_name).ctx(|| format!("looking up parent {parent} here"))? {
+        return wait("its replica is not created on this cluster yet");
+    }
+    let here = Image::open_read_only(&lio, &parent.image_name, None)
+        .ctx(|| format!("opening the replica of parent {parent}"))?;
+    let here_id = here.id().ctx(|| format!("replica of parent {parent}"))?;
+    // The image of that name here must be the parent's replica (or, after a
+    // failover, the parent's primary whose replica the peer's is).
+    let related = Registry::new(Arc::clone(&lio))
+        .get(&here_id)?
+        .and_then(|r| r.primary)
+        .is_some_and(|p| p.image_id == parent.image_id)
+        || precord
+            .primary
+            .as_ref()
+            .is_some_and(|p| p.image_id == here_id);
+    if !related {
+        tracing::warn!(image = %key, parent = %parent, "an image of the parent's name here is not its replica: the replica is a flat copy");
+        return Ok(ClonePlan::Flat);
+    }
+    let has_snap = here
+        .snap_list()
+        .ctx(|| format!("listing snapshots of the replica of parent {parent}"))?
+        .iter()
+        .any(|s| s.name == parent.snap_name);
+    if !has_snap {
+        return wait(&format!(
+            "its replica here does not hold snapshot {} yet",
+            parent.snap_name
+        ));
+    }
+    Ok(ClonePlan::Link(ParentLink {
+        io: lio,
+        image_name: parent.image_name.clone(),
+        snap_name: parent.snap_name.clone(),
+        spec: parent,
+    }))
 }
 
 /// Whether an image `name` (format 2) exists in `io`: its id object exists.
@@ -1553,13 +1760,15 @@ fn image_exists(io: &IoCtx, name: &str) -> ceph::Result<bool> {
 }
 
 /// Creates the replica of `job` as a copy of `primary`'s layout at `target`
-/// and registers it; `None` if an image of that name exists after all.
+/// (a clone of `link`'s snapshot, or empty) and registers it; `None` if an
+/// image of that name exists after all.
 fn create_replica(
     local_io: &Arc<IoCtx>,
     local_reg: &Registry,
     job: &Job,
     primary: &Image,
     target: &ceph::SnapInfo,
+    link: Option<&ParentLink>,
 ) -> Result<Option<(Image, ImageRecord)>> {
     let name = &job.primary.image_name;
     let key = job.key();
@@ -1579,7 +1788,11 @@ fn create_replica(
         stripe,
         data_pool: None,
     };
-    match ceph::rbd::create(local_io, name, target.size, &opts) {
+    let created = match link {
+        Some(l) => ceph::rbd::clone(&l.io, &l.image_name, &l.snap_name, local_io, name, &opts),
+        None => ceph::rbd::create(local_io, name, target.size, &opts),
+    };
+    match created {
         Ok(()) => {}
         // Created in between, or an image without an id object (format 1):
         // what is there is checked below.
@@ -1606,13 +1819,24 @@ fn create_replica(
         last_sync: None,
         checkpoint: None,
         bandwidth_limit: None,
+        flatten_replica: false,
+        live_migration: None,
+        migrated_from: None,
         demotion_snap: None,
         role_change: None,
         pending_snap: None,
         revision: Default::default(),
     };
     local_reg.put(&mut rec)?;
-    tracing::info!(features = feats, size = target.size, "replica created");
+    match link {
+        Some(l) => tracing::info!(
+            features = feats,
+            size = target.size,
+            parent = %l.spec,
+            "replica created as a clone of the parent's replica"
+        ),
+        None => tracing::info!(features = feats, size = target.size, "replica created"),
+    }
     Ok(Some((img, rec)))
 }
 

@@ -247,6 +247,14 @@ impl Engine {
         now: DateTime<Utc>,
     ) -> Result<(DateTime<Utc>, bool)> {
         let plan = Plan::of(&rec.schedule);
+        // A live-migration of the image pauses its sync points (see
+        // live_migration); its end is noticed a second later.
+        match self.follow_live_migration(io, reg, rec)? {
+            super::live_migration::Step::Continue => {}
+            super::live_migration::Step::Paused | super::live_migration::Step::Rebound => {
+                return Ok((now + chrono::TimeDelta::seconds(1), false));
+            }
+        }
         let img = Image::open_by_id(io, &rec.image_id)
             .ctx(|| format!("opening primary {}/{}", io.spec(), rec.image_name))?;
         let snaps = img

@@ -452,7 +452,13 @@ impl Admin for AdminService {
         };
         let (s, n) = self
             .engine
-            .pool_mode_enable(&r.pool, &r.namespace, schedule, r.label.clone())
+            .pool_mode_enable(
+                &r.pool,
+                &r.namespace,
+                schedule,
+                r.label.clone(),
+                r.flatten_clones,
+            )
             .await
             .map_err(from_engine)?;
         let mut out = pool_mode_response(&r, Some(&s));
@@ -510,6 +516,21 @@ impl Admin for AdminService {
                     role: i.role.map(role_name).unwrap_or_default(),
                     demotion_snapshot: i.demotion_snap.unwrap_or_default(),
                     newest_sync_snapshot: i.newest_sync_snap.unwrap_or_default(),
+                    parent: i
+                        .parent
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                    parent_pool: i
+                        .parent
+                        .as_ref()
+                        .map(|p| p.pool.clone())
+                        .unwrap_or_default(),
+                    parent_namespace: i
+                        .parent
+                        .as_ref()
+                        .map(|p| p.namespace.clone())
+                        .unwrap_or_default(),
                 })
                 .collect(),
         }))

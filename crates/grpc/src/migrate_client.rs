@@ -3,9 +3,12 @@
 //! (`super::site_client`): each sidecar acts on its own cluster only.
 //!
 //! - **start**: pool mode on the source for every pool (one-way: the
-//!   target's replayer pulls every image, new ones included). Clones are
-//!   replicated as flat copies (parent data included); start refuses them
-//!   unless `--flatten` says that is wanted.
+//!   target's replayer pulls every image, new ones included). A clone
+//!   whose parent is in a migrated pool stays a clone on the target (of the
+//!   parent's replica, which the pools holding parents are enabled first
+//!   for); start refuses a clone whose parent is not migrated, unless
+//!   `--flatten` makes every clone's replica a flat copy (parent data
+//!   included, no parent link).
 //! - **status**: per pool and image, from the source's registry (what the
 //!   target's replayer reports there): state, bytes copied and pending, rate
 //!   and ETA of a running sync, seconds behind, ready-to-switch.
@@ -159,15 +162,18 @@ pub struct StartPool {
     pub images: usize,
     /// Images enabled by this call (the others were already).
     pub enrolled: u32,
-    /// Clones, replicated as flat copies.
+    /// Clones, replicated as flat copies (`--flatten`).
     pub flattened_clones: Vec<String>,
+    /// Clones that stay clones on the target (`image -> parent`).
+    pub linked_clones: Vec<String>,
     /// The schedule of sync points.
     pub scheduling_interval: String,
 }
 
-/// `migrate start`: pool mode on the source for every pool. Refuses
-/// before changing anything when a target pool does not exist or (without
-/// `flatten`) a pool holds clones.
+/// `migrate start`: pool mode on the source for every pool, those holding
+/// parents of clones first. Refuses before changing anything when a target
+/// pool does not exist or (without `flatten`) a clone's parent is not in
+/// a migrated pool.
 pub async fn start(
     mut source: Client,
     mut target: Client,
@@ -193,23 +199,53 @@ pub async fn start(
                 plan.from
             ));
         }
-        let clones: Vec<String> = images
+        let clones: Vec<&pb::ImageDetail> = images.iter().filter(|i| i.clone).collect();
+        let orphans: Vec<String> = clones
             .iter()
-            .filter(|i| i.clone)
-            .map(|i| spec(pool, ns, &i.name))
+            .filter(|i| {
+                !plan
+                    .pools
+                    .iter()
+                    .any(|(p, n)| *p == i.parent_pool && *n == i.parent_namespace)
+            })
+            .map(|i| format!("{} (parent {})", spec(pool, ns, &i.name), i.parent))
             .collect();
-        if !clones.is_empty() && !flatten {
+        if !orphans.is_empty() && !flatten {
             return Err(format!(
-                "{} clone(s): {}; they can only be migrated as flat copies (parent data \
-                 included, the parent link is not kept on the target): pass --flatten",
-                clones.len(),
-                clones.join(", ")
+                "{} clone(s) whose parent is not migrated: {}; add the parents' pools to the \
+                 migration (the clones then stay clones on the target), or pass --flatten \
+                 (every clone's replica a flat copy: parent data included, no parent link)",
+                orphans.len(),
+                orphans.join(", ")
             ));
         }
-        checked.push((pool, ns, images.len(), clones));
+        let (flat, linked) = if flatten {
+            (
+                clones.iter().map(|i| spec(pool, ns, &i.name)).collect(),
+                Vec::new(),
+            )
+        } else {
+            (
+                Vec::new(),
+                clones
+                    .iter()
+                    .map(|i| format!("{} -> {}", spec(pool, ns, &i.name), i.parent))
+                    .collect(),
+            )
+        };
+        let parents: Vec<(String, String)> = clones
+            .iter()
+            .map(|i| (i.parent_pool.clone(), i.parent_namespace.clone()))
+            .collect();
+        checked.push((pool, ns, images.len(), flat, linked, parents));
     }
+    // Parents before their clones: a clone's replica is created from the
+    // parent's, and a clone enrolled before its parent would be copied flat.
+    let holds_parents: std::collections::HashSet<(String, String)> =
+        checked.iter().flat_map(|c| c.5.iter().cloned()).collect();
+    checked.sort_by_key(|c| !holds_parents.contains(&(c.0.clone(), c.1.clone())));
     let mut pools = Vec::new();
-    for (pool, ns, n, clones) in checked {
+    for (pool, ns, n, clones, linked, _) in checked {
         let r = source
             .pool_mode_enable(pb::PoolModeRequest {
                 pool: pool.clone(),
@@ -217,6 +253,7 @@ pub async fn start(
                 scheduling_interval: interval.to_string(),
                 scheduling_start_time: String::new(),
                 label: format!("migration to {to}"),
+                flatten_clones: flatten,
             })
             .await
             .map_err(|e| rpc_error(&format!("pool mode on {}", pool_spec(pool, ns)), &e))?
@@ -226,6 +263,7 @@ pub async fn start(
             images: n,
             enrolled: r.images_enrolled,
             flattened_clones: clones,
+            linked_clones: linked,
             scheduling_interval: r.scheduling_interval,
         });
     }
@@ -259,6 +297,10 @@ impl StartReport {
                         "; clones replicated as flat copies: {}",
                         p.flattened_clones.join(", ")
                     )
+                } + &if p.linked_clones.is_empty() {
+                    String::new()
+                } else {
+                    format!("; clones kept as clones: {}", p.linked_clones.join(", "))
                 }
             );
         }
