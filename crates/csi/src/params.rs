@@ -980,6 +980,33 @@ mod tests {
     }
 
     #[test]
+    fn replica_clones_linked_by_default_flatten_by_choice() {
+        assert!(!params(&[]).unwrap().flatten_replica);
+        assert!(
+            !params(&[("replicaClones", "linked")])
+                .unwrap()
+                .flatten_replica
+        );
+        let p = params(&[("replicaClones", "flatten")]).unwrap();
+        assert!(p.flatten_replica);
+        // Kept in the canonical map (stored with the record), and only then.
+        assert_eq!(
+            ReplicationParams::parse(&p.to_map().into_iter().collect()).unwrap(),
+            ReplicationParams {
+                ignored: Vec::new(),
+                ..p
+            }
+        );
+        assert!(!params(&[]).unwrap().to_map().contains_key("replicaClones"));
+        assert_eq!(
+            params(&[("replicaClones", "flat")]).unwrap_err(),
+            ParamError::InvalidReplicaClones {
+                value: "flat".into()
+            }
+        );
+    }
+
+    #[test]
     fn flatten_and_force() {
         assert_eq!(
             params(&[("flattenMode", "never")]).unwrap().flatten_mode,

@@ -2,9 +2,9 @@
 //! replica's newest complete sync point, for an application to be started
 //! on while replication goes on; removed when the drill stops.
 //!
-//! The drill image is a **copy**, not a clone: the librbd bindings have no
-//! clone, and a clone would make the replica a parent whose sync snapshots
-//! the replayer could then only move to the trash. The copy reads the
+//! The drill image is a **copy**, not a clone: a clone would make the
+//! replica a parent whose sync snapshots the replayer could then only move
+//! to the trash. The copy reads the
 //! replica at its sync snapshot only (opened read-only), so the replica is
 //! never written and its replayer keeps its lock and goes on; only the
 //! extents the snapshot has allocated are copied.

@@ -320,8 +320,11 @@ pub struct ImageState {
     pub role: String,
     /// starting, syncing, idle, stopped, error (the replica's report).
     pub state: String,
-    /// A clone (replicated as a flat copy).
+    /// A clone.
     pub clone: bool,
+    /// A clone's parent snapshot on the source (`pool[/ns]/image@snap`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub parent: String,
     /// Size.
     pub size: u64,
     /// Bytes of the running sync copied so far.
@@ -433,6 +436,7 @@ async fn pool_state(c: &mut Client, pool: &str, ns: &str) -> Result<PoolState, S
             role,
             state: s.map_or_else(|| "not replicated".to_string(), |s| s.state.clone()),
             clone: d.clone,
+            parent: d.parent.clone(),
             size: d.size,
             bytes_done: done,
             bytes_pending: pending.filter(|p| *p > 0),
@@ -504,7 +508,7 @@ impl StatusReport {
                     let _ = write!(line, ", {b} s behind");
                 }
                 if i.clone {
-                    line.push_str(", clone (flat copy)");
+                    let _ = write!(line, ", clone of {}", i.parent);
                 }
                 if !i.clients.is_empty() {
                     let _ = write!(line, ", open by {}", i.clients.join(", "));
