@@ -103,26 +103,12 @@ pub fn changed_extents(
     chunk: u64,
     whole_object: bool,
 ) -> Result<Vec<Extent>> {
-    let mut out = Vec::new();
-    let r = src.diff_iterate::<_, std::convert::Infallible>(
-        from,
-        0,
-        size,
-        from.is_none(),
-        whole_object,
-        |off, len, exists| {
-            push_split(&mut out, off, len, exists, chunk);
-            Ok(())
-        },
-    );
-    match r {
-        Ok(()) => Ok(out),
-        Err(ceph::rbd::DiffError::Ceph(e)) => Err(EngineError::Ceph {
+    diff_extents(src, from, size, chunk, from.is_none(), whole_object).map_err(|source| {
+        EngineError::Ceph {
             context: format!("listing changed extents of {}", src.spec()),
-            source: e,
-        }),
-        Err(ceph::rbd::DiffError::Callback(never)) => match never {},
-    }
+            source,
+        }
+    })
 }
 
 /// Lists the whole objects a clone `src` (opened at the target snapshot)
@@ -134,13 +120,29 @@ pub fn changed_extents(
 /// object must be overwritten entirely after librbd copies it up from the
 /// replica's parent.
 pub fn own_extents(src: &Image, size: u64, chunk: u64) -> Result<Vec<Extent>> {
+    diff_extents(src, None, size, chunk, false, true).map_err(|source| EngineError::Ceph {
+        context: format!("listing the objects of clone {}", src.spec()),
+        source,
+    })
+}
+
+/// `diff_iterate2` over `[0, size)` since `from`, split at `chunk`
+/// boundaries.
+fn diff_extents(
+    src: &Image,
+    from: Option<&str>,
+    size: u64,
+    chunk: u64,
+    include_parent: bool,
+    whole_object: bool,
+) -> ceph::Result<Vec<Extent>> {
     let mut out = Vec::new();
     let r = src.diff_iterate::<_, std::convert::Infallible>(
-        None,
+        from,
         0,
         size,
-        false,
-        true,
+        include_parent,
+        whole_object,
         |off, len, exists| {
             push_split(&mut out, off, len, exists, chunk);
             Ok(())
@@ -148,10 +150,7 @@ pub fn own_extents(src: &Image, size: u64, chunk: u64) -> Result<Vec<Extent>> {
     );
     match r {
         Ok(()) => Ok(out),
-        Err(ceph::rbd::DiffError::Ceph(e)) => Err(EngineError::Ceph {
-            context: format!("listing the objects of clone {}", src.spec()),
-            source: e,
-        }),
+        Err(ceph::rbd::DiffError::Ceph(e)) => Err(e),
         Err(ceph::rbd::DiffError::Callback(never)) => match never {},
     }
 }
