@@ -1718,14 +1718,22 @@ fn clone_plan(local: &Arc<Cluster>, job: &Job, primary: &Image) -> Result<CloneP
     let here_id = here.id().ctx(|| format!("replica of parent {parent}"))?;
     // The image of that name here must be the parent's replica (or, after a
     // failover, the parent's primary whose replica the peer's is).
-    let related = Registry::new(Arc::clone(&lio))
-        .get(&here_id)?
+    let here_record = Registry::new(Arc::clone(&lio)).get(&here_id)?;
+    let peer_is_its_replica = precord
+        .primary
+        .as_ref()
+        .is_some_and(|p| p.image_id == here_id);
+    if here_record.is_none() && !peer_is_its_replica {
+        // The parent's replica between its creation and its registration
+        // (both enabled at once), or an unrelated image that the parent's
+        // own replication refuses to overwrite and reports: either way the
+        // clone waits rather than turning flat for good.
+        return wait("the image of its name here is not registered as its replica (yet)");
+    }
+    let related = here_record
         .and_then(|r| r.primary)
         .is_some_and(|p| p.image_id == parent.image_id)
-        || precord
-            .primary
-            .as_ref()
-            .is_some_and(|p| p.image_id == here_id);
+        || peer_is_its_replica;
     if !related {
         tracing::warn!(image = %key, parent = %parent, "an image of the parent's name here is not its replica: the replica is a flat copy");
         return Ok(ClonePlan::Flat);
