@@ -403,6 +403,11 @@ struct ServeArgs {
     /// appends notify nobody, so this bounds the lag of a write at rest.
     #[arg(long, default_value = "50ms", value_parser = duration)]
     journal_probe_interval: Duration,
+    /// Journal mode: the probe interval of a replica that found no entry for
+    /// a while (2 s): the first write after a quiet spell waits at most this
+    /// long, the writes after it the probe interval again.
+    #[arg(long, default_value = "250ms", value_parser = duration)]
+    journal_idle_probe_interval: Duration,
     /// Images synced at once.
     #[arg(long, default_value_t = 6)]
     max_concurrent_syncs: usize,
@@ -627,6 +632,7 @@ fn engine_config(a: &ServeArgs) -> Result<EngineConfig, String> {
         journal_max_sets_behind: a.journal_max_sets_behind.max(1),
         journal_poll_interval: a.journal_poll_interval,
         journal_probe_interval: a.journal_probe_interval,
+        journal_idle_probe_interval: a.journal_idle_probe_interval,
         ..EngineConfig::new(csi_config, mapping, local_cluster, local_creds)
     })
 }

@@ -7,8 +7,10 @@
 //! clean, the rest forced at their last sync point, the report says which),
 //! then a failback with relocation once site-a's sidecar is back (the
 //! forced images resynced from site-b, everything primary on site-a again
-//! with site-b's writes); a DR drill on site-b during active replication
-//! (drill images equal to the replica's sync point, the replica unchanged).
+//! with site-b's writes); the same with site-a really lost part-way (its
+//! sidecar killed, OSD and monitor stopped) and a failback that keeps
+//! site-b primary; a DR drill on site-b during active replication (drill
+//! images equal to the replica's sync point, the replica unchanged).
 //! Checksums with the native `rbd export`.
 
 mod common;
@@ -553,4 +555,138 @@ async fn failover_at_scale_clean_and_forced() {
     for k in 0..n {
         assert_eq!(role(&aio, &format!("s-{k:03}")), "primary");
     }
+}
+
+/// The old site really goes away part-way through a failover: site-a's
+/// fourth demotion stalls (fail point), and meanwhile site-a's sidecar is
+/// killed and its OSD and monitor stopped. The three images demoted before
+/// are clean, the other five are forced at their last sync point. Site-a
+/// returns, site-b writes, and `failback` without `--relocate` leaves
+/// site-b primary for all eight with site-a their replica: the forced ones
+/// demoted there and resynced, the clean ones replicas already; a sync
+/// point taken on site-b after its writes reads the same on both sites.
+///
+/// Stops site-a's daemons: test.sh runs `exclusive_` tests alone.
+#[tokio::test]
+async fn exclusive_failover_with_site_a_lost_part_way_then_failback_in_place() {
+    let pool = TestPool::new("sitelost");
+    let mut a = Sidecar::start_with_env(
+        Site::A,
+        &pool.args(),
+        &[("FAILPOINTS", "admin::image_demote=3*off->sleep(60000)")],
+    )
+    .await;
+    let b = Sidecar::start(Site::B, &["--op-timeout", "10s", "--pools", &pool.name]).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    eight_replicated(&pool, &a).await;
+    let at_sync: Vec<String> = names()
+        .iter()
+        .map(|n| {
+            let first = first_sync(&aio, n);
+            checksum(Site::A, &format!("{}/{n}@{first}", pool.name))
+        })
+        .collect();
+
+    let (to, from) = (
+        format!("unix://{}", b.socket.display()),
+        format!("unix://{}", a.socket.display()),
+    );
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_csi-rbd-replicator"));
+    cli.args(["failover", "--to", "site-b", "--pool", &pool.name])
+        .args(["--to-endpoint", &to, "--from-endpoint", &from])
+        .args(["--json", "--parallel", "1", "--timeout", "20s"]);
+    let run = tokio::task::spawn_blocking(move || cli.output().expect("failover runs"));
+    // Once three images are primary on site-b, the fourth demotion stalls
+    // on site-a (or is about to be sent): site-a goes away.
+    wait_until("three clean demotions", LONG, || {
+        names()
+            .iter()
+            .filter(|n| role(&bio, n) == "primary")
+            .count()
+            >= 3
+    })
+    .await;
+    a.kill();
+    pair_ctl(&["stop", "site-a", "osd"]);
+    pair_ctl(&["stop", "site-a", "mon"]);
+    let restore = scopeguard(|| {
+        pair_ctl(&["start", "site-a", "mon"]);
+        pair_ctl(&["start", "site-a", "osd"]);
+    });
+    let o = run.await.expect("failover thread");
+    eprintln!("$ failover --to site-b, site-a lost part-way\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(3), "forced images: {}", text(&o));
+    let j = json(&o);
+    let got = outcomes(&j);
+    let clean: Vec<String> = got
+        .iter()
+        .filter(|(_, o)| o == "clean")
+        .map(|(n, _)| n.clone())
+        .collect();
+    let forced: Vec<String> = got
+        .iter()
+        .filter(|(_, o)| o == "forced")
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!((clean.len(), forced.len()), (3, 5), "{j}");
+    assert!(
+        j["from_lost"].is_string(),
+        "the report says site-a was lost: {j}"
+    );
+    for (k, n) in names().iter().enumerate() {
+        assert_eq!(role(&bio, n), "primary", "{n}");
+        if forced.contains(n) {
+            assert_eq!(
+                checksum(Site::B, &format!("{}/{n}", pool.name)),
+                at_sync[k],
+                "{n}: forced, at the last sync point"
+            );
+        }
+    }
+
+    // Site-a returns; site-b writes to a forced and a clean image.
+    drop(restore);
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    for (k, n) in [&forced[0], &clean[0]].into_iter().enumerate() {
+        let img = Image::open(&bio, n).expect("open on site-b");
+        write(&img, &[(2 * MIB, 1 << 20)], 900 + k as u64);
+    }
+    let o = site_cli("failback", &a, &b, &pool.name, &["--json", "--wait", "2m"]);
+    eprintln!(
+        "$ failback --to site-a --json (no --relocate)\n{}",
+        text(&o)
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j = json(&o);
+    for (n, outcome) in outcomes(&j) {
+        let want: &[&str] = if forced.contains(&n) {
+            &["resynced"]
+        } else if clean.contains(&n) {
+            &["already_replica", "resynced"]
+        } else {
+            &["not_replicated"]
+        };
+        assert!(want.contains(&outcome.as_str()), "{n}: {outcome}: {j}");
+    }
+    // Site-b stays primary; a sync point taken there after its writes
+    // reaches site-a and reads the same on both sites.
+    let snap = format!("csirr-sync.{:010}", 990);
+    for n in names() {
+        assert_eq!(role(&bio, &n), "primary", "{n}");
+        assert_eq!(role(&aio, &n), "secondary", "{n}");
+        let head = checksum(Site::B, &format!("{}/{n}", pool.name));
+        Image::open(&bio, &n)
+            .expect("open on site-b")
+            .snap_create(&snap)
+            .expect("sync snapshot on site-b");
+        let got =
+            converged_after(&pool, Site::B, &n, Some(&format!("csirr-sync.{:010}", 989))).await;
+        assert_eq!(got, snap, "{n}");
+        assert_eq!(
+            checksum(Site::A, &format!("{}/{n}@{snap}", pool.name)),
+            head,
+            "{n}: site-a's replica is not site-b's head"
+        );
+    }
+    drop(a);
 }

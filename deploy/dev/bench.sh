@@ -36,7 +36,7 @@
 #       from one librbd client that keeps the image open: each write+flush returned on
 #       the primary (its ack: librbd acks a journaled write once its journal entry is
 #       safe) -> the data read back on the replica (a fresh uncached librbd read every
-#       2 ms), median, p99 and max; (j2) `rbd bench --io-type write --io-pattern rand
+#       2 ms), median, p99 and max, and the same for 6 writes 2.5-3.5 s apart; (j2) `rbd bench --io-type write --io-pattern rand
 #       --io-size 4K --io-threads 16 --io-total $BENCH_J_TOTAL` (64M) on the primary,
 #       the replica's entries (engine: also bytes) behind sampled every second (engine:
 #       csi_rbd_replicator_journal_behind_entries/_bytes, refreshed every 2 s;
@@ -44,7 +44,14 @@
 #       primary's commit position, which librbd updates every 5 s), then a marker write
 #       from a new client: catch-up = rbd bench exited -> the marker readable on the
 #       replica (the replay is in journal order: the marker there means the whole load
-#       is; the marker's open, lock and write are included).
+#       is; the marker's open, lock and write are included); (j3) per burst size in
+#       $BENCH_J_BURSTS (8M 64M): random 64 KiB writes, 16 in flight, from one client
+#       holding the image open, then a flushed 4 KiB marker as the burst's last write:
+#       its ack on the primary -> readable on the replica (and, in brackets, from the
+#       burst's end: the last burst write's flush returned); (j4) the primary's write
+#       throughput with journaling on while the tool replays: rbd bench of $BENCH_J_TOTAL
+#       random 64 KiB writes, 16 threads, on the replicated image and on an image of the
+#       same size without journaling, alternated three times, medians.
 #       Runnable alone: BENCH_TOOLS="engine rbd-mirror" BENCH_PHASES=j deploy/dev/bench.sh
 # Data is written before the tool's daemons start; the timed window holds nothing but the
 # trigger and the replication.
@@ -94,9 +101,9 @@
 #                      "--max-concurrent-syncs 20")
 #   BENCH_ENGINE_ENV   environment of the sidecars, e.g. "MALLOC_ARENA_MAX=2"
 #   BENCH_PHASES       phases to run (default "ab c d ds m1 mt n j")
-#   BENCH_J_WRITES, BENCH_J_TOTAL, BENCH_J_IDLE, BENCH_J_IDLE_SECONDS
+#   BENCH_J_WRITES, BENCH_J_TOTAL, BENCH_J_IDLE, BENCH_J_IDLE_SECONDS, BENCH_J_BURSTS
 #                      phase (j): single writes timed (20), rbd bench total (64M), idle
-#                      journal images (10), idle CPU window (20)
+#                      journal images (10), idle CPU window (20), burst sizes ("8M 64M")
 #   BENCH_J_PORT       metrics port of the replaying sidecar in (j) (default 9473)
 #   BENCH_MAX_BUSY     before each timed scenario, wait (up to BENCH_QUIET_WAIT s, default
 #                      90) until the cores are at most this % busy (default 30)
@@ -160,6 +167,7 @@ declare -A CALLS=()  # CALLS[tool] = {"enable": "p50/p99/max" ms, ...} of the se
 declare -A JRES=()   # JRES[tool.key] = figures of phase (j)
 J_WRITES=${BENCH_J_WRITES:-20}
 J_TOTAL=${BENCH_J_TOTAL:-64M}
+J_BURSTS=${BENCH_J_BURSTS:-8M 64M}
 J_IDLE=${BENCH_J_IDLE:-10}
 J_IDLE_SECONDS=${BENCH_J_IDLE_SECONDS:-20}
 J_PORT=${BENCH_J_PORT:-9473}
@@ -790,8 +798,9 @@ def main():
             img.write(first, 0)
             img.flush()
             wait_on_replica(ib, name, 0, first, timeout)
+            lo, hi = (float(x) for x in os.environ.get("JBENCH_GAP", "0.1-0.3").split("-"))
             for i in range(n):
-                time.sleep(rnd.uniform(0.1, 0.3))
+                time.sleep(rnd.uniform(lo, hi))
                 off = rnd.randrange(1, size // 4096) * 4096
                 data = os.urandom(4096)
                 img.write(data, off)
@@ -842,8 +851,52 @@ def main():
             "max_bytes_behind": max((x[2] for x in during if x[2] is not None), default=None),
             "samples": samples,
         }))
+    elif cmd == "burst":
+        # (j3) BYTES of random 64 KiB writes, 16 in flight, from one client that
+        # holds the image open, then a flushed 4 KiB marker: the last write of the
+        # burst. The replay is in journal order, so the marker on the replica means
+        # the whole burst is.
+        total, io, depth = parse_size(arg), 64 << 10, 16
+        with rbd.Image(ia, name) as img:
+            first = os.urandom(4096)
+            img.write(first, 0)
+            img.flush()
+            wait_on_replica(ib, name, 0, first, timeout)
+            slots = threading.Semaphore(depth)
+            errors = []
+
+            def done(completion):
+                if completion.get_return_value() < 0:
+                    errors.append(completion.get_return_value())
+                slots.release()
+
+            buf = os.urandom(io)
+            t0 = time.time()
+            for _ in range(total // io):
+                slots.acquire()
+                img.aio_write(buf, rnd.randrange(1, size // io) * io, done)
+            for _ in range(depth):
+                slots.acquire()
+            img.flush()
+            if errors:
+                raise SystemExit(f"{name}: burst writes failed: {errors[:3]}")
+            t_burst = time.time()
+            data = os.urandom(4096)
+            img.write(data, 0)
+            img.flush()
+            t_ack = time.time()
+        t_seen = wait_on_replica(ib, name, 0, data, timeout * 3)
+        print(json.dumps({"bytes": total, "burst_seconds": round(t_burst - t0, 3),
+                          "lag": round(t_seen - t_ack, 3),
+                          "after_burst": round(t_seen - t_burst, 3)}))
     else:
         raise SystemExit(f"unknown command {cmd}")
+
+
+def parse_size(text):
+    """Bytes of a size like 64M, 8M, 4096."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 main()
@@ -977,6 +1030,10 @@ write_images() { # PREFIX PHASE
             c_rbd site-a create --size 16M --image-feature layering,exclusive-lock,journaling \
                 "$POOL/$i"
         done
+        # (j4)'s baseline: the same size and layout without journaling, never replicated.
+        c_rbd site-a create --size 256M --image-feature layering,exclusive-lock "$POOL/${p}jplain"
+        c_rbd site-a bench --io-type write --io-pattern seq --io-size 4M --io-total 256M \
+            "$POOL/${p}jplain" >/dev/null
         ;;
     d | ds)
         for i in $(multi_names "$p"); do
@@ -1199,6 +1256,12 @@ journal_phase() { # TOOL PREFIX PID
     out=$(BENCH_TIMEOUT=$BENCH_TIMEOUT /usr/bin/python3 "$WORK/jbench.py" lag "$tool" "$POOL" "${p}j" "$J_WRITES" "$J_PORT")
     JRES[$tool.j1]=$(jq -r '"\(.median) / \(.p99) / \(.max)"' <<<"$out")
     log "$tool (j1): lag of $J_WRITES single 4 KiB writes, median / p99 / max s: ${JRES[$tool.j1]}"
+    # The same after quiet spells (the engine probes less often once it found
+    # nothing for 2 s: --journal-idle-probe-interval).
+    wait_quiet
+    out=$(JBENCH_GAP=2.5-3.5 BENCH_TIMEOUT=$BENCH_TIMEOUT /usr/bin/python3 "$WORK/jbench.py" lag "$tool" "$POOL" "${p}j" 6 "$J_PORT")
+    JRES[$tool.j1q]=$(jq -r '"\(.median) / \(.p99) / \(.max)"' <<<"$out")
+    log "$tool (j1): lag of 6 single 4 KiB writes 2.5-3.5 s apart, median / p99 / max s: ${JRES[$tool.j1q]}"
     wait_quiet
     out=$(BENCH_TIMEOUT=$BENCH_TIMEOUT /usr/bin/python3 "$WORK/jbench.py" load "$tool" "$POOL" "${p}j" "$J_TOTAL" "$J_PORT")
     JRES[$tool.j2]=$(jq -r '"rbd bench \(.bench_ops) writes in \(.bench_seconds) s (\(.bench_iops | floor) IOPS); catch-up \(.catch_up) s after it exited; max behind during the load: \(.max_entries_behind // "-") entries, \(.max_bytes_behind // "-") bytes"' <<<"$out")
@@ -1206,6 +1269,38 @@ journal_phase() { # TOOL PREFIX PID
     JRES[$tool.j2s]=$(jq -c '[.samples[] | "\(.[0])s:\(.[1] // "-")"] | join(" ")' <<<"$out")
     log "$tool (j2): ${JRES[$tool.j2]}"
     log "$tool (j2): entries behind over time: ${JRES[$tool.j2s]}"
+    local burst
+    for burst in $J_BURSTS; do
+        wait_quiet
+        out=$(BENCH_TIMEOUT=$BENCH_TIMEOUT /usr/bin/python3 "$WORK/jbench.py" burst "$tool" "$POOL" "${p}j" "$burst" "$J_PORT")
+        JRES[$tool.j3.$burst]=$(jq -r '"\(.lag) (\(.after_burst))"' <<<"$out")
+        log "$tool (j3): $burst burst of random 64 KiB writes in $(jq -r .burst_seconds <<<"$out") s; its last write on the replica after ${JRES[$tool.j3.$burst]} s (from the burst's end)"
+    done
+    journal_overhead "$tool" "$p"
+}
+
+# (j4) What journaling costs the primary while TOOL replays: rbd bench of $J_TOTAL
+# random 64 KiB writes (16 in flight) on the replicated journaled image and on an
+# image of the same size and layout without journaling, alternated three times;
+# medians of the write throughput, and the throughput lost.
+journal_overhead() { # TOOL PREFIX
+    local tool=$1 p=$2 r img bps
+    local -a plain=() journaled=()
+    for ((r = 0; r < 3; r++)); do
+        for img in "${p}jplain" "${p}j"; do
+            wait_quiet
+            bps=$(c_rbd site-a bench --io-type write --io-pattern rand --io-size 64K \
+                --io-threads 16 --io-total "$J_TOTAL" "$POOL/$img" |
+                awk '/elapsed:/ { for (i = 1; i < NF; i++) if ($i == "ops/sec:") print int($(i + 1) * 65536) }')
+            [[ -n $bps ]] || die "$tool: rbd bench on $img printed no throughput"
+            if [[ $img == "${p}j" ]]; then journaled+=("$bps"); else plain+=("$bps"); fi
+        done
+    done
+    JRES[$tool.j4]=$(printf '%s\n' "${plain[@]}" | sort -n | sed -n 2p)
+    JRES[$tool.j4j]=$(printf '%s\n' "${journaled[@]}" | sort -n | sed -n 2p)
+    JRES[$tool.j4]=$(awk -v a="${JRES[$tool.j4]}" -v b="${JRES[$tool.j4j]}" \
+        'BEGIN { printf "%.1f -> %.1f MiB/s (-%.0f%%)", a / 1048576, b / 1048576, 100 * (1 - b / a) }')
+    log "$tool (j4): primary write throughput, rbd bench $J_TOTAL rand 64K, without -> with journaling: ${JRES[$tool.j4]}"
 }
 
 run_engine() {
@@ -1537,13 +1632,21 @@ verdict() { # VALUE TARGET
     if [[ -n ${JRES[engine.j1]:-}${JRES[rbd-mirror.j1]:-} ]]; then
         echo
         echo "journal mode (j), engine vs rbd-mirror (what each figure includes: the header of deploy/dev/bench.sh):"
-        printf '%-52s %22s %22s\n' scenario engine rbd-mirror
-        printf '%-52s %22s %22s\n' "(j0) idle CPU, $((J_IDLE + 1)) journal images (% of a core)" \
+        printf '%-52s %28s %28s\n' scenario engine rbd-mirror
+        printf '%-52s %28s %28s\n' "(j0) idle CPU, $((J_IDLE + 1)) journal images (% of a core)" \
             "${JRES[engine.j0]:--}" "${JRES[rbd-mirror.j0]:--}"
-        printf '%-52s %22s %22s\n' "(j1) 4 KiB write lag, median / p99 / max (s)" \
+        printf '%-52s %28s %28s\n' "(j1) 4 KiB write lag, median / p99 / max (s)" \
             "${JRES[engine.j1]:--}" "${JRES[rbd-mirror.j1]:--}"
-        printf '%-52s %22s %22s\n' "(j2) catch-up after rbd bench $J_TOTAL rand 4K (s)" \
+        printf '%-52s %28s %28s\n' "(j1) the same, 6 writes 2.5-3.5 s apart" \
+            "${JRES[engine.j1q]:--}" "${JRES[rbd-mirror.j1q]:--}"
+        printf '%-52s %28s %28s\n' "(j2) catch-up after rbd bench $J_TOTAL rand 4K (s)" \
             "${JRES[engine.j2c]:--}" "${JRES[rbd-mirror.j2c]:--}"
+        for b in $J_BURSTS; do
+            printf '%-52s %28s %28s\n' "(j3) $b burst rand 64K: last write lag (after end) s" \
+                "${JRES[engine.j3.$b]:--}" "${JRES[rbd-mirror.j3.$b]:--}"
+        done
+        printf '%-52s %28s %28s\n' "(j4) primary MiB/s, journaling off -> on" \
+            "${JRES[engine.j4]:--}" "${JRES[rbd-mirror.j4]:--}"
         for t in engine rbd-mirror; do
             [[ -z ${JRES[$t.j2]:-} ]] || echo "  $t (j2): ${JRES[$t.j2]}; entries behind every second: ${JRES[$t.j2s]}"
         done

@@ -57,6 +57,23 @@ pub const IDLE_POLL: Duration = Duration::from_millis(50);
 /// (one stat) whether the object where the primary's next entry lands grew.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(50);
 
+/// Default of `--journal-idle-probe-interval`: the probe interval of a
+/// replica that found nothing for [`QUIET_AFTER`]. Most of an idle replica's
+/// CPU is its probes; a write after a quiet spell waits at most this long.
+pub const DEFAULT_IDLE_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How long a replica finds no entry before it probes at the idle interval.
+pub const QUIET_AFTER: Duration = Duration::from_secs(2);
+
+/// The probe interval of a replica whose last entries came `quiet_for` ago.
+fn probe_interval(active: Duration, idle: Duration, quiet_for: Duration) -> Duration {
+    if quiet_for < QUIET_AFTER {
+        active
+    } else {
+        idle.max(active)
+    }
+}
+
 /// Default of `--journal-poll-interval`: how often an idle replica reads the
 /// primary's journal in full when nothing woke it.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -441,7 +458,11 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         by_poll: 0,
         last_report: None,
     };
-    let probe_every = engine.cfg.journal_probe_interval;
+    let (probe_active, probe_idle) = (
+        engine.cfg.journal_probe_interval,
+        engine.cfg.journal_idle_probe_interval,
+    );
+    let mut last_entries = Instant::now();
     let mut wake = HeaderWake::new();
     // Watched before the first read, so that nothing notified after it is
     // missed.
@@ -492,6 +513,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         }
         // Without a watch, every probe interval reads in full (no
         // notification says when a new tag or object set starts).
+        let probe_every = probe_interval(probe_active, probe_idle, last_entries.elapsed());
         let poll_every = if watching {
             engine.cfg.journal_poll_interval
         } else {
@@ -559,6 +581,9 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             }
             drop(guard);
             busy = n > 0;
+            if busy {
+                last_entries = Instant::now();
+            }
             if n == 0 {
                 if p.caught_up.is_none() {
                     tracing::info!(image = %key, skipped_io = replayer.stats().skipped_io, "journal replay caught up");
@@ -881,5 +906,15 @@ mod tests {
         let d = peer_client_data("img", MirrorPeerState::Replaying);
         let back = ClientData::decode_all(&d.encode()).unwrap();
         assert_eq!(back, d);
+    }
+
+    #[test]
+    fn probes_slow_down_only_after_a_quiet_spell() {
+        let (fast, slow) = (Duration::from_millis(50), Duration::from_millis(250));
+        assert_eq!(probe_interval(fast, slow, Duration::ZERO), fast);
+        assert_eq!(probe_interval(fast, slow, QUIET_AFTER / 2), fast);
+        assert_eq!(probe_interval(fast, slow, QUIET_AFTER), slow);
+        // An idle interval below the active one never speeds probes up.
+        assert_eq!(probe_interval(slow, fast, QUIET_AFTER * 10), slow);
     }
 }

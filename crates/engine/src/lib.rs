@@ -103,6 +103,9 @@ pub struct EngineConfig {
     /// object where the primary's next entry lands grew. Appends notify
     /// nobody, so this bounds the lag of a write at rest.
     pub journal_probe_interval: Duration,
+    /// Journal mode: the probe interval once a replica found no entry for
+    /// `journal_mode::QUIET_AFTER` (never shorter than the probe interval).
+    pub journal_idle_probe_interval: Duration,
 }
 
 impl EngineConfig {
@@ -135,6 +138,7 @@ impl EngineConfig {
             journal_max_sets_behind: journal_mode::DEFAULT_MAX_SETS_BEHIND,
             journal_poll_interval: journal_mode::DEFAULT_POLL_INTERVAL,
             journal_probe_interval: journal_mode::DEFAULT_PROBE_INTERVAL,
+            journal_idle_probe_interval: journal_mode::DEFAULT_IDLE_PROBE_INTERVAL,
         }
     }
 }

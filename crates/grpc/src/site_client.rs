@@ -395,8 +395,8 @@ fn step(
             (r.code.clone(), r.message.clone(), Some(r))
         }
         Ok(Err(s)) => (
-            code_name(s.code()).to_string(),
-            s.message().to_string(),
+            code_name(super::status::client_code(&s)).to_string(),
+            super::status::client_message(&s),
             None,
         ),
         Err(_) => (

@@ -50,7 +50,56 @@ pub fn from_engine(e: EngineError) -> Status {
 
 /// A status as the CLI prints an RPC's failure: `CODE_NAME: message`.
 pub fn describe(s: &tonic::Status) -> String {
-    format!("{}: {}", code_name(s.code()), s.message())
+    format!("{}: {}", code_name(client_code(s)), client_message(s))
+}
+
+/// The message a client reports for an answer (see [`client_code`]).
+pub fn client_message(s: &tonic::Status) -> String {
+    if connection_lost(s) {
+        format!("the connection broke during the call ({})", chain(s))
+    } else {
+        s.message().to_string()
+    }
+}
+
+/// The code a client reports for an answer: tonic turns a connection that
+/// broke in the middle of a call (the server killed, the socket gone) into
+/// UNKNOWN "transport error"; that is UNAVAILABLE to an operator.
+pub fn client_code(s: &tonic::Status) -> Code {
+    if connection_lost(s) {
+        Code::Unavailable
+    } else {
+        s.code()
+    }
+}
+
+/// Whether `s` is tonic's wrapping of a transport failure, not an answer.
+fn connection_lost(s: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    if s.code() != Code::Unknown {
+        return false;
+    }
+    let mut cause = s.source();
+    while let Some(e) = cause {
+        if e.is::<hyper::Error>() || e.is::<tonic::transport::Error>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The message of `s` and its causes, `: `-separated.
+fn chain(s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut out = s.message().to_string();
+    let mut cause = s.source();
+    while let Some(e) = cause {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cause = e.source();
+    }
+    out
 }
 
 /// The canonical name of a gRPC code (`OK`, `UNAVAILABLE`, ...), as the
