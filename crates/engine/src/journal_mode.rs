@@ -65,12 +65,42 @@ pub const DEFAULT_IDLE_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long a replica finds no entry before it probes at the idle interval.
 pub const QUIET_AFTER: Duration = Duration::from_secs(2);
 
-/// The probe interval of a replica whose last entries came `quiet_for` ago.
-fn probe_interval(active: Duration, idle: Duration, quiet_for: Duration) -> Duration {
-    if quiet_for < QUIET_AFTER {
-        active
-    } else {
-        idle.max(active)
+/// A quiet replica reads the journal in full at most this often when nothing
+/// woke it (the safety net for a lost notification; rbd-mirror polls every
+/// 5 s), unless `--journal-poll-interval` is longer.
+const QUIET_POLL: Duration = Duration::from_secs(5);
+
+/// A quiet replica re-reads the primary's record, sizes what is behind and
+/// reports its status this often (well inside the primary's 60 s for a
+/// silent peer).
+const QUIET_CHECK: Duration = Duration::from_secs(10);
+
+/// How often a replica probes, reads in full and checks, by whether its last
+/// entries came at least [`QUIET_AFTER`] ago.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cadence {
+    probe: Duration,
+    poll: Duration,
+    check: Duration,
+}
+
+impl Cadence {
+    /// The cadence of a replica whose last entries came `quiet_for` ago,
+    /// with the configured active and idle probe intervals and poll interval.
+    fn new(active: Duration, idle: Duration, poll: Duration, quiet_for: Duration) -> Cadence {
+        if quiet_for < QUIET_AFTER {
+            Cadence {
+                probe: active,
+                poll,
+                check: CHECK_EVERY,
+            }
+        } else {
+            Cadence {
+                probe: idle.max(active),
+                poll: poll.max(QUIET_POLL),
+                check: QUIET_CHECK,
+            }
+        }
     }
 }
 
@@ -458,9 +488,10 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         by_poll: 0,
         last_report: None,
     };
-    let (probe_active, probe_idle) = (
+    let (probe_active, probe_idle, poll) = (
         engine.cfg.journal_probe_interval,
         engine.cfg.journal_idle_probe_interval,
+        engine.cfg.journal_poll_interval,
     );
     let mut last_entries = Instant::now();
     let mut wake = HeaderWake::new();
@@ -481,7 +512,8 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         if cancelled() || slot.cancelled() {
             return Ok(());
         }
-        if last_check.elapsed() >= CHECK_EVERY {
+        let cadence = Cadence::new(probe_active, probe_idle, poll, last_entries.elapsed());
+        if last_check.elapsed() >= cadence.check {
             last_check = Instant::now();
             if !still_wanted(&peer_reg, job)? {
                 tracing::info!(image = %key, "the primary no longer asks for journal replication; stopping");
@@ -513,11 +545,11 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         }
         // Without a watch, every probe interval reads in full (no
         // notification says when a new tag or object set starts).
-        let probe_every = probe_interval(probe_active, probe_idle, last_entries.elapsed());
+        let probe_every = cadence.probe;
         let poll_every = if watching {
-            engine.cfg.journal_poll_interval
+            cadence.poll
         } else {
-            probe_every.min(engine.cfg.journal_poll_interval)
+            probe_every.min(cadence.poll)
         };
         let t0 = Utc::now();
         let notified = wake.take();
@@ -596,7 +628,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             }
         }
         let stats = replayer.stats();
-        if full || p.last_report.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
+        if full || p.last_report.is_none_or(|t| t.elapsed() >= cadence.check) {
             engine.metrics.journal_progress(
                 &labels,
                 &csirr_metrics::JournalProgress {
@@ -613,7 +645,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             );
             p.metered = stats;
         }
-        if p.last_report.is_none_or(|t| t.elapsed() >= CHECK_EVERY) {
+        if p.last_report.is_none_or(|t| t.elapsed() >= cadence.check) {
             let secs = p.since.elapsed().as_secs_f64().max(0.001);
             let rate = ((stats.io_bytes - p.base.io_bytes) as f64 / secs) as u64;
             let entries_rate = ((stats.entries - p.base.entries) as f64 / secs) as u64;
@@ -676,7 +708,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
                 .unwrap_or_default();
             let wait = probe_every
                 .min(until_full)
-                .min(CHECK_EVERY.saturating_sub(last_check.elapsed()));
+                .min(cadence.check.saturating_sub(last_check.elapsed()));
             if !wait.is_zero() {
                 wake.wait(wait);
             }
@@ -909,12 +941,29 @@ mod tests {
     }
 
     #[test]
-    fn probes_slow_down_only_after_a_quiet_spell() {
-        let (fast, slow) = (Duration::from_millis(50), Duration::from_millis(250));
-        assert_eq!(probe_interval(fast, slow, Duration::ZERO), fast);
-        assert_eq!(probe_interval(fast, slow, QUIET_AFTER / 2), fast);
-        assert_eq!(probe_interval(fast, slow, QUIET_AFTER), slow);
-        // An idle interval below the active one never speeds probes up.
-        assert_eq!(probe_interval(slow, fast, QUIET_AFTER * 10), slow);
+    fn replicas_slow_down_only_after_a_quiet_spell() {
+        let (fast, slow, poll) = (
+            Duration::from_millis(50),
+            Duration::from_millis(250),
+            Duration::from_secs(1),
+        );
+        let busy = Cadence::new(fast, slow, poll, Duration::ZERO);
+        assert_eq!(
+            (busy.probe, busy.poll, busy.check),
+            (fast, poll, CHECK_EVERY)
+        );
+        assert_eq!(Cadence::new(fast, slow, poll, QUIET_AFTER / 2), busy);
+        let quiet = Cadence::new(fast, slow, poll, QUIET_AFTER);
+        assert_eq!(
+            (quiet.probe, quiet.poll, quiet.check),
+            (slow, QUIET_POLL, QUIET_CHECK)
+        );
+        // Configured intervals longer than the quiet ones are kept, and an
+        // idle probe interval below the active one never speeds probes up.
+        let long = Duration::from_secs(600);
+        let q = Cadence::new(slow, fast, long, QUIET_AFTER * 10);
+        assert_eq!((q.probe, q.poll), (slow, long));
+        // The primary counts a replica silent after 60 s.
+        assert!(QUIET_CHECK * 3 < Duration::from_secs(60));
     }
 }
