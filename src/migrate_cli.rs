@@ -25,6 +25,10 @@ pub struct PoolModeArgs {
     /// enable: schedulingStartTime (ISO 8601), optional.
     #[arg(long, default_value = "")]
     pub start_time: String,
+    /// enable: `snapshot` or `journal` (every write replayed; the images get
+    /// exclusive-lock and journaling, and no schedule applies).
+    #[arg(long, default_value = "snapshot", value_parser = ["snapshot", "journal"])]
+    pub mode: String,
     /// The sidecar's endpoint (of the primary's site).
     #[arg(long, default_value = "unix:///csi/csi-addons.sock")]
     pub endpoint: Endpoint,
@@ -47,13 +51,22 @@ pub async fn pool_mode(a: PoolModeArgs, enable: bool) -> std::process::ExitCode 
         Ok(c) => Client::new(c),
         Err(e) => return fail(e),
     };
+    // Journal mode takes no schedule.
+    let schedule = |s: &String| {
+        if a.mode == "journal" {
+            String::new()
+        } else {
+            s.clone()
+        }
+    };
     let req = PoolModeRequest {
         pool: a.pool.clone(),
         namespace: a.namespace.clone(),
-        scheduling_interval: a.schedule.clone(),
-        scheduling_start_time: a.start_time.clone(),
+        scheduling_interval: schedule(&a.schedule),
+        scheduling_start_time: schedule(&a.start_time),
         label: "pool enable".into(),
         flatten_clones: false,
+        mirroring_mode: a.mode.clone(),
     };
     let r = if enable {
         c.pool_mode_enable(req).await
@@ -78,8 +91,14 @@ pub async fn pool_mode(a: PoolModeArgs, enable: bool) -> std::process::ExitCode 
                 "pool": r.pool, "namespace": r.namespace, "enabled": r.enabled,
                 "scheduling_interval": r.scheduling_interval,
                 "scheduling_start_time": r.scheduling_start_time,
+                "mirroring_mode": r.mirroring_mode,
                 "images_enrolled": r.images_enrolled,
             })
+        );
+    } else if enable && r.mirroring_mode == "journal" {
+        println!(
+            "{target}: pool mode on (journal mode), {} images enrolled now; images created later are replicated too",
+            r.images_enrolled
         );
     } else if enable {
         println!(

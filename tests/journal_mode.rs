@@ -963,3 +963,76 @@ async fn journal_mode_forced_failover_resync_and_failback() {
     assert_eq!(f & ceph::features::JOURNALING, 0, "{f:#x}");
     assert_ne!(f & ceph::features::EXCLUSIVE_LOCK, 0, "{f:#x}");
 }
+
+/// Pool mode in journal mode (`pool enable --mode journal`): an image that
+/// exists and one created afterwards are enrolled in journal mode (their
+/// features turned on, the records say `journal`) and their replicas equal
+/// the primaries after writes; a bad mode, and a schedule with journal
+/// mode, are INVALID_ARGUMENT and turn nothing on.
+#[tokio::test]
+async fn journal_pool_mode_enrolls_existing_and_new_images() {
+    use csi_rbd_replicator::grpc::proto::admin::PoolModeRequest;
+    let pool = TestPool::new("jpool");
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let _b = Sidecar::start(Site::B, &pool.args()).await;
+    let aio = pool.ioctx(Site::A);
+    let plain = ceph::CreateOptions {
+        features: Some(ceph::features::LAYERING),
+        ..Default::default()
+    };
+    ceph::rbd::create(&aio, "before", 16 * MIB, &plain).unwrap();
+    write(&Image::open(&aio, "before").unwrap(), &[(0, 1 << 20)], 1);
+    let mut admin = a.admin_api().await;
+    let req = |mode: &str, interval: &str| PoolModeRequest {
+        pool: pool.name.clone(),
+        mirroring_mode: mode.into(),
+        scheduling_interval: interval.into(),
+        ..Default::default()
+    };
+    for (mode, interval) in [("bogus", ""), ("journal", "1m")] {
+        let e = admin
+            .pool_mode_enable(req(mode, interval))
+            .await
+            .expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{mode} {interval}: {e:?}");
+    }
+    assert!(
+        registry_record(&aio, "before").is_none(),
+        "nothing enrolled"
+    );
+    let r = admin
+        .pool_mode_enable(req("journal", ""))
+        .await
+        .expect("pool mode on in journal mode")
+        .into_inner();
+    assert_eq!((r.enabled, r.mirroring_mode.as_str()), (true, "journal"));
+    assert_eq!(r.images_enrolled, 1, "{r:?}");
+    ceph::rbd::create(&aio, "after", 16 * MIB, &plain).unwrap();
+    wait_until("the new image enrolled", LONG, || {
+        registry_record(&aio, "after").is_some()
+    })
+    .await;
+    for (k, name) in ["before", "after"].into_iter().enumerate() {
+        let rec = registry_record(&aio, name).expect("record");
+        assert_eq!(rec["mode"], "journal", "{name}: {rec}");
+        let img = Image::open(&aio, name).unwrap();
+        assert_ne!(
+            img.features().unwrap() & ceph::features::JOURNALING,
+            0,
+            "{name}"
+        );
+        write(
+            &img,
+            &[(4 * MIB, 512 << 10), (12 * MIB, 64 << 10)],
+            10 + k as u64,
+        );
+        drop(img);
+        wait_equal(&pool, name, LONG).await;
+    }
+    let got = admin
+        .pool_mode_get(req("", ""))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.mirroring_mode, "journal", "{got:?}");
+}

@@ -31,7 +31,9 @@ use super::error::{CephContext, EngineError, Result};
 use super::registry::{REGISTRY_OBJECT, Registry, Schedule};
 use super::{Engine, VolumeRequest};
 use csirr_ceph::{ErrorKind, IoCtx};
-use csirr_csi::params::{ReplicationParams, SCHEDULING_INTERVAL_KEY, SCHEDULING_START_TIME_KEY};
+use csirr_csi::params::{
+    MIRRORING_MODE_KEY, ReplicationParams, SCHEDULING_INTERVAL_KEY, SCHEDULING_START_TIME_KEY,
+};
 use csirr_csi::volume_id::VolumeId;
 
 /// The registry omap key that holds a namespace's pool-mode settings.
@@ -56,20 +58,43 @@ pub struct PoolModeSettings {
     /// (`replicaClones=flatten`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flatten_clones: bool,
+    /// The images it enrolls replicate in journal mode
+    /// (`mirroringMode: journal`; the schedule is not used then).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub journal: bool,
 }
 
 impl PoolModeSettings {
     /// The Enable parameters of an image it enrolls.
     pub fn params(&self) -> Result<ReplicationParams> {
-        let mut p = schedule_params(&self.schedule)?;
+        let mut p = enable_params(&self.schedule, self.journal)?;
         p.flatten_replica = self.flatten_clones;
         Ok(p)
     }
 }
 
-/// The validated Enable parameters of `schedule` (snapshot mode).
-fn schedule_params(schedule: &Schedule) -> Result<ReplicationParams> {
+/// How [`Engine::pool_mode_enable`] enrolls images.
+#[derive(Debug, Clone, Default)]
+pub struct PoolModeOptions {
+    /// Schedule of the images it enrolls (snapshot mode).
+    pub schedule: Schedule,
+    /// Who turned it on and why; free text.
+    pub label: String,
+    /// Replicas of clones are flat copies.
+    pub flatten_clones: bool,
+    /// Journal mode instead of snapshot mode.
+    pub journal: bool,
+}
+
+/// The validated Enable parameters of an enrolled image: `schedule` in
+/// snapshot mode, or journal mode.
+fn enable_params(schedule: &Schedule, journal: bool) -> Result<ReplicationParams> {
     let mut m = std::collections::HashMap::new();
+    if journal {
+        m.insert(MIRRORING_MODE_KEY.to_string(), "journal".to_string());
+        return ReplicationParams::parse(&m)
+            .map_err(|e| EngineError::InvalidArgument(e.to_string()));
+    }
     if let Some(i) = &schedule.interval {
         m.insert(SCHEDULING_INTERVAL_KEY.to_string(), i.clone());
     }
@@ -117,17 +142,22 @@ impl Engine {
         self: &Arc<Self>,
         pool: &str,
         namespace: &str,
-        schedule: Schedule,
-        label: String,
-        flatten_clones: bool,
+        opts: PoolModeOptions,
     ) -> Result<(PoolModeSettings, usize)> {
         super::pool::validate_target(pool, namespace)?;
-        schedule_params(&schedule)?;
+        if opts.journal && (opts.schedule.interval.is_some() || opts.schedule.start_time.is_some())
+        {
+            return Err(EngineError::InvalidArgument(
+                "journal mode replicates every write: it takes no schedule".into(),
+            ));
+        }
+        enable_params(&opts.schedule, opts.journal)?;
         let settings = PoolModeSettings {
-            schedule,
-            label,
+            schedule: opts.schedule,
+            label: opts.label,
             enabled_at: Utc::now(),
-            flatten_clones,
+            flatten_clones: opts.flatten_clones,
+            journal: opts.journal,
         };
         let (p, ns, s) = (pool.to_string(), namespace.to_string(), settings.clone());
         self.run(move |e| {
@@ -299,6 +329,7 @@ mod tests {
             label: "migration to site-b".into(),
             enabled_at: Utc::now(),
             flatten_clones: false,
+            journal: false,
         };
         let j = serde_json::to_vec(&s).unwrap();
         let back: PoolModeSettings = serde_json::from_slice(&j).unwrap();
@@ -309,8 +340,32 @@ mod tests {
             start_time: None,
         };
         assert!(matches!(
-            schedule_params(&bad),
+            enable_params(&bad, false),
             Err(EngineError::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn journal_pool_mode_enrolls_in_journal_mode() {
+        use csirr_csi::params::MirroringMode;
+        let mut s = PoolModeSettings {
+            schedule: Schedule::default(),
+            label: String::new(),
+            enabled_at: Utc::now(),
+            flatten_clones: true,
+            journal: true,
+        };
+        let p = s.params().unwrap();
+        assert_eq!(p.mirroring_mode, MirroringMode::Journal);
+        assert!(p.flatten_replica);
+        // Settings written before the mode existed read as snapshot mode.
+        s.journal = false;
+        let old = serde_json::to_value(&s).unwrap();
+        assert!(old.get("journal").is_none(), "{old}");
+        let back: PoolModeSettings = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            back.params().unwrap().mirroring_mode,
+            MirroringMode::Snapshot
+        );
     }
 }

@@ -23,7 +23,7 @@ use csirr_engine::drill::DrillImage;
 use csirr_engine::pool::{
     DEFAULT_PARALLEL, ImageOutcome, MAX_PARALLEL, Outcome, PoolOp, validate_image_target,
 };
-use csirr_engine::pool_mode::PoolModeSettings;
+use csirr_engine::pool_mode::{PoolModeOptions, PoolModeSettings};
 use csirr_engine::registry::{Schedule, SyncPoint};
 use csirr_engine::status::{ImageStatus, PoolStatus, role_name};
 use csirr_engine::{Engine, Health};
@@ -450,15 +450,24 @@ impl Admin for AdminService {
             start_time: (!r.scheduling_start_time.is_empty())
                 .then(|| r.scheduling_start_time.clone()),
         };
+        let journal = match r.mirroring_mode.as_str() {
+            "" | "snapshot" => false,
+            "journal" => true,
+            other => {
+                return Err(from_engine(csirr_engine::EngineError::InvalidArgument(
+                    format!("mirroring_mode {other:?}: snapshot or journal"),
+                )));
+            }
+        };
+        let opts = PoolModeOptions {
+            schedule,
+            label: r.label.clone(),
+            flatten_clones: r.flatten_clones,
+            journal,
+        };
         let (s, n) = self
             .engine
-            .pool_mode_enable(
-                &r.pool,
-                &r.namespace,
-                schedule,
-                r.label.clone(),
-                r.flatten_clones,
-            )
+            .pool_mode_enable(&r.pool, &r.namespace, opts)
             .await
             .map_err(from_engine)?;
         let mut out = pool_mode_response(&r, Some(&s));
@@ -588,6 +597,10 @@ fn pool_mode_response(
         label: s.map(|s| s.label.clone()).unwrap_or_default(),
         enabled_at: s.map(|s| timestamp(s.enabled_at)),
         images_enrolled: 0,
+        mirroring_mode: s
+            .map(|s| if s.journal { "journal" } else { "snapshot" })
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 

@@ -254,6 +254,7 @@ pub async fn start(
                 scheduling_start_time: String::new(),
                 label: format!("migration to {to}"),
                 flatten_clones: flatten,
+                mirroring_mode: String::new(),
             })
             .await
             .map_err(|e| rpc_error(&format!("pool mode on {}", pool_spec(pool, ns)), &e))?
