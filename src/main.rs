@@ -45,6 +45,22 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Commands that talk to sidecars (pool, failover, failback, drill,
+    /// migrate): reach tcp:// endpoints over TLS, trusting these PEM CA
+    /// certificates (unix sockets stay plain).
+    #[arg(long, global = true)]
+    tls_ca: Option<PathBuf>,
+    /// With --tls-ca: a PEM client certificate, for sidecars serving with
+    /// --tls-client-ca (mutual TLS). Needs --tls-client-key.
+    #[arg(long, global = true, requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-client-cert.
+    #[arg(long, global = true, requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
+    /// With --tls-ca: the name the sidecars' certificates carry (default:
+    /// the endpoint's host).
+    #[arg(long, global = true)]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -487,6 +503,10 @@ fn main() -> std::process::ExitCode {
             "FAILPOINTS is set but this build has no fail points (feature `failpoints`)"
         );
     }
+    if let Err(e) = client_tls(&cli) {
+        eprintln!("csi-rbd-replicator: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -892,6 +912,22 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
         eprintln!("csi-rbd-replicator pool {op}: {b}");
     }
     std::process::ExitCode::from(report.exit_code())
+}
+
+/// Sets up TLS to the sidecars from `--tls-ca` and friends, if given.
+fn client_tls(cli: &Cli) -> Result<(), String> {
+    use csi_rbd_replicator::grpc::admin_client::{ClientTls, use_tls};
+    let Some(ca) = cli.tls_ca.clone() else {
+        if cli.tls_client_cert.is_some() || cli.tls_server_name.is_some() {
+            return Err("--tls-client-cert and --tls-server-name need --tls-ca".into());
+        }
+        return Ok(());
+    };
+    use_tls(&ClientTls {
+        ca,
+        identity: cli.tls_client_cert.clone().zip(cli.tls_client_key.clone()),
+        server_name: cli.tls_server_name.clone(),
+    })
 }
 
 /// `failover` (`relocate` is `None`) or `failback`: talks to both sites'

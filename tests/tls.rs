@@ -3,7 +3,8 @@
 //! made at test time with rcgen; clients are tonic over tokio-rustls. No Ceph
 //! needed: the in-process tests serve a small Identity service, the binary
 //! tests run `serve --no-replayer` against a cluster that does not exist
-//! (GetIdentity needs none).
+//! (GetIdentity needs none; the operator commands' TLS flags are checked
+//! against it too).
 
 use std::io;
 use std::net::SocketAddr;
@@ -529,6 +530,93 @@ async fn serve_with_tls_flags_requires_client_certificates() {
     assert!(plain_get_identity(addr).await.is_err());
     // The failed handshakes are logged, without a secret to leak.
     served.wait_log("TLS handshake failed");
+}
+
+/// The operator commands reach a sidecar serving mutual TLS on tcp:// with
+/// `--tls-ca`, `--tls-client-cert` and `--tls-client-key` (the call gets to
+/// the sidecar, which answers from its fake cluster); without the client
+/// certificate, or without TLS, they fail to connect and say so (exit 2).
+#[tokio::test]
+async fn commands_reach_a_tls_sidecar_with_the_tls_flags() {
+    let ca = Ca::new("test CA");
+    let files = ServerFiles::new(&ca.server(), Some(&ca));
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let served = run_serve(
+        files.dir.path(),
+        &[
+            "--endpoint",
+            &endpoint,
+            "--tls-cert",
+            files.path("tls.crt").to_str().unwrap(),
+            "--tls-key",
+            files.path("tls.key").to_str().unwrap(),
+            "--tls-client-ca",
+            files.path("ca.crt").to_str().unwrap(),
+            "--op-timeout",
+            "2s",
+        ],
+    );
+    served.wait_log("gRPC server listening");
+    let operator = ca.client("operator");
+    let (cert, key) = (
+        files.dir.path().join("op.crt"),
+        files.dir.path().join("op.key"),
+    );
+    std::fs::write(&cert, &operator.cert).unwrap();
+    std::fs::write(&key, &operator.key).unwrap();
+    let ca_file = files.path("ca.crt");
+    let run = |tls: &[&str]| {
+        let o = bin()
+            .args([
+                "pool",
+                "status",
+                "replicapool",
+                "--endpoint",
+                &endpoint,
+                "--json",
+            ])
+            .args(tls)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), text)
+    };
+    let (ca_s, cert_s, key_s) = (
+        ca_file.to_str().unwrap(),
+        cert.to_str().unwrap(),
+        key.to_str().unwrap(),
+    );
+    let (_, text) = run(&[
+        "--tls-ca",
+        ca_s,
+        "--tls-client-cert",
+        cert_s,
+        "--tls-client-key",
+        key_s,
+    ]);
+    // The sidecar answered: its (fake) cluster did not.
+    assert!(text.contains("cluster at"), "{text}");
+    // Without a client certificate the sidecar ends the handshake (with
+    // TLS 1.3 the client learns it at its first call).
+    let (code, text) = run(&["--tls-ca", ca_s]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(!text.contains("cluster at"), "{text}");
+    let (code, text) = run(&[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(!text.contains("cluster at"), "{text}");
+    // A client certificate without its key is refused before connecting.
+    let (code, text) = run(&["--tls-ca", ca_s, "--tls-client-cert", cert_s]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("--tls-client-key"), "{text}");
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "no key material echoed: {text}"
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@
 //! Must not: act on Ceph itself; everything goes through the sidecar.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -21,8 +23,75 @@ use csirr_engine::status::fmt_bytes;
 /// Bound on connecting to the sidecar.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A channel to the sidecar at `endpoint` (plain HTTP/2: a unix socket, or
-/// a tcp:// endpoint without TLS).
+/// How the commands reach a sidecar's tcp:// endpoint over TLS (the
+/// sidecar's `--tls-cert`; unix sockets stay plain).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// PEM CA certificates the sidecar's certificate must chain to.
+    pub ca: PathBuf,
+    /// PEM client certificate and key, for a sidecar that asks for one
+    /// (`--tls-client-ca`).
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name the sidecar's certificate must carry (default: the
+    /// endpoint's host).
+    pub server_name: Option<String>,
+}
+
+static CLIENT_TLS: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+static SERVER_NAME: OnceLock<Option<String>> = OnceLock::new();
+
+/// Makes every later [`connect`] to a tcp:// endpoint use TLS as `tls`
+/// says; once per process, before the first connection.
+pub fn use_tls(tls: &ClientTls) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |what: &str, p: &PathBuf| {
+        std::fs::read(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = read("--tls-ca", &tls.ca)?;
+    for c in CertificateDer::pem_slice_iter(&ca) {
+        let c = c.map_err(|e| format!("--tls-ca {}: {e}", tls.ca.display()))?;
+        roots
+            .add(c)
+            .map_err(|e| format!("--tls-ca {}: {e}", tls.ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "--tls-ca {}: no certificate in it",
+            tls.ca.display()
+        ));
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(&read("--tls-client-cert", cert)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("--tls-client-cert {}: {e}", cert.display()))?;
+            // The key is never echoed: only the file's name in errors.
+            let key = PrivateKeyDer::from_pem_slice(&read("--tls-client-key", key)?)
+                .map_err(|_| format!("--tls-client-key {}: no PEM private key", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    CLIENT_TLS
+        .set(Arc::new(config))
+        .map_err(|_| "TLS is configured once".to_string())?;
+    let _ = SERVER_NAME.set(tls.server_name.clone());
+    Ok(())
+}
+
+/// A channel to the sidecar at `endpoint`: plain HTTP/2 over a unix
+/// socket; over TCP, TLS when [`use_tls`] was called, plain otherwise.
 pub async fn connect(endpoint: &Endpoint) -> Result<Channel, String> {
     let fail = |e: tonic::transport::Error| {
         let detail = std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
@@ -43,6 +112,9 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Channel, String> {
                 .await
                 .map_err(fail)
         }
+        Endpoint::Tcp { host, port } if let Some(config) = CLIENT_TLS.get() => {
+            connect_tls(endpoint, host, *port, Arc::clone(config)).await
+        }
         Endpoint::Tcp { host, port } => {
             let host = if host.contains(':') {
                 format!("[{host}]")
@@ -57,6 +129,39 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Channel, String> {
                 .map_err(fail)
         }
     }
+}
+
+/// A channel to `host:port` over TLS with `config`.
+async fn connect_tls(
+    endpoint: &Endpoint,
+    host: &str,
+    port: u16,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Channel, String> {
+    let name = SERVER_NAME
+        .get()
+        .cloned()
+        .flatten()
+        .unwrap_or_else(|| host.to_string());
+    let name = rustls_pki_types::ServerName::try_from(name)
+        .map_err(|e| format!("cannot connect to {endpoint}: server name: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let addr = (host.to_string(), port);
+    TonicEndpoint::from_static("http://localhost")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector(tower::service_fn(move |_| {
+            let (connector, addr, name) = (connector.clone(), addr.clone(), name.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| {
+            let detail = std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
+            format!("cannot connect to {endpoint} over TLS: {detail}")
+        })
 }
 
 /// A health as `rbd mirror pool status` words it.
