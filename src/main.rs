@@ -34,6 +34,7 @@ use csi_rbd_replicator::grpc::volumegroup::VolumeGroupService;
 use csi_rbd_replicator::metrics::Metrics;
 
 mod migrate_cli;
+mod migrate_setup;
 mod omap_cli;
 
 #[derive(Parser)]
@@ -840,6 +841,7 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
             let req = PoolStatusRequest {
                 pool: t.pool.clone(),
                 namespace: t.namespace.clone(),
+                default_namespace_only: false,
             };
             let s = match client.pool_status(req).await {
                 Ok(r) => r.into_inner(),
@@ -859,6 +861,7 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
             let req = PoolPromoteRequest {
                 pool: a.target.pool.clone(),
                 namespace: a.target.namespace.clone(),
+                default_namespace_only: false,
                 force: a.force,
                 parallel: a.parallel,
                 wait_seconds: u32::try_from(a.wait.as_secs()).unwrap_or(u32::MAX),
@@ -869,6 +872,7 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
             let req = PoolDemoteRequest {
                 pool: a.target.pool.clone(),
                 namespace: a.target.namespace.clone(),
+                default_namespace_only: false,
                 parallel: a.parallel,
             };
             client.pool_demote(req).await

@@ -11,6 +11,8 @@ use csi_rbd_replicator::grpc::migrate_client::{self as mc, Client, EXIT_USAGE, P
 use csi_rbd_replicator::grpc::proto::admin::PoolModeRequest;
 use csi_rbd_replicator::grpc::server::Endpoint;
 
+use crate::migrate_setup::{self, ClusterAdmin};
+
 /// `pool enable|disable`.
 #[derive(clap::Args)]
 pub struct PoolModeArgs {
@@ -145,6 +147,13 @@ pub struct MigrateStartArgs {
     /// not migrated is refused.
     #[arg(long)]
     pub flatten: bool,
+    /// Create the target pools (and namespaces) that are missing, put both
+    /// sides in image mirror mode and peer the pools, with admin access to
+    /// both clusters (--from-conf, --to-conf): the sidecars cannot.
+    #[arg(long)]
+    pub create_pools: bool,
+    #[command(flatten)]
+    pub admin: ClusterAdmin,
 }
 
 /// `migrate switch`.
@@ -172,6 +181,12 @@ pub struct MigrateCleanupArgs {
     /// Move the source images to the RBD trash (restorable for 7 days).
     #[arg(long)]
     pub remove_source: bool,
+    /// Remove the mirror peers between the two clusters from the pools, on
+    /// both sides, with admin access (--from-conf, --to-conf).
+    #[arg(long)]
+    pub remove_peers: bool,
+    #[command(flatten)]
+    pub admin: ClusterAdmin,
 }
 
 /// `migrate ...`.
@@ -220,6 +235,19 @@ pub async fn migrate(cmd: MigrateCmd) -> std::process::ExitCode {
         from: t.from.clone(),
         pools,
     };
+    if let MigrateCmd::Start(a) = &cmd
+        && a.create_pools
+    {
+        let (admin, pools) = (a.admin.clone(), plan.pools.clone());
+        let done = tokio::task::spawn_blocking(move || migrate_setup::create_pools(&admin, &pools))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match done {
+            Ok(lines) => lines.iter().for_each(|l| eprintln!("create-pools: {l}")),
+            Err(e) => return fail(format!("--create-pools: {e}")),
+        }
+    }
     let source = match connect(&t.from_endpoint).await {
         Ok(c) => Client::new(c),
         Err(e) => return fail(e),
@@ -248,9 +276,21 @@ pub async fn migrate(cmd: MigrateCmd) -> std::process::ExitCode {
         MigrateCmd::Switch(a) => mc::switch(source, target, &plan, a.parallel, a.wait, a.verify)
             .await
             .and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
-        MigrateCmd::Cleanup(a) => mc::cleanup(source, target, &plan, a.remove_source)
-            .await
-            .and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
+        MigrateCmd::Cleanup(a) => match mc::cleanup(source, target, &plan, a.remove_source).await {
+            Ok(r) if a.remove_peers && r.exit_code() == 0 => {
+                let (admin, pools) = (a.admin.clone(), plan.pools.clone());
+                tokio::task::spawn_blocking(move || migrate_setup::remove_peers(&admin, &pools))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .map_err(|e| format!("--remove-peers: {e}"))
+                    .and_then(|lines| {
+                        lines.iter().for_each(|l| eprintln!("remove-peers: {l}"));
+                        out(json, &r, r.render_text()).map(|()| r.exit_code())
+                    })
+            }
+            r => r.and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
+        },
     };
     match res {
         Ok(code) => std::process::ExitCode::from(code),

@@ -737,3 +737,115 @@ async fn live_migration_of_a_replicated_primary() {
         "a sync point is missing on the replica: {snaps:?}"
     );
 }
+
+/// `migrate start --create-pools` with admin access to both clusters: a
+/// pool (with a namespace) that exists only on the source, not mirrored
+/// and not peered, is created on the target, both sides put in image
+/// mirror mode and peered; the images of both namespaces migrate and
+/// switch (`--verify`); `cleanup --remove-peers` removes the peers on both
+/// sides.
+#[tokio::test]
+async fn migrate_start_creates_and_peers_missing_target_pools() {
+    // Removed from both sites on drop, however far the test got.
+    let pool = TestPool {
+        name: unique("mkpool"),
+    };
+    let p = pool.name.clone();
+    ceph_ok(Site::A, &["osd", "pool", "create", &p, "8", "8"]);
+    rbd_ok(Site::A, &["pool", "init", &p]);
+    rbd_ok(Site::A, &["namespace", "create", &format!("{p}/ns1")]);
+    let (aio, ansio) = (
+        admin(Site::A).ioctx(&p, "").unwrap(),
+        admin(Site::A).ioctx(&p, "ns1").unwrap(),
+    );
+    drop(create_image_in(&aio, "vol", 16 * MIB, &[(0, 2 << 20)], 41));
+    drop(create_image_in(
+        &ansio,
+        "nsvol",
+        8 * MIB,
+        &[(MIB, 1 << 20)],
+        42,
+    ));
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let ns = format!("{p}/ns1");
+    let pools = [p.as_str(), ns.as_str()];
+    let (ca, ka, cb, kb) = (
+        Site::A.conf(),
+        Site::A.keyring(),
+        Site::B.conf(),
+        Site::B.keyring(),
+    );
+    let admin_args = [
+        "--from-conf",
+        ca.as_str(),
+        "--from-keyring",
+        ka.as_str(),
+        "--to-conf",
+        cb.as_str(),
+        "--to-keyring",
+        kb.as_str(),
+    ];
+
+    // Without admin access: refused before anything changes.
+    let o = migrate("start", &a, &b, &pools, &["--create-pools"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--from-conf"), "{}", text(&o));
+    assert!(!admin(Site::B).pool_list().unwrap().contains(&p));
+
+    let mut args = vec!["--create-pools", "--schedule", "5s"];
+    args.extend(admin_args);
+    let o = migrate("start", &a, &b, &pools, &args);
+    eprintln!("$ migrate start --create-pools\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert_eq!(t.matches("created pool").count(), 1, "{t}");
+    for want in [
+        format!("created pool {p}"),
+        format!("created namespace {p}/ns1"),
+        format!("{p}: peered both ways"),
+    ] {
+        assert!(t.contains(&want), "{want}: {t}");
+    }
+    let bio = admin(Site::B).ioctx(&p, "").unwrap();
+    assert_eq!(
+        csi_rbd_replicator::ceph::admin::mirror_mode(&bio).unwrap(),
+        1
+    );
+    assert_eq!(
+        csi_rbd_replicator::ceph::rbd::mirror_peer_list(&bio)
+            .unwrap()
+            .len(),
+        1
+    );
+
+    wait_until("both images ready to switch", LONG, || {
+        migrate("status", &a, &b, &pools, &[]).status.code() == Some(0)
+    })
+    .await;
+    let o = migrate("switch", &a, &b, &pools, &["--verify"]);
+    eprintln!("$ migrate switch --verify\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for (spec, site_io) in [
+        (format!("{p}/vol"), &bio),
+        (
+            format!("{p}/ns1/nsvol"),
+            &admin(Site::B).ioctx(&p, "ns1").unwrap(),
+        ),
+    ] {
+        assert_eq!(checksum(Site::A, &spec), checksum(Site::B, &spec), "{spec}");
+        let name = spec.rsplit('/').next().unwrap();
+        assert_eq!(role(site_io, name), "primary", "{spec}");
+    }
+
+    let mut args = vec!["--remove-peers"];
+    args.extend(admin_args);
+    let o = migrate("cleanup", &a, &b, &pools, &args);
+    eprintln!("$ migrate cleanup --remove-peers\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("removed peer site-a"), "{}", text(&o));
+    for io in [&aio, &bio] {
+        let peers = csi_rbd_replicator::ceph::rbd::mirror_peer_list(io).unwrap();
+        assert!(peers.is_empty(), "{}: {peers:?}", io.spec());
+    }
+}

@@ -54,6 +54,7 @@ async fn pool_status(sc: &Sidecar, pool: &str) -> apb::PoolStatusResponse {
         .pool_status(apb::PoolStatusRequest {
             pool: pool.into(),
             namespace: String::new(),
+            default_namespace_only: false,
         })
         .await
         .expect("PoolStatus")
@@ -175,6 +176,7 @@ async fn pool_status_and_planned_relocation_of_a_whole_pool() {
         .pool_status(apb::PoolStatusRequest {
             pool: "no-such-pool".into(),
             namespace: String::new(),
+            default_namespace_only: false,
         })
         .await
         .expect_err("unknown pool");
@@ -183,6 +185,7 @@ async fn pool_status_and_planned_relocation_of_a_whole_pool() {
         .pool_status(apb::PoolStatusRequest {
             pool: pool.name.clone(),
             namespace: "no-such-ns".into(),
+            default_namespace_only: false,
         })
         .await
         .expect_err("unknown namespace");

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod admin;
 pub mod aio;
 pub mod alloc;
 pub mod error;

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use super::proto::admin::admin_server::Admin;
 use super::proto::admin::{self as pb, pool_op_event::Event};
 use super::status::from_engine;
-use super::status::{code_name, pool_request};
+use super::status::{code_name, pool_request, pool_request_in};
 use csirr_engine::drill::DrillImage;
 use csirr_engine::pool::{
     DEFAULT_PARALLEL, ImageOutcome, MAX_PARALLEL, Outcome, PoolOp, validate_image_target,
@@ -44,11 +44,11 @@ impl AdminService {
     async fn pool_op(
         &self,
         pool: String,
-        namespace: String,
+        (namespace, default_only): (String, bool),
         parallel: u32,
         op: PoolOp,
     ) -> Result<Response<ReceiverStream<Result<pb::PoolOpEvent, Status>>>, Status> {
-        let ns = pool_request(&pool, &namespace).map_err(from_engine)?;
+        let ns = pool_request_in(&pool, &namespace, default_only).map_err(from_engine)?;
         let images = self
             .engine
             .pool_images(&pool, ns.as_deref())
@@ -310,7 +310,8 @@ impl Admin for AdminService {
         req: Request<pb::PoolStatusRequest>,
     ) -> Result<Response<pb::PoolStatusResponse>, Status> {
         let r = req.into_inner();
-        let ns = pool_request(&r.pool, &r.namespace).map_err(from_engine)?;
+        let ns = pool_request_in(&r.pool, &r.namespace, r.default_namespace_only)
+            .map_err(from_engine)?;
         match self.engine.pool_status_of(&r.pool, ns.as_deref()).await {
             Ok(p) => Ok(Response::new(pool_status(&p))),
             Err(e) => {
@@ -332,7 +333,8 @@ impl Admin for AdminService {
             force: r.force,
             wait: Duration::from_secs(u64::from(r.wait_seconds)),
         };
-        self.pool_op(r.pool, r.namespace, r.parallel, op).await
+        let ns = (r.namespace, r.default_namespace_only);
+        self.pool_op(r.pool, ns, r.parallel, op).await
     }
 
     type PoolDemoteStream = ReceiverStream<Result<pb::PoolOpEvent, Status>>;
@@ -342,8 +344,8 @@ impl Admin for AdminService {
         req: Request<pb::PoolDemoteRequest>,
     ) -> Result<Response<Self::PoolDemoteStream>, Status> {
         let r = req.into_inner();
-        self.pool_op(r.pool, r.namespace, r.parallel, PoolOp::Demote)
-            .await
+        let ns = (r.namespace, r.default_namespace_only);
+        self.pool_op(r.pool, ns, r.parallel, PoolOp::Demote).await
     }
 
     async fn site_info(
@@ -362,7 +364,8 @@ impl Admin for AdminService {
         req: Request<pb::SiteImagesRequest>,
     ) -> Result<Response<pb::SiteImagesResponse>, Status> {
         let r = req.into_inner();
-        let ns = pool_request(&r.pool, &r.namespace).map_err(from_engine)?;
+        let ns = pool_request_in(&r.pool, &r.namespace, r.default_namespace_only)
+            .map_err(from_engine)?;
         let images = self
             .engine
             .site_images(&r.pool, ns.as_deref())
@@ -505,7 +508,8 @@ impl Admin for AdminService {
         req: Request<pb::SiteImagesRequest>,
     ) -> Result<Response<pb::ImageDetailsResponse>, Status> {
         let r = req.into_inner();
-        let ns = pool_request(&r.pool, &r.namespace).map_err(from_engine)?;
+        let ns = pool_request_in(&r.pool, &r.namespace, r.default_namespace_only)
+            .map_err(from_engine)?;
         let images = self
             .engine
             .image_details(&r.pool, ns.as_deref())

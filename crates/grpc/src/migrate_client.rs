@@ -130,6 +130,7 @@ async fn details(
     c.image_details(pb::SiteImagesRequest {
         pool: pool.to_string(),
         namespace: ns.to_string(),
+        default_namespace_only: true,
     })
     .await
     .map(|r| {
@@ -189,12 +190,13 @@ pub async fn start(
             .site_images(pb::SiteImagesRequest {
                 pool: pool.clone(),
                 namespace: ns.clone(),
+                default_namespace_only: true,
             })
             .await
         {
             return Err(format!(
                 "{}; create the pool (and namespace) on {to} and bootstrap its mirror peer with \
-                 {} (rbd mirror pool peer bootstrap create/import) first",
+                 {} (rbd mirror pool peer bootstrap create/import) first, or pass --create-pools",
                 rpc_error(&format!("target {}", pool_spec(pool, ns)), &e),
                 plan.from
             ));
@@ -395,6 +397,7 @@ async fn pool_state(c: &mut Client, pool: &str, ns: &str) -> Result<PoolState, S
         .pool_status(pb::PoolStatusRequest {
             pool: pool.to_string(),
             namespace: ns.to_string(),
+            default_namespace_only: true,
         })
         .await
         .map_err(|e| rpc_error(&format!("source {}", pool_spec(pool, ns)), &e))?
@@ -783,6 +786,7 @@ pub async fn switch(
                 .pool_demote(pb::PoolDemoteRequest {
                     pool: pool.clone(),
                     namespace: ns.clone(),
+                    default_namespace_only: true,
                     parallel,
                 })
                 .await;
@@ -821,6 +825,7 @@ pub async fn switch(
                 .pool_promote(pb::PoolPromoteRequest {
                     pool: pool.clone(),
                     namespace: ns.clone(),
+                    default_namespace_only: true,
                     force: false,
                     parallel,
                     wait_seconds: u32::try_from(wait.as_secs()).unwrap_or(u32::MAX),

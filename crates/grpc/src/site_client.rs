@@ -475,6 +475,7 @@ async fn list_pool(sites: &mut Sites, pool: &str) -> Result<(Pairs, Vec<pb::Site
     let req = pb::SiteImagesRequest {
         pool: pool.to_string(),
         namespace: String::new(),
+        default_namespace_only: false,
     };
     let here = sites
         .to

@@ -131,8 +131,18 @@ pub fn code_name(code: Code) -> &'static str {
 /// `From<EngineError>` when malformed; whether they exist is the engine's
 /// NOT_FOUND.
 pub fn pool_request(pool: &str, namespace: &str) -> Result<Option<String>, EngineError> {
+    pool_request_in(pool, namespace, false)
+}
+
+/// [`pool_request`], where an empty namespace with `default_only` means the
+/// pool's default namespace alone (`default_namespace_only`).
+pub fn pool_request_in(
+    pool: &str,
+    namespace: &str,
+    default_only: bool,
+) -> Result<Option<String>, EngineError> {
     csirr_engine::pool::validate_target(pool, namespace)?;
-    Ok((!namespace.is_empty()).then(|| namespace.to_string()))
+    Ok((default_only || !namespace.is_empty()).then(|| namespace.to_string()))
 }
 
 impl From<ForwardError> for Status {
@@ -373,6 +383,10 @@ mod tests {
     #[test]
     fn pool_requests_need_a_pool_name() {
         assert_eq!(pool_request("replicapool", "").unwrap(), None);
+        assert_eq!(
+            pool_request_in("replicapool", "", true).unwrap().as_deref(),
+            Some("")
+        );
         assert_eq!(
             pool_request("replicapool", "ns1").unwrap().as_deref(),
             Some("ns1")
