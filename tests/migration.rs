@@ -642,9 +642,26 @@ async fn live_migration_of_a_replicated_primary() {
     let state = |io: &Arc<csi_rbd_replicator::ceph::IoCtx>| {
         record_by_id(io, &old_id).map(|r| r["live_migration"]["state"].clone())
     };
+    // librbd refuses to prepare while any client has the image open (EBUSY,
+    // "image has watchers"): the sidecar does for a moment at each sync
+    // snapshot (every 2 s here), as a VM would all the time. An operator
+    // retries; so does the test, until it gets through.
+    let prepare_when_closed = || async {
+        let mut last = String::new();
+        for _ in 0..50 {
+            let o = rbd(Site::A, &prepare);
+            if o.status.success() {
+                return;
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            assert!(last.contains("has watchers"), "prepare failed: {last}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("prepare never found the image closed: {last}");
+    };
 
     // Prepared: paused, and said so; then aborted: as it was.
-    rbd_ok(Site::A, &prepare);
+    prepare_when_closed().await;
     wait_until("the migration is seen", LONG, || {
         state(&aio).is_some_and(|s| s == "prepared")
     })
@@ -669,7 +686,7 @@ async fn live_migration_of_a_replicated_primary() {
     let s2 = converged_after(&pool, Site::A, name, Some(&s1)).await;
 
     // Prepared, written, executed, committed: the replica follows.
-    rbd_ok(Site::A, &prepare);
+    prepare_when_closed().await;
     wait_until("the migration is seen", LONG, || {
         state(&aio).is_some_and(|s| s == "prepared")
     })
