@@ -167,13 +167,7 @@ const BLOCK: usize = 4096;
 const SLOTS: u64 = 512;
 
 fn gsource(id: &str) -> Option<pb::ReplicationSource> {
-    Some(pb::ReplicationSource {
-        r#type: Some(pb::replication_source::Type::Volumegroup(
-            pb::replication_source::VolumeGroupSource {
-                volume_group_id: id.to_string(),
-            },
-        )),
-    })
+    group_source(id)
 }
 
 fn params(p: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
@@ -953,4 +947,146 @@ async fn a_member_added_later_is_copied_whole_before_a_cut_counts() {
 
 fn image_exists_in(io: &Arc<IoCtx>, name: &str) -> bool {
     Image::open_read_only(io, name, None).is_ok()
+}
+
+/// A group driven the way the controllers drive it: the group made with
+/// CreateVolumeGroup (the VolumeGroupReplicationContent controller), then a
+/// VolumeReplication of the group on each site reconciled with the
+/// VolumeReplication controller's calls, retries and requeues
+/// (`common::controller`), relocated to site-b and back the way Ramen
+/// orders it (the old primary's VolumeReplication set secondary and
+/// settled first, then the new one primary). Every complete cut on the
+/// replica, and each new primary's head, is a state that existed at one
+/// instant of the writer, and nothing acknowledged before a relocation is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_relocates_there_and_back_driven_by_the_controllers() {
+    use common::controller::{Desired, State, VolumeReplication, run_until};
+    let tp = TestPool::new("gvr");
+    let pool = tp.name.clone();
+    let (ioa, iob) = (tp.ioctx(Site::A), tp.ioctx(Site::B));
+    let (log, data) = ("log".to_string(), "data".to_string());
+    for m in [&log, &data] {
+        drop(create_image_in(&ioa, m, 8 * MIB, &[], 1));
+    }
+    let a = Sidecar::start(Site::A, &tp.args()).await;
+    let b = Sidecar::start(Site::B, &tp.args()).await;
+    let g = VgClient::new(channel_to(&a.socket).await.unwrap())
+        .create_volume_group(vg::CreateVolumeGroupRequest {
+            name: unique("vgrc"),
+            volume_ids: vec![format!("{pool}/{log}"), format!("{pool}/{data}")],
+            secrets: secrets(Site::A),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolumeGroup")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    let ga = g.volume_group_id;
+    let uuid = VolumeGroupId::parse(&ga).unwrap().uuid().to_string();
+    let gb = VolumeGroupId::new("site-b", iob.pool_id(), uuid.clone())
+        .unwrap()
+        .to_string();
+    let members = [log.as_str(), data.as_str()];
+    let params = [("schedulingInterval", "3s")];
+    let long = Duration::from_secs(150);
+    let at = |io: &Arc<IoCtx>, m: &str| Image::open_read_only(io, m, None).unwrap();
+
+    let mut writer = Writer::start(Site::A, &pool, &log, &data, 0);
+    let mut va = VolumeReplication::group(&a, &ga, &params, Desired::Primary);
+    run_until("site-a primary with a sync", &mut [&mut va], long, |v| {
+        v[0].status.state == State::Primary && v[0].status.last_sync_time.is_some()
+    })
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let c = next_cut(&iob, &uuid, &seen, members).await;
+        seen.push(c);
+    }
+
+    // Relocation to site-b: the application stops, site-a's VR goes
+    // secondary and settles, then site-b's VR is created primary.
+    let last = writer.stop();
+    va.set(Desired::Secondary);
+    run_until("site-a demoted", &mut [&mut va], long, |v| {
+        v[0].status.state == State::Secondary
+    })
+    .await;
+    let mut vb = VolumeReplication::group(&b, &gb, &params, Desired::Primary);
+    run_until(
+        "site-b primary, site-a its settled replica",
+        &mut [&mut va, &mut vb],
+        long,
+        |v| {
+            v[1].status.state == State::Primary
+                && v[0].status.state == State::Secondary
+                && !v[0].status.degraded
+        },
+    )
+    .await;
+    assert_eq!(
+        check_state("site-b after relocation", &at(&iob, &log), &at(&iob, &data)),
+        last,
+        "nothing acknowledged on site-a was lost"
+    );
+    assert!(
+        !vb.status.calls.iter().any(|(c, _)| c == "Promote(force)"),
+        "a planned relocation never forces: {:?}",
+        vb.status.calls
+    );
+
+    // Site-b writes; site-a replicates it; and back.
+    let mut writer = Writer::start(Site::B, &pool, &log, &data, last);
+    let mut seen_a = vec![last_cut(&ioa, &uuid).unwrap_or_default()];
+    for _ in 0..2 {
+        run_until("site-a replicating", &mut [&mut va, &mut vb], long, |_| {
+            last_cut(&ioa, &uuid).is_some_and(|c| !seen_a.contains(&c))
+        })
+        .await;
+        let c = next_cut(&ioa, &uuid, &seen_a, members).await;
+        seen_a.push(c);
+    }
+    let last = writer.stop();
+    vb.set(Desired::Secondary);
+    run_until("site-b demoted", &mut [&mut vb, &mut va], long, |v| {
+        v[0].status.state == State::Secondary
+    })
+    .await;
+    va.set(Desired::Primary);
+    run_until(
+        "site-a primary again, site-b its settled replica",
+        &mut [&mut va, &mut vb],
+        long,
+        |v| {
+            v[0].status.state == State::Primary
+                && v[1].status.state == State::Secondary
+                && !v[1].status.degraded
+        },
+    )
+    .await;
+    assert_eq!(
+        check_state(
+            "site-a after relocating back",
+            &at(&ioa, &log),
+            &at(&ioa, &data)
+        ),
+        last,
+        "nothing acknowledged on site-b was lost"
+    );
+    assert_eq!(role(&ioa, &uuid).as_deref(), Some("primary"));
+    // Site-b's record turns from demoted to secondary once its replayer
+    // takes the group on as site-a's replica; a new cut proves it.
+    wait_until("site-b a replica again", long, || {
+        role(&iob, &uuid).as_deref() == Some("secondary")
+    })
+    .await;
+    let c = next_cut(
+        &iob,
+        &uuid,
+        &[last_cut(&iob, &uuid).unwrap_or_default()],
+        members,
+    )
+    .await;
+    eprintln!("site-b replicates site-a again: cut {c}");
 }

@@ -28,6 +28,11 @@
 #       the same 64 MiB in 256 writes spread over the whole image: first sync time and
 #       the replaying process's peak RSS (a fresh process per phase)
 #   (f) 200 images of 4 MiB (phase n, $BENCH_MANY) enabled at once: until all complete
+#   (g) engine only (Ceph 16 has no group mirroring): a volume group of 10 images of
+#       64 MiB (fully written), made with CreateVolumeGroup before t0; t0 = just before
+#       EnableVolumeReplication of the group, end = GetVolumeReplicationInfo of the group
+#       (polled every 50 ms) reports a last sync time: the first crash-consistent cut
+#       complete on every member's replica. Beside (d), 20 independent images.
 #   (j) journal mode (engine: mirroringMode journal; rbd-mirror: `mirror image enable IMG
 #       journal`; export-diff has none): a 256 MiB image with exclusive-lock and
 #       journaling and $BENCH_J_IDLE (10) idle 16 MiB ones, enabled and caught up, then
@@ -100,7 +105,7 @@
 #   BENCH_ENGINE_ARGS  extra `serve` flags of the replaying sidecar (e.g.
 #                      "--max-concurrent-syncs 20")
 #   BENCH_ENGINE_ENV   environment of the sidecars, e.g. "MALLOC_ARENA_MAX=2"
-#   BENCH_PHASES       phases to run (default "ab c d ds m1 mt n j")
+#   BENCH_PHASES       phases to run (default "ab c d ds g m1 mt n j")
 #   BENCH_J_WRITES, BENCH_J_TOTAL, BENCH_J_IDLE, BENCH_J_IDLE_SECONDS, BENCH_J_BURSTS
 #                      phase (j): single writes timed (20), rbd bench total (64M), idle
 #                      journal images (10), idle CPU window (20), burst sizes ("8M 64M")
@@ -142,8 +147,9 @@ BENCH_KEEP=${BENCH_KEEP:-0}
 POOL=$BENCH_POOL
 BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/csi-rbd-replicator
 N_MULTI=20
+N_GROUP=10
 N_MANY=${BENCH_MANY:-200}
-SCENARIOS=(a b b0 c d ds m1 mt n)
+SCENARIOS=(a b b0 c d ds g m1 mt n)
 declare -A TITLE=(
     [a]="(a) 1 GiB seq, first sync"
     [b]="(b) 64 MiB rand 64K delta"
@@ -151,6 +157,7 @@ declare -A TITLE=(
     [c]="(c) 4 GiB/256 MiB rand 64K, first"
     [d]="(d) 20 x 64 MiB, first sync"
     [ds]="(d) same, serial Enable+Promote"
+    [g]="(g) group 10 x 64 MiB, 1st cut"
     [m1]="(e) 1 GiB, 64 MiB in 256 spread writes"
     [mt]="(e) 1 TiB sparse, the same writes"
     [n]="(f) 200 x 4 MiB enabled at once"
@@ -347,6 +354,47 @@ def pb_field(num, payload):
             return bytes(out) + payload
 
 
+def fields(msg):
+    """(number, wire type, value) of each field of a protobuf message."""
+    i = 0
+    while i < len(msg):
+        key, i = varint(msg, i)
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            val, i = varint(msg, i)
+        elif wt == 2:
+            n, i = varint(msg, i)
+            val, i = msg[i:i + n], i + n
+        elif wt == 1:
+            val, i = msg[i:i + 8], i + 8
+        elif wt == 5:
+            val, i = msg[i:i + 4], i + 4
+        else:
+            raise ValueError(f"wire type {wt}")
+        yield num, wt, val
+
+
+def varint(msg, i):
+    out = shift = 0
+    while True:
+        b = msg[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return out, i
+
+
+def first_bytes(msg, num):
+    """The first length-delimited field `num` of `msg`, or None."""
+    return next((v for n, wt, v in fields(msg or b"") if n == num and wt == 2), None)
+
+
+def first_string(msg, num):
+    v = first_bytes(msg, num)
+    return v.decode() if v is not None else ""
+
+
 def engine_reported(io, ids, name, snap):
     """Whether the replica's site reported `snap` as its complete sync point in the
     primary's registry (what GetVolumeReplicationInfo returns as lastSyncTime): the
@@ -512,6 +560,39 @@ def main():
             timed("GetVolumeReplicationInfo", "info", n)
         report(t0, ends, trigger_seconds=round(t_trig - t0, 3), calls=percentiles(lat),
                snapshot_seconds=round(max(snaps.values()) - t0, 3))
+
+    elif cmd == "engine-group":  # SOCK IMG...: CreateVolumeGroup, Enable of the group, first cut
+        import grpc
+        sock, names = args[0], args[1:]
+        channel = grpc.insecure_channel(f"unix://{sock}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        unary = lambda path: channel.unary_unary(path, request_serializer=None,
+                                                  response_deserializer=None)
+        # CreateVolumeGroupRequest{name = 1, volume_ids = 4}, made before t0 as the
+        # VolumeGroupReplicationContent controller does before the VolumeReplication.
+        req = pb_field(1, f"bench-{os.getpid()}".encode())
+        for n in names:
+            req += pb_field(4, f"{pool}/{n}".encode())
+        resp = unary("/volumegroup.Controller/CreateVolumeGroup")(req, timeout=timeout)
+        group_id = first_string(first_bytes(resp, 1), 1)  # volume_group{volume_group_id}
+        # replication_source{volumegroup{volume_group_id}}: Enable field 5, Info field 4.
+        source = pb_field(2, pb_field(1, group_id.encode()))
+        t0 = time.time()
+        unary("/replication.Controller/EnableVolumeReplication")(pb_field(5, source),
+                                                                  timeout=timeout)
+        t_enable = time.time()
+        info = unary("/replication.Controller/GetVolumeReplicationInfo")
+        deadline = t0 + timeout
+        while True:
+            # GetVolumeReplicationInfoResponse.last_sync_time = 1: the last complete cut.
+            if first_bytes(info(pb_field(4, source), timeout=timeout), 1) is not None:
+                break
+            if time.time() > deadline:
+                raise SystemExit(f"group {group_id}: no complete cut after {timeout}s")
+            time.sleep(0.05)
+        t_end = time.time()
+        print(json.dumps({"t0": t0, "t_end": t_end, "seconds": round(t_end - t0, 3),
+                          "trigger_seconds": round(t_enable - t0, 3), "group": group_id}))
 
     elif cmd == "mirror-serial":  # IMG...: per image `mirror image enable`, one after another
         names = args
@@ -1035,12 +1116,14 @@ write_images() { # PREFIX PHASE
         c_rbd site-a bench --io-type write --io-pattern seq --io-size 4M --io-total 256M \
             "$POOL/${p}jplain" >/dev/null
         ;;
-    d | ds)
-        for i in $(multi_names "$p"); do
+    d | ds | g)
+        local names
+        if [[ $2 == g ]]; then names=$(group_names "$p"); else names=$(multi_names "$p"); fi
+        for i in $names; do
             c_rbd site-a create --size 64M "$POOL/$i"
         done
         # Four at a time: these writes only prepare the scenario.
-        for i in $(multi_names "$p"); do
+        for i in $names; do
             c_rbd site-a bench --io-type write --io-pattern seq --io-size 4M --io-total 64M \
                 "$POOL/$i" >/dev/null &
             batch+=($!)
@@ -1059,8 +1142,8 @@ write_images() { # PREFIX PHASE
 # of this pair that runs out of space crashes (bluestore ENOSPC) and takes the pair
 # down for everyone. Worst cases per site in GiB (site-b, engine (c): a replica that
 # allocates whole objects, 4 GiB).
-declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4 [ds]=1.4 [m1]=0.2 [mt]=0.2 [n]=1.0 [j]=0.8)
-declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4 [ds]=1.4 [m1]=0.3 [mt]=0.3 [n]=1.0 [j]=0.8)
+declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4 [ds]=1.4 [m1]=0.2 [mt]=0.2 [n]=1.0 [j]=0.8 [g]=0.7)
+declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4 [ds]=1.4 [m1]=0.3 [mt]=0.3 [n]=1.0 [j]=0.8 [g]=0.7)
 room_for() { # PHASE
     local site need
     for site in site-a site-b; do
@@ -1087,6 +1170,11 @@ delta_writes() { # IMAGE
 multi_names() { # PREFIX
     local i
     for ((i = 1; i <= N_MULTI; i++)); do printf '%sd%02d\n' "$1" "$i"; done
+}
+
+group_names() { # PREFIX: the members of (g)
+    local i
+    for ((i = 1; i <= N_GROUP; i++)); do printf '%sg%02d\n' "$1" "$i"; done
 }
 
 j_names() { # PREFIX: the idle images of (j)
@@ -1219,7 +1307,7 @@ max_rss() { # TOOL MIB: keeps the larger
 # Each tool runs in three phases, (a)+(b), (c) and (d), each in a fresh pool that is
 # deleted afterwards, with its daemons started for the phase only: one phase at a time
 # keeps the space the benchmark needs on the pair's small OSDs bounded.
-read -r -a PHASES <<<"${BENCH_PHASES:-ab c d ds m1 mt n j}"
+read -r -a PHASES <<<"${BENCH_PHASES:-ab c d ds g m1 mt n j}"
 
 # Phase (j), journal mode, for TOOL (engine: the site-b sidecar's metrics on $J_PORT;
 # rbd-mirror) whose replaying process is PID: the images enabled by the caller, waits
@@ -1352,6 +1440,10 @@ run_engine() {
             engine_note c "$(json_field "$out" t0)" "$out" "${p}c"
             ALLOC[c]=$(allocated_mib site-b "${p}c")
             ;;
+        g)
+            out=$(helper engine-group "$sa" $(group_names "$p"))
+            record engine g "$out"
+            ;;
         d)
             out=$(helper engine-enable "$sa" "${multi[@]}")
             record engine d "$out"
@@ -1432,6 +1524,10 @@ run_mirror() {
     log "=== rbd-mirror ==="
     mapfile -t multi < <(multi_names "$p")
     for phase in "${PHASES[@]}"; do
+        if [[ $phase == g ]]; then
+            log "rbd-mirror: (g) skipped: Ceph 16 has no group mirroring (rbd mirror group arrived in 19)"
+            continue
+        fi
         room_for "$phase" || continue
         pool_create 1
         write_images "$p" "$phase"
@@ -1499,7 +1595,7 @@ run_export() {
     for phase in "${PHASES[@]}"; do
         # (d) serial times Enable/Promote calls; (e) and (f) are about the replaying
         # process (memory, many images), which export-diff does not have.
-        case $phase in ds | m1 | mt | n | j) continue ;; esac
+        case $phase in ds | g | m1 | mt | n | j) continue ;; esac
         room_for "$phase" || continue
         pool_create 0
         write_images "$p" "$phase"

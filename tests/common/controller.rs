@@ -17,6 +17,11 @@
 //! - delete: Disable, NOT_FOUND counts as success;
 //! - every call has a 3-minute deadline; a failed reconcile is retried with
 //!   controller-runtime's exponential backoff.
+//!
+//! A VolumeReplication whose data source is a VolumeGroupReplication (what
+//! the VolumeGroupReplication controller creates for a group, once its
+//! content controller made the group with CreateVolumeGroup) reconciles the
+//! same way with `replication_source.volumegroup`: [`VolumeReplication::group`].
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 use csi_rbd_replicator::grpc::proto::replication as pb;
 use tonic::Code;
 
-use super::{Sidecar, Site, secrets, source};
+use super::{Sidecar, Site, group_source, secrets, source};
 
 /// Real controller time divided by this: 15 s requeues become 1.5 s.
 pub const SCALE: u32 = 10;
@@ -86,6 +91,8 @@ pub struct VolumeReplication<'a> {
     pub due: Instant,
     backoff: Duration,
     deleted: bool,
+    /// `vid` is a volume group ID.
+    group: bool,
 }
 
 /// One call's deadline: 3 minutes, scaled.
@@ -113,6 +120,30 @@ impl<'a> VolumeReplication<'a> {
             due: Instant::now(),
             backoff: Duration::from_millis(5),
             deleted: false,
+            group: false,
+        }
+    }
+
+    /// The VolumeReplication of volume group `group_id` on `sc`'s cluster,
+    /// as the VolumeGroupReplication controller creates it.
+    pub fn group(
+        sc: &'a Sidecar,
+        group_id: &str,
+        params: &[(&str, &str)],
+        desired: Desired,
+    ) -> Self {
+        Self {
+            group: true,
+            ..Self::new(sc, group_id, params, desired)
+        }
+    }
+
+    /// The replication source of every call.
+    fn src(&self) -> Option<pb::ReplicationSource> {
+        if self.group {
+            group_source(&self.vid)
+        } else {
+            source(&self.vid)
         }
     }
 
@@ -176,7 +207,7 @@ impl<'a> VolumeReplication<'a> {
         }
         let mut c = self.sc.controller().await;
         let mut rq = tonic::Request::new(pb::DisableVolumeReplicationRequest {
-            replication_source: source(&self.vid),
+            replication_source: self.src(),
             secrets: secrets(self.site()),
             parameters: self.params.clone(),
             ..Default::default()
@@ -197,7 +228,7 @@ impl<'a> VolumeReplication<'a> {
         let mut c = self.sc.controller().await;
         if self.status.state != State::Primary {
             let mut rq = tonic::Request::new(pb::EnableVolumeReplicationRequest {
-                replication_source: source(&self.vid),
+                replication_source: self.src(),
                 secrets: secrets(self.site()),
                 parameters: self.params.clone(),
                 ..Default::default()
@@ -220,7 +251,7 @@ impl<'a> VolumeReplication<'a> {
             }
         }
         let mut rq = tonic::Request::new(pb::GetVolumeReplicationInfoRequest {
-            replication_source: source(&self.vid),
+            replication_source: self.src(),
             secrets: secrets(self.site()),
             ..Default::default()
         });
@@ -260,7 +291,7 @@ impl<'a> VolumeReplication<'a> {
         force: bool,
     ) -> Result<(), tonic::Status> {
         let mut rq = tonic::Request::new(pb::PromoteVolumeRequest {
-            replication_source: source(&self.vid),
+            replication_source: self.src(),
             secrets: secrets(self.site()),
             parameters: self.params.clone(),
             force,
@@ -277,7 +308,7 @@ impl<'a> VolumeReplication<'a> {
         c: &mut pb::controller_client::ControllerClient<tonic::transport::Channel>,
     ) -> Result<(), tonic::Status> {
         let mut rq = tonic::Request::new(pb::DemoteVolumeRequest {
-            replication_source: source(&self.vid),
+            replication_source: self.src(),
             secrets: secrets(self.site()),
             parameters: self.params.clone(),
             ..Default::default()
@@ -306,7 +337,7 @@ impl<'a> VolumeReplication<'a> {
             return Ok(Some(scaled(15)));
         }
         let mut rq = tonic::Request::new(pb::ResyncVolumeRequest {
-            replication_source: source(&self.vid),
+            replication_source: self.src(),
             secrets: secrets(self.site()),
             parameters: self.params.clone(),
             force: self.auto_resync,

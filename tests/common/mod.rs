@@ -569,6 +569,17 @@ pub fn source(volume_id: &str) -> Option<ReplicationSource> {
     })
 }
 
+/// A replication source naming volume group `id`.
+pub fn group_source(id: &str) -> Option<ReplicationSource> {
+    Some(ReplicationSource {
+        r#type: Some(pb::replication_source::Type::Volumegroup(
+            pb::replication_source::VolumeGroupSource {
+                volume_group_id: id.to_string(),
+            },
+        )),
+    })
+}
+
 /// The least-privilege user's secrets of a site, as a VolumeReplicationClass
 /// secret would carry them.
 pub fn secrets(site: Site) -> HashMap<String, String> {
