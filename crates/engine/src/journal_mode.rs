@@ -24,6 +24,8 @@
 //! Roles (promote, demote, resync) are in [`super::journal_roles`]: librbd's
 //! journal tags record who is primary.
 
+use std::cell::Cell;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -307,6 +309,43 @@ struct Progress {
     last_report: Option<Instant>,
 }
 
+/// The status callback the bootstrap, the lag check and the loop share.
+type Report<'a> = dyn Fn(ReplayState, String, Option<SyncPoint>, Option<u64>) + 'a;
+
+/// Writes a journal-mode replica's status into the primary's registry,
+/// with the figures the replay loop last measured.
+struct Reporter<'a> {
+    peer_reg: &'a Registry,
+    job: &'a Job,
+    fsid: String,
+    /// Journal bytes and entries left to replay and the entry rate, as last
+    /// measured.
+    pending: Cell<Option<u64>>,
+    pending_entries: Cell<Option<u64>>,
+    entry_rate: Cell<Option<u64>>,
+}
+
+impl Reporter<'_> {
+    fn report(&self, st: ReplayState, message: String, last: Option<SyncPoint>, rate: Option<u64>) {
+        let s = ReplicaStatus {
+            replica_fsid: self.fsid.clone(),
+            state: st,
+            message,
+            percent: None,
+            syncing_snap: None,
+            last_sync: last,
+            bytes_pending: self.pending.get(),
+            bytes_per_sec: rate,
+            entries_pending: self.pending_entries.get(),
+            entries_per_sec: self.entry_rate.get(),
+            updated_at: Utc::now(),
+        };
+        if let Err(e) = self.peer_reg.put_status(&self.job.primary.image_id, &s) {
+            tracing::warn!(image = %self.job.key(), error = %e, "cannot report status to the primary");
+        }
+    }
+}
+
 /// Replicates the primary of `job` (a journal-mode record) into its
 /// replica until `stop`, the pool's lease lost, a role change on the image,
 /// or the primary's record no longer asking for it. Returns an error when
@@ -327,121 +366,156 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
     })?;
     let local_reg = Registry::new(Arc::clone(&local_io));
     let peer_reg = Registry::new(Arc::clone(&peer_io));
-    let fsid = local.fsid().to_string();
-    // Journal bytes and entries left to replay and the entry rate, as last
-    // measured (the loop sets them).
-    let pending = std::cell::Cell::new(None::<u64>);
-    let pending_entries = std::cell::Cell::new(None::<u64>);
-    let entry_rate = std::cell::Cell::new(None::<u64>);
-    let report = |st: ReplayState, message: String, last: Option<SyncPoint>, rate: Option<u64>| {
-        let s = ReplicaStatus {
-            replica_fsid: fsid.clone(),
-            state: st,
-            message,
-            percent: None,
-            syncing_snap: None,
-            last_sync: last,
-            bytes_pending: pending.get(),
-            bytes_per_sec: rate,
-            entries_pending: pending_entries.get(),
-            entries_per_sec: entry_rate.get(),
-            updated_at: Utc::now(),
-        };
-        if let Err(e) = peer_reg.put_status(&job.primary.image_id, &s) {
-            tracing::warn!(image = %key, error = %e, "cannot report status to the primary");
-        }
+    let reporter = Reporter {
+        peer_reg: &peer_reg,
+        job,
+        fsid: local.fsid().to_string(),
+        pending: Cell::new(None),
+        pending_entries: Cell::new(None),
+        entry_rate: Cell::new(None),
     };
-    let cancelled = || stop.load(Ordering::Relaxed) || !engine.leases.ok(&job.pool);
-    let client = client_id(&fsid);
+    let report = |st: ReplayState, m: String, last: Option<SyncPoint>, rate: Option<u64>| {
+        reporter.report(st, m, last, rate);
+    };
+    let client = client_id(local.fsid());
     let journal =
         Journal::open(&peer_io, &job.primary.image_id).map_err(|e| journal_err(e, &key))?;
-
-    let mut rec = replica_record(&local_io, &local_reg, job)?;
-    if let Some(r) = rec.clone()
-        && r.role != Role::Secondary
-    {
-        match (r.role, job.primary.role) {
-            // A finished relocation: the peer is demoted, this side primary.
-            (Role::Primary, Role::Demoted) => return Ok(()),
-            (Role::Primary, _) => {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "split-brain: {key} is primary on both sites; nothing is replayed or \
-                     overwritten. Decide which site keeps its data, demote the other one and \
-                     resync it (ResyncVolume with force)"
-                )));
-            }
-            (Role::Demoted, Role::Primary) => {
-                match engine.journal_adopt_linked(
-                    &local_io,
-                    &local_reg,
-                    &r,
-                    &journal,
-                    job.peer.fsid(),
-                    &job.primary.image_id,
-                    &key,
-                )? {
-                    Some(adopted) => rec = Some(adopted),
-                    None => {
-                        report(
-                            ReplayState::Stopped,
-                            format!(
-                                "{key} is demoted on the replica's site and the new primary's \
-                                 journal does not link to its demotion (a forced promotion): it \
-                                 waits for ResyncVolume with force"
-                            ),
-                            None,
-                            None,
-                        );
-                        return Ok(());
-                    }
-                }
-            }
-            _ => {
-                report(
-                    ReplayState::Stopped,
-                    format!("{key} is demoted on both sites; waiting for one to be promoted"),
-                    None,
-                    None,
-                );
-                return Ok(());
-            }
-        }
-    }
-    let registered = journal.client(&client).map_err(|e| journal_err(e, &key))?;
-    let bootstrapped = rec.as_ref().is_some_and(|r| r.journal.is_some())
-        && registered
-            .as_ref()
-            .is_some_and(|c| c.state == ClientState::Connected);
-    if !bootstrapped {
-        if registered
-            .as_ref()
-            .is_some_and(|c| c.state == ClientState::Disconnected)
-        {
-            tracing::info!(image = %key, client, "journal client was disconnected: registering anew");
-            journal
-                .unregister_client(&client)
-                .map_err(|e| journal_err(e, &key))?;
-        }
-        rec = Some(bootstrap(
-            engine, job, &journal, &client, &local_reg, stop, &report,
-        )?);
-    }
-    let Some(rec) = rec else {
-        return Err(EngineError::Internal(format!(
-            "{key}: no replica after its bootstrap"
-        )));
+    let rec = replica_record(&local_io, &local_reg, job)?;
+    let rec = match settle_role(engine, job, &local_io, &local_reg, &journal, rec, &report)? {
+        ControlFlow::Continue(rec) => rec,
+        ControlFlow::Break(()) => return Ok(()),
     };
-    let skip = rec.journal.as_ref().and_then(|j| j.skip_until.clone());
+    let rec = ensure_bootstrapped(
+        engine, job, &journal, &client, &local_reg, rec, stop, &report,
+    )?;
     if let Some(behind) = too_far_behind(engine, &journal, &client, &key)? {
         return resync_laggy(
             engine, &journal, &client, &local_reg, rec, &key, behind, &report,
         );
     }
+    let replayer = open_replayer(engine, job, &local_io, &local_reg, journal, &client, &rec)?;
+    ReplayLoop::new(
+        engine, job, &client, &local_reg, &reporter, &report, rec, replayer,
+    )
+    .run(stop, &peer_io)
+}
 
+/// What a replica whose record is not `secondary` does before it replays:
+/// a finished relocation or a demotion on both sites stops; a demoted
+/// replica adopts the new primary's journal when it links to its demotion
+/// (otherwise it waits for a forced resync); primary on both sites is a
+/// split-brain error. Blocking.
+fn settle_role(
+    engine: &Engine,
+    job: &Job,
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    journal: &Journal,
+    rec: Option<ImageRecord>,
+    report: &Report,
+) -> Result<ControlFlow<(), Option<ImageRecord>>> {
+    let key = job.key();
+    let Some(r) = rec.clone().filter(|r| r.role != Role::Secondary) else {
+        return Ok(ControlFlow::Continue(rec));
+    };
+    match (r.role, job.primary.role) {
+        // A finished relocation: the peer is demoted, this side primary.
+        (Role::Primary, Role::Demoted) => Ok(ControlFlow::Break(())),
+        (Role::Primary, _) => Err(EngineError::FailedPrecondition(format!(
+            "split-brain: {key} is primary on both sites; nothing is replayed or \
+             overwritten. Decide which site keeps its data, demote the other one and \
+             resync it (ResyncVolume with force)"
+        ))),
+        (Role::Demoted, Role::Primary) => {
+            match engine.journal_adopt_linked(
+                local_io,
+                local_reg,
+                &r,
+                journal,
+                job.peer.fsid(),
+                &job.primary.image_id,
+                &key,
+            )? {
+                Some(adopted) => Ok(ControlFlow::Continue(Some(adopted))),
+                None => {
+                    report(
+                        ReplayState::Stopped,
+                        format!(
+                            "{key} is demoted on the replica's site and the new primary's \
+                             journal does not link to its demotion (a forced promotion): it \
+                             waits for ResyncVolume with force"
+                        ),
+                        None,
+                        None,
+                    );
+                    Ok(ControlFlow::Break(()))
+                }
+            }
+        }
+        _ => {
+            report(
+                ReplayState::Stopped,
+                format!("{key} is demoted on both sites; waiting for one to be promoted"),
+                None,
+                None,
+            );
+            Ok(ControlFlow::Break(()))
+        }
+    }
+}
+
+/// The replica's record once its journal client is registered and
+/// connected and the replica bootstrapped: `rec` when it is, else after a
+/// (new) bootstrap. Blocking.
+#[allow(clippy::too_many_arguments)]
+fn ensure_bootstrapped(
+    engine: &Engine,
+    job: &Job,
+    journal: &Journal,
+    client: &str,
+    local_reg: &Registry,
+    rec: Option<ImageRecord>,
+    stop: &AtomicBool,
+    report: &Report,
+) -> Result<ImageRecord> {
+    let key = job.key();
+    let registered = journal.client(client).map_err(|e| journal_err(e, &key))?;
+    let bootstrapped = rec.as_ref().is_some_and(|r| r.journal.is_some())
+        && registered
+            .as_ref()
+            .is_some_and(|c| c.state == ClientState::Connected);
+    if let (true, Some(rec)) = (bootstrapped, rec) {
+        return Ok(rec);
+    }
+    if registered
+        .as_ref()
+        .is_some_and(|c| c.state == ClientState::Disconnected)
+    {
+        tracing::info!(image = %key, client, "journal client was disconnected: registering anew");
+        journal
+            .unregister_client(client)
+            .map_err(|e| journal_err(e, &key))?;
+    }
+    bootstrap(engine, job, journal, client, local_reg, stop, report)
+}
+
+/// The replayer of `rec`'s replica: the replica's handle (held, and locked
+/// against other writers), and the skip of what the bootstrap copied if it
+/// is not done yet. Blocking.
+fn open_replayer(
+    engine: &Engine,
+    job: &Job,
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    journal: Journal,
+    client: &str,
+    rec: &ImageRecord,
+) -> Result<JournalReplayer> {
+    let key = job.key();
     let replica = match engine.held.get(&key) {
         Some(img) => img,
         None => {
-            let img = Image::open(&local_io, &job.primary.image_name)
+            let img = Image::open(local_io, &job.primary.image_name)
                 .ctx(|| format!("opening replica {key}"))?;
             super::replayer::lock_replica(&img)
                 .ctx(|| format!("locking replica {key} against other writers"))?;
@@ -456,8 +530,8 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         max_per_call: 4096,
         ..ReplayConfig::default()
     };
-    let mut replayer = JournalReplayer::start(journal, &client, replica, cfg)?;
-    if let Some(snap) = skip {
+    let mut replayer = JournalReplayer::start(journal, client, replica, cfg)?;
+    if let Some(snap) = rec.journal.as_ref().and_then(|j| j.skip_until.clone()) {
         let (reg, id) = (local_reg.clone(), rec.image_id.clone());
         replayer.skip_io_until_snap(
             &snap,
@@ -473,164 +547,325 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             }),
         );
     }
-    let labels = job.labels();
-    let slot = engine.slots.get(&key);
-    let mut p = Progress {
-        caught_up: None,
-        since: Instant::now(),
-        base: replayer.stats(),
-        metered: replayer.stats(),
-        sets_behind: None,
-        bytes_behind: None,
-        entries_behind: None,
-        by_watch: 0,
-        by_probe: 0,
-        by_poll: 0,
-        last_report: None,
-    };
-    let (probe_active, probe_idle, poll) = (
-        engine.cfg.journal_probe_interval,
-        engine.cfg.journal_idle_probe_interval,
-        engine.cfg.journal_poll_interval,
-    );
-    let mut last_entries = Instant::now();
-    let mut wake = HeaderWake::new();
-    // Watched before the first read, so that nothing notified after it is
-    // missed.
-    let mut watching = wake.ensure(replayer.journal(), &key);
-    // The first turn checks (and sizes what is behind) at once.
-    let mut last_check = Instant::now()
-        .checked_sub(CHECK_EVERY)
-        .unwrap_or_else(Instant::now);
-    let mut generation = slot.generation();
-    let mut demoted_at = rec.journal.as_ref().and_then(|j| j.demoted_at);
-    // The last full read of the journal, and whether it found entries (then
-    // the next turn reads again at once).
-    let mut last_full: Option<Instant> = None;
-    let mut busy = true;
-    loop {
-        if cancelled() || slot.cancelled() {
-            return Ok(());
+    Ok(replayer)
+}
+
+/// What a periodic check decided.
+enum Check {
+    /// Replay on.
+    Go,
+    /// The primary no longer asks for journal replication.
+    Stop,
+    /// This many object sets behind the primary's active set: resync.
+    Laggy(u64),
+}
+
+/// What a turn's full read did.
+enum Read {
+    /// Applied this many entries.
+    Applied(u64),
+    /// A role change holds the image: try again shortly.
+    Busy,
+    /// A role change took the image: stop.
+    Stop,
+}
+
+/// The replay loop of one journal-mode replica: probes, full reads under
+/// the image's slot, periodic checks, metrics and status, and the waits
+/// between them (see [`Cadence`]).
+struct ReplayLoop<'a> {
+    engine: &'a Engine,
+    job: &'a Job,
+    key: String,
+    client: &'a str,
+    local_reg: &'a Registry,
+    reporter: &'a Reporter<'a>,
+    report: &'a Report<'a>,
+    rec: ImageRecord,
+    replayer: JournalReplayer,
+    slot: Arc<super::slots::Slot>,
+    labels: csirr_metrics::ImageLabels,
+    p: Progress,
+    wake: HeaderWake,
+    watching: bool,
+    last_check: Instant,
+    generation: u64,
+    demoted_at: Option<u64>,
+    /// The last full read of the journal.
+    last_full: Option<Instant>,
+    /// The last read found entries: read again at once.
+    busy: bool,
+    last_entries: Instant,
+}
+
+impl<'a> ReplayLoop<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        engine: &'a Engine,
+        job: &'a Job,
+        client: &'a str,
+        local_reg: &'a Registry,
+        reporter: &'a Reporter<'a>,
+        report: &'a Report<'a>,
+        rec: ImageRecord,
+        replayer: JournalReplayer,
+    ) -> Self {
+        let key = job.key();
+        let slot = engine.slots.get(&key);
+        let mut wake = HeaderWake::new();
+        // Watched before the first read, so that nothing notified after it
+        // is missed.
+        let watching = wake.ensure(replayer.journal(), &key);
+        Self {
+            p: Progress {
+                caught_up: None,
+                since: Instant::now(),
+                base: replayer.stats(),
+                metered: replayer.stats(),
+                sets_behind: None,
+                bytes_behind: None,
+                entries_behind: None,
+                by_watch: 0,
+                by_probe: 0,
+                by_poll: 0,
+                last_report: None,
+            },
+            engine,
+            job,
+            client,
+            local_reg,
+            reporter,
+            report,
+            generation: slot.generation(),
+            demoted_at: rec.journal.as_ref().and_then(|j| j.demoted_at),
+            rec,
+            replayer,
+            slot,
+            labels: job.labels(),
+            key,
+            wake,
+            watching,
+            // The first turn checks (and sizes what is behind) at once.
+            last_check: Instant::now()
+                .checked_sub(CHECK_EVERY)
+                .unwrap_or_else(Instant::now),
+            last_full: None,
+            busy: true,
+            last_entries: Instant::now(),
         }
-        let cadence = Cadence::new(probe_active, probe_idle, poll, last_entries.elapsed());
-        if last_check.elapsed() >= cadence.check {
-            last_check = Instant::now();
-            if !still_wanted(&peer_reg, job)? {
-                tracing::info!(image = %key, "the primary no longer asks for journal replication; stopping");
+    }
+
+    /// Runs until stopped, cancelled, or the image is no longer this
+    /// primary's replica. Blocking.
+    fn run(mut self, stop: &AtomicBool, peer_io: &Arc<IoCtx>) -> Result<()> {
+        let cfg = &self.engine.cfg;
+        loop {
+            if stop.load(Ordering::Relaxed)
+                || !self.engine.leases.ok(&self.job.pool)
+                || self.slot.cancelled()
+            {
                 return Ok(());
             }
-            watching = wake.ensure(replayer.journal(), &key);
-            p.sets_behind = sets_behind(replayer.journal(), &client, &key)?;
-            (p.bytes_behind, p.entries_behind) = match replayer.behind(BEHIND_SCAN_LIMIT) {
-                Ok(b) => (Some(b.bytes), Some(b.entries)),
-                Err(e) => {
-                    tracing::debug!(image = %key, error = %e, "cannot size what is left to replay");
-                    (None, None)
+            let cadence = Cadence::new(
+                cfg.journal_probe_interval,
+                cfg.journal_idle_probe_interval,
+                cfg.journal_poll_interval,
+                self.last_entries.elapsed(),
+            );
+            if self.last_check.elapsed() >= cadence.check {
+                match self.check()? {
+                    Check::Go => {}
+                    Check::Stop => return Ok(()),
+                    Check::Laggy(behind) => return self.resync(peer_io, behind),
                 }
-            };
-            if let Some(behind) = p
-                .sets_behind
-                .filter(|&b| b > engine.cfg.journal_max_sets_behind)
-            {
-                drop(replayer);
-                let journal = Journal::open(&peer_io, &job.primary.image_id)
-                    .map_err(|e| journal_err(e, &key))?;
-                let rec = local_reg.get(&rec.image_id)?.ok_or_else(|| {
-                    EngineError::Internal(format!("replica {key} lost its registry record"))
-                })?;
-                return resync_laggy(
-                    engine, &journal, &client, &local_reg, rec, &key, behind, &report,
-                );
             }
-        }
-        // Without a watch, every probe interval reads in full (no
-        // notification says when a new tag or object set starts).
-        let probe_every = cadence.probe;
-        let poll_every = if watching {
-            cadence.poll
-        } else {
-            probe_every.min(cadence.poll)
-        };
-        let t0 = Utc::now();
-        let notified = wake.take();
-        let timed = last_full.is_none_or(|t| t.elapsed() >= poll_every);
-        let mut full = busy || notified || timed;
-        if !full {
-            if replayer.probe()? {
-                full = true;
-                p.by_probe += 1;
-            } else if p.caught_up.is_some() {
-                // Nothing where the next entry lands, and no new tag or
-                // object set notified: caught up at the probe's start.
-                p.caught_up = Some(t0);
-            }
-        } else if !busy {
-            if notified {
-                p.by_watch += 1;
+            // Without a watch, every probe interval reads in full (no
+            // notification says when a new tag or object set starts).
+            let poll_every = if self.watching {
+                cadence.poll
             } else {
-                p.by_poll += 1;
-            }
-        }
-        let mut n = 0;
-        if full {
-            let Some(guard) = slot.try_enter() else {
-                // A role change works on the image.
-                busy = true;
-                std::thread::sleep(IDLE_POLL);
-                continue;
+                cadence.probe.min(cadence.poll)
             };
-            if slot.generation() != generation {
-                // A role change ran meanwhile: replay on only if the image is
-                // still this primary's replica.
-                generation = slot.generation();
-                let now = local_reg.get(&rec.image_id)?;
-                if !now.as_ref().is_some_and(|r| {
-                    r.role == Role::Secondary
-                        && r.journal.is_some()
-                        && r.primary
-                            .as_ref()
-                            .is_some_and(|p| p.image_id == job.primary.image_id)
-                }) {
-                    tracing::info!(image = %key, role = ?now.map(|r| r.role), "a role change took the image; journal replay stops");
-                    return Ok(());
+            let t0 = Utc::now();
+            let full = self.wants_full_read(poll_every, t0)?;
+            let mut n = 0;
+            if full {
+                match self.read(t0)? {
+                    Read::Applied(k) => n = k,
+                    Read::Busy => {
+                        self.busy = true;
+                        std::thread::sleep(IDLE_POLL);
+                        continue;
+                    }
+                    Read::Stop => return Ok(()),
                 }
             }
-            last_full = Some(Instant::now());
-            n = replayer.replay_available()?;
-            if replayer.demoted() != demoted_at {
-                // Recorded under the slot: a planned promotion reads it.
-                let mut r = local_reg.get(&rec.image_id)?.ok_or_else(|| {
-                    EngineError::Internal(format!("replica {key} lost its registry record"))
-                })?;
-                if let Some(j) = r.journal.as_mut() {
-                    j.demoted_at = replayer.demoted();
-                }
-                local_reg.put(&mut r)?;
-                demoted_at = replayer.demoted();
-                if let Some(t) = demoted_at {
-                    tracing::info!(image = %key, tag = t, "the primary was demoted; the replica holds everything it wrote");
-                }
-            }
-            drop(guard);
-            busy = n > 0;
-            if busy {
-                last_entries = Instant::now();
-            }
-            if n == 0 {
-                if p.caught_up.is_none() {
-                    tracing::info!(image = %key, skipped_io = replayer.stats().skipped_io, "journal replay caught up");
-                }
-                p.caught_up = Some(t0);
-                // The entries behind stay as the last check counted them:
-                // a read that found nothing under load (the next entry's
-                // append not done yet while later ones are) is no proof
-                // that nothing is behind.
+            self.publish(full, n, cadence.check);
+            if !self.busy {
+                self.wait(&cadence, poll_every);
             }
         }
-        let stats = replayer.stats();
-        if full || p.last_report.is_none_or(|t| t.elapsed() >= cadence.check) {
-            engine.metrics.journal_progress(
-                &labels,
+    }
+
+    /// The periodic check: the primary's record still asks for it, the
+    /// header watch, what is behind (and whether too much). Blocking.
+    fn check(&mut self) -> Result<Check> {
+        self.last_check = Instant::now();
+        if !still_wanted(self.reporter.peer_reg, self.job)? {
+            tracing::info!(image = %self.key, "the primary no longer asks for journal replication; stopping");
+            return Ok(Check::Stop);
+        }
+        self.watching = self.wake.ensure(self.replayer.journal(), &self.key);
+        let p = &mut self.p;
+        p.sets_behind = sets_behind(self.replayer.journal(), self.client, &self.key)?;
+        (p.bytes_behind, p.entries_behind) = match self.replayer.behind(BEHIND_SCAN_LIMIT) {
+            Ok(b) => (Some(b.bytes), Some(b.entries)),
+            Err(e) => {
+                tracing::debug!(image = %self.key, error = %e, "cannot size what is left to replay");
+                (None, None)
+            }
+        };
+        Ok(
+            match p
+                .sets_behind
+                .filter(|&b| b > self.engine.cfg.journal_max_sets_behind)
+            {
+                Some(behind) => Check::Laggy(behind),
+                None => Check::Go,
+            },
+        )
+    }
+
+    /// Resyncs a replica too far behind (the replayer let go first).
+    fn resync(self, peer_io: &Arc<IoCtx>, behind: u64) -> Result<()> {
+        let Self {
+            engine,
+            job,
+            key,
+            client,
+            local_reg,
+            report,
+            rec,
+            replayer,
+            ..
+        } = self;
+        drop(replayer);
+        let journal =
+            Journal::open(peer_io, &job.primary.image_id).map_err(|e| journal_err(e, &key))?;
+        let rec = local_reg.get(&rec.image_id)?.ok_or_else(|| {
+            EngineError::Internal(format!("replica {key} lost its registry record"))
+        })?;
+        resync_laggy(
+            engine, &journal, client, local_reg, rec, &key, behind, report,
+        )
+    }
+
+    /// Whether this turn reads the journal in full: after work, on a header
+    /// notification, at the poll interval, or when the probe found an entry
+    /// (counted by cause). A probe that finds nothing marks the replica
+    /// caught up at `t0`. Blocking.
+    fn wants_full_read(&mut self, poll_every: Duration, t0: chrono::DateTime<Utc>) -> Result<bool> {
+        let notified = self.wake.take();
+        let timed = self.last_full.is_none_or(|t| t.elapsed() >= poll_every);
+        let p = &mut self.p;
+        if self.busy || notified || timed {
+            if !self.busy {
+                if notified {
+                    p.by_watch += 1;
+                } else {
+                    p.by_poll += 1;
+                }
+            }
+            return Ok(true);
+        }
+        if self.replayer.probe()? {
+            p.by_probe += 1;
+            return Ok(true);
+        }
+        if p.caught_up.is_some() {
+            // Nothing where the next entry lands, and no new tag or object
+            // set notified: caught up at the probe's start.
+            p.caught_up = Some(t0);
+        }
+        Ok(false)
+    }
+
+    /// Applies what is readable, under the image's slot (a role change
+    /// holds it otherwise); records a demotion the journal showed. Blocking.
+    fn read(&mut self, t0: chrono::DateTime<Utc>) -> Result<Read> {
+        let slot = Arc::clone(&self.slot);
+        let Some(guard) = slot.try_enter() else {
+            return Ok(Read::Busy);
+        };
+        if slot.generation() != self.generation {
+            // A role change ran meanwhile: replay on only if the image is
+            // still this primary's replica.
+            self.generation = slot.generation();
+            let now = self.local_reg.get(&self.rec.image_id)?;
+            if !now.as_ref().is_some_and(|r| {
+                r.role == Role::Secondary
+                    && r.journal.is_some()
+                    && r.primary
+                        .as_ref()
+                        .is_some_and(|p| p.image_id == self.job.primary.image_id)
+            }) {
+                tracing::info!(image = %self.key, role = ?now.map(|r| r.role), "a role change took the image; journal replay stops");
+                return Ok(Read::Stop);
+            }
+        }
+        self.last_full = Some(Instant::now());
+        let n = self.replayer.replay_available()?;
+        if self.replayer.demoted() != self.demoted_at {
+            // Recorded under the slot: a planned promotion reads it.
+            self.record_demotion()?;
+        }
+        drop(guard);
+        self.busy = n > 0;
+        if self.busy {
+            self.last_entries = Instant::now();
+        } else {
+            if self.p.caught_up.is_none() {
+                tracing::info!(image = %self.key, skipped_io = self.replayer.stats().skipped_io, "journal replay caught up");
+            }
+            self.p.caught_up = Some(t0);
+            // The entries behind stay as the last check counted them: a
+            // read that found nothing under load (the next entry's append
+            // not done yet while later ones are) is no proof that nothing
+            // is behind.
+        }
+        Ok(Read::Applied(n))
+    }
+
+    /// Stores the primary's demotion the replayer saw in the replica's
+    /// record. Blocking.
+    fn record_demotion(&mut self) -> Result<()> {
+        let key = &self.key;
+        let mut r = self.local_reg.get(&self.rec.image_id)?.ok_or_else(|| {
+            EngineError::Internal(format!("replica {key} lost its registry record"))
+        })?;
+        if let Some(j) = r.journal.as_mut() {
+            j.demoted_at = self.replayer.demoted();
+        }
+        self.local_reg.put(&mut r)?;
+        self.demoted_at = self.replayer.demoted();
+        if let Some(t) = self.demoted_at {
+            tracing::info!(image = %key, tag = t, "the primary was demoted; the replica holds everything it wrote");
+        }
+        Ok(())
+    }
+
+    /// Metrics after every full read (and every `check_every`), the status
+    /// every `check_every`.
+    fn publish(&mut self, full: bool, n: u64, check_every: Duration) {
+        let stats = self.replayer.stats();
+        let due = self
+            .p
+            .last_report
+            .is_none_or(|t| t.elapsed() >= check_every);
+        if full || due {
+            let p = &mut self.p;
+            self.engine.metrics.journal_progress(
+                &self.labels,
                 &csirr_metrics::JournalProgress {
                     entries: stats.entries - p.metered.entries,
                     io_bytes: stats.io_bytes - p.metered.io_bytes,
@@ -645,74 +880,95 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
             );
             p.metered = stats;
         }
-        if p.last_report.is_none_or(|t| t.elapsed() >= cadence.check) {
-            let secs = p.since.elapsed().as_secs_f64().max(0.001);
-            let rate = ((stats.io_bytes - p.base.io_bytes) as f64 / secs) as u64;
-            let entries_rate = ((stats.entries - p.base.entries) as f64 / secs) as u64;
-            let behind = p
-                .entries_behind
-                .map(|e| format!(", {e} entries behind"))
-                .unwrap_or_default()
-                + &p.sets_behind
-                    .map(|b| format!(", {b} object sets behind the primary's active set"))
-                    .unwrap_or_default()
-                + &p.bytes_behind
-                    .map(|b| format!(", {b} journal bytes to replay"))
-                    .unwrap_or_default();
-            let (state, msg) = match (n, replayer.skipping()) {
-                (0, false) if demoted_at.is_some() => (
-                    ReplayState::Idle,
-                    format!(
-                        "journal: the primary was demoted; replayed up to its demotion (tag {})",
-                        demoted_at.unwrap_or_default()
-                    ),
-                ),
-                (_, true) => (
-                    ReplayState::Syncing,
-                    "journal: skipping what the bootstrap copied".to_string(),
-                ),
-                (0, false) => (
-                    ReplayState::Idle,
-                    format!(
-                        "journal: caught up, {} entries replayed since start",
-                        stats.entries
-                    ),
-                ),
-                (_, false) => (
-                    ReplayState::Syncing,
-                    format!(
-                        "journal: replaying ({n} entries in the last poll, {entries_rate} \
-                         entries/s){behind}"
-                    ),
-                ),
-            };
-            let last = p.caught_up.map(|t| SyncPoint {
-                snap_name: format!("journal:{client}"),
-                snap_time: t,
-                completed_at: Utc::now(),
-                duration_ms: 0,
-                bytes: stats.io_bytes,
-            });
-            pending.set(p.bytes_behind);
-            pending_entries.set(p.entries_behind);
-            entry_rate.set(Some(entries_rate));
-            report(state, msg, last, Some(rate));
-            p.last_report = Some(Instant::now());
-            p.since = Instant::now();
-            p.base = stats;
+        if !due {
+            return;
         }
-        if !busy {
-            // Until the next probe, the next full read, or a notification.
-            let until_full = last_full
-                .map(|t| poll_every.saturating_sub(t.elapsed()))
-                .unwrap_or_default();
-            let wait = probe_every
-                .min(until_full)
-                .min(cadence.check.saturating_sub(last_check.elapsed()));
-            if !wait.is_zero() {
-                wake.wait(wait);
-            }
+        let p = &mut self.p;
+        let secs = p.since.elapsed().as_secs_f64().max(0.001);
+        let rate = ((stats.io_bytes - p.base.io_bytes) as f64 / secs) as u64;
+        let entries_rate = ((stats.entries - p.base.entries) as f64 / secs) as u64;
+        let (state, msg) = status_message(
+            p,
+            n,
+            self.replayer.skipping(),
+            self.demoted_at,
+            stats.entries,
+            entries_rate,
+        );
+        let last = p.caught_up.map(|t| SyncPoint {
+            snap_name: format!("journal:{}", self.client),
+            snap_time: t,
+            completed_at: Utc::now(),
+            duration_ms: 0,
+            bytes: stats.io_bytes,
+        });
+        self.reporter.pending.set(p.bytes_behind);
+        self.reporter.pending_entries.set(p.entries_behind);
+        self.reporter.entry_rate.set(Some(entries_rate));
+        (self.report)(state, msg, last, Some(rate));
+        p.last_report = Some(Instant::now());
+        p.since = Instant::now();
+        p.base = stats;
+    }
+
+    /// Until the next probe, the next full read, the next check, or a
+    /// notification.
+    fn wait(&self, cadence: &Cadence, poll_every: Duration) {
+        let until_full = self
+            .last_full
+            .map(|t| poll_every.saturating_sub(t.elapsed()))
+            .unwrap_or_default();
+        let wait = cadence
+            .probe
+            .min(until_full)
+            .min(cadence.check.saturating_sub(self.last_check.elapsed()));
+        if !wait.is_zero() {
+            self.wake.wait(wait);
         }
+    }
+}
+
+/// The replica's state and message for the primary's status: after `n`
+/// entries in the last read, skipping the bootstrap's part or not, with the
+/// primary's demotion if seen.
+fn status_message(
+    p: &Progress,
+    n: u64,
+    skipping: bool,
+    demoted_at: Option<u64>,
+    entries: u64,
+    entries_rate: u64,
+) -> (ReplayState, String) {
+    let behind = p
+        .entries_behind
+        .map(|e| format!(", {e} entries behind"))
+        .unwrap_or_default()
+        + &p.sets_behind
+            .map(|b| format!(", {b} object sets behind the primary's active set"))
+            .unwrap_or_default()
+        + &p.bytes_behind
+            .map(|b| format!(", {b} journal bytes to replay"))
+            .unwrap_or_default();
+    match (n, skipping, demoted_at) {
+        (0, false, Some(tag)) => (
+            ReplayState::Idle,
+            format!("journal: the primary was demoted; replayed up to its demotion (tag {tag})"),
+        ),
+        (_, true, _) => (
+            ReplayState::Syncing,
+            "journal: skipping what the bootstrap copied".to_string(),
+        ),
+        (0, false, None) => (
+            ReplayState::Idle,
+            format!("journal: caught up, {entries} entries replayed since start"),
+        ),
+        (_, false, _) => (
+            ReplayState::Syncing,
+            format!(
+                "journal: replaying ({n} entries in the last poll, {entries_rate} \
+                 entries/s){behind}"
+            ),
+        ),
     }
 }
 
