@@ -1525,7 +1525,7 @@ run_mirror() {
     mapfile -t multi < <(multi_names "$p")
     for phase in "${PHASES[@]}"; do
         if [[ $phase == g ]]; then
-            log "rbd-mirror: (g) skipped: Ceph 16 has no group mirroring (rbd mirror group arrived in 19)"
+            log "rbd-mirror: (g) skipped: Ceph 16 has no group mirroring"
             continue
         fi
         room_for "$phase" || continue
