@@ -341,13 +341,7 @@ async fn exclusive_disaster_force_promote_then_failback() {
     .await;
 
     // ... and site-a disappears: its sidecar, its OSD and its monitor.
-    a.kill();
-    pair_ctl(&["stop", "site-a", "osd"]);
-    pair_ctl(&["stop", "site-a", "mon"]);
-    let restore = scopeguard(|| {
-        pair_ctl(&["start", "site-a", "mon"]);
-        pair_ctl(&["start", "site-a", "osd"]);
-    });
+    let restore = lose_site_a(&mut a);
 
     let t = std::time::Instant::now();
     b.controller()

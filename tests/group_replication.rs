@@ -330,6 +330,36 @@ impl Drop for Writer {
     }
 }
 
+/// A group of `members` in `pool`, made on site-a's sidecar `a` as the
+/// VolumeGroupReplicationContent controller does (CreateVolumeGroup): its
+/// ID on site-a, its uuid, and the same group as site-b names it (what
+/// Ramen restores there; `iob` is the pool on site-b).
+async fn make_group(
+    a: &Sidecar,
+    pool: &str,
+    iob: &Arc<IoCtx>,
+    members: [&str; 2],
+) -> (String, String, String) {
+    let g = VgClient::new(channel_to(&a.socket).await.unwrap())
+        .create_volume_group(vg::CreateVolumeGroupRequest {
+            name: unique("vgrc"),
+            volume_ids: members.iter().map(|m| format!("{pool}/{m}")).collect(),
+            secrets: secrets(Site::A),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateVolumeGroup")
+        .into_inner()
+        .volume_group
+        .unwrap();
+    let ga = g.volume_group_id;
+    let uuid = VolumeGroupId::parse(&ga).unwrap().uuid().to_string();
+    let gb = VolumeGroupId::new("site-b", iob.pool_id(), uuid.clone())
+        .unwrap()
+        .to_string();
+    (ga, uuid, gb)
+}
+
 /// Waits until `site`'s record of group `uuid` holds a complete cut other
 /// than every one in `seen`; checks the consistency of its snapshot on the
 /// members there and returns its name.
@@ -369,26 +399,7 @@ async fn group_replication_relocates_and_fails_over_with_every_member_at_one_ins
     let a = Sidecar::start(Site::A, &tp.args()).await;
     let mut b = Some(Sidecar::start(Site::B, &tp.args()).await);
 
-    // The group, made as the VolumeGroupReplicationContent controller does.
-    let mut vga = VgClient::new(channel_to(&a.socket).await.unwrap());
-    let g = vga
-        .create_volume_group(vg::CreateVolumeGroupRequest {
-            name: unique("vgrc"),
-            volume_ids: vec![format!("{pool}/{log}"), format!("{pool}/{data}")],
-            secrets: secrets(Site::A),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateVolumeGroup")
-        .into_inner()
-        .volume_group
-        .unwrap();
-    let ga = g.volume_group_id;
-    let uuid = VolumeGroupId::parse(&ga).unwrap().uuid().to_string();
-    // The same group as site-b names it (what Ramen restores there).
-    let gb = VolumeGroupId::new("site-b", iob.pool_id(), uuid.clone())
-        .unwrap()
-        .to_string();
+    let (ga, uuid, gb) = make_group(&a, &pool, &iob, [&log, &data]).await;
     let members = [log.as_str(), data.as_str()];
 
     let mut writer = Writer::start(Site::A, &pool, &log, &data, 0);
@@ -890,23 +901,7 @@ async fn group_relocates_there_and_back_driven_by_the_controllers() {
     }
     let a = Sidecar::start(Site::A, &tp.args()).await;
     let b = Sidecar::start(Site::B, &tp.args()).await;
-    let g = VgClient::new(channel_to(&a.socket).await.unwrap())
-        .create_volume_group(vg::CreateVolumeGroupRequest {
-            name: unique("vgrc"),
-            volume_ids: vec![format!("{pool}/{log}"), format!("{pool}/{data}")],
-            secrets: secrets(Site::A),
-            ..Default::default()
-        })
-        .await
-        .expect("CreateVolumeGroup")
-        .into_inner()
-        .volume_group
-        .unwrap();
-    let ga = g.volume_group_id;
-    let uuid = VolumeGroupId::parse(&ga).unwrap().uuid().to_string();
-    let gb = VolumeGroupId::new("site-b", iob.pool_id(), uuid.clone())
-        .unwrap()
-        .to_string();
+    let (ga, uuid, gb) = make_group(&a, &pool, &iob, [&log, &data]).await;
     let members = [log.as_str(), data.as_str()];
     let params = [("schedulingInterval", "3s")];
     let long = Duration::from_secs(150);

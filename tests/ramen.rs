@@ -189,13 +189,7 @@ async fn exclusive_ramen_failover_without_site_a_then_recovery() {
 
     // Site-a is lost: its sidecar, OSD and monitor.
     drop(img);
-    a.kill();
-    pair_ctl(&["stop", "site-a", "osd"]);
-    pair_ctl(&["stop", "site-a", "mon"]);
-    let restore = scopeguard(|| {
-        pair_ctl(&["start", "site-a", "mon"]);
-        pair_ctl(&["start", "site-a", "osd"]);
-    });
+    let restore = lose_site_a(&mut a);
     let mut vb = VolumeReplication::new(&b, &vid, &PARAMS, Desired::Primary);
     run_until("B primary without A", &mut [&mut vb], LONG, |v| {
         v[0].status.state == State::Primary

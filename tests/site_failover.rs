@@ -606,13 +606,7 @@ async fn exclusive_failover_with_site_a_lost_part_way_then_failback_in_place() {
             >= 3
     })
     .await;
-    a.kill();
-    pair_ctl(&["stop", "site-a", "osd"]);
-    pair_ctl(&["stop", "site-a", "mon"]);
-    let restore = scopeguard(|| {
-        pair_ctl(&["start", "site-a", "mon"]);
-        pair_ctl(&["start", "site-a", "osd"]);
-    });
+    let restore = lose_site_a(&mut a);
     let o = run.await.expect("failover thread");
     eprintln!("$ failover --to site-b, site-a lost part-way\n{}", text(&o));
     assert_eq!(o.status.code(), Some(3), "forced images: {}", text(&o));

@@ -1039,6 +1039,19 @@ pub fn json(o: &std::process::Output) -> serde_json::Value {
 }
 
 /// Runs `f` on drop (restarts daemons even when an assertion fails).
+/// Site-a is lost: its sidecar `a` killed, its OSD and monitor stopped.
+/// They come back (monitor first) when the guard drops, also on a failed
+/// assertion. Only for `exclusive_` tests.
+pub fn lose_site_a(a: &mut Sidecar) -> impl Drop {
+    a.kill();
+    pair_ctl(&["stop", "site-a", "osd"]);
+    pair_ctl(&["stop", "site-a", "mon"]);
+    scopeguard(|| {
+        pair_ctl(&["start", "site-a", "mon"]);
+        pair_ctl(&["start", "site-a", "osd"]);
+    })
+}
+
 pub fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     struct G<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for G<F> {
