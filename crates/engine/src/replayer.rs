@@ -14,6 +14,7 @@
 //! the sync point on both sides.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -767,6 +768,8 @@ pub fn sync_image(
     result
 }
 
+/// One sync of `job`'s replica to the primary's newest sync snapshot, in
+/// named steps; whether a sync point was completed. Blocking.
 fn sync_inner(
     engine: &Engine,
     local: &Arc<Cluster>,
@@ -785,30 +788,9 @@ fn sync_inner(
         )
     })?;
     let local_reg = Registry::new(Arc::clone(&local_io));
-
-    // The primary is being live-migrated on its cluster: nothing is copied
-    // until the migration is committed (the record then names the new
-    // image) or aborted.
-    if let Some(lm) = &job.primary.live_migration {
-        let last = local_reg
-            .list()?
-            .into_iter()
-            .find(|r| r.image_name == job.primary.image_name)
-            .and_then(|r| r.last_sync);
-        reporter.report(
-            ReplayState::Stopped,
-            format!(
-                "the primary is being live-migrated (rbd migration, state {}, to {}): \
-                 replication is paused at its last sync point; it follows the new image after \
-                 `rbd migration commit` (same pool and name), and goes on as before after \
-                 `rbd migration abort`",
-                lm.state, lm.dest_name
-            ),
-            last,
-        );
+    if paused_by_live_migration(job, &local_reg, reporter)? {
         return Ok(false);
     }
-
     // The primary, read-only (a read-write handle would make this process
     // one of its clients; pruning opens one just for that), and its newest
     // sync snapshot.
@@ -827,26 +809,14 @@ fn sync_inner(
         return Ok(false);
     };
     let target = target.clone();
-
-    // A replica still to be created of a clone: a clone of its parent's
-    // replica when the parent is replicated, once that replica holds the
-    // parent snapshot (until then the image waits); a flat copy otherwise.
-    let mut link = None;
-    if engine.held.get(&key).is_none()
-        && !image_exists(&local_io, &job.primary.image_name)
-            .ctx(|| format!("looking up replica {key}"))?
-    {
-        match clone_plan(local, job, &primary)? {
-            ClonePlan::Flat => {}
-            ClonePlan::Link(l) => link = Some(l),
-            ClonePlan::Wait(why) => {
-                tracing::info!(image = %key, reason = %why, "replica of a clone waits for its parent");
-                reporter.report(ReplayState::Starting, why, None);
-                return Ok(false);
-            }
+    let link = match replica_link(engine, local, job, &local_io, &primary)? {
+        ControlFlow::Continue(link) => link,
+        ControlFlow::Break(why) => {
+            tracing::info!(image = %key, reason = %why, "replica of a clone waits for its parent");
+            reporter.report(ReplayState::Starting, why, None);
+            return Ok(false);
         }
-    }
-
+    };
     // The replica: existing (must be ours), or created now.
     let (replica, mut rec, fresh) = replica_for_sync(
         engine,
@@ -864,54 +834,16 @@ fn sync_inner(
     )? {
         return Ok(false);
     }
-    if let Some(p) = rec
-        .primary
-        .clone()
-        .filter(|p| p.image_id != job.primary.image_id)
-    {
-        if job.primary.migrated_from.as_deref() != Some(p.image_id.as_str()) {
-            return Err(EngineError::FailedPrecondition(format!(
-                "{key} here replicates another primary image than the peer's; not touching it"
-            )));
-        }
-        // A committed live-migration replaced the primary's image: its
-        // sync snapshots came along by name, so the replica follows it.
-        tracing::info!(image = %key, from = %p.image_id, to = %job.primary.image_id, "the primary was live-migrated: the replica follows its new image");
-        rec.primary = Some(PrimaryRef {
-            fsid: p.fsid,
-            image_id: job.primary.image_id.clone(),
-        });
-        local_reg.put(&mut rec)?;
-    }
+    follow_live_migrated_primary(job, &local_reg, &mut rec)?;
     // A sync point recorded before its snapshot existed (the process
     // stopped in between): take the snapshot before anything looks at or
     // writes the replica.
     settle_pending_snap(&replica, &local_reg, &mut rec)?;
-
     let rall = replica
         .snap_list()
         .ctx(|| format!("listing snapshots of replica {key}"))?;
-    let rnames: HashSet<&str> = rall.iter().map(|s| s.name.as_str()).collect();
-    if rnames.contains(target.name.as_str()) {
-        // The replica already has the primary's newest sync point (e.g. a
-        // demoted image resynced to the peer that replayed its demotion
-        // snapshot): record it as this replica's complete sync point.
-        if rec
-            .last_sync
-            .as_ref()
-            .is_none_or(|l| l.snap_name != target.name)
-        {
-            rec.last_sync = Some(SyncPoint {
-                snap_name: target.name.clone(),
-                snap_time: snap_time(&primary, target.id),
-                completed_at: Utc::now(),
-                duration_ms: 0,
-                bytes: 0,
-            });
-            rec.checkpoint = None;
-            local_reg.put(&mut rec)?;
-        }
-        reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+    if rall.iter().any(|s| s.name == target.name) {
+        record_held_target(&local_reg, &mut rec, &primary, &target, reporter)?;
         let doomed = surplus(engine.cfg.keep_snapshots, &psync, &[&target.name]);
         drop(primary);
         prune_primary(peer_io, &job.primary.image_id, &doomed, &key);
@@ -925,10 +857,6 @@ fn sync_inner(
         seconds = begun.elapsed().as_secs_f64(),
         "sync planned"
     );
-
-    let started = Instant::now();
-    let mut from = base.as_ref().map(|b| b.name.clone());
-    let mut fresh = fresh;
     // The primary's surplus sync snapshots go on a thread of their own
     // (each removal waits for a monitor commit), never the delta's base or
     // target; the primary's scheduler removes what is left before it takes
@@ -938,19 +866,12 @@ fn sync_inner(
         .map(|b| b.name.as_str())
         .chain([target.name.as_str()])
         .collect();
-    let doomed = surplus(engine.cfg.keep_snapshots, &psync, &protect);
-    if !doomed.is_empty() {
-        let (io, id, k) = (
-            Arc::clone(peer_io),
-            job.primary.image_id.clone(),
-            key.clone(),
-        );
-        engine
-            .background
-            .spawn_blocking("prune-primary", &key, move || {
-                prune_primary(&io, &id, &doomed, &k)
-            });
-    }
+    spawn_prune_primary(
+        engine,
+        peer_io,
+        job,
+        surplus(engine.cfg.keep_snapshots, &psync, &protect),
+    );
     let sides = Sides {
         engine,
         job,
@@ -960,45 +881,16 @@ fn sync_inner(
         cancelled,
         reporter,
     };
-    let mut bytes = 0u64;
-    for (i, point) in points.iter().enumerate() {
-        let stats = delta(&sides, &mut rec, from.as_deref(), point, fresh)?;
-        bytes += stats.transferred();
-        // A user snapshot on the way is the next delta's base: it must
-        // exist before that delta writes.
-        if i + 1 < points.len() {
-            replica
-                .snap_create(&point.name)
-                .ctx(|| format!("snapshotting replica {key}@{}", point.name))?;
-        }
-        from = Some(point.name.clone());
-        fresh = false;
-    }
+    let started = Instant::now();
+    let from = base.as_ref().map(|b| b.name.clone());
+    let bytes = copy_points(&sides, &mut rec, from, &points, fresh)?;
     let elapsed = started.elapsed();
     if cancelled() {
         return Err(EngineError::Unavailable(format!(
             "the sync of {key} was stopped (shutdown, a role change, or the pool's lease lost)"
         )));
     }
-    // The replica's head is the target, flushed by the copy: the sync point
-    // is complete now. Its snapshot (a monitor commit, up to a second) is
-    // taken right after the report, and always before the next delta or a
-    // promotion touches the replica (`pending_snap`).
-    rec.checkpoint = None;
-    rec.pending_snap = Some(target.name.clone());
-    rec.last_sync = Some(SyncPoint {
-        snap_name: target.name.clone(),
-        snap_time: snap_time(&primary, target.id),
-        completed_at: Utc::now(),
-        duration_ms: elapsed.as_millis() as u64,
-        bytes,
-    });
-    local_reg.put(&mut rec)?;
-    tracing::info!(snapshot = %target.name, bytes, seconds = elapsed.as_secs_f64(), "sync point complete");
-    engine
-        .metrics
-        .sync_finished(&job.labels(), bytes, elapsed, true);
-    reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+    complete_sync_point(&sides, &mut rec, &target, bytes, elapsed)?;
     drop(permit.take());
     // Not a client of the primary any longer than needed: an open handle
     // counts as one for "is the volume in use?" checks.
@@ -1012,6 +904,200 @@ fn sync_inner(
         .ctx(|| format!("listing snapshots of replica {key}"))?;
     prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
     Ok(true)
+}
+
+/// Whether the primary is being live-migrated on its cluster: then nothing
+/// is copied until the migration is committed (the record then names the
+/// new image) or aborted, and the replica says so. Blocking.
+fn paused_by_live_migration(
+    job: &Job,
+    local_reg: &Registry,
+    reporter: &Reporter<'_>,
+) -> Result<bool> {
+    let Some(lm) = &job.primary.live_migration else {
+        return Ok(false);
+    };
+    let last = local_reg
+        .list()?
+        .into_iter()
+        .find(|r| r.image_name == job.primary.image_name)
+        .and_then(|r| r.last_sync);
+    reporter.report(
+        ReplayState::Stopped,
+        format!(
+            "the primary is being live-migrated (rbd migration, state {}, to {}): \
+             replication is paused at its last sync point; it follows the new image after \
+             `rbd migration commit` (same pool and name), and goes on as before after \
+             `rbd migration abort`",
+            lm.state, lm.dest_name
+        ),
+        last,
+    );
+    Ok(true)
+}
+
+/// For a replica still to be created of a clone: the parent snapshot to
+/// clone it from when the parent is replicated and its replica holds that
+/// snapshot, `None` for a flat copy (or a replica that exists), or why it
+/// waits. Blocking.
+fn replica_link(
+    engine: &Engine,
+    local: &Arc<Cluster>,
+    job: &Job,
+    local_io: &IoCtx,
+    primary: &Image,
+) -> Result<ControlFlow<String, Option<ParentLink>>> {
+    let key = job.key();
+    if engine.held.get(&key).is_some()
+        || image_exists(local_io, &job.primary.image_name)
+            .ctx(|| format!("looking up replica {key}"))?
+    {
+        return Ok(ControlFlow::Continue(None));
+    }
+    Ok(match clone_plan(local, job, primary)? {
+        ClonePlan::Flat => ControlFlow::Continue(None),
+        ClonePlan::Link(l) => ControlFlow::Continue(Some(l)),
+        ClonePlan::Wait(why) => ControlFlow::Break(why),
+    })
+}
+
+/// A replica whose record names another primary image than the peer's:
+/// after a committed live-migration of that primary (its sync snapshots
+/// came along by name) the record follows the new image; otherwise the
+/// replica is not this primary's and is not touched. Blocking.
+fn follow_live_migrated_primary(
+    job: &Job,
+    local_reg: &Registry,
+    rec: &mut ImageRecord,
+) -> Result<()> {
+    let Some(p) = rec
+        .primary
+        .clone()
+        .filter(|p| p.image_id != job.primary.image_id)
+    else {
+        return Ok(());
+    };
+    let key = job.key();
+    if job.primary.migrated_from.as_deref() != Some(p.image_id.as_str()) {
+        return Err(EngineError::FailedPrecondition(format!(
+            "{key} here replicates another primary image than the peer's; not touching it"
+        )));
+    }
+    tracing::info!(image = %key, from = %p.image_id, to = %job.primary.image_id, "the primary was live-migrated: the replica follows its new image");
+    rec.primary = Some(PrimaryRef {
+        fsid: p.fsid,
+        image_id: job.primary.image_id.clone(),
+    });
+    local_reg.put(rec)?;
+    Ok(())
+}
+
+/// The replica already has the primary's newest sync point (e.g. a demoted
+/// image resynced to the peer that replayed its demotion snapshot): records
+/// it as this replica's complete sync point and reports it. Blocking.
+fn record_held_target(
+    local_reg: &Registry,
+    rec: &mut ImageRecord,
+    primary: &Image,
+    target: &ceph::SnapInfo,
+    reporter: &Reporter<'_>,
+) -> Result<()> {
+    if rec
+        .last_sync
+        .as_ref()
+        .is_none_or(|l| l.snap_name != target.name)
+    {
+        rec.last_sync = Some(SyncPoint {
+            snap_name: target.name.clone(),
+            snap_time: snap_time(primary, target.id),
+            completed_at: Utc::now(),
+            duration_ms: 0,
+            bytes: 0,
+        });
+        rec.checkpoint = None;
+        local_reg.put(rec)?;
+    }
+    reporter.report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+    Ok(())
+}
+
+/// Removes the primary's `doomed` sync snapshots on a background thread.
+fn spawn_prune_primary(engine: &Engine, peer_io: &Arc<IoCtx>, job: &Job, doomed: Vec<String>) {
+    if doomed.is_empty() {
+        return;
+    }
+    let key = job.key();
+    let (io, id, k) = (
+        Arc::clone(peer_io),
+        job.primary.image_id.clone(),
+        key.clone(),
+    );
+    engine
+        .background
+        .spawn_blocking("prune-primary", &key, move || {
+            prune_primary(&io, &id, &doomed, &k)
+        });
+}
+
+/// Copies the deltas from `from` through every point in turn (user
+/// snapshots on the way, then the target); a user snapshot is taken on the
+/// replica before the next delta writes. Returns the bytes transferred.
+/// Blocking.
+fn copy_points(
+    sides: &Sides<'_, '_>,
+    rec: &mut ImageRecord,
+    mut from: Option<String>,
+    points: &[ceph::SnapInfo],
+    mut fresh: bool,
+) -> Result<u64> {
+    let mut bytes = 0u64;
+    for (i, point) in points.iter().enumerate() {
+        let stats = delta(sides, rec, from.as_deref(), point, fresh)?;
+        bytes += stats.transferred();
+        // A user snapshot on the way is the next delta's base: it must
+        // exist before that delta writes.
+        if i + 1 < points.len() {
+            sides
+                .replica
+                .snap_create(&point.name)
+                .ctx(|| format!("snapshotting replica {}@{}", sides.job.key(), point.name))?;
+        }
+        from = Some(point.name.clone());
+        fresh = false;
+    }
+    Ok(bytes)
+}
+
+/// The replica's head is the target, flushed by the copy: records the sync
+/// point complete (its replica snapshot pending: a monitor commit, up to a
+/// second, taken right after and always before the next delta or a
+/// promotion touches the replica), counts and reports it. Blocking.
+fn complete_sync_point(
+    sides: &Sides<'_, '_>,
+    rec: &mut ImageRecord,
+    target: &ceph::SnapInfo,
+    bytes: u64,
+    elapsed: Duration,
+) -> Result<()> {
+    rec.checkpoint = None;
+    rec.pending_snap = Some(target.name.clone());
+    rec.last_sync = Some(SyncPoint {
+        snap_name: target.name.clone(),
+        snap_time: snap_time(sides.primary, target.id),
+        completed_at: Utc::now(),
+        duration_ms: elapsed.as_millis() as u64,
+        bytes,
+    });
+    sides.local_reg.put(rec)?;
+    tracing::info!(snapshot = %target.name, bytes, seconds = elapsed.as_secs_f64(), "sync point complete");
+    sides
+        .engine
+        .metrics
+        .sync_finished(&sides.job.labels(), bytes, elapsed, true);
+    sides
+        .reporter
+        .report(ReplayState::Idle, String::new(), rec.last_sync.clone());
+    Ok(())
 }
 
 /// The replica of `job` for a sync: the handle this process holds, or the
