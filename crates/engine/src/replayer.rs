@@ -1325,9 +1325,7 @@ fn delta(
         job,
         primary,
         replica,
-        local_reg,
-        cancelled,
-        reporter,
+        ..
     } = *sides;
     let key = job.key();
     // The handle that listed the snapshots, not a second open of the image.
@@ -1356,66 +1354,11 @@ fn delta(
         Some(o) => engine.cfg.limits.chunk.min(o.object_size()),
         None => engine.cfg.limits.chunk,
     };
-    // A first sync of an image read directly (no parent data at the
-    // snapshot) lists whole objects: from the object map alone when it is
-    // valid, instead of asking every object of the image (13 s for a thin
-    // 1 TiB image on the dev pair); the sparse reads bring over only their
-    // allocated data. A clone's first sync lists the extents a reader sees
-    // through to its parent, read through librbd. Both sides have the same
-    // pool/name: the error says which one failed.
-    let whole = sparse && objects.is_some();
     // A replica that is a clone of the parent's replica (which holds the
     // parent snapshot's data): a first sync copies the primary's own
-    // objects only, and makes zero what the primary no longer reads from
-    // its parent (a shrink and grow cut its overlap).
+    // objects only.
     let linked = from.is_none() && replica.parent_overlap().ctx(|| format!("replica {key}"))? > 0;
-    let mut extents = if linked {
-        let mut own = copy::own_extents(primary, size, chunk).map_err(|e| on_side(e, "primary"))?;
-        let pov = primary.parent_overlap().ctx(|| format!("primary {key}"))?;
-        let rov = replica.parent_overlap().ctx(|| format!("replica {key}"))?;
-        if pov < rov {
-            let have = own.clone();
-            let gap = [Extent {
-                off: pov,
-                len: rov - pov,
-                data: false,
-            }];
-            for (mut s, e) in copy::uncovered(&gap, &have) {
-                while s < e {
-                    let end = ((s / chunk + 1) * chunk).min(e);
-                    own.push(Extent {
-                        off: s,
-                        len: end - s,
-                        data: false,
-                    });
-                    s = end;
-                }
-            }
-            own.sort_by_key(|e| e.off);
-        }
-        own
-    } else {
-        copy::changed_extents(primary, from, size, chunk, whole)
-            .map_err(|e| on_side(e, "primary"))?
-    };
-    // (A resumed linked first sync needs nothing more: what the replica
-    // holds beyond the primary's own objects is its parent's data, as on
-    // the primary.)
-    if from.is_none() && !fresh && !linked {
-        // A full copy over a replica that holds data (an interrupted first
-        // sync): whatever the source does not cover must become zero. The
-        // replica is never a clone: whole objects, from its object map.
-        let have = copy::changed_extents(replica, None, size, chunk, true)
-            .map_err(|e| on_side(e, "replica"))?;
-        for (s, e) in copy::uncovered(&have, &extents) {
-            extents.push(Extent {
-                off: s,
-                len: e - s,
-                data: false,
-            });
-        }
-        extents.sort_by_key(|e| e.off);
-    }
+    let mut extents = delta_extents(sides, from, size, chunk, objects.is_some(), fresh, linked)?;
     let total: u64 = extents.iter().map(|e| e.len).sum();
     // Resume from a checkpoint of the same delta.
     let resume_at = rec
@@ -1452,63 +1395,23 @@ fn delta(
     let throttle = copy::Throttle::new(job.primary.bandwidth_limit.unwrap_or(0));
     let throttles = [&*engine.throttle, &throttle];
     let started = Instant::now();
-    let mut last_report = Instant::now();
-    let mut last_checkpoint = Instant::now();
-    let every = engine.cfg.checkpoint_interval;
-    let mut ckpt_err = None;
     // A checkpoint refused because the record changed under this sync
     // (another replayer took over) stops the copy at once.
     let lost_record = AtomicBool::new(false);
-    let cancelled = || cancelled() || lost_record.load(std::sync::atomic::Ordering::Relaxed);
-    let mut progress = |done: u64, mark: u64| {
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            last_report = Instant::now();
-            let secs = started.elapsed().as_secs_f64().max(0.001);
-            let done_total = total - remaining + done;
-            reporter.put(ReplicaStatus {
-                replica_fsid: reporter.fsid.clone(),
-                state: ReplayState::Syncing,
-                message: String::new(),
-                percent: Some(if total == 0 {
-                    100.0
-                } else {
-                    done_total as f64 * 100.0 / total as f64
-                }),
-                syncing_snap: Some(to.name.clone()),
-                last_sync: rec.last_sync.clone(),
-                bytes_pending: Some(total.saturating_sub(done_total)),
-                bytes_per_sec: Some((done as f64 / secs) as u64),
-                entries_pending: None,
-                entries_per_sec: None,
-                updated_at: Utc::now(),
-            });
-        }
-        if last_checkpoint.elapsed() >= every && mark > resume_at {
-            last_checkpoint = Instant::now();
-            // What the checkpoint claims must be durable first.
-            let r = replica
-                .flush()
-                .ctx(|| format!("flushing replica {key}"))
-                .and_then(|()| {
-                    rec.checkpoint = Some(Checkpoint {
-                        from: from.map(str::to_string),
-                        to: to.name.clone(),
-                        offset: mark,
-                        total,
-                    });
-                    local_reg.put(rec)
-                });
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "cannot write checkpoint");
-                if matches!(e, EngineError::Conflict(_)) {
-                    lost_record.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                // A conflict stays the reason the copy stopped.
-                if !matches!(ckpt_err, Some(EngineError::Conflict(_))) {
-                    ckpt_err = Some(e);
-                }
-            }
-        }
+    let stopped = || (sides.cancelled)() || lost_record.load(std::sync::atomic::Ordering::Relaxed);
+    let mut watch = DeltaProgress {
+        sides,
+        rec,
+        from,
+        to,
+        total,
+        remaining,
+        resume_at,
+        started,
+        last_report: started,
+        last_checkpoint: started,
+        ckpt_err: None,
+        lost_record: &lost_record,
     };
     let stats = copy::copy_extents(
         copy::Source {
@@ -1527,10 +1430,10 @@ fn delta(
         engine.cfg.limits,
         Some(&engine.budget),
         &throttles,
-        &cancelled,
-        &mut progress,
+        &stopped,
+        &mut |done, mark| watch.tick(done, mark),
     );
-    let stats = match ckpt_err {
+    let stats = match watch.ckpt_err.take() {
         // The copy stopped for it: the conflict is the reason.
         Some(e @ EngineError::Conflict(_)) => return Err(e),
         Some(e) => {
@@ -1552,6 +1455,179 @@ fn delta(
         "delta complete"
     );
     Ok(stats)
+}
+
+/// The extents a delta `from` -> the primary's snapshot set copies, in
+/// `chunk`s inside one object each: what changed; for a first sync of a
+/// replica that is a clone (`linked`), the primary's own objects plus zero
+/// where the primary no longer reads from its parent; for a first sync
+/// over a replica that holds data (an interrupted one, not `fresh`), zero
+/// wherever the source has nothing. Blocking.
+fn delta_extents(
+    sides: &Sides<'_, '_>,
+    from: Option<&str>,
+    size: u64,
+    chunk: u64,
+    direct: bool,
+    fresh: bool,
+    linked: bool,
+) -> Result<Vec<Extent>> {
+    let (primary, replica) = (sides.primary, sides.replica);
+    // A first sync of an image read directly (no parent data at the
+    // snapshot) lists whole objects: from the object map alone when it is
+    // valid, instead of asking every object of the image (13 s for a thin
+    // 1 TiB image on the dev pair); the sparse reads bring over only their
+    // allocated data. A clone's first sync lists the extents a reader sees
+    // through to its parent, read through librbd. Both sides have the same
+    // pool/name: the error says which one failed.
+    let whole = from.is_none() && direct;
+    let mut extents = if linked {
+        linked_extents(sides, size, chunk)?
+    } else {
+        copy::changed_extents(primary, from, size, chunk, whole)
+            .map_err(|e| on_side(e, "primary"))?
+    };
+    // (A resumed linked first sync needs nothing more: what the replica
+    // holds beyond the primary's own objects is its parent's data, as on
+    // the primary.)
+    if from.is_none() && !fresh && !linked {
+        // A full copy over a replica that holds data (an interrupted first
+        // sync): whatever the source does not cover must become zero. The
+        // replica is never a clone: whole objects, from its object map.
+        let have = copy::changed_extents(replica, None, size, chunk, true)
+            .map_err(|e| on_side(e, "replica"))?;
+        for (s, e) in copy::uncovered(&have, &extents) {
+            extents.push(Extent {
+                off: s,
+                len: e - s,
+                data: false,
+            });
+        }
+        extents.sort_by_key(|e| e.off);
+    }
+    Ok(extents)
+}
+
+/// A linked first sync's extents: the primary's own objects, and zero
+/// where the primary no longer reads from its parent but the replica would
+/// (a shrink and grow cut the primary's overlap). Blocking.
+fn linked_extents(sides: &Sides<'_, '_>, size: u64, chunk: u64) -> Result<Vec<Extent>> {
+    let (primary, replica, key) = (sides.primary, sides.replica, sides.job.key());
+    let mut own = copy::own_extents(primary, size, chunk).map_err(|e| on_side(e, "primary"))?;
+    let pov = primary.parent_overlap().ctx(|| format!("primary {key}"))?;
+    let rov = replica.parent_overlap().ctx(|| format!("replica {key}"))?;
+    if pov >= rov {
+        return Ok(own);
+    }
+    let gap = [Extent {
+        off: pov,
+        len: rov - pov,
+        data: false,
+    }];
+    for (mut s, e) in copy::uncovered(&gap, &own.clone()) {
+        while s < e {
+            let end = ((s / chunk + 1) * chunk).min(e);
+            own.push(Extent {
+                off: s,
+                len: end - s,
+                data: false,
+            });
+            s = end;
+        }
+    }
+    own.sort_by_key(|e| e.off);
+    Ok(own)
+}
+
+/// A delta's progress while it copies: the percent and rate reported every
+/// second, and a checkpoint every `checkpoint_interval` (flushed first, so
+/// that what it claims is durable).
+struct DeltaProgress<'s, 'a, 'r, 'c> {
+    sides: &'s Sides<'a, 'r>,
+    rec: &'c mut ImageRecord,
+    from: Option<&'c str>,
+    to: &'c ceph::SnapInfo,
+    total: u64,
+    remaining: u64,
+    resume_at: u64,
+    started: Instant,
+    last_report: Instant,
+    last_checkpoint: Instant,
+    /// A checkpoint that could not be written (a conflict stays the
+    /// reason the copy stopped).
+    ckpt_err: Option<EngineError>,
+    /// Set when a checkpoint was refused because the record changed under
+    /// this sync (another replayer took over): the copy stops at once.
+    lost_record: &'c AtomicBool,
+}
+
+impl DeltaProgress<'_, '_, '_, '_> {
+    /// `done` bytes copied, everything below `mark` on the replica.
+    fn tick(&mut self, done: u64, mark: u64) {
+        if self.last_report.elapsed() >= Duration::from_secs(1) {
+            self.last_report = Instant::now();
+            self.report(done);
+        }
+        if self.last_checkpoint.elapsed() >= self.sides.engine.cfg.checkpoint_interval
+            && mark > self.resume_at
+        {
+            self.last_checkpoint = Instant::now();
+            self.checkpoint(mark);
+        }
+    }
+
+    fn report(&self, done: u64) {
+        let reporter = self.sides.reporter;
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let done_total = self.total - self.remaining + done;
+        reporter.put(ReplicaStatus {
+            replica_fsid: reporter.fsid.clone(),
+            state: ReplayState::Syncing,
+            message: String::new(),
+            percent: Some(if self.total == 0 {
+                100.0
+            } else {
+                done_total as f64 * 100.0 / self.total as f64
+            }),
+            syncing_snap: Some(self.to.name.clone()),
+            last_sync: self.rec.last_sync.clone(),
+            bytes_pending: Some(self.total.saturating_sub(done_total)),
+            bytes_per_sec: Some((done as f64 / secs) as u64),
+            entries_pending: None,
+            entries_per_sec: None,
+            updated_at: Utc::now(),
+        });
+    }
+
+    fn checkpoint(&mut self, mark: u64) {
+        let key = self.sides.job.key();
+        // What the checkpoint claims must be durable first.
+        let r = self
+            .sides
+            .replica
+            .flush()
+            .ctx(|| format!("flushing replica {key}"))
+            .and_then(|()| {
+                self.rec.checkpoint = Some(Checkpoint {
+                    from: self.from.map(str::to_string),
+                    to: self.to.name.clone(),
+                    offset: mark,
+                    total: self.total,
+                });
+                self.sides.local_reg.put(self.rec)
+            });
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot write checkpoint");
+            if matches!(e, EngineError::Conflict(_)) {
+                self.lost_record
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            // A conflict stays the reason the copy stopped.
+            if !matches!(self.ckpt_err, Some(EngineError::Conflict(_))) {
+                self.ckpt_err = Some(e);
+            }
+        }
+    }
 }
 
 /// `e` naming the side (primary or replica) of an image whose pool and
