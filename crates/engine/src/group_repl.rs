@@ -41,6 +41,7 @@
 //! there.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1281,49 +1282,11 @@ impl Engine {
             },
             Some(r) => r,
         };
-        match (rec.role, job.primary.role) {
-            (Role::Secondary, _) => {}
-            (Role::Demoted, Role::Primary) => {
-                match self.group_divergence(&lio, &rec, &job.peer_io, &job.primary)? {
-                    Divergence::Clean(cut) => {
-                        self.adopt_group(
-                            &lio,
-                            &mut rec,
-                            job.peer.fsid(),
-                            &cut,
-                            "replica again (orderly switch)",
-                        )?;
-                    }
-                    Divergence::Diverged(c) => {
-                        report(
-                            ReplayState::Stopped,
-                            format!(
-                                "the group is demoted on the replica's site and diverged from \
-                                 this primary (newest common cut: {}); it waits for \
-                                 ResyncVolume with force",
-                                c.as_deref().unwrap_or("none")
-                            ),
-                            None,
-                        );
-                        return Ok(());
-                    }
-                }
-            }
-            (Role::Demoted, _) => {
-                report(
-                    ReplayState::Stopped,
-                    "the group is demoted on both sites; waiting for one to be promoted".into(),
-                    None,
-                );
-                return Ok(());
-            }
-            (Role::Primary, Role::Primary) => {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "split-brain: volume group {uuid} is primary on both sites; nothing is \
-                     copied. Demote one site and resync it (ResyncVolume with force)"
-                )));
-            }
-            (Role::Primary, _) => return Ok(()),
+        if self
+            .settle_group_role(job, &lio, &mut rec, &report)?
+            .is_break()
+        {
+            return Ok(());
         }
         // The primary's newest complete cut, newer than the replica's (a
         // primary may still hold older cuts of an earlier term).
@@ -1362,106 +1325,22 @@ impl Engine {
             &self.cfg.local_cluster.cluster_id,
         );
         let started = Instant::now();
-        let base = rec.last_cut.as_ref().map(|l| l.snap_name.clone());
-        let pgname = gname(&uuid);
-        let mut bytes = 0u64;
-        let mut snap_time = None;
-        // One member: its replica brought to the cut; `None` when it is not
-        // a member at this cut.
-        let one = |m: &MemberRef| -> Result<Option<Copied>> {
-            if cancelled() {
-                return Err(EngineError::Unavailable(format!(
-                    "the sync of group {uuid} was stopped"
-                )));
-            }
-            let primary = Image::open_by_id_read_only(&job.peer_io, &m.image_id, None)
-                .ctx(|| format!("opening the primary's {}", m.image_name))?;
-            let Some(snap_id) = primary
-                .group_snap_id(job.peer_io.pool_id(), &pgname, target)
-                .ctx(|| format!("finding {target} of {}", m.image_name))?
-            else {
-                tracing::debug!(member = %m.image_name, cut = %target, "not a member at this cut");
-                return Ok(None);
-            };
-            let time = primary
-                .snap_timestamp(snap_id)
-                .ok()
-                .and_then(|s| Utc.timestamp_opt(s, 0).single());
-            let pbase = match &base {
-                Some(b) => member_cuts(&primary)?.values().any(|s| &s.name == b),
-                None => false,
-            };
-            primary
-                .snap_set_by_id(snap_id)
-                .ctx(|| format!("reading the primary's {}@{target}", m.image_name))?;
-            let (replica, fresh, mref) = self.open_or_create_member(&lio, &rec, m, &primary)?;
-            let rbase = match &base {
-                Some(b) if pbase => member_cuts(&replica)?.values().any(|s| &s.name == b),
-                _ => false,
-            };
-            let from = if rbase { base.as_deref() } else { None };
-            let bytes = self.copy_member(&primary, &replica, from, fresh, &cancelled)?;
-            report(
-                ReplayState::Syncing,
-                format!("copying cut {target}: {} done", m.image_name),
-                rec.last_cut.clone(),
-            );
-            Ok(Some((mref, replica, bytes, time)))
+        let cut = CutCopy {
+            job,
+            lio: &lio,
+            rec: &rec,
+            target,
+            base: rec.last_cut.as_ref().map(|l| l.snap_name.clone()),
+            cancelled: &cancelled,
+            report: &report,
         };
-        // Members copied --max-concurrent-syncs at a time.
-        let mut replicas: Vec<(MemberRef, Image)> = Vec::new();
-        for batch in job
-            .primary
-            .members
-            .chunks(self.cfg.max_concurrent_syncs.max(1))
-        {
-            let done: Vec<Result<Option<Copied>>> = std::thread::scope(|s| {
-                let hs: Vec<_> = batch.iter().map(|m| s.spawn(|| one(m))).collect();
-                hs.into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(EngineError::Internal("a member copy panicked".into()))
-                        })
-                    })
-                    .collect()
-            });
-            for d in done {
-                if let Some((mref, replica, b, t)) = d? {
-                    bytes += b;
-                    snap_time = snap_time.or(t);
-                    replicas.push((mref, replica));
-                }
-            }
-        }
+        let (replicas, bytes, snap_time) = self.copy_cut(&cut)?;
         if cancelled() {
             return Err(EngineError::Unavailable(format!(
                 "the sync of group {uuid} was stopped"
             )));
         }
-        // Every member holds the cut: snapshot each (all at once: each waits
-        // for a monitor round), then record the cut as complete.
-        let snapped: Vec<Result<()>> = std::thread::scope(|s| {
-            let hs: Vec<_> = replicas
-                .iter()
-                .map(|(_, r)| {
-                    s.spawn(move || match r.snap_create(target) {
-                        Ok(()) => Ok(()),
-                        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
-                        Err(e) => Err(e).ctx(|| format!("snapshotting {}@{target}", r.spec())),
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(EngineError::Internal("a replica snapshot panicked".into()))
-                    })
-                })
-                .collect()
-        });
-        for r in snapped {
-            r?;
-        }
+        snapshot_members(&replicas, target)?;
         let elapsed = started.elapsed();
         rec.members = replicas.iter().map(|(m, _)| m.clone()).collect();
         rec.primary_fsid = Some(job.peer.fsid().to_string());
@@ -1479,6 +1358,145 @@ impl Engine {
         drop(replicas);
         self.prune_group(job, &lio, &rec, target_seq);
         Ok(())
+    }
+
+    /// What a replica group whose record is not `secondary` does before it
+    /// copies: a demoted one adopts the peer's primary after an orderly
+    /// switch (otherwise it waits for a forced resync); demoted on both
+    /// sites, or primary here after a relocation, it stops; primary on both
+    /// sites is a split-brain error. Blocking.
+    fn settle_group_role(
+        &self,
+        job: &GroupJob,
+        lio: &Arc<IoCtx>,
+        rec: &mut GroupRecord,
+        report: &GroupReport,
+    ) -> Result<ControlFlow<()>> {
+        match (rec.role, job.primary.role) {
+            (Role::Secondary, _) => Ok(ControlFlow::Continue(())),
+            (Role::Demoted, Role::Primary) => {
+                match self.group_divergence(lio, rec, &job.peer_io, &job.primary)? {
+                    Divergence::Clean(cut) => {
+                        self.adopt_group(
+                            lio,
+                            rec,
+                            job.peer.fsid(),
+                            &cut,
+                            "replica again (orderly switch)",
+                        )?;
+                        Ok(ControlFlow::Continue(()))
+                    }
+                    Divergence::Diverged(c) => {
+                        report(
+                            ReplayState::Stopped,
+                            format!(
+                                "the group is demoted on the replica's site and diverged from \
+                                 this primary (newest common cut: {}); it waits for \
+                                 ResyncVolume with force",
+                                c.as_deref().unwrap_or("none")
+                            ),
+                            None,
+                        );
+                        Ok(ControlFlow::Break(()))
+                    }
+                }
+            }
+            (Role::Demoted, _) => {
+                report(
+                    ReplayState::Stopped,
+                    "the group is demoted on both sites; waiting for one to be promoted".into(),
+                    None,
+                );
+                Ok(ControlFlow::Break(()))
+            }
+            (Role::Primary, Role::Primary) => Err(EngineError::FailedPrecondition(format!(
+                "split-brain: volume group {} is primary on both sites; nothing is copied. \
+                 Demote one site and resync it (ResyncVolume with force)",
+                rec.uuid
+            ))),
+            (Role::Primary, _) => Ok(ControlFlow::Break(())),
+        }
+    }
+
+    /// Copies every member of the primary to `cut.target`,
+    /// `--max-concurrent-syncs` at a time. Blocking.
+    fn copy_cut(&self, cut: &CutCopy<'_>) -> Result<CutCopied> {
+        let mut replicas: Vec<(MemberRef, Image)> = Vec::new();
+        let (mut bytes, mut snap_time) = (0u64, None);
+        for batch in cut
+            .job
+            .primary
+            .members
+            .chunks(self.cfg.max_concurrent_syncs.max(1))
+        {
+            let done: Vec<Result<Option<Copied>>> = std::thread::scope(|s| {
+                let hs: Vec<_> = batch
+                    .iter()
+                    .map(|m| s.spawn(|| self.copy_member_to_cut(cut, m)))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(EngineError::Internal("a member copy panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
+            for d in done {
+                if let Some((mref, replica, b, t)) = d? {
+                    bytes += b;
+                    snap_time = snap_time.or(t);
+                    replicas.push((mref, replica));
+                }
+            }
+        }
+        Ok((replicas, bytes, snap_time))
+    }
+
+    /// One member's replica brought to `cut.target` (from the base cut when
+    /// both sides hold it, in full otherwise); `None` when it is not a
+    /// member at that cut. Blocking.
+    fn copy_member_to_cut(&self, cut: &CutCopy<'_>, m: &MemberRef) -> Result<Option<Copied>> {
+        let (job, target) = (cut.job, cut.target);
+        if (cut.cancelled)() {
+            return Err(EngineError::Unavailable(format!(
+                "the sync of group {} was stopped",
+                job.primary.uuid
+            )));
+        }
+        let primary = Image::open_by_id_read_only(&job.peer_io, &m.image_id, None)
+            .ctx(|| format!("opening the primary's {}", m.image_name))?;
+        let Some(snap_id) = primary
+            .group_snap_id(job.peer_io.pool_id(), &gname(&job.primary.uuid), target)
+            .ctx(|| format!("finding {target} of {}", m.image_name))?
+        else {
+            tracing::debug!(member = %m.image_name, cut = %target, "not a member at this cut");
+            return Ok(None);
+        };
+        let time = primary
+            .snap_timestamp(snap_id)
+            .ok()
+            .and_then(|s| Utc.timestamp_opt(s, 0).single());
+        let pbase = match &cut.base {
+            Some(b) => member_cuts(&primary)?.values().any(|s| &s.name == b),
+            None => false,
+        };
+        primary
+            .snap_set_by_id(snap_id)
+            .ctx(|| format!("reading the primary's {}@{target}", m.image_name))?;
+        let (replica, fresh, mref) = self.open_or_create_member(cut.lio, cut.rec, m, &primary)?;
+        let rbase = match &cut.base {
+            Some(b) if pbase => member_cuts(&replica)?.values().any(|s| &s.name == b),
+            _ => false,
+        };
+        let from = if rbase { cut.base.as_deref() } else { None };
+        let bytes = self.copy_member(&primary, &replica, from, fresh, cut.cancelled)?;
+        (cut.report)(
+            ReplayState::Syncing,
+            format!("copying cut {target}: {} done", m.image_name),
+            cut.rec.last_cut.clone(),
+        );
+        Ok(Some((mref, replica, bytes, time)))
     }
 
     /// Opens (locked) or creates the replica of primary member `m`.
@@ -1657,6 +1675,54 @@ impl Engine {
 /// A member copied to a cut: its replica, the bytes copied and when the
 /// primary took the cut.
 type Copied = (MemberRef, Image, u64, Option<DateTime<Utc>>);
+
+/// The status callback of a group sync.
+type GroupReport<'a> = dyn Fn(ReplayState, String, Option<SyncPoint>) + Sync + 'a;
+
+/// A cut copied: the members' replicas (those that are members at the
+/// cut), the bytes copied, and the cut's time.
+type CutCopied = (Vec<(MemberRef, Image)>, u64, Option<DateTime<Utc>>);
+
+/// What copying one cut of a group needs.
+struct CutCopy<'a> {
+    job: &'a GroupJob,
+    /// The group's pool and namespace here.
+    lio: &'a Arc<IoCtx>,
+    /// The replica group's record (before the cut).
+    rec: &'a GroupRecord,
+    /// The cut copied to.
+    target: &'a str,
+    /// The replica's last complete cut, the deltas' base where both sides
+    /// hold it.
+    base: Option<String>,
+    cancelled: &'a (dyn Fn() -> bool + Sync),
+    report: &'a GroupReport<'a>,
+}
+
+/// Snapshots every member replica at cut `target` (all at once: each waits
+/// for a monitor round); one that exists already counts. Blocking.
+fn snapshot_members(replicas: &[(MemberRef, Image)], target: &str) -> Result<()> {
+    let snapped: Vec<Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = replicas
+            .iter()
+            .map(|(_, r)| {
+                s.spawn(move || match r.snap_create(target) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+                    Err(e) => Err(e).ctx(|| format!("snapshotting {}@{target}", r.spec())),
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(EngineError::Internal("a replica snapshot panicked".into()))
+                })
+            })
+            .collect()
+    });
+    snapped.into_iter().collect()
+}
 
 /// Where a demoted group stands against the peer's primary.
 enum Divergence {
