@@ -372,8 +372,9 @@ struct ServeArgs {
     op_timeout: Duration,
     /// Bytes of copy buffers in flight in all, shared by the syncs running
     /// at once (a lone one may use all of it): memory stays flat whatever the
-    /// images. At the default the resident size peaks at 90-150 MiB.
-    #[arg(long, default_value = "32M", value_parser = bytes)]
+    /// images. At the default the resident size peaks under 100 MiB in the
+    /// benchmark's shapes (docs/design.md, "Memory").
+    #[arg(long, default_value = "16M", value_parser = bytes)]
     max_inflight_bytes: usize,
     /// Aio operations in flight per image.
     #[arg(long, default_value_t = 32)]

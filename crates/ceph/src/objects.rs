@@ -390,45 +390,94 @@ impl DataObjects {
         parts: Vec<(u64, u64, Option<Vec<u8>>)>,
         done: ObjectWriteCallback,
     ) -> Result<()> {
+        let mut spans = Vec::with_capacity(parts.len());
+        let mut bufs = Vec::with_capacity(parts.len());
+        for (off, len, data) in parts {
+            match data {
+                Some(b) => {
+                    // The pointer is into the vector's heap block, which
+                    // moves with the vector into the write's state.
+                    spans.push((off, b.len(), b.as_ptr()));
+                    bufs.push(b);
+                }
+                None => spans.push((off, self.part_len(len)?, ptr::null())),
+            }
+        }
+        self.start_write(objno, &spans, bufs, None, done)
+    }
+
+    /// Writes `parts` of what a sparse read returned, without copying it:
+    /// (offset in object `objno`, length, `Some(at)`: the bytes at `at` in
+    /// [`SparseData::data`], or `None` for zeroes). `read` lives until the
+    /// write completes; `done` gets no buffers back. `done` runs on
+    /// librados' completion thread: it must not block.
+    pub fn aio_write_from_read(
+        &self,
+        objno: u64,
+        parts: &[(u64, u64, Option<usize>)],
+        read: SparseData,
+        done: ObjectWriteCallback,
+    ) -> Result<()> {
+        let data = read.data();
+        let mut spans = Vec::with_capacity(parts.len());
+        for &(off, len, at) in parts {
+            let n = self.part_len(len)?;
+            let p = match at {
+                Some(at) => match data.get(at..at.saturating_add(n)) {
+                    Some(bytes) => bytes.as_ptr(),
+                    None => {
+                        return Err(Error::invalid_input(
+                            "rados_aio_write_op_operate",
+                            self.spec.clone(),
+                        ));
+                    }
+                },
+                None => ptr::null(),
+            };
+            spans.push((off, n, p));
+        }
+        self.start_write(objno, &spans, Vec::new(), Some(read), done)
+    }
+
+    fn part_len(&self, len: u64) -> Result<usize> {
+        usize::try_from(len)
+            .map_err(|_| Error::invalid_input("rados_aio_write_op_operate", self.spec.clone()))
+    }
+
+    /// Starts a compound write of `spans` (offset, length, data or null
+    /// for zeroes) whose data lives in `bufs` or `read`, both kept until
+    /// the completion.
+    fn start_write(
+        &self,
+        objno: u64,
+        spans: &[(u64, usize, *const u8)],
+        bufs: Vec<Vec<u8>>,
+        read: Option<SparseData>,
+        done: ObjectWriteCallback,
+    ) -> Result<()> {
         let oid = cstring(
             &format!("{}.{objno:016x}", self.prefix),
             "rados_aio_write_op_operate",
         )?;
-        let n = parts.len();
-        let mut offs = Vec::with_capacity(n);
-        let mut ptrs: Vec<*const c_char> = Vec::with_capacity(n);
-        let mut lens = Vec::with_capacity(n);
-        let mut bufs = Vec::with_capacity(n);
-        for (off, len, data) in parts {
-            offs.push(off);
-            match data {
-                Some(b) => {
-                    ptrs.push(b.as_ptr().cast());
-                    lens.push(b.len());
-                    bufs.push(b);
-                }
-                None => {
-                    ptrs.push(ptr::null());
-                    lens.push(usize::try_from(len).map_err(|_| {
-                        Error::invalid_input("rados_aio_write_op_operate", self.spec.clone())
-                    })?);
-                }
-            }
-        }
+        let offs: Vec<u64> = spans.iter().map(|s| s.0).collect();
+        let lens: Vec<usize> = spans.iter().map(|s| s.1).collect();
+        let ptrs: Vec<*const c_char> = spans.iter().map(|s| s.2.cast()).collect();
         let st = Box::new(WriteState {
             bufs,
+            read,
             done,
             io: Some(Arc::clone(&self.io)),
             target: format!("{} object {objno:#x}", self.spec),
         });
         let arg = Box::into_raw(st);
-        // The pointers point into the heap blocks of the buffers, which move
-        // with the boxed state (a moved vector keeps its block) and live
-        // until `write_complete` hands them back; the shim does not copy
+        // The data pointers point into the heap blocks of `bufs` (a moved
+        // vector keeps its block) or into the read's buffer (owned by
+        // librados, unchanged until released), both moved into the boxed
+        // state and kept until `write_complete`; the shim does not copy
         // them. The arrays are read during the call only. The ioctx is live
-        // (and kept so by the state); oid is NUL-terminated; arg is reclaimed
-        // by `write_complete`, which the shim calls exactly once if and only
-        // if the start succeeded.
+        // (and kept so by the state); oid is NUL-terminated; arg is
+        // reclaimed by `write_complete`, which the shim calls exactly once
+        // if and only if the start succeeded.
         // SAFETY: as above.
         let ret = unsafe {
             sys::csirr_write_extents_start(
@@ -451,11 +500,12 @@ impl DataObjects {
     }
 }
 
-/// What a compound write needs until its completion: the buffers it wrote
-/// from (the shim copied them; they go back to the caller for reuse), and
-/// the ioctx it runs on.
+/// What a compound write needs until its completion: the buffers or the
+/// read it writes from (the shim does not copy them; buffers go back to the
+/// caller for reuse), and the ioctx it runs on.
 struct WriteState {
     bufs: Vec<Vec<u8>>,
+    read: Option<SparseData>,
     done: ObjectWriteCallback,
     io: Option<Arc<IoCtx>>,
     target: String,
@@ -467,6 +517,7 @@ unsafe extern "C" fn write_complete(arg: *mut c_void, ret: c_int) {
     let st = unsafe { Box::from_raw(arg.cast::<WriteState>()) };
     let WriteState {
         bufs,
+        read,
         done,
         io,
         target,
@@ -480,7 +531,7 @@ unsafe extern "C" fn write_complete(arg: *mut c_void, ret: c_int) {
     // are leaked, counted in `LEAKED_WRITE_BYTES`. A write that succeeded
     // was sent and answered: nothing references them any more.
     let bufs = if res.is_err() {
-        let n: usize = bufs.iter().map(Vec::capacity).sum();
+        let n = bufs.iter().map(Vec::capacity).sum::<usize>() + read.as_ref().map_or(0, |r| r.len);
         LEAKED_WRITE_BYTES.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(
             bytes = n,
@@ -488,8 +539,14 @@ unsafe extern "C" fn write_complete(arg: *mut c_void, ret: c_int) {
              reference them)"
         );
         bufs.into_iter().for_each(std::mem::forget);
+        std::mem::forget(read);
         Vec::new()
     } else {
+        // Not released on librados' completion thread: the read holds a
+        // reference to its (other) cluster's ioctx.
+        if let Some(r) = read {
+            super::reaper::drop_later(r);
+        }
         bufs
     };
     // A panic must not unwind into librados.

@@ -6,7 +6,8 @@
 //! byte budget and op limit allow, and reacts to completions arriving on a
 //! channel from librbd's and librados' completion threads: a finished read
 //! becomes writes (nothing for all-zero runs on a fresh replica, exact
-//! zeroes otherwise); a finished write returns its buffer to a free list.
+//! zeroes otherwise; a sparse read's data written straight from librados'
+//! buffer); a finished write returns its buffer to a free list.
 //! Memory is bounded by the budget whatever the image size.
 //!
 //! Reads and writes go through librbd, or, where the caller provides the
@@ -15,7 +16,7 @@
 //! write, a first sync's allocated data only (sparse reads).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use csirr_ceph::{self as ceph, DataObjects, Image, objects::SparseData};
@@ -44,7 +45,7 @@ impl CopyLimits {
 impl Default for CopyLimits {
     fn default() -> Self {
         Self {
-            max_inflight_bytes: 32 << 20,
+            max_inflight_bytes: 16 << 20,
             max_ops: 32,
             chunk: Self::DEFAULT_CHUNK,
         }
@@ -252,7 +253,9 @@ enum Event {
         buf: Vec<u8>,
     },
     /// A direct write of extents `first..first + count` (in one object):
-    /// `written` bytes of data from `bufs` and `zeroed` bytes of zeroes.
+    /// `written` bytes of data from `bufs` (or, when `bufs` is empty, from
+    /// a sparse read's own buffer, `written` bytes of the budget held for
+    /// it) and `zeroed` bytes of zeroes.
     WrittenObject {
         first: usize,
         count: usize,
@@ -260,6 +263,7 @@ enum Event {
         zeroed: u64,
         res: ceph::Result<()>,
         bufs: Vec<Vec<u8>>,
+        from_read: bool,
     },
     Written {
         idx: usize,
@@ -742,7 +746,10 @@ pub fn copy_extents(
     // Submit what the limits allow, wait for one completion, handle it:
     // until everything is done or an error stopped the submissions and the
     // operations in flight have drained.
+    let mut read_before = 0u64;
     loop {
+        trim_now_and_then(c.stats.bytes_read - read_before);
+        read_before = c.stats.bytes_read;
         c.submit_all(cancelled);
         let ev = match c.wait(&rx) {
             Wait::Event(ev) => ev,
@@ -765,7 +772,13 @@ pub fn copy_extents(
                 zeroed,
                 res,
                 bufs,
-            } => c.on_written_object(first..first + count, written, zeroed, res, bufs),
+                from_read,
+            } => {
+                if from_read {
+                    c.inflight.give(written as usize);
+                }
+                c.on_written_object(first..first + count, written, zeroed, res, bufs)
+            }
             Event::Written {
                 idx,
                 len,
@@ -782,6 +795,24 @@ pub fn copy_extents(
     let stats = c.stats;
     dst.flush().map_err(|e| ceph_err("flushing", dst, e))?;
     Ok(stats)
+}
+
+/// Bytes read by all copies between two returns of freed memory to the
+/// system.
+const TRIM_EVERY: u64 = 32 << 20;
+
+/// Counts `read` bytes against [`TRIM_EVERY`] across all copies and, when
+/// they add up to it, returns the memory freed meanwhile (librados' reply
+/// buffers leave holes in glibc's arenas, which otherwise stay resident).
+fn trim_now_and_then(read: u64) {
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    if read == 0 {
+        return;
+    }
+    let before = SINCE.fetch_add(read, Ordering::Relaxed);
+    if before + read >= TRIM_EVERY && SINCE.swap(0, Ordering::Relaxed) >= TRIM_EVERY {
+        ceph::alloc::release_free_memory();
+    }
 }
 
 /// What the copy loop does after submitting.
@@ -1037,7 +1068,9 @@ impl<'a> Copier<'a, '_> {
     /// A sparse read of extent `idx` completed.
     fn on_sparse(&mut self, idx: usize, obj: u64, len: usize, res: ceph::Result<SparseData>) {
         self.ops -= 1;
-        self.inflight.give(len);
+        if res.is_err() || self.first_err.is_some() {
+            self.inflight.give(len);
+        }
         match res {
             Err(e) if self.first_err.is_none() => {
                 self.fall_back_to_librbd(&e);
@@ -1054,7 +1087,7 @@ impl<'a> Copier<'a, '_> {
                 for t in self.throttles {
                     t.refund((len - got.min(len)) as u64);
                 }
-                self.write_sparse(idx, obj, &data);
+                self.write_sparse(idx, obj, len, data);
             }
         }
     }
@@ -1345,31 +1378,123 @@ impl<'a> Copier<'a, '_> {
     }
 
     /// Writes what a sparse read returned for extent `idx` (which lies in
-    /// one object of `obj` bytes): the non-zero runs of its data, and,
-    /// unless the replica is fresh, zeroes for the rest.
-    fn write_sparse(&mut self, idx: usize, obj: u64, data: &SparseData) {
+    /// one object of `obj` bytes; `len` bytes of the budget were taken for
+    /// the read): the non-zero runs of its data, and, unless the replica is
+    /// fresh, zeroes for the rest. Written directly, the data goes out of
+    /// the read's own buffer (no copy; the budget keeps what it holds until
+    /// the write completes); through librbd, it is copied.
+    fn write_sparse(&mut self, idx: usize, obj: u64, len: usize, data: SparseData) {
         let ext = self.extents[idx];
         let base = ext.off - ext.off % obj;
-        let mut parts = Vec::new();
+        // (image offset, length, position in the read's data or None for
+        // zeroes)
+        let mut runs: Vec<(u64, u64, Option<usize>)> = Vec::new();
         let mut pos = ext.off;
+        let mut at = 0usize;
         // The holes between the pieces were never read: zeroed unless the
         // replica is fresh, and not counted as skipped reads.
         let fresh = self.fresh;
-        let hole = |parts: &mut Vec<Part>, from: u64, to: u64| {
+        let hole = |runs: &mut Vec<(u64, u64, Option<usize>)>, from: u64, to: u64| {
             if to > from && !fresh {
-                parts.push((from, to - from, None));
+                runs.push((from, to - from, None));
             }
         };
         for (o, bytes) in data.pieces() {
-            let at = base + o;
-            hole(&mut parts, pos, at);
-            self.push_runs(&mut parts, at, bytes, &zero_runs(bytes));
-            pos = at + bytes.len() as u64;
+            let piece_at = base + o;
+            hole(&mut runs, pos, piece_at);
+            for (start, n, zero) in zero_runs(bytes) {
+                let off = piece_at + start as u64;
+                if !zero {
+                    runs.push((off, n as u64, Some(at + start)));
+                } else if fresh {
+                    self.stats.bytes_skipped += n as u64;
+                } else {
+                    runs.push((off, n as u64, None));
+                }
+            }
+            at += bytes.len();
+            pos = piece_at + bytes.len() as u64;
         }
-        hole(&mut parts, pos, ext.off + ext.len);
+        hole(&mut runs, pos, ext.off + ext.len);
+        let written: u64 = runs.iter().filter(|r| r.2.is_some()).map(|r| r.1).sum();
         match self.direct_target(idx..idx + 1) {
-            Some((objects, objno)) => self.write_object(objects, idx..idx + 1, objno, parts),
-            None => self.submit_writes(idx, parts),
+            Some((objects, objno)) if !runs.is_empty() => {
+                // Keep what the write sends; the rest of the read's share
+                // goes back now.
+                self.inflight.give(len.saturating_sub(written as usize));
+                self.write_read_data(objects, idx, objno, &runs, written, data);
+            }
+            direct => {
+                self.inflight.give(len);
+                let bytes = data.data();
+                let parts = runs
+                    .into_iter()
+                    .map(|(off, n, at)| {
+                        let buf = at.map(|a| {
+                            let mut b = self.inflight.budget.buffer(n as usize);
+                            b.copy_from_slice(&bytes[a..a + n as usize]);
+                            b
+                        });
+                        (off, n, buf)
+                    })
+                    .collect();
+                match direct {
+                    Some((objects, objno)) => {
+                        self.write_object(objects, idx..idx + 1, objno, parts)
+                    }
+                    None => self.submit_writes(idx, parts),
+                }
+            }
+        }
+    }
+
+    /// Writes `runs` (image offsets in object `objno`; data at a position
+    /// in `data`, or zeroes) of extent `idx` directly from the read's
+    /// buffer, in one operation; `written` bytes of data, held in the
+    /// budget until the completion.
+    fn write_read_data(
+        &mut self,
+        objects: &DataObjects,
+        idx: usize,
+        objno: u64,
+        runs: &[(u64, u64, Option<usize>)],
+        written: u64,
+        data: SparseData,
+    ) {
+        let base = objno * objects.object_size();
+        let zeroed: u64 = runs.iter().filter(|r| r.2.is_none()).map(|r| r.1).sum();
+        let parts: Vec<(u64, u64, Option<usize>)> = runs
+            .iter()
+            .map(|&(off, n, at)| (off - base, n, at))
+            .collect();
+        let t = self.tx.clone();
+        let r = objects.aio_write_from_read(
+            objno,
+            &parts,
+            data,
+            Box::new(move |res, bufs| {
+                let _ = t.send(Event::WrittenObject {
+                    first: idx,
+                    count: 1,
+                    written,
+                    zeroed,
+                    res,
+                    bufs,
+                    from_read: true,
+                });
+            }),
+        );
+        match r {
+            Ok(()) => {
+                self.ops += 1;
+                self.pending[idx] = 1;
+            }
+            Err(e) => {
+                self.inflight.give(written as usize);
+                self.pending[idx] = outstanding(0, true);
+                self.first_err
+                    .get_or_insert(ceph_err("writing", self.dst, e));
+            }
         }
     }
 
@@ -1415,6 +1540,7 @@ impl<'a> Copier<'a, '_> {
                     zeroed,
                     res,
                     bufs,
+                    from_read: false,
                 });
             }),
         );

@@ -161,7 +161,6 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut leased: HashSet<(String, String)> = HashSet::new();
     let due = Arc::new(DueCache::default());
-    let mut trim_due = false;
     // Volume groups (group_repl.rs): a loop of their own.
     let groups = tokio::spawn(super::group_repl::run(Arc::clone(&engine), cancel.clone()));
     let renewer = tokio::spawn({
@@ -249,7 +248,13 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                             let res = tokio::task::spawn_blocking(move || {
                                 let _e = span.enter();
                                 let mut permit = Some(permit);
-                                sync_image(&e, &job, &stop, &mut permit)
+                                let r = sync_image(&e, &job, &stop, &mut permit);
+                                // What the sync freed (its primary's handle,
+                                // librados' reply buffers) sits in the
+                                // arenas' holes until trimmed: return it now,
+                                // not when the whole round is over.
+                                ceph::alloc::release_free_memory();
+                                r
                             })
                             .await;
                             match res {
@@ -299,17 +304,8 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                 .pool_mode_pass(leased.iter().map(|(p, _)| p.clone()).collect())
                 .await;
         }
-        while tasks.try_join_next().is_some() {
-            trim_due = true;
-        }
+        while tasks.try_join_next().is_some() {}
         while journal_tasks.try_join_next().is_some() {}
-        // The syncs of this round are over: what they freed (the primaries'
-        // image handles, librados' reply buffers) goes back to the system
-        // instead of staying resident until the next round reuses it.
-        if trim_due && tasks.is_empty() {
-            trim_due = false;
-            let _ = tokio::task::spawn_blocking(ceph::alloc::release_free_memory).await;
-        }
         tokio::select! {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(engine.cfg.poll_interval) => {}
