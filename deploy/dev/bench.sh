@@ -58,6 +58,18 @@
 #       random 64 KiB writes, 16 threads, on the replicated image and on an image of the
 #       same size without journaling, alternated three times, medians.
 #       Runnable alone: BENCH_TOOLS="engine rbd-mirror" BENCH_PHASES=j deploy/dev/bench.sh
+#   (s) migration switch (issue 17): $BENCH_S_IMAGES (20) images of 32 MiB (8 MiB written)
+#       replicated one way site-a -> site-b, then written by one client (256 KiB to each
+#       image every 0.5 s) for $BENCH_S_WRITE_SECONDS (5) s up to the switch; downtime = the
+#       writes stopped (client closed) -> every image primary on site-b. engine: `migrate
+#       start --schedule 10s`, ready in `migrate status`, then `migrate switch --parallel 16`
+#       (its own "downtime" figure, and the command's wall time); rbd-mirror: the OpenStack
+#       runbook (journal-based pool mirroring: images with journaling, `mirror pool enable
+#       POOL pool` on both sites, caught up = every image up+replaying with 0 entries
+#       behind), then `rbd mirror pool demote` on site-a and `rbd mirror pool promote` on
+#       site-b, repeated until every image is primary there (a promotion is refused until
+#       the image has replayed the demotion). export-diff has none.
+#       Runnable alone: BENCH_TOOLS="engine rbd-mirror" BENCH_PHASES=s deploy/dev/bench.sh
 # Data is written before the tool's daemons start; the timed window holds nothing but the
 # trigger and the replication.
 #
@@ -105,11 +117,13 @@
 #   BENCH_ENGINE_ARGS  extra `serve` flags of the replaying sidecar (e.g.
 #                      "--max-concurrent-syncs 20")
 #   BENCH_ENGINE_ENV   environment of the sidecars, e.g. "MALLOC_ARENA_MAX=2"
-#   BENCH_PHASES       phases to run (default "ab c d ds g m1 mt n j")
+#   BENCH_PHASES       phases to run (default "ab c d ds g m1 mt n s j")
 #   BENCH_J_WRITES, BENCH_J_TOTAL, BENCH_J_IDLE, BENCH_J_IDLE_SECONDS, BENCH_J_BURSTS
 #                      phase (j): single writes timed (20), rbd bench total (64M), idle
 #                      journal images (10), idle CPU window (20), burst sizes ("8M 64M")
 #   BENCH_J_PORT       metrics port of the replaying sidecar in (j) (default 9473)
+#   BENCH_S_IMAGES, BENCH_S_WRITE_SECONDS
+#                      phase (s): images switched (20), seconds of writes before it (5)
 #   BENCH_MAX_BUSY     before each timed scenario, wait (up to BENCH_QUIET_WAIT s, default
 #                      90) until the cores are at most this % busy (default 30)
 #   BENCH_TIMEOUT      seconds to wait for one scenario (default 120)
@@ -163,9 +177,11 @@ if [[ ${BENCH_RUNS:-1} -gt 1 ]]; then
     exec python3 "$SCRIPT_DIR/bench_medians.py" "$runs_dir"/run*.json
 fi
 N_MULTI=20
+N_SWITCH=${BENCH_S_IMAGES:-20}
+S_WRITE_SECONDS=${BENCH_S_WRITE_SECONDS:-5}
 N_GROUP=10
 N_MANY=${BENCH_MANY:-200}
-SCENARIOS=(a b b0 c d ds g m1 mt n)
+SCENARIOS=(a b b0 c d ds g m1 mt n s)
 declare -A TITLE=(
     [a]="(a) 1 GiB seq, first sync"
     [b]="(b) 64 MiB rand 64K delta"
@@ -177,6 +193,7 @@ declare -A TITLE=(
     [m1]="(e) 1 GiB, 64 MiB in 256 spread writes"
     [mt]="(e) 1 TiB sparse, the same writes"
     [n]="(f) 200 x 4 MiB enabled at once"
+    [s]="(s) migration switch, 20 images"
 )
 # (b)'s target counts from the snapshot existing (b0); from taking it (b) includes the
 # monitor's wait for the snapshot, in every tool, and is there to compare.
@@ -651,6 +668,31 @@ def main():
                 img.write(chunk, i * step + (i % 7) * 4096)
             img.flush()
         print(json.dumps({"written": 256 * len(chunk)}))
+
+    elif cmd == "write-for":  # SECONDS IMG...: 256 KiB to each image every 0.5 s, then close
+        seconds, names = float(args[0]), args[1:]
+        chunk = os.urandom(256 << 10)
+        imgs = [rbd.Image(ia, n) for n in names]
+        end, k, written = time.time() + seconds, 0, 0
+        while time.time() < end:
+            t = time.time()
+            for img in imgs:
+                img.write(chunk, ((k * 7919) % (img.size() // len(chunk))) * len(chunk))
+                written += len(chunk)
+            k += 1
+            time.sleep(max(0.0, 0.5 - (time.time() - t)))
+        for img in imgs:
+            img.flush()
+            img.close()
+        print(json.dumps({"written": written, "t_closed": time.time()}))
+
+    elif cmd == "primary-count":  # SITE IMG...: images that are mirror primaries on SITE
+        io = ia if args[0] == "site-a" else ib
+        n = 0
+        for name in args[1:]:
+            with rbd.Image(io, name, read_only=True) as img:
+                n += bool(img.mirror_image_get_info().get("primary"))
+        print(n)
 
     elif cmd == "create-many":  # PREFIX COUNT SIZE_BYTES: images written in full
         prefix, count, size = args[0], int(args[1]), int(args[2])
@@ -1135,6 +1177,16 @@ write_images() { # PREFIX PHASE
         c_rbd site-a bench --io-type write --io-pattern seq --io-size 4M --io-total 256M \
             "$POOL/${p}jplain" >/dev/null
         ;;
+    s)
+        # rbd-mirror's runbook mirrors journals: its images get journaling.
+        local feat=layering,exclusive-lock,object-map,fast-diff
+        [[ $p == mir- ]] && feat+=,journaling
+        for i in $(switch_names "$p"); do
+            c_rbd site-a create --size 32M --image-feature "$feat" "$POOL/$i"
+            c_rbd site-a bench --io-type write --io-pattern seq --io-size 4M --io-total 8M \
+                "$POOL/$i" >/dev/null
+        done
+        ;;
     d | ds | g)
         local names
         if [[ $2 == g ]]; then names=$(group_names "$p"); else names=$(multi_names "$p"); fi
@@ -1161,8 +1213,8 @@ write_images() { # PREFIX PHASE
 # of this pair that runs out of space crashes (bluestore ENOSPC) and takes the pair
 # down for everyone. Worst cases per site in GiB (site-b, engine (c): a replica that
 # allocates whole objects, 4 GiB).
-declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4 [ds]=1.4 [m1]=0.2 [mt]=0.2 [n]=1.0 [j]=0.8 [g]=0.7)
-declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4 [ds]=1.4 [m1]=0.3 [mt]=0.3 [n]=1.0 [j]=0.8 [g]=0.7)
+declare -A NEED_A=([ab]=1.2 [c]=0.4 [d]=1.4 [ds]=1.4 [m1]=0.2 [mt]=0.2 [n]=1.0 [j]=0.8 [g]=0.7 [s]=0.8)
+declare -A NEED_B=([ab]=1.2 [c]=4.3 [d]=1.4 [ds]=1.4 [m1]=0.3 [mt]=0.3 [n]=1.0 [j]=0.8 [g]=0.7 [s]=0.8)
 room_for() { # PHASE
     local site need
     for site in site-a site-b; do
@@ -1189,6 +1241,11 @@ delta_writes() { # IMAGE
 multi_names() { # PREFIX
     local i
     for ((i = 1; i <= N_MULTI; i++)); do printf '%sd%02d\n' "$1" "$i"; done
+}
+
+switch_names() { # PREFIX: the images of (s)
+    local i
+    for ((i = 1; i <= N_SWITCH; i++)); do printf '%ss%02d\n' "$1" "$i"; done
 }
 
 group_names() { # PREFIX: the members of (g)
@@ -1326,7 +1383,7 @@ max_rss() { # TOOL MIB: keeps the larger
 # Each tool runs in three phases, (a)+(b), (c) and (d), each in a fresh pool that is
 # deleted afterwards, with its daemons started for the phase only: one phase at a time
 # keeps the space the benchmark needs on the pair's small OSDs bounded.
-read -r -a PHASES <<<"${BENCH_PHASES:-ab c d ds g m1 mt n j}"
+read -r -a PHASES <<<"${BENCH_PHASES:-ab c d ds g m1 mt n s j}"
 
 # Phase (j), journal mode, for TOOL (engine: the site-b sidecar's metrics on $J_PORT;
 # rbd-mirror) whose replaying process is PID: the images enabled by the caller, waits
@@ -1410,6 +1467,59 @@ journal_overhead() { # TOOL PREFIX
     log "$tool (j4): primary write throughput, rbd bench $J_TOTAL rand 64K, without -> with journaling: ${JRES[$tool.j4]}"
 }
 
+# (s) with the engine: migrate start, ready, writes up to the switch, migrate switch.
+engine_switch() { # PREFIX SOCK_A SOCK_B
+    local p=$1 names out t0 t1 i mig
+    mapfile -t names < <(switch_names "$p")
+    mig=(--from site-a --from-endpoint "unix://$2" --to-endpoint "unix://$3" --pool "$POOL")
+    "$BIN" migrate start "${mig[@]}" --schedule 10s >"$WORK/migrate-start.txt" 2>&1 ||
+        die "migrate start failed: $(cat "$WORK/migrate-start.txt")"
+    for ((i = 0; i < BENCH_TIMEOUT * 2; i++)); do
+        "$BIN" migrate status "${mig[@]}" >"$WORK/migrate-status.txt" 2>&1 && break
+        sleep 0.5
+    done
+    ((i < BENCH_TIMEOUT * 2)) || die "migration not ready in ${BENCH_TIMEOUT}s: $(tail -5 "$WORK/migrate-status.txt")"
+    out=$(helper write-for "$S_WRITE_SECONDS" "${names[@]}")
+    t0=$(json_field "$out" t_closed)
+    "$BIN" migrate switch "${mig[@]}" --parallel 16 >"$WORK/migrate-switch.txt" 2>&1 ||
+        die "migrate switch failed: $(cat "$WORK/migrate-switch.txt")"
+    t1=$(date +%s.%N)
+    RES[engine.s]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+    NOTES[s]="$(tail -1 "$WORK/migrate-switch.txt"); $(json_field "$out" written) bytes written in ${S_WRITE_SECONDS}s before it"
+    log "engine ${TITLE[s]}: ${RES[engine.s]}s from the writes stopped; ${NOTES[s]}"
+}
+
+# (s) with rbd-mirror, the runbook's way: journal-based pool mirroring, pool demote and
+# pool promote.
+mirror_switch() { # PREFIX
+    local p=$1 names out t0 t1 i n site
+    mapfile -t names < <(switch_names "$p")
+    for site in site-a site-b; do
+        c_rbd "$site" mirror pool enable "$POOL" pool --site-name "$site" >/dev/null
+    done
+    for ((i = 0; i < BENCH_TIMEOUT * 2; i++)); do
+        n=$(c_rbd site-b mirror pool status "$POOL" --verbose --format json 2>/dev/null |
+            jq '[.images[]? | select(.state == "up+replaying" and
+                 ((.description // "") | test("\"entries_behind_primary\":0")))] | length')
+        ((${n:-0} == N_SWITCH)) && break
+        sleep 0.5
+    done
+    ((i < BENCH_TIMEOUT * 2)) || die "rbd-mirror: $N_SWITCH images not caught up in ${BENCH_TIMEOUT}s (got ${n:-0})"
+    out=$(helper write-for "$S_WRITE_SECONDS" "${names[@]}")
+    t0=$(json_field "$out" t_closed)
+    c_rbd site-a mirror pool demote "$POOL" >"$WORK/mirror-demote.txt" 2>&1 ||
+        die "mirror pool demote failed: $(cat "$WORK/mirror-demote.txt")"
+    for ((i = 0; i < BENCH_TIMEOUT * 10; i++)); do
+        c_rbd site-b mirror pool promote "$POOL" >>"$WORK/mirror-promote.txt" 2>&1 || true
+        n=$(helper primary-count site-b "${names[@]}")
+        ((n == N_SWITCH)) && break
+    done
+    t1=$(date +%s.%N)
+    ((n == N_SWITCH)) || die "rbd-mirror: only $n of $N_SWITCH images primary on site-b"
+    RES[rbd-mirror.s]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+    log "rbd-mirror ${TITLE[s]}: ${RES[rbd-mirror.s]}s from the writes stopped ($((i + 1)) pool promote rounds; $(head -1 "$WORK/mirror-demote.txt"))"
+}
+
 run_engine() {
     local p=eng- sa="$WORK/a.sock" sb="$WORK/b.sock" phase pid_a pid_b out multi many rss r img jargs
     log "=== engine ==="
@@ -1418,7 +1528,12 @@ run_engine() {
         room_for "$phase" || continue
         pool_create 1
         write_images "$p" "$phase"
-        start_sidecar site-a "$sa" "$WORK/sidecar-a.log" --no-replayer
+        # Site-a replays nothing; in (s) its scheduler takes the migration's sync points.
+        if [[ $phase == s ]]; then
+            start_sidecar site-a "$sa" "$WORK/sidecar-a.log" --poll-interval "$BENCH_POLL"
+        else
+            start_sidecar site-a "$sa" "$WORK/sidecar-a.log" --no-replayer
+        fi
         pid_a=$LAST_PID
         # shellcheck disable=SC2086 # BENCH_ENGINE_ARGS is a list of flags
         jargs=()
@@ -1483,6 +1598,7 @@ run_engine() {
             out=$(helper engine-enable "$sa" "${many[@]}")
             record engine n "$out"
             ;;
+        s) engine_switch "$p" "$sa" "$sb" ;;
         j)
             for img in "${p}j" $(j_names "$p"); do
                 grpcurl -plaintext -unix -authority localhost -d "{\"replication_source\": \
@@ -1587,6 +1703,7 @@ run_mirror() {
             out=$(helper mirror-enable "${many[@]}")
             record rbd-mirror n "$out"
             ;;
+        s) mirror_switch "$p" ;;
         j)
             for img in "${p}j" $(j_names "$p"); do
                 c_rbd site-a mirror image enable "$POOL/$img" journal >/dev/null
@@ -1613,8 +1730,9 @@ run_export() {
     mapfile -t multi < <(multi_names "$p")
     for phase in "${PHASES[@]}"; do
         # (d) serial times Enable/Promote calls; (e) and (f) are about the replaying
-        # process (memory, many images), which export-diff does not have.
-        case $phase in ds | g | m1 | mt | n | j) continue ;; esac
+        # process (memory, many images), which export-diff does not have; nor has it
+        # roles to switch (s).
+        case $phase in ds | g | m1 | mt | n | j | s) continue ;; esac
         room_for "$phase" || continue
         pool_create 0
         write_images "$p" "$phase"
@@ -1766,6 +1884,7 @@ verdict() { # VALUE TARGET
             [[ -z ${JRES[$t.j2]:-} ]] || echo "  $t (j2): ${JRES[$t.j2]}; entries behind every second: ${JRES[$t.j2s]}"
         done
     fi
+    [[ -z ${NOTES[s]:-} ]] || echo "engine ${TITLE[s]}: ${NOTES[s]}"
     if ((${#BUSY_NOTE[@]})); then
         printf 'NOTE: %s\n' "${BUSY_NOTE[@]}"
     fi

@@ -134,7 +134,7 @@ run_tests() {
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 # Say how much room the build has: a full disk otherwise shows up as an odd compiler error.
 free_gib=$(df -P --block-size=1G "$REPO_ROOT" | awk 'NR==2 {print $4}')
-log "free disk for the build: ${free_gib} GiB (a clean build with tests and fuzz uses about 12 GiB)"
+log "free disk for the build: ${free_gib} GiB (a clean build with tests and fuzz takes about 5 GiB, the Ceph pair some more)"
 if ((free_gib < 15)); then
     log "warning: less than 15 GiB free; the build may fail with 'No space left on device'"
 fi
