@@ -106,6 +106,7 @@ unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
         }
     }
 
+    // SAFETY: `GlobalAlloc::alloc_zeroed`'s contract, upheld as for the impl above.
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         if Self::mapped(layout) {
             // SAFETY: as `alloc`; fresh anonymous mappings are zero-filled.
@@ -116,6 +117,7 @@ unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
         }
     }
 
+    // SAFETY: `GlobalAlloc::dealloc`'s contract, upheld as for the impl above.
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         if Self::mapped(layout) {
             // SAFETY: ptr was mapped by `alloc` with exactly layout.size().
@@ -126,6 +128,7 @@ unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
         }
     }
 
+    // SAFETY: `GlobalAlloc::realloc`'s contract, upheld as for the impl above.
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         let new =
             // SAFETY: the caller guarantees that new_size makes a valid layout.

@@ -23,7 +23,7 @@
 //! qualify: format 2, no fancy striping, and no parent data at the snapshot
 //! (a clone's unwritten objects live in its parent).
 
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::{self, NonNull};
 use std::sync::Arc;
@@ -259,10 +259,7 @@ impl DataObjects {
         mut buf: Vec<u8>,
         done: ObjectReadCallback,
     ) -> Result<()> {
-        let oid = cstring(
-            &format!("{}.{objno:016x}", self.prefix),
-            "rados_aio_read_op_operate",
-        )?;
+        let oid = self.oid(objno, "rados_aio_read_op_operate")?;
         let total: usize = extents.iter().map(|e| e.1).sum();
         if total != buf.len() {
             return Err(Error::invalid_input(
@@ -345,10 +342,7 @@ impl DataObjects {
         len: u64,
         done: SparseReadCallback,
     ) -> Result<()> {
-        let oid = cstring(
-            &format!("{}.{objno:016x}", self.prefix),
-            "rados_aio_sparse_read",
-        )?;
+        let oid = self.oid(objno, "rados_aio_sparse_read")?;
         let st = Box::new(SparseState {
             off,
             len,
@@ -439,6 +433,11 @@ impl DataObjects {
         self.start_write(objno, &spans, Vec::new(), Some(read), done)
     }
 
+    /// The name of data object `objno` (`op` names the call in errors).
+    fn oid(&self, objno: u64, op: &'static str) -> Result<CString> {
+        cstring(&format!("{}.{objno:016x}", self.prefix), op)
+    }
+
     fn part_len(&self, len: u64) -> Result<usize> {
         usize::try_from(len)
             .map_err(|_| Error::invalid_input("rados_aio_write_op_operate", self.spec.clone()))
@@ -455,10 +454,7 @@ impl DataObjects {
         read: Option<SparseData>,
         done: ObjectWriteCallback,
     ) -> Result<()> {
-        let oid = cstring(
-            &format!("{}.{objno:016x}", self.prefix),
-            "rados_aio_write_op_operate",
-        )?;
+        let oid = self.oid(objno, "rados_aio_write_op_operate")?;
         let offs: Vec<u64> = spans.iter().map(|s| s.0).collect();
         let lens: Vec<usize> = spans.iter().map(|s| s.1).collect();
         let ptrs: Vec<*const c_char> = spans.iter().map(|s| s.2.cast()).collect();

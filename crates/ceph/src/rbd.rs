@@ -510,6 +510,7 @@ extern "C" fn no_progress(_offset: u64, _total: u64, _arg: *mut c_void) -> c_int
 ///
 /// # Safety
 /// `p` must be null or point to a NUL-terminated string valid for the call.
+// SAFETY: callers pass null or a live NUL-terminated string (see # Safety).
 pub(crate) unsafe fn lossy(p: *const c_char) -> String {
     if p.is_null() {
         String::new()

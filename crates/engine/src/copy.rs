@@ -1467,35 +1467,9 @@ impl<'a> Copier<'a, '_> {
             .iter()
             .map(|&(off, n, at)| (off - base, n, at))
             .collect();
-        let t = self.tx.clone();
-        let r = objects.aio_write_from_read(
-            objno,
-            &parts,
-            data,
-            Box::new(move |res, bufs| {
-                let _ = t.send(Event::WrittenObject {
-                    first: idx,
-                    count: 1,
-                    written,
-                    zeroed,
-                    res,
-                    bufs,
-                    from_read: true,
-                });
-            }),
-        );
-        match r {
-            Ok(()) => {
-                self.ops += 1;
-                self.pending[idx] = 1;
-            }
-            Err(e) => {
-                self.inflight.give(written as usize);
-                self.pending[idx] = outstanding(0, true);
-                self.first_err
-                    .get_or_insert(ceph_err("writing", self.dst, e));
-            }
-        }
+        let done = self.written_object(idx..idx + 1, written, zeroed, true);
+        let r = objects.aio_write_from_read(objno, &parts, data, done);
+        self.object_write_started(r, idx..idx + 1, written);
     }
 
     /// Writes `parts` (image offsets, all in object `objno`) of the extents
@@ -1527,23 +1501,43 @@ impl<'a> Copier<'a, '_> {
             .map(|(off, len, b)| (off - base, len, b))
             .collect();
         self.inflight.take(written as usize);
+        let done = self.written_object(range.clone(), written, zeroed, false);
+        let r = objects.aio_write(objno, parts, done);
+        self.object_write_started(r, range, written);
+    }
+
+    /// The completion of a direct write of the extents `range`: sends
+    /// [`Event::WrittenObject`] to the copy loop.
+    fn written_object(
+        &self,
+        range: std::ops::Range<usize>,
+        written: u64,
+        zeroed: u64,
+        from_read: bool,
+    ) -> ceph::objects::ObjectWriteCallback {
         let t = self.tx.clone();
-        let (first, count) = (range.start, range.len());
-        let r = objects.aio_write(
-            objno,
-            parts,
-            Box::new(move |res, bufs| {
-                let _ = t.send(Event::WrittenObject {
-                    first,
-                    count,
-                    written,
-                    zeroed,
-                    res,
-                    bufs,
-                    from_read: false,
-                });
-            }),
-        );
+        Box::new(move |res, bufs| {
+            let _ = t.send(Event::WrittenObject {
+                first: range.start,
+                count: range.len(),
+                written,
+                zeroed,
+                res,
+                bufs,
+                from_read,
+            });
+        })
+    }
+
+    /// After starting a direct write of the extents `range` (`written`
+    /// bytes of data held in the budget): counts it in flight or, when it
+    /// did not start, gives the bytes back and records the error.
+    fn object_write_started(
+        &mut self,
+        r: ceph::Result<()>,
+        range: std::ops::Range<usize>,
+        written: u64,
+    ) {
         match r {
             Ok(()) => {
                 self.ops += 1;
