@@ -447,8 +447,44 @@ impl JournalReplayer {
             source,
         })?;
         self.drop_ops_of_ended_tags(p.tag_tid);
+        self.note_demotion(p, &ev.event)?;
+        if !self.past_bootstrap(&ev.event) {
+            // The bootstrap snapshot holds the effect of everything before
+            // its SnapCreate (replaying an old shrink, say, would lose data
+            // it holds); an op finishing after it whose start is skipped
+            // here counts as committed before.
+            self.stats.skipped_io += 1;
+            return self.skip(p);
+        }
+        match ev.event {
+            Event::AioFlush => {
+                self.drain()?;
+                self.flush_replica()?;
+                self.stats.flushes += 1;
+            }
+            Event::OpFinish { op_tid, r } => return self.finish_op(p, op_tid, r),
+            Event::DemotePromote => {
+                self.stats.ignored += 1;
+            }
+            Event::Unknown { event_type } => {
+                return Err(unsupported(p, format!("unknown event type {event_type}")));
+            }
+            op if op.is_op_start() => return self.start_op(p, op),
+            io => {
+                if !self.apply_io(p, io)? {
+                    return self.skip(p);
+                }
+            }
+        }
+        self.record(p, true);
+        Ok(())
+    }
+
+    /// A DemotePromote event in an orphan tag marks the primary demoted
+    /// (until the next entry).
+    fn note_demotion(&mut self, p: ObjectPosition, ev: &Event) -> ReplayResult<()> {
         self.demoted = None;
-        if matches!(ev.event, Event::DemotePromote) {
+        if matches!(ev, Event::DemotePromote) {
             let tag = self.journal.tag(p.tag_tid)?;
             let orphan = tag
                 .and_then(|t| t.tag_data().ok())
@@ -457,38 +493,40 @@ impl JournalReplayer {
                 self.demoted = Some(p.tag_tid);
             }
         }
-        let unsupported = |what: String| ReplayError::Unsupported {
-            tag_tid: p.tag_tid,
-            entry_tid: p.entry_tid,
-            what,
+        Ok(())
+    }
+
+    /// Whether `ev` is to be replayed: false for everything before the
+    /// bootstrap snapshot's SnapCreate, which ends the skipping.
+    fn past_bootstrap(&mut self, ev: &Event) -> bool {
+        let Some(until) = self.skip_until.as_deref() else {
+            return true;
         };
-        let is_bootstrap_snap = matches!(&ev.event, Event::SnapCreate(s)
-            if self.skip_until.as_deref() == Some(s.snap_name.as_str()));
-        if self.skip_until.is_some() && !is_bootstrap_snap {
-            // The bootstrap snapshot holds the effect of everything before
-            // its SnapCreate (replaying an old shrink, say, would lose data
-            // it holds); an op finishing after it whose start is skipped
-            // here counts as committed before.
-            self.stats.skipped_io += 1;
-            return self.skip(p);
+        let Event::SnapCreate(s) = ev else {
+            return false;
+        };
+        if s.snap_name != until {
+            return false;
         }
-        if let Event::SnapCreate(s) = &ev.event
-            && is_bootstrap_snap
-        {
-            tracing::info!(
-                journal = self.journal.image_id(),
-                replica = %self.replica.spec(),
-                snapshot = %s.snap_name,
-                skipped = self.stats.skipped_io,
-                "bootstrap snapshot reached in the journal: replaying IO from here"
-            );
-            self.skip_until = None;
-            self.skip_passed = true;
-        }
-        match ev.event {
+        tracing::info!(
+            journal = self.journal.image_id(),
+            replica = %self.replica.spec(),
+            snapshot = %s.snap_name,
+            skipped = self.stats.skipped_io,
+            "bootstrap snapshot reached in the journal: replaying IO from here"
+        );
+        self.skip_until = None;
+        self.skip_passed = true;
+        true
+    }
+
+    /// Submits an IO event to the replica; false when it lies wholly past
+    /// the replica's end (nothing to do).
+    fn apply_io(&mut self, p: ObjectPosition, ev: Event) -> ReplayResult<bool> {
+        match ev {
             Event::AioWrite { offset, mut data } => {
                 let Some(len) = self.clip(offset, data.len() as u64) else {
-                    return self.skip(p);
+                    return Ok(false);
                 };
                 data.truncate(len as usize);
                 self.submit(offset, len, |img, done| img.aio_write(offset, data, done))?;
@@ -500,7 +538,7 @@ impl JournalReplayer {
                 ..
             } => {
                 let Some(len) = self.clip(offset, length) else {
-                    return self.skip(p);
+                    return Ok(false);
                 };
                 for (o, l) in discard_extents(
                     offset,
@@ -518,7 +556,7 @@ impl JournalReplayer {
             } => {
                 let plen = data.len() as u64;
                 let Some(len) = self.clip(offset, length).map(|l| l - l % plen) else {
-                    return self.skip(p);
+                    return Ok(false);
                 };
                 if len > 0 {
                     self.submit(offset, len, |img, done| {
@@ -533,70 +571,70 @@ impl JournalReplayer {
                 write_data,
             } => {
                 if self.clip(offset, length) != Some(length) {
-                    return self.skip(p);
+                    return Ok(false);
                 }
                 cmp_data.extend_from_slice(&write_data);
                 self.submit(offset, length, |img, done| {
                     img.aio_compare_and_write(offset, cmp_data, done)
                 })?;
             }
-            Event::AioFlush => {
+            other => {
+                return Err(unsupported(p, format!("unexpected event {other:?}")));
+            }
+        }
+        Ok(true)
+    }
+
+    /// The start of a maintenance op: held until its OpFinish says whether
+    /// it succeeded on the primary.
+    fn start_op(&mut self, p: ObjectPosition, op: Event) -> ReplayResult<()> {
+        let Some(op_tid) = op.op_tid() else {
+            return Err(unsupported(
+                p,
+                format!("op event without an op tid: {op:?}"),
+            ));
+        };
+        if self.ops.contains_key(&op_tid) {
+            return Err(unsupported(p, format!("op {op_tid} started twice")));
+        }
+        let seq = self.record(p, false);
+        self.ops.insert(
+            op_tid,
+            PendingOp {
+                event: op,
+                tag_tid: p.tag_tid,
+                seq,
+            },
+        );
+        Ok(())
+    }
+
+    /// An OpFinish: applies its op when it succeeded on the primary (after
+    /// the IO before it), drops it when it failed.
+    fn finish_op(&mut self, p: ObjectPosition, op_tid: u64, r: i32) -> ReplayResult<()> {
+        match self.ops.remove(&op_tid) {
+            Some(op) if r >= 0 => {
                 self.drain()?;
-                self.flush_replica()?;
-                self.stats.flushes += 1;
-            }
-            Event::OpFinish { op_tid, r } => {
-                match self.ops.remove(&op_tid) {
-                    Some(op) if r >= 0 => {
-                        self.drain()?;
-                        if self.apply_op(&op.event)? {
-                            self.stats.ops_applied += 1;
-                        } else {
-                            self.stats.ignored += 1;
-                        }
-                        self.mark_done(op.seq);
-                    }
-                    Some(op) => {
-                        tracing::info!(
-                            journal = self.journal.image_id(),
-                            replica = %self.replica.spec(),
-                            op_tid,
-                            r,
-                            "op failed on the primary: not replayed"
-                        );
-                        self.stats.ops_dropped += 1;
-                        self.mark_done(op.seq);
-                    }
-                    // Its start was committed before this replay began.
-                    None => self.stats.ignored += 1,
+                if self.apply_op(&op.event)? {
+                    self.stats.ops_applied += 1;
+                } else {
+                    self.stats.ignored += 1;
                 }
-                self.record(p, true);
-                return Ok(());
+                self.mark_done(op.seq);
             }
-            Event::DemotePromote => {
-                self.stats.ignored += 1;
-                self.record(p, true);
-                return Ok(());
-            }
-            Event::Unknown { event_type } => {
-                return Err(unsupported(format!("unknown event type {event_type}")));
-            }
-            op => {
-                let op_tid = op.op_tid().expect("op events have an op tid");
-                if self.ops.contains_key(&op_tid) {
-                    return Err(unsupported(format!("op {op_tid} started twice")));
-                }
-                let seq = self.record(p, false);
-                self.ops.insert(
+            Some(op) => {
+                tracing::info!(
+                    journal = self.journal.image_id(),
+                    replica = %self.replica.spec(),
                     op_tid,
-                    PendingOp {
-                        event: op,
-                        tag_tid: p.tag_tid,
-                        seq,
-                    },
+                    r,
+                    "op failed on the primary: not replayed"
                 );
-                return Ok(());
+                self.stats.ops_dropped += 1;
+                self.mark_done(op.seq);
             }
+            // Its start was committed before this replay began.
+            None => self.stats.ignored += 1,
         }
         self.record(p, true);
         Ok(())
@@ -772,6 +810,15 @@ impl JournalReplayer {
             }
         };
         r.map(|()| true).map_err(|e| self.replica_err(e))
+    }
+}
+
+/// An entry this replayer cannot apply, at `p`.
+fn unsupported(p: ObjectPosition, what: String) -> ReplayError {
+    ReplayError::Unsupported {
+        tag_tid: p.tag_tid,
+        entry_tid: p.entry_tid,
+        what,
     }
 }
 

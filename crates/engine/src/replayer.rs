@@ -151,34 +151,13 @@ pub async fn supervise(engine: Arc<Engine>, cancel: CancellationToken) {
 pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
     // Tests: `replayer::start=panic` kills the replayer task at its start.
     fail::fail_point!("replayer::start");
-    let sem = Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1)));
-    let running: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut work = Work::new(&engine);
     let mut pool_mode_scanned: Option<Instant> = None;
-    // Journal-mode replay loops live as long as their image replicates:
-    // apart from the syncs, so that a round of syncs still ends.
-    let mut journal_tasks = tokio::task::JoinSet::new();
-    let stop = Arc::new(AtomicBool::new(false));
     let mut leased: HashSet<(String, String)> = HashSet::new();
     let due = Arc::new(DueCache::default());
     // Volume groups (group_repl.rs): a loop of their own.
     let groups = tokio::spawn(super::group_repl::run(Arc::clone(&engine), cancel.clone()));
-    let renewer = tokio::spawn({
-        let (engine, cancel) = (Arc::clone(&engine), cancel.clone());
-        async move {
-            let period = engine.lease_ttl() / 4;
-            loop {
-                tokio::select! {
-                    () = cancel.cancelled() => break,
-                    () = tokio::time::sleep(period) => {}
-                }
-                let e = Arc::clone(&engine);
-                if let Err(err) = tokio::task::spawn_blocking(move || e.renew_leases()).await {
-                    tracing::error!(error = %err, "lease renewal panicked");
-                }
-            }
-        }
-    });
+    let renewer = spawn_lease_renewer(&engine, &cancel);
     loop {
         let e = Arc::clone(&engine);
         let pass = Instant::now();
@@ -192,89 +171,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                 );
                 leased = pools;
                 for job in jobs {
-                    let key = job.key();
-                    if !running
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(key.clone())
-                    {
-                        continue;
-                    }
-                    let wake = Arc::clone(&engine);
-                    let (e, s, run, stop) = (
-                        Arc::clone(&engine),
-                        Arc::clone(&sem),
-                        Arc::clone(&running),
-                        Arc::clone(&stop),
-                    );
-                    if job.primary.mode == super::journal_mode::MODE {
-                        // A long-lived replay loop per image, outside the
-                        // sync slots; a failure is reported to the primary
-                        // and the next discovery pass starts it again.
-                        journal_tasks.spawn(async move {
-                            let span = tracing::info_span!("journal", image = %key);
-                            let (k2, e2) = (key.clone(), Arc::clone(&e));
-                            let res = tokio::task::spawn_blocking(move || {
-                                let _e = span.enter();
-                                let r = super::journal_mode::run_journal_image(&e, &job, &stop);
-                                if let Err(err) = &r {
-                                    e.held.release(&job.key());
-                                    super::journal_mode::report_failure(&e, &job, err);
-                                }
-                                r
-                            })
-                            .await;
-                            match res {
-                                Ok(Ok(())) => tracing::info!(image = %k2, "journal replay stopped"),
-                                Ok(Err(err)) => {
-                                    wake.note_error(&err);
-                                    tracing::warn!(image = %k2, error = %err, "journal replay failed")
-                                }
-                                Err(err) => {
-                                    e2.held.release(&k2);
-                                    tracing::error!(image = %k2, error = %err, "journal replay panicked")
-                                }
-                            }
-                            run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                        });
-                        drop(s);
-                        continue;
-                    }
-                    tasks.spawn(async move {
-                        let mut progressed = false;
-                        if let Ok(permit) = s.acquire_owned().await {
-                            let span = tracing::info_span!("sync", image = %key);
-                            let k2 = key.clone();
-                            let res = tokio::task::spawn_blocking(move || {
-                                let _e = span.enter();
-                                let mut permit = Some(permit);
-                                let r = sync_image(&e, &job, &stop, &mut permit);
-                                // What the sync freed (its primary's handle,
-                                // librados' reply buffers) sits in the
-                                // arenas' holes until trimmed: return it now,
-                                // not when the whole round is over.
-                                ceph::alloc::release_free_memory();
-                                r
-                            })
-                            .await;
-                            match res {
-                                Ok(Ok(done)) => progressed = done,
-                                Ok(Err(err)) => {
-                                    wake.note_error(&err);
-                                    tracing::warn!(image = %k2, error = %err, "sync failed")
-                                }
-                                Err(err) => {
-                                    tracing::error!(image = %k2, error = %err, "sync task panicked")
-                                }
-                            }
-                        }
-                        run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-                        // A sync point may have been taken while this one
-                        // was copied; its notification found the image busy.
-                        if progressed {
-                            wake.wakeups.wake();
-                        }
-                    });
+                    work.start(&engine, job);
                 }
             }
             Ok(Err(err)) => {
@@ -283,18 +180,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
             }
             Err(err) => tracing::error!(error = %err, "replayer discovery panicked"),
         }
-        // Sync snapshots of this cluster's primaries on their schedule, and
-        // demoted images locked.
-        let (e, l, c) = (Arc::clone(&engine), leased.clone(), Arc::clone(&due));
-        match tokio::task::spawn_blocking(move || e.local_pass(&l, &c)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(snapshots = n, "scheduled sync snapshots taken"),
-            Ok(Err(err)) => {
-                engine.note_error(&err);
-                tracing::warn!(error = %err, "scheduler pass failed");
-            }
-            Err(err) => tracing::error!(error = %err, "scheduler pass panicked"),
-        }
+        scheduler_pass(&engine, &leased, &due).await;
         // Pool mode: the new images of pools in pool mode are enabled, once
         // per poll interval (the loop also turns at every notification; the
         // scan lists namespaces and images).
@@ -304,8 +190,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
                 .pool_mode_pass(leased.iter().map(|(p, _)| p.clone()).collect())
                 .await;
         }
-        while tasks.try_join_next().is_some() {}
-        while journal_tasks.try_join_next().is_some() {}
+        work.reap();
         tokio::select! {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(engine.cfg.poll_interval) => {}
@@ -314,13 +199,7 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
             }
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(
-        running = tasks.len() + journal_tasks.len(),
-        "replayer stopping; waiting for syncs to stop"
-    );
-    while tasks.join_next().await.is_some() {}
-    while journal_tasks.join_next().await.is_some() {}
+    work.stop().await;
     engine.background.drain(Duration::from_secs(30)).await;
     let _ = renewer.await;
     let _ = groups.await;
@@ -331,6 +210,185 @@ pub async fn run(engine: Arc<Engine>, cancel: CancellationToken) {
         e.release_leases(&leased);
     })
     .await;
+}
+
+/// Renews the pool leases this process holds, every quarter of their
+/// time to live, until `cancel`.
+fn spawn_lease_renewer(
+    engine: &Arc<Engine>,
+    cancel: &CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (engine, cancel) = (Arc::clone(engine), cancel.clone());
+    tokio::spawn(async move {
+        let period = engine.lease_ttl() / 4;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(period) => {}
+            }
+            let e = Arc::clone(&engine);
+            if let Err(err) = tokio::task::spawn_blocking(move || e.renew_leases()).await {
+                tracing::error!(error = %err, "lease renewal panicked");
+            }
+        }
+    })
+}
+
+/// Sync snapshots of this cluster's primaries on their schedule, and
+/// demoted images locked: the scheduler's part of a replayer pass.
+async fn scheduler_pass(engine: &Arc<Engine>, leased: &Leases, due: &Arc<DueCache>) {
+    let (e, l, c) = (Arc::clone(engine), leased.clone(), Arc::clone(due));
+    match tokio::task::spawn_blocking(move || e.local_pass(&l, &c)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(snapshots = n, "scheduled sync snapshots taken"),
+        Ok(Err(err)) => {
+            engine.note_error(&err);
+            tracing::warn!(error = %err, "scheduler pass failed");
+        }
+        Err(err) => tracing::error!(error = %err, "scheduler pass panicked"),
+    }
+}
+
+/// The replayer's running work: one sync task per image with something to
+/// copy (at most `--max-concurrent-syncs` moving data at once), and one
+/// long-lived replay loop per journal-mode image, kept apart from the
+/// syncs so that a round of syncs still ends.
+struct Work {
+    sem: Arc<Semaphore>,
+    /// Keys of the images with a task running: one task per image.
+    running: Arc<Mutex<HashSet<String>>>,
+    /// Set at shutdown: running syncs stop between submissions.
+    stop: Arc<AtomicBool>,
+    syncs: tokio::task::JoinSet<()>,
+    journals: tokio::task::JoinSet<()>,
+}
+
+impl Work {
+    fn new(engine: &Engine) -> Self {
+        Self {
+            sem: Arc::new(Semaphore::new(engine.cfg.max_concurrent_syncs.max(1))),
+            running: Arc::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+            syncs: tokio::task::JoinSet::new(),
+            journals: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// Starts the task of `job` unless one runs for its image already.
+    fn start(&mut self, engine: &Arc<Engine>, job: Job) {
+        let key = job.key();
+        if !self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return;
+        }
+        if job.primary.mode == super::journal_mode::MODE {
+            self.start_journal(engine, job, key);
+        } else {
+            self.start_sync(engine, job, key);
+        }
+    }
+
+    /// A long-lived replay loop for a journal-mode image, outside the sync
+    /// slots; a failure is reported to the primary and the next discovery
+    /// pass starts it again.
+    fn start_journal(&mut self, engine: &Arc<Engine>, job: Job, key: String) {
+        let (e, run, stop) = (
+            Arc::clone(engine),
+            Arc::clone(&self.running),
+            Arc::clone(&self.stop),
+        );
+        self.journals.spawn(async move {
+            let span = tracing::info_span!("journal", image = %key);
+            let e2 = Arc::clone(&e);
+            let res = tokio::task::spawn_blocking(move || {
+                let _e = span.enter();
+                let r = super::journal_mode::run_journal_image(&e2, &job, &stop);
+                if let Err(err) = &r {
+                    e2.held.release(&job.key());
+                    super::journal_mode::report_failure(&e2, &job, err);
+                }
+                r
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => tracing::info!(image = %key, "journal replay stopped"),
+                Ok(Err(err)) => {
+                    e.note_error(&err);
+                    tracing::warn!(image = %key, error = %err, "journal replay failed")
+                }
+                Err(err) => {
+                    e.held.release(&key);
+                    tracing::error!(image = %key, error = %err, "journal replay panicked")
+                }
+            }
+            run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        });
+    }
+
+    /// One sync of a snapshot-mode image, once a sync slot is free.
+    fn start_sync(&mut self, engine: &Arc<Engine>, job: Job, key: String) {
+        let (e, sem, run, stop) = (
+            Arc::clone(engine),
+            Arc::clone(&self.sem),
+            Arc::clone(&self.running),
+            Arc::clone(&self.stop),
+        );
+        self.syncs.spawn(async move {
+            let mut progressed = false;
+            if let Ok(permit) = sem.acquire_owned().await {
+                let span = tracing::info_span!("sync", image = %key);
+                let e2 = Arc::clone(&e);
+                let res = tokio::task::spawn_blocking(move || {
+                    let _e = span.enter();
+                    let mut permit = Some(permit);
+                    let r = sync_image(&e2, &job, &stop, &mut permit);
+                    // What the sync freed (its primary's handle, librados'
+                    // reply buffers) sits in the arenas' holes until
+                    // trimmed: return it now, not when the round is over.
+                    ceph::alloc::release_free_memory();
+                    r
+                })
+                .await;
+                match res {
+                    Ok(Ok(done)) => progressed = done,
+                    Ok(Err(err)) => {
+                        e.note_error(&err);
+                        tracing::warn!(image = %key, error = %err, "sync failed")
+                    }
+                    Err(err) => {
+                        tracing::error!(image = %key, error = %err, "sync task panicked")
+                    }
+                }
+            }
+            run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            // A sync point may have been taken while this one was copied;
+            // its notification found the image busy.
+            if progressed {
+                e.wakeups.wake();
+            }
+        });
+    }
+
+    /// Collects the tasks that ended.
+    fn reap(&mut self) {
+        while self.syncs.try_join_next().is_some() {}
+        while self.journals.try_join_next().is_some() {}
+    }
+
+    /// Stops the running work and waits for it (shutdown).
+    async fn stop(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            running = self.syncs.len() + self.journals.len(),
+            "replayer stopping; waiting for syncs to stop"
+        );
+        while self.syncs.join_next().await.is_some() {}
+        while self.journals.join_next().await.is_some() {}
+    }
 }
 
 impl Engine {
@@ -1324,67 +1382,18 @@ fn delta(
         ..
     } = *sides;
     let key = job.key();
-    // The handle that listed the snapshots, not a second open of the image.
-    primary
-        .snap_set(Some(&to.name))
-        .ctx(|| format!("reading primary {key}@{}", to.name))?;
-    let size = to.size;
-    let rsize = replica.size().ctx(|| format!("replica {key}"))?;
-    if rsize != size {
-        tracing::info!(from = rsize, to = size, "resizing replica");
-        replica
-            .resize(size)
-            .ctx(|| format!("resizing replica {key}"))?;
-    }
-    // A delta's extents are exactly what was written: read them from the
-    // primary's data objects, an object's extents in one operation. A first
-    // sync lists whole objects, mostly holes on a thin volume: it reads each
-    // sparsely, so that only the allocated data comes over.
-    let objects = ceph::DataObjects::open(primary, to.id).unwrap_or_else(|e| {
-        tracing::debug!(error = %e, "reading through librbd");
-        None
-    });
-    let sparse = from.is_none();
-    // Extents inside one object each, so that they can be read directly.
-    let chunk = match &objects {
-        Some(o) => engine.cfg.limits.chunk.min(o.object_size()),
-        None => engine.cfg.limits.chunk,
-    };
-    // A replica that is a clone of the parent's replica (which holds the
-    // parent snapshot's data): a first sync copies the primary's own
-    // objects only.
-    let linked = from.is_none() && replica.parent_overlap().ctx(|| format!("replica {key}"))? > 0;
-    let mut extents = delta_extents(sides, from, size, chunk, objects.is_some(), fresh, linked)?;
-    let total: u64 = extents.iter().map(|e| e.len).sum();
-    // Resume from a checkpoint of the same delta.
-    let resume_at = rec
-        .checkpoint
-        .as_ref()
-        .filter(|c| c.from.as_deref() == from && c.to == to.name)
-        .map_or(0, |c| c.offset);
-    if resume_at > 0 {
-        extents = copy::skip_below(&extents, resume_at);
-    }
-    let remaining: u64 = extents.iter().map(|e| e.len).sum();
-    // The replica's objects are written directly too, an object's extents
-    // in one operation, once they are marked in its object map.
-    let dst_objects = match &objects {
-        Some(o) => {
-            direct_replica(replica, &extents, o.object_size()).ctx(|| format!("replica {key}"))?
-        }
-        None => None,
-    };
+    let plan = DeltaPlan::new(sides, rec, from, to, fresh)?;
     tracing::info!(
         from = ?from,
         to = %to.name,
-        bytes = total,
-        remaining,
-        resume_at,
-        extents = extents.len(),
-        direct = objects.is_some(),
-        sparse,
-        direct_writes = dst_objects.is_some(),
-        linked,
+        bytes = plan.total,
+        remaining = plan.remaining,
+        resume_at = plan.resume_at,
+        extents = plan.extents.len(),
+        direct = plan.objects.is_some(),
+        sparse = plan.sparse,
+        direct_writes = plan.dst_objects.is_some(),
+        linked = plan.linked,
         "delta started"
     );
     // The cap is the primary's setting (its Enable parameters).
@@ -1400,9 +1409,9 @@ fn delta(
         rec,
         from,
         to,
-        total,
-        remaining,
-        resume_at,
+        total: plan.total,
+        remaining: plan.remaining,
+        resume_at: plan.resume_at,
         started,
         last_report: started,
         last_checkpoint: started,
@@ -1412,17 +1421,17 @@ fn delta(
     let stats = copy::copy_extents(
         copy::Source {
             image: primary,
-            objects: objects.as_ref(),
-            sparse,
+            objects: plan.objects.as_ref(),
+            sparse: plan.sparse,
         },
         copy::Dest {
             image: replica,
-            objects: dst_objects.as_ref(),
+            objects: plan.dst_objects.as_ref(),
         },
-        &extents,
+        &plan.extents,
         // A clone is not empty: its parent shows through where zeroes are
         // skipped.
-        fresh && resume_at == 0 && !linked,
+        fresh && plan.resume_at == 0 && !plan.linked,
         engine.cfg.limits,
         Some(&engine.budget),
         &throttles,
@@ -1438,7 +1447,7 @@ fn delta(
         }
         None => stats?,
     };
-    if dst_objects.is_some() {
+    if plan.dst_objects.is_some() {
         reload_object_map(replica).ctx(|| format!("replica {key}"))?;
     }
     tracing::info!(
@@ -1451,6 +1460,107 @@ fn delta(
         "delta complete"
     );
     Ok(stats)
+}
+
+/// What one delta copies and how: its extents (past a checkpoint of the
+/// same delta), and the data objects read and written directly when the
+/// layouts allow.
+struct DeltaPlan {
+    /// The primary's data objects at the target snapshot.
+    objects: Option<ceph::DataObjects>,
+    /// The replica's data objects, written directly.
+    dst_objects: Option<ceph::DataObjects>,
+    extents: Vec<copy::Extent>,
+    /// Bytes of the whole delta.
+    total: u64,
+    /// Bytes left past the checkpoint.
+    remaining: u64,
+    resume_at: u64,
+    /// A first sync: objects read sparsely.
+    sparse: bool,
+    /// The replica is a clone of the parent's replica.
+    linked: bool,
+}
+
+impl DeltaPlan {
+    /// Sets the primary's handle to `to`, sizes the replica like it and
+    /// plans the copy. Blocking.
+    fn new(
+        sides: &Sides<'_, '_>,
+        rec: &ImageRecord,
+        from: Option<&str>,
+        to: &ceph::SnapInfo,
+        fresh: bool,
+    ) -> Result<Self> {
+        let Sides {
+            engine,
+            job,
+            primary,
+            replica,
+            ..
+        } = *sides;
+        let key = job.key();
+        // The handle that listed the snapshots, not a second open of the image.
+        primary
+            .snap_set(Some(&to.name))
+            .ctx(|| format!("reading primary {key}@{}", to.name))?;
+        let size = to.size;
+        let rsize = replica.size().ctx(|| format!("replica {key}"))?;
+        if rsize != size {
+            tracing::info!(from = rsize, to = size, "resizing replica");
+            replica
+                .resize(size)
+                .ctx(|| format!("resizing replica {key}"))?;
+        }
+        // A delta's extents are exactly what was written: read them from the
+        // primary's data objects, an object's extents in one operation. A
+        // first sync lists whole objects, mostly holes on a thin volume: it
+        // reads each sparsely, so that only the allocated data comes over.
+        let objects = ceph::DataObjects::open(primary, to.id).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "reading through librbd");
+            None
+        });
+        // Extents inside one object each, so that they can be read directly.
+        let chunk = match &objects {
+            Some(o) => engine.cfg.limits.chunk.min(o.object_size()),
+            None => engine.cfg.limits.chunk,
+        };
+        // A replica that is a clone of the parent's replica (which holds the
+        // parent snapshot's data): a first sync copies the primary's own
+        // objects only.
+        let linked =
+            from.is_none() && replica.parent_overlap().ctx(|| format!("replica {key}"))? > 0;
+        let mut extents =
+            delta_extents(sides, from, size, chunk, objects.is_some(), fresh, linked)?;
+        let total: u64 = extents.iter().map(|e| e.len).sum();
+        // Resume from a checkpoint of the same delta.
+        let resume_at = rec
+            .checkpoint
+            .as_ref()
+            .filter(|c| c.from.as_deref() == from && c.to == to.name)
+            .map_or(0, |c| c.offset);
+        if resume_at > 0 {
+            extents = copy::skip_below(&extents, resume_at);
+        }
+        let remaining: u64 = extents.iter().map(|e| e.len).sum();
+        // The replica's objects are written directly too, an object's
+        // extents in one operation, once they are marked in its object map.
+        let dst_objects = match &objects {
+            Some(o) => direct_replica(replica, &extents, o.object_size())
+                .ctx(|| format!("replica {key}"))?,
+            None => None,
+        };
+        Ok(Self {
+            objects,
+            dst_objects,
+            extents,
+            total,
+            remaining,
+            resume_at,
+            sparse: from.is_none(),
+            linked,
+        })
+    }
 }
 
 /// The extents a delta `from` -> the primary's snapshot set copies, in

@@ -736,34 +736,9 @@ pub async fn switch(
         to: to.clone(),
         ..SwitchReport::default()
     };
-    // Refuse before anything changes: images not replicated yet or without
-    // a complete sync point on the target, and clients on the source.
-    let mut not_ready = Vec::new();
-    let mut open = Vec::new();
-    for (pool, ns) in &plan.pools {
-        let p = pool_state(&mut source, pool, ns).await?;
-        for i in p.images {
-            if !i.ready {
-                not_ready.push(format!("{} ({} {})", i.image, i.role, i.state));
-            }
-            if !i.clients.is_empty() {
-                open.push(format!("{} open by {}", i.image, i.clients.join(", ")));
-            }
-        }
-    }
-    if !open.is_empty() {
-        report.refused = Some(format!(
-            "clients still have images open on {}: {}; stop them (unmap, shut the VMs down) first",
-            plan.from,
-            open.join("; ")
-        ));
-        return Ok(report);
-    }
-    if !not_ready.is_empty() {
-        report.refused = Some(format!(
-            "not ready to switch (no complete sync point on {to} yet): {}",
-            not_ready.join(", ")
-        ));
+    // Refuse before anything changes.
+    report.refused = switch_refusal(&mut source, plan, &to).await?;
+    if report.refused.is_some() {
         return Ok(report);
     }
     let began = Instant::now();
@@ -778,24 +753,7 @@ pub async fn switch(
             .await
             .map_err(|e| rpc_error(&format!("pool mode off on {}", pool_spec(pool, ns)), &e))?;
     }
-    // Every pool at once: each demotion waits for a monitor round.
-    let demotes = plan.pools.iter().map(|(pool, ns)| {
-        let mut c = source.clone();
-        async move {
-            let s = c
-                .pool_demote(pb::PoolDemoteRequest {
-                    pool: pool.clone(),
-                    namespace: ns.clone(),
-                    default_namespace_only: true,
-                    parallel,
-                })
-                .await;
-            (pool, ns, collect(s, "demote").await)
-        }
-    });
-    for (pool, ns, r) in futures::future::join_all(demotes).await {
-        report.failures.extend(failures(pool, ns, &r, &plan.from));
-    }
+    report.failures = demote_pools(&source, plan, parallel).await;
     report.demote_ms = millis(began.elapsed());
     if !report.failures.is_empty() {
         report.refused = Some(format!(
@@ -818,6 +776,97 @@ pub async fn switch(
         }
     }
     let promoted_at = Instant::now();
+    report.failures = promote_pools(&target, plan, parallel, wait, &to).await;
+    report.final_delta_and_promote_ms = millis(promoted_at.elapsed());
+    report.downtime_ms = millis(began.elapsed());
+    report.images = finals
+        .iter()
+        .map(|(pool, ns, name, snap)| SwitchImage {
+            image: spec(pool, ns, name),
+            snapshot: snap.clone(),
+            source_sha256: None,
+            target_sha256: None,
+            identical: None,
+        })
+        .collect();
+    if verify && report.failures.is_empty() {
+        let t = Instant::now();
+        verify_finals(&source, &target, &finals, &mut report.images).await?;
+        report.verify_ms = Some(millis(t.elapsed()));
+    }
+    Ok(report)
+}
+
+/// Why `migrate switch` must not start, if it must not: images not
+/// replicated yet or without a complete sync point on the target, and
+/// clients with images open on the source (named).
+async fn switch_refusal(
+    source: &mut Client,
+    plan: &Plan,
+    to: &str,
+) -> Result<Option<String>, String> {
+    let mut not_ready = Vec::new();
+    let mut open = Vec::new();
+    for (pool, ns) in &plan.pools {
+        let p = pool_state(source, pool, ns).await?;
+        for i in p.images {
+            if !i.ready {
+                not_ready.push(format!("{} ({} {})", i.image, i.role, i.state));
+            }
+            if !i.clients.is_empty() {
+                open.push(format!("{} open by {}", i.image, i.clients.join(", ")));
+            }
+        }
+    }
+    Ok(if !open.is_empty() {
+        Some(format!(
+            "clients still have images open on {}: {}; stop them (unmap, shut the VMs down) first",
+            plan.from,
+            open.join("; ")
+        ))
+    } else if !not_ready.is_empty() {
+        Some(format!(
+            "not ready to switch (no complete sync point on {to} yet): {}",
+            not_ready.join(", ")
+        ))
+    } else {
+        None
+    })
+}
+
+/// Demotes every pool of `plan` on the source at once (each demotion
+/// waits for a monitor round); returns the failures.
+async fn demote_pools(source: &Client, plan: &Plan, parallel: u32) -> Vec<String> {
+    let demotes = plan.pools.iter().map(|(pool, ns)| {
+        let mut c = source.clone();
+        async move {
+            let s = c
+                .pool_demote(pb::PoolDemoteRequest {
+                    pool: pool.clone(),
+                    namespace: ns.clone(),
+                    default_namespace_only: true,
+                    parallel,
+                })
+                .await;
+            (pool, ns, collect(s, "demote").await)
+        }
+    });
+    let mut out = Vec::new();
+    for (pool, ns, r) in futures::future::join_all(demotes).await {
+        out.extend(failures(pool, ns, &r, &plan.from));
+    }
+    out
+}
+
+/// Promotes every pool of `plan` on the target at once, each image once
+/// its final delta is copied (up to `wait`); returns the failures.
+async fn promote_pools(
+    target: &Client,
+    plan: &Plan,
+    parallel: u32,
+    wait: Duration,
+    to: &str,
+) -> Vec<String> {
     let promotes = plan.pools.iter().map(|(pool, ns)| {
         let mut c = target.clone();
         async move {
@@ -834,44 +883,40 @@ pub async fn switch(
             (pool, ns, collect(s, "promote").await)
         }
     });
+    let mut out = Vec::new();
     for (pool, ns, r) in futures::future::join_all(promotes).await {
-        report.failures.extend(failures(pool, ns, &r, &to));
+        out.extend(failures(pool, ns, &r, to));
     }
-    report.final_delta_and_promote_ms = millis(promoted_at.elapsed());
-    report.downtime_ms = millis(began.elapsed());
-    report.images = finals
-        .iter()
-        .map(|(pool, ns, name, snap)| SwitchImage {
-            image: spec(pool, ns, name),
+    out
+}
+
+/// Checksums of the final sync point of every image on both sides, into
+/// `images` (in the order of `finals`).
+async fn verify_finals(
+    source: &Client,
+    target: &Client,
+    finals: &[(String, String, String, String)],
+    images: &mut [SwitchImage],
+) -> Result<(), String> {
+    for ((pool, ns, name, snap), img) in finals.iter().zip(images.iter_mut()) {
+        let req = pb::ImageChecksumRequest {
+            pool: pool.clone(),
+            namespace: ns.clone(),
+            image: name.clone(),
             snapshot: snap.clone(),
-            source_sha256: None,
-            target_sha256: None,
-            identical: None,
-        })
-        .collect();
-    if verify && report.failures.is_empty() {
-        let t = Instant::now();
-        for ((pool, ns, name, snap), img) in finals.iter().zip(report.images.iter_mut()) {
-            let req = pb::ImageChecksumRequest {
-                pool: pool.clone(),
-                namespace: ns.clone(),
-                image: name.clone(),
-                snapshot: snap.clone(),
-            };
-            let (mut sc, mut tc) = (source.clone(), target.clone());
-            let (a, b) = tokio::join!(sc.image_checksum(req.clone()), tc.image_checksum(req));
-            let a =
-                a.map_err(|e| rpc_error(&format!("checksum of {} on the source", img.image), &e))?;
-            let b =
-                b.map_err(|e| rpc_error(&format!("checksum of {} on the target", img.image), &e))?;
-            let (a, b) = (a.into_inner(), b.into_inner());
-            img.identical = Some(a == b);
-            img.source_sha256 = Some(a.sha256);
-            img.target_sha256 = Some(b.sha256);
-        }
-        report.verify_ms = Some(millis(t.elapsed()));
+        };
+        let (mut sc, mut tc) = (source.clone(), target.clone());
+        let (a, b) = tokio::join!(sc.image_checksum(req.clone()), tc.image_checksum(req));
+        let a =
+            a.map_err(|e| rpc_error(&format!("checksum of {} on the source", img.image), &e))?;
+        let b =
+            b.map_err(|e| rpc_error(&format!("checksum of {} on the target", img.image), &e))?;
+        let (a, b) = (a.into_inner(), b.into_inner());
+        img.identical = Some(a == b);
+        img.source_sha256 = Some(a.sha256);
+        img.target_sha256 = Some(b.sha256);
     }
-    Ok(report)
+    Ok(())
 }
 
 /// One image in `migrate cleanup`.

@@ -232,8 +232,6 @@ fn gauge_i64(v: u64) -> i64 {
 
 impl Metrics {
     /// A fresh registry with every metric registered.
-    // Long by nature: one registration (name, help, unit) per metric, the
-    // list an operator reads to learn what is exported.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix(PREFIX);
         let m = Self {
@@ -260,123 +258,138 @@ impl Metrics {
             images: Mutex::default(),
             registry: Registry::default(),
         };
-        registry.register(
+        m.register_replication(&mut registry);
+        m.register_process(&mut registry);
+        m.register_journal(&mut registry);
+        Self { registry, ..m }
+    }
+
+    /// The sync and per-replica metrics.
+    fn register_replication(&self, r: &mut Registry) {
+        r.register(
             "syncs",
             "Sync attempts that copied or failed, by result",
-            m.syncs.clone(),
+            self.syncs.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "sync",
             "Bytes copied into replicas (read and written, or zeroed)",
             Unit::Bytes,
-            m.sync_bytes.clone(),
+            self.sync_bytes.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "sync_duration",
             "Duration of complete syncs (snapshot to replica snapshot)",
             Unit::Seconds,
-            m.sync_duration.clone(),
+            self.sync_duration.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "replica_lag",
             "Seconds behind the primary: age of the newest complete sync point",
             Unit::Seconds,
-            m.lag.clone(),
+            self.lag.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "replica_pending",
             "Bytes of the running sync still to copy (0 when idle)",
             Unit::Bytes,
-            m.pending.clone(),
+            self.pending.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "replica_transfer_rate",
             "Copy rate of the running sync",
             Unit::Other("bytes_per_second".into()),
-            m.rate.clone(),
+            self.rate.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "replica_rpo_threshold",
             "Lag above which the image is DEGRADED (RPO exceeded)",
             Unit::Seconds,
-            m.rpo_threshold.clone(),
+            self.rpo_threshold.clone(),
         );
-        registry.register(
+        r.register(
             "replica_state",
             "Replication state of the image: 1 for the current state",
-            m.state.clone(),
+            self.state.clone(),
         );
-        registry.register(
+    }
+
+    /// The RPC, cluster and buffer metrics of the process.
+    fn register_process(&self, r: &mut Registry) {
+        r.register(
             "rpc_requests",
             "csi-addons gRPC requests handled, by method and status code",
-            m.rpc_requests.clone(),
+            self.rpc_requests.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "rpc_duration",
             "Duration of csi-addons gRPC requests",
             Unit::Seconds,
-            m.rpc_duration.clone(),
+            self.rpc_duration.clone(),
         );
-        registry.register(
+        r.register(
             "local_cluster_up",
             "1 when the local Ceph cluster answered the last liveness check",
-            m.local_up.clone(),
+            self.local_up.clone(),
         );
-        registry.register(
+        r.register(
             "leaked_write_bytes",
             "Bytes of copy buffers kept forever because a direct write failed and librados \
              may still reference them",
-            m.leaked_write_bytes.clone(),
+            self.leaked_write_bytes.clone(),
         );
-        registry.register(
+    }
+
+    /// The journal-mode metrics.
+    fn register_journal(&self, r: &mut Registry) {
+        r.register(
             "journal_entries",
             "Journal entries replayed into the replica (journal mode)",
-            m.journal_entries.clone(),
+            self.journal_entries.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "journal_io",
             "Bytes of journaled IO applied to the replica (journal mode)",
             Unit::Bytes,
-            m.journal_bytes.clone(),
+            self.journal_bytes.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "journal_caught_up_timestamp",
             "Unix time of the newest poll that found the replica caught up with the primary's \
              journal: everything written before it is on the replica (journal mode)",
             Unit::Seconds,
-            m.journal_caught_up.clone(),
+            self.journal_caught_up.clone(),
         );
-        registry.register(
+        r.register(
             "journal_resyncs",
             "Journal-mode replicas found too far behind and resynced from a new snapshot",
-            m.journal_resyncs.clone(),
+            self.journal_resyncs.clone(),
         );
-        registry.register(
+        r.register(
             "journal_sets_behind",
             "Journal object sets the replica is behind the primary's active set (journal mode)",
-            m.journal_behind.clone(),
+            self.journal_behind.clone(),
         );
-        registry.register_with_unit(
+        r.register_with_unit(
             "journal_behind",
             "Bytes of the primary's journal the replica has not replayed yet, padding \
              included (journal mode)",
             Unit::Bytes,
-            m.journal_bytes_behind.clone(),
+            self.journal_bytes_behind.clone(),
         );
-        registry.register(
+        r.register(
             "journal_behind_entries",
             "Entries of the primary's journal the replica has not replayed yet: counted in \
              up to 4 MiB of unread journal, estimated from their mean size beyond (journal mode)",
-            m.journal_entries_behind.clone(),
+            self.journal_entries_behind.clone(),
         );
-        registry.register(
+        r.register(
             "journal_wakeups",
             "Full reads of the primary's journal by the replay loop, by cause: watch (a \
              notification on the journal header), probe (the object where the next entry \
              lands grew), poll (the safety-net interval) (journal mode)",
-            m.journal_wakeups.clone(),
+            self.journal_wakeups.clone(),
         );
-        Self { registry, ..m }
     }
 
     /// A journal-mode replica (`key`, for the log) was too far behind and is
