@@ -138,6 +138,18 @@ impl Calls {
     }
 }
 
+/// Set by the sampler when a sidecar process is gone: the load stops and
+/// the relocations' retry loops give up instead of retrying for minutes.
+static SIDECAR_ENDED: AtomicBool = AtomicBool::new(false);
+
+/// Fails the caller when a sidecar ended during the load.
+fn assert_sidecars_alive() {
+    assert!(
+        !SIDECAR_ENDED.load(Ordering::Relaxed),
+        "a sidecar process ended during the load (see the log tails)"
+    );
+}
+
 fn with_deadline<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(DEADLINE);
@@ -220,6 +232,7 @@ async fn relocate(
         if r.is_ok() {
             break;
         }
+        assert_sidecars_alive();
         assert!(Instant::now() < until, "demote of {vid}: {r:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -238,6 +251,7 @@ async fn relocate(
         if r.is_ok() {
             break;
         }
+        assert_sidecars_alive();
         assert!(Instant::now() < until, "promote of {vid}: {r:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -256,6 +270,7 @@ async fn relocate(
         if r.is_ok_and(|r| r.into_inner().ready) {
             break;
         }
+        assert_sidecars_alive();
         assert!(Instant::now() < until, "resync of {vid} never ready");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -351,7 +366,14 @@ async fn exclusive_soak_many_volumes_and_callers() {
             loop {
                 let t = load_start.elapsed().as_secs_f64();
                 for (site, pid) in pids {
-                    let (rss, fds) = sample(pid).expect("the sidecar is alive");
+                    let Some((rss, fds)) = sample(pid) else {
+                        // Ends the load at once; the test fails with the
+                        // sidecars' log tails (and how the process ended).
+                        eprintln!("sidecar {} ended during the load, at {t:.0} s", site.id());
+                        SIDECAR_ENDED.store(true, Ordering::Relaxed);
+                        stop.store(true, Ordering::Relaxed);
+                        return out;
+                    };
                     out.entry(site.id()).or_default().0.push((t, rss, fds));
                 }
                 if stop.load(Ordering::Relaxed) {
@@ -515,6 +537,7 @@ async fn exclusive_soak_many_volumes_and_callers() {
     }
     let load = load_start.elapsed();
     let samples = sampler.await.unwrap();
+    assert_sidecars_alive();
 
     // Convergence: a sync snapshot taken after the last write, on each
     // primary, must reach its replica with the same content.

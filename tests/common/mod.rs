@@ -537,6 +537,8 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
+        // A sidecar that ended by itself (a crash) says how, in the tail.
+        let ended = self.child.try_wait().ok().flatten();
         self.stop();
         if std::thread::panicking() {
             // Never panic here (a panic while unwinding aborts): write what
@@ -548,9 +550,10 @@ impl Drop for Sidecar {
                 .filter(|l| !l.contains("GetVolumeReplicationInfo"))
                 .collect();
             let tail = lines[lines.len().saturating_sub(150)..].join("\n");
+            let ended = ended.map_or(String::new(), |s| format!(" (it had ended by itself: {s})"));
             let _ = writeln!(
                 std::io::stderr(),
-                "--- log of sidecar {} ({}) ---\n{tail}",
+                "--- log of sidecar {} ({}){ended} ---\n{tail}",
                 self.site.id(),
                 self.log.display()
             );
