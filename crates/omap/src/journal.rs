@@ -342,45 +342,81 @@ pub struct WritePlan {
 /// Decides what to write so that `stored` becomes `entry` at `at`, or fails
 /// with a conflict when the stored entry belongs to another volume. Pure.
 pub fn diff(entry: &Entry, at: &Placement, stored: &Stored) -> Result<WritePlan, OmapError> {
-    let oid = volume_oid(&entry.uuid);
     let want_dir = directory_value(&entry.uuid, at.journal_pool_id, at.image_pool_id);
     let dir_key = name_key(&entry.pv_name);
     let mut fixes = Vec::new();
+    let directory = directory_write(entry, at, stored, &want_dir, &mut fixes)?;
+    let volume = volume_write(entry, at, stored, &mut fixes)?;
+    if directory.is_some()
+        && stored.volume.is_some()
+        && stored.directory_value.as_deref().is_none_or(str::is_empty)
+    {
+        fixes.push(format!("{dir_key} was missing, now {want_dir:?}"));
+    }
+    let outcome = if stored.volume.is_none() {
+        Outcome::Created
+    } else if volume.is_none() && directory.is_none() {
+        Outcome::Unchanged
+    } else {
+        Outcome::Repaired(fixes)
+    };
+    Ok(WritePlan {
+        create_directory: directory.is_some() && !stored.directory_exists,
+        volume,
+        directory,
+        outcome,
+    })
+}
 
-    // The directory key: absent (or empty) -> set; another uuid -> conflict;
-    // same uuid with another pool prefix -> fix the prefix.
-    let directory = match stored.directory_value.as_deref().filter(|v| !v.is_empty()) {
-        Some(v) if v == want_dir => None,
-        Some(v) => {
-            let other = DirectoryValue::parse(v).ok();
-            if other.as_ref().is_none_or(|d| d.uuid != entry.uuid) {
-                return Err(OmapError::DirectoryConflict {
-                    directory: directory_oid(&at.instance),
-                    journal: at.journal_spec.clone(),
-                    key: dir_key,
-                    found: v.to_owned(),
-                    expected: want_dir,
-                });
+/// The write of the directory key (`csi.volume.<pv name>` in
+/// `csi.volumes.<instance>`), if it needs one: absent (or empty) -> set;
+/// another uuid -> conflict; same uuid with another pool prefix -> fix the
+/// prefix (noted in `fixes`).
+fn directory_write(
+    entry: &Entry,
+    at: &Placement,
+    stored: &Stored,
+    want_dir: &str,
+    fixes: &mut Vec<String>,
+) -> Result<Option<ObjectWrite>, OmapError> {
+    let dir_key = name_key(&entry.pv_name);
+    Ok(
+        match stored.directory_value.as_deref().filter(|v| !v.is_empty()) {
+            Some(v) if v == want_dir => None,
+            Some(v) => {
+                let other = DirectoryValue::parse(v).ok();
+                if other.as_ref().is_none_or(|d| d.uuid != entry.uuid) {
+                    return Err(OmapError::DirectoryConflict {
+                        directory: directory_oid(&at.instance),
+                        journal: at.journal_spec.clone(),
+                        key: dir_key,
+                        found: v.to_owned(),
+                        expected: want_dir.to_owned(),
+                    });
+                }
+                fixes.push(format!("{dir_key} was {v:?}, now {want_dir:?}"));
+                Some(ObjectWrite {
+                    oid: directory_oid(&at.instance),
+                    existence: Existence::MustExist,
+                    guards: vec![(dir_key.clone(), v.to_owned())],
+                    set: vec![(dir_key, want_dir.to_owned())],
+                })
             }
-            fixes.push(format!("{dir_key} was {v:?}, now {want_dir:?}"));
-            Some(ObjectWrite {
+            None => Some(ObjectWrite {
                 oid: directory_oid(&at.instance),
                 existence: Existence::MustExist,
-                guards: vec![(dir_key.clone(), v.to_owned())],
-                set: vec![(dir_key.clone(), want_dir.clone())],
-            })
-        }
-        None => Some(ObjectWrite {
-            oid: directory_oid(&at.instance),
-            existence: Existence::MustExist,
-            guards: vec![(
-                dir_key.clone(),
-                stored.directory_value.clone().unwrap_or_default(),
-            )],
-            set: vec![(dir_key.clone(), want_dir.clone())],
-        }),
-    };
+                guards: vec![(
+                    dir_key.clone(),
+                    stored.directory_value.clone().unwrap_or_default(),
+                )],
+                set: vec![(dir_key, want_dir.to_owned())],
+            }),
+        },
+    )
+}
 
+/// The keys the volume object `csi.volume.<uuid>` must hold for `entry`.
+fn wanted_volume_keys(entry: &Entry, at: &Placement) -> Vec<(&'static str, String)> {
     let mut want: Vec<(&'static str, String)> = vec![
         (keys::VOLNAME, entry.pv_name.clone()),
         (keys::IMAGE_NAME, entry.image_name.clone()),
@@ -399,7 +435,21 @@ pub fn diff(entry: &Entry, at: &Placement, stored: &Stored) -> Result<WritePlan,
         }
     }
 
-    let volume = match &stored.volume {
+    want
+}
+
+/// The write of the volume object, if it needs one: created when absent;
+/// otherwise the keys that differ are repaired (noted in `fixes`), except
+/// those that identify the volume, which are a conflict.
+fn volume_write(
+    entry: &Entry,
+    at: &Placement,
+    stored: &Stored,
+    fixes: &mut Vec<String>,
+) -> Result<Option<ObjectWrite>, OmapError> {
+    let oid = volume_oid(&entry.uuid);
+    let want = wanted_volume_keys(entry, at);
+    Ok(match &stored.volume {
         None => Some(ObjectWrite {
             oid: oid.clone(),
             existence: Existence::CreateExclusive,
@@ -460,26 +510,6 @@ pub fn diff(entry: &Entry, at: &Placement, stored: &Stored) -> Result<WritePlan,
                 set,
             })
         }
-    };
-
-    if directory.is_some()
-        && stored.volume.is_some()
-        && stored.directory_value.as_deref().is_none_or(str::is_empty)
-    {
-        fixes.push(format!("{dir_key} was missing, now {want_dir:?}"));
-    }
-    let outcome = if stored.volume.is_none() {
-        Outcome::Created
-    } else if volume.is_none() && directory.is_none() {
-        Outcome::Unchanged
-    } else {
-        Outcome::Repaired(fixes)
-    };
-    Ok(WritePlan {
-        create_directory: directory.is_some() && !stored.directory_exists,
-        volume,
-        directory,
-        outcome,
     })
 }
 
