@@ -845,24 +845,10 @@ fn sync_inner(
     if paused_by_live_migration(job, &local_reg, reporter)? {
         return Ok(false);
     }
-    // The primary, read-only (a read-write handle would make this process
-    // one of its clients; pruning opens one just for that), and its newest
-    // sync snapshot.
-    let primary = Image::open_by_id_read_only(peer_io, &job.primary.image_id, None)
-        .ctx(|| format!("opening primary {key}"))?;
-    let pall = primary
-        .snap_list()
-        .ctx(|| format!("listing snapshots of primary {key}"))?;
-    let psync = sync_snaps(&pall);
-    let Some((_, target)) = psync.iter().next_back() else {
-        reporter.report(
-            ReplayState::Starting,
-            "waiting for the first sync snapshot".into(),
-            None,
-        );
+    let Some((primary, pall, target)) = primary_and_target(peer_io, job, reporter)? else {
         return Ok(false);
     };
-    let target = target.clone();
+    let psync = sync_snaps(&pall);
     let link = match replica_link(engine, local, job, &local_io, &primary)? {
         ControlFlow::Continue(link) => link,
         ControlFlow::Break(why) => {
@@ -952,12 +938,62 @@ fn sync_inner(
     // Tests: `replayer::before_replica_snapshot=sleep(ms)` holds the
     // pending state open between the report and the replica's snapshot.
     fail::fail_point!("replayer::before_replica_snapshot");
-    settle_pending_snap(&replica, &local_reg, &mut rec)?;
+    settle_and_prune(
+        engine,
+        &replica,
+        &local_reg,
+        &mut rec,
+        &pall,
+        &target.name,
+        &key,
+    )?;
+    Ok(true)
+}
+
+/// The primary of `job`, read-only (a read-write handle would make this
+/// process one of its clients; pruning opens one just for that), its
+/// snapshots and its newest sync snapshot; `None` (reported) while it has
+/// none yet. Blocking.
+fn primary_and_target(
+    peer_io: &Arc<IoCtx>,
+    job: &Job,
+    reporter: &Reporter<'_>,
+) -> Result<Option<(Image, Vec<ceph::SnapInfo>, ceph::SnapInfo)>> {
+    let key = job.key();
+    let primary = Image::open_by_id_read_only(peer_io, &job.primary.image_id, None)
+        .ctx(|| format!("opening primary {key}"))?;
+    let pall = primary
+        .snap_list()
+        .ctx(|| format!("listing snapshots of primary {key}"))?;
+    let Some((_, target)) = sync_snaps(&pall).into_iter().next_back() else {
+        reporter.report(
+            ReplayState::Starting,
+            "waiting for the first sync snapshot".into(),
+            None,
+        );
+        return Ok(None);
+    };
+    let target = target.clone();
+    Ok(Some((primary, pall, target)))
+}
+
+/// After a sync point: the replica's snapshot of it (pending until now),
+/// then the replica's surplus snapshots removed. Blocking.
+fn settle_and_prune(
+    engine: &Engine,
+    replica: &Image,
+    local_reg: &Registry,
+    rec: &mut ImageRecord,
+    pall: &[ceph::SnapInfo],
+    target: &str,
+    key: &str,
+) -> Result<()> {
+    settle_pending_snap(replica, local_reg, rec)?;
     let rall = replica
         .snap_list()
         .ctx(|| format!("listing snapshots of replica {key}"))?;
-    prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
-    Ok(true)
+    prune_replica(engine, pall, replica, &rall, target, key);
+    Ok(())
 }
 
 /// Whether the primary is being live-migrated on its cluster: then nothing
