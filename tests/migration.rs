@@ -485,6 +485,86 @@ async fn migration_of_glance_nova_cinder_pools() {
     assert!(text(&o).contains("pool mode off"), "{}", text(&o));
 }
 
+/// `migrate start --flatten`: a nova clone whose parent's pool is not
+/// migrated becomes a flat copy on the target (its parent's data included,
+/// its holes kept), and the switch finds it identical at the final sync
+/// point.
+#[tokio::test]
+async fn migration_with_flatten_makes_flat_copies_of_clones() {
+    let glance = TestPool::new("glance");
+    let nova = TestPool::new("nova");
+    let all = format!("{},{}", glance.name, nova.name);
+    let a = Sidecar::start(Site::A, &["--pools", &all]).await;
+    let b = Sidecar::start(Site::B, &["--pools", &all]).await;
+    let (ga, na) = (glance.ioctx(Site::A), nova.ioctx(Site::A));
+    drop(create_image_in(
+        &ga,
+        "base",
+        32 * MIB,
+        &[(0, 4 << 20), (20 * MIB, 2 << 20)],
+        41,
+    ));
+    let base_snap = format!("{}/base@snap", glance.name);
+    rbd_ok(Site::A, &["snap", "create", &base_snap]);
+    rbd_ok(Site::A, &["snap", "protect", &base_snap]);
+    let vm = format!("{}/vm-0", nova.name);
+    rbd_ok(Site::A, &["clone", &base_snap, &vm]);
+    // Its own data over the parent's, and past it.
+    write(
+        &Image::open(&na, "vm-0").unwrap(),
+        &[(MIB, 1 << 20), (28 * MIB, 1 << 20)],
+        42,
+    );
+    let pools = [nova.name.as_str()];
+
+    let o = migrate("start", &a, &b, &pools, &["--flatten", "--schedule", "5s"]);
+    eprintln!("$ migrate start --flatten\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        t.contains(&format!("clones replicated as flat copies: {vm}")),
+        "{t}"
+    );
+    wait_until("the flattened clone ready to switch", LONG, || {
+        migrate("status", &a, &b, &pools, &[]).status.code() == Some(0)
+    })
+    .await;
+    let head = checksum(Site::A, &vm);
+    let o = migrate("switch", &a, &b, &pools, &["--verify", "--json"]);
+    eprintln!("$ migrate switch --verify --json\n{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let j = json(&o);
+    let img = &j["images"][0];
+    assert_eq!(img["image"], vm.as_str(), "{j}");
+    assert_eq!(img["identical"], true, "{j}");
+    let at = format!("{vm}@{}", img["snapshot"].as_str().unwrap());
+    assert_eq!(checksum(Site::B, &at), head, "{at} on the target");
+    assert_eq!(checksum(Site::B, &vm), head, "{vm} on the target");
+    // Flat: no parent on the target, and the glance pool there holds no
+    // image the clone could lean on.
+    let info = rbd_ok(Site::B, &["info", &vm]);
+    assert!(
+        !info.contains("parent:"),
+        "{vm} on the target is a clone: {info}"
+    );
+    assert!(
+        rbd_ok(Site::B, &["ls", &glance.name]).trim().is_empty(),
+        "the glance pool was not migrated"
+    );
+    // Sparse: what the target allocated (its snapshots' and head's, as
+    // `rbd du` counts them with fast-diff) is about what the clone reads
+    // as data (the parent's 6 MiB and its own 2 MiB, in three 4 MiB
+    // objects), far from its 32 MiB.
+    let du = rbd_ok(Site::B, &["du", "--format", "json", &vm]);
+    let used = serde_json::from_str::<serde_json::Value>(&du).unwrap()["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["used_size"].as_u64().unwrap())
+        .sum::<u64>();
+    assert!(used > 0 && used <= 16 * MIB, "{vm} uses {used} bytes: {du}");
+}
+
 /// The switch's downtime with `CSIRR_MIGRATE_IMAGES` images (8 by default;
 /// the README's figure ran 20) in one pool, written until just before the
 /// switch (so the final delta carries the writes since the last sync
