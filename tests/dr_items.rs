@@ -453,6 +453,104 @@ async fn clones_stay_clones_when_their_parent_is_replicated() {
     );
 }
 
+/// Forced failover of a clone whose parent is replicated: with site-a's
+/// sidecar gone, B's replica is promoted by force at the clone's last
+/// complete sync point and stays a clone of the parent's replica; when A
+/// returns, its clone (written after that point, over the parent's data) is
+/// demoted and resynced by force, rolled back through the clone, and both
+/// sides read the same at B's next sync point, both still clones.
+#[tokio::test]
+async fn a_clone_fails_over_by_force_and_back_keeping_its_parent() {
+    let pool = TestPool::new("clonefo");
+    let mut a = Sidecar::start(Site::A, &pool.args()).await;
+    let b = Sidecar::start(Site::B, &pool.args()).await;
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    let p = pool.name.clone();
+    drop(create_image_in(
+        &aio,
+        "golden",
+        32 * MIB,
+        &[(0, 8 << 20), (20 * MIB, 2 << 20)],
+        5,
+    ));
+    let base = format!("{p}/golden@base");
+    rbd_ok(Site::A, &["snap", "create", &base]);
+    rbd_ok(Site::A, &["snap", "protect", &base]);
+    let (gvid, cvid) = (format!("{p}/golden"), format!("{p}/child"));
+    rbd_ok(Site::A, &["clone", &base, &cvid]);
+    write(
+        &Image::open(&aio, "child").unwrap(),
+        &[(12 * MIB, 1 << 20)],
+        6,
+    );
+    let hourly = [("schedulingInterval", "1h")];
+    let mut ca = a.controller().await;
+    for vid in [&gvid, &cvid] {
+        ca.enable_volume_replication(enable_req(Site::A, vid, &hourly))
+            .await
+            .expect("enable");
+    }
+    let first = first_sync(&aio, "child");
+    wait_replica_snap(&p, "child", &first, LONG).await;
+    let at_first = checksum(Site::A, &format!("{cvid}@{first}"));
+
+    // A writes on after the sync point, over the parent's data (object 0,
+    // not copied up yet) and its own; then site-a's sidecar is gone.
+    write(
+        &Image::open(&aio, "child").unwrap(),
+        &[(2 * MIB, 1 << 20), (12 * MIB, 1 << 20)],
+        7,
+    );
+    a.kill();
+    drop(ca);
+
+    let mut cb = b.controller().await;
+    cb.promote_volume(req::promote(Site::B, &cvid, true))
+        .await
+        .expect("forced promotion of the clone");
+    assert_eq!(checksum(Site::B, &cvid), at_first, "B is not at {first}");
+    let rec = registry_record(&bio, "child").unwrap();
+    assert_eq!(rec["role"], "primary", "{rec}");
+    assert!(
+        rbd_ok(Site::B, &["info", &cvid]).contains(&format!("parent: {base}")),
+        "the promoted clone lost its parent"
+    );
+    // The application writes on B, over the parent's data too.
+    let bimg = Image::open(&bio, "child").expect("open the promoted clone");
+    write(&bimg, &[(6 * MIB, 1 << 20)], 8);
+    drop(bimg);
+
+    // Site-a returns: its clone (split from B) is demoted and resynced by
+    // force, and follows B.
+    let a = Sidecar::start(Site::A, &pool.args()).await;
+    let mut ca = a.controller().await;
+    ca.demote_volume(req::demote(Site::A, &cvid, false))
+        .await
+        .expect("demote A's clone");
+    resync_until_ready(&a, &cvid, true, LONG).await;
+    let next = format!("csirr-sync.{:010}", 960);
+    Image::open(&bio, "child")
+        .unwrap()
+        .snap_create(&next)
+        .expect("sync snapshot on B");
+    wait_until("A replicates B's clone", LONG, || {
+        sync_snaps_in(&aio, "child").contains(&next)
+    })
+    .await;
+    let at = format!("{cvid}@{next}");
+    assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
+    assert_eq!(checksum(Site::A, &at), checksum(Site::B, &cvid), "{at}");
+    for site in [Site::A, Site::B] {
+        let info = rbd_ok(site, &["info", &cvid]);
+        assert!(
+            info.contains(&format!("parent: {base}")),
+            "the clone lost its parent on {}: {info}",
+            site.id()
+        );
+    }
+    assert_eq!(registry_record(&aio, "child").unwrap()["role"], "secondary");
+}
+
 /// Every RPC answers within its deadline (UNAVAILABLE past it, the work
 /// going on and holding the volume until done), and RPCs doing cluster work
 /// are bounded so that a flood cannot starve replication (issue 13.8).
