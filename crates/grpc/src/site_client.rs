@@ -753,53 +753,12 @@ pub async fn failback(
         }
     }
     let to_id = report.to.clone();
-    let wait = opts.wait;
     // Demote where needed and resync, then poll until complete.
     let mut work = futures::stream::iter(resync)
-        .map(|mut img| {
-            let mut to = sites.to.clone();
+        .map(|img| {
+            let to = sites.to.clone();
             let to_id = to_id.clone();
-            async move {
-                let began = Instant::now();
-                if img.role_before == "primary" {
-                    let s = call_demote(&mut to, &to_id, &img, opts.timeout).await;
-                    let ok = s.ok();
-                    img.steps.push(s);
-                    if !ok {
-                        img.error = img.last_error();
-                        img.duration_ms = millis(began.elapsed());
-                        return img;
-                    }
-                }
-                let resync_began = Instant::now();
-                let deadline = resync_began + wait;
-                loop {
-                    let (mut s, r) = call_resync(&mut to, &to_id, &img).await;
-                    let ready = s.ok() && r.is_some_and(|r| r.ready);
-                    let failed = !s.ok();
-                    // One step for the resync and the polls until it is
-                    // complete: the last answer, the whole time.
-                    s.duration_ms = millis(resync_began.elapsed());
-                    if img.steps.last().is_some_and(|l| l.op == "resync") {
-                        img.steps.pop();
-                    }
-                    img.steps.push(s);
-                    if ready {
-                        img.outcome = Fate::Resynced;
-                        break;
-                    }
-                    if failed || Instant::now() >= deadline {
-                        img.error = Some(img.last_error().unwrap_or_else(|| {
-                            format!("the replica was not complete within {wait:?}")
-                        }));
-                        break;
-                    }
-                    tokio::time::sleep(POLL_EVERY).await;
-                }
-                img.duration_ms = millis(began.elapsed());
-                tracing::info!(image = %img.spec(), outcome = img.outcome.word(), "failback: image resynced");
-                img
-            }
+            async move { demote_and_resync(to, &to_id, img, opts).await }
         })
         .buffer_unordered(opts.parallel.max(1));
     let mut done = Vec::new();
@@ -811,40 +770,104 @@ pub async fn failback(
     }
     drop(work);
     if relocate {
-        // Back to this site: every replica demoted on the current primary
-        // and promoted here, planned only.
-        let (ready, other): (Vec<_>, Vec<_>) =
-            done.into_iter().partition(|i| i.outcome == Fate::Resynced);
-        report.images.extend(other);
-        let (moved, staying): (Vec<_>, Vec<_>) = report
-            .images
-            .drain(..)
-            .partition(|i| i.outcome == Fate::AlreadyReplica);
-        report.images = staying;
         let back = Sites {
             to: sites.to.clone(),
             from: Some(from),
             from_error: None,
         };
-        let mut batch: Vec<ImageReport> = ready.into_iter().chain(moved).collect();
-        for i in &mut batch {
-            i.outcome = Fate::Failed;
-        }
-        report.from = Some(from_id);
-        let shared = Arc::new(Mutex::new(report));
-        switch_over(&back, &shared, batch, opts, false, progress).await;
-        let mut r = take(shared);
-        for i in &mut r.images {
-            if i.outcome == Fate::Clean {
-                i.outcome = Fate::Relocated;
-            }
-        }
-        report = r;
+        report = relocate_back(&back, report, done, from_id, opts, progress).await;
     } else {
         report.images.extend(done);
     }
     report.finish(began);
     Ok(report)
+}
+
+/// One image of a failback: demoted on the returning site when it was
+/// primary there, then resynced and polled until its replica is complete
+/// (up to `opts.wait`).
+async fn demote_and_resync(
+    mut to: Client,
+    to_id: &str,
+    mut img: ImageReport,
+    opts: &SiteOptions,
+) -> ImageReport {
+    let began = Instant::now();
+    let wait = opts.wait;
+    if img.role_before == "primary" {
+        let s = call_demote(&mut to, to_id, &img, opts.timeout).await;
+        let ok = s.ok();
+        img.steps.push(s);
+        if !ok {
+            img.error = img.last_error();
+            img.duration_ms = millis(began.elapsed());
+            return img;
+        }
+    }
+    let resync_began = Instant::now();
+    let deadline = resync_began + wait;
+    loop {
+        let (mut s, r) = call_resync(&mut to, to_id, &img).await;
+        let ready = s.ok() && r.is_some_and(|r| r.ready);
+        let failed = !s.ok();
+        // One step for the resync and the polls until it is complete: the
+        // last answer, the whole time.
+        s.duration_ms = millis(resync_began.elapsed());
+        if img.steps.last().is_some_and(|l| l.op == "resync") {
+            img.steps.pop();
+        }
+        img.steps.push(s);
+        if ready {
+            img.outcome = Fate::Resynced;
+            break;
+        }
+        if failed || Instant::now() >= deadline {
+            img.error = Some(
+                img.last_error()
+                    .unwrap_or_else(|| format!("the replica was not complete within {wait:?}")),
+            );
+            break;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    img.duration_ms = millis(began.elapsed());
+    tracing::info!(image = %img.spec(), outcome = img.outcome.word(), "failback: image resynced");
+    img
+}
+
+/// The relocation back at the end of `failback --relocate`: every complete
+/// replica (resynced now, or a replica already) demoted on the current
+/// primary and promoted on the returning site, planned only.
+async fn relocate_back(
+    back: &Sites,
+    mut report: SiteReport,
+    done: Vec<ImageReport>,
+    from_id: String,
+    opts: &SiteOptions,
+    progress: &(dyn Fn(&SiteReport) + Sync),
+) -> SiteReport {
+    let (ready, other): (Vec<_>, Vec<_>) =
+        done.into_iter().partition(|i| i.outcome == Fate::Resynced);
+    report.images.extend(other);
+    let (moved, staying): (Vec<_>, Vec<_>) = report
+        .images
+        .drain(..)
+        .partition(|i| i.outcome == Fate::AlreadyReplica);
+    report.images = staying;
+    let mut batch: Vec<ImageReport> = ready.into_iter().chain(moved).collect();
+    for i in &mut batch {
+        i.outcome = Fate::Failed;
+    }
+    report.from = Some(from_id);
+    let shared = Arc::new(Mutex::new(report));
+    switch_over(back, &shared, batch, opts, false, progress).await;
+    let mut r = take(shared);
+    for i in &mut r.images {
+        if i.outcome == Fate::Clean {
+            i.outcome = Fate::Relocated;
+        }
+    }
+    r
 }
 
 #[cfg(test)]
