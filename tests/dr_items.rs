@@ -355,6 +355,30 @@ async fn clones_replicate_with_their_parent_data() {
     assert!(o.status.success(), "{}", text(&o));
 }
 
+/// On site-a in `pool`: "golden" (32 MiB, 10 MiB of data from `seed`) with
+/// the protected snapshot "base", and "child", a clone of it. Returns the
+/// pool's name, the snapshot's spec and both volume IDs.
+fn golden_and_child(
+    pool: &TestPool,
+    aio: &std::sync::Arc<csi_rbd_replicator::ceph::IoCtx>,
+    seed: u64,
+) -> (String, String, String, String) {
+    let p = pool.name.clone();
+    drop(create_image_in(
+        aio,
+        "golden",
+        32 * MIB,
+        &[(0, 8 << 20), (20 * MIB, 2 << 20)],
+        seed,
+    ));
+    let base = format!("{p}/golden@base");
+    rbd_ok(Site::A, &["snap", "create", &base]);
+    rbd_ok(Site::A, &["snap", "protect", &base]);
+    let (gvid, cvid) = (format!("{p}/golden"), format!("{p}/child"));
+    rbd_ok(Site::A, &["clone", &base, &cvid]);
+    (p, base, gvid, cvid)
+}
+
 /// A clone whose parent is replicated too stays a clone on the replica, as
 /// rbd-mirror keeps it: the replica is a clone of the parent's replica at
 /// the same snapshot (`rbd info` names it), only the clone's own objects
@@ -368,19 +392,7 @@ async fn clones_stay_clones_when_their_parent_is_replicated() {
     let a = Sidecar::start(Site::A, &pool.args()).await;
     let b = Sidecar::start(Site::B, &pool.args()).await;
     let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
-    let p = pool.name.clone();
-    drop(create_image_in(
-        &aio,
-        "golden",
-        32 * MIB,
-        &[(0, 8 << 20), (20 * MIB, 2 << 20)],
-        1,
-    ));
-    let base = format!("{p}/golden@base");
-    rbd_ok(Site::A, &["snap", "create", &base]);
-    rbd_ok(Site::A, &["snap", "protect", &base]);
-    let (gvid, cvid) = (format!("{p}/golden"), format!("{p}/child"));
-    rbd_ok(Site::A, &["clone", &base, &cvid]);
+    let (p, base, gvid, cvid) = golden_and_child(&pool, &aio, 1);
     let child = Image::open(&aio, "child").unwrap();
     write(&child, &[(4 * MIB, 1 << 20)], 2);
     discard(&child, 20 * MIB, 1 << 20);
@@ -465,19 +477,7 @@ async fn a_clone_fails_over_by_force_and_back_keeping_its_parent() {
     let mut a = Sidecar::start(Site::A, &pool.args()).await;
     let b = Sidecar::start(Site::B, &pool.args()).await;
     let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
-    let p = pool.name.clone();
-    drop(create_image_in(
-        &aio,
-        "golden",
-        32 * MIB,
-        &[(0, 8 << 20), (20 * MIB, 2 << 20)],
-        5,
-    ));
-    let base = format!("{p}/golden@base");
-    rbd_ok(Site::A, &["snap", "create", &base]);
-    rbd_ok(Site::A, &["snap", "protect", &base]);
-    let (gvid, cvid) = (format!("{p}/golden"), format!("{p}/child"));
-    rbd_ok(Site::A, &["clone", &base, &cvid]);
+    let (p, base, gvid, cvid) = golden_and_child(&pool, &aio, 5);
     write(
         &Image::open(&aio, "child").unwrap(),
         &[(12 * MIB, 1 << 20)],
