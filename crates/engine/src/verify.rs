@@ -461,33 +461,100 @@ fn compare_chunks(
     agg: &mut Aggregator,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<u64> {
-    let range = |idx: u64| {
-        let off = idx * chunk;
-        (off, chunk.min(size - off))
-    };
-    let to_read: u64 = chunks.iter().map(|c| range(*c).1).sum();
     let (tx, rx) = mpsc::channel::<ReadDone>();
-    let mut free: Vec<Vec<u8>> = Vec::new();
-    // Buffers of chunks whose other side is still being read.
-    let mut halves: HashMap<usize, Vec<u8>> = HashMap::new();
-    // Results of chunks done out of order, by position.
-    let mut ready: BTreeMap<usize, Vec<(u64, u64)>> = BTreeMap::new();
-    let mut next_submit = 0usize;
-    let mut next_report = 0usize;
-    // Aio reads in flight: two per chunk.
-    let mut inflight = 0usize;
-    let window = parallel.clamp(1, MAX_PARALLEL) * 2;
-    let mut read = 0u64;
-    let mut first_err: Option<EngineError> = None;
-
+    let mut c = ChunkCompare {
+        a,
+        b,
+        chunks,
+        chunk,
+        size,
+        tx,
+        free: Vec::new(),
+        halves: HashMap::new(),
+        ready: BTreeMap::new(),
+        next_submit: 0,
+        next_report: 0,
+        inflight: 0,
+        window: parallel.clamp(1, MAX_PARALLEL) * 2,
+        read: 0,
+        first_err: None,
+    };
+    let to_read: u64 = chunks.iter().map(|i| c.range(*i).1).sum();
     loop {
-        while first_err.is_none() && next_submit < chunks.len() && inflight < window {
-            let pos = next_submit;
-            let (off, len) = range(chunks[pos]);
-            for (img, side) in [(a, Side::Local), (b, Side::Peer)] {
-                let mut buf = free.pop().unwrap_or_default();
+        c.submit();
+        if c.inflight == 0 {
+            break;
+        }
+        let ev = match rx.recv_timeout(Duration::from_millis(250)) {
+            Ok(ev) => ev,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                progress(c.read, to_read);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if c.on_read(ev, agg) {
+            progress(c.read, to_read);
+        }
+    }
+    if let Some(e) = c.first_err {
+        return Err(e);
+    }
+    if c.next_report != chunks.len() {
+        return Err(EngineError::Internal(format!(
+            "verify compared {} of {} chunks",
+            c.next_report,
+            chunks.len()
+        )));
+    }
+    Ok(c.read)
+}
+
+/// The state of [`compare_chunks`]: both sides' aio reads of a window of
+/// chunks, and the comparisons reported in chunk order.
+struct ChunkCompare<'a> {
+    a: &'a Image,
+    b: &'a Image,
+    chunks: &'a [u64],
+    chunk: u64,
+    size: u64,
+    tx: mpsc::Sender<ReadDone>,
+    /// Buffers to reuse.
+    free: Vec<Vec<u8>>,
+    /// Buffers of chunks whose other side is still being read.
+    halves: HashMap<usize, Vec<u8>>,
+    /// Results of chunks done out of order, by position.
+    ready: BTreeMap<usize, Vec<(u64, u64)>>,
+    next_submit: usize,
+    next_report: usize,
+    /// Aio reads in flight: two per chunk.
+    inflight: usize,
+    window: usize,
+    /// Bytes compared (per side).
+    read: u64,
+    first_err: Option<EngineError>,
+}
+
+impl ChunkCompare<'_> {
+    /// Offset and length of chunk `idx`.
+    fn range(&self, idx: u64) -> (u64, u64) {
+        let off = idx * self.chunk;
+        (off, self.chunk.min(self.size - off))
+    }
+
+    /// Starts the reads of both sides of the next chunks, up to the window;
+    /// none after an error.
+    fn submit(&mut self) {
+        while self.first_err.is_none()
+            && self.next_submit < self.chunks.len()
+            && self.inflight < self.window
+        {
+            let pos = self.next_submit;
+            let (off, len) = self.range(self.chunks[pos]);
+            for (img, side) in [(self.a, Side::Local), (self.b, Side::Peer)] {
+                let mut buf = self.free.pop().unwrap_or_default();
                 buf.resize(len as usize, 0);
-                let t = tx.clone();
+                let t = self.tx.clone();
                 let r = img.aio_read(
                     off,
                     buf,
@@ -501,43 +568,39 @@ fn compare_chunks(
                     }),
                 );
                 match r {
-                    Ok(()) => inflight += 1,
+                    Ok(()) => self.inflight += 1,
                     Err(e) => {
-                        first_err = Some(read_error(img, off, e));
+                        self.first_err = Some(read_error(img, off, e));
                         break;
                     }
                 }
             }
-            next_submit += 1;
+            self.next_submit += 1;
         }
-        if inflight == 0 {
-            break;
-        }
-        let ev = match rx.recv_timeout(Duration::from_millis(250)) {
-            Ok(ev) => ev,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                progress(read, to_read);
-                continue;
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        inflight -= 1;
+    }
+
+    /// One side of a chunk was read: once both are, compares them and
+    /// reports what is in order to `agg`. Returns whether a chunk was
+    /// compared.
+    fn on_read(&mut self, ev: ReadDone, agg: &mut Aggregator) -> bool {
+        self.inflight -= 1;
         let ReadDone {
             pos,
             side,
             res,
             mut buf,
         } = ev;
-        let (off, len) = range(chunks[pos]);
+        let (off, len) = self.range(self.chunks[pos]);
         match res {
             Err(e) => {
                 let img = match side {
-                    Side::Local => a,
-                    Side::Peer => b,
+                    Side::Local => self.a,
+                    Side::Peer => self.b,
                 };
-                first_err.get_or_insert_with(|| read_error(img, off, e));
-                free.push(buf);
-                continue;
+                self.first_err
+                    .get_or_insert_with(|| read_error(img, off, e));
+                self.free.push(buf);
+                return false;
             }
             Ok(n) => {
                 // A short read (never expected inside the image) reads as
@@ -547,40 +610,30 @@ fn compare_chunks(
                 }
             }
         }
-        if first_err.is_some() {
-            free.push(buf);
-            continue;
+        if self.first_err.is_some() {
+            self.free.push(buf);
+            return false;
         }
-        let Some(other) = halves.remove(&pos) else {
-            halves.insert(pos, buf);
-            continue;
+        let Some(other) = self.halves.remove(&pos) else {
+            self.halves.insert(pos, buf);
+            return false;
         };
-        read += len;
+        self.read += len;
         let runs = differing_runs(&buf, &other)
             .into_iter()
             .map(|(o, l)| (off + o, l))
             .collect();
-        free.push(buf);
-        free.push(other);
-        ready.insert(pos, runs);
-        while let Some(runs) = ready.remove(&next_report) {
+        self.free.push(buf);
+        self.free.push(other);
+        self.ready.insert(pos, runs);
+        while let Some(runs) = self.ready.remove(&self.next_report) {
             for (o, l) in runs {
                 agg.push(o, l);
             }
-            next_report += 1;
+            self.next_report += 1;
         }
-        progress(read, to_read);
+        true
     }
-    if let Some(e) = first_err {
-        return Err(e);
-    }
-    if next_report != chunks.len() {
-        return Err(EngineError::Internal(format!(
-            "verify compared {next_report} of {} chunks",
-            chunks.len()
-        )));
-    }
-    Ok(read)
 }
 
 /// Prints progress to stderr: a self-overwriting line a few times a second
