@@ -341,62 +341,8 @@ impl Engine {
         }
         let creds = req.creds.as_ref();
         let members = self.resolve_members(Rpc::Create, &req.volumes, creds)?;
-        // The pool of the group: the volumes', all one, and `pool` if given.
-        let io = match (members.first(), &req.pool) {
-            (Some(first), _) => Arc::clone(first.resolved.ioctx()),
-            (None, Some(pool)) => self
-                .conns
-                .get(&self.cfg.local_cluster.mon_host(), self.creds(creds))?
-                .ioctx(pool, self.local_namespace())
-                .map_err(|e| {
-                    EngineError::InvalidArgument(format!("parameter pool {pool:?}: {e}"))
-                })?,
-            (None, None) => {
-                return Err(EngineError::InvalidArgument(
-                    "a volume group without volumes needs the parameter pool".into(),
-                ));
-            }
-        };
-        for m in &members {
-            if !same_place(m.resolved.ioctx(), &io) {
-                return Err(EngineError::InvalidArgument(format!(
-                    "volume {} is in {}, volume {} in {}: the volumes of a group must be in \
-                     one pool",
-                    members[0].key,
-                    io.spec(),
-                    m.key,
-                    m.resolved.ioctx().spec()
-                )));
-            }
-        }
-        if let Some(pool) = &req.pool
-            && pool != io.pool()
-        {
-            return Err(EngineError::InvalidArgument(format!(
-                "parameter pool {pool:?}, but the volumes are in pool {:?}",
-                io.pool()
-            )));
-        }
-        if io.namespace() != self.local_namespace() {
-            return Err(EngineError::InvalidArgument(format!(
-                "the volumes are in RADOS namespace {:?}, but cluster {local:?} keeps its \
-                 volumes in {:?}",
-                io.namespace(),
-                self.local_namespace()
-            )));
-        }
-
-        // The same name elsewhere: another request's group.
-        for (other, groups) in self.group_directories(creds)? {
-            if !same_place(&other, &io) && groups.contains_key(&req.name) {
-                return Err(EngineError::AlreadyExists(format!(
-                    "volume group {:?} exists already in pool {}; this request puts it in {}",
-                    req.name,
-                    other.spec(),
-                    io.spec()
-                )));
-            }
-        }
+        let io = self.group_pool(req, &members)?;
+        self.check_name_free_elsewhere(req, &io)?;
 
         let existing = journal::lookup(&io, DEFAULT_INSTANCE, &req.name)?;
         let (id, recorded) = match &existing {
@@ -457,6 +403,77 @@ impl Engine {
         Self::add_members(&io, &id, &to_add)?;
         let located = self.locate_existing(&id, creds)?;
         Ok(self.group_info(&located, creds))
+    }
+
+    /// The pool (and namespace) of a group being created: the volumes',
+    /// all in one, which must be `pool` when given and this cluster's
+    /// namespace; `pool` alone for a group without volumes.
+    fn group_pool(&self, req: &CreateGroup, members: &[Member]) -> Result<Arc<IoCtx>> {
+        let local = &self.cfg.local_cluster.cluster_id;
+        let creds = req.creds.as_ref();
+        // The pool of the group: the volumes', all one, and `pool` if given.
+        let io = match (members.first(), &req.pool) {
+            (Some(first), _) => Arc::clone(first.resolved.ioctx()),
+            (None, Some(pool)) => self
+                .conns
+                .get(&self.cfg.local_cluster.mon_host(), self.creds(creds))?
+                .ioctx(pool, self.local_namespace())
+                .map_err(|e| {
+                    EngineError::InvalidArgument(format!("parameter pool {pool:?}: {e}"))
+                })?,
+            (None, None) => {
+                return Err(EngineError::InvalidArgument(
+                    "a volume group without volumes needs the parameter pool".into(),
+                ));
+            }
+        };
+        for m in members {
+            if !same_place(m.resolved.ioctx(), &io) {
+                return Err(EngineError::InvalidArgument(format!(
+                    "volume {} is in {}, volume {} in {}: the volumes of a group must be in \
+                     one pool",
+                    members[0].key,
+                    io.spec(),
+                    m.key,
+                    m.resolved.ioctx().spec()
+                )));
+            }
+        }
+        if let Some(pool) = &req.pool
+            && pool != io.pool()
+        {
+            return Err(EngineError::InvalidArgument(format!(
+                "parameter pool {pool:?}, but the volumes are in pool {:?}",
+                io.pool()
+            )));
+        }
+        if io.namespace() != self.local_namespace() {
+            return Err(EngineError::InvalidArgument(format!(
+                "the volumes are in RADOS namespace {:?}, but cluster {local:?} keeps its \
+                 volumes in {:?}",
+                io.namespace(),
+                self.local_namespace()
+            )));
+        }
+        Ok(io)
+    }
+
+    /// Refuses a group name that another request's group has in another
+    /// pool.
+    fn check_name_free_elsewhere(&self, req: &CreateGroup, io: &Arc<IoCtx>) -> Result<()> {
+        let creds = req.creds.as_ref();
+        // The same name elsewhere: another request's group.
+        for (other, groups) in self.group_directories(creds)? {
+            if !same_place(&other, io) && groups.contains_key(&req.name) {
+                return Err(EngineError::AlreadyExists(format!(
+                    "volume group {:?} exists already in pool {}; this request puts it in {}",
+                    req.name,
+                    other.spec(),
+                    io.spec()
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn modify_group_blocking(
