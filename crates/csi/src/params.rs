@@ -284,28 +284,20 @@ impl ReplicationParams {
     }
 
     fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Result<Self, ParamError> {
-        let mut mode = None;
-        let mut interval = None;
-        let mut start = None;
-        let mut flatten = None;
-        let mut force = None;
-        let mut bandwidth = None;
-        let mut replica_clones = None;
-        let mut ignored = Vec::new();
+        let mut raw = RawParams::default();
         for (key, value) in pairs {
             match key {
-                MIRRORING_MODE_KEY => mode = Some(value),
-                SCHEDULING_INTERVAL_KEY => interval = Some(value),
-                SCHEDULING_START_TIME_KEY => start = Some(value),
-                FLATTEN_MODE_KEY => flatten = Some(value),
-                FORCE_KEY => force = Some(value),
-                BANDWIDTH_LIMIT_KEY => bandwidth = Some(value),
-                REPLICA_CLONES_KEY => replica_clones = Some(value),
-                _ => ignored.push(key.to_owned()),
+                MIRRORING_MODE_KEY => raw.mode = Some(value),
+                SCHEDULING_INTERVAL_KEY => raw.interval = Some(value),
+                SCHEDULING_START_TIME_KEY => raw.start = Some(value),
+                FLATTEN_MODE_KEY => raw.flatten = Some(value),
+                FORCE_KEY => raw.force = Some(value),
+                BANDWIDTH_LIMIT_KEY => raw.bandwidth = Some(value),
+                REPLICA_CLONES_KEY => raw.replica_clones = Some(value),
+                _ => raw.ignored.push(key.to_owned()),
             }
         }
-
-        let mirroring_mode = match mode {
+        let mirroring_mode = match raw.mode {
             None | Some("snapshot") => MirroringMode::Snapshot,
             Some("journal") => MirroringMode::Journal,
             Some(other) => {
@@ -314,29 +306,8 @@ impl ReplicationParams {
                 });
             }
         };
-
-        let (scheduling_interval, scheduling_start_time) = match mirroring_mode {
-            MirroringMode::Journal => {
-                ignored.extend(interval.map(|_| SCHEDULING_INTERVAL_KEY.to_owned()));
-                ignored.extend(start.map(|_| SCHEDULING_START_TIME_KEY.to_owned()));
-                (None, None)
-            }
-            MirroringMode::Snapshot => {
-                // ceph-csi treats an empty start time as absent.
-                let start = start.filter(|s| !s.is_empty());
-                let interval = interval.map(parse_interval).transpose()?;
-                if interval.is_none()
-                    && let Some(s) = start
-                {
-                    return Err(ParamError::StartTimeWithoutInterval {
-                        value: s.to_owned(),
-                    });
-                }
-                (interval, start.map(StartTime::parse).transpose()?)
-            }
-        };
-
-        let flatten_mode = match flatten {
+        let (scheduling_interval, scheduling_start_time) = raw.schedule(mirroring_mode)?;
+        let flatten_mode = match raw.flatten {
             None | Some("never") => FlattenMode::Never,
             Some("force") => FlattenMode::Force,
             Some(other) => {
@@ -345,8 +316,7 @@ impl ReplicationParams {
                 });
             }
         };
-
-        let flatten_replica = match replica_clones {
+        let flatten_replica = match raw.replica_clones {
             None | Some("linked") => false,
             Some("flatten") => true,
             Some(other) => {
@@ -355,26 +325,14 @@ impl ReplicationParams {
                 });
             }
         };
-
-        let force = match force {
+        let force = match raw.force {
             None => false,
             Some(v) => parse_go_bool(v).ok_or_else(|| ParamError::InvalidForce {
                 value: v.to_owned(),
             })?,
         };
-
-        let bandwidth_limit = bandwidth
-            .map(|v| {
-                parse_size(v).map(|n| n as u64).map_err(|reason| {
-                    ParamError::InvalidBandwidthLimit {
-                        value: v.to_owned(),
-                        reason,
-                    }
-                })
-            })
-            .transpose()?
-            .filter(|n| *n > 0);
-
+        let bandwidth_limit = raw.bandwidth_limit()?;
+        let mut ignored = raw.ignored;
         ignored.sort();
         Ok(Self {
             mirroring_mode,
@@ -502,6 +460,68 @@ pub fn format_interval(d: Duration) -> String {
         }
     }
     format!("{secs}s")
+}
+
+/// The recognized parameters as given, before they are checked; the keys
+/// not recognized.
+#[derive(Default)]
+struct RawParams<'a> {
+    mode: Option<&'a str>,
+    interval: Option<&'a str>,
+    start: Option<&'a str>,
+    flatten: Option<&'a str>,
+    force: Option<&'a str>,
+    bandwidth: Option<&'a str>,
+    replica_clones: Option<&'a str>,
+    ignored: Vec<String>,
+}
+
+impl RawParams<'_> {
+    /// The schedule of a snapshot-mode volume (journal mode has none: its
+    /// schedule keys are ignored, and said so).
+    fn schedule(
+        &mut self,
+        mode: MirroringMode,
+    ) -> Result<(Option<Duration>, Option<StartTime>), ParamError> {
+        match mode {
+            MirroringMode::Journal => {
+                self.ignored
+                    .extend(self.interval.map(|_| SCHEDULING_INTERVAL_KEY.to_owned()));
+                self.ignored
+                    .extend(self.start.map(|_| SCHEDULING_START_TIME_KEY.to_owned()));
+                Ok((None, None))
+            }
+            MirroringMode::Snapshot => {
+                // ceph-csi treats an empty start time as absent.
+                let start = self.start.filter(|s| !s.is_empty());
+                let interval = self.interval.map(parse_interval).transpose()?;
+                if interval.is_none()
+                    && let Some(s) = start
+                {
+                    return Err(ParamError::StartTimeWithoutInterval {
+                        value: s.to_owned(),
+                    });
+                }
+                Ok((interval, start.map(StartTime::parse).transpose()?))
+            }
+        }
+    }
+
+    /// `bandwidthLimit` in bytes per second; 0 is no limit.
+    fn bandwidth_limit(&self) -> Result<Option<u64>, ParamError> {
+        Ok(self
+            .bandwidth
+            .map(|v| {
+                parse_size(v).map(|n| n as u64).map_err(|reason| {
+                    ParamError::InvalidBandwidthLimit {
+                        value: v.to_owned(),
+                        reason,
+                    }
+                })
+            })
+            .transpose()?
+            .filter(|n| *n > 0))
+    }
 }
 
 /// Go's `strconv.ParseBool`, which ceph-csi uses for `force`.
