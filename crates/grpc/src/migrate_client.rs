@@ -1044,62 +1044,83 @@ pub async fn cleanup(
         for name in names {
             let src = s.iter().find(|d| d.name == name);
             let tgt = t.iter().find(|d| d.name == name);
-            let mut failed = false;
-            let source_result = match src {
-                None => "absent".to_string(),
-                Some(d) if d.role.is_empty() && tgt.is_none_or(|t| t.role.is_empty()) => {
-                    "not replicated, left alone".to_string()
-                }
-                Some(_) => match source
-                    .image_disable(pb::ImageDisableRequest {
-                        pool: pool.clone(),
-                        namespace: ns.clone(),
-                        image: name.to_string(),
-                        force: true,
-                        remove: remove_source,
-                    })
-                    .await
-                {
-                    Ok(r) if r.get_ref().removed => "detached, moved to the trash".to_string(),
-                    Ok(_) => "detached (a plain image at the final sync point)".to_string(),
-                    Err(e) => {
-                        failed = true;
-                        rpc_error("FAILED", &e)
-                    }
-                },
-            };
-            let target_result = match tgt {
-                Some(d) if d.role == "primary" && !failed => match target
-                    .image_disable(pb::ImageDisableRequest {
-                        pool: pool.clone(),
-                        namespace: ns.clone(),
-                        image: name.to_string(),
-                        force: false,
-                        remove: false,
-                    })
-                    .await
-                {
-                    Ok(_) => "replication disabled".to_string(),
-                    Err(e) => {
-                        failed = true;
-                        rpc_error("FAILED", &e)
-                    }
-                },
-                Some(d) if d.role == "primary" => "left replicated (the source failed)".to_string(),
-                Some(_) => "not replicated".to_string(),
-                None => "absent".to_string(),
-            };
+            let (image, failed) = cleanup_image(
+                (&mut source, &mut target),
+                (&pool, &ns, name),
+                (src, tgt),
+                remove_source,
+            )
+            .await;
             if failed {
                 report.failed += 1;
             }
-            report.images.push(CleanupImage {
-                image: spec(&pool, &ns, name),
-                source: source_result,
-                target: target_result,
-            });
+            report.images.push(image);
         }
     }
     Ok(report)
+}
+
+/// `migrate cleanup` of one image (`src` and `tgt`: its details on each
+/// side): the source detached first (so that the target's Disable cannot
+/// send it to the trash), then replication disabled on the target. Returns
+/// the image's line and whether a step failed.
+async fn cleanup_image(
+    (source, target): (&mut Client, &mut Client),
+    (pool, ns, name): (&str, &str, &str),
+    (src, tgt): (Option<&pb::ImageDetail>, Option<&pb::ImageDetail>),
+    remove_source: bool,
+) -> (CleanupImage, bool) {
+    let mut failed = false;
+    let source_result = match src {
+        None => "absent".to_string(),
+        Some(d) if d.role.is_empty() && tgt.is_none_or(|t| t.role.is_empty()) => {
+            "not replicated, left alone".to_string()
+        }
+        Some(_) => match source
+            .image_disable(pb::ImageDisableRequest {
+                pool: pool.to_string(),
+                namespace: ns.to_string(),
+                image: name.to_string(),
+                force: true,
+                remove: remove_source,
+            })
+            .await
+        {
+            Ok(r) if r.get_ref().removed => "detached, moved to the trash".to_string(),
+            Ok(_) => "detached (a plain image at the final sync point)".to_string(),
+            Err(e) => {
+                failed = true;
+                rpc_error("FAILED", &e)
+            }
+        },
+    };
+    let target_result = match tgt {
+        Some(d) if d.role == "primary" && !failed => match target
+            .image_disable(pb::ImageDisableRequest {
+                pool: pool.to_string(),
+                namespace: ns.to_string(),
+                image: name.to_string(),
+                force: false,
+                remove: false,
+            })
+            .await
+        {
+            Ok(_) => "replication disabled".to_string(),
+            Err(e) => {
+                failed = true;
+                rpc_error("FAILED", &e)
+            }
+        },
+        Some(d) if d.role == "primary" => "left replicated (the source failed)".to_string(),
+        Some(_) => "not replicated".to_string(),
+        None => "absent".to_string(),
+    };
+    let image = CleanupImage {
+        image: spec(pool, ns, name),
+        source: source_result,
+        target: target_result,
+    };
+    (image, failed)
 }
 
 #[cfg(test)]
