@@ -255,6 +255,52 @@ fn rpo_text(behind: u64, threshold: Duration) -> String {
     )
 }
 
+/// What the replica is doing, in words: its state, a sync's progress,
+/// and the journal entries it is behind.
+fn activity_text(
+    st: &ReplicaStatus,
+    state: State,
+    percent: Option<f64>,
+    pending: Option<u64>,
+    rate: Option<u64>,
+) -> String {
+    let activity = match state {
+        State::Starting if st.message.is_empty() => "starting".to_string(),
+        State::Starting => format!("starting: {}", st.message),
+        State::Syncing => syncing_text(
+            st.syncing_snap.as_deref(),
+            percent,
+            rate,
+            eta(pending, rate),
+        ),
+        State::Stopped if st.message.is_empty() => "replication stopped".to_string(),
+        State::Stopped => format!("replication stopped: {}", st.message),
+        _ => "replaying, idle".to_string(),
+    };
+    match (st.entries_pending, st.entries_per_sec) {
+        (Some(e), Some(r)) if r > 0 => {
+            format!("{activity}, {e} journal entries behind, {r} entries/s")
+        }
+        (Some(e), _) => format!("{activity}, {e} journal entries behind"),
+        (None, _) => activity,
+    }
+}
+
+/// The message of a replica in error (or in split-brain).
+fn error_text(st: &ReplicaStatus, split_brain: bool, stale: bool, reported: u64) -> String {
+    let mut m = if split_brain {
+        st.message.clone()
+    } else if st.message.is_empty() {
+        "replica error (no detail reported)".to_string()
+    } else {
+        format!("replica error: {}", st.message)
+    };
+    if stale {
+        let _ = write!(m, " (reported {reported}s ago)");
+    }
+    m
+}
+
 fn assess_replica(
     st: &ReplicaStatus,
     now: DateTime<Utc>,
@@ -281,42 +327,13 @@ fn assess_replica(
         // Reported by a newer replica: judged by its sync point and age only.
         ReplayState::Unknown => (State::Starting, None, None, None),
     };
-    let activity = match state {
-        State::Starting if st.message.is_empty() => "starting".to_string(),
-        State::Starting => format!("starting: {}", st.message),
-        State::Syncing => syncing_text(
-            st.syncing_snap.as_deref(),
-            percent,
-            rate,
-            eta(pending, rate),
-        ),
-        State::Stopped if st.message.is_empty() => "replication stopped".to_string(),
-        State::Stopped => format!("replication stopped: {}", st.message),
-        _ => "replaying, idle".to_string(),
-    };
-    let activity = match (st.entries_pending, st.entries_per_sec) {
-        (Some(e), Some(r)) if r > 0 => {
-            format!("{activity}, {e} journal entries behind, {r} entries/s")
-        }
-        (Some(e), _) => format!("{activity}, {e} journal entries behind"),
-        (None, _) => activity,
-    };
+    let activity = activity_text(st, state, percent, pending, rate);
     let lag = lag_text(behind, st.last_sync.as_ref());
     let rpo_exceeded = behind.filter(|b| Duration::from_secs(*b) > threshold);
     let split_brain = st.message.starts_with("split-brain");
     let (health, message) = if st.state == ReplayState::Error || split_brain {
         state = State::Error;
-        let mut m = if split_brain {
-            st.message.clone()
-        } else if st.message.is_empty() {
-            "replica error (no detail reported)".to_string()
-        } else {
-            format!("replica error: {}", st.message)
-        };
-        if stale {
-            let _ = write!(m, " (reported {reported}s ago)");
-        }
-        (Health::Error, m)
+        (Health::Error, error_text(st, split_brain, stale, reported))
     } else if stale {
         state = State::Stopped;
         pending = None;
