@@ -379,6 +379,32 @@ fn golden_and_child(
     (p, base, gvid, cvid)
 }
 
+/// Enables the parent, then the clone, hourly, on site-a (a clone enabled
+/// while its parent is not replicated gets a flat replica), and waits for
+/// the clone's first sync point on site-b. Returns site-a's controller
+/// client and that sync point.
+async fn enable_golden_then_child(
+    a: &Sidecar,
+    aio: &std::sync::Arc<csi_rbd_replicator::ceph::IoCtx>,
+    gvid: &str,
+    cvid: &str,
+) -> (
+    pb::controller_client::ControllerClient<tonic::transport::Channel>,
+    String,
+) {
+    let hourly = [("schedulingInterval", "1h")];
+    let mut ca = a.controller().await;
+    for vid in [gvid, cvid] {
+        ca.enable_volume_replication(enable_req(Site::A, vid, &hourly))
+            .await
+            .expect("enable");
+    }
+    let first = first_sync(aio, "child");
+    let pool = cvid.split('/').next().unwrap_or_default();
+    wait_replica_snap(pool, "child", &first, LONG).await;
+    (ca, first)
+}
+
 /// A clone whose parent is replicated too stays a clone on the replica, as
 /// rbd-mirror keeps it: the replica is a clone of the parent's replica at
 /// the same snapshot (`rbd info` names it), only the clone's own objects
@@ -397,17 +423,7 @@ async fn clones_stay_clones_when_their_parent_is_replicated() {
     write(&child, &[(4 * MIB, 1 << 20)], 2);
     discard(&child, 20 * MIB, 1 << 20);
     drop(child);
-    let hourly = [("schedulingInterval", "1h")];
-    let mut ca = a.controller().await;
-    // The parent first: a clone enabled while its parent is not replicated
-    // gets a flat replica.
-    for vid in [&gvid, &cvid] {
-        ca.enable_volume_replication(enable_req(Site::A, vid, &hourly))
-            .await
-            .expect("enable");
-    }
-    let first = first_sync(&aio, "child");
-    wait_replica_snap(&p, "child", &first, LONG).await;
+    let (mut ca, first) = enable_golden_then_child(&a, &aio, &gvid, &cvid).await;
     let at = format!("{cvid}@{first}");
     assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
     let info = rbd_ok(Site::B, &["info", &cvid]);
@@ -477,21 +493,13 @@ async fn a_clone_fails_over_by_force_and_back_keeping_its_parent() {
     let mut a = Sidecar::start(Site::A, &pool.args()).await;
     let b = Sidecar::start(Site::B, &pool.args()).await;
     let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
-    let (p, base, gvid, cvid) = golden_and_child(&pool, &aio, 5);
+    let (_, base, gvid, cvid) = golden_and_child(&pool, &aio, 5);
     write(
         &Image::open(&aio, "child").unwrap(),
         &[(12 * MIB, 1 << 20)],
         6,
     );
-    let hourly = [("schedulingInterval", "1h")];
-    let mut ca = a.controller().await;
-    for vid in [&gvid, &cvid] {
-        ca.enable_volume_replication(enable_req(Site::A, vid, &hourly))
-            .await
-            .expect("enable");
-    }
-    let first = first_sync(&aio, "child");
-    wait_replica_snap(&p, "child", &first, LONG).await;
+    let (ca, first) = enable_golden_then_child(&a, &aio, &gvid, &cvid).await;
     let at_first = checksum(Site::A, &format!("{cvid}@{first}"));
 
     // A writes on after the sync point, over the parent's data (object 0,
