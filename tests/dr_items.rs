@@ -405,6 +405,18 @@ async fn enable_golden_then_child(
     (ca, first)
 }
 
+/// `cvid` is a clone of `base` on both sites (`rbd info` names its parent).
+fn assert_clone_on_both_sites(cvid: &str, base: &str) {
+    for site in [Site::A, Site::B] {
+        let info = rbd_ok(site, &["info", cvid]);
+        assert!(
+            info.contains(&format!("parent: {base}")),
+            "the clone lost its parent on {}: {info}",
+            site.id()
+        );
+    }
+}
+
 /// A clone whose parent is replicated too stays a clone on the replica, as
 /// rbd-mirror keeps it: the replica is a clone of the parent's replica at
 /// the same snapshot (`rbd info` names it), only the clone's own objects
@@ -466,14 +478,7 @@ async fn clones_stay_clones_when_their_parent_is_replicated() {
     })
     .await;
     assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
-    for site in [Site::A, Site::B] {
-        let info = rbd_ok(site, &["info", &cvid]);
-        assert!(
-            info.contains(&format!("parent: {base}")),
-            "the clone lost its parent on {}: {info}",
-            site.id()
-        );
-    }
+    assert_clone_on_both_sites(&cvid, &base);
     assert_eq!(
         registry_record(&bio, "child").unwrap()["role"],
         "primary",
@@ -548,14 +553,7 @@ async fn a_clone_fails_over_by_force_and_back_keeping_its_parent() {
     let at = format!("{cvid}@{next}");
     assert_eq!(checksum(Site::A, &at), checksum(Site::B, &at), "{at}");
     assert_eq!(checksum(Site::A, &at), checksum(Site::B, &cvid), "{at}");
-    for site in [Site::A, Site::B] {
-        let info = rbd_ok(site, &["info", &cvid]);
-        assert!(
-            info.contains(&format!("parent: {base}")),
-            "the clone lost its parent on {}: {info}",
-            site.id()
-        );
-    }
+    assert_clone_on_both_sites(&cvid, &base);
     assert_eq!(registry_record(&aio, "child").unwrap()["role"], "secondary");
 }
 
