@@ -622,16 +622,13 @@ pub fn mark_objects_exist(image: &Image, runs: &[(u64, u64)]) -> Result<()> {
     // it was before the operation, and the last one's write would undo the
     // others' marks.
     let next = AtomicUsize::new(0);
-    let failed = std::sync::Mutex::new(None);
+    let failed = parking_lot::Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..runs.len().min(MARK_PARALLEL) {
             s.spawn(|| {
                 while let Some(r) = runs.get(next.fetch_add(1, Ordering::Relaxed)) {
                     if let Err(e) = mark(r) {
-                        failed
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
+                        failed.lock().get_or_insert(e);
                         // Stop the others at their next run.
                         next.store(runs.len(), Ordering::Relaxed);
                         return;
@@ -640,7 +637,7 @@ pub fn mark_objects_exist(image: &Image, runs: &[(u64, u64)]) -> Result<()> {
             });
         }
     });
-    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    match failed.into_inner() {
         Some(e) => Err(e),
         None => Ok(()),
     }

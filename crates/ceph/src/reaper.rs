@@ -5,8 +5,10 @@
 //! in order. A panicking drop is caught and logged; the thread carries on.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::OnceLock;
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Mutex, OnceLock};
+
+use parking_lot::Mutex;
 
 type Doomed = Box<dyn Send>;
 
@@ -37,7 +39,7 @@ fn start() -> Option<Mutex<Sender<Doomed>>> {
 pub(crate) fn drop_later<T: Send + 'static>(v: T) {
     let doomed: Doomed = Box::new(v);
     let rejected = match REAPER.get_or_init(start) {
-        Some(tx) => match tx.lock().unwrap_or_else(|p| p.into_inner()).send(doomed) {
+        Some(tx) => match tx.lock().send(doomed) {
             Ok(()) => None,
             Err(e) => Some(e.0),
         },

@@ -12,8 +12,10 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -39,11 +41,11 @@ struct Inner {
 
 impl Inner {
     fn tasks(&self) -> MutexGuard<'_, JoinSet<()>> {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+        self.tasks.lock()
     }
 
     fn running(&self) -> MutexGuard<'_, HashSet<String>> {
-        self.running.lock().unwrap_or_else(|p| p.into_inner())
+        self.running.lock()
     }
 }
 

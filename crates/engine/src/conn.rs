@@ -12,7 +12,9 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
@@ -164,7 +166,7 @@ impl Connections {
             key_digest: creds.digest(),
         };
         {
-            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.cache.lock();
             let now = Instant::now();
             cache.retain(|_, (_, used)| now.duration_since(*used) < self.idle);
             if let Some((c, used)) = cache.get_mut(&key) {
@@ -182,7 +184,7 @@ impl Connections {
             instance_id = c.instance_id(),
             "connected to cluster"
         );
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.cache.lock();
         let entry = cache.entry(key).or_insert((c, Instant::now()));
         Ok(Arc::clone(&entry.0))
     }
@@ -190,12 +192,12 @@ impl Connections {
     /// Drops every connection (this client was fenced): the next calls
     /// reconnect.
     pub fn forget_all(&self) {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.cache.lock().clear();
     }
 
     /// Drops a connection that failed, so the next call reconnects.
     pub fn forget(&self, cluster: &Arc<Cluster>) {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.cache.lock();
         cache.retain(|_, (c, _)| !Arc::ptr_eq(c, cluster));
     }
 }

@@ -378,7 +378,7 @@ impl Watermark {
 #[derive(Debug)]
 pub struct Throttle {
     rate: std::sync::atomic::AtomicU64,
-    state: std::sync::Mutex<(f64, std::time::Instant)>,
+    state: parking_lot::Mutex<(f64, std::time::Instant)>,
 }
 
 impl Throttle {
@@ -386,7 +386,7 @@ impl Throttle {
     pub fn new(bytes_per_sec: u64) -> Self {
         Self {
             rate: std::sync::atomic::AtomicU64::new(bytes_per_sec),
-            state: std::sync::Mutex::new((bytes_per_sec as f64, std::time::Instant::now())),
+            state: parking_lot::Mutex::new((bytes_per_sec as f64, std::time::Instant::now())),
         }
     }
 
@@ -404,7 +404,7 @@ impl Throttle {
     fn refund(&self, n: u64) {
         let rate = self.rate() as f64;
         if rate > 0.0 {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock();
             st.0 = (st.0 + n as f64).min(rate);
         }
     }
@@ -415,7 +415,7 @@ impl Throttle {
         if rate <= 0.0 {
             return Ok(());
         }
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock();
         let now = std::time::Instant::now();
         let elapsed = now.duration_since(st.1).as_secs_f64();
         st.0 = (st.0 + elapsed * rate).min(rate.max(n as f64));
@@ -448,7 +448,7 @@ impl Throttle {
         if rate <= 0.0 {
             return None;
         }
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.state.lock();
         let tokens = (st.0 + st.1.elapsed().as_secs_f64() * rate).min(rate.max(n as f64));
         (tokens < n as f64).then(|| std::time::Duration::from_secs_f64((n as f64 - tokens) / rate))
     }
@@ -480,7 +480,7 @@ pub struct ByteBudget {
     used: AtomicUsize,
     /// Copies currently using the budget.
     copies: AtomicUsize,
-    spare: std::sync::Mutex<Vec<Vec<u8>>>,
+    spare: parking_lot::Mutex<Vec<Vec<u8>>>,
 }
 
 /// Buffers at least this large are kept for reuse (smaller ones come from
@@ -494,7 +494,7 @@ impl ByteBudget {
             limit,
             used: AtomicUsize::new(0),
             copies: AtomicUsize::new(0),
-            spare: std::sync::Mutex::new(Vec::new()),
+            spare: parking_lot::Mutex::new(Vec::new()),
         }
     }
 
@@ -528,8 +528,8 @@ impl ByteBudget {
         self.used.fetch_sub(n, Ordering::AcqRel);
     }
 
-    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.spare.lock().unwrap_or_else(|p| p.into_inner())
+    fn spares(&self) -> parking_lot::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.spare.lock()
     }
 
     /// A buffer of `len` bytes (contents unspecified): a spare large enough

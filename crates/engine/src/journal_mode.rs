@@ -225,7 +225,7 @@ fn journal_err(e: JournalError, what: &str) -> EngineError {
 /// (librbd's own every 5 s while it writes, and at close), registration and
 /// trim; never at an append.
 struct HeaderWake {
-    flag: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    flag: Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
     watch: Option<ceph::Watch>,
 }
 
@@ -249,7 +249,7 @@ impl HeaderWake {
         let flag = Arc::clone(&self.flag);
         let on_event = Box::new(move || {
             let (m, cv) = &*flag;
-            *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            *m.lock() = true;
             cv.notify_all();
         });
         match ceph::Watch::new(journal.header_ioctx(), &journal.header_oid(), on_event) {
@@ -269,21 +269,21 @@ impl HeaderWake {
 
     fn raise(&self) {
         let (m, cv) = &*self.flag;
-        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        *m.lock() = true;
         cv.notify_all();
     }
 
     /// Whether a notification came since the last call.
     fn take(&self) -> bool {
-        std::mem::take(&mut *self.flag.0.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.flag.0.lock())
     }
 
     /// Waits up to `timeout`, less when a notification comes (it stays
     /// raised for [`HeaderWake::take`]).
     fn wait(&self, timeout: Duration) {
         let (m, cv) = &*self.flag;
-        let g = m.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = cv.wait_timeout_while(g, timeout, |raised| !*raised);
+        let mut g = m.lock();
+        let _ = cv.wait_while_for(&mut g, |raised| !*raised, timeout);
     }
 }
 

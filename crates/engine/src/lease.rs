@@ -4,8 +4,8 @@
 //! than the lease), and every sync checks its pool's lease before it writes:
 //! a replayer that lost it stops, so two never write one replica.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Until when this process may act on each pool it holds the lease of.
@@ -44,8 +44,8 @@ impl LeaseTable {
         self.map().keys().cloned().collect()
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.valid_until.lock().unwrap_or_else(|p| p.into_inner())
+    fn map(&self) -> parking_lot::MutexGuard<'_, HashMap<String, Instant>> {
+        self.valid_until.lock()
     }
 }
 

@@ -39,7 +39,9 @@ mod store;
 pub mod verify;
 pub mod wakeup;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -394,19 +396,12 @@ impl Engine {
         };
         match r {
             Ok(()) => {
-                *self.last_local_ok.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some(Instant::now());
-                *self
-                    .last_local_err
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = None;
+                *self.last_local_ok.lock() = Some(Instant::now());
+                *self.last_local_err.lock() = None;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "local cluster check failed");
-                *self
-                    .last_local_err
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                *self.last_local_err.lock() = Some(e.to_string());
             }
         }
     }
@@ -431,7 +426,7 @@ impl Engine {
     /// does not (it died and waits to be restarted), `None` once it runs
     /// again.
     pub fn set_down(&self, task: &'static str, reason: Option<String>) {
-        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let mut down = self.down.lock();
         match reason {
             Some(r) => down.insert(task, r),
             None => down.remove(task),
@@ -442,25 +437,14 @@ impl Engine {
     /// supervised loop of this process (the replayer, if it runs one) is
     /// running; otherwise the reason.
     pub fn probe(&self, within: Duration) -> std::result::Result<(), String> {
-        if let Some(why) = self
-            .down
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .next()
-            .cloned()
-        {
+        if let Some(why) = self.down.lock().values().next().cloned() {
             return Err(why);
         }
-        let ok = *self.last_local_ok.lock().unwrap_or_else(|p| p.into_inner());
+        let ok = *self.last_local_ok.lock();
         match ok {
             Some(t) if t.elapsed() <= within => Ok(()),
             _ => {
-                let err = self
-                    .last_local_err
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
+                let err = self.last_local_err.lock().clone();
                 Err(match (ok, err) {
                     (_, Some(e)) => format!(
                         "local cluster {} is not answering: {e}",

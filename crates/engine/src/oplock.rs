@@ -4,7 +4,9 @@
 //! not release the volume while its blocking work still runs.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use super::error::{EngineError, Result};
 
@@ -24,7 +26,7 @@ pub struct OpGuard {
 impl OpLocks {
     /// Takes the volume `key`, or fails with `Busy` if it is taken.
     pub fn try_lock(&self, key: &str) -> Result<OpGuard> {
-        let mut set = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self.held.lock();
         if !set.insert(key.to_string()) {
             return Err(EngineError::Busy(key.to_string()));
         }
@@ -37,7 +39,7 @@ impl OpLocks {
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
-        let mut set = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut set = self.held.lock();
         set.remove(&self.key);
     }
 }

@@ -15,8 +15,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -75,28 +77,17 @@ pub struct HeldImages {
 impl HeldImages {
     /// The held image `key`, if any.
     pub fn get(&self, key: &str) -> Option<Image> {
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            .cloned()
+        self.open.lock().get(key).cloned()
     }
 
     /// Holds `img` (its lock already taken).
     pub fn put(&self, key: &str, img: Image) {
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_string(), img);
+        self.open.lock().insert(key.to_string(), img);
     }
 
     /// Releases the lock of `key` and forgets it.
     pub fn release(&self, key: &str) {
-        let img = self
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        let img = self.open.lock().remove(key);
         if let Some(img) = img {
             let _ = img.lock_release();
         }
@@ -107,7 +98,7 @@ impl HeldImages {
     pub fn release_pool(&self, pool: &str) {
         let prefix = format!("{pool}/");
         let gone: Vec<Image> = {
-            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let mut open = self.open.lock();
             let keys: Vec<String> = open
                 .keys()
                 .filter(|k| k.starts_with(&prefix))
@@ -122,13 +113,7 @@ impl HeldImages {
 
     /// Releases everything (shutdown).
     pub fn release_all(&self) {
-        let all: Vec<Image> = self
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, i)| i)
-            .collect();
+        let all: Vec<Image> = self.open.lock().drain().map(|(_, i)| i).collect();
         for img in all {
             let _ = img.lock_release();
         }
@@ -277,12 +262,7 @@ impl Work {
     /// Starts the task of `job` unless one runs for its image already.
     fn start(&mut self, engine: &Arc<Engine>, job: Job) {
         let key = job.key();
-        if !self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone())
-        {
+        if !self.running.lock().insert(key.clone()) {
             return;
         }
         if job.primary.mode == super::journal_mode::MODE {
@@ -325,7 +305,7 @@ impl Work {
                     tracing::error!(image = %key, error = %err, "journal replay panicked")
                 }
             }
-            run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            run.lock().remove(&key);
         });
     }
 
@@ -364,7 +344,7 @@ impl Work {
                     }
                 }
             }
-            run.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            run.lock().remove(&key);
             // A sync point may have been taken while this one was copied;
             // its notification found the image busy.
             if progressed {

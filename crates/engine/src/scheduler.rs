@@ -12,8 +12,10 @@
 //! enabled, are taken concurrently so that they share rounds.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -108,18 +110,11 @@ pub struct DueCache {
 
 impl DueCache {
     fn get(&self, id: &str) -> Option<DateTime<Utc>> {
-        self.due
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
+        self.due.lock().get(id).copied()
     }
 
     fn set(&self, id: &str, at: DateTime<Utc>) {
-        self.due
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), at);
+        self.due.lock().insert(id.to_string(), at);
     }
 }
 

@@ -6,8 +6,10 @@
 //! checks the cancel flag between submissions and drains its in-flight I/O.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 /// The slot of one image.
@@ -92,7 +94,7 @@ pub struct ImageSlots {
 impl ImageSlots {
     /// The slot of image `key`.
     pub fn get(&self, key: &str) -> Arc<Slot> {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.map.lock();
         Arc::clone(m.entry(key.to_string()).or_default())
     }
 }

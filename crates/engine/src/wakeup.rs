@@ -12,7 +12,9 @@
 //! checks (DemoteVolume's, ceph-csi's before deleting) see the replayer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -80,8 +82,7 @@ impl Wakeups {
     /// ones and drops the others. A target that cannot be watched is logged
     /// and retried on the next call. Blocking.
     pub fn watch_only(&self, targets: Vec<WatchTarget>) {
-        let mut current =
-            std::mem::take(&mut *self.watches.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut current = std::mem::take(&mut *self.watches.lock());
         let mut next = HashMap::with_capacity(targets.len());
         for t in targets {
             if let Some(w) = current.remove(&t.key).filter(Watch::healthy) {
@@ -99,7 +100,7 @@ impl Wakeups {
             }
         }
         // Unwatch outside the lock: dropping a watch waits for its callbacks.
-        *self.watches.lock().unwrap_or_else(|p| p.into_inner()) = next;
+        *self.watches.lock() = next;
         drop(current);
     }
 
@@ -121,7 +122,7 @@ impl Wakeups {
 
     /// Drops every watch (shutdown). Blocking.
     pub fn clear(&self) {
-        let all = std::mem::take(&mut *self.watches.lock().unwrap_or_else(|p| p.into_inner()));
+        let all = std::mem::take(&mut *self.watches.lock());
         drop(all);
     }
 }

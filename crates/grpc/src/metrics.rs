@@ -302,9 +302,9 @@ mod tests {
         resp: Response<tonic::body::Body>,
         read_body: bool,
     ) {
-        let cell = std::sync::Mutex::new(Some(resp));
+        let cell = parking_lot::Mutex::new(Some(resp));
         let svc = tower::service_fn(move |_req: Request<()>| {
-            let r = cell.lock().unwrap().take().unwrap();
+            let r = cell.lock().take().unwrap();
             async move { Ok::<_, Infallible>(r) }
         });
         let mut svc = RpcMetricsLayer::new(Arc::clone(metrics)).layer(svc);

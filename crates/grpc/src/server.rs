@@ -28,8 +28,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -794,7 +796,7 @@ struct Calls {
 
 impl InFlight {
     fn begin(&self, method: &str) -> CallGuard {
-        let mut calls = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut calls = self.0.lock();
         let id = calls.next_id;
         calls.next_id += 1;
         calls.active.insert(id, (method.to_owned(), Instant::now()));
@@ -805,16 +807,12 @@ impl InFlight {
     }
 
     fn len(&self) -> usize {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .active
-            .len()
+        self.0.lock().active.len()
     }
 
     /// Method and running time of each call, longest first.
     fn snapshot(&self) -> Vec<(String, Duration)> {
-        let calls = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let calls = self.0.lock();
         let mut list: Vec<_> = calls
             .active
             .values()
@@ -833,11 +831,7 @@ struct CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        self.calls
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .active
-            .remove(&self.id);
+        self.calls.lock().active.remove(&self.id);
     }
 }
 

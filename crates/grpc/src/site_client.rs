@@ -29,7 +29,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -595,27 +597,21 @@ async fn switch_over(
     force_on_loss: bool,
     progress: &(dyn Fn(&SiteReport) + Sync),
 ) {
-    let to_id = report.lock().map(|r| r.to.clone()).unwrap_or_default();
-    let from_id = report
-        .lock()
-        .ok()
-        .and_then(|r| r.from.clone())
-        .unwrap_or_default();
-    let lost: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(
-        report.lock().ok().and_then(|r| r.from_lost.clone()),
-    ));
+    let to_id = report.lock().to.clone();
+    let from_id = report.lock().from.clone().unwrap_or_default();
+    let lost: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(report.lock().from_lost.clone()));
     let mut work = futures::stream::iter(images)
         .map(|mut img| {
             let (mut to, from) = (sites.to.clone(), sites.from.clone());
             let (lost, to_id, from_id) = (Arc::clone(&lost), to_id.clone(), from_id.clone());
             async move {
                 let began = Instant::now();
-                let gone = lost.lock().map(|l| l.clone()).unwrap_or(None);
+                let gone = lost.lock().clone();
                 let demoted = match (from, gone) {
                     (Some(mut from), None) => {
                         let s = call_demote(&mut from, &from_id, &img, opts.timeout).await;
                         let ok = s.ok();
-                        if !ok && let Ok(mut l) = lost.lock() {
+                        if !ok {
                             let why = format!(
                                 "demotion of {} failed: {} {}",
                                 img.spec(),
@@ -623,7 +619,7 @@ async fn switch_over(
                                 s.message
                             );
                             tracing::warn!(image = %img.spec(), reason = %why, "old site assumed gone");
-                            l.get_or_insert(why);
+                            lost.lock().get_or_insert(why);
                         }
                         img.steps.push(s);
                         ok
@@ -642,8 +638,7 @@ async fn switch_over(
                     if force_on_loss {
                         let why = img.last_error().unwrap_or_else(|| {
                             lost.lock()
-                                .ok()
-                                .and_then(|l| l.clone())
+                                .clone()
                                 .unwrap_or_else(|| "the old site is gone".into())
                         });
                         let s = call_promote(&mut to, &to_id, &img, true, Duration::ZERO).await;
@@ -667,23 +662,17 @@ async fn switch_over(
         })
         .buffer_unordered(opts.parallel.max(1));
     while let Some(img) = work.next().await {
-        if let Ok(mut r) = report.lock() {
-            r.images.push(img);
-            progress(&r);
-        }
+        let mut r = report.lock();
+        r.images.push(img);
+        progress(&r);
     }
-    if let (Ok(mut r), Ok(l)) = (report.lock(), lost.lock()) {
-        r.from_lost.clone_from(&l);
-    }
+    report.lock().from_lost.clone_from(&lost.lock());
 }
 
 fn take(report: Arc<Mutex<SiteReport>>) -> SiteReport {
     match Arc::try_unwrap(report) {
-        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
-        Err(a) => a
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_else(|p| p.into_inner().clone()),
+        Ok(m) => m.into_inner(),
+        Err(a) => a.lock().clone(),
     }
 }
 

@@ -22,7 +22,9 @@ use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
@@ -276,7 +278,7 @@ impl TlsConfig {
     /// changed since the last load (a failed re-read keeps the last one).
     pub fn current(&self) -> Arc<ServerConfig> {
         let stamp = self.files.stamp();
-        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.current.lock();
         if current.0 != stamp {
             // Whatever the outcome, do not retry until the files change again.
             current.0 = stamp;

@@ -38,8 +38,10 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -441,7 +443,7 @@ impl Metrics {
     }
 
     fn remember(&self, img: &ImageLabels) {
-        let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+        let mut images = self.images.lock();
         if !images.contains(img) {
             images.insert(img.clone());
         }
@@ -539,10 +541,7 @@ impl Metrics {
         for s in REPLICA_STATES {
             self.state.remove(&state_labels(img, s));
         }
-        self.images
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(img);
+        self.images.lock().remove(img);
     }
 
     /// Forgets every image with series for which `keep` is false (e.g. those
@@ -551,7 +550,6 @@ impl Metrics {
         let gone: Vec<ImageLabels> = self
             .images
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|i| !keep(i))
             .cloned()
