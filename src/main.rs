@@ -794,13 +794,8 @@ fn status(a: StatusArgs) -> std::process::ExitCode {
         Ok(r) => r,
         Err(e) => return fail(e.to_string()),
     };
-    if a.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(j) => println!("{j}"),
-            Err(e) => return fail(format!("cannot encode the status: {e}")),
-        }
-    } else {
-        print!("{}", render_text(&report, a.verbose));
+    if let Err(e) = print_report(a.json, &report, || render_text(&report, a.verbose)) {
+        return fail(e);
     }
     for e in &report.errors {
         eprintln!("csi-rbd-replicator status: pool {}: {}", e.pool, e.error);
@@ -812,51 +807,48 @@ fn status(a: StatusArgs) -> std::process::ExitCode {
 /// 0 every image ok, 1 some image failed (status: not healthy), 2 usage or
 /// connection error.
 async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
-    use csi_rbd_replicator::grpc::admin_client::{self as ac, OpReport};
-    use csi_rbd_replicator::grpc::proto::admin::admin_client::AdminClient;
-    use csi_rbd_replicator::grpc::proto::admin::{
-        PoolDemoteRequest, PoolPromoteRequest, PoolStatusRequest,
-    };
     let (t, op) = match &cmd {
         PoolCmd::Status(t) => (t, "status"),
         PoolCmd::Promote(a) => (&a.target, "promote"),
         PoolCmd::Demote(a) => (&a.target, "demote"),
         PoolCmd::Enable(_) | PoolCmd::Disable(_) => unreachable!("dispatched in main"),
     };
-    let json = t.json;
-    let fail = |msg: String| {
-        if json {
-            println!("{}", serde_json::json!({ "error": msg }));
+    match pool_op(&cmd, t, op).await {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(msg) => {
+            if t.json {
+                println!("{}", serde_json::json!({ "error": msg }));
+            }
+            eprintln!("csi-rbd-replicator pool {op}: {msg}");
+            std::process::ExitCode::from(2)
         }
-        eprintln!("csi-rbd-replicator pool {op}: {msg}");
-        std::process::ExitCode::from(2)
+    }
+}
+
+/// The admin call of `pool status|promote|demote`, its output printed;
+/// the exit code, or the message of an error (exit code 2).
+async fn pool_op(cmd: &PoolCmd, t: &PoolTarget, op: &str) -> Result<u8, String> {
+    use csi_rbd_replicator::grpc::admin_client::{self as ac, OpReport};
+    use csi_rbd_replicator::grpc::proto::admin::admin_client::AdminClient;
+    use csi_rbd_replicator::grpc::proto::admin::{
+        PoolDemoteRequest, PoolPromoteRequest, PoolStatusRequest,
     };
     let rpc_error = |s: tonic::Status| csi_rbd_replicator::grpc::status::describe(&s);
-    let channel = match ac::connect(&t.endpoint).await {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let mut client = AdminClient::new(channel);
-    let stream = match &cmd {
+    let mut client = AdminClient::new(ac::connect(&t.endpoint).await?);
+    let stream = match cmd {
         PoolCmd::Status(t) => {
             let req = PoolStatusRequest {
                 pool: t.pool.clone(),
                 namespace: t.namespace.clone(),
                 default_namespace_only: false,
             };
-            let s = match client.pool_status(req).await {
-                Ok(r) => r.into_inner(),
-                Err(e) => return fail(rpc_error(e)),
-            };
-            if json {
-                match serde_json::to_string_pretty(&ac::status_json(&s)) {
-                    Ok(j) => println!("{j}"),
-                    Err(e) => return fail(format!("cannot encode the status: {e}")),
-                }
-            } else {
-                print!("{}", ac::render_status(&s));
-            }
-            return std::process::ExitCode::from(ac::status_exit_code(&s));
+            let s = client
+                .pool_status(req)
+                .await
+                .map_err(rpc_error)?
+                .into_inner();
+            print_report(t.json, &ac::status_json(&s), || ac::render_status(&s))?;
+            return Ok(ac::status_exit_code(&s));
         }
         PoolCmd::Promote(a) => {
             let req = PoolPromoteRequest {
@@ -880,20 +872,14 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
         }
         PoolCmd::Enable(_) | PoolCmd::Disable(_) => unreachable!("dispatched in main"),
     };
-    let mut stream = match stream {
-        Ok(s) => s.into_inner(),
-        Err(e) => return fail(rpc_error(e)),
-    };
-    // Progress on a terminal only: one line, rewritten as images finish.
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut stream = stream.map_err(rpc_error)?.into_inner();
     let mut report = OpReport::new(op);
+    let line = TermLine::stderr();
     loop {
         match stream.message().await {
             Ok(Some(ev)) => {
                 report.add(ev);
-                if tty {
-                    eprint!("\r\x1b[K{}", report.progress_line());
-                }
+                line.show(&report.progress_line());
             }
             Ok(None) => break,
             Err(e) => {
@@ -902,21 +888,12 @@ async fn pool(cmd: PoolCmd) -> std::process::ExitCode {
             }
         }
     }
-    if tty {
-        eprint!("\r\x1b[K");
-    }
-    if json {
-        match serde_json::to_string_pretty(&report.to_json()) {
-            Ok(j) => println!("{j}"),
-            Err(e) => return fail(format!("cannot encode the report: {e}")),
-        }
-    } else {
-        print!("{}", report.render_text());
-    }
+    line.clear();
+    print_report(t.json, &report.to_json(), || report.render_text())?;
     if let Some(b) = &report.broken {
         eprintln!("csi-rbd-replicator pool {op}: {b}");
     }
-    std::process::ExitCode::from(report.exit_code())
+    Ok(report.exit_code())
 }
 
 /// Sets up TLS to the sidecars from `--tls-ca` and friends, if given.
@@ -974,31 +951,19 @@ async fn site(a: SiteArgs, relocate: Option<bool>) -> std::process::ExitCode {
         wait: a.wait,
         parallel: a.parallel.clamp(1, engine::pool::MAX_PARALLEL),
     };
-    // Progress on a terminal only: one line, rewritten as images finish.
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let progress = move |r: &SiteReport| {
-        if tty {
-            eprint!("\r\x1b[K{}", r.progress_line());
-        }
-    };
+    let line = TermLine::stderr();
+    let progress = |r: &SiteReport| line.show(&r.progress_line());
     let res = match relocate {
         None => sc::failover(sites, &opts, &progress).await,
         Some(relocate) => sc::failback(sites, &opts, relocate, &progress).await,
     };
-    if tty {
-        eprint!("\r\x1b[K");
-    }
+    line.clear();
     let report = match res {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
-    if a.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(j) => println!("{j}"),
-            Err(e) => return fail(format!("cannot encode the report: {e}")),
-        }
-    } else {
-        print!("{}", report.render_text());
+    if let Err(e) = print_report(a.json, &report, || report.render_text()) {
+        return fail(e);
     }
     std::process::ExitCode::from(report.exit_code())
 }
@@ -1038,13 +1003,8 @@ async fn drill(cmd: DrillCmd) -> std::process::ExitCode {
             return fail(csi_rbd_replicator::grpc::status::describe(&s));
         }
     };
-    if a.target.json {
-        match serde_json::to_string_pretty(&drill_json(op, &r)) {
-            Ok(j) => println!("{j}"),
-            Err(e) => return fail(format!("cannot encode the report: {e}")),
-        }
-    } else {
-        print!("{}", render_drill(op, &r));
+    if let Err(e) = print_report(a.target.json, &drill_json(op, &r), || render_drill(op, &r)) {
+        return fail(e);
     }
     std::process::ExitCode::SUCCESS
 }
@@ -1083,18 +1043,58 @@ fn verify(a: VerifyArgs) -> std::process::ExitCode {
     printer.finish();
     match res {
         Ok(r) => {
-            if a.json {
-                match serde_json::to_string_pretty(&r) {
-                    Ok(j) => println!("{j}"),
-                    Err(e) => return fail(format!("cannot encode the report: {e}")),
-                }
-            } else {
-                print!("{}", render_text(&r));
+            if let Err(e) = print_report(a.json, &r, || render_text(&r)) {
+                return fail(e);
             }
             std::process::ExitCode::from(if r.identical { 0 } else { 1 })
         }
         Err(e) => fail(e.to_string()),
     }
+}
+
+/// A progress line on standard error, rewritten in place as work finishes;
+/// nothing when standard error is not a terminal.
+struct TermLine {
+    tty: bool,
+}
+
+impl TermLine {
+    fn stderr() -> Self {
+        Self {
+            tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+
+    /// Replaces the line with `text`.
+    fn show(&self, text: &str) {
+        if self.tty {
+            eprint!("\r\x1b[K{text}");
+        }
+    }
+
+    /// Erases the line.
+    fn clear(&self) {
+        if self.tty {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+/// Prints `value` as pretty JSON (`--json`) or else `text()`, on standard
+/// output; an error message when the JSON cannot be made.
+fn print_report(
+    json: bool,
+    value: &impl serde::Serialize,
+    text: impl FnOnce() -> String,
+) -> Result<(), String> {
+    if json {
+        let j = serde_json::to_string_pretty(value)
+            .map_err(|e| format!("cannot encode the report: {e}"))?;
+        println!("{j}");
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
 }
 
 fn spawn_signal_handler(token: CancellationToken) {

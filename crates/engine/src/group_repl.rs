@@ -1267,19 +1267,7 @@ impl Engine {
             );
         };
         let mut rec = match get_record(&lio, &uuid)? {
-            None => GroupRecord {
-                uuid: uuid.clone(),
-                role: Role::Secondary,
-                schedule: job.primary.schedule.clone(),
-                members: Vec::new(),
-                enabled_at: Utc::now(),
-                last_cut_at: None,
-                primary_fsid: Some(job.peer.fsid().to_string()),
-                last_cut: None,
-                demotion_cut: None,
-                role_change: None,
-                revision: Revision::default(),
-            },
+            None => new_replica_record(job),
             Some(r) => r,
         };
         if self
@@ -1288,36 +1276,10 @@ impl Engine {
         {
             return Ok(());
         }
-        // The primary's newest complete cut, newer than the replica's (a
-        // primary may still hold older cuts of an earlier term).
-        let held_seq = rec
-            .last_cut
-            .as_ref()
-            .and_then(|l| cut_seq(&l.snap_name))
-            .unwrap_or(0);
-        let cuts = group_cuts(&job.peer_io, &uuid)?;
-        if rec.last_cut.is_some() && cuts.range(held_seq + 1..).next().is_none() {
-            report(ReplayState::Idle, String::new(), rec.last_cut.clone());
-            self.prune_group(job, &lio, &rec, held_seq);
-            return Ok(());
-        }
-        let Some((&target_seq, target)) = cuts.iter().next_back() else {
-            report(
-                ReplayState::Starting,
-                "no complete cut on the primary yet".into(),
-                None,
-            );
+        let Some((target_seq, target)) = self.next_cut(job, &lio, &rec, &report)? else {
             return Ok(());
         };
-        if rec
-            .last_cut
-            .as_ref()
-            .is_some_and(|l| &l.snap_name == target)
-        {
-            report(ReplayState::Idle, String::new(), rec.last_cut.clone());
-            self.prune_group(job, &lio, &rec, target_seq);
-            return Ok(());
-        }
+        let target = &target;
         ensure_local_group(
             &lio,
             &job.peer_io,
@@ -1358,6 +1320,49 @@ impl Engine {
         drop(replicas);
         self.prune_group(job, &lio, &rec, target_seq);
         Ok(())
+    }
+
+    /// The primary's newest complete cut `(sequence, snapshot name)` when
+    /// it is newer than the replica's (a primary may still hold older cuts
+    /// of an earlier term); otherwise `None`, reported, and the replica's
+    /// surplus cuts pruned.
+    fn next_cut(
+        &self,
+        job: &GroupJob,
+        lio: &Arc<IoCtx>,
+        rec: &GroupRecord,
+        report: &dyn Fn(ReplayState, String, Option<SyncPoint>),
+    ) -> Result<Option<(u64, String)>> {
+        let uuid = &job.primary.uuid;
+        let held_seq = rec
+            .last_cut
+            .as_ref()
+            .and_then(|l| cut_seq(&l.snap_name))
+            .unwrap_or(0);
+        let cuts = group_cuts(&job.peer_io, uuid)?;
+        if rec.last_cut.is_some() && cuts.range(held_seq + 1..).next().is_none() {
+            report(ReplayState::Idle, String::new(), rec.last_cut.clone());
+            self.prune_group(job, lio, rec, held_seq);
+            return Ok(None);
+        }
+        let Some((&target_seq, target)) = cuts.iter().next_back() else {
+            report(
+                ReplayState::Starting,
+                "no complete cut on the primary yet".into(),
+                None,
+            );
+            return Ok(None);
+        };
+        if rec
+            .last_cut
+            .as_ref()
+            .is_some_and(|l| &l.snap_name == target)
+        {
+            report(ReplayState::Idle, String::new(), rec.last_cut.clone());
+            self.prune_group(job, lio, rec, target_seq);
+            return Ok(None);
+        }
+        Ok(Some((target_seq, target.clone())))
     }
 
     /// What a replica group whose record is not `secondary` does before it
@@ -1798,6 +1803,23 @@ pub async fn run(engine: Arc<Engine>, cancel: tokio_util::sync::CancellationToke
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(engine.cfg.poll_interval) => {}
         }
+    }
+}
+
+/// The record of a replica group this cluster has not seen yet.
+fn new_replica_record(job: &GroupJob) -> GroupRecord {
+    GroupRecord {
+        uuid: job.primary.uuid.clone(),
+        role: Role::Secondary,
+        schedule: job.primary.schedule.clone(),
+        members: Vec::new(),
+        enabled_at: Utc::now(),
+        last_cut_at: None,
+        primary_fsid: Some(job.peer.fsid().to_string()),
+        last_cut: None,
+        demotion_cut: None,
+        role_change: None,
+        revision: Revision::default(),
     }
 }
 

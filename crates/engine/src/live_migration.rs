@@ -97,9 +97,23 @@ impl Engine {
             }
             return Ok(Step::Paused);
         }
-        let Some(lm) = rec.live_migration.clone() else {
-            return Ok(Step::Continue);
-        };
+        match rec.live_migration.clone() {
+            None => Ok(Step::Continue),
+            Some(lm) => self.migration_over(io, reg, rec, &lm),
+        }
+    }
+
+    /// The end of the live-migration `lm` recorded for `rec`: aborted
+    /// (replication goes on), committed in place (the record moves to the new
+    /// image id), or committed elsewhere (an error saying what to do).
+    fn migration_over(
+        &self,
+        io: &Arc<IoCtx>,
+        reg: &Registry,
+        rec: &ImageRecord,
+        lm: &LiveMigration,
+    ) -> Result<Step> {
+        let key = image_key(io.pool(), io.namespace(), &rec.image_name);
         // The migration is over: aborted (the name is the record's image
         // again) or committed (the source is gone).
         let now_id = match Image::open_read_only(io, &rec.image_name, None) {

@@ -802,6 +802,98 @@ pub fn sync_image(
     result
 }
 
+/// What a sync found ready to copy: the primary with its newest sync
+/// snapshot, and the replica that replays it here.
+struct Ready {
+    /// The sync's read-only handle of the primary.
+    primary: Image,
+    /// The primary's snapshots.
+    pall: Vec<ceph::SnapInfo>,
+    /// The primary's newest sync snapshot: where this sync copies to.
+    target: ceph::SnapInfo,
+    replica: Image,
+    /// The replica's snapshots.
+    rall: Vec<ceph::SnapInfo>,
+    /// The replica's registry record.
+    rec: ImageRecord,
+    /// Whether this sync created the replica.
+    fresh: bool,
+}
+
+/// The steps of a sync before any data moves: the primary's target, the
+/// replica (created if needed, ours, replaying here), a migrated primary
+/// followed, a pending replica snapshot taken. `None` (reported) when there
+/// is nothing to copy now, including when the replica already holds the
+/// target (then only the record and the pruning are brought up to date).
+fn ready_to_copy(
+    engine: &Engine,
+    local: &Arc<Cluster>,
+    job: &Job,
+    peer_io: &Arc<IoCtx>,
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    reporter: &Reporter<'_>,
+) -> Result<Option<Ready>> {
+    let key = job.key();
+    if paused_by_live_migration(job, local_reg, reporter)? {
+        return Ok(None);
+    }
+    let Some((primary, pall, target)) = primary_and_target(peer_io, job, reporter)? else {
+        return Ok(None);
+    };
+    let link = match replica_link(engine, local, job, local_io, &primary)? {
+        ControlFlow::Continue(link) => link,
+        ControlFlow::Break(why) => {
+            tracing::info!(image = %key, reason = %why, "replica of a clone waits for its parent");
+            reporter.report(ReplayState::Starting, why, None);
+            return Ok(None);
+        }
+    };
+    // The replica: existing (must be ours), or created now.
+    let (replica, mut rec, fresh) = replica_for_sync(
+        engine,
+        local,
+        job,
+        peer_io,
+        local_io,
+        local_reg,
+        &primary,
+        &target,
+        link.as_ref(),
+    )?;
+    if !replays_here(
+        engine, job, peer_io, local_io, local_reg, &mut rec, &replica, &primary, reporter,
+    )? {
+        return Ok(None);
+    }
+    follow_live_migrated_primary(job, local_reg, &mut rec)?;
+    // A sync point recorded before its snapshot existed (the process
+    // stopped in between): take the snapshot before anything looks at or
+    // writes the replica.
+    settle_pending_snap(&replica, local_reg, &mut rec)?;
+    let rall = replica
+        .snap_list()
+        .ctx(|| format!("listing snapshots of replica {key}"))?;
+    if rall.iter().any(|s| s.name == target.name) {
+        record_held_target(local_reg, &mut rec, &primary, &target, reporter)?;
+        let psync = sync_snaps(&pall);
+        let doomed = surplus(engine.cfg.keep_snapshots, &psync, &[&target.name]);
+        drop(primary);
+        prune_primary(peer_io, &job.primary.image_id, &doomed, &key);
+        prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
+        return Ok(None);
+    }
+    Ok(Some(Ready {
+        primary,
+        pall,
+        target,
+        replica,
+        rall,
+        rec,
+        fresh,
+    }))
+}
+
 /// One sync of `job`'s replica to the primary's newest sync snapshot, in
 /// named steps; whether a sync point was completed. Blocking.
 fn sync_inner(
@@ -822,76 +914,19 @@ fn sync_inner(
         )
     })?;
     let local_reg = Registry::new(Arc::clone(&local_io));
-    if paused_by_live_migration(job, &local_reg, reporter)? {
-        return Ok(false);
-    }
-    let Some((primary, pall, target)) = primary_and_target(peer_io, job, reporter)? else {
+    let Some(Ready {
+        primary,
+        pall,
+        target,
+        replica,
+        rall,
+        mut rec,
+        fresh,
+    }) = ready_to_copy(engine, local, job, peer_io, &local_io, &local_reg, reporter)?
+    else {
         return Ok(false);
     };
-    let psync = sync_snaps(&pall);
-    let link = match replica_link(engine, local, job, &local_io, &primary)? {
-        ControlFlow::Continue(link) => link,
-        ControlFlow::Break(why) => {
-            tracing::info!(image = %key, reason = %why, "replica of a clone waits for its parent");
-            reporter.report(ReplayState::Starting, why, None);
-            return Ok(false);
-        }
-    };
-    // The replica: existing (must be ours), or created now.
-    let (replica, mut rec, fresh) = replica_for_sync(
-        engine,
-        local,
-        job,
-        peer_io,
-        &local_io,
-        &local_reg,
-        &primary,
-        &target,
-        link.as_ref(),
-    )?;
-    if !replays_here(
-        engine, job, peer_io, &local_io, &local_reg, &mut rec, &replica, &primary, reporter,
-    )? {
-        return Ok(false);
-    }
-    follow_live_migrated_primary(job, &local_reg, &mut rec)?;
-    // A sync point recorded before its snapshot existed (the process
-    // stopped in between): take the snapshot before anything looks at or
-    // writes the replica.
-    settle_pending_snap(&replica, &local_reg, &mut rec)?;
-    let rall = replica
-        .snap_list()
-        .ctx(|| format!("listing snapshots of replica {key}"))?;
-    if rall.iter().any(|s| s.name == target.name) {
-        record_held_target(&local_reg, &mut rec, &primary, &target, reporter)?;
-        let doomed = surplus(engine.cfg.keep_snapshots, &psync, &[&target.name]);
-        drop(primary);
-        prune_primary(peer_io, &job.primary.image_id, &doomed, &key);
-        prune_replica(engine, &pall, &replica, &rall, &target.name, &key);
-        return Ok(false);
-    }
-    let (base, points) = plan_points(&pall, &psync, &rall, &target);
-    tracing::debug!(
-        base = ?base.as_ref().map(|b| &b.name),
-        target = %target.name,
-        seconds = begun.elapsed().as_secs_f64(),
-        "sync planned"
-    );
-    // The primary's surplus sync snapshots go on a thread of their own
-    // (each removal waits for a monitor commit), never the delta's base or
-    // target; the primary's scheduler removes what is left before it takes
-    // the next one.
-    let protect: Vec<&str> = base
-        .iter()
-        .map(|b| b.name.as_str())
-        .chain([target.name.as_str()])
-        .collect();
-    spawn_prune_primary(
-        engine,
-        peer_io,
-        job,
-        surplus(engine.cfg.keep_snapshots, &psync, &protect),
-    );
+    let (base, points) = plan_and_prune(engine, peer_io, job, &pall, &rall, &target, begun);
     let sides = Sides {
         engine,
         job,
@@ -928,6 +963,42 @@ fn sync_inner(
         &key,
     )?;
     Ok(true)
+}
+
+/// The sync points to copy (from the replica's newest sync snapshot the
+/// primary still has, `base`, to `target`), and the primary's surplus sync
+/// snapshots pruned on a thread of their own (each removal waits for a
+/// monitor commit), never the delta's base or target; the primary's
+/// scheduler removes what is left before it takes the next one.
+fn plan_and_prune(
+    engine: &Engine,
+    peer_io: &Arc<IoCtx>,
+    job: &Job,
+    pall: &[ceph::SnapInfo],
+    rall: &[ceph::SnapInfo],
+    target: &ceph::SnapInfo,
+    begun: Instant,
+) -> (Option<ceph::SnapInfo>, Vec<ceph::SnapInfo>) {
+    let psync = sync_snaps(pall);
+    let (base, points) = plan_points(pall, &psync, rall, target);
+    tracing::debug!(
+        base = ?base.as_ref().map(|b| &b.name),
+        target = %target.name,
+        seconds = begun.elapsed().as_secs_f64(),
+        "sync planned"
+    );
+    let protect: Vec<&str> = base
+        .iter()
+        .map(|b| b.name.as_str())
+        .chain([target.name.as_str()])
+        .collect();
+    spawn_prune_primary(
+        engine,
+        peer_io,
+        job,
+        surplus(engine.cfg.keep_snapshots, &psync, &protect),
+    );
+    (base, points)
 }
 
 /// The primary of `job`, read-only (a read-write handle would make this

@@ -150,33 +150,8 @@ impl Engine {
             Image::open_read_only(&io, &name, None).ctx(|| format!("opening {spec} read-only"))?;
         let (peer_name, peer) = self.peer_image(&io, &name, &spec, opts.peer.as_deref())?;
 
-        let lsnaps = local
-            .snap_list()
-            .ctx(|| format!("listing snapshots of {spec}"))?;
-        let psnaps = peer
-            .snap_list()
-            .ctx(|| format!("listing snapshots of {spec} on peer {peer_name}"))?;
-        let snap = match &opts.snapshot {
-            Some(s) => s.clone(),
-            None => newest_common_sync_snap(&lsnaps, &psnaps).ok_or_else(|| {
-                EngineError::FailedPrecondition(format!(
-                    "no sync snapshot of {spec} exists on both clusters \
-                     (local: {}; peer {peer_name}: {})",
-                    sync_names(&lsnaps),
-                    sync_names(&psnaps)
-                ))
-            })?,
-        };
-        let lsize = snap_size(&lsnaps, &snap)
-            .ok_or_else(|| EngineError::NotFound(format!("{spec}@{snap} does not exist")))?;
-        let psize = snap_size(&psnaps, &snap).ok_or_else(|| {
-            EngineError::NotFound(format!("{spec}@{snap} does not exist on peer {peer_name}"))
-        })?;
-        local
-            .snap_set(Some(&snap))
-            .ctx(|| format!("selecting {spec}@{snap}"))?;
-        peer.snap_set(Some(&snap))
-            .ctx(|| format!("selecting {spec}@{snap} on peer {peer_name}"))?;
+        let (snap, lsize, psize) =
+            select_snapshot(&local, &peer, &spec, &peer_name, opts.snapshot.as_deref())?;
 
         let chunk = match local.stat() {
             Ok(i) if i.obj_size >= BLOCK => i.obj_size,
@@ -304,6 +279,46 @@ fn sync_names(snaps: &[ceph::SnapInfo]) -> String {
 
 fn snap_size(snaps: &[ceph::SnapInfo], name: &str) -> Option<u64> {
     snaps.iter().find(|s| s.name == name).map(|s| s.size)
+}
+
+/// Sets both images at the snapshot to compare: `wanted`, or else the
+/// newest sync snapshot both have. Returns its name and its size on each
+/// side.
+fn select_snapshot(
+    local: &Image,
+    peer: &Image,
+    spec: &str,
+    peer_name: &str,
+    wanted: Option<&str>,
+) -> Result<(String, u64, u64)> {
+    let lsnaps = local
+        .snap_list()
+        .ctx(|| format!("listing snapshots of {spec}"))?;
+    let psnaps = peer
+        .snap_list()
+        .ctx(|| format!("listing snapshots of {spec} on peer {peer_name}"))?;
+    let snap = match wanted {
+        Some(s) => s.to_string(),
+        None => newest_common_sync_snap(&lsnaps, &psnaps).ok_or_else(|| {
+            EngineError::FailedPrecondition(format!(
+                "no sync snapshot of {spec} exists on both clusters \
+                 (local: {}; peer {peer_name}: {})",
+                sync_names(&lsnaps),
+                sync_names(&psnaps)
+            ))
+        })?,
+    };
+    let lsize = snap_size(&lsnaps, &snap)
+        .ok_or_else(|| EngineError::NotFound(format!("{spec}@{snap} does not exist")))?;
+    let psize = snap_size(&psnaps, &snap).ok_or_else(|| {
+        EngineError::NotFound(format!("{spec}@{snap} does not exist on peer {peer_name}"))
+    })?;
+    local
+        .snap_set(Some(&snap))
+        .ctx(|| format!("selecting {spec}@{snap}"))?;
+    peer.snap_set(Some(&snap))
+        .ctx(|| format!("selecting {spec}@{snap} on peer {peer_name}"))?;
+    Ok((snap, lsize, psize))
 }
 
 /// The newest sync snapshot (by sequence number) present in both lists.

@@ -171,6 +171,96 @@ pub struct StartPool {
     pub scheduling_interval: String,
 }
 
+/// One source pool checked for `migrate start`: its images, and its clones
+/// with what becomes of them.
+struct CheckedPool {
+    pool: String,
+    ns: String,
+    /// How many images the pool holds.
+    images: usize,
+    /// Clones copied flat (`--flatten`).
+    flat: Vec<String>,
+    /// Clones that stay clones, `clone -> parent`.
+    linked: Vec<String>,
+    /// The pools (and namespaces) of the clones' parents.
+    parents: Vec<(String, String)>,
+}
+
+/// Checks one pool of the plan before anything changes: the target has it,
+/// and every clone's parent is migrated too (or `flatten`).
+async fn check_pool(
+    source: &mut Client,
+    target: &mut Client,
+    plan: &Plan,
+    to: &str,
+    pool: &str,
+    ns: &str,
+    flatten: bool,
+) -> Result<CheckedPool, String> {
+    let images = details(source, pool, ns, "source").await?;
+    if let Err(e) = target
+        .site_images(pb::SiteImagesRequest {
+            pool: pool.to_string(),
+            namespace: ns.to_string(),
+            default_namespace_only: true,
+        })
+        .await
+    {
+        return Err(format!(
+            "{}; create the pool (and namespace) on {to} and bootstrap its mirror peer with \
+             {} (rbd mirror pool peer bootstrap create/import) first, or pass --create-pools",
+            rpc_error(&format!("target {}", pool_spec(pool, ns)), &e),
+            plan.from
+        ));
+    }
+    let clones: Vec<&pb::ImageDetail> = images.iter().filter(|i| i.clone).collect();
+    let orphans: Vec<String> = clones
+        .iter()
+        .filter(|i| {
+            !plan
+                .pools
+                .iter()
+                .any(|(p, n)| *p == i.parent_pool && *n == i.parent_namespace)
+        })
+        .map(|i| format!("{} (parent {})", spec(pool, ns, &i.name), i.parent))
+        .collect();
+    if !orphans.is_empty() && !flatten {
+        return Err(format!(
+            "{} clone(s) whose parent is not migrated: {}; add the parents' pools to the \
+             migration (the clones then stay clones on the target), or pass --flatten \
+             (every clone's replica a flat copy: parent data included, no parent link)",
+            orphans.len(),
+            orphans.join(", ")
+        ));
+    }
+    let (flat, linked) = if flatten {
+        (
+            clones.iter().map(|i| spec(pool, ns, &i.name)).collect(),
+            Vec::new(),
+        )
+    } else {
+        (
+            Vec::new(),
+            clones
+                .iter()
+                .map(|i| format!("{} -> {}", spec(pool, ns, &i.name), i.parent))
+                .collect(),
+        )
+    };
+    let parents: Vec<(String, String)> = clones
+        .iter()
+        .map(|i| (i.parent_pool.clone(), i.parent_namespace.clone()))
+        .collect();
+    Ok(CheckedPool {
+        pool: pool.to_string(),
+        ns: ns.to_string(),
+        images: images.len(),
+        flat,
+        linked,
+        parents,
+    })
+}
+
 /// `migrate start`: pool mode on the source for every pool, those holding
 /// parents of clones first. Refuses before changing anything when a target
 /// pool does not exist or (without `flatten`) a clone's parent is not in
@@ -185,69 +275,25 @@ pub async fn start(
     let to = check_sites(&mut source, &mut target, plan).await?;
     let mut checked = Vec::new();
     for (pool, ns) in &plan.pools {
-        let images = details(&mut source, pool, ns, "source").await?;
-        if let Err(e) = target
-            .site_images(pb::SiteImagesRequest {
-                pool: pool.clone(),
-                namespace: ns.clone(),
-                default_namespace_only: true,
-            })
-            .await
-        {
-            return Err(format!(
-                "{}; create the pool (and namespace) on {to} and bootstrap its mirror peer with \
-                 {} (rbd mirror pool peer bootstrap create/import) first, or pass --create-pools",
-                rpc_error(&format!("target {}", pool_spec(pool, ns)), &e),
-                plan.from
-            ));
-        }
-        let clones: Vec<&pb::ImageDetail> = images.iter().filter(|i| i.clone).collect();
-        let orphans: Vec<String> = clones
-            .iter()
-            .filter(|i| {
-                !plan
-                    .pools
-                    .iter()
-                    .any(|(p, n)| *p == i.parent_pool && *n == i.parent_namespace)
-            })
-            .map(|i| format!("{} (parent {})", spec(pool, ns, &i.name), i.parent))
-            .collect();
-        if !orphans.is_empty() && !flatten {
-            return Err(format!(
-                "{} clone(s) whose parent is not migrated: {}; add the parents' pools to the \
-                 migration (the clones then stay clones on the target), or pass --flatten \
-                 (every clone's replica a flat copy: parent data included, no parent link)",
-                orphans.len(),
-                orphans.join(", ")
-            ));
-        }
-        let (flat, linked) = if flatten {
-            (
-                clones.iter().map(|i| spec(pool, ns, &i.name)).collect(),
-                Vec::new(),
-            )
-        } else {
-            (
-                Vec::new(),
-                clones
-                    .iter()
-                    .map(|i| format!("{} -> {}", spec(pool, ns, &i.name), i.parent))
-                    .collect(),
-            )
-        };
-        let parents: Vec<(String, String)> = clones
-            .iter()
-            .map(|i| (i.parent_pool.clone(), i.parent_namespace.clone()))
-            .collect();
-        checked.push((pool, ns, images.len(), flat, linked, parents));
+        checked.push(check_pool(&mut source, &mut target, plan, &to, pool, ns, flatten).await?);
     }
     // Parents before their clones: a clone's replica is created from the
     // parent's, and a clone enrolled before its parent would be copied flat.
-    let holds_parents: std::collections::HashSet<(String, String)> =
-        checked.iter().flat_map(|c| c.5.iter().cloned()).collect();
-    checked.sort_by_key(|c| !holds_parents.contains(&(c.0.clone(), c.1.clone())));
+    let holds_parents: std::collections::HashSet<(String, String)> = checked
+        .iter()
+        .flat_map(|c| c.parents.iter().cloned())
+        .collect();
+    checked.sort_by_key(|c| !holds_parents.contains(&(c.pool.clone(), c.ns.clone())));
     let mut pools = Vec::new();
-    for (pool, ns, n, clones, linked, _) in checked {
+    for CheckedPool {
+        pool,
+        ns,
+        images: n,
+        flat: clones,
+        linked,
+        parents: _,
+    } in checked
+    {
         let r = source
             .pool_mode_enable(pb::PoolModeRequest {
                 pool: pool.clone(),
@@ -259,10 +305,10 @@ pub async fn start(
                 mirroring_mode: String::new(),
             })
             .await
-            .map_err(|e| rpc_error(&format!("pool mode on {}", pool_spec(pool, ns)), &e))?
+            .map_err(|e| rpc_error(&format!("pool mode on {}", pool_spec(&pool, &ns)), &e))?
             .into_inner();
         pools.push(StartPool {
-            pool: pool_spec(pool, ns),
+            pool: pool_spec(&pool, &ns),
             images: n,
             enrolled: r.images_enrolled,
             flattened_clones: clones,
