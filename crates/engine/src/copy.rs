@@ -756,38 +756,7 @@ pub fn copy_extents(
             Wait::Again => continue,
             Wait::Done => break,
         };
-        match ev {
-            Event::Sparse { idx, obj, len, res } => c.on_sparse(idx, obj, len, res),
-            Event::Read {
-                first,
-                count,
-                direct,
-                res,
-                buf,
-            } => c.on_read(first, count, direct, res, buf),
-            Event::WrittenObject {
-                first,
-                count,
-                written,
-                zeroed,
-                res,
-                bufs,
-                from_read,
-            } => {
-                if from_read {
-                    c.inflight.give(written as usize);
-                }
-                c.on_written_object(first..first + count, written, zeroed, res, bufs)
-            }
-            Event::Written {
-                idx,
-                len,
-                res,
-                buf,
-                zero,
-                hole,
-            } => c.on_written(idx, len, res, buf, zero, hole),
-        }
+        c.handle(ev);
     }
     if let Some(e) = c.first_err {
         return Err(e);
@@ -886,6 +855,42 @@ struct Copier<'a, 'p> {
 }
 
 impl<'a> Copier<'a, '_> {
+    /// Hands one completion to its handler.
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Sparse { idx, obj, len, res } => self.on_sparse(idx, obj, len, res),
+            Event::Read {
+                first,
+                count,
+                direct,
+                res,
+                buf,
+            } => self.on_read(first, count, direct, res, buf),
+            Event::WrittenObject {
+                first,
+                count,
+                written,
+                zeroed,
+                res,
+                bufs,
+                from_read,
+            } => {
+                if from_read {
+                    self.inflight.give(written as usize);
+                }
+                self.on_written_object(first..first + count, written, zeroed, res, bufs)
+            }
+            Event::Written {
+                idx,
+                len,
+                res,
+                buf,
+                zero,
+                hole,
+            } => self.on_written(idx, len, res, buf, zero, hole),
+        }
+    }
+
     /// Submits reads (and the zeroing of holes) as long as the limits allow,
     /// until everything is submitted, a limit is reached, or an error.
     fn submit_all(&mut self, cancelled: &dyn Fn() -> bool) {

@@ -665,7 +665,46 @@ impl Engine {
                 put_record(&g.io, &mut rec)?;
                 return Ok(());
             }
-            Role::Demoted if !force => {
+            _ if !force => self.check_group_promotable(&g, &rec)?,
+            _ => {}
+        }
+        let slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
+        let mut rolled = 0;
+        if force && rec.role == Role::Secondary {
+            let Some(last) = rec.last_cut.clone() else {
+                return Err(EngineError::FailedPrecondition(format!(
+                    "volume group {} has no complete cut here: nothing consistent to fail over to",
+                    g.id
+                )));
+            };
+            rolled = self.roll_members_back(&g, &rec.members, &last.snap_name)?;
+        }
+        self.release_members(&g.io, &rec.members);
+        let was = rec.role;
+        rec.role = Role::Primary;
+        rec.primary_fsid = None;
+        rec.demotion_cut = None;
+        rec.last_cut_at = Some(Utc::now());
+        rec.role_change = change(match (was, force) {
+            (Role::Secondary, true) => format!(
+                "promoted (forced) at {}, rolled back {rolled} bytes",
+                rec.last_cut.as_ref().map_or("?", |l| l.snap_name.as_str())
+            ),
+            (Role::Secondary, false) => "promoted (planned)".to_string(),
+            _ => "demotion undone".to_string(),
+        });
+        put_record(&g.io, &mut rec)?;
+        drop(slot);
+        tracing::info!(rolled_back_bytes = rolled, "group promoted");
+        Ok(())
+    }
+
+    /// An orderly PromoteVolume's conditions on a group that is not
+    /// primary: the peer is not primary, and a replica holds the peer's
+    /// demotion cut (UNAVAILABLE while it is copied).
+    fn check_group_promotable(&self, g: &super::group::Located, rec: &GroupRecord) -> Result<()> {
+        match rec.role {
+            Role::Demoted => {
                 if let Ok((_, pio)) = self.group_peer(&g.io)
                     && let Some(p) = get_record(&pio, g.id.uuid())?
                     && p.role == Role::Primary
@@ -676,7 +715,7 @@ impl Engine {
                     )));
                 }
             }
-            Role::Secondary if !force => {
+            Role::Secondary => {
                 let peer = self
                     .group_peer(&g.io)
                     .and_then(|(_, pio)| get_record(&pio, g.id.uuid()));
@@ -711,48 +750,32 @@ impl Engine {
                     )));
                 }
             }
-            _ => {}
+            Role::Primary => {}
         }
-        let slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
-        let mut rolled = 0;
-        if force && rec.role == Role::Secondary {
-            let Some(last) = rec.last_cut.clone() else {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "volume group {} has no complete cut here: nothing consistent to fail over to",
-                    g.id
-                )));
-            };
-            // Every member back to the same cut: a half-applied delta is
-            // undone, extent by extent.
-            for m in &rec.members {
-                let key = Self::member_key(&g.io, &m.image_name);
-                self.held.release(&key);
-                let img = Image::open_by_id(&g.io, &m.image_id)
-                    .ctx(|| format!("opening group member {key}"))?;
-                for o in img.lock_owners().unwrap_or_default() {
-                    let _ = img.lock_break(&o);
-                }
-                rolled += rollback_to(&g.io, &img, &last.snap_name, self.cfg.limits, &|| false)?;
-            }
-        }
-        self.release_members(&g.io, &rec.members);
-        let was = rec.role;
-        rec.role = Role::Primary;
-        rec.primary_fsid = None;
-        rec.demotion_cut = None;
-        rec.last_cut_at = Some(Utc::now());
-        rec.role_change = change(match (was, force) {
-            (Role::Secondary, true) => format!(
-                "promoted (forced) at {}, rolled back {rolled} bytes",
-                rec.last_cut.as_ref().map_or("?", |l| l.snap_name.as_str())
-            ),
-            (Role::Secondary, false) => "promoted (planned)".to_string(),
-            _ => "demotion undone".to_string(),
-        });
-        put_record(&g.io, &mut rec)?;
-        drop(slot);
-        tracing::info!(rolled_back_bytes = rolled, "group promoted");
         Ok(())
+    }
+
+    /// Rolls every member of a forced promotion back to the cut `snap`
+    /// (a half-applied delta is undone, extent by extent), breaking the
+    /// replayer's locks first; returns the bytes rewritten.
+    fn roll_members_back(
+        &self,
+        g: &super::group::Located,
+        members: &[MemberRef],
+        snap: &str,
+    ) -> Result<u64> {
+        let mut rolled = 0;
+        for m in members {
+            let key = Self::member_key(&g.io, &m.image_name);
+            self.held.release(&key);
+            let img = Image::open_by_id(&g.io, &m.image_id)
+                .ctx(|| format!("opening group member {key}"))?;
+            for o in img.lock_owners().unwrap_or_default() {
+                let _ = img.lock_break(&o);
+            }
+            rolled += rollback_to(&g.io, &img, snap, self.cfg.limits, &|| false)?;
+        }
+        Ok(rolled)
     }
 
     /// ResyncVolume of a group: a demoted group becomes a replica of the
@@ -816,54 +839,64 @@ impl Engine {
                     g.id
                 ),
             })),
-            Divergence::Diverged(c) => {
-                self.release_members(&g.io, &rec.members);
-                let uuid = g.id.uuid();
-                let members = rbd_members(&g.io, uuid)?;
-                if let Some(c) = &c {
-                    group::snap_rollback(&g.io, &gname(uuid), c)
-                        .ctx(|| format!("rolling group {} back to {c}", g.id))?;
-                }
-                // The members' user snapshots of the common cut were taken
-                // before its group snapshot: they are made again from the
-                // rolled-back heads, so that the cut's snapshot here holds
-                // exactly what the primary's holds. Newer cuts go.
-                let cuts = group_cuts(&g.io, uuid)?;
-                for (q, name) in &cuts {
-                    if c.as_ref()
-                        .is_none_or(|c| cut_seq(c).is_some_and(|cq| *q > cq))
-                    {
-                        let _ = group::snap_remove(&g.io, &gname(uuid), name);
-                    }
-                }
-                for (_, img) in &members {
-                    for (_, s) in member_cuts(img)? {
-                        drop_snap(img, &s.name)?;
-                    }
-                    if let Some(c) = &c {
-                        img.snap_create(c)
-                            .ctx(|| format!("snapshotting {}@{c}", img.spec()))?;
-                    }
-                }
-                rec.members = members.iter().map(|(m, _)| m.clone()).collect();
-                drop(members);
-                match c {
-                    Some(c) => {
-                        self.adopt_group(&g.io, &mut rec, cluster.fsid(), &c, "resync (forced)")?
-                    }
-                    None => {
-                        rec.role = Role::Secondary;
-                        rec.primary_fsid = Some(cluster.fsid().to_string());
-                        rec.last_cut = None;
-                        rec.demotion_cut = None;
-                        rec.role_change = change("full resync (forced)");
-                        put_record(&g.io, &mut rec)?;
-                        self.hold_members(&g.io, &rec.members)?;
-                    }
-                }
-                Ok(false)
+            Divergence::Diverged(c) => self.force_group_resync(&g, &mut rec, cluster.fsid(), c),
+        }
+    }
+
+    /// A forced resync of a group that diverged from the peer's primary (of
+    /// cluster `peer_fsid`): every member rolled back to the newest common
+    /// cut `c` (its snapshots made again from the rolled-back heads, newer
+    /// cuts removed), or emptied for a full copy when there is none.
+    fn force_group_resync(
+        &self,
+        g: &super::group::Located,
+        rec: &mut GroupRecord,
+        peer_fsid: &str,
+        c: Option<String>,
+    ) -> Result<bool> {
+        self.release_members(&g.io, &rec.members);
+        let uuid = g.id.uuid();
+        let members = rbd_members(&g.io, uuid)?;
+        if let Some(c) = &c {
+            group::snap_rollback(&g.io, &gname(uuid), c)
+                .ctx(|| format!("rolling group {} back to {c}", g.id))?;
+        }
+        // The members' user snapshots of the common cut were taken
+        // before its group snapshot: they are made again from the
+        // rolled-back heads, so that the cut's snapshot here holds
+        // exactly what the primary's holds. Newer cuts go.
+        let cuts = group_cuts(&g.io, uuid)?;
+        for (q, name) in &cuts {
+            if c.as_ref()
+                .is_none_or(|c| cut_seq(c).is_some_and(|cq| *q > cq))
+            {
+                let _ = group::snap_remove(&g.io, &gname(uuid), name);
             }
         }
+        for (_, img) in &members {
+            for (_, s) in member_cuts(img)? {
+                drop_snap(img, &s.name)?;
+            }
+            if let Some(c) = &c {
+                img.snap_create(c)
+                    .ctx(|| format!("snapshotting {}@{c}", img.spec()))?;
+            }
+        }
+        rec.members = members.iter().map(|(m, _)| m.clone()).collect();
+        drop(members);
+        match c {
+            Some(c) => self.adopt_group(&g.io, rec, peer_fsid, &c, "resync (forced)")?,
+            None => {
+                rec.role = Role::Secondary;
+                rec.primary_fsid = Some(peer_fsid.to_string());
+                rec.last_cut = None;
+                rec.demotion_cut = None;
+                rec.role_change = change("full resync (forced)");
+                put_record(&g.io, rec)?;
+                self.hold_members(&g.io, &rec.members)?;
+            }
+        }
+        Ok(false)
     }
 
     /// How the demoted group `rec` in `io` relates to the peer's primary

@@ -377,46 +377,14 @@ impl Engine {
         let key = Self::key_of(vol);
         let key = key.as_str();
         if rec.role == Role::Demoted {
-            if !force {
-                self.peer_not_primary(vol, key)?;
-            }
-            let _slot = self.take_slot(key)?;
-            let tid = promote_journal(&vol.image, key, None, force)?;
-            rec.role = Role::Primary;
-            rec.demotion_snap = None;
-            rec.role_change = change(format!(
-                "promoted{} from demoted at journal tag {tid}",
-                if force { " (forced)" } else { "" }
-            ));
-            if let Some(s) = schedule {
-                rec.schedule = s;
-            }
-            reg.put(&mut rec)?;
-            reg.announce();
-            tracing::info!(tag = tid, "promoted from demoted");
-            return Ok(());
+            return self.journal_promote_demoted(vol, reg, rec, force, schedule);
         }
         let primary = rec.primary.clone().ok_or_else(|| {
             EngineError::Internal(format!("replica {key} has no primary in its record"))
         })?;
         let replayed = rec.journal.as_ref().and_then(|j| j.demoted_at);
         if !force {
-            let prec = self.demoted_peer(vol, Some(&primary.image_id), key)?;
-            let want = prec
-                .demotion_snap
-                .as_deref()
-                .and_then(demotion_tag)
-                .ok_or_else(|| {
-                    EngineError::Internal(format!(
-                        "peer record of {key} is demoted without a journal demotion tag"
-                    ))
-                })?;
-            if replayed != Some(want) {
-                return Err(EngineError::Unavailable(format!(
-                    "the replica of {key} is still replaying the peer's journal up to \
-                             its demotion (tag {want}); retry shortly"
-                )));
-            }
+            self.check_demotion_replayed(vol, &primary.image_id, replayed, key)?;
         }
         // Stops the replay loop: at an entry boundary, flushed.
         let _slot = self.take_slot(key)?;
@@ -473,6 +441,67 @@ impl Engine {
             linked = replayed.is_some(),
             "promoted; journaling on"
         );
+        Ok(())
+    }
+
+    /// PromoteVolume of a journal-mode image this site demoted: its journal
+    /// gets a tag owned by it again (`force`: whatever the peer says).
+    fn journal_promote_demoted(
+        &self,
+        vol: &Resolved,
+        reg: &Registry,
+        mut rec: ImageRecord,
+        force: bool,
+        schedule: Option<Schedule>,
+    ) -> Result<()> {
+        let key = Self::key_of(vol);
+        let key = key.as_str();
+        if !force {
+            self.peer_not_primary(vol, key)?;
+        }
+        let _slot = self.take_slot(key)?;
+        let tid = promote_journal(&vol.image, key, None, force)?;
+        rec.role = Role::Primary;
+        rec.demotion_snap = None;
+        rec.role_change = change(format!(
+            "promoted{} from demoted at journal tag {tid}",
+            if force { " (forced)" } else { "" }
+        ));
+        if let Some(s) = schedule {
+            rec.schedule = s;
+        }
+        reg.put(&mut rec)?;
+        reg.announce();
+        tracing::info!(tag = tid, "promoted from demoted");
+        Ok(())
+    }
+
+    /// An orderly promotion's condition: the peer `primary_id` is demoted,
+    /// and this replica replayed its journal up to that demotion
+    /// (`replayed`); UNAVAILABLE while it still replays.
+    fn check_demotion_replayed(
+        &self,
+        vol: &Resolved,
+        primary_id: &str,
+        replayed: Option<u64>,
+        key: &str,
+    ) -> Result<()> {
+        let prec = self.demoted_peer(vol, Some(primary_id), key)?;
+        let want = prec
+            .demotion_snap
+            .as_deref()
+            .and_then(demotion_tag)
+            .ok_or_else(|| {
+                EngineError::Internal(format!(
+                    "peer record of {key} is demoted without a journal demotion tag"
+                ))
+            })?;
+        if replayed != Some(want) {
+            return Err(EngineError::Unavailable(format!(
+                "the replica of {key} is still replaying the peer's journal up to \
+                         its demotion (tag {want}); retry shortly"
+            )));
+        }
         Ok(())
     }
 

@@ -1470,19 +1470,7 @@ fn delta(
     } = *sides;
     let key = job.key();
     let plan = DeltaPlan::new(sides, rec, from, to, fresh)?;
-    tracing::info!(
-        from = ?from,
-        to = %to.name,
-        bytes = plan.total,
-        remaining = plan.remaining,
-        resume_at = plan.resume_at,
-        extents = plan.extents.len(),
-        direct = plan.objects.is_some(),
-        sparse = plan.sparse,
-        direct_writes = plan.dst_objects.is_some(),
-        linked = plan.linked,
-        "delta started"
-    );
+    plan.log_start(from, to);
     // The cap is the primary's setting (its Enable parameters).
     let throttle = copy::Throttle::new(job.primary.bandwidth_limit.unwrap_or(0));
     let throttles = [&*engine.throttle, &throttle];
@@ -1570,6 +1558,23 @@ struct DeltaPlan {
 }
 
 impl DeltaPlan {
+    /// Logs what the delta `from` -> `to` is about to copy, and how.
+    fn log_start(&self, from: Option<&str>, to: &ceph::SnapInfo) {
+        tracing::info!(
+            from = ?from,
+            to = %to.name,
+            bytes = self.total,
+            remaining = self.remaining,
+            resume_at = self.resume_at,
+            extents = self.extents.len(),
+            direct = self.objects.is_some(),
+            sparse = self.sparse,
+            direct_writes = self.dst_objects.is_some(),
+            linked = self.linked,
+            "delta started"
+        );
+    }
+
     /// Sets the primary's handle to `to`, sizes the replica like it and
     /// plans the copy. Blocking.
     fn new(
