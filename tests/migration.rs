@@ -835,6 +835,127 @@ async fn live_migration_of_a_replicated_primary() {
     );
 }
 
+/// `rbd migration prepare|execute|commit` of a replicated primary to another
+/// pool, written while prepared: the record moves to the destination pool's
+/// registry (`moved_from` the old place), the sidecar of site-b moves the
+/// replica the same way on its cluster (its sync snapshots come along, the
+/// old replica is gone), and replication goes on from the last sync point
+/// before the migration, with no full copy and no sync point missing.
+#[tokio::test]
+async fn live_migration_to_another_pool_moves_the_replica_too() {
+    let (p1, p2) = (TestPool::new("lmfrom"), TestPool::new("lmto"));
+    let pools = format!("{},{}", p1.name, p2.name);
+    let args = ["--pools", pools.as_str()];
+    let a = Sidecar::start(Site::A, &args).await;
+    let _b = Sidecar::start(Site::B, &args).await;
+    let (a1, b1) = (p1.ioctx(Site::A), p1.ioctx(Site::B));
+    let (a2, b2) = (p2.ioctx(Site::A), p2.ioctx(Site::B));
+    let name = "vol";
+    let (from, to) = (format!("{}/{name}", p1.name), format!("{}/{name}", p2.name));
+    drop(create_image_in(&a1, name, 32 * MIB, &[(0, 16 << 20)], 51));
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &from, &[("schedulingInterval", "2s")]))
+        .await
+        .expect("enable");
+    let s1 = converged_after(&p1, Site::A, name, None).await;
+    let old_id = Image::open_read_only(&a1, name, None)
+        .unwrap()
+        .id()
+        .unwrap();
+
+    // The sidecar opens the primary for a moment at each sync snapshot:
+    // prepare is retried until it finds the image closed.
+    let mut prepared = false;
+    for _ in 0..50 {
+        let o = rbd(Site::A, &["migration", "prepare", &from, &to]);
+        if o.status.success() {
+            prepared = true;
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(err.contains("has watchers"), "prepare failed: {err}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(prepared, "prepare never found the image closed");
+    wait_until("the migration is seen", LONG, || {
+        record_by_id(&a1, &old_id).is_some_and(|r| r["live_migration"]["state"] == "prepared")
+    })
+    .await;
+    write(&Image::open(&a2, name).unwrap(), &[(4 * MIB, 1 << 20)], 52);
+    rbd_ok(Site::A, &["migration", "execute", &to]);
+    rbd_ok(Site::A, &["migration", "commit", &to]);
+    let new_id = Image::open_read_only(&a2, name, None)
+        .unwrap()
+        .id()
+        .unwrap();
+
+    wait_until("the record moves to the destination pool", LONG, || {
+        registry_record(&a2, name).is_some_and(|r| {
+            r["migrated_from"] == old_id.as_str() && r["moved_from"]["pool"] == p1.name.as_str()
+        })
+    })
+    .await;
+    assert!(
+        registry_record(&a1, name).is_none(),
+        "the old record stayed"
+    );
+    wait_until("the replica moves with it", LONG, || {
+        registry_record(&b2, name).is_some_and(|r| r["primary"]["image_id"] == new_id.as_str())
+    })
+    .await;
+    assert!(
+        !image_exists_in(&b1, name),
+        "the old replica is still there"
+    );
+    assert!(
+        registry_record(&b1, name).is_none(),
+        "the old replica record stayed"
+    );
+    let moved_replica = Image::open_read_only(&b2, name, None)
+        .unwrap()
+        .id()
+        .unwrap();
+    assert!(
+        sync_snaps_in(&b2, name).contains(&s1),
+        "the moved replica lost the last sync point before the migration"
+    );
+
+    let s2 = converged_after(&p2, Site::A, name, Some(&s1)).await;
+    let rec = registry_record(&b2, name).expect("replica record");
+    let bytes = rec["last_sync"]["bytes"].as_u64().unwrap();
+    eprintln!("MEASURED first delta after the move ({s1} -> {s2}): {bytes} bytes");
+    assert!(bytes < 16 << 20, "a full copy after the move: {rec}");
+    assert_eq!(
+        checksum(Site::A, &format!("{to}@{s2}")),
+        checksum(Site::A, &to),
+        "the sync point misses the write made during the migration"
+    );
+    write(
+        &Image::open(&a2, name).unwrap(),
+        &[(20 * MIB, 64 << 10)],
+        53,
+    );
+    let s3 = converged_after(&p2, Site::A, name, Some(&s2)).await;
+    let rec = registry_record(&b2, name).expect("replica record");
+    let bytes = rec["last_sync"]["bytes"].as_u64().unwrap();
+    eprintln!("MEASURED next delta ({s2} -> {s3}): {bytes} bytes");
+    assert!(bytes <= 1 << 20, "not an incremental delta: {rec}");
+    assert_eq!(
+        Image::open_read_only(&b2, name, None)
+            .unwrap()
+            .id()
+            .unwrap(),
+        moved_replica,
+        "the replica was recreated"
+    );
+}
+
+/// Whether image `name` exists in `io`.
+fn image_exists_in(io: &Arc<csi_rbd_replicator::ceph::IoCtx>, name: &str) -> bool {
+    Image::open_read_only(io, name, None).is_ok()
+}
+
 /// `migrate start --create-pools` with admin access to both clusters: a
 /// pool (with a namespace) that exists only on the source, not mirrored
 /// and not peered, is created on the target, both sides put in image

@@ -46,6 +46,7 @@ fn record(id: &str) -> ImageRecord {
         flatten_replica: false,
         live_migration: None,
         migrated_from: None,
+        moved_from: None,
         demotion_snap: None,
         role_change: None,
         revision: Default::default(),

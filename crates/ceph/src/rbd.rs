@@ -164,6 +164,49 @@ pub fn clone(
     .map(|_| ())
 }
 
+/// `rbd migration prepare`: makes `dest_name` in `dest_io` the destination of
+/// a live-migration of image `name` in `io` (the source goes to the trash;
+/// its snapshots are linked by name; the destination reads through to it),
+/// with the source's layout. librbd refuses a source that any client has
+/// open (`Busy`). Blocking.
+pub fn migration_prepare(io: &IoCtx, name: &str, dest_io: &IoCtx, dest_name: &str) -> Result<()> {
+    let c = cstring(name, "rbd_migration_prepare")?;
+    let d = cstring(dest_name, "rbd_migration_prepare")?;
+    let o = ImageOptions::new();
+    // SAFETY: both ioctxs and the options are live; c and d are
+    // NUL-terminated and outlive the call.
+    let ret =
+        unsafe { sys::rbd_migration_prepare(io.raw(), c.as_ptr(), dest_io.raw(), d.as_ptr(), o.0) };
+    check(ret, "rbd_migration_prepare", || {
+        format!("{}/{name} -> {}/{dest_name}", io.spec(), dest_io.spec())
+    })
+    .map(|_| ())
+}
+
+/// `rbd migration execute` of the destination `name` in `io`: copies every
+/// object of the source into it. Blocking (as long as the copy).
+pub fn migration_execute(io: &IoCtx, name: &str) -> Result<()> {
+    let c = cstring(name, "rbd_migration_execute")?;
+    // SAFETY: the ioctx is live and c is NUL-terminated.
+    let ret = unsafe { sys::rbd_migration_execute(io.raw(), c.as_ptr()) };
+    check(ret, "rbd_migration_execute", || {
+        format!("{}/{name}", io.spec())
+    })
+    .map(|_| ())
+}
+
+/// `rbd migration commit` of the executed destination `name` in `io`:
+/// removes the source. Blocking.
+pub fn migration_commit(io: &IoCtx, name: &str) -> Result<()> {
+    let c = cstring(name, "rbd_migration_commit")?;
+    // SAFETY: the ioctx is live and c is NUL-terminated.
+    let ret = unsafe { sys::rbd_migration_commit(io.raw(), c.as_ptr()) };
+    check(ret, "rbd_migration_commit", || {
+        format!("{}/{name}", io.spec())
+    })
+    .map(|_| ())
+}
+
 /// A live-migration (`rbd migration prepare|execute|commit|abort`) an image
 /// takes part in, as `rbd status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

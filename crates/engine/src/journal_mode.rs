@@ -358,12 +358,7 @@ pub fn run_journal_image(engine: &Engine, job: &Job, stop: &AtomicBool) -> Resul
         .peer
         .ioctx(&job.pool, &job.namespace)
         .ctx(|| format!("opening {key} on the peer"))?;
-    let local_io = local.ioctx(&job.pool, &job.namespace).ctx(|| {
-        format!(
-            "opening {}/{} on the local cluster",
-            job.pool, job.namespace
-        )
-    })?;
+    let local_io = job.local_ioctx(&local)?;
     let local_reg = Registry::new(Arc::clone(&local_io));
     let peer_reg = Registry::new(Arc::clone(&peer_io));
     let reporter = Reporter {

@@ -558,6 +558,7 @@ impl Engine {
                 flatten_replica: false,
                 live_migration: None,
                 migrated_from: None,
+                moved_from: None,
                 demotion_snap: None,
                 role_change: None,
                 pending_snap: None,

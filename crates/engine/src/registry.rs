@@ -227,6 +227,11 @@ pub struct ImageRecord {
     /// live-migration from; the replica of that id follows it too.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub migrated_from: Option<String>,
+    /// Primary: where the image was before a committed live-migration to
+    /// another pool, namespace or name; the replica, still there on the
+    /// peer, moves the same way before it syncs again.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub moved_from: Option<Place>,
     /// Demoted: the final sync snapshot taken by DemoteVolume.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub demotion_snap: Option<String>,
@@ -237,6 +242,18 @@ pub struct ImageRecord {
     /// stored): the value [`Registry::put`] expects to replace.
     #[serde(skip)]
     pub revision: Revision,
+}
+
+/// Where an image lives in its cluster: pool, RADOS namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Place {
+    /// The pool's name.
+    pub pool: String,
+    /// The RADOS namespace (`""`: the default one).
+    #[serde(default)]
+    pub namespace: String,
+    /// The image's name.
+    pub name: String,
 }
 
 /// A live-migration of a primary image (`rbd migration prepare`), as the
@@ -770,6 +787,7 @@ mod tests {
             flatten_replica: false,
             live_migration: None,
             migrated_from: None,
+            moved_from: None,
             demotion_snap: None,
             role_change: None,
             pending_snap: None,

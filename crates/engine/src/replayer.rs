@@ -30,8 +30,8 @@ use csirr_ceph::{self as ceph, Cluster, ErrorKind, Image, IoCtx, features};
 use super::copy::{self, Extent};
 use super::error::{CephContext, EngineError, Result};
 use super::registry::{
-    Checkpoint, ImageRecord, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role, SyncPoint,
-    namespace_ioctxs, sync_snap_seq, sync_snaps,
+    Checkpoint, ImageRecord, Place, PrimaryRef, Registry, ReplayState, ReplicaStatus, Role,
+    SyncPoint, namespace_ioctxs, sync_snap_seq, sync_snaps,
 };
 use super::scheduler::DueCache;
 use super::slots::image_key;
@@ -54,6 +54,16 @@ pub struct Job {
 impl Job {
     pub(crate) fn labels(&self) -> csirr_metrics::ImageLabels {
         csirr_metrics::ImageLabels::new(&self.pool, &self.namespace, &self.primary.image_name)
+    }
+
+    /// The job's pool and namespace on the local cluster.
+    pub(crate) fn local_ioctx(&self, local: &Arc<Cluster>) -> Result<Arc<IoCtx>> {
+        local.ioctx(&self.pool, &self.namespace).ctx(|| {
+            format!(
+                "opening {}/{} on the local cluster",
+                self.pool, self.namespace
+            )
+        })
     }
 
     /// The image's key in the held images and the slots: the same key the
@@ -841,6 +851,9 @@ fn ready_to_copy(
     let Some((primary, pall, target)) = primary_and_target(peer_io, job, reporter)? else {
         return Ok(None);
     };
+    if let Some(moved) = &job.primary.moved_from {
+        follow_moved_primary(engine, local, job, local_io, local_reg, moved)?;
+    }
     let link = match replica_link(engine, local, job, local_io, &primary)? {
         ControlFlow::Continue(link) => link,
         ControlFlow::Break(why) => {
@@ -907,12 +920,7 @@ fn sync_inner(
 ) -> Result<bool> {
     let key = job.key();
     let begun = Instant::now();
-    let local_io = local.ioctx(&job.pool, &job.namespace).ctx(|| {
-        format!(
-            "opening {}/{} on the local cluster",
-            job.pool, job.namespace
-        )
-    })?;
+    let local_io = job.local_ioctx(local)?;
     let local_reg = Registry::new(Arc::clone(&local_io));
     let Some(Ready {
         primary,
@@ -1075,6 +1083,104 @@ fn paused_by_live_migration(
         last,
     );
     Ok(true)
+}
+
+/// The primary was live-migrated on its cluster from `moved` (another
+/// pool, namespace or name): the replica, still there on this cluster,
+/// moves the same way with `rbd migration prepare|execute|commit` here (its
+/// data and sync snapshots come along, nothing crosses the network), and its
+/// record with it, so that the next delta starts from the newest sync point
+/// both sides have instead of a full copy. Resumes a move that a crash
+/// interrupted; does nothing once the replica is here. Blocking.
+fn follow_moved_primary(
+    engine: &Engine,
+    local: &Arc<Cluster>,
+    job: &Job,
+    local_io: &Arc<IoCtx>,
+    local_reg: &Registry,
+    moved: &Place,
+) -> Result<()> {
+    let key = job.key();
+    if engine.held.get(&key).is_some() {
+        return Ok(());
+    }
+    let old_io = match local.ioctx(&moved.pool, &moved.namespace) {
+        Ok(io) => io,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).ctx(|| format!("opening {}/{} here", moved.pool, moved.namespace)),
+    };
+    let old_key = image_key(&moved.pool, &moved.namespace, &moved.name);
+    let old_reg = Registry::new(Arc::clone(&old_io));
+    let from = job.primary.migrated_from.as_deref();
+    let Some(old) = old_reg.list()?.into_iter().find(|r| {
+        r.image_name == moved.name && r.primary.as_ref().map(|p| p.image_id.as_str()) == from
+    }) else {
+        // Nothing left there: moved already, or never replicated here.
+        return Ok(());
+    };
+    let name = &job.primary.image_name;
+    let Some(_slot) = engine
+        .slots
+        .get(&old_key)
+        .enter_cancelling(Duration::from_secs(5))
+    else {
+        return Err(EngineError::Unavailable(format!(
+            "the replica {old_key} is busy; it moves to {key} at the next sync"
+        )));
+    };
+    let old_there = match Image::open_by_id_read_only(&old_io, &old.image_id, None) {
+        Ok(_) => true,
+        Err(e) if e.kind() == ErrorKind::NotFound => false,
+        Err(e) => return Err(e).ctx(|| format!("opening replica {old_key} by id")),
+    };
+    if old_there && !image_exists(local_io, name).ctx(|| format!("looking up {key}"))? {
+        tracing::info!(image = %key, from = %old_key, "the primary was live-migrated: moving the replica the same way");
+        engine.held.release(&old_key);
+        ceph::rbd::migration_prepare(&old_io, &moved.name, local_io, name)
+            .ctx(|| format!("moving replica {old_key} to {key}"))?;
+    }
+    match ceph::rbd::migration_status(local_io, name)
+        .ctx(|| format!("reading the migration status of {key}"))?
+    {
+        Some(st) if st.source_id == old.image_id => {
+            if st.state != "executed" {
+                ceph::rbd::migration_execute(local_io, name)
+                    .ctx(|| format!("copying replica {old_key} to {key}"))?;
+            }
+            ceph::rbd::migration_commit(local_io, name)
+                .ctx(|| format!("committing the move of replica {old_key} to {key}"))?;
+        }
+        Some(st) => {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{key} here is in another live-migration (from image id {}); not moving replica \
+                 {old_key} there",
+                st.source_id
+            )));
+        }
+        None if old_there => {
+            return Err(EngineError::FailedPrecondition(format!(
+                "{key} exists here and is not the replica {old_key} moved; not touching either"
+            )));
+        }
+        None => {}
+    }
+    let img = Image::open_read_only(local_io, name, None).ctx(|| format!("opening {key}"))?;
+    let id = img.id().ctx(|| key.clone())?;
+    drop(img);
+    if local_reg.get(&id)?.is_none() {
+        let mut rec = old.clone();
+        rec.image_id = id;
+        rec.image_name = name.clone();
+        rec.primary = old.primary.clone().map(|p| PrimaryRef {
+            fsid: p.fsid,
+            image_id: job.primary.image_id.clone(),
+        });
+        rec.revision = Default::default();
+        local_reg.put(&mut rec)?;
+    }
+    old_reg.remove(&old)?;
+    tracing::info!(image = %key, from = %old_key, "replica moved with its primary");
+    Ok(())
 }
 
 /// For a replica still to be created of a clone: the parent snapshot to
@@ -2190,6 +2296,7 @@ fn create_replica(
         flatten_replica: false,
         live_migration: None,
         migrated_from: None,
+        moved_from: None,
         demotion_snap: None,
         role_change: None,
         pending_snap: None,
