@@ -722,26 +722,8 @@ async fn live_migration_of_a_replicated_primary() {
     let state = |io: &Arc<csi_rbd_replicator::ceph::IoCtx>| {
         record_by_id(io, &old_id).map(|r| r["live_migration"]["state"].clone())
     };
-    // librbd refuses to prepare while any client has the image open (EBUSY,
-    // "image has watchers"): the sidecar does for a moment at each sync
-    // snapshot (every 2 s here), as a VM would all the time. An operator
-    // retries; so does the test, until it gets through.
-    let prepare_when_closed = || async {
-        let mut last = String::new();
-        for _ in 0..50 {
-            let o = rbd(Site::A, &prepare);
-            if o.status.success() {
-                return;
-            }
-            last = String::from_utf8_lossy(&o.stderr).into_owned();
-            assert!(last.contains("has watchers"), "prepare failed: {last}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("prepare never found the image closed: {last}");
-    };
-
     // Prepared: paused, and said so; then aborted: as it was.
-    prepare_when_closed().await;
+    prepare_migration(&prepare).await;
     wait_until("the migration is seen", LONG, || {
         state(&aio).is_some_and(|s| s == "prepared")
     })
@@ -766,7 +748,7 @@ async fn live_migration_of_a_replicated_primary() {
     let s2 = converged_after(&pool, Site::A, name, Some(&s1)).await;
 
     // Prepared, written, executed, committed: the replica follows.
-    prepare_when_closed().await;
+    prepare_migration(&prepare).await;
     wait_until("the migration is seen", LONG, || {
         state(&aio).is_some_and(|s| s == "prepared")
     })
@@ -848,58 +830,10 @@ async fn live_migration_to_another_pool_moves_the_replica_too() {
     let args = ["--pools", pools.as_str()];
     let a = Sidecar::start(Site::A, &args).await;
     let _b = Sidecar::start(Site::B, &args).await;
-    let (a1, b1) = (p1.ioctx(Site::A), p1.ioctx(Site::B));
-    let (a2, b2) = (p2.ioctx(Site::A), p2.ioctx(Site::B));
-    let name = "vol";
-    let (from, to) = (format!("{}/{name}", p1.name), format!("{}/{name}", p2.name));
-    drop(create_image_in(&a1, name, 32 * MIB, &[(0, 16 << 20)], 51));
-    a.controller()
-        .await
-        .enable_volume_replication(enable_req(Site::A, &from, &[("schedulingInterval", "2s")]))
-        .await
-        .expect("enable");
-    let s1 = converged_after(&p1, Site::A, name, None).await;
-    let old_id = Image::open_read_only(&a1, name, None)
-        .unwrap()
-        .id()
-        .unwrap();
-
-    // The sidecar opens the primary for a moment at each sync snapshot:
-    // prepare is retried until it finds the image closed.
-    let mut prepared = false;
-    for _ in 0..50 {
-        let o = rbd(Site::A, &["migration", "prepare", &from, &to]);
-        if o.status.success() {
-            prepared = true;
-            break;
-        }
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(err.contains("has watchers"), "prepare failed: {err}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(prepared, "prepare never found the image closed");
-    wait_until("the migration is seen", LONG, || {
-        record_by_id(&a1, &old_id).is_some_and(|r| r["live_migration"]["state"] == "prepared")
-    })
-    .await;
-    write(&Image::open(&a2, name).unwrap(), &[(4 * MIB, 1 << 20)], 52);
-    rbd_ok(Site::A, &["migration", "execute", &to]);
-    rbd_ok(Site::A, &["migration", "commit", &to]);
-    let new_id = Image::open_read_only(&a2, name, None)
-        .unwrap()
-        .id()
-        .unwrap();
-
-    wait_until("the record moves to the destination pool", LONG, || {
-        registry_record(&a2, name).is_some_and(|r| {
-            r["migrated_from"] == old_id.as_str() && r["moved_from"]["pool"] == p1.name.as_str()
-        })
-    })
-    .await;
-    assert!(
-        registry_record(&a1, name).is_none(),
-        "the old record stayed"
-    );
+    let (s1, old_id) = replicated_in(&a, &p1).await;
+    let new_id = migrate_on_site_a(&p1, &p2, &old_id).await;
+    let (a2, b1, b2) = (p2.ioctx(Site::A), p1.ioctx(Site::B), p2.ioctx(Site::B));
+    let (name, to) = ("vol", format!("{}/vol", p2.name));
     wait_until("the replica moves with it", LONG, || {
         registry_record(&b2, name).is_some_and(|r| r["primary"]["image_id"] == new_id.as_str())
     })
@@ -949,6 +883,122 @@ async fn live_migration_to_another_pool_moves_the_replica_too() {
         moved_replica,
         "the replica was recreated"
     );
+}
+
+/// Enables replication of a 32 MiB image `vol` (16 MiB written) in `pool`
+/// on site-a with a 2 s schedule; its first sync point on both sites, and
+/// its image id.
+async fn replicated_in(a: &Sidecar, pool: &TestPool) -> (String, String) {
+    let aio = pool.ioctx(Site::A);
+    drop(create_image_in(&aio, "vol", 32 * MIB, &[(0, 16 << 20)], 51));
+    let spec = format!("{}/vol", pool.name);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, &spec, &[("schedulingInterval", "2s")]))
+        .await
+        .expect("enable");
+    let s1 = converged_after(pool, Site::A, "vol", None).await;
+    let id = Image::open_read_only(&aio, "vol", None)
+        .unwrap()
+        .id()
+        .unwrap();
+    (s1, id)
+}
+
+/// Live-migrates site-a's `vol` (image id `old_id`) from pool `p1` to `p2`:
+/// prepare, seen by the sidecar, 1 MiB written while prepared, execute,
+/// commit; then waits until the primary's record moved to `p2`. Returns the
+/// new image id.
+async fn migrate_on_site_a(p1: &TestPool, p2: &TestPool, old_id: &str) -> String {
+    let (a1, a2) = (p1.ioctx(Site::A), p2.ioctx(Site::A));
+    let (from, to) = (format!("{}/vol", p1.name), format!("{}/vol", p2.name));
+    prepare_migration(&["migration", "prepare", &from, &to]).await;
+    wait_until("the migration is seen", LONG, || {
+        record_by_id(&a1, old_id).is_some_and(|r| r["live_migration"]["state"] == "prepared")
+    })
+    .await;
+    write(&Image::open(&a2, "vol").unwrap(), &[(4 * MIB, 1 << 20)], 52);
+    rbd_ok(Site::A, &["migration", "execute", &to]);
+    rbd_ok(Site::A, &["migration", "commit", &to]);
+    let new_id = Image::open_read_only(&a2, "vol", None)
+        .unwrap()
+        .id()
+        .unwrap();
+    wait_until("the record moves to the destination pool", LONG, || {
+        registry_record(&a2, "vol").is_some_and(|r| {
+            r["migrated_from"] == old_id && r["moved_from"]["pool"] == p1.name.as_str()
+        })
+    })
+    .await;
+    assert!(
+        registry_record(&a1, "vol").is_none(),
+        "the old record stayed"
+    );
+    new_id
+}
+
+/// The replica's move interrupted right after its `prepare` (site-b's
+/// sidecar was down during the primary's migration, and the prepare was run
+/// as a crash would have left it): the restarted sidecar executes and
+/// commits it, moves the replica's record, and replication goes on from
+/// the sync point before the migration, equal on both sides.
+#[tokio::test]
+async fn an_interrupted_replica_move_is_finished_after_a_restart() {
+    let (p1, p2) = (TestPool::new("lmcrash"), TestPool::new("lmcrashto"));
+    let pools = format!("{},{}", p1.name, p2.name);
+    let args = ["--pools", pools.as_str()];
+    let a = Sidecar::start(Site::A, &args).await;
+    let mut b = Sidecar::start(Site::B, &args).await;
+    let (s1, old_id) = replicated_in(&a, &p1).await;
+    // Stopped cleanly: the replica's lock is released, so that the
+    // prepare below finds it closed.
+    b.stop();
+    let new_id = migrate_on_site_a(&p1, &p2, &old_id).await;
+    let (b1, b2) = (p1.ioctx(Site::B), p2.ioctx(Site::B));
+    let (from, to) = (format!("{}/vol", p1.name), format!("{}/vol", p2.name));
+    rbd_ok(Site::B, &["migration", "prepare", &from, &to]);
+    let _b = Sidecar::start(Site::B, &args).await;
+    wait_until("the replica's move is finished", LONG, || {
+        registry_record(&b2, "vol").is_some_and(|r| r["primary"]["image_id"] == new_id.as_str())
+    })
+    .await;
+    assert!(
+        !image_exists_in(&b1, "vol"),
+        "the old replica is still there"
+    );
+    assert!(
+        registry_record(&b1, "vol").is_none(),
+        "the old replica record stayed"
+    );
+    assert!(
+        sync_snaps_in(&b2, "vol").contains(&s1),
+        "the moved replica lost the last sync point before the migration"
+    );
+    let s2 = converged_after(&p2, Site::A, "vol", Some(&s1)).await;
+    assert_eq!(
+        checksum(Site::A, &format!("{to}@{s2}")),
+        checksum(Site::A, &to),
+        "the sync point misses the write made during the migration"
+    );
+}
+
+/// `rbd ARGS` (a `migration prepare`) on site-a, retried until it gets
+/// through: librbd refuses to prepare while any client has the image open
+/// (EBUSY, "image has watchers"), and the sidecar does for a moment at each
+/// sync snapshot (every 2 s here), as a VM would all the time. An operator
+/// retries; so do the tests.
+async fn prepare_migration(args: &[&str]) {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let o = rbd(Site::A, args);
+        if o.status.success() {
+            return;
+        }
+        last = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(last.contains("has watchers"), "prepare failed: {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("prepare never found the image closed: {last}");
 }
 
 /// Whether image `name` exists in `io`.

@@ -1133,16 +1133,65 @@ fn follow_moved_primary(
         Err(e) if e.kind() == ErrorKind::NotFound => false,
         Err(e) => return Err(e).ctx(|| format!("opening replica {old_key} by id")),
     };
+    if !old_there && !image_exists(local_io, name).ctx(|| format!("looking up {key}"))? {
+        tracing::warn!(image = %key, from = %old_key, "the replica to move is gone: a new one is copied");
+        old_reg.remove(&old)?;
+        return Ok(());
+    }
+    migrate_replica(
+        engine,
+        &old_io,
+        moved,
+        &old.image_id,
+        old_there,
+        local_io,
+        name,
+    )?;
+    let img = Image::open_read_only(local_io, name, None).ctx(|| format!("opening {key}"))?;
+    let id = img.id().ctx(|| key.clone())?;
+    drop(img);
+    if local_reg.get(&id)?.is_none() {
+        let mut rec = old.clone();
+        rec.image_id = id;
+        rec.image_name = name.clone();
+        rec.primary = old.primary.clone().map(|p| PrimaryRef {
+            fsid: p.fsid,
+            image_id: job.primary.image_id.clone(),
+        });
+        rec.revision = Default::default();
+        local_reg.put(&mut rec)?;
+    }
+    old_reg.remove(&old)?;
+    tracing::info!(image = %key, from = %old_key, "replica moved with its primary");
+    Ok(())
+}
+
+/// The live-migration of the old replica (image id `old_id`, at `moved`
+/// in `old_io`) to `name` in `local_io`, run or finished: prepared when the
+/// old replica is still there and nothing is at the new place yet, then
+/// executed and committed. Refuses an image at the new place that is
+/// neither. Blocking.
+fn migrate_replica(
+    engine: &Engine,
+    old_io: &IoCtx,
+    moved: &Place,
+    old_id: &str,
+    old_there: bool,
+    local_io: &IoCtx,
+    name: &str,
+) -> Result<()> {
+    let key = image_key(local_io.pool(), local_io.namespace(), name);
+    let old_key = image_key(&moved.pool, &moved.namespace, &moved.name);
     if old_there && !image_exists(local_io, name).ctx(|| format!("looking up {key}"))? {
         tracing::info!(image = %key, from = %old_key, "the primary was live-migrated: moving the replica the same way");
         engine.held.release(&old_key);
-        ceph::rbd::migration_prepare(&old_io, &moved.name, local_io, name)
+        ceph::rbd::migration_prepare(old_io, &moved.name, local_io, name)
             .ctx(|| format!("moving replica {old_key} to {key}"))?;
     }
     match ceph::rbd::migration_status(local_io, name)
         .ctx(|| format!("reading the migration status of {key}"))?
     {
-        Some(st) if st.source_id == old.image_id => {
+        Some(st) if st.source_id == old_id => {
             if st.state != "executed" {
                 ceph::rbd::migration_execute(local_io, name)
                     .ctx(|| format!("copying replica {old_key} to {key}"))?;
@@ -1164,22 +1213,6 @@ fn follow_moved_primary(
         }
         None => {}
     }
-    let img = Image::open_read_only(local_io, name, None).ctx(|| format!("opening {key}"))?;
-    let id = img.id().ctx(|| key.clone())?;
-    drop(img);
-    if local_reg.get(&id)?.is_none() {
-        let mut rec = old.clone();
-        rec.image_id = id;
-        rec.image_name = name.clone();
-        rec.primary = old.primary.clone().map(|p| PrimaryRef {
-            fsid: p.fsid,
-            image_id: job.primary.image_id.clone(),
-        });
-        rec.revision = Default::default();
-        local_reg.put(&mut rec)?;
-    }
-    old_reg.remove(&old)?;
-    tracing::info!(image = %key, from = %old_key, "replica moved with its primary");
     Ok(())
 }
 
