@@ -385,23 +385,24 @@ async fn exclusive_disaster_force_promote_then_failback() {
     // Site-a comes back; its image still claims primary.
     drop(restore);
     let a = Sidecar::start(Site::A, &pool.args()).await;
-    let mut ca = a.controller().await;
+    let ca = a.controller().await;
     // Clients of the lost site leave watches that the OSD expires after its
     // watch timeout (30 s): Demote names them and is retried, as the
     // controller does.
-    let deadline = std::time::Instant::now() + LONG;
-    loop {
-        match ca.demote_volume(req::demote(Site::A, &vid, false)).await {
-            Ok(_) => break,
-            Err(s)
-                if s.code() == Code::FailedPrecondition && std::time::Instant::now() < deadline =>
-            {
-                assert!(s.message().contains("in use by"), "{s:?}");
-                tokio::time::sleep(Duration::from_secs(2)).await;
+    eventually("demote A", LONG, Duration::from_secs(2), || {
+        let (mut ca, r) = (ca.clone(), req::demote(Site::A, &vid, false));
+        async move {
+            match ca.demote_volume(r).await {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    assert!(s.message().contains("in use by"), "{s:?}");
+                    Err(s.message().to_string())
+                }
+                Err(s) => panic!("demote A: {s:?}"),
             }
-            Err(s) => panic!("demote A: {s:?}"),
         }
-    }
+    })
+    .await;
     resync_until_ready(&a, &vid, true, LONG).await;
     // B's newest sync point reaches A, copying what B changed, not the image.
     let bsnap = loop {

@@ -466,42 +466,59 @@ async fn group_replication_relocates_and_fails_over_with_every_member_at_one_ins
 
     // --- planned relocation to site-b ---
     let last = writer.stop();
-    let mut cb = b.as_ref().unwrap().controller().await;
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let cb = b.as_ref().unwrap().controller().await;
+    let minute_and_a_half = Duration::from_secs(90);
     // The controller requeues a Demote refused while a client has a member
     // open (site-b's replayer briefly opens the primary's members to prune
     // old cuts).
-    loop {
-        match ca.demote_volume(g_demote(Site::A, &ga)).await {
-            Ok(_) => break,
-            Err(s) if s.code() == Code::FailedPrecondition && Instant::now() < deadline => {
-                eprintln!("Demote on site-a requeued: {}", s.message());
+    eventually(
+        "Demote on site-a",
+        minute_and_a_half,
+        Duration::from_millis(500),
+        || {
+            let (mut ca, req) = (ca.clone(), g_demote(Site::A, &ga));
+            async move {
+                match ca.demote_volume(req).await {
+                    Ok(_) => Ok(()),
+                    Err(s) if s.code() == Code::FailedPrecondition => {
+                        eprintln!("Demote on site-a requeued: {}", s.message());
+                        Err(s.message().to_string())
+                    }
+                    Err(s) => panic!("Demote on site-a: {s:?}"),
+                }
             }
-            Err(s) => panic!("Demote on site-a: {s:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    loop {
-        let ready = ca
-            .resync_volume(g_resync(Site::A, &ga, false))
-            .await
-            .expect("Resync on site-a")
-            .into_inner()
-            .ready;
-        if ready {
-            break;
-        }
-        assert!(Instant::now() < deadline, "site-a never settled");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    loop {
-        match cb.promote_volume(g_promote(Site::B, &gb, false)).await {
-            Ok(_) => break,
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {}
-            Err(s) => panic!("planned Promote on site-b: {s:?}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        },
+    )
+    .await;
+    eventually(
+        "site-a to settle",
+        minute_and_a_half,
+        Duration::from_millis(300),
+        || {
+            let (mut ca, req) = (ca.clone(), g_resync(Site::A, &ga, false));
+            async move {
+                let r = ca.resync_volume(req).await.expect("Resync on site-a");
+                r.into_inner().ready.then_some(()).ok_or_else(String::new)
+            }
+        },
+    )
+    .await;
+    eventually(
+        "planned Promote on site-b",
+        minute_and_a_half,
+        Duration::from_millis(200),
+        || {
+            let (mut cb, req) = (cb.clone(), g_promote(Site::B, &gb, false));
+            async move {
+                match cb.promote_volume(req).await {
+                    Ok(_) => Ok(()),
+                    Err(s) if s.code() == Code::Unavailable => Err(s.message().to_string()),
+                    Err(s) => panic!("planned Promote on site-b: {s:?}"),
+                }
+            }
+        },
+    )
+    .await;
     for m in members {
         assert!(
             read_all(&ioa, m, None) == read_all(&iob, m, None),
@@ -517,11 +534,12 @@ async fn group_replication_relocates_and_fails_over_with_every_member_at_one_ins
 
     // Site-b writes; site-a becomes its replica by itself.
     let mut writer = Writer::start(Site::B, &pool, &log, &data, last);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while role(&ioa, &uuid).as_deref() != Some("secondary") {
-        assert!(Instant::now() < deadline, "site-a never became a replica");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(
+        "site-a to become a replica",
+        Duration::from_secs(90),
+        || role(&ioa, &uuid).as_deref() == Some("secondary"),
+    )
+    .await;
     let mut seen_a = vec![last_cut(&ioa, &uuid).unwrap_or_default()];
     for _ in 0..2 {
         let c = next_cut(&ioa, &uuid, &seen_a, members).await;
@@ -554,16 +572,19 @@ async fn group_replication_relocates_and_fails_over_with_every_member_at_one_ins
     let b2 = Sidecar::start(Site::B, &tp.args()).await;
     let mut cb = b2.controller().await;
     let mut writer = Writer::start(Site::A, &pool, &log, &data, n);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        match cb.demote_volume(g_demote(Site::B, &gb)).await {
-            Ok(_) => break,
-            // The killed sidecar's watches expire after about 30 s.
-            Err(s) if s.code() == Code::FailedPrecondition && Instant::now() < deadline => {}
-            Err(s) => panic!("Demote on site-b: {s:?}"),
+    // The killed sidecar's watches expire after about 30 s.
+    let (ninety, half) = (Duration::from_secs(90), Duration::from_millis(500));
+    eventually("Demote on site-b", ninety, half, || {
+        let (mut cb, req) = (cb.clone(), g_demote(Site::B, &gb));
+        async move {
+            match cb.demote_volume(req).await {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == Code::FailedPrecondition => Err(s.message().to_string()),
+                Err(s) => panic!("Demote on site-b: {s:?}"),
+            }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    })
+    .await;
     let r = cb.resync_volume(g_resync(Site::B, &gb, false)).await;
     assert_eq!(
         r.as_ref().map_err(|s| s.code()).err(),
@@ -617,11 +638,12 @@ async fn group_replication_relocates_and_fails_over_with_every_member_at_one_ins
         .await
         .expect("Disable");
     assert!(group_record(&ioa, &uuid).is_none());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while group_record(&iob, &uuid).is_some() {
-        assert!(Instant::now() < deadline, "site-b kept its group record");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(
+        "site-b to let go of its group record",
+        Duration::from_secs(60),
+        || group_record(&iob, &uuid).is_none(),
+    )
+    .await;
     let snaps = Image::open_read_only(&ioa, &log, None)
         .unwrap()
         .snap_list()
@@ -834,11 +856,10 @@ async fn a_member_added_later_is_copied_whole_before_a_cut_counts() {
         .expect("Enable");
     let members_b =
         || group_record(&iob, &uuid).map_or(0, |r| r["members"].as_array().map_or(0, Vec::len));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while last_cut(&iob, &uuid).is_none() {
-        assert!(Instant::now() < deadline, "no first cut");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until("a first cut", Duration::from_secs(60), || {
+        last_cut(&iob, &uuid).is_some()
+    })
+    .await;
     assert_eq!(members_b(), 1);
     assert!(!image_exists_in(&iob, "m2"));
     vga.modify_volume_group_membership(vg::ModifyVolumeGroupMembershipRequest {
@@ -849,11 +870,10 @@ async fn a_member_added_later_is_copied_whole_before_a_cut_counts() {
     })
     .await
     .expect("Modify");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while members_b() < 2 {
-        assert!(Instant::now() < deadline, "no cut with the new member");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until("a cut with the new member", Duration::from_secs(60), || {
+        members_b() >= 2
+    })
+    .await;
     // The cut recorded complete holds the new member whole.
     let c = last_cut(&iob, &uuid).unwrap();
     let got = Image::open_read_only(&iob, "m2", Some(&c));

@@ -218,25 +218,31 @@ async fn journal_mode_replicates_resumes_and_disables() {
     // Status on the primary: a recent sync point, healthy.
     let info = wait_synced(&a, &vid, LONG).await;
     assert!(info.last_sync_time.is_some(), "{info:?}");
-    let mut healthy = false;
-    for _ in 0..50 {
-        let i = ca
-            .get_volume_replication_info(info_req(Site::A, &vid))
-            .await
-            .unwrap()
-            .into_inner();
-        if i.status == Health::Healthy as i32 {
-            let age = i
-                .last_sync_time
-                .as_ref()
-                .map(|t| chrono::Utc::now().timestamp() - t.seconds);
-            assert!(age.is_some_and(|a| a < 60), "stale sync time: {i:?}");
-            healthy = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(healthy, "never healthy");
+    eventually(
+        "the primary to be healthy",
+        LONG,
+        Duration::from_millis(200),
+        || {
+            let (mut ca, req) = (ca.clone(), info_req(Site::A, &vid));
+            async move {
+                let i = ca
+                    .get_volume_replication_info(req)
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if i.status != Health::Healthy as i32 {
+                    return Err(format!("{i:?}"));
+                }
+                let age = i
+                    .last_sync_time
+                    .as_ref()
+                    .map(|t| chrono::Utc::now().timestamp() - t.seconds);
+                assert!(age.is_some_and(|a| a < 60), "stale sync time: {i:?}");
+                Ok(())
+            }
+        },
+    )
+    .await;
 
     // Restart the replica's sidecar: writes made while it is down arrive
     // without a new bootstrap (no new sync snapshot, no bootstrap logged).
@@ -324,18 +330,17 @@ async fn metric_value(port: u16, name: &str, labels: &[&str]) -> f64 {
 /// Waits until the sidecar whose metrics are on `port` reported the image
 /// of label `image` caught up with the primary's journal.
 async fn wait_caught_up(port: u16, image: &str) {
-    let t = Instant::now();
-    while metric_value(
-        port,
-        "csi_rbd_replicator_journal_caught_up_timestamp_seconds",
-        &[image],
-    )
+    let what = format!("{image} to catch up");
+    eventually(&what, LONG, Duration::from_millis(100), || async move {
+        let at = metric_value(
+            port,
+            "csi_rbd_replicator_journal_caught_up_timestamp_seconds",
+            &[image],
+        )
+        .await;
+        (at > 0.0).then_some(()).ok_or_else(String::new)
+    })
     .await
-        <= 0.0
-    {
-        assert!(t.elapsed() < LONG, "{image} never caught up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Waits until the replica reads `data` at `off`.

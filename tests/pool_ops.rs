@@ -68,15 +68,16 @@ async fn status_until(
     what: &str,
     done: impl Fn(&apb::PoolStatusResponse) -> bool,
 ) -> apb::PoolStatusResponse {
-    let deadline = Instant::now() + LONG;
-    loop {
+    let done = &done;
+    eventually(what, LONG, Duration::from_millis(300), || async move {
         let s = pool_status(sc, pool).await;
         if done(&s) {
-            return s;
+            Ok(s)
+        } else {
+            Err(format!("{s:#?}"))
         }
-        assert!(Instant::now() < deadline, "{what} never held: {s:#?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await
 }
 
 fn roles(io: &std::sync::Arc<csi_rbd_replicator::ceph::IoCtx>) -> Vec<String> {

@@ -8,7 +8,7 @@
 mod common;
 
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -50,19 +50,16 @@ async fn get(port: u16, path: &str) -> (String, String) {
 
 /// Polls `/metrics` until every line of `want` is in it.
 async fn wait_metrics(port: u16, want: &[String], timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
+    let what = format!("the metrics on port {port} to show {want:?}");
+    eventually(&what, timeout, Duration::from_millis(300), || async move {
         let (_, body) = get(port, "/metrics").await;
         if want.iter().all(|w| body.contains(w.as_str())) {
-            return body;
+            return Ok(body);
         }
         let missing: Vec<_> = want.iter().filter(|w| !body.contains(w.as_str())).collect();
-        assert!(
-            Instant::now() < deadline,
-            "metrics on port {port} still miss {missing:?}:\n{body}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+        Err(format!("{missing:?} missing from:\n{body}"))
+    })
+    .await
 }
 
 #[tokio::test]
@@ -257,22 +254,25 @@ async fn status_and_metrics_after_a_sync() {
         &[&format!("image.{image_id}")],
     )
     .expect("remove the registry record");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, body) = get(port_a, "/metrics").await;
-        if !body.contains(&labels) {
-            assert!(
-                body.contains("csi_rbd_replicator_local_cluster_up 1"),
-                "{body}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "series of the removed image stay:\n{body}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let (what, labels) = ("the removed image's series to go", &labels);
+    let body = eventually(
+        what,
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+        || async move {
+            let (_, body) = get(port_a, "/metrics").await;
+            if body.contains(labels) {
+                Err(body)
+            } else {
+                Ok(body)
+            }
+        },
+    )
+    .await;
+    assert!(
+        body.contains("csi_rbd_replicator_local_cluster_up 1"),
+        "{body}"
+    );
 }
 
 /// `--metrics-address` that cannot be bound stops `serve` with a clear error.

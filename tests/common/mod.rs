@@ -632,34 +632,63 @@ pub async fn wait_synced(
     volume_id: &str,
     timeout: Duration,
 ) -> pb::GetVolumeReplicationInfoResponse {
-    let mut c = sc.controller().await;
+    let (c, site) = (sc.controller().await, sc.site);
+    let what = format!("{volume_id} to report a sync point");
+    eventually(&what, timeout, Duration::from_millis(200), || {
+        let mut c = c.clone();
+        async move {
+            match c
+                .get_volume_replication_info(info_req(site, volume_id))
+                .await
+            {
+                // A sync point, or an error reported before any.
+                Ok(r) if r.get_ref().last_sync_time.is_some() || r.get_ref().status == 3 => {
+                    Ok(r.into_inner())
+                }
+                Ok(r) => Err(format!("{:?}", r.into_inner())),
+                Err(s) => panic!("GetVolumeReplicationInfo of {volume_id}: {s:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Runs `attempt` every `every` until it returns `Ok`, for at most
+/// `timeout`, then panics naming `what` and the last `Err` (what was seen
+/// instead): the tests' one retry loop, for an RPC retried while it answers
+/// UNAVAILABLE as for a state polled until it shows. [`wait_until`] is the
+/// form for a plain condition.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut attempt: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        match c
-            .get_volume_replication_info(info_req(sc.site, volume_id))
-            .await
-        {
-            // A sync point, or an error reported before any.
-            Ok(r) if r.get_ref().last_sync_time.is_some() || r.get_ref().status == 3 => {
-                return r.into_inner();
-            }
-            Ok(r) if Instant::now() >= deadline => {
-                panic!("{volume_id} never synced: {:?}", r.into_inner())
-            }
-            Ok(_) => {}
-            Err(s) => panic!("GetVolumeReplicationInfo of {volume_id}: {s:?}"),
+        let seen = match attempt().await {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        if Instant::now() >= deadline {
+            let sep = if seen.is_empty() { "" } else { "; last seen: " };
+            panic!("timed out after {timeout:?} waiting for {what}{sep}{seen}");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
-/// Polls `f` until it returns true.
+/// Polls `f` every 200 ms until it returns true, for at most `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let every = Duration::from_millis(200);
+    eventually(what, timeout, every, || {
+        std::future::ready(f().then_some(()).ok_or_else(String::new))
+    })
+    .await
 }
 
 /// Path helper for messages.
@@ -844,23 +873,16 @@ pub fn sync_snaps_in(io: &Arc<IoCtx>, image: &str) -> Vec<String> {
 /// Polls until the replica of `image` in `pool` on site-b has snapshot `snap`.
 pub async fn wait_replica_snap(pool: &str, image: &str, snap: &str, timeout: Duration) {
     let io = admin(Site::B).ioctx(pool, "").expect("pool");
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(img) = Image::open_read_only(&io, image, None)
-            && img
-                .snap_list()
+    let what = format!("replica {pool}/{image} to have {snap}");
+    wait_until(&what, timeout, || {
+        Image::open_read_only(&io, image, None).is_ok_and(|img| {
+            img.snap_list()
                 .unwrap_or_default()
                 .iter()
                 .any(|s| s.name == snap)
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replica {pool}/{image} never got {snap}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        })
+    })
+    .await
 }
 
 /// The registry record of `image` on a site, as JSON.
@@ -961,36 +983,36 @@ pub mod req {
 /// peer's demotion snapshot still being copied), exactly as the csi-addons
 /// controller would. Panics on any other error.
 pub async fn promote_planned(sc: &Sidecar, vid: &str, timeout: Duration) {
-    let mut c = sc.controller().await;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match c.promote_volume(req::promote(sc.site, vid, false)).await {
-            Ok(_) => return,
-            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {}
-            Err(s) => panic!("planned promotion of {vid} on {}: {s:?}", sc.site.id()),
+    let (c, site) = (sc.controller().await, sc.site);
+    let what = format!("a planned promotion of {vid} on {}", site.id());
+    eventually(&what, timeout, Duration::from_millis(200), || {
+        let mut c = c.clone();
+        async move {
+            match c.promote_volume(req::promote(site, vid, false)).await {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == tonic::Code::Unavailable => Err(s.message().to_string()),
+                Err(s) => panic!("planned promotion of {vid} on {}: {s:?}", site.id()),
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
 /// Calls ResyncVolume until it answers ready.
 pub async fn resync_until_ready(sc: &Sidecar, vid: &str, force: bool, timeout: Duration) {
-    let mut c = sc.controller().await;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let r = c
-            .resync_volume(req::resync(sc.site, vid, force))
-            .await
-            .unwrap_or_else(|s| panic!("resync of {vid} on {}: {s:?}", sc.site.id()));
-        if r.into_inner().ready {
-            return;
+    let (c, site) = (sc.controller().await, sc.site);
+    let what = format!("a resync of {vid} on {} to be ready", site.id());
+    eventually(&what, timeout, Duration::from_millis(300), || {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .resync_volume(req::resync(site, vid, force))
+                .await
+                .unwrap_or_else(|s| panic!("resync of {vid} on {}: {s:?}", site.id()));
+            r.into_inner().ready.then_some(()).ok_or_else(String::new)
         }
-        assert!(
-            Instant::now() < deadline,
-            "resync of {vid} never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await
 }
 
 /// Runs `deploy/dev/ceph-pair.sh ARGS` (stop/start daemons).
