@@ -1076,7 +1076,7 @@ fn paused_by_live_migration(
         format!(
             "the primary is being live-migrated (rbd migration, state {}, to {}): \
              replication is paused at its last sync point; it follows the new image after \
-             `rbd migration commit` (same pool and name), and goes on as before after \
+             `rbd migration commit` (moved the same way when it went to another pool), and goes on as before after \
              `rbd migration abort`",
             lm.state, lm.dest_name
         ),
