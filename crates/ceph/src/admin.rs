@@ -196,9 +196,9 @@ pub fn mirror_mode(io: &IoCtx) -> Result<u32> {
 pub fn mirror_site_name(cluster: &Cluster) -> Result<String> {
     let mut buf = vec![0u8; 256];
     let mut n = buf.len();
-    // SAFETY: the cluster is connected; buf is writable for n bytes.
-    let ret =
-        unsafe { sys::rbd_mirror_site_name_get(cluster.raw(), buf.as_mut_ptr().cast(), &mut n) };
+    let out = buf.as_mut_ptr().cast();
+    // SAFETY: the cluster is connected; buf (`out`) is writable for n bytes.
+    let ret = unsafe { sys::rbd_mirror_site_name_get(cluster.raw(), out, &mut n) };
     check(ret, "rbd_mirror_site_name_get", || {
         cluster.fsid().to_string()
     })?;

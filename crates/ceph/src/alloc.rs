@@ -83,6 +83,7 @@ impl ProcessAllocator {
 // reallocated with); everything else is delegated to `System` unchanged.
 // SAFETY: as above.
 unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
+    // SAFETY: callers uphold `GlobalAlloc::alloc`'s contract (see the impl).
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         if !Self::mapped(layout) {
             // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
@@ -107,6 +108,7 @@ unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
     }
 
     // SAFETY: `GlobalAlloc::alloc_zeroed`'s contract, upheld as for the impl above.
+    // SAFETY: callers uphold `GlobalAlloc::alloc_zeroed`'s contract (see the impl).
     unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
         if Self::mapped(layout) {
             // SAFETY: as `alloc`; fresh anonymous mappings are zero-filled.
@@ -118,6 +120,7 @@ unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
     }
 
     // SAFETY: `GlobalAlloc::dealloc`'s contract, upheld as for the impl above.
+    // SAFETY: callers uphold `GlobalAlloc::dealloc`'s contract (see the impl).
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         if Self::mapped(layout) {
             // SAFETY: ptr was mapped by `alloc` with exactly layout.size().
@@ -129,6 +132,7 @@ unsafe impl std::alloc::GlobalAlloc for ProcessAllocator {
     }
 
     // SAFETY: `GlobalAlloc::realloc`'s contract, upheld as for the impl above.
+    // SAFETY: callers uphold `GlobalAlloc::realloc`'s contract (see the impl).
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
         let new =
             // SAFETY: the caller guarantees that new_size makes a valid layout.

@@ -507,6 +507,8 @@ struct WriteState {
     target: String,
 }
 
+// SAFETY: called by librados/the shim only, with the argument registered
+// for it (see the first statement).
 unsafe extern "C" fn write_complete(arg: *mut c_void, ret: c_int) {
     // SAFETY: arg is the Box<WriteState> leaked in `aio_write`; the shim
     // calls this exactly once per started write.
@@ -653,6 +655,8 @@ struct SparseState {
     target: String,
 }
 
+// SAFETY: called by librados/the shim only, with the argument registered
+// for it (see the first statement).
 unsafe extern "C" fn sparse_complete(arg: *mut c_void, read: *mut c_void) {
     // SAFETY: arg is the Box<SparseState> leaked in `aio_sparse_read`; the
     // shim calls this exactly once per started read.

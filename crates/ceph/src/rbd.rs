@@ -173,10 +173,10 @@ pub fn migration_prepare(io: &IoCtx, name: &str, dest_io: &IoCtx, dest_name: &st
     let c = cstring(name, "rbd_migration_prepare")?;
     let d = cstring(dest_name, "rbd_migration_prepare")?;
     let o = ImageOptions::new();
+    let (src, dst) = (io.raw(), dest_io.raw());
     // SAFETY: both ioctxs and the options are live; c and d are
     // NUL-terminated and outlive the call.
-    let ret =
-        unsafe { sys::rbd_migration_prepare(io.raw(), c.as_ptr(), dest_io.raw(), d.as_ptr(), o.0) };
+    let ret = unsafe { sys::rbd_migration_prepare(src, c.as_ptr(), dst, d.as_ptr(), o.0) };
     check(ret, "rbd_migration_prepare", || {
         format!("{}/{name} -> {}/{dest_name}", io.spec(), dest_io.spec())
     })

@@ -45,6 +45,8 @@ unsafe impl Send for Watch {}
 unsafe impl Sync for Watch {}
 
 /// Acknowledges a notification and calls the owner's function.
+// SAFETY: called by librados/the shim only, with the argument registered
+// for it (see the first statement).
 unsafe extern "C" fn on_notify(
     arg: *mut c_void,
     notify_id: u64,
@@ -65,6 +67,8 @@ unsafe extern "C" fn on_notify(
 }
 
 /// Marks the watch broken and wakes the owner, which re-registers it.
+// SAFETY: called by librados/the shim only, with the argument registered
+// for it (see the first statement).
 unsafe extern "C" fn on_error(arg: *mut c_void, _cookie: u64, _err: i32) {
     // SAFETY: as in `on_notify`: the state is live until after the flush.
     let st = unsafe { &*arg.cast::<WatchState>() };
