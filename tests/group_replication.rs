@@ -815,7 +815,7 @@ async fn group_replication_bad_input_gets_its_code() {
 /// A volume added to a replicated group is copied whole; the first cut that
 /// includes it is complete only once its replica holds it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_member_added_later_is_copied_whole_before_a_cut_counts() {
+async fn a_member_added_later_is_copied_whole_and_one_removed_is_released() {
     let tp = TestPool::new("gadd");
     let pool = tp.name.clone();
     let (ioa, iob) = (tp.ioctx(Site::A), tp.ioctx(Site::B));
@@ -888,6 +888,46 @@ async fn a_member_added_later_is_copied_whole_before_a_cut_counts() {
         let c = last_cut(&iob, &uuid).unwrap();
         assert!(read_all(&iob, "m2", Some(&c)) == read_all(&ioa, "m2", None));
     }
+
+    // m1 leaves: on site-a it keeps no cut snapshot; once a cut without it
+    // is complete, its replica on site-b is unlocked, leaves the group and
+    // goes to the trash (restorable), and replication goes on with m2.
+    vga.modify_volume_group_membership(vg::ModifyVolumeGroupMembershipRequest {
+        volume_group_id: ga.clone(),
+        volume_ids: vec![format!("{pool}/m2")],
+        secrets: secrets(Site::A),
+        ..Default::default()
+    })
+    .await
+    .expect("Modify removing m1");
+    let cut_snaps = |io: &Arc<IoCtx>, name: &str| -> Vec<String> {
+        Image::open_read_only(io, name, None)
+            .unwrap()
+            .snap_list()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| n.starts_with("csirr-gcut."))
+            .collect()
+    };
+    assert_eq!(cut_snaps(&ioa, "m1"), Vec::<String>::new());
+    wait_until("m1's replica released", Duration::from_secs(60), || {
+        members_b() == 1 && !image_exists_in(&iob, "m1")
+    })
+    .await;
+    let trash = rbd_ok(Site::B, &["trash", "ls", &pool]);
+    assert!(
+        trash.split_whitespace().any(|w| w == "m1"),
+        "m1's replica is not in the trash: {trash}"
+    );
+    write(&Image::open(&ioa, "m2").unwrap(), &[(2 * MIB, 4096)], 9);
+    let before = last_cut(&iob, &uuid);
+    wait_until("a cut of m2 alone", Duration::from_secs(60), || {
+        last_cut(&iob, &uuid) != before
+    })
+    .await;
+    // Nothing is written since: the replica's head is that cut.
+    assert!(read_all(&iob, "m2", None) == read_all(&ioa, "m2", None));
     ca.disable_volume_replication(g_disable(Site::A, &ga))
         .await
         .expect("Disable");

@@ -227,11 +227,15 @@ impl Engine {
             .map(|v| self.resolve(&v, creds))
             .transpose();
         match resolved {
-            Ok(Some(r)) => match group::image_remove(io, &gname, r.ioctx(), r.image.name()) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e).ctx(|| format!("group {id}: removing volume {key}")),
-            },
+            Ok(Some(r)) => {
+                match group::image_remove(io, &gname, r.ioctx(), r.image.name()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).ctx(|| format!("group {id}: removing volume {key}")),
+                }
+                // Cuts of the group's replication are no use to it any more.
+                super::group_repl::drop_cut_snaps(&r.image)?;
+            }
             Ok(None) | Err(EngineError::NotFound(_)) => {
                 tracing::warn!(group = %id, volume = key, "member does not resolve; removing its journal key only");
             }

@@ -26,9 +26,15 @@
 //! **State**: a record `group.<uuid>` ([`GroupRecord`]) in the registry
 //! object of the group's pool on each side, and `gstatus.<uuid>.<fsid>`
 //! ([`GroupStatus`]) written by the replica's replayer into the primary's
-//! registry. Group records are written whole (no compare-and-swap): the
-//! RPCs on one group are serialised in the process (operation lock on the
-//! group ID) and against the replayer (the group's slot).
+//! registry. Group records are written by compare-and-swap like image
+//! records ([`put_record`]); besides, the RPCs on one group are serialised
+//! in the process (operation lock on the group ID) and against the
+//! replayer (the group's slot).
+//!
+//! **Membership**: a volume added to the group is copied whole before a cut
+//! counts; a volume removed from it loses its cut snapshots on the primary
+//! (ModifyVolumeGroupMembership), and its replica, once a cut without it is
+//! complete, is unlocked, leaves the peer's group and goes to the RBD trash.
 //!
 //! **Roles**: Demote locks every member and takes a final cut; a planned
 //! Promote succeeds once the replica's last complete cut is the peer's
@@ -281,6 +287,15 @@ fn member_cuts(img: &Image) -> Result<BTreeMap<u64, ceph::SnapInfo>> {
         .into_iter()
         .filter_map(|s| cut_seq(&s.name).map(|q| (q, s)))
         .collect())
+}
+
+/// Removes every cut snapshot (`csirr-gcut.*`) of `img`: a volume that
+/// left a replicated group keeps none.
+pub(crate) fn drop_cut_snaps(img: &Image) -> Result<()> {
+    for (_, s) in member_cuts(img)? {
+        drop_snap(img, &s.name)?;
+    }
+    Ok(())
 }
 
 /// The members of RBD group `uuid` in `io` (its images in the same pool).
@@ -1351,8 +1366,47 @@ impl Engine {
         tracing::info!(group = %uuid, cut = %target, members = replicas.len(), bytes, seconds = elapsed.as_secs_f64(), "group cut complete");
         report(ReplayState::Idle, String::new(), rec.last_cut.clone());
         drop(replicas);
+        self.detach_left_members(&lio, &rec);
         self.prune_group(job, &lio, &rec, target_seq);
         Ok(())
+    }
+
+    /// Replicas of volumes that left the group: the local RBD group's
+    /// images that the last complete cut did not copy (the record lists
+    /// those it did). Each is unlocked, loses its cut snapshots, leaves the
+    /// local group and goes to the RBD trash (restorable for a week with
+    /// `rbd trash restore`), as a replica does when its volume's
+    /// replication is disabled. Derived from the cluster's state, so a crash
+    /// in between is finished after the next cut. Failures are logged and
+    /// retried then.
+    fn detach_left_members(&self, lio: &Arc<IoCtx>, rec: &GroupRecord) {
+        let gn = gname(&rec.uuid);
+        let Ok(images) = group::image_list(lio, &gn) else {
+            return;
+        };
+        let left = images
+            .into_iter()
+            .filter(|gi| !rec.members.iter().any(|m| m.image_name == gi.name));
+        for gi in left {
+            let key = Self::member_key(lio, &gi.name);
+            self.held.release(&key);
+            let detached = Image::open(lio, &gi.name)
+                .ctx(|| key.clone())
+                .and_then(|img| drop_cut_snaps(&img))
+                .and_then(|()| {
+                    group::image_remove(lio, &gn, lio, &gi.name)
+                        .and_then(|()| ceph::rbd::trash_move(lio, &gi.name, 7 * 86_400))
+                        .ctx(|| key.clone())
+                });
+            match detached {
+                Ok(()) => {
+                    tracing::info!(group = %rec.uuid, image = %key, "volume left the group: its replica moved to the trash")
+                }
+                Err(e) => {
+                    tracing::warn!(group = %rec.uuid, image = %key, error = %e, "cannot detach the replica of a volume that left the group; retried after the next cut")
+                }
+            }
+        }
     }
 
     /// The primary's newest complete cut `(sequence, snapshot name)` when
