@@ -2085,7 +2085,21 @@ fn prune_replica(
     keep_always: &str,
     key: &str,
 ) {
-    let mut gone = surplus(engine.cfg.keep_snapshots, &sync_snaps(rall), &[keep_always]);
+    let gone = replica_surplus(engine.cfg.keep_snapshots, pall, rall, keep_always);
+    remove_snaps(replica, &gone, key, "replica");
+}
+
+/// What [`prune_replica`] removes of the replica's snapshots `rall`: the sync
+/// snapshots beyond the newest `keep` except `keep_always`, and the user
+/// snapshots that the primary's list `pall` lacks (none when that list is
+/// empty: an unread list removes nothing).
+fn replica_surplus(
+    keep: usize,
+    pall: &[ceph::SnapInfo],
+    rall: &[ceph::SnapInfo],
+    keep_always: &str,
+) -> Vec<String> {
+    let mut gone = surplus(keep, &sync_snaps(rall), &[keep_always]);
     let pnames: HashSet<&str> = pall.iter().map(|s| s.name.as_str()).collect();
     if !pnames.is_empty() {
         gone.extend(
@@ -2094,7 +2108,7 @@ fn prune_replica(
                 .map(|s| s.name.clone()),
         );
     }
-    remove_snaps(replica, &gone, key, "replica");
+    gone
 }
 
 /// Opens the local replica of `job`, creating it if it does not exist.
@@ -2347,6 +2361,9 @@ fn create_replica(
     }
     Ok(Some((img, rec)))
 }
+
+#[cfg(test)]
+mod plan_tests;
 
 #[cfg(test)]
 mod tests {
