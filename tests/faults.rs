@@ -1,10 +1,13 @@
 //! Fault loop: kill -9 of a sidecar at a random point of a sync, a
-//! Demote/Promote relocation, a forced Promote or a Resync, then restart it
+//! Demote/Promote relocation, a forced Promote, or a journal-mode replay
+//! under a writer that also creates and removes snapshots; then restart it
 //! and check that no acknowledged sync point is lost, that the replica equals
-//! a sync point of the primary, and that the engine resumes by itself.
+//! a sync point of the primary (in journal mode: the primary's head and every
+//! snapshot, with no new bootstrap), and that the engine resumes by itself.
 //!
-//! `CSIRR_FAULT_ITERATIONS` (default 3: one per class) and `CSIRR_FAULT_SEED`
-//! (default: the clock; printed) set the run; `deploy/dev/faults.sh N` runs
+//! `CSIRR_FAULT_ITERATIONS` (default 4: one per class), `CSIRR_FAULT_SEED`
+//! (default: the clock; printed) and `CSIRR_FAULT_CLASS` (only this class)
+//! set the run; `deploy/dev/faults.sh N` runs
 //! N iterations. The summary prints `N passed, N failed` per fault class.
 
 mod common;
@@ -36,7 +39,8 @@ impl Seq {
     }
 }
 
-const CLASSES: [&str; 3] = ["sync", "relocate", "forced-promote"];
+/// The fault classes; the bounded CI run takes the first three.
+const CLASSES: [&str; 4] = ["sync", "relocate", "journal", "forced-promote"];
 
 /// One iteration of `class` with fault point `delay`; panics on a violation.
 async fn iteration(class: &str, delay: Duration, it: u64) {
@@ -47,6 +51,9 @@ async fn iteration(class: &str, delay: Duration, it: u64) {
     let aio = pool.ioctx(Site::A);
     let name = "vol";
     let vid = format!("{}/{name}", pool.name);
+    if class == "journal" {
+        return journal_replay_killed(&pool, &vid, delay, &a, &mut b).await;
+    }
     create_image_in(&aio, name, 96 * MIB, &[(0, 16 << 20)], 1);
     a.controller()
         .await
@@ -148,6 +155,121 @@ async fn iteration(class: &str, delay: Duration, it: u64) {
     }
 }
 
+/// The journal class: `name` in journal mode, a writer on site-a that
+/// writes, creates a snapshot every eighth write and removes the older
+/// ones (ops that must not be applied twice), site-b's sidecar killed
+/// `delay` into it and started again once the writer is done. The replica
+/// must reach the primary's head and hold exactly the primary's snapshots
+/// with the same bytes, resuming from its committed position (no new
+/// bootstrap snapshot on the primary).
+async fn journal_replay_killed(
+    pool: &TestPool,
+    vid: &str,
+    delay: Duration,
+    a: &Sidecar,
+    b: &mut Sidecar,
+) {
+    let name = "vol";
+    let (aio, bio) = (pool.ioctx(Site::A), pool.ioctx(Site::B));
+    create_image_in(&aio, name, 64 * MIB, &[(0, 8 << 20)], 1);
+    a.controller()
+        .await
+        .enable_volume_replication(enable_req(Site::A, vid, &[("mirroringMode", "journal")]))
+        .await
+        .expect("enable in journal mode");
+    let head = |site: Site| checksum(site, vid);
+    // Bootstrapped: the replica's journal client says so (a kill before
+    // that bootstraps again, by design).
+    wait_until("the journal replica replaying", LONG, || {
+        replaying(&aio, name) && image_exists_in(&bio, name) && head(Site::B) == head(Site::A)
+    })
+    .await;
+    let booted = sync_snaps_in(&aio, name);
+    let writer = tokio::task::spawn_blocking({
+        let aio = aio.clone();
+        move || {
+            let img = Image::open(&aio, name).unwrap();
+            let mut kept = Vec::new();
+            for i in 0..48u64 {
+                let off = (i * 7919 % 60) * MIB + (i % 4) * 4096;
+                write(&img, &[(off, 256 << 10)], 100 + i);
+                if i % 8 == 7 {
+                    let snap = format!("user{i:02}");
+                    img.snap_create(&snap).unwrap();
+                    kept.push(snap);
+                }
+                if kept.len() > 2 {
+                    img.snap_remove(&kept.remove(0)).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            kept
+        }
+    });
+    tokio::time::sleep(delay).await;
+    b.kill();
+    let kept = writer.await.unwrap();
+    *b = Sidecar::start(Site::B, &pool.args()).await;
+    let want = head(Site::A);
+    wait_until("the replica at the primary's head", LONG, || {
+        head(Site::B) == want
+    })
+    .await;
+    // The snapshots: the same names on both sides, each with the same bytes.
+    let user = |io: &std::sync::Arc<csi_rbd_replicator::ceph::IoCtx>| {
+        let img = Image::open_read_only(io, name, None).unwrap();
+        let mut s: Vec<String> = img
+            .snap_list()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| n.starts_with("user"))
+            .collect();
+        s.sort();
+        s
+    };
+    wait_until("the replica's snapshots", LONG, || user(&bio) == kept).await;
+    assert_eq!(user(&aio), kept);
+    for snap in &kept {
+        let spec = format!("{vid}@{snap}");
+        assert_eq!(
+            checksum(Site::A, &spec),
+            checksum(Site::B, &spec),
+            "{spec} differs between the sites"
+        );
+    }
+    assert_eq!(sync_snaps_in(&aio, name), booted, "a new bootstrap");
+    assert!(
+        !b.log_text().contains("journal bootstrap complete"),
+        "the restarted sidecar bootstrapped again"
+    );
+    b.assert_alive();
+}
+
+/// Whether this project's client of `name`'s journal is replaying (its
+/// bootstrap complete).
+fn replaying(io: &std::sync::Arc<csi_rbd_replicator::ceph::IoCtx>, name: &str) -> bool {
+    use csi_rbd_replicator::journal::{ClientData, Journal, MirrorPeerState};
+    let Some(id) = Image::open_read_only(io, name, None)
+        .ok()
+        .and_then(|i| i.id().ok())
+    else {
+        return false;
+    };
+    let Some(clients) = Journal::open(io, &id).ok().and_then(|j| j.clients().ok()) else {
+        return false;
+    };
+    clients.iter().any(|c| {
+        c.id.starts_with("csirr-")
+            && matches!(c.client_data(), Ok(ClientData::MirrorPeer(m)) if m.state == MirrorPeerState::Replaying)
+    })
+}
+
+/// Whether `name` exists in the pool of `io`.
+fn image_exists_in(io: &std::sync::Arc<csi_rbd_replicator::ceph::IoCtx>, name: &str) -> bool {
+    Image::open_read_only(io, name, None).is_ok()
+}
+
 /// Waits until `site`'s copy of `name` has snapshot `snap`.
 async fn wait_replica_snap_on(pool: &TestPool, site: Site, name: &str, snap: &str) {
     let io = pool.ioctx(site);
@@ -175,9 +297,18 @@ async fn fault_kill_loop() {
     let mut seq = Seq(seed);
     let mut results: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
     let mut failures = Vec::new();
+    let only = std::env::var("CSIRR_FAULT_CLASS").ok();
+    if let Some(c) = &only {
+        assert!(
+            CLASSES.contains(&c.as_str()),
+            "CSIRR_FAULT_CLASS: one of {CLASSES:?}"
+        );
+    }
     for it in 0..iterations {
         // The first iterations cover every class once.
-        let class = if it < CLASSES.len() as u64 {
+        let class = if let Some(c) = &only {
+            CLASSES.iter().find(|k| *k == c).unwrap()
+        } else if it < CLASSES.len() as u64 {
             CLASSES[it as usize]
         } else {
             CLASSES[seq.below(CLASSES.len() as u64) as usize]

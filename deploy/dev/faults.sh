@@ -10,9 +10,12 @@
 # by itself, RPCs during the fault answered within their deadline with OK or a retry
 # code, Probe ready=false instead of an error, no sidecar crash or panic):
 #   kill loop            tests/faults.rs: kill -9 of a sidecar at a seeded random point of
-#                        a sync, a Demote/Promote relocation or a forced Promote; ITERATIONS
-#                        iterations (default 30; --short: 2, a sync and a relocation;
-#                        3 cover every kind), SEED printed
+#                        a sync, a Demote/Promote relocation, a journal-mode replay (a
+#                        writer creating and removing snapshots; the replica must reach
+#                        the primary's head and snapshots without a new bootstrap) or a
+#                        forced Promote; ITERATIONS iterations (default 30; --short: 3, a
+#                        sync, a relocation and a journal replay; 4 cover every kind;
+#                        CSIRR_FAULT_CLASS=journal runs one kind only), SEED printed
 #   OSD hang             tests/osd_hang.rs: the replica's OSD SIGSTOPped during a
 #                        direct-write copy
 #   mon hang/kill        tests/mon_faults.rs: the peer's monitor SIGSTOPped, then killed,
@@ -47,7 +50,7 @@ if [[ ${1:-} == --short ]]; then
     shift
 fi
 if ((short)); then
-    iterations=2
+    iterations=3
     repeat=1
     partition_tests=(exclusive_netns_partition_during_relocation)
 else
