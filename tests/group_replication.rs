@@ -364,6 +364,16 @@ async fn make_group(
 /// than every one in `seen`; checks the consistency of its snapshot on the
 /// members there and returns its name.
 async fn next_cut(io: &Arc<IoCtx>, uuid: &str, seen: &[String], members: [&str; 2]) -> String {
+    next_cut_at(io, uuid, seen, members).await.0
+}
+
+/// [`next_cut`] and the writer's sequence number at it.
+async fn next_cut_at(
+    io: &Arc<IoCtx>,
+    uuid: &str,
+    seen: &[String],
+    members: [&str; 2],
+) -> (String, u64) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Some(c) = last_cut(io, uuid).filter(|c| !seen.contains(c)) {
@@ -372,7 +382,7 @@ async fn next_cut(io: &Arc<IoCtx>, uuid: &str, seen: &[String], members: [&str; 
             if let (Ok(l), Ok(d)) = (at(members[0]), at(members[1])) {
                 let n = check_state(&format!("cut {c}"), &l, &d);
                 eprintln!("cut {c}: log at {n}");
-                return c;
+                return (c, n);
             }
         }
         assert!(Instant::now() < deadline, "no new complete cut of {uuid}");
@@ -1063,4 +1073,109 @@ async fn group_relocates_there_and_back_driven_by_the_controllers() {
     )
     .await;
     eprintln!("site-b replicates site-a again: cut {c}");
+}
+
+/// A group failed over and back the way the controllers do it when site-a's
+/// sidecar is gone: site-b's VolumeReplication set primary gets
+/// FAILED_PRECONDITION for the planned promotion (site-a's record still
+/// says primary) and forces it; site-b then holds a complete cut at least as
+/// new as the last one seen, every member at one instant of the writer.
+/// When site-a's sidecar returns, Ramen sets its VolumeReplication
+/// secondary with autoResync (its status still says Primary): Demote and a
+/// forced Resync make site-a a replica of site-b again, and site-b's new
+/// writes reach it as complete cuts at one instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_fails_over_and_back_driven_by_the_controllers() {
+    use common::controller::{Desired, State, VolumeReplication, run_until};
+    let tp = TestPool::new("gvrfo");
+    let pool = tp.name.clone();
+    let (ioa, iob) = (tp.ioctx(Site::A), tp.ioctx(Site::B));
+    let (log, data) = ("log".to_string(), "data".to_string());
+    for m in [&log, &data] {
+        drop(create_image_in(&ioa, m, 8 * MIB, &[], 1));
+    }
+    let mut a = Sidecar::start(Site::A, &tp.args()).await;
+    let b = Sidecar::start(Site::B, &tp.args()).await;
+    let (ga, uuid, gb) = make_group(&a, &pool, &iob, [&log, &data]).await;
+    let members = [log.as_str(), data.as_str()];
+    let params = [("schedulingInterval", "3s")];
+    let long = Duration::from_secs(150);
+    let at = |io: &Arc<IoCtx>, m: &str| Image::open_read_only(io, m, None).unwrap();
+
+    let mut writer = Writer::start(Site::A, &pool, &log, &data, 0);
+    let mut va = VolumeReplication::group(&a, &ga, &params, Desired::Primary);
+    run_until("site-a primary with a sync", &mut [&mut va], long, |v| {
+        v[0].status.state == State::Primary && v[0].status.last_sync_time.is_some()
+    })
+    .await;
+    let mut seen = Vec::new();
+    let mut at_cut = 0;
+    for _ in 0..2 {
+        let (c, n) = next_cut_at(&iob, &uuid, &seen, members).await;
+        seen.push(c);
+        at_cut = n;
+    }
+
+    // Site-a's sidecar and its application are gone.
+    drop(va);
+    a.kill();
+    let lost_after = writer.stop();
+    let mut vb = VolumeReplication::group(&b, &gb, &params, Desired::Primary);
+    run_until(
+        "site-b primary without site-a's sidecar",
+        &mut [&mut vb],
+        long,
+        |v| v[0].status.state == State::Primary,
+    )
+    .await;
+    assert!(
+        vb.status.calls.iter().any(|(c, _)| c == "Promote(force)"),
+        "the controller forced the promotion: {:?}",
+        vb.status.calls
+    );
+    assert_eq!(role(&iob, &uuid).as_deref(), Some("primary"));
+    let n_b = check_state(
+        "site-b after the failover",
+        &at(&iob, &log),
+        &at(&iob, &data),
+    );
+    assert!(
+        at_cut <= n_b && n_b <= lost_after,
+        "site-b at {n_b}: not a complete cut since the last one seen ({at_cut}..={lost_after})"
+    );
+    eprintln!("failover: site-b at {n_b}, site-a had written {lost_after}");
+
+    // Site-b writes; site-a returns and is set secondary with autoResync.
+    let mut writer = Writer::start(Site::B, &pool, &log, &data, n_b);
+    let a = Sidecar::start(Site::A, &tp.args()).await;
+    let mut va = VolumeReplication::group(&a, &ga, &params, Desired::Secondary);
+    va.status.state = State::Primary;
+    va.auto_resync = true;
+    run_until(
+        "site-a secondary and resynced",
+        &mut [&mut va, &mut vb],
+        Duration::from_secs(240),
+        |v| v[0].status.state == State::Secondary && !v[0].status.degraded,
+    )
+    .await;
+    wait_until("site-a a replica", long, || {
+        role(&ioa, &uuid).as_deref() == Some("secondary")
+    })
+    .await;
+    let mut seen_a = vec![last_cut(&ioa, &uuid).unwrap_or_default()];
+    for _ in 0..2 {
+        let (c, n) = next_cut_at(&ioa, &uuid, &seen_a, members).await;
+        assert!(
+            n >= n_b,
+            "site-a's cut {c} at {n}, before site-b's start {n_b}"
+        );
+        seen_a.push(c);
+    }
+    let last = writer.stop();
+    let (_, n) = next_cut_at(&ioa, &uuid, &seen_a, members).await;
+    assert!(
+        n <= last,
+        "site-a's cut at {n}, beyond site-b's last write {last}"
+    );
+    drop(vb);
 }
