@@ -541,28 +541,14 @@ impl Engine {
             }
             Some(rec) => rec,
             None => ImageRecord {
-                version: 1,
-                image_name: vol.image.name().to_string(),
-                image_id: vol.image_id.clone(),
-                role: Role::Primary,
-                mode: params.mirroring_mode.to_string(),
-                features_added: None,
-                journal: None,
-                schedule: schedule.clone(),
                 volume_id: vol.handle.as_ref().map(ToString::to_string),
-                enabled_at: Utc::now(),
-                primary: None,
-                last_sync: None,
-                checkpoint: None,
-                bandwidth_limit: None,
-                flatten_replica: false,
-                live_migration: None,
-                migrated_from: None,
-                moved_from: None,
-                demotion_snap: None,
-                role_change: None,
-                pending_snap: None,
-                revision: Default::default(),
+                ..ImageRecord::new(
+                    vol.image.name().to_string(),
+                    vol.image_id.clone(),
+                    Role::Primary,
+                    params.mirroring_mode.to_string(),
+                    schedule.clone(),
+                )
             },
         };
         rec.schedule = schedule;

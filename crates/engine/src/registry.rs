@@ -244,6 +244,43 @@ pub struct ImageRecord {
     pub revision: Revision,
 }
 
+impl ImageRecord {
+    /// A new record of image `image_name` (`image_id`) in `role`, enabled
+    /// now, with nothing replicated, migrated or changed yet.
+    pub fn new(
+        image_name: String,
+        image_id: String,
+        role: Role,
+        mode: String,
+        schedule: Schedule,
+    ) -> ImageRecord {
+        ImageRecord {
+            version: 1,
+            image_name,
+            image_id,
+            role,
+            mode,
+            features_added: None,
+            journal: None,
+            schedule,
+            volume_id: None,
+            enabled_at: Utc::now(),
+            primary: None,
+            last_sync: None,
+            checkpoint: None,
+            pending_snap: None,
+            bandwidth_limit: None,
+            flatten_replica: false,
+            live_migration: None,
+            migrated_from: None,
+            moved_from: None,
+            demotion_snap: None,
+            role_change: None,
+            revision: Revision::default(),
+        }
+    }
+}
+
 /// Where an image lives in its cluster: pool, RADOS namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Place {

@@ -2323,31 +2323,18 @@ fn create_replica(
     let img = Image::open(local_io, name).ctx(|| format!("opening new replica {key}"))?;
     let id = img.id().ctx(|| format!("replica {key}"))?;
     let mut rec = ImageRecord {
-        version: 1,
-        image_name: name.clone(),
-        image_id: id,
-        role: Role::Secondary,
-        mode: job.primary.mode.clone(),
-        features_added: None,
-        journal: None,
-        schedule: job.primary.schedule.clone(),
         volume_id: job.primary.volume_id.clone(),
-        enabled_at: Utc::now(),
         primary: Some(PrimaryRef {
             fsid: job.peer.fsid().to_string(),
             image_id: job.primary.image_id.clone(),
         }),
-        last_sync: None,
-        checkpoint: None,
-        bandwidth_limit: None,
-        flatten_replica: false,
-        live_migration: None,
-        migrated_from: None,
-        moved_from: None,
-        demotion_snap: None,
-        role_change: None,
-        pending_snap: None,
-        revision: Default::default(),
+        ..ImageRecord::new(
+            name.clone(),
+            id,
+            Role::Secondary,
+            job.primary.mode.clone(),
+            job.primary.schedule.clone(),
+        )
     };
     local_reg.put(&mut rec)?;
     match link {

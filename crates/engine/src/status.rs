@@ -959,43 +959,48 @@ fn render_image(out: &mut String, img: &ImageStatus) {
         field(out, i, "replicas", "none reported");
     }
     for r in &a.replicas {
-        let _ = writeln!(out, "  replica {}:", r.replica_fsid);
-        let j = "    ";
-        field(out, j, "health", health_word(r.health));
-        field(out, j, "state", state_text(r.state, r.percent));
-        if let Some(s) = &r.syncing_snap {
-            field(out, j, "syncing", s);
-        }
-        if let Some(v) = r.bytes_per_sec {
-            field(out, j, "rate", format!("{}/s", fmt_bytes(v)));
-        }
-        if let Some(v) = r.seconds_behind {
-            field(out, j, "seconds behind", v);
-        }
-        if let Some(v) = r.bytes_pending {
-            field(out, j, "bytes pending", format!("{v} ({})", fmt_bytes(v)));
-        }
-        if let Some(v) = r.eta_seconds {
-            field(out, j, "eta", format!("{v}s"));
-        }
-        if let Some(v) = r.entries_pending {
-            field(out, j, "entries pending", v);
-        }
-        if let Some(v) = r.entries_per_sec {
-            field(out, j, "entry rate", format!("{v}/s"));
-        }
-        match &r.last_sync {
-            Some(l) => field(out, j, "last sync", sync_point_text(l)),
-            None => field(out, j, "last sync", "none yet"),
-        }
-        field(
-            out,
-            j,
-            "last report",
-            format!("{}s ago", r.reported_seconds_ago),
-        );
-        field(out, j, "message", &r.message);
+        render_replica(out, r);
     }
+}
+
+/// One replica's lines under its image in [`render_image`].
+fn render_replica(out: &mut String, r: &ReplicaAssessment) {
+    let _ = writeln!(out, "  replica {}:", r.replica_fsid);
+    let j = "    ";
+    field(out, j, "health", health_word(r.health));
+    field(out, j, "state", state_text(r.state, r.percent));
+    if let Some(s) = &r.syncing_snap {
+        field(out, j, "syncing", s);
+    }
+    if let Some(v) = r.bytes_per_sec {
+        field(out, j, "rate", format!("{}/s", fmt_bytes(v)));
+    }
+    if let Some(v) = r.seconds_behind {
+        field(out, j, "seconds behind", v);
+    }
+    if let Some(v) = r.bytes_pending {
+        field(out, j, "bytes pending", format!("{v} ({})", fmt_bytes(v)));
+    }
+    if let Some(v) = r.eta_seconds {
+        field(out, j, "eta", format!("{v}s"));
+    }
+    if let Some(v) = r.entries_pending {
+        field(out, j, "entries pending", v);
+    }
+    if let Some(v) = r.entries_per_sec {
+        field(out, j, "entry rate", format!("{v}/s"));
+    }
+    match &r.last_sync {
+        Some(l) => field(out, j, "last sync", sync_point_text(l)),
+        None => field(out, j, "last sync", "none yet"),
+    }
+    field(
+        out,
+        j,
+        "last report",
+        format!("{}s ago", r.reported_seconds_ago),
+    );
+    field(out, j, "message", &r.message);
 }
 
 #[cfg(test)]
