@@ -156,7 +156,7 @@ async fn iteration(class: &str, delay: Duration, it: u64) {
 }
 
 /// The journal class: `name` in journal mode, a writer on site-a that
-/// writes, creates a snapshot every eighth write and removes the older
+/// writes, creates a snapshot every sixth write and removes the older
 /// ones (ops that must not be applied twice), site-b's sidecar killed
 /// `delay` into it and started again once the writer is done. The replica
 /// must reach the primary's head and hold exactly the primary's snapshots
@@ -190,10 +190,10 @@ async fn journal_replay_killed(
         move || {
             let img = Image::open(&aio, name).unwrap();
             let mut kept = Vec::new();
-            for i in 0..48u64 {
+            for i in 0..24u64 {
                 let off = (i * 7919 % 60) * MIB + (i % 4) * 4096;
                 write(&img, &[(off, 256 << 10)], 100 + i);
-                if i % 8 == 7 {
+                if i % 6 == 5 {
                     let snap = format!("user{i:02}");
                     img.snap_create(&snap).unwrap();
                     kept.push(snap);

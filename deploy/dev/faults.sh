@@ -15,7 +15,8 @@
 #                        the primary's head and snapshots without a new bootstrap) or a
 #                        forced Promote; ITERATIONS iterations (default 30; --short: 3, a
 #                        sync, a relocation and a journal replay; 4 cover every kind;
-#                        CSIRR_FAULT_CLASS=journal runs one kind only), SEED printed
+#                        CSIRR_FAULT_CLASS=journal keeps the kill loop to one kind), SEED
+#                        printed
 #   OSD hang             tests/osd_hang.rs: the replica's OSD SIGSTOPped during a
 #                        direct-write copy
 #   mon hang/kill        tests/mon_faults.rs: the peer's monitor SIGSTOPped, then killed,
