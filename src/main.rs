@@ -1082,7 +1082,7 @@ impl TermLine {
 
 /// Prints `value` as pretty JSON (`--json`) or else `text()`, on standard
 /// output; an error message when the JSON cannot be made.
-fn print_report(
+pub(crate) fn print_report(
     json: bool,
     value: &impl serde::Serialize,
     text: impl FnOnce() -> String,

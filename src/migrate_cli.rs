@@ -12,6 +12,7 @@ use csi_rbd_replicator::grpc::proto::admin::PoolModeRequest;
 use csi_rbd_replicator::grpc::server::Endpoint;
 
 use crate::migrate_setup::{self, ClusterAdmin};
+use crate::print_report;
 
 /// `pool enable|disable`.
 #[derive(clap::Args)]
@@ -216,84 +217,86 @@ pub async fn migrate(cmd: MigrateCmd) -> std::process::ExitCode {
         MigrateCmd::Switch(a) => (&a.target, "switch"),
         MigrateCmd::Cleanup(a) => (&a.target, "cleanup"),
     };
-    let json = t.json;
-    let fail = |msg: String| {
-        if json {
-            println!("{}", serde_json::json!({ "error": msg }));
-        }
-        eprintln!("csi-rbd-replicator migrate {op}: {msg}");
-        std::process::ExitCode::from(EXIT_USAGE)
-    };
-    let mut pools = Vec::new();
-    for p in &t.pools {
-        match mc::parse_pool(p) {
-            Ok(p) => pools.push(p),
-            Err(e) => return fail(e),
+    match run(&cmd, t).await {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(msg) => {
+            if t.json {
+                println!("{}", serde_json::json!({ "error": msg }));
+            }
+            eprintln!("csi-rbd-replicator migrate {op}: {msg}");
+            std::process::ExitCode::from(EXIT_USAGE)
         }
     }
+}
+
+/// Runs `cmd` (its common flags `t`): the plan, `--create-pools`, both
+/// sidecars connected, then the step; returns its exit code.
+async fn run(cmd: &MigrateCmd, t: &MigrateTarget) -> Result<u8, String> {
+    let json = t.json;
     let plan = Plan {
         from: t.from.clone(),
-        pools,
+        pools: t
+            .pools
+            .iter()
+            .map(|p| mc::parse_pool(p))
+            .collect::<Result<_, _>>()?,
     };
-    if let MigrateCmd::Start(a) = &cmd
+    if let MigrateCmd::Start(a) = cmd
         && a.create_pools
     {
-        let (admin, pools) = (a.admin.clone(), plan.pools.clone());
-        let done = tokio::task::spawn_blocking(move || migrate_setup::create_pools(&admin, &pools))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-        match done {
-            Ok(lines) => lines.iter().for_each(|l| eprintln!("create-pools: {l}")),
-            Err(e) => return fail(format!("--create-pools: {e}")),
-        }
+        let lines = blocking(
+            a.admin.clone(),
+            plan.pools.clone(),
+            migrate_setup::create_pools,
+        )
+        .await
+        .map_err(|e| format!("--create-pools: {e}"))?;
+        lines.iter().for_each(|l| eprintln!("create-pools: {l}"));
     }
-    let source = match connect(&t.from_endpoint).await {
-        Ok(c) => Client::new(c),
-        Err(e) => return fail(e),
-    };
-    let target = match connect(&t.to_endpoint).await {
-        Ok(c) => Client::new(c),
-        Err(e) => return fail(e),
-    };
-    fn out<T: serde::Serialize>(json: bool, r: &T, text: String) -> Result<(), String> {
-        if json {
-            let j = serde_json::to_string_pretty(r)
-                .map_err(|e| format!("cannot encode the report: {e}"))?;
-            println!("{j}");
-        } else {
-            print!("{text}");
+    let source = Client::new(connect(&t.from_endpoint).await?);
+    let target = Client::new(connect(&t.to_endpoint).await?);
+    match cmd {
+        MigrateCmd::Start(a) => {
+            let r = mc::start(source, target, &plan, &a.schedule, a.flatten).await?;
+            print_report(json, &r, || r.render_text()).map(|()| 0)
         }
-        Ok(())
-    }
-    let res = match &cmd {
-        MigrateCmd::Start(a) => mc::start(source, target, &plan, &a.schedule, a.flatten)
-            .await
-            .and_then(|r| out(json, &r, r.render_text()).map(|()| 0)),
-        MigrateCmd::Status(_) => mc::status(source, target, &plan)
-            .await
-            .and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
-        MigrateCmd::Switch(a) => mc::switch(source, target, &plan, a.parallel, a.wait, a.verify)
-            .await
-            .and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
-        MigrateCmd::Cleanup(a) => match mc::cleanup(source, target, &plan, a.remove_source).await {
-            Ok(r) if a.remove_peers && r.exit_code() == 0 => {
-                let (admin, pools) = (a.admin.clone(), plan.pools.clone());
-                tokio::task::spawn_blocking(move || migrate_setup::remove_peers(&admin, &pools))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
-                    .map_err(|e| format!("--remove-peers: {e}"))
-                    .and_then(|lines| {
-                        lines.iter().for_each(|l| eprintln!("remove-peers: {l}"));
-                        out(json, &r, r.render_text()).map(|()| r.exit_code())
-                    })
+        MigrateCmd::Status(_) => {
+            let r = mc::status(source, target, &plan).await?;
+            print_report(json, &r, || r.render_text()).map(|()| r.exit_code())
+        }
+        MigrateCmd::Switch(a) => {
+            let r = mc::switch(source, target, &plan, a.parallel, a.wait, a.verify).await?;
+            print_report(json, &r, || r.render_text()).map(|()| r.exit_code())
+        }
+        MigrateCmd::Cleanup(a) => {
+            let r = mc::cleanup(source, target, &plan, a.remove_source).await?;
+            if a.remove_peers && r.exit_code() == 0 {
+                let lines = blocking(
+                    a.admin.clone(),
+                    plan.pools.clone(),
+                    migrate_setup::remove_peers,
+                )
+                .await
+                .map_err(|e| format!("--remove-peers: {e}"))?;
+                lines.iter().for_each(|l| eprintln!("remove-peers: {l}"));
             }
-            r => r.and_then(|r| out(json, &r, r.render_text()).map(|()| r.exit_code())),
-        },
-    };
-    match res {
-        Ok(code) => std::process::ExitCode::from(code),
-        Err(e) => fail(e),
+            print_report(json, &r, || r.render_text()).map(|()| r.exit_code())
+        }
     }
+}
+
+/// A setup step with admin access to both clusters over the plan's pools;
+/// its lines of what it did.
+type SetupStep = fn(&ClusterAdmin, &[(String, String)]) -> Result<Vec<String>, String>;
+
+/// `f(admin, pools)` off the async runtime.
+async fn blocking(
+    admin: ClusterAdmin,
+    pools: Vec<(String, String)>,
+    f: SetupStep,
+) -> Result<Vec<String>, String> {
+    tokio::task::spawn_blocking(move || f(&admin, &pools))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
 }

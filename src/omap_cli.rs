@@ -76,27 +76,7 @@ pub fn omap_generate(a: OmapGenerateArgs) -> Result<(), String> {
     .clone();
     let creds = Credentials::from_dir(&a.secret_dir).map_err(|e| e.to_string())?;
 
-    let mut objects: Vec<ManifestObject> = Vec::new();
-    let mut file_failures = 0usize;
-    for path in &a.pv {
-        let read = if path.as_os_str() == "-" {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .map_err(|e| e.to_string())
-                .and_then(|_| manifest::parse(&text, "<stdin>").map_err(|e| e.to_string()))
-        } else {
-            manifest::read_file(path).map_err(|e| e.to_string())
-        };
-        match read {
-            Ok(mut o) => objects.append(&mut o),
-            Err(e) => {
-                println!("{e}: FAILED, nothing changed");
-                file_failures += 1;
-            }
-        }
-    }
-
+    let (objects, file_failures) = read_manifests(&a.pv);
     let cluster = Cluster::connect(&creds.connect_config(&local.mon_host(), a.op_timeout))
         .map_err(|e| {
             format!(
@@ -152,6 +132,32 @@ pub fn omap_generate(a: OmapGenerateArgs) -> Result<(), String> {
             a.pv.len()
         )),
     }
+}
+
+/// The objects of the manifest files `paths` (`-`: standard input), and
+/// how many files could not be read or parsed (each reported).
+fn read_manifests(paths: &[std::path::PathBuf]) -> (Vec<ManifestObject>, usize) {
+    let mut objects: Vec<ManifestObject> = Vec::new();
+    let mut failures = 0usize;
+    for path in paths {
+        let read = if path.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| e.to_string())
+                .and_then(|_| manifest::parse(&text, "<stdin>").map_err(|e| e.to_string()))
+        } else {
+            manifest::read_file(path).map_err(|e| e.to_string())
+        };
+        match read {
+            Ok(mut o) => objects.append(&mut o),
+            Err(e) => {
+                println!("{e}: FAILED, nothing changed");
+                failures += 1;
+            }
+        }
+    }
+    (objects, failures)
 }
 
 /// The `--watch-pvs` flags of `serve`.

@@ -1194,20 +1194,7 @@ impl Engine {
                         continue;
                     };
                     let peer_records = list_records(&pnio)?;
-                    // Replicas whose primary's replication was disabled.
-                    for rec in list_records(&lio)? {
-                        if rec.role == Role::Secondary
-                            && !peer_records.iter().any(|p| p.uuid == rec.uuid)
-                        {
-                            let key = Self::group_slot_key(&lio, &rec.uuid);
-                            let slot = self.slots.get(&key);
-                            if let Some(_g) = slot.try_enter()
-                                && let Err(e) = self.detach_group(&lio, &rec)
-                            {
-                                tracing::warn!(group = %rec.uuid, error = %e, "cannot detach replica group");
-                            }
-                        }
-                    }
+                    self.detach_orphaned_replicas(&lio, &peer_records)?;
                     for p in peer_records {
                         if !matches!(p.role, Role::Primary | Role::Demoted) {
                             continue;
@@ -1220,28 +1207,56 @@ impl Engine {
                             primary: p,
                         };
                         if let Err(e) = self.sync_group(&job, cancelled) {
-                            tracing::warn!(group = %job.primary.uuid, error = %e, "group sync failed");
-                            self.note_error(&e);
-                            put_status(
-                                &job.peer_io,
-                                &job.primary.uuid,
-                                &GroupStatus {
-                                    replica_fsid: local.fsid().to_string(),
-                                    state: ReplayState::Error,
-                                    message: e.to_string(),
-                                    last_cut: get_record(&lio, &job.primary.uuid)
-                                        .ok()
-                                        .flatten()
-                                        .and_then(|r| r.last_cut),
-                                    updated_at: Utc::now(),
-                                },
-                            );
+                            self.report_group_error(&job, &lio, local.fsid(), &e);
                         }
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Replica groups of `lio` whose primary's replication was disabled
+    /// (the peer, `peer_records`, has no record of them any more) are
+    /// detached.
+    fn detach_orphaned_replicas(
+        &self,
+        lio: &Arc<IoCtx>,
+        peer_records: &[GroupRecord],
+    ) -> Result<()> {
+        for rec in list_records(lio)? {
+            if rec.role == Role::Secondary && !peer_records.iter().any(|p| p.uuid == rec.uuid) {
+                let key = Self::group_slot_key(lio, &rec.uuid);
+                let slot = self.slots.get(&key);
+                if let Some(_g) = slot.try_enter()
+                    && let Err(e) = self.detach_group(lio, &rec)
+                {
+                    tracing::warn!(group = %rec.uuid, error = %e, "cannot detach replica group");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A failed sync of `job`: logged, counted, and reported as ERROR in
+    /// the primary's registry with the replica's last complete cut.
+    fn report_group_error(&self, job: &GroupJob, lio: &Arc<IoCtx>, fsid: &str, e: &EngineError) {
+        tracing::warn!(group = %job.primary.uuid, error = %e, "group sync failed");
+        self.note_error(e);
+        put_status(
+            &job.peer_io,
+            &job.primary.uuid,
+            &GroupStatus {
+                replica_fsid: fsid.to_string(),
+                state: ReplayState::Error,
+                message: e.to_string(),
+                last_cut: get_record(lio, &job.primary.uuid)
+                    .ok()
+                    .flatten()
+                    .and_then(|r| r.last_cut),
+                updated_at: Utc::now(),
+            },
+        );
     }
 
     /// The local half for group `rec` of `io`: a primary's cut when due;

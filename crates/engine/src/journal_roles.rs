@@ -573,6 +573,30 @@ impl Engine {
                     .unwrap_or("the beginning (a full copy)")
             )));
         }
+        let primary = PrimaryRef {
+            fsid: peer.cluster.fsid().to_string(),
+            image_id: prec.image_id.clone(),
+        };
+        self.resync_diverged(reg, &mut rec, vol, &pjournal, primary, div)?;
+        Ok(false)
+    }
+
+    /// A forced resync of a diverged journal image: journaling off, this
+    /// side's client gone from the new primary's journal, then the image
+    /// rolled back to the newest common sync point and made a replica of
+    /// `primary` (bootstrapped from there by the replayer).
+    fn resync_diverged(
+        &self,
+        reg: &Registry,
+        rec: &mut ImageRecord,
+        vol: &Resolved,
+        pjournal: &Journal,
+        primary: PrimaryRef,
+        div: super::roles::Divergence,
+    ) -> Result<()> {
+        let key = Self::key_of(vol);
+        let key = key.as_str();
+        let fsid = self.local()?.fsid().to_string();
         self.held.release(key);
         disable_journaling(&vol.image, key)?;
         match pjournal.unregister_client(&client_id(&fsid)) {
@@ -581,18 +605,14 @@ impl Engine {
             Err(e) => return Err(journal_err(e, key)),
         }
         rec.journal = None;
-        let primary = PrimaryRef {
-            fsid: peer.cluster.fsid().to_string(),
-            image_id: prec.image_id.clone(),
-        };
         // Always roll back: the head may hold writes of this side's
         // primary epoch even where no sync snapshot says so.
         let div = super::roles::Divergence {
             head_changed: div.common.is_some(),
             ..div
         };
-        self.adopt_as_replica(reg, &mut rec, &vol.image, key, primary, &div)?;
-        Ok(false)
+        self.adopt_as_replica(reg, rec, &vol.image, key, primary, &div)?;
+        Ok(())
     }
 
     /// The replayer's side of an orderly switch: the local image of `rec`

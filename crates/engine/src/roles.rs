@@ -706,54 +706,14 @@ fn promote_volume<S: VolumeStore>(
         }
         // Undo a demotion, unless the peer took over meanwhile.
         Role::Demoted if !force => peer_not_primary(s.peer_record(None), &key)?,
-        Role::Secondary if !force => {
-            let primary_id = rec.primary.as_ref().map(|p| p.image_id.as_str());
-            let prec = demoted_peer(s.peer_record(primary_id), &key)?;
-            let Some(d) = prec.demotion_snap else {
-                return Err(EngineError::Internal(format!(
-                    "peer record of {key} is demoted without a demotion snapshot"
-                )));
-            };
-            // Copied completely, even if the replica's snapshot of it is
-            // still being taken.
-            let have = rec.pending_snap.as_deref() == Some(d.as_str())
-                || s.sync_snapshots()?.into_iter().any(|(_, n)| n == d);
-            if !have {
-                return Err(EngineError::Unavailable(format!(
-                    "the peer's demotion snapshot {d} of {key} is still being replicated; \
-                     retry shortly"
-                )));
-            }
-        }
+        Role::Secondary if !force => peer_demotion_replicated(s, &rec, &key)?,
         _ => {}
     }
     let _pause = s.pause()?;
     s.release_lock();
     let mut rolled = 0;
     if rec.role == Role::Secondary {
-        let last = match rec.last_sync.as_ref() {
-            Some(l) => Some(l.snap_name.clone()),
-            None => s.sync_snapshots()?.pop().map(|(_, n)| n),
-        }
-        .ok_or_else(|| {
-            EngineError::FailedPrecondition(format!(
-                "{key} never completed a sync; it holds no consistent data to promote"
-            ))
-        })?;
-        // A lock left by an earlier replayer (a crashed process) would
-        // refuse our writes: break it.
-        s.break_foreign_locks();
-        s.settle_pending(&mut rec)?;
-        rolled = s.rollback_to(&last)?;
-        rec.role_change = change(format!(
-            "promoted{} at {last}{}",
-            if force { " (forced)" } else { "" },
-            if rolled > 0 {
-                format!(", rolled back {rolled} bytes of a partial delta")
-            } else {
-                String::new()
-            }
-        ));
+        rolled = replica_to_last_sync(s, &mut rec, force, &key)?;
     } else {
         rec.role_change = change(if force {
             "promoted (forced) from demoted"
@@ -771,6 +731,61 @@ fn promote_volume<S: VolumeStore>(
     s.put(&mut rec)?;
     tracing::info!(rolled_back_bytes = rolled, "promoted");
     Ok(())
+}
+
+/// A planned promotion of a replica: the peer is demoted and its demotion
+/// snapshot is here, copied completely (even if the replica's snapshot of
+/// it is still being taken); UNAVAILABLE (retry) while it is in flight.
+fn peer_demotion_replicated<S: VolumeStore>(s: &S, rec: &ImageRecord, key: &str) -> Result<()> {
+    let primary_id = rec.primary.as_ref().map(|p| p.image_id.as_str());
+    let prec = demoted_peer(s.peer_record(primary_id), key)?;
+    let Some(d) = prec.demotion_snap else {
+        return Err(EngineError::Internal(format!(
+            "peer record of {key} is demoted without a demotion snapshot"
+        )));
+    };
+    let have = rec.pending_snap.as_deref() == Some(d.as_str())
+        || s.sync_snapshots()?.into_iter().any(|(_, n)| n == d);
+    if !have {
+        return Err(EngineError::Unavailable(format!(
+            "the peer's demotion snapshot {d} of {key} is still being replicated; \
+             retry shortly"
+        )));
+    }
+    Ok(())
+}
+
+/// A replica being promoted: its head back at its last complete sync point
+/// (a partial delta rolled back; a lock left by a crashed replayer broken),
+/// the change noted in `rec`. Returns the bytes rolled back.
+fn replica_to_last_sync<S: VolumeStore>(
+    s: &S,
+    rec: &mut ImageRecord,
+    force: bool,
+    key: &str,
+) -> Result<u64> {
+    let last = match rec.last_sync.as_ref() {
+        Some(l) => Some(l.snap_name.clone()),
+        None => s.sync_snapshots()?.pop().map(|(_, n)| n),
+    }
+    .ok_or_else(|| {
+        EngineError::FailedPrecondition(format!(
+            "{key} never completed a sync; it holds no consistent data to promote"
+        ))
+    })?;
+    s.break_foreign_locks();
+    s.settle_pending(rec)?;
+    let rolled = s.rollback_to(&last)?;
+    rec.role_change = change(format!(
+        "promoted{} at {last}{}",
+        if force { " (forced)" } else { "" },
+        if rolled > 0 {
+            format!(", rolled back {rolled} bytes of a partial delta")
+        } else {
+            String::new()
+        }
+    ));
+    Ok(rolled)
 }
 
 /// ResyncVolume's steps on a volume whose record is `rec` (see
