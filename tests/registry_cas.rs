@@ -27,30 +27,13 @@ fn registry(ns: &str) -> (Registry, Arc<IoCtx>) {
 }
 
 fn record(id: &str) -> ImageRecord {
-    ImageRecord {
-        version: 1,
-        image_name: format!("img-{id}"),
-        image_id: id.into(),
-        role: Role::Primary,
-        mode: "snapshot".into(),
-        features_added: None,
-        journal: None,
-        schedule: Schedule::default(),
-        volume_id: None,
-        enabled_at: Utc::now(),
-        primary: None,
-        last_sync: None,
-        checkpoint: None,
-        pending_snap: None,
-        bandwidth_limit: None,
-        flatten_replica: false,
-        live_migration: None,
-        migrated_from: None,
-        moved_from: None,
-        demotion_snap: None,
-        role_change: None,
-        revision: Default::default(),
-    }
+    ImageRecord::new(
+        format!("img-{id}"),
+        id.into(),
+        Role::Primary,
+        "snapshot".into(),
+        Schedule::default(),
+    )
 }
 
 /// The writes a record carries, in `role_change.what` ("w1,w2,...").

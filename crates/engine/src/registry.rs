@@ -801,34 +801,21 @@ mod tests {
     #[test]
     fn record_json_round_trip() {
         let r = ImageRecord {
-            version: 1,
-            image_name: "csi-vol-1".into(),
-            image_id: "abc".into(),
-            role: Role::Secondary,
-            mode: "snapshot".into(),
-            features_added: None,
-            journal: None,
-            schedule: Schedule {
-                interval: Some("5m".into()),
-                start_time: None,
-            },
-            volume_id: None,
-            enabled_at: Utc::now(),
             primary: Some(PrimaryRef {
                 fsid: "f".into(),
                 image_id: "p".into(),
             }),
-            last_sync: None,
-            checkpoint: None,
             bandwidth_limit: Some(1 << 20),
-            flatten_replica: false,
-            live_migration: None,
-            migrated_from: None,
-            moved_from: None,
-            demotion_snap: None,
-            role_change: None,
-            pending_snap: None,
-            revision: Revision::default(),
+            ..ImageRecord::new(
+                "csi-vol-1".into(),
+                "abc".into(),
+                Role::Secondary,
+                "snapshot".into(),
+                Schedule {
+                    interval: Some("5m".into()),
+                    start_time: None,
+                },
+            )
         };
         let j = serde_json::to_string(&r).unwrap();
         assert!(!j.contains("revision"), "{j}");

@@ -76,6 +76,18 @@ struct Model {
 }
 
 impl Model {
+    fn new(keep: usize) -> Model {
+        Model {
+            keep,
+            primary: Side::default(),
+            replica: Side::default(),
+            recorded: None,
+            pending: None,
+            users: 0,
+            completed: 0,
+        }
+    }
+
     fn tick(&mut self) {
         let sync = sync_snaps(&self.primary.snaps);
         let Some((&seq, snap)) = sync.iter().next_back() else {
@@ -260,15 +272,7 @@ proptest! {
         keep in 0usize..5,
         ops in proptest::collection::vec(op(), 1..80),
     ) {
-        let mut m = Model {
-            keep,
-            primary: Side::default(),
-            replica: Side::default(),
-            recorded: None,
-            pending: None,
-            users: 0,
-            completed: 0,
-        };
+        let mut m = Model::new(keep);
         for op in &ops {
             m.apply(op)?;
         }
@@ -279,15 +283,7 @@ proptest! {
 /// snapshots in between.
 #[test]
 fn a_plain_run_completes_syncs_with_user_snapshots() {
-    let mut m = Model {
-        keep: 2,
-        primary: Side::default(),
-        replica: Side::default(),
-        recorded: None,
-        pending: None,
-        users: 0,
-        completed: 0,
-    };
+    let mut m = Model::new(2);
     for op in [
         Op::Tick,
         Op::Sync(None),
