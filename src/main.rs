@@ -408,7 +408,8 @@ struct ServeArgs {
     rpo_factor: f64,
     /// Journal mode: a replica more than this many journal object sets
     /// behind the primary's active set is resynced from a new snapshot
-    /// instead of pinning the primary's journal.
+    /// instead of pinning the primary's journal (a primary's sidecar
+    /// disconnects such a client whose site is down).
     #[arg(long, default_value_t = engine::journal_mode::DEFAULT_MAX_SETS_BEHIND)]
     journal_max_sets_behind: u64,
     /// Journal mode: how often a replica reads the primary's journal in

@@ -462,6 +462,13 @@ async fn journal_watch_and_probe_deliver_writes() {
         if gauge("csi_rbd_replicator_journal_behind_entries") == Some(0.0)
             && gauge("csi_rbd_replicator_journal_behind_bytes") == Some(0.0)
         {
+            // The committed position: past the writes above.
+            let entry = gauge("csi_rbd_replicator_journal_committed_entry");
+            assert!(
+                entry.is_some_and(|e| e >= 4.0),
+                "committed entry {entry:?}:\n{body}"
+            );
+            assert!(gauge("csi_rbd_replicator_journal_committed_tag").is_some());
             break;
         }
         assert!(
@@ -481,7 +488,10 @@ async fn journal_watch_and_probe_deliver_writes() {
 async fn journal_replica_too_far_behind_is_resynced() {
     let pool = TestPool::new("jlag");
     let args = ["--pools", &pool.name, "--journal-max-sets-behind", "2"];
-    let a = Sidecar::start(Site::A, &pool.args()).await;
+    // Site-a's own bound out of the way first: the replica finds itself
+    // too far behind.
+    let a_args = ["--pools", &pool.name, "--journal-max-sets-behind", "10000"];
+    let mut a = Sidecar::start(Site::A, &a_args).await;
     let mut b = Sidecar::start(Site::B, &args).await;
     let aio = pool.ioctx(Site::A);
     let name = "lagvol";
@@ -528,6 +538,60 @@ async fn journal_replica_too_far_behind_is_resynced() {
         "no new bootstrap snapshot"
     );
     assert_eq!(our_clients(&pool, name).len(), 1);
+
+    // The replica's site down for long: the primary's sidecar disconnects
+    // its client at the bound and trims the journal past it, and the
+    // replica, back, bootstraps again from a new snapshot.
+    let mut b2 = b2;
+    b2.stop();
+    a.stop();
+    a = Sidecar::start(Site::A, &args).await;
+    let id = Image::open_read_only(&aio, name, None)
+        .unwrap()
+        .id()
+        .unwrap();
+    let (min_before, _) = Journal::open(&aio, &id).unwrap().object_sets().unwrap();
+    bench(&pool, name, "8M");
+    // Disconnected, then the journal trimmed past it (to within the
+    // active set and the sets librbd's own client still needs).
+    let mut seen = String::new();
+    wait_until(
+        "the client disconnected and the journal trimmed",
+        LONG,
+        || {
+            let j = Journal::open(&aio, &id).unwrap();
+            let (min, active) = j.object_sets().unwrap();
+            let gone = j.clients().unwrap().iter().any(|c| {
+                c.id.starts_with("csirr-")
+                    && c.state == csi_rbd_replicator::journal::ClientState::Disconnected
+            });
+            seen = format!("disconnected {gone}, sets {min_before} -> {min}, active {active}");
+            gone && min > min_before && active - min <= 3
+        },
+    )
+    .await;
+    eprintln!("primary-side bound: {seen}");
+    assert!(a.log_text().contains("too far behind: disconnected"));
+    let b3 = Sidecar::start(Site::B, &args).await;
+    wait_equal(&pool, name, LONG).await;
+    assert!(
+        b3.log_text().contains("registering anew"),
+        "the returning replica did not register again"
+    );
+    assert_eq!(
+        sync_snaps_in(&aio, name).len(),
+        3,
+        "no new bootstrap snapshot"
+    );
+    wait_until("the replica's client connected again", LONG, || {
+        our_clients(&pool, name)
+            .iter()
+            .any(|(_, d)| matches!(d, ClientData::MirrorPeer(m) if m.state == MirrorPeerState::Replaying))
+    })
+    .await;
+    drop(b2);
+    let b2 = b3;
+    let mut ca = a.controller().await;
 
     // Demoted, then disabled with no site primary: journaling (on before
     // Enable) stays on, and the journal is promoted back, or librbd would

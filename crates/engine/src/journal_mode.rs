@@ -34,7 +34,7 @@ use chrono::Utc;
 
 use csirr_ceph::{self as ceph, ErrorKind, Image, IoCtx, features};
 use csirr_journal::{
-    ClientData, ClientState, Journal, JournalError, MirrorPeerClientMeta, MirrorPeerState,
+    Client, ClientData, ClientState, Journal, JournalError, MirrorPeerClientMeta, MirrorPeerState,
 };
 
 use super::Engine;
@@ -853,6 +853,7 @@ impl<'a> ReplayLoop<'a> {
     /// every `check_every`.
     fn publish(&mut self, full: bool, n: u64, check_every: Duration) {
         let stats = self.replayer.stats();
+        let committed = self.replayer.committed().newest().cloned();
         let due = self
             .p
             .last_report
@@ -868,6 +869,7 @@ impl<'a> ReplayLoop<'a> {
                     sets_behind: p.sets_behind,
                     bytes_behind: p.bytes_behind,
                     entries_behind: p.entries_behind,
+                    committed: committed.as_ref().map(|c| (c.tag_tid, c.entry_tid)),
                     watch_wakeups: std::mem::take(&mut p.by_watch),
                     probe_hits: std::mem::take(&mut p.by_probe),
                     timed_polls: std::mem::take(&mut p.by_poll),
@@ -890,6 +892,13 @@ impl<'a> ReplayLoop<'a> {
             stats.entries,
             entries_rate,
         );
+        let msg = match &committed {
+            Some(c) => format!(
+                "{msg}; committed at tag {} entry {} (object {})",
+                c.tag_tid, c.entry_tid, c.object_number
+            ),
+            None => msg,
+        };
         let last = p.caught_up.map(|t| SyncPoint {
             snap_name: format!("journal:{}", self.client),
             snap_time: t,
@@ -1010,8 +1019,15 @@ fn sets_behind(journal: &Journal, client: &str, key: &str) -> Result<Option<u64>
     let Some(c) = journal.client(client).map_err(|e| journal_err(e, key))? else {
         return Ok(None);
     };
+    let sets = journal.object_sets().map_err(|e| journal_err(e, key))?;
+    Ok(Some(client_sets_behind(journal, &c, sets)))
+}
+
+/// How many object sets client `c` is behind the active set, with the
+/// journal's `(minimum_set, active_set)`: from the oldest set its commit
+/// position names (the minimum set when it committed nothing).
+fn client_sets_behind(journal: &Journal, c: &Client, (minimum_set, active_set): (u64, u64)) -> u64 {
     let width = u64::from(journal.layout().splay_width.max(1));
-    let (minimum_set, active_set) = journal.object_sets().map_err(|e| journal_err(e, key))?;
     let oldest = c
         .commit_position
         .positions
@@ -1019,7 +1035,78 @@ fn sets_behind(journal: &Journal, client: &str, key: &str) -> Result<Option<u64>
         .map(|p| p.object_number / width)
         .min()
         .unwrap_or(minimum_set);
-    Ok(Some(active_set.saturating_sub(oldest)))
+    active_set.saturating_sub(oldest)
+}
+
+/// How often a primary's sidecar checks how far behind its journal's
+/// replica clients are.
+const BOUND_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+impl Engine {
+    /// The primary's side of the bound on its journals: a replica client of
+    /// this project (`csirr-*`) more than `--journal-max-sets-behind` object
+    /// sets behind the active set is disconnected, as librbd disconnects a
+    /// laggy client, and the journal is trimmed past it. A replica site (or
+    /// its sidecar) that stays down then no longer grows the primary's
+    /// journal without bound; when it returns it finds its client
+    /// disconnected and bootstraps again from a new snapshot (a delta from
+    /// the newest common sync snapshot). A replica that is up resyncs
+    /// itself at the same bound. Each image at most every
+    /// [`BOUND_CHECK_EVERY`] (`cache`). Blocking; failures are logged.
+    pub(crate) fn bound_primary_journals(
+        &self,
+        io: &Arc<IoCtx>,
+        records: &[ImageRecord],
+        cache: &super::scheduler::DueCache,
+    ) {
+        let now = Utc::now();
+        for rec in records {
+            if rec.role != Role::Primary
+                || rec.mode != MODE
+                || cache.get(&rec.image_id).is_some_and(|d| d > now)
+            {
+                continue;
+            }
+            cache.set(
+                &rec.image_id,
+                now + chrono::TimeDelta::from_std(BOUND_CHECK_EVERY).unwrap_or_default(),
+            );
+            let key = super::slots::image_key(io.pool(), io.namespace(), &rec.image_name);
+            if let Err(e) = self.bound_journal(io, &rec.image_id, &key) {
+                tracing::warn!(image = %key, error = %e, "cannot check the journal's replica clients");
+            }
+        }
+    }
+
+    /// [`Engine::bound_primary_journals`] for one image.
+    fn bound_journal(&self, io: &Arc<IoCtx>, image_id: &str, key: &str) -> Result<()> {
+        let journal = match Journal::open(io, image_id) {
+            Ok(j) => j,
+            Err(JournalError::Ceph(e)) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(journal_err(e, key)),
+        };
+        let sets = journal.object_sets().map_err(|e| journal_err(e, key))?;
+        let bound = self.cfg.journal_max_sets_behind;
+        let mut disconnected = false;
+        for c in journal.clients().map_err(|e| journal_err(e, key))? {
+            if !c.id.starts_with(CLIENT_PREFIX) || c.state == ClientState::Disconnected {
+                continue;
+            }
+            let behind = client_sets_behind(&journal, &c, sets);
+            if behind > bound {
+                tracing::warn!(image = %key, client = %c.id, behind, bound, "a replica's journal client is too far behind: disconnected, the journal is trimmed past it, and the replica resyncs from a new snapshot when it returns");
+                journal
+                    .disconnect_client(&c.id)
+                    .map_err(|e| journal_err(e, key))?;
+                disconnected = true;
+            }
+        }
+        if disconnected {
+            let to = journal.trim().map_err(|e| journal_err(e, key))?;
+            tracing::info!(image = %key, minimum_set = to, "journal trimmed past the disconnected clients");
+        }
+        Ok(())
+    }
 }
 
 /// A replica too far behind: reported, its client unregistered (so that

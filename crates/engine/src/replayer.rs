@@ -620,7 +620,8 @@ impl Engine {
 
     /// The local half of a poll, over every namespace of the leased pools,
     /// reading each registry once: takes the sync snapshots that are due
-    /// (primaries) and locks demoted images this process does not hold yet
+    /// (primaries), bounds the journals of journal-mode primaries, and locks
+    /// demoted images this process does not hold yet
     /// (after a restart they refuse writers again). Returns the snapshots
     /// taken.
     fn local_pass(&self, leased: &Leases, cache: &DueCache) -> Result<usize> {
@@ -633,6 +634,7 @@ impl Engine {
             for nio in namespace_ioctxs(&io)? {
                 let records = Registry::new(Arc::clone(&nio)).list()?;
                 taken += self.schedule_pool(&nio, &records, cache)?;
+                self.bound_primary_journals(&nio, &records, cache);
                 if let Err(e) = self.hold_demoted(&nio, &records) {
                     tracing::warn!(pool = %nio.spec(), error = %e, "cannot lock demoted images");
                 }

@@ -102,18 +102,21 @@ impl Plan {
 }
 
 /// Due times the scheduler already knows, by image id, so that idle images
-/// cost no Ceph calls between their sync points.
+/// cost no Ceph calls between their sync points (and, for journal-mode
+/// primaries, which take none, the next check of their journal's bound).
 #[derive(Default)]
 pub struct DueCache {
     due: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 impl DueCache {
-    fn get(&self, id: &str) -> Option<DateTime<Utc>> {
+    /// When image `id` is next due, if known.
+    pub(crate) fn get(&self, id: &str) -> Option<DateTime<Utc>> {
         self.due.lock().get(id).copied()
     }
 
-    fn set(&self, id: &str, at: DateTime<Utc>) {
+    /// Image `id` is next due `at`.
+    pub(crate) fn set(&self, id: &str, at: DateTime<Utc>) {
         self.due.lock().insert(id.to_string(), at);
     }
 }

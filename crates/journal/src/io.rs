@@ -362,6 +362,16 @@ impl Journal {
         self.update("client_unregister", &e.into_bytes())
     }
 
+    /// cls `client_update_state` to disconnected, as librbd does to a client
+    /// too far behind (`rbd journal client disconnect`): trimming no longer
+    /// waits for it, and its owner must resync.
+    pub fn disconnect_client(&self, id: &str) -> JournalResult<()> {
+        let mut e = Encoder::new();
+        e.string(id);
+        e.u8(1);
+        self.update("client_update_state", &e.into_bytes())
+    }
+
     /// cls `get_next_tag_tid`: the tid the next tag will get.
     pub fn next_tag_tid(&self) -> JournalResult<u64> {
         self.decode_reply("get_next_tag_tid", &[], |d| d.u64("next_tag_tid"))

@@ -169,6 +169,9 @@ pub struct JournalProgress {
     pub bytes_behind: Option<u64>,
     /// Entries of the primary's journal not replayed yet.
     pub entries_behind: Option<u64>,
+    /// The replica's committed position in the primary's journal: the
+    /// newest entry's tag and entry numbers.
+    pub committed: Option<(u64, u64)>,
     /// Full reads of the journal started by a notification on its header
     /// since the last report.
     pub watch_wakeups: u64,
@@ -203,6 +206,8 @@ pub struct Metrics {
     journal_behind: Family<ImageLabels, Gauge>,
     journal_bytes_behind: Family<ImageLabels, Gauge>,
     journal_entries_behind: Family<ImageLabels, Gauge>,
+    journal_committed_tag: Family<ImageLabels, Gauge>,
+    journal_committed_entry: Family<ImageLabels, Gauge>,
     journal_wakeups: Family<WakeupLabels, Counter>,
     /// Images with per-image series, for [`Metrics::retain_images`].
     images: Mutex<HashSet<ImageLabels>>,
@@ -256,6 +261,8 @@ impl Metrics {
             journal_behind: Family::default(),
             journal_bytes_behind: Family::default(),
             journal_entries_behind: Family::default(),
+            journal_committed_tag: Family::default(),
+            journal_committed_entry: Family::default(),
             journal_wakeups: Family::default(),
             images: Mutex::default(),
             registry: Registry::default(),
@@ -386,6 +393,18 @@ impl Metrics {
             self.journal_entries_behind.clone(),
         );
         r.register(
+            "journal_committed_tag",
+            "The tag of the newest entry the replica committed in the primary's journal \
+             (journal mode; a new tag follows each promotion)",
+            self.journal_committed_tag.clone(),
+        );
+        r.register(
+            "journal_committed_entry",
+            "The number, within its tag, of the newest entry the replica committed in the \
+             primary's journal (journal mode)",
+            self.journal_committed_entry.clone(),
+        );
+        r.register(
             "journal_wakeups",
             "Full reads of the primary's journal by the replay loop, by cause: watch (a \
              notification on the journal header), probe (the object where the next entry \
@@ -418,6 +437,14 @@ impl Metrics {
             self.journal_entries_behind
                 .get_or_create(img)
                 .set(gauge_i64(n));
+        }
+        if let Some((tag, entry)) = p.committed {
+            self.journal_committed_tag
+                .get_or_create(img)
+                .set(gauge_i64(tag));
+            self.journal_committed_entry
+                .get_or_create(img)
+                .set(gauge_i64(entry));
         }
         for (cause, n) in [
             ("watch", p.watch_wakeups),
@@ -530,6 +557,8 @@ impl Metrics {
         self.journal_behind.remove(img);
         self.journal_bytes_behind.remove(img);
         self.journal_entries_behind.remove(img);
+        self.journal_committed_tag.remove(img);
+        self.journal_committed_entry.remove(img);
         for cause in ["watch", "probe", "poll"] {
             self.journal_wakeups.remove(&WakeupLabels {
                 pool: img.pool.clone(),
