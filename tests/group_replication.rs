@@ -949,6 +949,50 @@ fn image_exists_in(io: &Arc<IoCtx>, name: &str) -> bool {
     Image::open_read_only(io, name, None).is_ok()
 }
 
+/// The schedule of the controller-driven group tests.
+const GROUP_PARAMS: [(&str, &str); 1] = [("schedulingInterval", "3s")];
+
+/// A pool with two empty 8 MiB images on site-a, `log` and `data`, and the
+/// pool's ioctx on each site.
+fn log_and_data(prefix: &str) -> (TestPool, Arc<IoCtx>, Arc<IoCtx>) {
+    let tp = TestPool::new(prefix);
+    let (ioa, iob) = (tp.ioctx(Site::A), tp.ioctx(Site::B));
+    for m in ["log", "data"] {
+        drop(create_image_in(&ioa, m, 8 * MIB, &[], 1));
+    }
+    (tp, ioa, iob)
+}
+
+/// Site-a's VolumeReplication of group `ga` (uuid `uuid`) reconciled to
+/// primary with the interleaving writer running, until site-b holds two
+/// complete cuts after the first sync: the writer, the VolumeReplication
+/// and the writer's sequence number at the second cut.
+async fn primary_with_two_cuts<'a>(
+    a: &'a Sidecar,
+    pool: &str,
+    ga: &str,
+    iob: &Arc<IoCtx>,
+    uuid: &str,
+) -> (Writer, common::controller::VolumeReplication<'a>, u64) {
+    use common::controller::{Desired, State, VolumeReplication, run_until};
+    let writer = Writer::start(Site::A, pool, "log", "data", 0);
+    let mut va = VolumeReplication::group(a, ga, &GROUP_PARAMS, Desired::Primary);
+    run_until(
+        "site-a primary with a sync",
+        &mut [&mut va],
+        Duration::from_secs(150),
+        |v| v[0].status.state == State::Primary && v[0].status.last_sync_time.is_some(),
+    )
+    .await;
+    let (mut seen, mut at_cut) = (Vec::new(), 0);
+    for _ in 0..2 {
+        let (c, n) = next_cut_at(iob, uuid, &seen, ["log", "data"]).await;
+        seen.push(c);
+        at_cut = n;
+    }
+    (writer, va, at_cut)
+}
+
 /// A group driven the way the controllers drive it: the group made with
 /// CreateVolumeGroup (the VolumeGroupReplicationContent controller), then a
 /// VolumeReplication of the group on each site reconciled with the
@@ -962,32 +1006,16 @@ fn image_exists_in(io: &Arc<IoCtx>, name: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_relocates_there_and_back_driven_by_the_controllers() {
     use common::controller::{Desired, State, VolumeReplication, run_until};
-    let tp = TestPool::new("gvr");
+    let (tp, ioa, iob) = log_and_data("gvr");
     let pool = tp.name.clone();
-    let (ioa, iob) = (tp.ioctx(Site::A), tp.ioctx(Site::B));
     let (log, data) = ("log".to_string(), "data".to_string());
-    for m in [&log, &data] {
-        drop(create_image_in(&ioa, m, 8 * MIB, &[], 1));
-    }
     let a = Sidecar::start(Site::A, &tp.args()).await;
     let b = Sidecar::start(Site::B, &tp.args()).await;
     let (ga, uuid, gb) = make_group(&a, &pool, &iob, [&log, &data]).await;
     let members = [log.as_str(), data.as_str()];
-    let params = [("schedulingInterval", "3s")];
-    let long = Duration::from_secs(150);
+    let (params, long) = (GROUP_PARAMS, Duration::from_secs(150));
     let at = |io: &Arc<IoCtx>, m: &str| Image::open_read_only(io, m, None).unwrap();
-
-    let mut writer = Writer::start(Site::A, &pool, &log, &data, 0);
-    let mut va = VolumeReplication::group(&a, &ga, &params, Desired::Primary);
-    run_until("site-a primary with a sync", &mut [&mut va], long, |v| {
-        v[0].status.state == State::Primary && v[0].status.last_sync_time.is_some()
-    })
-    .await;
-    let mut seen = Vec::new();
-    for _ in 0..2 {
-        let c = next_cut(&iob, &uuid, &seen, members).await;
-        seen.push(c);
-    }
+    let (mut writer, mut va, _) = primary_with_two_cuts(&a, &pool, &ga, &iob, &uuid).await;
 
     // Relocation to site-b: the application stops, site-a's VR goes
     // secondary and settles, then site-b's VR is created primary.
@@ -1087,34 +1115,16 @@ async fn group_relocates_there_and_back_driven_by_the_controllers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_fails_over_and_back_driven_by_the_controllers() {
     use common::controller::{Desired, State, VolumeReplication, run_until};
-    let tp = TestPool::new("gvrfo");
+    let (tp, ioa, iob) = log_and_data("gvrfo");
     let pool = tp.name.clone();
-    let (ioa, iob) = (tp.ioctx(Site::A), tp.ioctx(Site::B));
     let (log, data) = ("log".to_string(), "data".to_string());
-    for m in [&log, &data] {
-        drop(create_image_in(&ioa, m, 8 * MIB, &[], 1));
-    }
     let mut a = Sidecar::start(Site::A, &tp.args()).await;
     let b = Sidecar::start(Site::B, &tp.args()).await;
     let (ga, uuid, gb) = make_group(&a, &pool, &iob, [&log, &data]).await;
     let members = [log.as_str(), data.as_str()];
-    let params = [("schedulingInterval", "3s")];
-    let long = Duration::from_secs(150);
+    let (params, long) = (GROUP_PARAMS, Duration::from_secs(150));
     let at = |io: &Arc<IoCtx>, m: &str| Image::open_read_only(io, m, None).unwrap();
-
-    let mut writer = Writer::start(Site::A, &pool, &log, &data, 0);
-    let mut va = VolumeReplication::group(&a, &ga, &params, Desired::Primary);
-    run_until("site-a primary with a sync", &mut [&mut va], long, |v| {
-        v[0].status.state == State::Primary && v[0].status.last_sync_time.is_some()
-    })
-    .await;
-    let mut seen = Vec::new();
-    let mut at_cut = 0;
-    for _ in 0..2 {
-        let (c, n) = next_cut_at(&iob, &uuid, &seen, members).await;
-        seen.push(c);
-        at_cut = n;
-    }
+    let (mut writer, va, at_cut) = primary_with_two_cuts(&a, &pool, &ga, &iob, &uuid).await;
 
     // Site-a's sidecar and its application are gone.
     drop(va);
