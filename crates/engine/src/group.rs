@@ -233,8 +233,12 @@ impl Engine {
                     Err(e) if e.kind() == ErrorKind::NotFound => {}
                     Err(e) => return Err(e).ctx(|| format!("group {id}: removing volume {key}")),
                 }
-                // Cuts of the group's replication are no use to it any more.
-                super::group_repl::drop_cut_snaps(&r.image)?;
+                // Cuts of the group's replication are no use to it any more;
+                // one that cannot go (a clone made from it) stays, and the
+                // membership change stands.
+                if let Err(e) = super::group_repl::drop_cut_snaps(&r.image) {
+                    tracing::warn!(group = %id, volume = key, error = %e, "cannot remove the cut snapshots of a volume leaving the group");
+                }
             }
             Ok(None) | Err(EngineError::NotFound(_)) => {
                 tracing::warn!(group = %id, volume = key, "member does not resolve; removing its journal key only");
