@@ -25,7 +25,7 @@
 #   partition            tests/partition.rs: the link between the sites cut (during a copy;
 #                        during Demote + Promote), on the netns pair
 # The long run repeats each class but the kill loop CSIRR_FAULT_REPEAT times (default 5);
-# --short (CI, about 5.5 minutes) runs one case of each class once: the partition during a
+# --short (CI, about 6 minutes) runs one case of each class once: the partition during a
 # relocation only.
 #
 # The default pair (CSIRR_PAIR_DIR; brought up if needed and left up) serves every class
@@ -106,7 +106,7 @@ log "fault suite: kill loop $iterations iterations (seed $seed), other classes x
 t0=$SECONDS
 rc=0
 CSIRR_FAULT_ITERATIONS=$iterations CSIRR_FAULT_SEED=$seed run_filter 'test(fault_kill_loop)' || rc=$?
-kinds=$(grep -E '^(sync|relocate|forced-promote): [0-9]+ passed, [0-9]+ failed' "$out" || true)
+kinds=$(grep -E '^(sync|relocate|journal|forced-promote): [0-9]+ passed, [0-9]+ failed' "$out" || true)
 p=$(awk '{s += $2} END {print s + 0}' <<<"$kinds")
 f=$(awk '{s += $4} END {print s + 0}' <<<"$kinds")
 if ((rc != 0 && f == 0)); then f=$((iterations - p)); fi # died before its summary
