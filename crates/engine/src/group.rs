@@ -525,6 +525,10 @@ impl Engine {
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e).ctx(|| format!("group {}: creating RBD group {gname}", g.id)),
         }
+        // Not while a cut of the group's replication is taken: a cut that
+        // listed a leaving volume would snapshot it after its cut snapshots
+        // were dropped.
+        let _slot = self.take_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
         for key in to_remove {
             self.remove_member(&g.io, &g.id, key, creds)?;
         }

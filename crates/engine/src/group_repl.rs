@@ -349,7 +349,9 @@ struct GroupJob {
 }
 
 impl Engine {
-    fn group_slot_key(io: &IoCtx, uuid: &str) -> String {
+    /// The slot of group `uuid` in `io`: held by its cuts and copies and by
+    /// the role changes and membership changes of the group.
+    pub(crate) fn group_slot_key(io: &IoCtx, uuid: &str) -> String {
         format!("group:{}", image_key(io.pool(), io.namespace(), uuid))
     }
 
@@ -473,7 +475,7 @@ impl Engine {
             }
         }
         // The scheduler stays off the group until its first cut is taken.
-        let _slot = self.take_group_slot(&Self::group_slot_key(&g.io, &uuid))?;
+        let _slot = self.take_slot(&Self::group_slot_key(&g.io, &uuid))?;
         let mut rec = GroupRecord {
             uuid,
             role: Role::Primary,
@@ -505,15 +507,6 @@ impl Engine {
             EngineError::FailedPrecondition(format!(
                 "replication is not enabled for volume group {}",
                 g.id
-            ))
-        })
-    }
-
-    fn take_group_slot(&self, key: &str) -> Result<super::slots::SlotGuard> {
-        let wait = self.cfg.op_timeout + Duration::from_secs(10);
-        self.slots.get(key).enter_cancelling(wait).ok_or_else(|| {
-            EngineError::Unavailable(format!(
-                "the replayer did not stop working on {key} within {wait:?}; retry"
             ))
         })
     }
@@ -580,7 +573,7 @@ impl Engine {
         }
         // The scheduler's cuts (its own connection, a client of the members
         // while it cuts) stop first, so that they are not taken for writers.
-        let _slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
+        let _slot = self.take_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
         // The record as it stands now that the scheduler is stopped: a cut
         // it took since the first read changed it.
         rec = self.group_record_of(&g)?;
@@ -683,7 +676,7 @@ impl Engine {
             _ if !force => self.check_group_promotable(&g, &rec)?,
             _ => {}
         }
-        let slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
+        let slot = self.take_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
         let mut rolled = 0;
         if force && rec.role == Role::Secondary {
             let Some(last) = rec.last_cut.clone() else {
@@ -829,7 +822,7 @@ impl Engine {
                     == rec.demotion_cut.as_ref();
             return Ok(settled);
         };
-        let _slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
+        let _slot = self.take_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
         let common = self.group_divergence(&g.io, &rec, &pio, &p)?;
         match common {
             Divergence::Clean(cut) => {
@@ -1012,7 +1005,7 @@ impl Engine {
             tracing::info!(group = %g.id, "replica group: replication goes on; the primary's Disable ends it");
             return Ok(());
         }
-        let _slot = self.take_group_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
+        let _slot = self.take_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
         self.detach_group(&g.io, &rec)
     }
 
