@@ -55,13 +55,13 @@ use csirr_journal::{
 
 use super::Engine;
 use super::error::{CephContext, EngineError, Result};
-use super::journal_mode::{client_id, enable_journaling, peer_client_data};
+use super::journal_mode::{client_id, peer_client_data};
 use super::registry::{
     ImageRecord, JournalReplica, PrimaryRef, Registry, Role, RoleChange, Schedule,
 };
-use super::resolve::Resolved;
-use super::rollback::rollback_to;
-use super::{VolumeRequest, replayer};
+use super::replayer;
+use super::roles::{Divergence, demoted_peer, peer_not_primary};
+use super::store::VolumeStore;
 
 /// Prefix of the `demotion_snap` of a journal-mode image demoted at a
 /// journal tag: `journal-tag.<tid>` (no snapshot of that name exists).
@@ -77,7 +77,7 @@ pub fn demotion_tag(marker: &str) -> Option<u64> {
     marker.strip_prefix(DEMOTION_PREFIX)?.parse().ok()
 }
 
-fn journal_err(e: JournalError, what: &str) -> EngineError {
+pub(crate) fn journal_err(e: JournalError, what: &str) -> EngineError {
     match e {
         JournalError::Ceph(source) => Err::<(), _>(source)
             .ctx(|| format!("the journal of {what}"))
@@ -179,7 +179,7 @@ fn append_epoch(
     Ok(tag.tid)
 }
 
-fn open_journal(img: &Image, key: &str) -> Result<Journal> {
+pub(crate) fn open_journal(img: &Image, key: &str) -> Result<Journal> {
     let id = img.id().ctx(|| key.to_string())?;
     Journal::open(img.ioctx(), &id).map_err(|e| journal_err(e, key))
 }
@@ -326,295 +326,238 @@ pub fn disable_journaling(img: &Image, key: &str) -> Result<()> {
         .ctx(|| format!("turning journaling of {key} off"))
 }
 
-impl Engine {
-    /// DemoteVolume of a journal-mode primary (the caller checked the
-    /// writers): lock, demotion epoch, lock released (librbd refuses every
-    /// writer from then on), record.
-    pub(crate) fn journal_demote(
-        &self,
-        vol: &Resolved,
-        reg: &Registry,
-        mut rec: ImageRecord,
-        key: &str,
-        force: bool,
-        owners: &[String],
-    ) -> Result<()> {
-        let _slot = self.take_slot(key)?;
-        if force {
-            for o in owners {
-                tracing::warn!(owner = %o, "breaking the lock of a writer (forced demotion)");
-                let _ = vol.image.lock_break(o);
-            }
+/// DemoteVolume's steps on a journal-mode primary (the caller checked the
+/// writers; `owners` hold its lock): the replayer kept off, the lock taken
+/// (once held, nobody else writes, so the demotion follows the last write
+/// of any client), the demotion epoch appended, the lock let go (librbd
+/// refuses every writer of a demoted journal), then the record. A failure
+/// before the record is written leaves it primary in the record; a
+/// retry finds the journal demoted already and records that.
+pub(crate) fn demote_volume<S: VolumeStore>(
+    s: &S,
+    mut rec: ImageRecord,
+    force: bool,
+    owners: &[String],
+) -> Result<()> {
+    let _pause = s.pause()?;
+    if force {
+        for o in owners {
+            s.break_lock(o);
         }
-        // The lock first: once this process holds it nobody else can
-        // write, so the demotion follows the last write of any client.
-        self.hold_lock(key, &vol.image)?;
-        let tid = demote_journal(&vol.image, key);
-        self.held.release(key);
-        let tid = tid?;
-        rec.role = Role::Demoted;
-        rec.demotion_snap = Some(demotion_marker(tid));
-        rec.role_change = change(format!("demoted at journal tag {tid}"));
-        reg.put(&mut rec)?;
-        reg.announce();
-        tracing::info!(
-            tag = tid,
-            "demoted in the journal; librbd refuses writers now"
-        );
-        Ok(())
     }
+    s.hold_lock()?;
+    let tid = s.journal_demote_epoch();
+    s.release_lock();
+    let tid = tid?;
+    rec.role = Role::Demoted;
+    rec.demotion_snap = Some(demotion_marker(tid));
+    rec.role_change = change(format!("demoted at journal tag {tid}"));
+    s.put(&mut rec)?;
+    tracing::info!(
+        tag = tid,
+        "demoted in the journal; librbd refuses writers now"
+    );
+    Ok(())
+}
 
-    /// PromoteVolume of a journal-mode image that is not primary.
-    pub(crate) fn journal_promote(
-        &self,
-        req: &VolumeRequest,
-        vol: &Resolved,
-        reg: &Registry,
-        mut rec: ImageRecord,
-        force: bool,
-        schedule: Option<Schedule>,
-    ) -> Result<()> {
-        let key = Self::key_of(vol);
-        let key = key.as_str();
-        if rec.role == Role::Demoted {
-            return self.journal_promote_demoted(vol, reg, rec, force, schedule);
-        }
-        let primary = rec.primary.clone().ok_or_else(|| {
-            EngineError::Internal(format!("replica {key} has no primary in its record"))
-        })?;
-        let replayed = rec.journal.as_ref().and_then(|j| j.demoted_at);
-        if !force {
-            self.check_demotion_replayed(vol, &primary.image_id, replayed, key)?;
-        }
-        // Stops the replay loop: at an entry boundary, flushed.
-        let _slot = self.take_slot(key)?;
-        self.held.release(key);
-        self.break_foreign_locks(&vol.image, key);
-        replayer::settle_pending_snap(&vol.image, reg, &mut rec)?;
-        if rec.journal.is_none() {
-            // The bootstrap did not finish: only its copy's sync point is
-            // consistent.
-            let last = rec.last_sync.as_ref().map(|l| l.snap_name.clone());
-            let Some(last) = last else {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "{key} never completed its bootstrap; it holds no consistent data to promote"
-                )));
-            };
-            rollback_to(vol.ioctx(), &vol.image, &last, self.cfg.limits, &|| false)?;
-        }
-        let added = enable_journaling(&vol.image, &req.volume.to_string())?;
-        let link = replayed.map(|t| (primary.fsid.as_str(), t));
-        if link.is_some() {
-            // The old primary equals this image now: it replays this
-            // journal from its very start, so its client is registered
-            // before anything is written to it.
-            let journal = open_journal(&vol.image, key)?;
-            journal
-                .register_or_reuse(
-                    &client_id(&primary.fsid),
-                    &peer_client_data(&primary.image_id, MirrorPeerState::Replaying),
-                )
-                .map_err(|e| journal_err(e, key))?;
-        }
-        let tid = promote_journal(&vol.image, key, link, force)?;
-        rec.role = Role::Primary;
-        rec.primary = None;
-        rec.checkpoint = None;
-        rec.demotion_snap = None;
-        rec.journal = None;
-        rec.features_added = Some(rec.features_added.unwrap_or(added));
-        rec.role_change = change(format!(
-            "promoted{} at journal tag {tid}{}",
-            if force { " (forced)" } else { "" },
-            match replayed {
-                Some(t) => format!(", linked to the peer's demotion (its tag {t})"),
-                None => ", not linked to the peer (split-brain until it is resynced)".into(),
-            }
-        ));
-        if let Some(s) = schedule {
-            rec.schedule = s;
-        }
-        reg.put(&mut rec)?;
-        reg.announce();
-        tracing::info!(
-            tag = tid,
-            linked = replayed.is_some(),
-            "promoted; journaling on"
-        );
-        Ok(())
+/// PromoteVolume's steps on a journal-mode image that is not primary. A
+/// replica: an orderly promotion once it replayed the peer's demotion
+/// (UNAVAILABLE before); the replay stopped at an entry boundary, a
+/// replica whose bootstrap never finished rolled back to its copy's sync
+/// point, journaling turned on, the old primary's client registered (so it
+/// can replay this journal from its start), the promotion epoch linked to
+/// the peer's demotion (forced: linked to nothing), the record last.
+pub(crate) fn promote_volume<S: VolumeStore>(
+    s: &S,
+    mut rec: ImageRecord,
+    force: bool,
+    schedule: Option<Schedule>,
+) -> Result<()> {
+    if rec.role == Role::Demoted {
+        return promote_demoted(s, rec, force, schedule);
     }
-
-    /// PromoteVolume of a journal-mode image this site demoted: its journal
-    /// gets a tag owned by it again (`force`: whatever the peer says).
-    fn journal_promote_demoted(
-        &self,
-        vol: &Resolved,
-        reg: &Registry,
-        mut rec: ImageRecord,
-        force: bool,
-        schedule: Option<Schedule>,
-    ) -> Result<()> {
-        let key = Self::key_of(vol);
-        let key = key.as_str();
-        if !force {
-            self.peer_not_primary(vol, key)?;
-        }
-        let _slot = self.take_slot(key)?;
-        let tid = promote_journal(&vol.image, key, None, force)?;
-        rec.role = Role::Primary;
-        rec.demotion_snap = None;
-        rec.role_change = change(format!(
-            "promoted{} from demoted at journal tag {tid}",
-            if force { " (forced)" } else { "" }
-        ));
-        if let Some(s) = schedule {
-            rec.schedule = s;
-        }
-        reg.put(&mut rec)?;
-        reg.announce();
-        tracing::info!(tag = tid, "promoted from demoted");
-        Ok(())
+    let key = s.key().to_string();
+    let primary = rec.primary.clone().ok_or_else(|| {
+        EngineError::Internal(format!("replica {key} has no primary in its record"))
+    })?;
+    let replayed = rec.journal.as_ref().and_then(|j| j.demoted_at);
+    if !force {
+        demotion_replayed(s, &primary.image_id, replayed, &key)?;
     }
-
-    /// An orderly promotion's condition: the peer `primary_id` is demoted,
-    /// and this replica replayed its journal up to that demotion
-    /// (`replayed`); UNAVAILABLE while it still replays.
-    fn check_demotion_replayed(
-        &self,
-        vol: &Resolved,
-        primary_id: &str,
-        replayed: Option<u64>,
-        key: &str,
-    ) -> Result<()> {
-        let prec = self.demoted_peer(vol, Some(primary_id), key)?;
-        let want = prec
-            .demotion_snap
-            .as_deref()
-            .and_then(demotion_tag)
-            .ok_or_else(|| {
-                EngineError::Internal(format!(
-                    "peer record of {key} is demoted without a journal demotion tag"
-                ))
-            })?;
-        if replayed != Some(want) {
-            return Err(EngineError::Unavailable(format!(
-                "the replica of {key} is still replaying the peer's journal up to \
-                         its demotion (tag {want}); retry shortly"
-            )));
-        }
-        Ok(())
-    }
-
-    /// ResyncVolume of a journal-mode image. Returns whether the replica
-    /// is complete (bootstrapped and replaying past its snapshot).
-    pub(crate) fn journal_resync(
-        &self,
-        req: &VolumeRequest,
-        vol: &Resolved,
-        reg: &Registry,
-        mut rec: ImageRecord,
-        force: bool,
-    ) -> Result<bool> {
-        let key = Self::key_of(vol);
-        let key = key.as_str();
-        match rec.role {
-            Role::Primary => {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "volume {} is primary; demote it before resyncing it",
-                    req.volume
-                )));
-            }
-            Role::Secondary => {
-                return Ok(rec.journal.as_ref().is_some_and(|j| j.skip_until.is_none()));
-            }
-            Role::Demoted => {}
-        }
-        let mine = rec.demotion_snap.as_deref().and_then(demotion_tag);
-        let peer = self.peer_record(vol, None)?;
-        let prec = match peer.rec {
-            Some(p) if p.role == Role::Primary => p,
-            other => {
-                // Neither side is primary: settled once the peer's replica
-                // replayed this side's demotion.
-                let theirs = other
-                    .as_ref()
-                    .and_then(|p| p.journal.as_ref())
-                    .and_then(|j| j.demoted_at);
-                let settled = mine.is_some() && mine == theirs;
-                tracing::info!(ours = ?mine, theirs = ?theirs, settled, "the peer is not primary");
-                return Ok(settled);
-            }
-        };
-        let _slot = self.take_slot(key)?;
-        let local = self.local()?;
-        let fsid = local.fsid().to_string();
-        let pjournal = Journal::open(&peer.io, &prec.image_id).map_err(|e| journal_err(e, key))?;
-        let here = local_demotion(vol.ioctx(), &vol.image_id, key)?;
-        let linked = match here {
-            Some(d) => linked_to(&pjournal, &fsid, d, key)?,
-            None => false,
-        };
-        if linked {
-            // An orderly switch: the replayer makes it a replica by itself.
-            return Ok(false);
-        }
-        let pimg = Image::open_by_id_read_only(&peer.io, &prec.image_id, None)
-            .ctx(|| format!("opening the peer's primary {key}"))?;
-        let div = self.divergence(&vol.image, &pimg, key)?;
-        drop(pimg);
-        if !force {
+    // Stops the replay loop: at an entry boundary, flushed.
+    let _pause = s.pause()?;
+    s.release_lock();
+    s.break_foreign_locks();
+    s.settle_pending(&mut rec)?;
+    if rec.journal.is_none() {
+        // The bootstrap did not finish: only its copy's sync point is
+        // consistent.
+        let Some(last) = rec.last_sync.as_ref().map(|l| l.snap_name.clone()) else {
             return Err(EngineError::FailedPrecondition(format!(
-                "split-brain: the peer's {key} was promoted without linking to this side's \
-                 demotion (a forced promotion, or this side was written since); \
-                 ResyncVolume with force discards the local changes since {} and copies \
-                 what differs",
-                div.common
-                    .as_deref()
-                    .unwrap_or("the beginning (a full copy)")
+                "{key} never completed its bootstrap; it holds no consistent data to promote"
+            )));
+        };
+        s.rollback_to(&last)?;
+    }
+    let added = s.enable_journal()?;
+    let link = replayed.map(|t| (primary.fsid.as_str(), t));
+    if link.is_some() {
+        // The old primary equals this image now: it replays this journal
+        // from its very start, so its client is registered before
+        // anything is written to it.
+        s.register_peer_client(&primary)?;
+    }
+    let tid = s.journal_promote_epoch(link, force)?;
+    rec.role = Role::Primary;
+    rec.primary = None;
+    rec.checkpoint = None;
+    rec.demotion_snap = None;
+    rec.journal = None;
+    rec.features_added = Some(rec.features_added.unwrap_or(added));
+    rec.role_change = change(format!(
+        "promoted{} at journal tag {tid}{}",
+        if force { " (forced)" } else { "" },
+        match replayed {
+            Some(t) => format!(", linked to the peer's demotion (its tag {t})"),
+            None => ", not linked to the peer (split-brain until it is resynced)".into(),
+        }
+    ));
+    if let Some(sch) = schedule {
+        rec.schedule = sch;
+    }
+    s.put(&mut rec)?;
+    tracing::info!(
+        tag = tid,
+        linked = replayed.is_some(),
+        "promoted; journaling on"
+    );
+    Ok(())
+}
+
+/// PromoteVolume of a journal-mode image this site demoted: its journal
+/// gets an epoch owned by it again (`force`: whatever the peer says).
+fn promote_demoted<S: VolumeStore>(
+    s: &S,
+    mut rec: ImageRecord,
+    force: bool,
+    schedule: Option<Schedule>,
+) -> Result<()> {
+    if !force {
+        peer_not_primary(s.peer_record(None), s.key())?;
+    }
+    let _pause = s.pause()?;
+    let tid = s.journal_promote_epoch(None, force)?;
+    rec.role = Role::Primary;
+    rec.demotion_snap = None;
+    rec.role_change = change(format!(
+        "promoted{} from demoted at journal tag {tid}",
+        if force { " (forced)" } else { "" }
+    ));
+    if let Some(sch) = schedule {
+        rec.schedule = sch;
+    }
+    s.put(&mut rec)?;
+    tracing::info!(tag = tid, "promoted from demoted");
+    Ok(())
+}
+
+/// An orderly promotion's condition: the peer `primary_id` is demoted, and
+/// this replica replayed its journal up to that demotion (`replayed`);
+/// UNAVAILABLE while it still replays.
+fn demotion_replayed<S: VolumeStore>(
+    s: &S,
+    primary_id: &str,
+    replayed: Option<u64>,
+    key: &str,
+) -> Result<()> {
+    let prec = demoted_peer(s.peer_record(Some(primary_id)), key)?;
+    let want = prec
+        .demotion_snap
+        .as_deref()
+        .and_then(demotion_tag)
+        .ok_or_else(|| {
+            EngineError::Internal(format!(
+                "peer record of {key} is demoted without a journal demotion tag"
+            ))
+        })?;
+    if replayed != Some(want) {
+        return Err(EngineError::Unavailable(format!(
+            "the replica of {key} is still replaying the peer's journal up to its demotion \
+             (tag {want}); retry shortly"
+        )));
+    }
+    Ok(())
+}
+
+/// ResyncVolume's steps on a journal-mode image. A demoted image whose
+/// peer's new primary links to its demotion needs nothing (the replayer
+/// adopts it); otherwise, with force, journaling is turned off, its client
+/// leaves the new primary's journal, and the image is rolled back to the
+/// newest sync point both sides share and made a replica (bootstrapped
+/// from there by the replayer). Returns whether the replica is complete
+/// (bootstrapped and replaying past its snapshot).
+pub(crate) fn resync_volume<S: VolumeStore>(
+    s: &S,
+    mut rec: ImageRecord,
+    force: bool,
+) -> Result<bool> {
+    let key = s.key().to_string();
+    match rec.role {
+        Role::Primary => {
+            return Err(EngineError::FailedPrecondition(format!(
+                "volume {key} is primary; demote it before resyncing it"
             )));
         }
-        let primary = PrimaryRef {
-            fsid: peer.cluster.fsid().to_string(),
-            image_id: prec.image_id.clone(),
-        };
-        self.resync_diverged(reg, &mut rec, vol, &pjournal, primary, div)?;
-        Ok(false)
-    }
-
-    /// A forced resync of a diverged journal image: journaling off, this
-    /// side's client gone from the new primary's journal, then the image
-    /// rolled back to the newest common sync point and made a replica of
-    /// `primary` (bootstrapped from there by the replayer).
-    fn resync_diverged(
-        &self,
-        reg: &Registry,
-        rec: &mut ImageRecord,
-        vol: &Resolved,
-        pjournal: &Journal,
-        primary: PrimaryRef,
-        div: super::roles::Divergence,
-    ) -> Result<()> {
-        let key = Self::key_of(vol);
-        let key = key.as_str();
-        let fsid = self.local()?.fsid().to_string();
-        self.held.release(key);
-        disable_journaling(&vol.image, key)?;
-        match pjournal.unregister_client(&client_id(&fsid)) {
-            Ok(()) => {}
-            Err(JournalError::Ceph(e)) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(journal_err(e, key)),
+        Role::Secondary => {
+            return Ok(rec.journal.as_ref().is_some_and(|j| j.skip_until.is_none()));
         }
-        rec.journal = None;
-        // Always roll back: the head may hold writes of this side's
-        // primary epoch even where no sync snapshot says so.
-        let div = super::roles::Divergence {
-            head_changed: div.common.is_some(),
-            ..div
-        };
-        self.adopt_as_replica(reg, rec, &vol.image, key, primary, &div)?;
-        Ok(())
+        Role::Demoted => {}
     }
+    let prec = match s.peer_record(None)? {
+        Some(p) if p.role == Role::Primary => p,
+        other => {
+            // Neither side is primary: settled once the peer's replica
+            // replayed this side's demotion.
+            let mine = rec.demotion_snap.as_deref().and_then(demotion_tag);
+            let theirs = other
+                .as_ref()
+                .and_then(|p| p.journal.as_ref())
+                .and_then(|j| j.demoted_at);
+            let settled = mine.is_some() && mine == theirs;
+            tracing::info!(ours = ?mine, theirs = ?theirs, settled, "the peer is not primary");
+            return Ok(settled);
+        }
+    };
+    let _pause = s.pause()?;
+    if s.linked_by_peer(&prec.image_id)? {
+        // An orderly switch: the replayer makes it a replica by itself.
+        return Ok(false);
+    }
+    let (div, primary) = s.divergence_from(&prec.image_id)?;
+    if !force {
+        return Err(EngineError::FailedPrecondition(format!(
+            "split-brain: the peer's {key} was promoted without linking to this side's \
+             demotion (a forced promotion, or this side was written since); ResyncVolume \
+             with force discards the local changes since {} and copies what differs",
+            div.common
+                .as_deref()
+                .unwrap_or("the beginning (a full copy)")
+        )));
+    }
+    s.release_lock();
+    s.leave_journal(&prec.image_id)?;
+    rec.journal = None;
+    // Always roll back: the head may hold writes of this side's primary
+    // epoch even where no sync snapshot says so.
+    let div = Divergence {
+        head_changed: div.common.is_some(),
+        ..div
+    };
+    s.adopt_as_replica(&mut rec, primary, &div)?;
+    Ok(false)
+}
 
+impl Engine {
     /// The replayer's side of an orderly switch: the local image of `rec`
     /// (demoted) becomes a replica of `primary_id` on `peer_fsid` whose
     /// journal links to its demotion; `None` when it is not linked (a
@@ -690,12 +633,298 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
+    //! Journal mode's role rules on two in-memory sites (`store::fake`,
+    //! with its journal epochs): planned relocation linked through the
+    //! journals, forced failover and the resync it needs, and a failure
+    //! injected at every step of a demotion, a promotion and a resync.
+
     use super::*;
+    use crate::roles;
+    use crate::store::fake::{MemVolume, fsid};
+
+    fn demote(v: &MemVolume, force: bool) -> Result<()> {
+        roles::demote_volume(v, v.rec(), force)
+    }
+
+    fn promote(v: &MemVolume, force: bool) -> Result<()> {
+        roles::promote_volume(v, v.rec(), force, None)
+    }
+
+    fn resync(v: &MemVolume, force: bool) -> Result<bool> {
+        roles::resync_volume(v, v.rec(), force)
+    }
+
+    fn code<T>(r: Result<T>) -> &'static str {
+        match r {
+            Ok(_) => "ok",
+            Err(EngineError::Unavailable(_)) => "unavailable",
+            Err(EngineError::FailedPrecondition(_)) => "failed-precondition",
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    /// Site a demoted after writing "v2", its demotion replayed on b.
+    fn demoted_and_replayed() -> (MemVolume, MemVolume) {
+        let (a, b) = MemVolume::journal_pair();
+        assert!(a.write("v2"));
+        demote(&a, false).unwrap();
+        a.replay_to(&b);
+        (a, b)
+    }
+
+    /// Whether `b`'s journal links to site a's demotion (what a's resync
+    /// and a's replayer look for).
+    fn linked(a: &MemVolume) -> bool {
+        a.linked_by_peer("id").unwrap()
+    }
 
     #[test]
     fn demotion_markers_round_trip() {
         assert_eq!(demotion_tag(&demotion_marker(42)), Some(42));
         assert_eq!(demotion_tag("csirr-sync.0000000001"), None);
         assert_eq!(demotion_tag("journal-tag.x"), None);
+    }
+
+    #[test]
+    fn planned_relocation_links_the_new_primary_to_the_demotion() {
+        let (a, b) = MemVolume::journal_pair();
+        assert!(a.write("v2"));
+        assert_eq!(code(promote(&b, false)), "failed-precondition");
+        demote(&a, false).unwrap();
+        let ra = a.rec();
+        let tag = a.site().demotion().expect("demoted in its journal");
+        assert_eq!(ra.demotion_snap, Some(demotion_marker(tag)));
+        assert!(
+            !a.write("lost"),
+            "librbd refuses writers of a demoted journal"
+        );
+        assert_eq!(a.site().lock, None, "the lock is let go: librbd refuses it");
+        assert_eq!(
+            code(promote(&b, false)),
+            "unavailable",
+            "retry until the demotion is replayed, never force"
+        );
+        a.replay_to(&b);
+        promote(&b, false).unwrap();
+        let (rb, site) = (b.rec(), b.site());
+        assert_eq!(rb.role, Role::Primary);
+        assert_eq!(rb.journal, None);
+        assert_eq!(site.head, "v2", "everything a acknowledged is on b");
+        assert!(
+            site.journal_clients.contains(&fsid(0)),
+            "a's client registered"
+        );
+        assert!(linked(&a), "b's journal links to a's demotion");
+        // a needs no resync: the replayer adopts it without a copy.
+        assert!(!resync(&a, false).unwrap());
+        assert_eq!(a.rec().role, Role::Demoted, "left to the replayer");
+        assert!(a.site().journal.is_some());
+        // Idempotent; a cannot take the role back unforced.
+        promote(&b, false).unwrap();
+        demote(&a, false).unwrap();
+        assert_eq!(code(promote(&a, false)), "failed-precondition");
+    }
+
+    #[test]
+    fn a_demotion_undone_before_the_peer_took_over_keeps_the_journal() {
+        let (a, b) = MemVolume::journal_pair();
+        demote(&a, false).unwrap();
+        let demotion = a.site().demotion().unwrap();
+        promote(&a, false).unwrap();
+        let epoch = a.site().epoch().unwrap();
+        assert_eq!(a.rec().role, Role::Primary);
+        assert_eq!(
+            epoch.after,
+            (ORPHAN_MIRROR_UUID.to_string(), demotion),
+            "an orderly promotion after its own demotion"
+        );
+        assert!(a.write("v3"));
+        // Not while the peer is primary.
+        demote(&a, false).unwrap();
+        a.replay_to(&b);
+        promote(&b, false).unwrap();
+        assert_eq!(code(promote(&a, false)), "failed-precondition");
+    }
+
+    #[test]
+    fn forced_failover_splits_the_brain_until_a_forced_resync() {
+        let (a, b) = MemVolume::journal_pair();
+        assert!(a.write("v2"));
+        a.with(|w| w.sites[0].reachable = false);
+        assert_eq!(code(promote(&b, false)), "failed-precondition");
+        promote(&b, true).unwrap();
+        assert_eq!(b.rec().role, Role::Primary);
+        let what = b.rec().role_change.unwrap().what;
+        assert!(what.contains("not linked"), "{what}");
+        // The old primary comes back, is demoted, and is not linked.
+        a.with(|w| w.sites[0].reachable = true);
+        demote(&a, false).unwrap();
+        assert!(!linked(&a));
+        let before = a.site();
+        let err = resync(&a, false).unwrap_err().to_string();
+        assert!(
+            err.contains("split-brain") && err.contains("csirr-sync.1"),
+            "{err}"
+        );
+        assert_eq!(a.site().journal, before.journal, "nothing changed");
+        assert_eq!(a.rec().role, Role::Demoted);
+        assert!(
+            !resync(&a, true).unwrap(),
+            "a replica now, to be bootstrapped"
+        );
+        let (ra, site) = (a.rec(), a.site());
+        assert_eq!(ra.role, Role::Secondary);
+        assert_eq!(ra.journal, None, "bootstrapped again by the replayer");
+        assert_eq!(site.journal, None, "a replica has journaling off");
+        assert_eq!(site.head, "v1", "rolled back to the common sync point");
+        assert_eq!(site.lock.as_deref(), Some("me"));
+        assert!(
+            !b.site().journal_clients.contains(&fsid(0)),
+            "a's old client gone"
+        );
+    }
+
+    #[test]
+    fn a_replica_that_never_finished_its_bootstrap_is_promoted_at_its_copy() {
+        // `synced`: whether the bootstrap's copy completed its sync point.
+        let cut_short = |synced: bool| {
+            let (a, b) = MemVolume::journal_pair();
+            b.with(|w| {
+                let s = &mut w.sites[1];
+                s.head = "v1+partial".into();
+                let mut rec = s.record().unwrap();
+                rec.journal = None;
+                if !synced {
+                    rec.last_sync = None;
+                }
+                s.store(&rec);
+            });
+            a.with(|w| w.sites[0].reachable = false);
+            b
+        };
+        let b = cut_short(true);
+        promote(&b, true).unwrap();
+        assert_eq!(
+            b.site().head,
+            "v1",
+            "back at the bootstrap copy's sync point"
+        );
+        assert!(b.site().journal.is_some(), "a primary journals");
+        let b = cut_short(false);
+        assert_eq!(code(promote(&b, true)), "failed-precondition");
+        assert_eq!(b.rec().role, Role::Secondary);
+        assert_eq!(b.site().journal, None, "nothing changed");
+    }
+
+    /// The steps `run` takes on a fresh world from `setup`, without failures.
+    fn steps_of(
+        setup: &dyn Fn() -> (MemVolume, MemVolume),
+        run: &dyn Fn(&MemVolume, &MemVolume),
+    ) -> usize {
+        let (a, b) = setup();
+        a.with(|w| w.steps.clear());
+        run(&a, &b);
+        a.with(|w| w.steps.len())
+    }
+
+    #[test]
+    fn a_failure_at_any_step_of_a_demotion_leaves_a_primary_or_a_demoted_image() {
+        let setup = MemVolume::journal_pair;
+        let n = steps_of(&setup, &|a, _| demote(a, false).unwrap());
+        assert!(n >= 5, "demotion has {n} steps");
+        for at in 0..n {
+            let (a, _b) = setup();
+            a.with(|w| w.fail_at = Some(at));
+            assert!(demote(&a, false).is_err(), "step {at} fails");
+            let (rec, site) = (a.rec(), a.site());
+            match rec.role {
+                Role::Primary => assert_ne!(site.lock.as_deref(), Some("me"), "step {at}"),
+                Role::Demoted => assert_eq!(
+                    rec.demotion_snap,
+                    site.demotion().map(demotion_marker),
+                    "step {at}: recorded demoted only once demoted in the journal"
+                ),
+                Role::Secondary => panic!("step {at}: a primary became a replica"),
+            }
+            assert!(!site.paused, "step {at}");
+            a.with(|w| w.fail_at = None);
+            demote(&a, false).unwrap();
+            let (rec, site) = (a.rec(), a.site());
+            assert_eq!(rec.role, Role::Demoted, "step {at}");
+            assert_eq!(rec.demotion_snap, site.demotion().map(demotion_marker));
+            let orphans = site
+                .journal
+                .unwrap()
+                .iter()
+                .filter(|e| e.owner == ORPHAN_MIRROR_UUID)
+                .count();
+            assert_eq!(orphans, 1, "step {at}: the retry demotes once");
+        }
+    }
+
+    #[test]
+    fn a_failure_at_any_step_of_a_planned_promotion_leaves_a_replica_or_a_linked_primary() {
+        let setup = demoted_and_replayed;
+        let n = steps_of(&setup, &|_, b| promote(b, false).unwrap());
+        assert!(n >= 8, "promotion has {n} steps");
+        for at in 0..n {
+            let (a, b) = setup();
+            a.with(|w| {
+                w.steps.clear();
+                w.fail_at = Some(at);
+            });
+            assert!(promote(&b, false).is_err(), "step {at} fails");
+            let rec = b.rec();
+            match rec.role {
+                Role::Primary => assert!(linked(&a), "step {at}: primary only once linked"),
+                Role::Secondary => {}
+                Role::Demoted => panic!("step {at}"),
+            }
+            assert!(!b.site().paused, "step {at}");
+            a.with(|w| w.fail_at = None);
+            promote(&b, false).unwrap();
+            assert_eq!(b.rec().role, Role::Primary, "step {at}");
+            assert_eq!(b.site().head, "v2");
+            assert!(linked(&a), "step {at}: the retry links b to a's demotion");
+        }
+    }
+
+    #[test]
+    fn a_failure_at_any_step_of_a_forced_resync_leaves_it_demoted_or_a_replica() {
+        let setup = || {
+            let (a, b) = MemVolume::journal_pair();
+            a.with(|w| w.sites[0].reachable = false);
+            promote(&b, true).unwrap();
+            a.with(|w| w.sites[0].reachable = true);
+            assert!(a.write("a-only"));
+            demote(&a, false).unwrap();
+            (a, b)
+        };
+        let n = steps_of(&setup, &|a, _| assert!(!resync(a, true).unwrap()));
+        assert!(n >= 6, "resync has {n} steps");
+        for at in 0..n {
+            let (a, b) = setup();
+            a.with(|w| {
+                w.steps.clear();
+                w.fail_at = Some(at);
+            });
+            assert!(resync(&a, true).is_err(), "step {at} fails");
+            let role = a.rec().role;
+            assert!(
+                matches!(role, Role::Demoted | Role::Secondary),
+                "step {at}: {role:?}"
+            );
+            assert!(!a.site().paused, "step {at}");
+            a.with(|w| w.fail_at = None);
+            resync(&a, true).unwrap();
+            let site = a.site();
+            assert_eq!(
+                (a.rec().role, site.head.as_str()),
+                (Role::Secondary, "v1"),
+                "step {at}"
+            );
+            assert_eq!(site.journal, None, "step {at}");
+            assert!(!b.site().journal_clients.contains(&fsid(0)), "step {at}");
+        }
     }
 }

@@ -34,13 +34,6 @@ use super::slots::{SlotGuard, image_key};
 use super::store::{CephVolume, VolumeStore};
 use super::{Engine, VolumeRequest};
 
-/// The peer's view of an image: its cluster and its registry record.
-pub(crate) struct PeerImage {
-    pub(crate) cluster: Arc<Cluster>,
-    pub(crate) io: Arc<IoCtx>,
-    pub(crate) rec: Option<ImageRecord>,
-}
-
 /// How a demoted image relates to the peer's new primary.
 #[derive(Debug, Clone)]
 pub(crate) struct Divergence {
@@ -150,24 +143,6 @@ impl Engine {
         })
     }
 
-    /// Refuses to undo a demotion of `key` without force while the peer is
-    /// primary (that would split the brain) or cannot be asked. Blocking.
-    pub(crate) fn peer_not_primary(&self, vol: &Resolved, key: &str) -> Result<()> {
-        peer_not_primary(self.peer_record(vol, None).map(|p| p.rec), key)
-    }
-
-    /// The peer's record of `key` for a planned promotion: it must answer
-    /// and be demoted (FAILED_PRECONDITION naming what to do otherwise).
-    /// Blocking.
-    pub(crate) fn demoted_peer(
-        &self,
-        vol: &Resolved,
-        primary_id: Option<&str>,
-        key: &str,
-    ) -> Result<ImageRecord> {
-        demoted_peer(self.peer_record(vol, primary_id).map(|p| p.rec), key)
-    }
-
     fn record_of(&self, vol: &Resolved, req: &VolumeRequest) -> Result<(Registry, ImageRecord)> {
         let reg = Registry::new(Arc::clone(vol.ioctx()));
         let rec = reg.get(&vol.image_id)?.ok_or_else(|| {
@@ -205,8 +180,8 @@ impl Engine {
         &self,
         vol: &Resolved,
         primary_id: Option<&str>,
-    ) -> Result<PeerImage> {
-        let (cluster, pio) = self.peer_of(vol.ioctx())?;
+    ) -> Result<Option<ImageRecord>> {
+        let (_, pio) = self.peer_of(vol.ioctx())?;
         let reg = Registry::new(Arc::clone(&pio));
         let rec = match primary_id {
             Some(id) => reg.get(id)?,
@@ -215,11 +190,7 @@ impl Engine {
                 .into_iter()
                 .find(|r| r.image_name == vol.image.name()),
         };
-        Ok(PeerImage {
-            cluster,
-            io: pio,
-            rec,
-        })
+        Ok(rec)
     }
 
     /// DemoteVolume: the image stops being primary. A final sync snapshot
@@ -464,7 +435,7 @@ impl Engine {
             // site must not end DR silently. A demoted image whose peer took
             // over is a replica in all but name: the replayer adopts it.
             let peer = self.peer_record(&vol, rec.primary.as_ref().map(|p| p.image_id.as_str()));
-            return match replica_health(&rec, peer.as_ref().map(|p| p.rec.as_ref())) {
+            return match replica_health(&rec, peer.as_ref().map(Option::as_ref)) {
                 Ok(()) => {
                     tracing::info!(
                         role = ?rec.role,
@@ -571,7 +542,7 @@ impl Engine {
 
 /// Refuses to undo a demotion of `key` without force while the peer (its
 /// record, or why it could not be read) is primary or cannot be asked.
-fn peer_not_primary(peer: Result<Option<ImageRecord>>, key: &str) -> Result<()> {
+pub(crate) fn peer_not_primary(peer: Result<Option<ImageRecord>>, key: &str) -> Result<()> {
     match peer {
         Ok(Some(p)) if p.role == Role::Primary => Err(EngineError::FailedPrecondition(format!(
             "the peer site is primary for {key}; promoting this side too would split \
@@ -587,7 +558,7 @@ fn peer_not_primary(peer: Result<Option<ImageRecord>>, key: &str) -> Result<()> 
 
 /// The peer's record for a planned promotion of `key`: it must have been
 /// read and be demoted (FAILED_PRECONDITION naming what to do otherwise).
-fn demoted_peer(peer: Result<Option<ImageRecord>>, key: &str) -> Result<ImageRecord> {
+pub(crate) fn demoted_peer(peer: Result<Option<ImageRecord>>, key: &str) -> Result<ImageRecord> {
     let peer = peer.map_err(|e| {
         EngineError::FailedPrecondition(format!(
             "cannot reach the peer site of {key} ({e}); promote with force to fail over \
@@ -616,7 +587,11 @@ fn demoted_peer(peer: Result<Option<ImageRecord>>, key: &str) -> Result<ImageRec
 /// take the lock (nobody else writes after it), take the final sync
 /// snapshot, record the demotion. A failure before the record is written
 /// leaves the volume primary and unlocked.
-fn demote_volume<S: VolumeStore>(s: &S, mut rec: ImageRecord, force: bool) -> Result<()> {
+pub(crate) fn demote_volume<S: VolumeStore>(
+    s: &S,
+    mut rec: ImageRecord,
+    force: bool,
+) -> Result<()> {
     let key = s.key().to_string();
     if rec.role != Role::Primary {
         tracing::info!(role = ?rec.role, "already not primary");
@@ -642,7 +617,7 @@ fn demote_volume<S: VolumeStore>(s: &S, mut rec: ImageRecord, force: bool) -> Re
         )));
     }
     if rec.mode == super::journal_mode::MODE {
-        return s.journal_demote(rec, force, &owners);
+        return super::journal_roles::demote_volume(s, rec, force, &owners);
     }
     // The scheduler stays off the image meanwhile (no sync snapshot of
     // its own racing the demotion snapshot).
@@ -685,7 +660,7 @@ fn demote_volume<S: VolumeStore>(s: &S, mut rec: ImageRecord, force: bool) -> Re
 /// only once it holds the peer's demotion snapshot; a replica is rolled
 /// back to its newest complete sync point before it is recorded primary,
 /// so a failure before the record is written leaves it a replica.
-fn promote_volume<S: VolumeStore>(
+pub(crate) fn promote_volume<S: VolumeStore>(
     s: &S,
     mut rec: ImageRecord,
     force: bool,
@@ -693,7 +668,7 @@ fn promote_volume<S: VolumeStore>(
 ) -> Result<()> {
     let key = s.key().to_string();
     if rec.role != Role::Primary && rec.mode == super::journal_mode::MODE {
-        return s.journal_promote(rec, force, schedule);
+        return super::journal_roles::promote_volume(s, rec, force, schedule);
     }
     match rec.role {
         Role::Primary => {
@@ -793,10 +768,14 @@ fn replica_to_last_sync<S: VolumeStore>(
 /// complete sync point) or while neither side is primary; otherwise the
 /// demoted image becomes a replica of the peer's primary, discarding local
 /// changes only with `force`. Returns whether the replica is complete.
-fn resync_volume<S: VolumeStore>(s: &S, mut rec: ImageRecord, force: bool) -> Result<bool> {
+pub(crate) fn resync_volume<S: VolumeStore>(
+    s: &S,
+    mut rec: ImageRecord,
+    force: bool,
+) -> Result<bool> {
     let key = s.key().to_string();
     if rec.mode == super::journal_mode::MODE {
-        return s.journal_resync(rec, force);
+        return super::journal_roles::resync_volume(s, rec, force);
     }
     match rec.role {
         Role::Primary => {
@@ -1010,7 +989,7 @@ mod tests {
             s.snaps.clear();
             let mut rec = s.record().unwrap();
             rec.last_sync = None;
-            s.stored = Some(serde_json::to_vec(&rec).unwrap());
+            s.store(&rec);
         });
         assert_eq!(code(promote(&b, true)), "failed-precondition");
         assert_eq!(b.rec().role, Role::Secondary);

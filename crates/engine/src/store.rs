@@ -5,14 +5,22 @@
 //! that have it open, its exclusive lock, its sync snapshots and a rollback.
 //! [`CephVolume`] implements it over librbd and the registry; the tests'
 //! in-memory pair of sites (`fake`, below) implements it too, so that the
-//! role rules of `roles.rs` are unit-tested in every ordering and with a
-//! failure injected between any two steps. Journal mode keeps its own
-//! steps (`journal_roles.rs`): the store hands them over as a whole.
+//! role rules of `roles.rs` and `journal_roles.rs` are unit-tested in every
+//! ordering and with a failure injected between any two steps. Journal
+//! mode's primitives (epochs appended as librbd appends them, journaling
+//! on and off, the peer's client, the link between a demotion and the
+//! peer's promotion) are steps of the store too.
 
-use csirr_ceph::Image;
+use csirr_ceph::{ErrorKind, Image};
+use csirr_journal::{Journal, JournalError, MirrorPeerState};
 
 use super::error::{CephContext, Result};
-use super::registry::{ImageRecord, PrimaryRef, Registry, Schedule, sync_snapshots};
+use super::journal_mode::{client_id, enable_journaling, peer_client_data};
+use super::journal_roles::{
+    demote_journal, disable_journaling, journal_err, linked_to, local_demotion, open_journal,
+    promote_journal,
+};
+use super::registry::{ImageRecord, PrimaryRef, Registry, sync_snapshots};
 use super::replayer::settle_pending_snap;
 use super::resolve::Resolved;
 use super::roles::Divergence;
@@ -69,17 +77,26 @@ pub(crate) trait VolumeStore {
         primary: PrimaryRef,
         div: &Divergence,
     ) -> Result<u64>;
-    /// Journal mode's resync.
-    fn journal_resync(&self, rec: ImageRecord, force: bool) -> Result<bool>;
-    /// Journal mode's demotion (orphan tag, DemotePromote event).
-    fn journal_demote(&self, rec: ImageRecord, force: bool, owners: &[String]) -> Result<()>;
-    /// Journal mode's promotion (linked or forced tag).
-    fn journal_promote(
-        &self,
-        rec: ImageRecord,
-        force: bool,
-        schedule: Option<Schedule>,
-    ) -> Result<()>;
+    /// Journal mode: appends the demotion epoch to the image's journal (an
+    /// `<orphan>` tag, as librbd demotes); idempotent. Returns its tag.
+    fn journal_demote_epoch(&self) -> Result<u64>;
+    /// Journal mode: turns journaling (and the exclusive lock) on; returns
+    /// the features it added.
+    fn enable_journal(&self) -> Result<u64>;
+    /// Journal mode: registers the old primary `primary`'s client in this
+    /// image's journal, to replay it from its start.
+    fn register_peer_client(&self, primary: &PrimaryRef) -> Result<()>;
+    /// Journal mode: appends the promotion epoch, linked to the peer's
+    /// demotion `link` (the peer's fsid and its demotion tag) when given;
+    /// orderly after a local demotion unless `force`. Returns its tag.
+    fn journal_promote_epoch(&self, link: Option<(&str, u64)>, force: bool) -> Result<u64>;
+    /// Journal mode: whether the peer's primary `primary_id` links its
+    /// journal to this image's demotion (an orderly switch: the replayer
+    /// makes this image its replica without a copy).
+    fn linked_by_peer(&self, primary_id: &str) -> Result<bool>;
+    /// Journal mode: turns journaling off and unregisters this site's
+    /// client from the journal of the peer's primary `primary_id`.
+    fn leave_journal(&self, primary_id: &str) -> Result<()>;
 }
 
 /// A resolved volume on its cluster, with the engine that holds its locks.
@@ -116,7 +133,7 @@ impl VolumeStore for CephVolume<'_> {
     }
 
     fn peer_record(&self, primary_id: Option<&str>) -> Result<Option<ImageRecord>> {
-        Ok(self.engine.peer_record(self.vol, primary_id)?.rec)
+        self.engine.peer_record(self.vol, primary_id)
     }
 
     fn writers(&self) -> Result<Vec<String>> {
@@ -211,24 +228,49 @@ impl VolumeStore for CephVolume<'_> {
             .adopt_as_replica(self.reg, rec, self.image(), &self.key, primary, div)
     }
 
-    fn journal_resync(&self, rec: ImageRecord, force: bool) -> Result<bool> {
-        self.engine
-            .journal_resync(self.req, self.vol, self.reg, rec, force)
+    fn journal_demote_epoch(&self) -> Result<u64> {
+        demote_journal(self.image(), &self.key)
     }
 
-    fn journal_demote(&self, rec: ImageRecord, force: bool, owners: &[String]) -> Result<()> {
-        self.engine
-            .journal_demote(self.vol, self.reg, rec, &self.key, force, owners)
+    fn enable_journal(&self) -> Result<u64> {
+        enable_journaling(self.image(), &self.req.volume.to_string())
     }
 
-    fn journal_promote(
-        &self,
-        rec: ImageRecord,
-        force: bool,
-        schedule: Option<Schedule>,
-    ) -> Result<()> {
-        self.engine
-            .journal_promote(self.req, self.vol, self.reg, rec, force, schedule)
+    fn register_peer_client(&self, primary: &PrimaryRef) -> Result<()> {
+        open_journal(self.image(), &self.key)?
+            .register_or_reuse(
+                &client_id(&primary.fsid),
+                &peer_client_data(&primary.image_id, MirrorPeerState::Replaying),
+            )
+            .map(drop)
+            .map_err(|e| journal_err(e, &self.key))
+    }
+
+    fn journal_promote_epoch(&self, link: Option<(&str, u64)>, force: bool) -> Result<u64> {
+        promote_journal(self.image(), &self.key, link, force)
+    }
+
+    fn linked_by_peer(&self, primary_id: &str) -> Result<bool> {
+        let Some(demotion) = local_demotion(self.vol.ioctx(), &self.vol.image_id, &self.key)?
+        else {
+            return Ok(false);
+        };
+        let fsid = self.engine.local()?.fsid().to_string();
+        let (_, pio) = self.engine.peer_of(self.vol.ioctx())?;
+        let pjournal = Journal::open(&pio, primary_id).map_err(|e| journal_err(e, &self.key))?;
+        linked_to(&pjournal, &fsid, demotion, &self.key)
+    }
+
+    fn leave_journal(&self, primary_id: &str) -> Result<()> {
+        let fsid = self.engine.local()?.fsid().to_string();
+        disable_journaling(self.image(), &self.key)?;
+        let (_, pio) = self.engine.peer_of(self.vol.ioctx())?;
+        let pjournal = Journal::open(&pio, primary_id).map_err(|e| journal_err(e, &self.key))?;
+        match pjournal.unregister_client(&client_id(&fsid)) {
+            Ok(()) => Ok(()),
+            Err(JournalError::Ceph(e)) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(journal_err(e, &self.key)),
+        }
     }
 }
 
@@ -245,9 +287,12 @@ pub(crate) mod fake {
 
     use chrono::Utc;
 
+    use csirr_journal::types::{LOCAL_MIRROR_UUID, ORPHAN_MIRROR_UUID};
+
     use super::VolumeStore;
     use crate::error::{EngineError, Result};
-    use crate::registry::{ImageRecord, PrimaryRef, Revision, Role, Schedule, SyncPoint};
+    use crate::journal_mode::{MODE as JOURNAL, client_id};
+    use crate::registry::{ImageRecord, JournalReplica, PrimaryRef, Revision, Role, SyncPoint};
     use crate::roles::Divergence;
 
     /// One site's state of the volume.
@@ -267,6 +312,30 @@ pub(crate) mod fake {
         pub reachable: bool,
         /// Whether the replayer is kept off the volume.
         pub paused: bool,
+        /// Journal mode: the image's journal epochs, oldest first (`None`:
+        /// journaling off).
+        pub journal: Option<Vec<Epoch>>,
+        /// Journal mode: the sites (fsids) whose clients are registered in
+        /// this image's journal.
+        pub journal_clients: Vec<String>,
+    }
+
+    /// An epoch of a journal (librbd's tag): its owner (`""` primary,
+    /// `<orphan>` demoted) and what it follows (owner or peer fsid, tag).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Epoch {
+        /// The tag.
+        pub tid: u64,
+        /// Who owns the journal in this epoch.
+        pub owner: String,
+        /// The predecessor: its owner (a peer's fsid for a replayed
+        /// demotion) and its tag.
+        pub after: (String, u64),
+    }
+
+    /// The fsid of site `i`.
+    pub fn fsid(i: usize) -> String {
+        ["fsid-a", "fsid-b"][i].to_string()
     }
 
     impl Site {
@@ -276,6 +345,24 @@ pub(crate) mod fake {
             let mut rec: ImageRecord = serde_json::from_slice(bytes).expect("a record");
             rec.revision = Revision::of(bytes);
             Some(rec)
+        }
+
+        /// Writes `rec` as the stored record (no compare-and-swap: the
+        /// test's own hand).
+        pub fn store(&mut self, rec: &ImageRecord) {
+            self.stored = Some(serde_json::to_vec(rec).expect("serializes"));
+        }
+
+        /// The newest journal epoch, if journaling is on.
+        pub fn epoch(&self) -> Option<Epoch> {
+            self.journal.as_ref()?.last().cloned()
+        }
+
+        /// The demotion tag when the journal's newest epoch is a demotion.
+        pub fn demotion(&self) -> Option<u64> {
+            self.epoch()
+                .filter(|e| e.owner == ORPHAN_MIRROR_UUID)
+                .map(|e| e.tid)
         }
     }
 
@@ -315,7 +402,7 @@ pub(crate) mod fake {
         .expect("a minimal record");
         rec.role = role;
         rec.primary = primary.map(|p| PrimaryRef {
-            fsid: "fsid-a".into(),
+            fsid: fsid(0),
             image_id: p.into(),
         });
         rec
@@ -337,7 +424,7 @@ pub(crate) mod fake {
                     r.last_sync = Some(sync_point("csirr-sync.1"));
                     r
                 };
-                s.stored = Some(serde_json::to_vec(&rec).expect("serializes"));
+                s.store(&rec);
             }
             let world = Arc::new(Mutex::new(w));
             (
@@ -347,6 +434,71 @@ pub(crate) mod fake {
                 },
                 MemVolume { world, me: 1 },
             )
+        }
+
+        /// The pair in journal mode: site a's journal in its first primary
+        /// epoch with site b's client registered; site b a replica that
+        /// finished its bootstrap (journaling off, as every replica).
+        pub fn journal_pair() -> (MemVolume, MemVolume) {
+            let (a, b) = Self::pair();
+            a.with(|w| {
+                w.next_tag = 1;
+                for (i, s) in w.sites.iter_mut().enumerate() {
+                    let mut rec = s.record().expect("a record");
+                    rec.mode = JOURNAL.into();
+                    if i == 1 {
+                        rec.journal = Some(JournalReplica {
+                            client_id: client_id(&fsid(1)),
+                            skip_until: None,
+                            demoted_at: None,
+                        });
+                    }
+                    s.store(&rec);
+                }
+                let s = &mut w.sites[0];
+                s.journal = Some(vec![Epoch {
+                    tid: 1,
+                    owner: LOCAL_MIRROR_UUID.into(),
+                    after: (String::new(), 0),
+                }]);
+                s.journal_clients = vec![fsid(1)];
+            });
+            (a, b)
+        }
+
+        /// The replay of this site's journal on `to` catches up: `to` holds
+        /// this head, and records this site's demotion once replayed.
+        pub fn replay_to(&self, to: &MemVolume) {
+            self.with(|w| {
+                let (head, demotion) = (w.sites[self.me].head.clone(), w.sites[self.me].demotion());
+                let r = &mut w.sites[to.me];
+                r.head = head;
+                let mut rec = r.record().expect("a record");
+                if let Some(j) = rec.journal.as_mut() {
+                    j.demoted_at = demotion;
+                }
+                r.store(&rec);
+            });
+        }
+
+        /// Appends an epoch to this site's journal (a step: a failure can
+        /// fall between two appends).
+        fn append(&self, owner: &str, after: (String, u64)) -> Result<u64> {
+            self.step("append_epoch")?;
+            self.with(|w| {
+                w.next_tag += 1;
+                let tid = w.next_tag;
+                let journal = w.sites[self.me]
+                    .journal
+                    .as_mut()
+                    .ok_or_else(|| EngineError::NotFound("no journal".into()))?;
+                journal.push(Epoch {
+                    tid,
+                    owner: owner.into(),
+                    after,
+                });
+                Ok(tid)
+            })
         }
 
         /// Runs `f` on the world.
@@ -369,7 +521,8 @@ pub(crate) mod fake {
         pub fn write(&self, content: &str) -> bool {
             self.with(|w| {
                 let s = &mut w.sites[self.me];
-                if s.lock.as_deref() == Some("me") {
+                // librbd refuses every writer of a demoted journal.
+                if s.lock.as_deref() == Some("me") || s.demotion().is_some() {
                     return false;
                 }
                 s.head = content.into();
@@ -389,7 +542,7 @@ pub(crate) mod fake {
                 r.head = content;
                 let mut rec = r.record().expect("a record");
                 rec.last_sync = Some(sync_point(&name));
-                r.stored = Some(serde_json::to_vec(&rec).expect("serializes"));
+                r.store(&rec);
             });
         }
 
@@ -567,7 +720,7 @@ pub(crate) mod fake {
                     .any(|(_, n, content)| n == c && *content != head))
             })?;
             let primary = PrimaryRef {
-                fsid: format!("fsid-{}", 1 - self.me),
+                fsid: fsid(1 - self.me),
                 image_id: primary_id.into(),
             };
             Ok((div, primary))
@@ -602,16 +755,96 @@ pub(crate) mod fake {
             Ok(rolled)
         }
 
-        fn journal_resync(&self, _: ImageRecord, _: bool) -> Result<bool> {
-            Err(EngineError::Unsupported("journal mode in the fake".into()))
+        fn journal_demote_epoch(&self) -> Result<u64> {
+            let epoch = self
+                .site()
+                .epoch()
+                .ok_or_else(|| EngineError::FailedPrecondition("journaling is off".into()))?;
+            match epoch.owner.as_str() {
+                ORPHAN_MIRROR_UUID => Ok(epoch.tid),
+                LOCAL_MIRROR_UUID => {
+                    self.append(ORPHAN_MIRROR_UUID, (LOCAL_MIRROR_UUID.into(), epoch.tid))
+                }
+                other => Err(EngineError::FailedPrecondition(format!(
+                    "the journal belongs to {other}"
+                ))),
+            }
         }
 
-        fn journal_demote(&self, _: ImageRecord, _: bool, _: &[String]) -> Result<()> {
-            Err(EngineError::Unsupported("journal mode in the fake".into()))
+        fn enable_journal(&self) -> Result<u64> {
+            self.step("enable_journal")?;
+            self.with(|w| {
+                w.next_tag += 1;
+                let tid = w.next_tag;
+                let s = &mut w.sites[self.me];
+                if s.journal.is_some() {
+                    return Ok(0);
+                }
+                s.journal = Some(vec![Epoch {
+                    tid,
+                    owner: LOCAL_MIRROR_UUID.into(),
+                    after: (String::new(), 0),
+                }]);
+                Ok(1)
+            })
         }
 
-        fn journal_promote(&self, _: ImageRecord, _: bool, _: Option<Schedule>) -> Result<()> {
-            Err(EngineError::Unsupported("journal mode in the fake".into()))
+        fn register_peer_client(&self, primary: &PrimaryRef) -> Result<()> {
+            self.step("register_peer_client")?;
+            self.with(|w| {
+                let s = &mut w.sites[self.me];
+                if !s.journal_clients.contains(&primary.fsid) {
+                    s.journal_clients.push(primary.fsid.clone());
+                }
+            });
+            Ok(())
+        }
+
+        fn journal_promote_epoch(&self, link: Option<(&str, u64)>, force: bool) -> Result<u64> {
+            if let Some((peer, tag)) = link {
+                let orphan = self.append(ORPHAN_MIRROR_UUID, (peer.into(), tag))?;
+                return self.append(LOCAL_MIRROR_UUID, (ORPHAN_MIRROR_UUID.into(), orphan));
+            }
+            let epoch = self
+                .site()
+                .epoch()
+                .ok_or_else(|| EngineError::NotFound("no journal".into()))?;
+            let after = if !force && epoch.owner == ORPHAN_MIRROR_UUID {
+                ORPHAN_MIRROR_UUID
+            } else {
+                LOCAL_MIRROR_UUID
+            };
+            self.append(LOCAL_MIRROR_UUID, (after.into(), epoch.tid))
+        }
+
+        fn linked_by_peer(&self, _primary_id: &str) -> Result<bool> {
+            self.step("linked_by_peer")?;
+            Ok(self.with(|w| {
+                let (me, peer) = (&w.sites[self.me], &w.sites[1 - self.me]);
+                let (Some(demotion), Some(journal)) = (me.demotion(), peer.journal.as_ref()) else {
+                    return false;
+                };
+                let mine = fsid(self.me);
+                peer.journal_clients.contains(&mine)
+                    && journal.iter().any(|o| {
+                        o.owner == ORPHAN_MIRROR_UUID
+                            && o.after == (mine.clone(), demotion)
+                            && journal.iter().any(|p| {
+                                p.owner == LOCAL_MIRROR_UUID
+                                    && p.after == (ORPHAN_MIRROR_UUID.into(), o.tid)
+                            })
+                    })
+            }))
+        }
+
+        fn leave_journal(&self, _primary_id: &str) -> Result<()> {
+            self.step("leave_journal")?;
+            self.with(|w| {
+                w.sites[self.me].journal = None;
+                let mine = fsid(self.me);
+                w.sites[1 - self.me].journal_clients.retain(|c| *c != mine);
+            });
+            Ok(())
         }
     }
 
