@@ -252,7 +252,7 @@ fn put_status(io: &IoCtx, uuid: &str, st: &GroupStatus) {
     }
 }
 
-fn change(what: impl Into<String>) -> Option<RoleChange> {
+pub(crate) fn change(what: impl Into<String>) -> Option<RoleChange> {
     Some(RoleChange {
         at: Utc::now(),
         what: what.into(),
@@ -260,13 +260,13 @@ fn change(what: impl Into<String>) -> Option<RoleChange> {
 }
 
 /// The RBD group name of group `uuid` (ceph-csi's).
-fn gname(uuid: &str) -> String {
+pub(crate) fn gname(uuid: &str) -> String {
     format!("csi-vol-group-{uuid}")
 }
 
 /// The complete cuts among the group snapshots of `uuid` in `io`, by
 /// sequence number.
-fn group_cuts(io: &IoCtx, uuid: &str) -> Result<BTreeMap<u64, String>> {
+pub(crate) fn group_cuts(io: &IoCtx, uuid: &str) -> Result<BTreeMap<u64, String>> {
     let snaps = match group::snap_list(io, &gname(uuid)) {
         Ok(s) => s,
         Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
@@ -280,7 +280,7 @@ fn group_cuts(io: &IoCtx, uuid: &str) -> Result<BTreeMap<u64, String>> {
 }
 
 /// The cut snapshots (user namespace) of `img`, by sequence number.
-fn member_cuts(img: &Image) -> Result<BTreeMap<u64, ceph::SnapInfo>> {
+pub(crate) fn member_cuts(img: &Image) -> Result<BTreeMap<u64, ceph::SnapInfo>> {
     Ok(img
         .snap_list()
         .ctx(|| format!("listing snapshots of {}", img.spec()))?
@@ -299,7 +299,7 @@ pub(crate) fn drop_cut_snaps(img: &Image) -> Result<()> {
 }
 
 /// The members of RBD group `uuid` in `io` (its images in the same pool).
-fn rbd_members(io: &Arc<IoCtx>, uuid: &str) -> Result<Vec<(MemberRef, Image)>> {
+pub(crate) fn rbd_members(io: &Arc<IoCtx>, uuid: &str) -> Result<Vec<(MemberRef, Image)>> {
     let images = match group::image_list(io, &gname(uuid)) {
         Ok(i) => i,
         Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
@@ -322,7 +322,7 @@ fn rbd_members(io: &Arc<IoCtx>, uuid: &str) -> Result<Vec<(MemberRef, Image)>> {
 }
 
 /// Removes snapshot `name` of `img`; absent is fine.
-fn drop_snap(img: &Image, name: &str) -> Result<()> {
+pub(crate) fn drop_snap(img: &Image, name: &str) -> Result<()> {
     match img.snap_remove(name) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -355,7 +355,7 @@ impl Engine {
         format!("group:{}", image_key(io.pool(), io.namespace(), uuid))
     }
 
-    fn member_key(io: &IoCtx, name: &str) -> String {
+    pub(crate) fn member_key(io: &IoCtx, name: &str) -> String {
         image_key(io.pool(), io.namespace(), name)
     }
 
@@ -512,7 +512,7 @@ impl Engine {
     }
 
     /// Locks every member of `members` in `io` against writers (kept).
-    fn hold_members(&self, io: &Arc<IoCtx>, members: &[MemberRef]) -> Result<()> {
+    pub(crate) fn hold_members(&self, io: &Arc<IoCtx>, members: &[MemberRef]) -> Result<()> {
         for m in members {
             let key = Self::member_key(io, &m.image_name);
             if self.held.get(&key).is_some() {
@@ -529,7 +529,12 @@ impl Engine {
     /// `name`: librbd needs the members' locks free to take the group
     /// snapshot, so this process can lock them only after it, and a client
     /// that opened a member in between could have written after the cut.
-    fn unwritten_since(&self, io: &Arc<IoCtx>, members: &[MemberRef], name: &str) -> Result<()> {
+    pub(crate) fn unwritten_since(
+        &self,
+        io: &Arc<IoCtx>,
+        members: &[MemberRef],
+        name: &str,
+    ) -> Result<()> {
         for m in members {
             let img = Image::open_by_id_read_only(io, &m.image_id, None)
                 .ctx(|| format!("opening group member {}", m.image_name))?;
@@ -547,369 +552,15 @@ impl Engine {
         Ok(())
     }
 
-    fn release_members(&self, io: &IoCtx, members: &[MemberRef]) {
+    pub(crate) fn release_members(&self, io: &IoCtx, members: &[MemberRef]) {
         for m in members {
             self.held.release(&Self::member_key(io, &m.image_name));
         }
     }
 
-    /// DemoteVolume of a group: every member locked against writers, then
-    /// a final cut. Refused while clients have a member open, unless
-    /// `force`. Idempotent.
-    pub async fn demote_group(self: &Arc<Self>, req: GroupRequest, force: bool) -> Result<()> {
-        let key = format!("volume group {}", req.group);
-        self.run_locked(key, move |e| e.demote_group_blocking(&req, force))
-            .await
-    }
-
-    fn demote_group_blocking(&self, req: &GroupRequest, force: bool) -> Result<()> {
-        let g = self.locate_for_replication(req)?;
-        let mut rec = self.group_record_of(&g)?;
-        let span = tracing::info_span!("demote_group", group = %g.id, force);
-        let _s = span.enter();
-        if rec.role != Role::Primary {
-            self.hold_members(&g.io, &rec.members)?;
-            return Ok(());
-        }
-        // The scheduler's cuts (its own connection, a client of the members
-        // while it cuts) stop first, so that they are not taken for writers.
-        let _slot = self.take_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
-        // The record as it stands now that the scheduler is stopped: a cut
-        // it took since the first read changed it.
-        rec = self.group_record_of(&g)?;
-        if rec.role != Role::Primary {
-            return Err(EngineError::Conflict(format!(
-                "the role of group {} changed meanwhile",
-                g.id
-            )));
-        }
-        let members = rbd_members(&g.io, g.id.uuid())?;
-        let me = g.io.cluster().instance_id();
-        let mut writers = Vec::new();
-        for (m, img) in &members {
-            for w in img
-                .watchers()
-                .ctx(|| format!("listing clients of {}", m.image_name))?
-            {
-                if u64::try_from(w.id).ok() != Some(me) {
-                    writers.push(format!("{}: client.{} at {}", m.image_name, w.id, w.addr));
-                }
-            }
-        }
-        if !writers.is_empty() && !force {
-            return Err(EngineError::FailedPrecondition(format!(
-                "volume group {} is still in use ({}); stop the application before demoting it",
-                g.id,
-                writers.join(", ")
-            )));
-        }
-        drop(members);
-        let current = rbd_members(&g.io, g.id.uuid())?;
-        let refs: Vec<MemberRef> = current.iter().map(|(m, _)| m.clone()).collect();
-        drop(current);
-        if force {
-            for m in &refs {
-                if let Ok(img) = Image::open_by_id(&g.io, &m.image_id) {
-                    for o in img.lock_owners().unwrap_or_default() {
-                        let _ = img.lock_break(&o);
-                    }
-                }
-            }
-        }
-        // Nobody else has the members open: the final cut is the last state
-        // any client wrote. librbd takes the members' locks for the group
-        // snapshot itself; this process keeps them from then on.
-        let (name, _) = self.take_cut(&g.io, g.id.uuid())?;
-        let demoted = self.hold_members(&g.io, &refs).and_then(|()| {
-            self.unwritten_since(&g.io, &refs, &name)?;
-            rec.role = Role::Demoted;
-            rec.members = refs.clone();
-            rec.demotion_cut = Some(name.clone());
-            rec.last_cut_at = Some(Utc::now());
-            rec.role_change = change(format!("demoted at {name}"));
-            put_record(&g.io, &mut rec)
-        });
-        if let Err(e) = demoted {
-            // Still primary: the members go back to their application (and
-            // a retry's cut needs their locks free).
-            self.release_members(&g.io, &refs);
-            return Err(e);
-        }
-        tracing::info!(cut = %name, "group demoted; final cut taken");
-        Ok(())
-    }
-
-    /// PromoteVolume of a group. Planned: a replica whose last complete cut
-    /// is the peer's demotion cut (UNAVAILABLE while it is copied,
-    /// FAILED_PRECONDITION while the peer is primary or unreachable); a
-    /// demoted group whose peer did not take over. Forced: every member
-    /// rolled back to the last complete cut, without the peer.
-    pub async fn promote_group(
-        self: &Arc<Self>,
-        req: GroupRequest,
-        force: bool,
-        params: ReplicationParams,
-    ) -> Result<()> {
-        let key = format!("volume group {}", req.group);
-        let work = self.run_locked(key, move |e| e.promote_group_blocking(&req, force, &params));
-        self.within_promote_timeout(work).await
-    }
-
-    fn promote_group_blocking(
-        &self,
-        req: &GroupRequest,
-        force: bool,
-        params: &ReplicationParams,
-    ) -> Result<()> {
-        let g = self.locate_for_replication(req)?;
-        let mut rec = self.group_record_of(&g)?;
-        let span = tracing::info_span!("promote_group", group = %g.id, force);
-        let _s = span.enter();
-        if params.scheduling_interval.is_some() {
-            rec.schedule = Schedule::of(params);
-        }
-        match rec.role {
-            Role::Primary => {
-                put_record(&g.io, &mut rec)?;
-                return Ok(());
-            }
-            _ if !force => self.check_group_promotable(&g, &rec)?,
-            _ => {}
-        }
-        let slot = self.take_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
-        let mut rolled = 0;
-        if force && rec.role == Role::Secondary {
-            let Some(last) = rec.last_cut.clone() else {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "volume group {} has no complete cut here: nothing consistent to fail over to",
-                    g.id
-                )));
-            };
-            rolled = self.roll_members_back(&g, &rec.members, &last.snap_name)?;
-        }
-        self.release_members(&g.io, &rec.members);
-        let was = rec.role;
-        rec.role = Role::Primary;
-        rec.primary_fsid = None;
-        rec.demotion_cut = None;
-        rec.last_cut_at = Some(Utc::now());
-        rec.role_change = change(match (was, force) {
-            (Role::Secondary, true) => format!(
-                "promoted (forced) at {}, rolled back {rolled} bytes",
-                rec.last_cut.as_ref().map_or("?", |l| l.snap_name.as_str())
-            ),
-            (Role::Secondary, false) => "promoted (planned)".to_string(),
-            _ => "demotion undone".to_string(),
-        });
-        put_record(&g.io, &mut rec)?;
-        drop(slot);
-        tracing::info!(rolled_back_bytes = rolled, "group promoted");
-        Ok(())
-    }
-
-    /// An orderly PromoteVolume's conditions on a group that is not
-    /// primary: the peer is not primary, and a replica holds the peer's
-    /// demotion cut (UNAVAILABLE while it is copied).
-    fn check_group_promotable(&self, g: &super::group::Located, rec: &GroupRecord) -> Result<()> {
-        match rec.role {
-            Role::Demoted => {
-                if let Ok((_, pio)) = self.group_peer(&g.io)
-                    && let Some(p) = get_record(&pio, g.id.uuid())?
-                    && p.role == Role::Primary
-                {
-                    return Err(EngineError::FailedPrecondition(format!(
-                        "the peer site is primary for group {}; demote it first",
-                        g.id
-                    )));
-                }
-            }
-            Role::Secondary => {
-                let peer = self
-                    .group_peer(&g.io)
-                    .and_then(|(_, pio)| get_record(&pio, g.id.uuid()));
-                let p = match peer {
-                    Ok(Some(p)) => p,
-                    Ok(None) => {
-                        return Err(EngineError::FailedPrecondition(format!(
-                            "the peer has no replication record for group {}",
-                            g.id
-                        )));
-                    }
-                    Err(e) => {
-                        return Err(EngineError::FailedPrecondition(format!(
-                            "the peer site cannot be reached ({e}); promote with force to fail over"
-                        )));
-                    }
-                };
-                if p.role == Role::Primary {
-                    return Err(EngineError::FailedPrecondition(format!(
-                        "the peer site is primary for group {}; demote it first",
-                        g.id
-                    )));
-                }
-                let ours = rec.last_cut.as_ref().map(|l| l.snap_name.as_str());
-                if p.demotion_cut.is_none() || ours != p.demotion_cut.as_deref() {
-                    return Err(EngineError::Unavailable(format!(
-                        "the peer's demotion cut {} of group {} is not complete here yet \
-                         (last complete cut: {}); retry",
-                        p.demotion_cut.as_deref().unwrap_or("?"),
-                        g.id,
-                        ours.unwrap_or("none")
-                    )));
-                }
-            }
-            Role::Primary => {}
-        }
-        Ok(())
-    }
-
-    /// Rolls every member of a forced promotion back to the cut `snap`
-    /// (a half-applied delta is undone, extent by extent), breaking the
-    /// replayer's locks first; returns the bytes rewritten.
-    fn roll_members_back(
-        &self,
-        g: &super::group::Located,
-        members: &[MemberRef],
-        snap: &str,
-    ) -> Result<u64> {
-        let mut rolled = 0;
-        for m in members {
-            let key = Self::member_key(&g.io, &m.image_name);
-            self.held.release(&key);
-            let img = Image::open_by_id(&g.io, &m.image_id)
-                .ctx(|| format!("opening group member {key}"))?;
-            for o in img.lock_owners().unwrap_or_default() {
-                let _ = img.lock_break(&o);
-            }
-            rolled += rollback_to(&g.io, &img, snap, self.cfg.limits, &|| false)?;
-        }
-        Ok(rolled)
-    }
-
-    /// ResyncVolume of a group: a demoted group becomes a replica of the
-    /// peer's primary from the newest cut both hold (after a split brain
-    /// only with `force`). Returns whether the replica holds a complete cut.
-    pub async fn resync_group(self: &Arc<Self>, req: GroupRequest, force: bool) -> Result<bool> {
-        let key = format!("volume group {}", req.group);
-        self.run_locked(key, move |e| e.resync_group_blocking(&req, force))
-            .await
-    }
-
-    fn resync_group_blocking(&self, req: &GroupRequest, force: bool) -> Result<bool> {
-        let g = self.locate_for_replication(req)?;
-        let mut rec = self.group_record_of(&g)?;
-        let span = tracing::info_span!("resync_group", group = %g.id, force);
-        let _s = span.enter();
-        match rec.role {
-            Role::Primary => {
-                return Err(EngineError::FailedPrecondition(format!(
-                    "volume group {} is primary; demote it before resyncing it",
-                    g.id
-                )));
-            }
-            Role::Secondary => return Ok(rec.last_cut.is_some()),
-            Role::Demoted => {}
-        }
-        let (cluster, pio) = self.group_peer(&g.io)?;
-        let p = get_record(&pio, g.id.uuid())?;
-        let Some(p) = p.clone().filter(|p| p.role == Role::Primary) else {
-            // Neither side primary: settled once the peer holds our
-            // demotion cut.
-            let settled = rec.demotion_cut.is_some()
-                && p.as_ref()
-                    .and_then(|p| p.last_cut.as_ref())
-                    .map(|l| &l.snap_name)
-                    == rec.demotion_cut.as_ref();
-            return Ok(settled);
-        };
-        let _slot = self.take_slot(&Self::group_slot_key(&g.io, g.id.uuid()))?;
-        let common = self.group_divergence(&g.io, &rec, &pio, &p)?;
-        match common {
-            Divergence::Clean(cut) => {
-                self.adopt_group(
-                    &g.io,
-                    &mut rec,
-                    cluster.fsid(),
-                    &cut,
-                    "replica again (orderly switch)",
-                )?;
-                Ok(true)
-            }
-            Divergence::Diverged(c) if !force => Err(EngineError::FailedPrecondition(match c {
-                Some(c) => format!(
-                    "split-brain: volume group {} changed here after {c}, the newest cut both \
-                     sites hold; ResyncVolume with force rolls it back to {c}",
-                    g.id
-                ),
-                None => format!(
-                    "volume group {} shares no cut with the new primary; ResyncVolume with \
-                     force replaces it with a full copy",
-                    g.id
-                ),
-            })),
-            Divergence::Diverged(c) => self.force_group_resync(&g, &mut rec, cluster.fsid(), c),
-        }
-    }
-
-    /// A forced resync of a group that diverged from the peer's primary (of
-    /// cluster `peer_fsid`): every member rolled back to the newest common
-    /// cut `c` (its snapshots made again from the rolled-back heads, newer
-    /// cuts removed), or emptied for a full copy when there is none.
-    fn force_group_resync(
-        &self,
-        g: &super::group::Located,
-        rec: &mut GroupRecord,
-        peer_fsid: &str,
-        c: Option<String>,
-    ) -> Result<bool> {
-        self.release_members(&g.io, &rec.members);
-        let uuid = g.id.uuid();
-        let members = rbd_members(&g.io, uuid)?;
-        if let Some(c) = &c {
-            group::snap_rollback(&g.io, &gname(uuid), c)
-                .ctx(|| format!("rolling group {} back to {c}", g.id))?;
-        }
-        // The members' user snapshots of the common cut were taken
-        // before its group snapshot: they are made again from the
-        // rolled-back heads, so that the cut's snapshot here holds
-        // exactly what the primary's holds. Newer cuts go.
-        let cuts = group_cuts(&g.io, uuid)?;
-        for (q, name) in &cuts {
-            if c.as_ref()
-                .is_none_or(|c| cut_seq(c).is_some_and(|cq| *q > cq))
-            {
-                let _ = group::snap_remove(&g.io, &gname(uuid), name);
-            }
-        }
-        for (_, img) in &members {
-            for (_, s) in member_cuts(img)? {
-                drop_snap(img, &s.name)?;
-            }
-            if let Some(c) = &c {
-                img.snap_create(c)
-                    .ctx(|| format!("snapshotting {}@{c}", img.spec()))?;
-            }
-        }
-        rec.members = members.iter().map(|(m, _)| m.clone()).collect();
-        drop(members);
-        match c {
-            Some(c) => self.adopt_group(&g.io, rec, peer_fsid, &c, "resync (forced)")?,
-            None => {
-                rec.role = Role::Secondary;
-                rec.primary_fsid = Some(peer_fsid.to_string());
-                rec.last_cut = None;
-                rec.demotion_cut = None;
-                rec.role_change = change("full resync (forced)");
-                put_record(&g.io, rec)?;
-                self.hold_members(&g.io, &rec.members)?;
-            }
-        }
-        Ok(false)
-    }
-
     /// How the demoted group `rec` in `io` relates to the peer's primary
     /// `p` (in `pio`). Blocking.
-    fn group_divergence(
+    pub(crate) fn group_divergence(
         &self,
         io: &Arc<IoCtx>,
         rec: &GroupRecord,
@@ -953,33 +604,6 @@ impl Engine {
             }
         }
         Ok(Divergence::Diverged(Some(c)))
-    }
-
-    /// Makes the demoted group `rec` a replica of the peer (cluster `fsid`)
-    /// holding cut `cut` completely.
-    fn adopt_group(
-        &self,
-        io: &Arc<IoCtx>,
-        rec: &mut GroupRecord,
-        fsid: &str,
-        cut: &str,
-        what: &str,
-    ) -> Result<()> {
-        rec.role = Role::Secondary;
-        rec.primary_fsid = Some(fsid.to_string());
-        rec.last_cut = Some(SyncPoint {
-            snap_name: cut.to_string(),
-            snap_time: Utc::now(),
-            completed_at: Utc::now(),
-            duration_ms: 0,
-            bytes: 0,
-        });
-        rec.demotion_cut = None;
-        rec.role_change = change(format!("{what} from {cut}"));
-        put_record(io, rec)?;
-        self.hold_members(io, &rec.members)?;
-        tracing::info!(group = %rec.uuid, cut, "group is a replica of the peer's primary");
-        Ok(())
     }
 
     /// DisableVolumeReplication of a group. Primary (or demoted): its cuts
@@ -1477,8 +1101,14 @@ impl Engine {
             (Role::Demoted, Role::Primary) => {
                 match self.group_divergence(lio, rec, &job.peer_io, &job.primary)? {
                     Divergence::Clean(cut) => {
-                        self.adopt_group(
-                            lio,
+                        let store = super::group_roles::CephGroup {
+                            engine: self,
+                            io: lio,
+                            uuid: &job.primary.uuid,
+                            name: format!("volume group {}", job.primary.uuid),
+                        };
+                        super::group_roles::adopt(
+                            &store,
                             rec,
                             job.peer.fsid(),
                             &cut,
@@ -1825,7 +1455,7 @@ fn snapshot_members(replicas: &[(MemberRef, Image)], target: &str) -> Result<()>
 }
 
 /// Where a demoted group stands against the peer's primary.
-enum Divergence {
+pub(crate) enum Divergence {
     /// The peer holds our demotion cut and nothing was written here since.
     Clean(String),
     /// Written here after the newest common cut (or none in common).

@@ -18,6 +18,7 @@ pub mod drill;
 pub mod error;
 pub mod group;
 pub mod group_repl;
+mod group_roles;
 pub mod journal_mode;
 pub mod journal_replay;
 pub mod journal_roles;
