@@ -13,9 +13,10 @@
 # cargo clippy -D warnings -> cargo build --all-targets -> two-cluster Ceph pair up
 # (deploy/dev/ceph-pair.sh) -> cargo nextest run (unit and integration tests, with the
 # CSIRR_* variables of `ceph-pair.sh env`) -> fault suite, bounded (deploy/dev/faults.sh
-# --short; the partition class on a second pair in network namespaces) -> every fuzz
-# target for a bounded time
-# (deploy/dev/fuzz.sh) -> pair down. Exit code = first failure.
+# --short; the partition class on a second pair in network namespaces) -> the benchmark
+# driver, bounded (deploy/dev/bench.sh: phase (a)+(b) with the three tools, a short (j))
+# -> every fuzz target for a bounded time (deploy/dev/fuzz.sh) -> pair down. Exit code =
+# first failure.
 #
 # Environment:
 #   CSIRR_KEEP_PAIR=1    leave the Ceph pair running afterwards (default: tear it down;
@@ -187,6 +188,20 @@ phase "cargo nextest run" run_tests "$@"
 # The fault suite, one run per class (deploy/dev/faults.sh ITERATIONS for the long run).
 if (($# == 0)); then
     phase "fault suite (bounded)" bash "$SCRIPT_DIR/faults.sh" --short
+fi
+# The benchmark driver, bounded: phase (a)+(b) with all three tools side by side and a
+# short phase (j), measuring this run's own build (the dev profile is optimized), so
+# that the benchmark keeps working; its figures are in the log. The full benchmark is
+# deploy/dev/bench.sh (README, Performance).
+bench_bounded() {
+    local bin=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/csi-rbd-replicator
+    bash -n "$SCRIPT_DIR/bench.sh"
+    BENCH_BIN=$bin BENCH_PHASES=ab BENCH_B_ROUNDS=1 bash "$SCRIPT_DIR/bench.sh"
+    BENCH_BIN=$bin BENCH_TOOLS=engine BENCH_PHASES=j BENCH_J_WRITES=5 BENCH_J_IDLE=2 \
+        BENCH_J_IDLE_SECONDS=5 BENCH_J_BURSTS=8M BENCH_J_TOTAL=16M bash "$SCRIPT_DIR/bench.sh"
+}
+if (($# == 0)); then
+    phase "bench (bounded)" bench_bounded
 fi
 # Every cargo-fuzz target for a short, bounded time (deploy/dev/fuzz.sh SECONDS for
 # longer runs).
