@@ -34,6 +34,8 @@ PAIR="$SCRIPT_DIR/ceph-pair.sh"
 LOG_TAG=test.sh
 # shellcheck source=deploy/dev/lib.sh
 source "$SCRIPT_DIR/lib.sh"
+# The bounded benchmark's client (python3-grpcio) and its helpers' lint (pyflakes3).
+APT_PACKAGES+=(python3-grpcio pyflakes3)
 
 # --- phase bookkeeping --------------------------------------------------------------
 PHASE_NAMES=()
@@ -196,6 +198,7 @@ fi
 bench_bounded() {
     local bin=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/csi-rbd-replicator
     bash -n "$SCRIPT_DIR/bench.sh"
+    pyflakes3 "$SCRIPT_DIR"/bench/*.py "$SCRIPT_DIR/bench_medians.py"
     BENCH_BIN=$bin BENCH_PHASES=ab BENCH_B_ROUNDS=1 bash "$SCRIPT_DIR/bench.sh"
     BENCH_BIN=$bin BENCH_TOOLS=engine BENCH_PHASES=j BENCH_J_WRITES=5 BENCH_J_IDLE=2 \
         BENCH_J_IDLE_SECONDS=5 BENCH_J_BURSTS=8M BENCH_J_TOTAL=16M bash "$SCRIPT_DIR/bench.sh"
