@@ -529,6 +529,7 @@ mod fake {
     use crate::error::{EngineError, Result};
     use crate::group_repl::{Divergence, GroupRecord, MemberRef, cut_name};
     use crate::registry::{Revision, Role, Schedule, SyncPoint};
+    use crate::store::fake::{Injectable, StepLog};
 
     /// One member: its head's content, the holder of its lock, and its
     /// cut snapshots with what they froze.
@@ -584,8 +585,7 @@ mod fake {
     #[derive(Debug, Default)]
     pub struct World {
         pub sites: [Site; 2],
-        pub steps: Vec<String>,
-        pub fail_at: Option<usize>,
+        pub log: StepLog,
         pub next_cut: u64,
     }
 
@@ -711,16 +711,7 @@ mod fake {
         }
 
         fn step(&self, what: &str) -> Result<()> {
-            self.with(|w| {
-                let n = w.steps.len();
-                w.steps.push(format!("{}:{what}", self.me));
-                if w.fail_at == Some(n) {
-                    return Err(EngineError::Unavailable(format!(
-                        "injected failure at {what}"
-                    )));
-                }
-                Ok(())
-            })
+            self.with(|w| w.log.step(self.me, what))
         }
 
         fn set_locks(&self, from: &[Option<&str>], to: Option<&str>) {
@@ -895,6 +886,16 @@ mod fake {
         }
     }
 
+    impl Injectable for MemGroup {
+        fn log<T>(&self, f: impl FnOnce(&mut StepLog) -> T) -> T {
+            self.with(|w| f(&mut w.log))
+        }
+
+        fn paused(&self) -> bool {
+            self.site().paused
+        }
+    }
+
     /// Keeps the cuts off a fake group until dropped.
     pub struct PauseGuard(MemGroup);
 
@@ -911,8 +912,9 @@ mod tests {
     //! failover and the resync after it, and a failure injected at every
     //! step of each.
 
-    use super::fake::{MemGroup, World};
+    use super::fake::MemGroup;
     use super::*;
+    use crate::store::fake::at_every_step;
 
     fn code<T>(r: Result<T>) -> &'static str {
         match r {
@@ -1026,45 +1028,10 @@ mod tests {
         assert!(all_locked(&a));
     }
 
-    /// The steps `run` takes from `setup`'s world without a failure.
-    fn steps_of(
-        setup: &dyn Fn() -> (MemGroup, MemGroup),
-        run: &dyn Fn(&MemGroup, &MemGroup),
-    ) -> usize {
-        let (a, b) = setup();
-        a.with(|w: &mut World| w.steps.clear());
-        run(&a, &b);
-        a.with(|w| w.steps.len())
-    }
-
-    /// Fails each step of `run` in turn from `setup`, checks `after_failure`,
-    /// then retries without failure and checks `after_retry`.
-    fn at_every_step(
-        setup: &dyn Fn() -> (MemGroup, MemGroup),
-        run: &dyn Fn(&MemGroup, &MemGroup) -> Result<()>,
-        after_failure: &dyn Fn(usize, &MemGroup, &MemGroup),
-        after_retry: &dyn Fn(usize, &MemGroup, &MemGroup),
-    ) {
-        let n = steps_of(setup, &|a, b| run(a, b).unwrap());
-        assert!(n >= 4, "{n} steps");
-        for at in 0..n {
-            let (a, b) = setup();
-            a.with(|w| {
-                w.steps.clear();
-                w.fail_at = Some(at);
-            });
-            assert!(run(&a, &b).is_err(), "step {at} fails");
-            assert!(!a.site().paused && !b.site().paused, "step {at}");
-            after_failure(at, &a, &b);
-            a.with(|w| w.fail_at = None);
-            run(&a, &b).unwrap();
-            after_retry(at, &a, &b);
-        }
-    }
-
     #[test]
     fn a_failure_at_any_step_of_a_demotion_leaves_a_primary_or_a_demoted_group() {
         at_every_step(
+            5,
             &|| {
                 let (a, b) = MemGroup::pair();
                 assert!(a.write(0, "v2"));
@@ -1094,6 +1061,7 @@ mod tests {
     #[test]
     fn a_failure_at_any_step_of_a_forced_promotion_leaves_a_replica_or_a_primary_at_the_cut() {
         at_every_step(
+            3,
             &|| {
                 let (a, b) = MemGroup::pair();
                 a.with(|w| w.sites[0].reachable = false);
@@ -1123,6 +1091,7 @@ mod tests {
     #[test]
     fn a_failure_at_any_step_of_a_forced_resync_leaves_it_demoted_or_a_replica() {
         at_every_step(
+            6,
             &split_brain,
             &|a, _| resync(a, true).map(drop),
             &|at, a, _| {

@@ -640,7 +640,7 @@ mod tests {
 
     use super::*;
     use crate::roles;
-    use crate::store::fake::{MemVolume, fsid};
+    use crate::store::fake::{MemVolume, at_every_step, fsid};
 
     fn demote(v: &MemVolume, force: bool) -> Result<()> {
         roles::demote_volume(v, v.rec(), force)
@@ -816,115 +816,88 @@ mod tests {
         assert_eq!(b.site().journal, None, "nothing changed");
     }
 
-    /// The steps `run` takes on a fresh world from `setup`, without failures.
-    fn steps_of(
-        setup: &dyn Fn() -> (MemVolume, MemVolume),
-        run: &dyn Fn(&MemVolume, &MemVolume),
-    ) -> usize {
-        let (a, b) = setup();
-        a.with(|w| w.steps.clear());
-        run(&a, &b);
-        a.with(|w| w.steps.len())
-    }
-
     #[test]
     fn a_failure_at_any_step_of_a_demotion_leaves_a_primary_or_a_demoted_image() {
-        let setup = MemVolume::journal_pair;
-        let n = steps_of(&setup, &|a, _| demote(a, false).unwrap());
-        assert!(n >= 5, "demotion has {n} steps");
-        for at in 0..n {
-            let (a, _b) = setup();
-            a.with(|w| w.fail_at = Some(at));
-            assert!(demote(&a, false).is_err(), "step {at} fails");
-            let (rec, site) = (a.rec(), a.site());
-            match rec.role {
-                Role::Primary => assert_ne!(site.lock.as_deref(), Some("me"), "step {at}"),
-                Role::Demoted => assert_eq!(
-                    rec.demotion_snap,
-                    site.demotion().map(demotion_marker),
-                    "step {at}: recorded demoted only once demoted in the journal"
-                ),
-                Role::Secondary => panic!("step {at}: a primary became a replica"),
-            }
-            assert!(!site.paused, "step {at}");
-            a.with(|w| w.fail_at = None);
-            demote(&a, false).unwrap();
-            let (rec, site) = (a.rec(), a.site());
-            assert_eq!(rec.role, Role::Demoted, "step {at}");
-            assert_eq!(rec.demotion_snap, site.demotion().map(demotion_marker));
-            let orphans = site
-                .journal
-                .unwrap()
-                .iter()
-                .filter(|e| e.owner == ORPHAN_MIRROR_UUID)
-                .count();
-            assert_eq!(orphans, 1, "step {at}: the retry demotes once");
-        }
+        at_every_step(
+            5,
+            &MemVolume::journal_pair,
+            &|a, _| demote(a, false),
+            &|at, a, _| {
+                let (rec, site) = (a.rec(), a.site());
+                match rec.role {
+                    Role::Primary => assert_ne!(site.lock.as_deref(), Some("me"), "step {at}"),
+                    Role::Demoted => assert_eq!(
+                        rec.demotion_snap,
+                        site.demotion().map(demotion_marker),
+                        "step {at}: recorded demoted only once demoted in the journal"
+                    ),
+                    Role::Secondary => panic!("step {at}: a primary became a replica"),
+                }
+            },
+            &|at, a, _| {
+                let (rec, site) = (a.rec(), a.site());
+                assert_eq!(rec.role, Role::Demoted, "step {at}");
+                assert_eq!(rec.demotion_snap, site.demotion().map(demotion_marker));
+                let journal = site.journal.unwrap();
+                let orphans = journal
+                    .iter()
+                    .filter(|e| e.owner == ORPHAN_MIRROR_UUID)
+                    .count();
+                assert_eq!(orphans, 1, "step {at}: the retry demotes once");
+            },
+        );
     }
 
     #[test]
     fn a_failure_at_any_step_of_a_planned_promotion_leaves_a_replica_or_a_linked_primary() {
-        let setup = demoted_and_replayed;
-        let n = steps_of(&setup, &|_, b| promote(b, false).unwrap());
-        assert!(n >= 8, "promotion has {n} steps");
-        for at in 0..n {
-            let (a, b) = setup();
-            a.with(|w| {
-                w.steps.clear();
-                w.fail_at = Some(at);
-            });
-            assert!(promote(&b, false).is_err(), "step {at} fails");
-            let rec = b.rec();
-            match rec.role {
-                Role::Primary => assert!(linked(&a), "step {at}: primary only once linked"),
+        at_every_step(
+            8,
+            &demoted_and_replayed,
+            &|_, b| promote(b, false),
+            &|at, a, b| match b.rec().role {
+                Role::Primary => assert!(linked(a), "step {at}: primary only once linked"),
                 Role::Secondary => {}
                 Role::Demoted => panic!("step {at}"),
-            }
-            assert!(!b.site().paused, "step {at}");
-            a.with(|w| w.fail_at = None);
-            promote(&b, false).unwrap();
-            assert_eq!(b.rec().role, Role::Primary, "step {at}");
-            assert_eq!(b.site().head, "v2");
-            assert!(linked(&a), "step {at}: the retry links b to a's demotion");
-        }
+            },
+            &|at, a, b| {
+                assert_eq!(b.rec().role, Role::Primary, "step {at}");
+                assert_eq!(b.site().head, "v2");
+                assert!(linked(a), "step {at}: the retry links b to a's demotion");
+            },
+        );
     }
 
     #[test]
     fn a_failure_at_any_step_of_a_forced_resync_leaves_it_demoted_or_a_replica() {
-        let setup = || {
-            let (a, b) = MemVolume::journal_pair();
-            a.with(|w| w.sites[0].reachable = false);
-            promote(&b, true).unwrap();
-            a.with(|w| w.sites[0].reachable = true);
-            assert!(a.write("a-only"));
-            demote(&a, false).unwrap();
-            (a, b)
-        };
-        let n = steps_of(&setup, &|a, _| assert!(!resync(a, true).unwrap()));
-        assert!(n >= 6, "resync has {n} steps");
-        for at in 0..n {
-            let (a, b) = setup();
-            a.with(|w| {
-                w.steps.clear();
-                w.fail_at = Some(at);
-            });
-            assert!(resync(&a, true).is_err(), "step {at} fails");
-            let role = a.rec().role;
-            assert!(
-                matches!(role, Role::Demoted | Role::Secondary),
-                "step {at}: {role:?}"
-            );
-            assert!(!a.site().paused, "step {at}");
-            a.with(|w| w.fail_at = None);
-            resync(&a, true).unwrap();
-            let site = a.site();
-            assert_eq!(
-                (a.rec().role, site.head.as_str()),
-                (Role::Secondary, "v1"),
-                "step {at}"
-            );
-            assert_eq!(site.journal, None, "step {at}");
-            assert!(!b.site().journal_clients.contains(&fsid(0)), "step {at}");
-        }
+        at_every_step(
+            6,
+            &|| {
+                let (a, b) = MemVolume::journal_pair();
+                a.with(|w| w.sites[0].reachable = false);
+                promote(&b, true).unwrap();
+                a.with(|w| w.sites[0].reachable = true);
+                assert!(a.write("a-only"));
+                demote(&a, false).unwrap();
+                (a, b)
+            },
+            &|a, _| resync(a, true).map(drop),
+            &|at, a, _| {
+                let role = a.rec().role;
+                assert!(
+                    matches!(role, Role::Demoted | Role::Secondary),
+                    "step {at}: {role:?}"
+                );
+            },
+            &|at, a, b| {
+                let site = a.site();
+                assert_eq!(
+                    (a.rec().role, site.head.as_str()),
+                    (Role::Secondary, "v1"),
+                    "step {at}"
+                );
+                assert_eq!(site.journal, None, "step {at}");
+                assert!(!b.site().journal_clients.contains(&fsid(0)), "step {at}");
+            },
+        );
     }
 }

@@ -896,7 +896,7 @@ mod tests {
     //! and a failure injected at every step of a demotion and a promotion.
 
     use super::*;
-    use crate::store::fake::{MemVolume, World};
+    use crate::store::fake::{MemVolume, at_every_step};
 
     fn demote(v: &MemVolume, force: bool) -> Result<()> {
         demote_volume(v, v.rec(), force)
@@ -1005,77 +1005,61 @@ mod tests {
         assert_eq!(a.rec().role, Role::Demoted);
     }
 
-    /// The number of steps `run` takes without failures on a fresh pair.
-    fn steps_of(run: impl Fn(&MemVolume, &MemVolume) -> Result<()>) -> usize {
-        let (a, b) = MemVolume::pair();
-        run(&a, &b).unwrap();
-        a.with(|w: &mut World| w.steps.len())
-    }
-
     #[test]
     fn a_failure_at_any_step_of_a_demotion_leaves_a_primary_or_a_demoted_image() {
-        let n = steps_of(|a, _| demote(a, false));
-        assert!(n >= 5, "demotion has {n} steps");
-        for at in 0..n {
-            let (a, _b) = MemVolume::pair();
-            a.with(|w| w.fail_at = Some(at));
-            assert!(demote(&a, false).is_err(), "step {at} fails");
-            let (rec, site) = (a.rec(), a.site());
-            match rec.role {
-                Role::Primary => assert_ne!(
-                    site.lock.as_deref(),
-                    Some("me"),
-                    "step {at}: a failed demotion gives the image back to its application"
-                ),
-                Role::Demoted => {
-                    let snap = rec.demotion_snap.expect("demoted at a snapshot");
-                    assert!(site.snaps.iter().any(|(_, n, _)| *n == snap), "step {at}");
-                    assert_eq!(site.lock.as_deref(), Some("me"), "step {at}");
+        at_every_step(
+            5,
+            &MemVolume::pair,
+            &|a, _| demote(a, false),
+            &|at, a, _| {
+                let (rec, site) = (a.rec(), a.site());
+                match rec.role {
+                    Role::Primary => assert_ne!(
+                        site.lock.as_deref(),
+                        Some("me"),
+                        "step {at}: a failed demotion gives the image back to its application"
+                    ),
+                    Role::Demoted => {
+                        let snap = rec.demotion_snap.expect("demoted at a snapshot");
+                        assert!(site.snaps.iter().any(|(_, n, _)| *n == snap), "step {at}");
+                        assert_eq!(site.lock.as_deref(), Some("me"), "step {at}");
+                    }
+                    Role::Secondary => panic!("step {at}: a primary became a replica"),
                 }
-                Role::Secondary => panic!("step {at}: a primary became a replica"),
-            }
-            assert!(!site.paused, "step {at}: the replayer is let back");
-            // The retry completes it.
-            a.with(|w| w.fail_at = None);
-            demote(&a, false).unwrap();
-            assert_eq!(a.rec().role, Role::Demoted, "step {at}");
-        }
+            },
+            &|at, a, _| assert_eq!(a.rec().role, Role::Demoted, "step {at}"),
+        );
     }
 
     #[test]
     fn a_failure_at_any_step_of_a_promotion_leaves_a_replica_or_a_consistent_primary() {
-        let setup = || {
-            let (a, b) = MemVolume::pair();
-            assert!(a.write("v2"));
-            demote(&a, false).unwrap();
-            a.replicate_to(&b);
-            b.with(|w| w.steps.clear());
-            (a, b)
-        };
-        let n = {
-            let (_a, b) = setup();
-            promote(&b, false).unwrap();
-            b.with(|w| w.steps.len())
-        };
-        assert!(n >= 5, "promotion has {n} steps");
-        for at in 0..n {
-            let (_a, b) = setup();
-            b.with(|w| {
-                w.sites[1].head = "v2+partial".into();
-                w.fail_at = Some(at);
-            });
-            assert!(promote(&b, false).is_err(), "step {at} fails");
-            let (rec, site) = (b.rec(), b.site());
-            if rec.role == Role::Primary {
-                assert_eq!(site.head, "v2", "step {at}: primary only at the sync point");
-            } else {
-                assert_eq!(rec.role, Role::Secondary, "step {at}");
-            }
-            assert!(!site.paused, "step {at}");
-            b.with(|w| w.fail_at = None);
-            promote(&b, false).unwrap();
-            assert_eq!((b.rec().role, b.site().head), (Role::Primary, "v2".into()));
-        }
+        at_every_step(
+            5,
+            &|| {
+                let (a, b) = MemVolume::pair();
+                assert!(a.write("v2"));
+                demote(&a, false).unwrap();
+                a.replicate_to(&b);
+                b.with(|w| w.sites[1].head = "v2+partial".into());
+                (a, b)
+            },
+            &|_, b| promote(b, false),
+            &|at, _, b| {
+                let (rec, site) = (b.rec(), b.site());
+                if rec.role == Role::Primary {
+                    assert_eq!(site.head, "v2", "step {at}: primary only at the sync point");
+                } else {
+                    assert_eq!(rec.role, Role::Secondary, "step {at}");
+                }
+            },
+            &|at, _, b| {
+                assert_eq!(
+                    (b.rec().role, b.site().head),
+                    (Role::Primary, "v2".into()),
+                    "step {at}"
+                );
+            },
+        );
     }
 
     fn resync(v: &MemVolume, force: bool) -> Result<bool> {
@@ -1144,35 +1128,26 @@ mod tests {
 
     #[test]
     fn a_failure_at_any_step_of_a_forced_resync_leaves_it_demoted_or_a_replica() {
-        let n = {
-            let (a, _b) = split_brain();
-            a.with(|w| w.steps.clear());
-            resync(&a, true).unwrap();
-            a.with(|w| w.steps.len())
-        };
-        assert!(n >= 4, "resync has {n} steps");
-        for at in 0..n {
-            let (a, _b) = split_brain();
-            a.with(|w| {
-                w.steps.clear();
-                w.fail_at = Some(at);
-            });
-            assert!(resync(&a, true).is_err(), "step {at} fails");
-            let role = a.rec().role;
-            assert!(
-                matches!(role, Role::Demoted | Role::Secondary),
-                "step {at}: {role:?}"
-            );
-            assert!(!a.site().paused, "step {at}");
-            a.with(|w| w.fail_at = None);
-            resync(&a, true).unwrap();
-            let site = a.site();
-            assert_eq!(
-                (a.rec().role, site.head.as_str()),
-                (Role::Secondary, "v1"),
-                "step {at}"
-            );
-            assert_eq!(site.lock.as_deref(), Some("me"), "step {at}");
-        }
+        at_every_step(
+            4,
+            &split_brain,
+            &|a, _| resync(a, true).map(drop),
+            &|at, a, _| {
+                let role = a.rec().role;
+                assert!(
+                    matches!(role, Role::Demoted | Role::Secondary),
+                    "step {at}: {role:?}"
+                );
+            },
+            &|at, a, _| {
+                let site = a.site();
+                assert_eq!(
+                    (a.rec().role, site.head.as_str()),
+                    (Role::Secondary, "v1"),
+                    "step {at}"
+                );
+                assert_eq!(site.lock.as_deref(), Some("me"), "step {at}");
+            },
+        );
     }
 }

@@ -371,12 +371,80 @@ pub(crate) mod fake {
     pub struct World {
         /// Site a (index 0) and b (index 1).
         pub sites: [Site; 2],
-        /// The steps taken, as `site:step`.
+        /// The steps taken, and the one to fail.
+        pub log: StepLog,
+        /// Sequence of snapshot names.
+        pub next_tag: u64,
+    }
+
+    /// The steps a fake took, as `site:step`, and the one to fail.
+    #[derive(Debug, Default)]
+    pub struct StepLog {
+        /// The steps taken.
         pub steps: Vec<String>,
         /// Fail the step with this number (counted from 0 over `steps`).
         pub fail_at: Option<usize>,
-        /// Sequence of snapshot names.
-        pub next_tag: u64,
+    }
+
+    impl StepLog {
+        /// Logs step `what` of site `who`; the injected failure, when it
+        /// is this one.
+        pub fn step(&mut self, who: usize, what: &str) -> Result<()> {
+            let n = self.steps.len();
+            self.steps.push(format!("{who}:{what}"));
+            if self.fail_at == Some(n) {
+                return Err(EngineError::Unavailable(format!(
+                    "injected failure at {what}"
+                )));
+            }
+            Ok(())
+        }
+    }
+
+    /// A fake site whose steps can be made to fail.
+    pub trait Injectable {
+        /// Runs `f` on the world's step log.
+        fn log<T>(&self, f: impl FnOnce(&mut StepLog) -> T) -> T;
+        /// Whether the replayer is kept off (a role change forgot its guard).
+        fn paused(&self) -> bool;
+    }
+
+    /// Runs `run` on a world from `setup` once per step it takes, failing
+    /// that step: the call must fail, leave nothing paused and pass
+    /// `after_failure`; the retry without a failure must succeed and pass
+    /// `after_retry`. Both checks get the step number. `min` is the fewest
+    /// steps `run` may take (so that a broken fake cannot pass by taking
+    /// none).
+    pub fn at_every_step<V: Injectable>(
+        min: usize,
+        setup: &dyn Fn() -> (V, V),
+        run: &dyn Fn(&V, &V) -> Result<()>,
+        after_failure: &dyn Fn(usize, &V, &V),
+        after_retry: &dyn Fn(usize, &V, &V),
+    ) {
+        let n = {
+            let (a, b) = setup();
+            a.log(|l| l.steps.clear());
+            run(&a, &b).expect("runs without a failure");
+            a.log(|l| l.steps.len())
+        };
+        assert!(n >= min, "{n} steps, fewer than {min}");
+        for at in 0..n {
+            let (a, b) = setup();
+            a.log(|l| {
+                l.steps.clear();
+                l.fail_at = Some(at);
+            });
+            assert!(run(&a, &b).is_err(), "step {at} fails");
+            assert!(
+                !a.paused() && !b.paused(),
+                "step {at}: the replayer is let back"
+            );
+            after_failure(at, &a, &b);
+            a.log(|l| l.fail_at = None);
+            run(&a, &b).unwrap_or_else(|e| panic!("step {at}: the retry fails: {e}"));
+            after_retry(at, &a, &b);
+        }
     }
 
     /// Site `me` of a shared [`World`], as the role changes see it.
@@ -548,16 +616,7 @@ pub(crate) mod fake {
 
         /// Records a step; the injected failure, when it is this one.
         fn step(&self, what: &str) -> Result<()> {
-            self.with(|w| {
-                let n = w.steps.len();
-                w.steps.push(format!("{}:{what}", self.me));
-                if w.fail_at == Some(n) {
-                    return Err(EngineError::Unavailable(format!(
-                        "injected failure at {what}"
-                    )));
-                }
-                Ok(())
-            })
+            self.with(|w| w.log.step(self.me, what))
         }
     }
 
@@ -845,6 +904,16 @@ pub(crate) mod fake {
                 w.sites[1 - self.me].journal_clients.retain(|c| *c != mine);
             });
             Ok(())
+        }
+    }
+
+    impl Injectable for MemVolume {
+        fn log<T>(&self, f: impl FnOnce(&mut StepLog) -> T) -> T {
+            self.with(|w| f(&mut w.log))
+        }
+
+        fn paused(&self) -> bool {
+            self.site().paused
         }
     }
 
