@@ -521,15 +521,11 @@ mod fake {
     //! snapshots, the group snapshots of the site's own cuts, and a step
     //! log with one injectable failure.
 
-    use std::sync::Arc;
-
-    use parking_lot::Mutex;
-
     use super::GroupStore;
     use crate::error::{EngineError, Result};
     use crate::group_repl::{Divergence, GroupRecord, MemberRef, cut_name};
-    use crate::registry::{Revision, Role, Schedule, SyncPoint};
-    use crate::store::fake::{Injectable, StepLog};
+    use crate::registry::{Role, Schedule, SyncPoint};
+    use crate::store::fake::{Fake, PauseGuard, Sites, StepLog, load, swap};
 
     /// One member: its head's content, the holder of its lock, and its
     /// cut snapshots with what they froze.
@@ -566,10 +562,7 @@ mod fake {
 
     impl Site {
         pub fn record(&self) -> Option<GroupRecord> {
-            let bytes = self.stored.as_ref()?;
-            let mut rec: GroupRecord = serde_json::from_slice(bytes).expect("a record");
-            rec.revision = Revision::of(bytes);
-            Some(rec)
+            load(&self.stored)
         }
 
         pub fn store(&mut self, rec: &GroupRecord) {
@@ -589,12 +582,18 @@ mod fake {
         pub next_cut: u64,
     }
 
-    /// Site `me` of a shared [`World`].
-    #[derive(Clone)]
-    pub struct MemGroup {
-        pub world: Arc<Mutex<World>>,
-        pub me: usize,
+    impl Sites for World {
+        fn log(&mut self) -> &mut StepLog {
+            &mut self.log
+        }
+
+        fn paused(&mut self, me: usize) -> &mut bool {
+            &mut self.sites[me].paused
+        }
     }
+
+    /// Site `me` of a shared [`World`].
+    pub type MemGroup = Fake<World>;
 
     fn refs(n: usize) -> Vec<MemberRef> {
         (0..n)
@@ -615,7 +614,7 @@ mod fake {
         }
     }
 
-    impl MemGroup {
+    impl Fake<World> {
         /// Two members; site a primary with cut 1 ("v1" on both members),
         /// site b its replica holding cut 1.
         pub fn pair() -> (MemGroup, MemGroup) {
@@ -654,18 +653,7 @@ mod fake {
                 }
                 s.store(&rec);
             }
-            let world = Arc::new(Mutex::new(w));
-            (
-                MemGroup {
-                    world: world.clone(),
-                    me: 0,
-                },
-                MemGroup { world, me: 1 },
-            )
-        }
-
-        pub fn with<T>(&self, f: impl FnOnce(&mut World) -> T) -> T {
-            f(&mut self.world.lock())
+            Fake::both(w)
         }
 
         pub fn site(&self) -> Site {
@@ -710,10 +698,6 @@ mod fake {
             });
         }
 
-        fn step(&self, what: &str) -> Result<()> {
-            self.with(|w| w.log.step(self.me, what))
-        }
-
         fn set_locks(&self, from: &[Option<&str>], to: Option<&str>) {
             self.with(|w| {
                 for m in &mut w.sites[self.me].members {
@@ -726,7 +710,7 @@ mod fake {
     }
 
     impl GroupStore for MemGroup {
-        type Pause = PauseGuard;
+        type Pause = PauseGuard<World>;
 
         fn name(&self) -> &str {
             "volume group g"
@@ -741,16 +725,7 @@ mod fake {
 
         fn put(&self, rec: &mut GroupRecord) -> Result<()> {
             self.step("put")?;
-            self.with(|w| {
-                let s = &mut w.sites[self.me];
-                if s.stored.as_deref() != rec.revision.stored() {
-                    return Err(EngineError::Conflict("record changed".into()));
-                }
-                let bytes = serde_json::to_vec(&*rec).expect("serializes");
-                rec.revision = Revision::of(&bytes);
-                s.stored = Some(bytes);
-                Ok(())
-            })
+            self.with(|w| swap(&mut w.sites[self.me].stored, rec))
         }
 
         fn peer(&self) -> Result<(String, Option<GroupRecord>)> {
@@ -762,10 +737,8 @@ mod fake {
             Ok((["fsid-a", "fsid-b"][1 - self.me].into(), p.record()))
         }
 
-        fn pause(&self) -> Result<PauseGuard> {
-            self.step("pause")?;
-            self.with(|w| w.sites[self.me].paused = true);
-            Ok(PauseGuard(self.clone()))
+        fn pause(&self) -> Result<PauseGuard<World>> {
+            self.pause_site()
         }
 
         fn members(&self) -> Result<Vec<MemberRef>> {
@@ -883,25 +856,6 @@ mod fake {
                 }
                 Ok(refs(s.members.len()))
             })
-        }
-    }
-
-    impl Injectable for MemGroup {
-        fn log<T>(&self, f: impl FnOnce(&mut StepLog) -> T) -> T {
-            self.with(|w| f(&mut w.log))
-        }
-
-        fn paused(&self) -> bool {
-            self.site().paused
-        }
-    }
-
-    /// Keeps the cuts off a fake group until dropped.
-    pub struct PauseGuard(MemGroup);
-
-    impl Drop for PauseGuard {
-        fn drop(&mut self) {
-            self.0.with(|w| w.sites[self.0.me].paused = false);
         }
     }
 }

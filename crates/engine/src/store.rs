@@ -341,10 +341,7 @@ pub(crate) mod fake {
     impl Site {
         /// The record as stored, with its revision.
         pub fn record(&self) -> Option<ImageRecord> {
-            let bytes = self.stored.as_ref()?;
-            let mut rec: ImageRecord = serde_json::from_slice(bytes).expect("a record");
-            rec.revision = Revision::of(bytes);
-            Some(rec)
+            load(&self.stored)
         }
 
         /// Writes `rec` as the stored record (no compare-and-swap: the
@@ -447,14 +444,132 @@ pub(crate) mod fake {
         }
     }
 
-    /// Site `me` of a shared [`World`], as the role changes see it.
-    #[derive(Clone)]
-    pub struct MemVolume {
+    /// A registry record as the fakes store it: serialized, with the
+    /// revision it was read at.
+    pub trait Revised: serde::Serialize + serde::de::DeserializeOwned {
+        /// The revision the record was read at.
+        fn revision(&mut self) -> &mut Revision;
+    }
+
+    impl Revised for ImageRecord {
+        fn revision(&mut self) -> &mut Revision {
+            &mut self.revision
+        }
+    }
+
+    impl Revised for crate::group_repl::GroupRecord {
+        fn revision(&mut self) -> &mut Revision {
+            &mut self.revision
+        }
+    }
+
+    /// The record `stored` holds, with its revision.
+    pub fn load<R: Revised>(stored: &Option<Vec<u8>>) -> Option<R> {
+        let bytes = stored.as_ref()?;
+        let mut rec: R = serde_json::from_slice(bytes).expect("a record");
+        *rec.revision() = Revision::of(bytes);
+        Some(rec)
+    }
+
+    /// Writes `rec` into `stored` if it still holds what `rec` was read
+    /// from (else `Conflict`), as the registry does.
+    pub fn swap<R: Revised>(stored: &mut Option<Vec<u8>>, rec: &mut R) -> Result<()> {
+        if stored.as_deref() != rec.revision().stored() {
+            return Err(EngineError::Conflict("record changed".into()));
+        }
+        let bytes = serde_json::to_vec(&*rec).expect("serializes");
+        *rec.revision() = Revision::of(&bytes);
+        *stored = Some(bytes);
+        Ok(())
+    }
+
+    /// A world of two sites with a step log.
+    pub trait Sites: Send + 'static {
+        /// The step log.
+        fn log(&mut self) -> &mut StepLog;
+        /// Whether site `me` is kept off by a role change.
+        fn paused(&mut self, me: usize) -> &mut bool;
+    }
+
+    /// Site `me` (0 or 1) of a shared world of two sites.
+    pub struct Fake<W> {
         /// The world.
-        pub world: Arc<Mutex<World>>,
+        pub world: Arc<Mutex<W>>,
         /// 0 or 1.
         pub me: usize,
     }
+
+    impl<W> Clone for Fake<W> {
+        fn clone(&self) -> Self {
+            Fake {
+                world: Arc::clone(&self.world),
+                me: self.me,
+            }
+        }
+    }
+
+    impl<W: Sites> Fake<W> {
+        /// Both sites of `world`.
+        pub fn both(world: W) -> (Self, Self) {
+            let world = Arc::new(Mutex::new(world));
+            (
+                Fake {
+                    world: Arc::clone(&world),
+                    me: 0,
+                },
+                Fake { world, me: 1 },
+            )
+        }
+
+        /// Runs `f` on the world.
+        pub fn with<T>(&self, f: impl FnOnce(&mut W) -> T) -> T {
+            f(&mut self.world.lock())
+        }
+
+        /// Records a step; the injected failure, when it is this one.
+        pub fn step(&self, what: &str) -> Result<()> {
+            self.with(|w| w.log().step(self.me, what))
+        }
+
+        /// Keeps the replayer off this site until the guard drops (a step).
+        pub fn pause_site(&self) -> Result<PauseGuard<W>> {
+            self.step("pause")?;
+            self.with(|w| *w.paused(self.me) = true);
+            Ok(PauseGuard(self.clone()))
+        }
+    }
+
+    impl<W: Sites> Injectable for Fake<W> {
+        fn log<T>(&self, f: impl FnOnce(&mut StepLog) -> T) -> T {
+            self.with(|w| f(w.log()))
+        }
+
+        fn paused(&self) -> bool {
+            self.with(|w| *w.paused(self.me))
+        }
+    }
+
+    /// Keeps the replayer off a fake site until dropped.
+    pub struct PauseGuard<W: Sites>(Fake<W>);
+
+    impl<W: Sites> Drop for PauseGuard<W> {
+        fn drop(&mut self) {
+            self.0.with(|w| *w.paused(self.0.me) = false);
+        }
+    }
+
+    impl Sites for World {
+        fn log(&mut self) -> &mut StepLog {
+            &mut self.log
+        }
+
+        fn paused(&mut self, me: usize) -> &mut bool {
+            &mut self.sites[me].paused
+        }
+    }
+
+    /// Site `me` of a shared [`World`], as the role changes see it.
+    pub type MemVolume = Fake<World>;
 
     /// A record as Enable writes it, for a primary (`primary` none) or a
     /// replica of the image `primary`.
@@ -476,7 +591,7 @@ pub(crate) mod fake {
         rec
     }
 
-    impl MemVolume {
+    impl Fake<World> {
         /// A world with site a primary and site b its replica at sync
         /// point 1 (content "v1"), both reachable.
         pub fn pair() -> (MemVolume, MemVolume) {
@@ -494,14 +609,7 @@ pub(crate) mod fake {
                 };
                 s.store(&rec);
             }
-            let world = Arc::new(Mutex::new(w));
-            (
-                MemVolume {
-                    world: world.clone(),
-                    me: 0,
-                },
-                MemVolume { world, me: 1 },
-            )
+            Fake::both(w)
         }
 
         /// The pair in journal mode: site a's journal in its first primary
@@ -569,11 +677,6 @@ pub(crate) mod fake {
             })
         }
 
-        /// Runs `f` on the world.
-        pub fn with<T>(&self, f: impl FnOnce(&mut World) -> T) -> T {
-            f(&mut self.world.lock())
-        }
-
         /// This site's state.
         pub fn site(&self) -> Site {
             self.with(|w| w.sites[self.me].clone())
@@ -613,11 +716,6 @@ pub(crate) mod fake {
                 r.store(&rec);
             });
         }
-
-        /// Records a step; the injected failure, when it is this one.
-        fn step(&self, what: &str) -> Result<()> {
-            self.with(|w| w.log.step(self.me, what))
-        }
     }
 
     /// A complete sync point of snapshot `name`.
@@ -632,7 +730,7 @@ pub(crate) mod fake {
     }
 
     impl VolumeStore for MemVolume {
-        type Pause = PauseGuard;
+        type Pause = PauseGuard<World>;
 
         fn key(&self) -> &str {
             "pool/vol"
@@ -640,16 +738,7 @@ pub(crate) mod fake {
 
         fn put(&self, rec: &mut ImageRecord) -> Result<()> {
             self.step("put")?;
-            self.with(|w| {
-                let s = &mut w.sites[self.me];
-                if s.stored.as_deref() != rec.revision.stored() {
-                    return Err(EngineError::Conflict("record changed".into()));
-                }
-                let bytes = serde_json::to_vec(&*rec).expect("serializes");
-                rec.revision = Revision::of(&bytes);
-                s.stored = Some(bytes);
-                Ok(())
-            })
+            self.with(|w| swap(&mut w.sites[self.me].stored, rec))
         }
 
         fn peer_record(&self, _primary_id: Option<&str>) -> Result<Option<ImageRecord>> {
@@ -714,10 +803,8 @@ pub(crate) mod fake {
             });
         }
 
-        fn pause(&self) -> Result<PauseGuard> {
-            self.step("pause")?;
-            self.with(|w| w.sites[self.me].paused = true);
-            Ok(PauseGuard(self.clone()))
+        fn pause(&self) -> Result<PauseGuard<World>> {
+            self.pause_site()
         }
 
         fn sync_snapshots(&self) -> Result<Vec<(u64, String)>> {
@@ -904,25 +991,6 @@ pub(crate) mod fake {
                 w.sites[1 - self.me].journal_clients.retain(|c| *c != mine);
             });
             Ok(())
-        }
-    }
-
-    impl Injectable for MemVolume {
-        fn log<T>(&self, f: impl FnOnce(&mut StepLog) -> T) -> T {
-            self.with(|w| f(&mut w.log))
-        }
-
-        fn paused(&self) -> bool {
-            self.site().paused
-        }
-    }
-
-    /// Keeps the replayer off a fake volume until dropped.
-    pub struct PauseGuard(MemVolume);
-
-    impl Drop for PauseGuard {
-        fn drop(&mut self) {
-            self.0.with(|w| w.sites[self.0.me].paused = false);
         }
     }
 }
