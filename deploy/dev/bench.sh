@@ -139,6 +139,10 @@
 #                      tool and scenario, the median and the range over the runs beside the
 #                      targets (issue 19: three runs, medians); each run's own report too
 #   BENCH_RESULTS_JSON write this run's figures to that file as JSON (BENCH_RUNS uses it)
+#
+# The Python helpers are in deploy/dev/bench/: timing.py (triggers a scenario and times
+# it), journal.py (phase (j)'s measurements), report.py (the report, from the figures
+# this script collects in $WORK/figures.json) and medians.py (BENCH_RUNS).
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -177,7 +181,7 @@ if [[ ${BENCH_RUNS:-1} -gt 1 ]]; then
         BENCH_RUNS=1 BENCH_SKIP_BUILD=$skip BENCH_RESULTS_JSON="$runs_dir/run$run.json" \
             bash "${BASH_SOURCE[0]}" || die "run $run failed (its results: $runs_dir)"
     done
-    exec python3 "$SCRIPT_DIR/bench_medians.py" "$runs_dir"/run*.json
+    exec python3 "$SCRIPT_DIR/bench/medians.py" "$runs_dir"/run*.json
 fi
 N_MULTI=20
 N_SWITCH=${BENCH_S_IMAGES:-20}
@@ -1053,120 +1057,31 @@ for t in $BENCH_TOOLS; do
 done
 
 # --- report ---------------------------------------------------------------------------
-fmt() { [[ -n ${1:-} ]] && printf '%.2f s' "$1" || printf -- '-'; }
-ratio() { # NATIVE ENGINE -> "2.1x" (how many times faster the engine is)
-    [[ -n ${1:-} && -n ${2:-} ]] || {
-        printf -- '-'
-        return
-    }
-    awk -v n="$1" -v e="$2" 'BEGIN { if (e > 0) printf "%.2fx", n / e; else printf "-" }'
+# Every figure of the run goes to $WORK/figures.json; bench/report.py prints the report
+# from it (and writes BENCH_RESULTS_JSON for BENCH_RUNS' medians).
+assoc_json() { # NAME of an associative array -> a JSON object of its non-empty strings
+    local -n arr=$1
+    local k
+    for k in "${!arr[@]}"; do printf '%s\t%s\n' "$k" "${arr[$k]}"; done |
+        jq -R -s 'split("\n") | map(select(length > 0) | split("\t") | select((.[1] // "") != "")
+            | {(.[0]): .[1]}) | add // {}'
 }
-verdict() { # VALUE TARGET
-    [[ -n ${1:-} ]] || {
-        printf -- '-'
-        return
-    }
-    awk -v v="$1" -v t="$2" 'BEGIN { print (v <= t) ? "met" : "MISSED" }'
-}
-{
-    echo
-    echo "csi-rbd-replicator benchmark, $(date -u +%FT%TZ), $(nproc) cores, replayer poll $BENCH_POLL${BENCH_ENGINE_ARGS:+, engine flags: $BENCH_ENGINE_ARGS}${BENCH_ENGINE_ENV:+, engine env: $BENCH_ENGINE_ENV}"
-    printf '%-38s %10s %10s %11s %10s %10s %9s %7s\n' scenario engine rbd-mirror export-diff \
-        "vs mirror" "vs export" target ""
-    for s in "${SCENARIOS[@]}"; do
-        [[ $s == b* ]] && TITLE[$s]="${TITLE[$s]/ (median)/} (median)"
-        # rbd-mirror starts copying before its snapshot call returns: no ratio from the
-        # snapshot existing (compare (b) from taking it).
-        mirror_ratio=$(ratio "${RES[rbd-mirror.$s]:-}" "${RES[engine.$s]:-}")
-        [[ $s == b0 && -n ${RES[rbd-mirror.$s]:-} ]] && mirror_ratio=n/a
-        target=- verdict_=-
-        if [[ -n ${TARGET[$s]:-} ]]; then
-            target="<= ${TARGET[$s]} s" verdict_=$(verdict "${RES[engine.$s]:-}" "${TARGET[$s]}")
-        fi
-        printf '%-38s %10s %10s %11s %10s %10s %9s %7s\n' "${TITLE[$s]}" \
-            "$(fmt "${RES[engine.$s]:-}")" "$(fmt "${RES[rbd-mirror.$s]:-}")" \
-            "$(fmt "${RES[export-diff.$s]:-}")" "$mirror_ratio" \
-            "$(ratio "${RES[export-diff.$s]:-}" "${RES[engine.$s]:-}")" \
-            "$target" "$verdict_"
-    done
-    printf '%-38s %10s %10s %11s %10s %10s %9s %7s\n' "peak RSS (MiB)" "${RSS[engine]:--}" \
-        "${RSS[rbd-mirror]:--}" "-" "" "" "< $RSS_TARGET" \
-        "$(if [[ -n ${RSS[engine]:-} ]]; then ((RSS[engine] < RSS_TARGET)) && echo met || echo MISSED; else echo -; fi)"
-    echo "(vs X = X's time / engine's time: above 1.00x the engine is faster)"
-    for s in b b0; do
-        echo "${TITLE[$s]}, range over $B_ROUNDS rounds: engine ${RANGE[engine.$s]:--} s," \
-            "rbd-mirror ${RANGE[rbd-mirror.$s]:--} s, export-diff ${RANGE[export-diff.$s]:--} s"
-    done
-    for t in engine rbd-mirror; do
-        line=""
-        for ph in m1 mt n; do
-            [[ -z ${PRSS[$t.$ph]:-} ]] || line+=" (${ph}) ${PRSS[$t.$ph]}"
-        done
-        [[ -z $line ]] || echo "peak RSS (MiB) of $t, fresh process per phase:$line"
-    done
-    for t in engine rbd-mirror; do
-        line=""
-        for ph in "${PHASES[@]}"; do
-            [[ -z ${PCPU[$t.$ph]:-} ]] || line+=" (${ph}) ${PCPU[$t.$ph]}"
-        done
-        [[ -z $line ]] || echo "CPU seconds of $t per phase (engine: site-a sidecar + site-b sidecar):$line"
-    done
-    for t in engine rbd-mirror; do
-        [[ -n ${CALLS[$t]:-} ]] || continue
-        echo "per-call latency in (d) serial, p50/p99/max ms, $t: $(jq -r 'to_entries | map("\(.key) \(.value)") | join(", ")' <<<"${CALLS[$t]}")"
-    done
-    [[ -z ${CALLS[rbd-mirror]:-} ]] || echo "  (rbd-mirror's counterparts: enable = mirror image enable; promote of a primary = mirror image info, what ceph-csi reads; info = mirror image status)"
-    echo "space the replica of (c) allocates (256 MiB written on the primary): engine ${ALLOC[c]:--} MiB," \
-        "rbd-mirror ${ALLOC_MIRROR:--} MiB, export-diff ${ALLOC_EXPORT:--} MiB"
-    if [[ -n ${RES[engine.a]:-}${RES[engine.c]:-}${RES[engine.d]:-} ]]; then
-        echo
-        echo "engine, where the time goes (t0 = trigger; all from the sidecar log and GetVolumeReplicationInfo):"
-        for s in "${SCENARIOS[@]}"; do
-            [[ -n ${RES[engine.$s]:-} && -n ${COPY[$s]:-} ]] || continue
-            echo "  ${TITLE[$s]}: lastSyncDuration ${COPY[$s]:-?}s (max over images); ${NOTES[$s]:-}"
-            sed 's/^/    /' "$WORK/timeline-$s.txt" 2>/dev/null || true
-        done
-    fi
-    if [[ -n ${JRES[engine.j1]:-}${JRES[rbd-mirror.j1]:-} ]]; then
-        echo
-        echo "journal mode (j), engine vs rbd-mirror (what each figure includes: the header of deploy/dev/bench.sh):"
-        printf '%-52s %28s %28s\n' scenario engine rbd-mirror
-        printf '%-52s %28s %28s\n' "(j0) idle CPU, $((J_IDLE + 1)) journal images (% of a core)" \
-            "${JRES[engine.j0]:--}" "${JRES[rbd-mirror.j0]:--}"
-        printf '%-52s %28s %28s\n' "(j1) 4 KiB write lag, median / p99 / max (s)" \
-            "${JRES[engine.j1]:--}" "${JRES[rbd-mirror.j1]:--}"
-        printf '%-52s %28s %28s\n' "(j1) the same, 6 writes 2.5-3.5 s apart" \
-            "${JRES[engine.j1q]:--}" "${JRES[rbd-mirror.j1q]:--}"
-        printf '%-52s %28s %28s\n' "(j2) catch-up after rbd bench $J_TOTAL rand 4K (s)" \
-            "${JRES[engine.j2c]:--}" "${JRES[rbd-mirror.j2c]:--}"
-        for b in $J_BURSTS; do
-            printf '%-52s %28s %28s\n' "(j3) $b burst rand 64K: last write lag (after end) s" \
-                "${JRES[engine.j3.$b]:--}" "${JRES[rbd-mirror.j3.$b]:--}"
-        done
-        printf '%-52s %28s %28s\n' "(j4) primary MiB/s, journaling off -> on" \
-            "${JRES[engine.j4]:--}" "${JRES[rbd-mirror.j4]:--}"
-        for t in engine rbd-mirror; do
-            [[ -z ${JRES[$t.j2]:-} ]] || echo "  $t (j2): ${JRES[$t.j2]}; entries behind every second: ${JRES[$t.j2s]}"
-        done
-    fi
-    [[ -z ${NOTES[s]:-} ]] || echo "engine ${TITLE[s]}: ${NOTES[s]}"
-    if ((${#BUSY_NOTE[@]})); then
-        printf 'NOTE: %s\n' "${BUSY_NOTE[@]}"
-    fi
-    echo "total benchmark time: $((SECONDS - T_START)) s"
-} | tee "$WORK/report.txt"
-if [[ -n ${BENCH_RESULTS_JSON:-} ]]; then
-    # tool.scenario -> seconds, tool -> peak RSS, tool.phase -> peak RSS per phase.
-    {
-        for k in "${!RES[@]}"; do printf 'res\t%s\t%s\n' "$k" "${RES[$k]}"; done
-        for k in "${!RSS[@]}"; do printf 'rss\t%s\t%s\n' "$k" "${RSS[$k]}"; done
-        for k in "${!PRSS[@]}"; do printf 'prss\t%s\t%s\n' "$k" "${PRSS[$k]}"; done
-    } | jq -R -s --argjson targets "$(for k in "${!TARGET[@]}"; do printf '%s\t%s\n' "$k" "${TARGET[$k]}"; done |
-        jq -R -s 'split("\n") | map(select(length > 0) | split("\t") | {(.[0]): (.[1] | tonumber)}) | add')" \
-        --arg rss_target "$RSS_TARGET" --argjson titles "$(for k in "${!TITLE[@]}"; do printf '%s\t%s\n' "$k" "${TITLE[$k]}"; done |
-        jq -R -s 'split("\n") | map(select(length > 0) | split("\t") | {(.[0]): .[1]}) | add')" \
-        'split("\n") | map(select(length > 0) | split("\t")) |
-         reduce .[] as $r ({}; .[$r[0]][$r[1]] = ($r[2] | tonumber)) +
-         {targets: $targets, rss_target: ($rss_target | tonumber), titles: $titles,
-          scenarios: $ARGS.positional}' --args "${SCENARIOS[@]}" >"$BENCH_RESULTS_JSON"
-fi
+list_json() { jq -n '$ARGS.positional' --args "$@"; }
+jq -n --arg date "$(date -u +%FT%TZ)" --arg cores "$(nproc)" --arg poll "$BENCH_POLL" \
+    --arg engine_args "$BENCH_ENGINE_ARGS" --arg engine_env "$BENCH_ENGINE_ENV" \
+    --arg b_rounds "$B_ROUNDS" --arg j_idle "$J_IDLE" --arg j_total "$J_TOTAL" \
+    --arg work "$WORK" --arg seconds "$((SECONDS - T_START))" --arg rss_target "$RSS_TARGET" \
+    --arg alloc_mirror "$ALLOC_MIRROR" --arg alloc_export "$ALLOC_EXPORT" \
+    --argjson j_bursts "$(list_json $J_BURSTS)" --argjson phases "$(list_json "${PHASES[@]}")" \
+    --argjson scenarios "$(list_json "${SCENARIOS[@]}")" \
+    --argjson busy_notes "$(list_json ${BUSY_NOTE[@]+"${BUSY_NOTE[@]}"})" \
+    --argjson titles "$(assoc_json TITLE)" --argjson targets "$(assoc_json TARGET)" \
+    --argjson res "$(assoc_json RES)" --argjson range "$(assoc_json RANGE)" \
+    --argjson rss "$(assoc_json RSS)" --argjson prss "$(assoc_json PRSS)" \
+    --argjson pcpu "$(assoc_json PCPU)" --argjson calls "$(assoc_json CALLS)" \
+    --argjson alloc "$(assoc_json ALLOC)" --argjson copy "$(assoc_json COPY)" \
+    --argjson notes "$(assoc_json NOTES)" --argjson jres "$(assoc_json JRES)" \
+    '$ARGS.named' >"$WORK/figures.json"
+# shellcheck disable=SC2046 # no RESULTS argument without BENCH_RESULTS_JSON
+/usr/bin/python3 "$BENCH_PY/report.py" "$WORK/figures.json" ${BENCH_RESULTS_JSON:+"$BENCH_RESULTS_JSON"} |
+    tee "$WORK/report.txt"

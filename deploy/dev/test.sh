@@ -198,7 +198,7 @@ fi
 bench_bounded() {
     local bin=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/csi-rbd-replicator
     bash -n "$SCRIPT_DIR/bench.sh"
-    pyflakes3 "$SCRIPT_DIR"/bench/*.py "$SCRIPT_DIR/bench_medians.py"
+    pyflakes3 "$SCRIPT_DIR"/bench/*.py
     BENCH_BIN=$bin BENCH_PHASES=ab BENCH_B_ROUNDS=1 bash "$SCRIPT_DIR/bench.sh"
     BENCH_BIN=$bin BENCH_TOOLS=engine BENCH_PHASES=j BENCH_J_WRITES=5 BENCH_J_IDLE=2 \
         BENCH_J_IDLE_SECONDS=5 BENCH_J_BURSTS=8M BENCH_J_TOTAL=16M bash "$SCRIPT_DIR/bench.sh"

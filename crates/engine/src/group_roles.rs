@@ -227,8 +227,7 @@ impl GroupStore for CephGroup<'_> {
 pub(crate) fn demote<S: GroupStore>(s: &S, force: bool) -> Result<()> {
     let rec = s.record()?;
     if rec.role != Role::Primary {
-        let members = rec.members;
-        return s.hold_members(&members);
+        return s.hold_members(&rec.members);
     }
     // The scheduler's cuts (its own connection, a client of the members
     // while it cuts) stop first, so that they are not taken for writers.

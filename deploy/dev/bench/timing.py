@@ -43,6 +43,16 @@ def newest_sync_snap(io, name):
     return max(snaps)[1] if snaps else None
 
 
+def remembered_snap(io, target, name):
+    """The newest sync snapshot of `name`, remembered in `target` once it exists."""
+    if name not in target:
+        snap = newest_sync_snap(io, name)
+        if snap is None:
+            return None
+        target[name] = snap
+    return target[name]
+
+
 def newest_primary_mirror_snap(io, name):
     ids = [s["id"] for s in snapshots(io, name)
            if s.get("namespace") == rbd.RBD_SNAP_NAMESPACE_TYPE_MIRROR
@@ -234,11 +244,7 @@ def main():
                     return None
                 if f.exception() is not None:
                     raise SystemExit(f"EnableVolumeReplication {n} failed: {f.exception()}")
-                snap = newest_sync_snap(ia, n)
-                if snap is None:
-                    return None
-                target[n] = snap
-            return target[n]
+            return remembered_snap(ia, target, n)
 
         ends, snaps = engine_wait(ia, ib, names, snap_of, timeout)
         report(t0, ends, snapshot=target[names[0]],
@@ -273,12 +279,7 @@ def main():
         target = {}
 
         def snap_of(n):
-            if n not in target:
-                snap = newest_sync_snap(ia, n)
-                if snap is None:
-                    return None
-                target[n] = snap
-            return target[n]
+            return remembered_snap(ia, target, n)
 
         ends, snaps = engine_wait(ia, ib, names, snap_of, timeout)
         for n in names:

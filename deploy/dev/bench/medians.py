@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Medians over several runs of deploy/dev/bench.sh (BENCH_RUNS=N).
 
-    python3 deploy/dev/bench_medians.py RUN1.json RUN2.json ...
+    python3 deploy/dev/bench/medians.py RUN1.json RUN2.json ...
 
 Each file is one run's figures as bench.sh writes them with BENCH_RESULTS_JSON:
 "res" (tool.scenario -> seconds), "rss" (tool -> peak MiB over the run's phases),
