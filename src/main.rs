@@ -461,10 +461,12 @@ fn bytes(s: &str) -> Result<usize, String> {
 static ALLOCATOR: csi_rbd_replicator::ceph::alloc::ProcessAllocator =
     csi_rbd_replicator::ceph::alloc::ProcessAllocator;
 
-fn main() -> std::process::ExitCode {
-    csi_rbd_replicator::ceph::alloc::tune_allocator(CopyLimits::DEFAULT_CHUNK as usize);
-    let cli = Cli::parse();
-    // `verify` keeps stdout for its report: its logs go to stderr, warnings only.
+/// Logs to stderr for every command (one-shot commands keep stdout for
+/// their report; stderr is what container runtimes and the test harness
+/// collect), as text or JSON (`--log-format`); `RUST_LOG` or, by default,
+/// `info` for the sidecar and `warn` for one-shot commands.
+fn init_logging(cli: &Cli) {
+    // One-shot commands (`verify` and the others) log warnings only.
     let oneshot = matches!(
         cli.cmd,
         Cmd::Verify(_)
@@ -478,9 +480,6 @@ fn main() -> std::process::ExitCode {
     );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(if oneshot { "warn" } else { "info" }));
-    // Logs go to stderr for every command: one-shot commands keep stdout for
-    // their report, and the sidecar's stderr is what container runtimes and
-    // the test harness collect.
     let writer = BoxMakeWriter::new(std::io::stderr);
     if cli.log_format == "json" {
         tracing_subscriber::fmt()
@@ -497,6 +496,12 @@ fn main() -> std::process::ExitCode {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
+}
+
+fn main() -> std::process::ExitCode {
+    csi_rbd_replicator::ceph::alloc::tune_allocator(CopyLimits::DEFAULT_CHUNK as usize);
+    let cli = Cli::parse();
+    init_logging(&cli);
     // Tests configure fail points through FAILPOINTS (`failpoints` feature).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

@@ -932,20 +932,7 @@ impl Engine {
             return Ok(());
         };
         let cancelled = || cancelled() || slot.cancelled();
-        let fsid = local.fsid().to_string();
-        let report = |state: ReplayState, message: String, last: Option<SyncPoint>| {
-            put_status(
-                &job.peer_io,
-                &uuid,
-                &GroupStatus {
-                    replica_fsid: fsid.clone(),
-                    state,
-                    message,
-                    last_cut: last,
-                    updated_at: Utc::now(),
-                },
-            );
-        };
+        let report = reporter(job, local.fsid().to_string());
         let mut rec = match get_record(&lio, &uuid)? {
             None => new_replica_record(job),
             Some(r) => r,
@@ -1408,6 +1395,27 @@ type Copied = (MemberRef, Image, u64, Option<DateTime<Utc>>);
 
 /// The status callback of a group sync.
 type GroupReport<'a> = dyn Fn(ReplayState, String, Option<SyncPoint>) + Sync + 'a;
+
+/// How the replica of `job`'s group (on cluster `fsid`) reports its state:
+/// a status in the primary's registry.
+fn reporter(
+    job: &GroupJob,
+    fsid: String,
+) -> impl Fn(ReplayState, String, Option<SyncPoint>) + Sync + '_ {
+    move |state, message, last| {
+        put_status(
+            &job.peer_io,
+            &job.primary.uuid,
+            &GroupStatus {
+                replica_fsid: fsid.clone(),
+                state,
+                message,
+                last_cut: last,
+                updated_at: Utc::now(),
+            },
+        );
+    }
+}
 
 /// A cut copied: the members' replicas (those that are members at the
 /// cut), the bytes copied, and the cut's time.

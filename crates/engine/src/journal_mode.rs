@@ -1174,6 +1174,62 @@ fn replica_record(local_io: &Arc<IoCtx>, reg: &Registry, job: &Job) -> Result<Op
     reg.get(&id)
 }
 
+/// Takes the bootstrap's sync snapshot on the primary (after the client's
+/// registration: every write after it is in the journal); returns its name.
+fn bootstrap_snapshot(engine: &Engine, job: &Job) -> Result<String> {
+    let key = job.key();
+    let peer_io = job
+        .peer
+        .ioctx(&job.pool, &job.namespace)
+        .ctx(|| format!("opening {key} on the peer"))?;
+    let primary = Image::open_by_id(&peer_io, &job.primary.image_id)
+        .ctx(|| format!("opening primary {key}"))?;
+    let snaps = primary
+        .snap_list()
+        .ctx(|| format!("listing snapshots of primary {key}"))?;
+    let seq = match sync_snaps(&snaps).keys().next_back() {
+        Some(&s) => super::registry::next_sync_seq(s)?,
+        None => 1,
+    };
+    engine.take_sync_snapshot(&primary, seq)
+}
+
+/// Copies the replica up to the primary's sync snapshot `snap` with the
+/// snapshot-mode sync (a delta from the newest common point, resumable);
+/// returns the replica's record once it holds `snap`. Gives up within an
+/// hour, or when stopped.
+fn copy_to(
+    engine: &Engine,
+    job: &Job,
+    local_reg: &Registry,
+    stop: &AtomicBool,
+    snap: &str,
+) -> Result<ImageRecord> {
+    let key = job.key();
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        if stop.load(Ordering::Relaxed) || !engine.leases.ok(&job.pool) {
+            return Err(EngineError::Unavailable(format!(
+                "the bootstrap of {key} was stopped (shutdown or the pool's lease lost)"
+            )));
+        }
+        super::replayer::sync_image(engine, job, stop, &mut None)?;
+        let local_io = local_reg.ioctx();
+        if let Some(r) = replica_record(local_io, local_reg, job)?
+            && r.last_sync.as_ref().is_some_and(|l| l.snap_name == snap)
+            && r.pending_snap.is_none()
+        {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            return Err(EngineError::Timeout(format!(
+                "the bootstrap copy of {key} to {snap} did not complete"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Registers in the primary's journal, takes a sync snapshot on the
 /// primary after that, copies the replica to it and records it as the
 /// point the replay skips IO up to. Returns the replica's record.
@@ -1198,44 +1254,8 @@ fn bootstrap(
         None,
         None,
     );
-    let peer_io = job
-        .peer
-        .ioctx(&job.pool, &job.namespace)
-        .ctx(|| format!("opening {key} on the peer"))?;
-    let primary = Image::open_by_id(&peer_io, &job.primary.image_id)
-        .ctx(|| format!("opening primary {key}"))?;
-    let snaps = primary
-        .snap_list()
-        .ctx(|| format!("listing snapshots of primary {key}"))?;
-    let seq = match sync_snaps(&snaps).keys().next_back() {
-        Some(&s) => super::registry::next_sync_seq(s)?,
-        None => 1,
-    };
-    let snap = engine.take_sync_snapshot(&primary, seq)?;
-    drop(primary);
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    let rec = loop {
-        if stop.load(Ordering::Relaxed) || !engine.leases.ok(&job.pool) {
-            return Err(EngineError::Unavailable(format!(
-                "the bootstrap of {key} was stopped (shutdown or the pool's lease lost)"
-            )));
-        }
-        super::replayer::sync_image(engine, job, stop, &mut None)?;
-        let local_io = local_reg.ioctx();
-        if let Some(r) = replica_record(local_io, local_reg, job)?
-            && r.last_sync.as_ref().is_some_and(|l| l.snap_name == snap)
-            && r.pending_snap.is_none()
-        {
-            break r;
-        }
-        if Instant::now() > deadline {
-            return Err(EngineError::Timeout(format!(
-                "the bootstrap copy of {key} to {snap} did not complete"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut rec = rec;
+    let snap = bootstrap_snapshot(engine, job)?;
+    let mut rec = copy_to(engine, job, local_reg, stop, &snap)?;
     rec.journal = Some(JournalReplica {
         client_id: client.to_string(),
         skip_until: Some(snap.clone()),

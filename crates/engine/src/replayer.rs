@@ -533,6 +533,32 @@ impl Engine {
             .collect()
     }
 
+    /// Moves the replicas of the peer's `tombstones` (replication disabled
+    /// there) to the trash; a tombstone whose replica went and whose record
+    /// is gone from the peer's `records` is cleared. Failures are logged
+    /// and retried on the next pass.
+    fn bury_all(
+        &self,
+        lio: &Arc<IoCtx>,
+        preg: &Registry,
+        records: &[ImageRecord],
+        tombstones: &[super::registry::Tombstone],
+    ) {
+        for t in tombstones {
+            match self.bury(lio, t) {
+                Ok(true) if !records.iter().any(|r| r.image_id == t.image_id) => {
+                    if let Err(e) = preg.remove_tombstone(&t.image_id) {
+                        tracing::warn!(error = %e, "cannot clear tombstone");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(image = %t.image_name, error = %e, "cannot trash replica")
+                }
+            }
+        }
+    }
+
     /// The jobs of the primaries in pool `pool` of mirror peer `peer`; adds
     /// the objects whose notifications should wake the replayer to `watch`.
     fn peer_jobs(
@@ -566,19 +592,7 @@ impl Engine {
             // gone.
             let records = preg.list()?;
             let tombstones = preg.tombstones()?;
-            for t in &tombstones {
-                match self.bury(&lio, t) {
-                    Ok(true) if !records.iter().any(|r| r.image_id == t.image_id) => {
-                        if let Err(e) = preg.remove_tombstone(&t.image_id) {
-                            tracing::warn!(error = %e, "cannot clear tombstone");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(image = %t.image_name, error = %e, "cannot trash replica")
-                    }
-                }
-            }
+            self.bury_all(&lio, &preg, &records, &tombstones);
             let detached: HashSet<String> = Registry::new(Arc::clone(&lio))
                 .detached()?
                 .into_iter()
@@ -1654,15 +1668,7 @@ fn delta(
         &stopped,
         &mut |done, mark| watch.tick(done, mark),
     );
-    let stats = match watch.ckpt_err.take() {
-        // The copy stopped for it: the conflict is the reason.
-        Some(e @ EngineError::Conflict(_)) => return Err(e),
-        Some(e) => {
-            tracing::debug!(error = %e, "a checkpoint write failed during the delta");
-            stats?
-        }
-        None => stats?,
-    };
+    let stats = delta_outcome(stats, watch.ckpt_err.take())?;
     if plan.dst_objects.is_some() {
         reload_object_map(replica).ctx(|| format!("replica {key}"))?;
     }
@@ -1676,6 +1682,24 @@ fn delta(
         "delta complete"
     );
     Ok(stats)
+}
+
+/// A delta's outcome from the copy's and the failed checkpoint write's
+/// (`ckpt_err`), if any: a record changed under the sync (`Conflict`)
+/// stopped the copy and is the reason; another checkpoint failure is only
+/// logged (the next checkpoint or the sync point records the progress).
+fn delta_outcome(
+    stats: Result<copy::CopyStats>,
+    ckpt_err: Option<EngineError>,
+) -> Result<copy::CopyStats> {
+    match ckpt_err {
+        Some(e @ EngineError::Conflict(_)) => Err(e),
+        Some(e) => {
+            tracing::debug!(error = %e, "a checkpoint write failed during the delta");
+            stats
+        }
+        None => stats,
+    }
 }
 
 /// What one delta copies and how: its extents (past a checkpoint of the
@@ -2183,6 +2207,38 @@ enum ClonePlan {
     Wait(String),
 }
 
+/// The parent of clone `primary` and its record on the peer, when the
+/// replica can be a clone: not flattened on request, the parent still
+/// visible (overlap), its snapshot a user snapshot (a removed one, in clone
+/// v2's trash namespace, no replication brings over), and the parent
+/// replicated. `None`: the replica is a flat copy. Blocking.
+fn replicated_parent(
+    job: &Job,
+    primary: &Image,
+) -> Result<Option<(ceph::ParentSpec, ImageRecord)>> {
+    let key = job.key();
+    if job.primary.flatten_replica
+        || primary.parent_overlap().ctx(|| format!("primary {key}"))? == 0
+    {
+        return Ok(None);
+    }
+    let Some(parent) = primary.parent().ctx(|| format!("primary {key}"))? else {
+        return Ok(None);
+    };
+    if !parent.user_snap {
+        return Ok(None);
+    }
+    let peer_io = job
+        .peer
+        .ioctx(&parent.pool, &parent.namespace)
+        .ctx(|| format!("opening the pool of parent {parent} on the peer"))?;
+    let Some(precord) = Registry::new(peer_io).get(&parent.image_id)? else {
+        tracing::info!(image = %key, parent = %parent, "the parent is not replicated: the replica is a flat copy");
+        return Ok(None);
+    };
+    Ok(Some((parent, precord)))
+}
+
 /// How the replica of `primary` (a clone or not) is created, as rbd-mirror
 /// does: a clone whose parent image is replicated too (a registry record on
 /// the peer) becomes a clone of the parent's replica here, once that holds
@@ -2191,25 +2247,7 @@ enum ClonePlan {
 /// Blocking.
 fn clone_plan(local: &Arc<Cluster>, job: &Job, primary: &Image) -> Result<ClonePlan> {
     let key = job.key();
-    if job.primary.flatten_replica
-        || primary.parent_overlap().ctx(|| format!("primary {key}"))? == 0
-    {
-        return Ok(ClonePlan::Flat);
-    }
-    let Some(parent) = primary.parent().ctx(|| format!("primary {key}"))? else {
-        return Ok(ClonePlan::Flat);
-    };
-    if !parent.user_snap {
-        // Removed (clone v2 keeps it in the trash namespace): no
-        // replication brings such a snapshot over.
-        return Ok(ClonePlan::Flat);
-    }
-    let peer_io = job
-        .peer
-        .ioctx(&parent.pool, &parent.namespace)
-        .ctx(|| format!("opening the pool of parent {parent} on the peer"))?;
-    let Some(precord) = Registry::new(peer_io).get(&parent.image_id)? else {
-        tracing::info!(image = %key, parent = %parent, "the parent is not replicated: the replica is a flat copy");
+    let Some((parent, precord)) = replicated_parent(job, primary)? else {
         return Ok(ClonePlan::Flat);
     };
     let wait = |why: &str| {

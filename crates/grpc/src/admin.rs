@@ -90,25 +90,7 @@ impl AdminService {
                         .await
                 }
             };
-            let forward = async {
-                let mut sum = pb::PoolOpSummary::default();
-                while let Some(o) = orx.recv().await {
-                    let r = image_result(o);
-                    match pb::Outcome::try_from(r.outcome) {
-                        Ok(pb::Outcome::Changed) => sum.changed += 1,
-                        Ok(pb::Outcome::Unchanged) => sum.unchanged += 1,
-                        Ok(pb::Outcome::Skipped) => sum.skipped += 1,
-                        _ => sum.failed += 1,
-                    }
-                    if tx.send(Ok(event(Event::Result(r)))).await.is_err() {
-                        // The caller went away: the engine starts no more
-                        // images once it sees the closed channel.
-                        orx.close();
-                    }
-                }
-                sum
-            };
-            let ((), mut sum) = tokio::join!(work, forward);
+            let ((), mut sum) = tokio::join!(work, forward_outcomes(&mut orx, &tx));
             sum.duration_ms = millis(began.elapsed());
             tracing::info!(
                 op = op.name(),
@@ -205,6 +187,29 @@ fn event(e: Event) -> pb::PoolOpEvent {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Streams each image's outcome to the caller as it comes, counting them;
+/// once the caller went away the engine is told (closed channel) and starts
+/// no more images. Returns the counts.
+async fn forward_outcomes(
+    orx: &mut mpsc::Receiver<ImageOutcome>,
+    tx: &mpsc::Sender<Result<pb::PoolOpEvent, Status>>,
+) -> pb::PoolOpSummary {
+    let mut sum = pb::PoolOpSummary::default();
+    while let Some(o) = orx.recv().await {
+        let r = image_result(o);
+        match pb::Outcome::try_from(r.outcome) {
+            Ok(pb::Outcome::Changed) => sum.changed += 1,
+            Ok(pb::Outcome::Unchanged) => sum.unchanged += 1,
+            Ok(pb::Outcome::Skipped) => sum.skipped += 1,
+            _ => sum.failed += 1,
+        }
+        if tx.send(Ok(event(Event::Result(r)))).await.is_err() {
+            orx.close();
+        }
+    }
+    sum
 }
 
 /// One image's outcome on the wire; errors get the code the per-volume RPC

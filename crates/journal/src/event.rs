@@ -437,6 +437,8 @@ fn encode_snap(e: &mut Encoder, s: &SnapEvent) {
     s.snap_namespace.encode(e);
 }
 
+// Long by nature, as `decode_event`: one short arm per event type, the
+// fields in librbd's encoding order.
 fn encode_fields(ev: &Event, e: &mut Encoder) {
     match ev {
         Event::AioDiscard {

@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::entry::{ScanEnd, scan_object};
+use super::entry::{Entry, ScanEnd, scan_object};
 use super::io::{Journal, JournalError, JournalResult};
 use super::types::{ObjectPosition, ObjectSetPosition};
 
@@ -314,23 +314,7 @@ impl JournalReader {
                     source: e,
                 });
             }
-            for e in &scan.entries {
-                if self.is_stale(e.tag_tid, e.entry_tid) {
-                    // Dropped as read, so that committed entries never
-                    // fill the queues.
-                    self.stats.skipped += 1;
-                    continue;
-                }
-                self.queued_bytes[offset] += e.payload.len();
-                self.queues[offset].push_back(ReadEntry {
-                    position: ObjectPosition {
-                        object_number: cur.object_number,
-                        tag_tid: e.tag_tid,
-                        entry_tid: e.entry_tid,
-                    },
-                    payload: e.payload.to_vec(),
-                });
-            }
+            self.enqueue(offset, cur.object_number, &scan.entries);
             self.cursors[offset].offset = scan.next_offset;
             if full && scan.next_offset == cur.offset {
                 // An entry larger than a read: read it whole. Entries
@@ -352,6 +336,27 @@ impl JournalReader {
                 )));
             }
             self.next_object(offset);
+        }
+    }
+
+    /// Queues the `entries` read from object `object_number` at splay
+    /// offset `offset`, dropping stale ones as they are read, so that
+    /// committed entries never fill the queues.
+    fn enqueue(&mut self, offset: usize, object_number: u64, entries: &[Entry<'_>]) {
+        for e in entries {
+            if self.is_stale(e.tag_tid, e.entry_tid) {
+                self.stats.skipped += 1;
+                continue;
+            }
+            self.queued_bytes[offset] += e.payload.len();
+            self.queues[offset].push_back(ReadEntry {
+                position: ObjectPosition {
+                    object_number,
+                    tag_tid: e.tag_tid,
+                    entry_tid: e.entry_tid,
+                },
+                payload: e.payload.to_vec(),
+            });
         }
     }
 
