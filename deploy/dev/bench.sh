@@ -199,8 +199,8 @@ declare -A TITLE=(
     [g]="(g) group 10 x 64 MiB, 1st cut"
     [m1]="(e) 1 GiB, 64 MiB in 256 spread writes"
     [mt]="(e) 1 TiB sparse, the same writes"
-    [n]="(f) 200 x 4 MiB enabled at once"
-    [s]="(s) migration switch, 20 images"
+    [n]="(f) $N_MANY x 4 MiB enabled at once"
+    [s]="(s) migration switch, $N_SWITCH images"
 )
 # (b)'s target counts from the snapshot existing (b0); from taking it (b) includes the
 # monitor's wait for the snapshot, in every tool, and is there to compare.
