@@ -867,16 +867,7 @@ mod tests {
 
     use super::fake::MemGroup;
     use super::*;
-    use crate::store::fake::at_every_step;
-
-    fn code<T>(r: Result<T>) -> &'static str {
-        match r {
-            Ok(_) => "ok",
-            Err(EngineError::Unavailable(_)) => "unavailable",
-            Err(EngineError::FailedPrecondition(_)) => "failed-precondition",
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
+    use crate::store::fake::{at_every_step, code};
 
     fn all_locked(g: &MemGroup) -> bool {
         g.site()

@@ -639,29 +639,7 @@ mod tests {
     //! injected at every step of a demotion, a promotion and a resync.
 
     use super::*;
-    use crate::roles;
-    use crate::store::fake::{MemVolume, at_every_step, fsid};
-
-    fn demote(v: &MemVolume, force: bool) -> Result<()> {
-        roles::demote_volume(v, v.rec(), force)
-    }
-
-    fn promote(v: &MemVolume, force: bool) -> Result<()> {
-        roles::promote_volume(v, v.rec(), force, None)
-    }
-
-    fn resync(v: &MemVolume, force: bool) -> Result<bool> {
-        roles::resync_volume(v, v.rec(), force)
-    }
-
-    fn code<T>(r: Result<T>) -> &'static str {
-        match r {
-            Ok(_) => "ok",
-            Err(EngineError::Unavailable(_)) => "unavailable",
-            Err(EngineError::FailedPrecondition(_)) => "failed-precondition",
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
+    use crate::store::fake::{MemVolume, at_every_step, code, demote, fsid, promote, resync};
 
     /// Site a demoted after writing "v2", its demotion replayed on b.
     fn demoted_and_replayed() -> (MemVolume, MemVolume) {

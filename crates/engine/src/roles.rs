@@ -896,24 +896,7 @@ mod tests {
     //! and a failure injected at every step of a demotion and a promotion.
 
     use super::*;
-    use crate::store::fake::{MemVolume, at_every_step};
-
-    fn demote(v: &MemVolume, force: bool) -> Result<()> {
-        demote_volume(v, v.rec(), force)
-    }
-
-    fn promote(v: &MemVolume, force: bool) -> Result<()> {
-        promote_volume(v, v.rec(), force, None)
-    }
-
-    fn code(r: Result<()>) -> &'static str {
-        match r {
-            Ok(()) => "ok",
-            Err(EngineError::Unavailable(_)) => "unavailable",
-            Err(EngineError::FailedPrecondition(_)) => "failed-precondition",
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
+    use crate::store::fake::{MemVolume, at_every_step, code, demote, promote, resync};
 
     #[test]
     fn planned_relocation_waits_for_the_demotion_snapshot() {
@@ -1060,10 +1043,6 @@ mod tests {
                 );
             },
         );
-    }
-
-    fn resync(v: &MemVolume, force: bool) -> Result<bool> {
-        resync_volume(v, v.rec(), force)
     }
 
     /// Site a was primary, wrote after the last sync point and was demoted;

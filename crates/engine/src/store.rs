@@ -483,6 +483,32 @@ pub(crate) mod fake {
         Ok(())
     }
 
+    /// DemoteVolume of the fake volume `v` (its record as stored).
+    pub fn demote(v: &MemVolume, force: bool) -> Result<()> {
+        crate::roles::demote_volume(v, v.rec(), force)
+    }
+
+    /// PromoteVolume of the fake volume `v`.
+    pub fn promote(v: &MemVolume, force: bool) -> Result<()> {
+        crate::roles::promote_volume(v, v.rec(), force, None)
+    }
+
+    /// ResyncVolume of the fake volume `v`.
+    pub fn resync(v: &MemVolume, force: bool) -> Result<bool> {
+        crate::roles::resync_volume(v, v.rec(), force)
+    }
+
+    /// The gRPC-relevant kind of a role change's answer; panics on an
+    /// error no role rule gives.
+    pub fn code<T>(r: Result<T>) -> &'static str {
+        match r {
+            Ok(_) => "ok",
+            Err(EngineError::Unavailable(_)) => "unavailable",
+            Err(EngineError::FailedPrecondition(_)) => "failed-precondition",
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
     /// A world of two sites with a step log.
     pub trait Sites: Send + 'static {
         /// The step log.
