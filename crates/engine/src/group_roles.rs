@@ -530,8 +530,11 @@ mod fake {
     /// cut snapshots with what they froze.
     #[derive(Debug, Clone, Default)]
     pub struct Member {
+        /// What the member holds now (a label of its content).
         pub head: String,
+        /// Its exclusive lock's holder (`me` is this process).
         pub lock: Option<String>,
+        /// Its cut snapshots: name, the head content they froze.
         pub snaps: Vec<(String, String)>,
     }
 
@@ -550,24 +553,32 @@ mod fake {
     /// One site of the group.
     #[derive(Debug, Clone, Default)]
     pub struct Site {
+        /// The stored group record (serialized), if any.
         pub stored: Option<Vec<u8>>,
+        /// The members, in the record's order.
         pub members: Vec<Member>,
         /// The group snapshots of the cuts this site took.
         pub cuts: Vec<String>,
+        /// Clients other than this process with a member open.
         pub writers: Vec<String>,
+        /// Whether the other site can ask this one.
         pub reachable: bool,
+        /// Whether the group's cuts and copies are kept off.
         pub paused: bool,
     }
 
     impl Site {
+        /// The record as stored, with its revision.
         pub fn record(&self) -> Option<GroupRecord> {
             load(&self.stored)
         }
 
+        /// Writes `rec` as the stored record (the test's own hand).
         pub fn store(&mut self, rec: &GroupRecord) {
             self.stored = Some(serde_json::to_vec(rec).expect("serializes"));
         }
 
+        /// The members' heads.
         pub fn heads(&self) -> Vec<String> {
             self.members.iter().map(|m| m.head.clone()).collect()
         }
@@ -576,8 +587,11 @@ mod fake {
     /// Both sites and the failure to inject.
     #[derive(Debug, Default)]
     pub struct World {
+        /// Site a (index 0) and b (index 1).
         pub sites: [Site; 2],
+        /// The steps taken, and the one to fail.
         pub log: StepLog,
+        /// Sequence of cut names.
         pub next_cut: u64,
     }
 
@@ -655,10 +669,12 @@ mod fake {
             Fake::both(w)
         }
 
+        /// This site's state.
         pub fn site(&self) -> Site {
             self.with(|w| w.sites[self.me].clone())
         }
 
+        /// This site's record.
         pub fn rec(&self) -> GroupRecord {
             self.site().record().expect("a record")
         }
