@@ -81,6 +81,8 @@ pub fn list(io: &IoCtx) -> Result<Vec<String>> {
     )
 }
 
+// SAFETY: a function-pointer type, no unsafe code: only librbd's group image
+// calls (add, remove) of exactly this signature are passed as one.
 type ImageCall = unsafe extern "C" fn(
     sys::rados_ioctx_t,
     *const c_char,
@@ -174,6 +176,8 @@ fn list_entries<T: Copy, U>(
     target: impl Fn() -> String,
     mut fill: impl FnMut(*mut T, usize, &mut usize) -> c_int,
     map: impl Fn(&T) -> U,
+    // SAFETY: a function-pointer type: librbd's cleanup of the entries `fill`
+    // wrote (called once, on what librbd filled).
     cleanup: unsafe extern "C" fn(*mut T, usize, usize) -> c_int,
 ) -> Result<Vec<U>> {
     let size = std::mem::size_of::<T>();
@@ -233,6 +237,8 @@ pub struct GroupSnap {
 /// Calls a librbd `f(group_io, group, snap)`.
 fn snap_call(
     op: &'static str,
+    // SAFETY: a function-pointer type: one of librbd's group snapshot calls
+    // of this signature (create, remove, rollback).
     f: unsafe extern "C" fn(sys::rados_ioctx_t, *const c_char, *const c_char) -> c_int,
     io: &IoCtx,
     group: &str,

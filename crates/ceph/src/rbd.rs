@@ -986,6 +986,8 @@ impl Image {
         &self,
         name: &str,
         op: &'static str,
+        // SAFETY: a function-pointer type: one of librbd's snapshot calls of
+        // this signature on an open image.
         f: unsafe extern "C" fn(sys::rbd_image_t, *const c_char) -> c_int,
     ) -> Result<()> {
         let c = cstring(name, op)?;
