@@ -148,10 +148,7 @@ impl GroupStore for CephGroup<'_> {
     fn break_locks(&self, members: &[MemberRef]) {
         for m in members {
             if let Ok(img) = Image::open_by_id(self.io, &m.image_id) {
-                for o in img.lock_owners().unwrap_or_default() {
-                    tracing::warn!(image = %m.image_name, owner = %o, "breaking the lock of a writer (forced)");
-                    let _ = img.lock_break(&o);
-                }
+                break_all_locks(&img, &m.image_name);
             }
         }
     }
@@ -179,9 +176,7 @@ impl GroupStore for CephGroup<'_> {
             self.engine.held.release(&key);
             let img = Image::open_by_id(self.io, &m.image_id)
                 .ctx(|| format!("opening group member {key}"))?;
-            for o in img.lock_owners().unwrap_or_default() {
-                let _ = img.lock_break(&o);
-            }
+            break_all_locks(&img, &m.image_name);
             rolled += rollback_to(self.io, &img, cut, self.engine.cfg.limits, &|| false)?;
         }
         Ok(rolled)
@@ -219,6 +214,14 @@ impl GroupStore for CephGroup<'_> {
             }
         }
         Ok(members.into_iter().map(|(m, _)| m).collect())
+    }
+}
+
+/// Breaks every lock on member `img` (`name`), best effort, logged.
+fn break_all_locks(img: &Image, name: &str) {
+    for o in img.lock_owners().unwrap_or_default() {
+        tracing::warn!(image = %name, owner = %o, "breaking the lock of a group member (forced)");
+        let _ = img.lock_break(&o);
     }
 }
 
@@ -524,7 +527,7 @@ mod fake {
     use crate::error::{EngineError, Result};
     use crate::group_repl::{Divergence, GroupRecord, MemberRef, cut_name};
     use crate::registry::{Role, Schedule, SyncPoint};
-    use crate::store::fake::{Fake, PauseGuard, Sites, StepLog, load, swap};
+    use crate::store::fake::{Fake, PauseGuard, Sites, StepLog, load, save, swap};
 
     /// One member: its head's content, the holder of its lock, and its
     /// cut snapshots with what they froze.
@@ -575,7 +578,7 @@ mod fake {
 
         /// Writes `rec` as the stored record (the test's own hand).
         pub fn store(&mut self, rec: &GroupRecord) {
-            self.stored = Some(serde_json::to_vec(rec).expect("serializes"));
+            save(&mut self.stored, rec);
         }
 
         /// The members' heads.

@@ -117,6 +117,12 @@ impl CephVolume<'_> {
     fn image(&self) -> &Image {
         &self.vol.image
     }
+
+    /// The journal of the peer's primary `primary_id`.
+    fn peer_journal(&self, primary_id: &str) -> Result<Journal> {
+        let (_, pio) = self.engine.peer_of(self.vol.ioctx())?;
+        Journal::open(&pio, primary_id).map_err(|e| journal_err(e, &self.key))
+    }
 }
 
 impl VolumeStore for CephVolume<'_> {
@@ -256,17 +262,16 @@ impl VolumeStore for CephVolume<'_> {
             return Ok(false);
         };
         let fsid = self.engine.local()?.fsid().to_string();
-        let (_, pio) = self.engine.peer_of(self.vol.ioctx())?;
-        let pjournal = Journal::open(&pio, primary_id).map_err(|e| journal_err(e, &self.key))?;
-        linked_to(&pjournal, &fsid, demotion, &self.key)
+        linked_to(&self.peer_journal(primary_id)?, &fsid, demotion, &self.key)
     }
 
     fn leave_journal(&self, primary_id: &str) -> Result<()> {
         let fsid = self.engine.local()?.fsid().to_string();
         disable_journaling(self.image(), &self.key)?;
-        let (_, pio) = self.engine.peer_of(self.vol.ioctx())?;
-        let pjournal = Journal::open(&pio, primary_id).map_err(|e| journal_err(e, &self.key))?;
-        match pjournal.unregister_client(&client_id(&fsid)) {
+        match self
+            .peer_journal(primary_id)?
+            .unregister_client(&client_id(&fsid))
+        {
             Ok(()) => Ok(()),
             Err(JournalError::Ceph(e)) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(journal_err(e, &self.key)),
@@ -347,7 +352,7 @@ pub(crate) mod fake {
         /// Writes `rec` as the stored record (no compare-and-swap: the
         /// test's own hand).
         pub fn store(&mut self, rec: &ImageRecord) {
-            self.stored = Some(serde_json::to_vec(rec).expect("serializes"));
+            save(&mut self.stored, rec);
         }
 
         /// The newest journal epoch, if journaling is on.
@@ -469,6 +474,12 @@ pub(crate) mod fake {
         let mut rec: R = serde_json::from_slice(bytes).expect("a record");
         *rec.revision() = Revision::of(bytes);
         Some(rec)
+    }
+
+    /// Writes `rec` into `stored` as it is (the test's own hand: no
+    /// compare-and-swap).
+    pub fn save<R: Revised>(stored: &mut Option<Vec<u8>>, rec: &R) {
+        *stored = Some(serde_json::to_vec(rec).expect("serializes"));
     }
 
     /// Writes `rec` into `stored` if it still holds what `rec` was read
