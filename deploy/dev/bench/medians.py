@@ -3,7 +3,7 @@
 
     python3 deploy/dev/bench/medians.py RUN1.json RUN2.json ...
 
-Each file is one run's figures as bench.sh writes them with BENCH_RESULTS_JSON:
+Each file is one run's figures as report.py writes them with BENCH_RESULTS_JSON:
 "res" (tool.scenario -> seconds), "rss" (tool -> peak MiB over the run's phases),
 "prss" (tool.phase -> peak MiB), and the run's targets, titles and scenario order.
 Prints, per scenario, each tool's median and range over the runs, the engine's

@@ -3,7 +3,7 @@
 
     python3 deploy/dev/bench/report.py FIGURES.json [RESULTS.json]
 
-FIGURES.json is what bench.sh dumps at the end of a run: per tool and scenario the
+FIGURES.json is what driver.py dumps at the end of a run: per tool and scenario the
 seconds ("res"), the (b) ranges, peak RSS (over the run and per phase), CPU seconds
 per phase, the serial per-call latencies, the space the replicas of (c) allocate,
 the engine's copy times and timelines, phase (j)'s figures, and the run's settings.

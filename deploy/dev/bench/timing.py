@@ -376,14 +376,6 @@ def main():
             img.close()
         print(json.dumps({"written": written, "t_closed": time.time()}))
 
-    elif cmd == "primary-count":  # SITE IMG...: images that are mirror primaries on SITE
-        io = ia if args[0] == "site-a" else ib
-        n = 0
-        for name in args[1:]:
-            with rbd.Image(io, name, read_only=True) as img:
-                n += bool(img.mirror_image_get_info().get("primary"))
-        print(n)
-
     elif cmd == "create-many":  # PREFIX COUNT SIZE_BYTES: images written in full
         prefix, count, size = args[0], int(args[1]), int(args[2])
         data = os.urandom(size)
