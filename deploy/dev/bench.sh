@@ -3,7 +3,7 @@
 # this engine (csi-rbd-replicator), native rbd-mirror in snapshot mode, and
 # `rbd export-diff | rbd import-diff` (issue 3, item 9).
 #
-#   deploy/dev/bench.sh                      all three tools, all phases (about half an hour)
+#   deploy/dev/bench.sh                      all three tools, all phases, ~20 min on the 2-core VM
 #   BENCH_TOOLS="engine" deploy/dev/bench.sh only some tools (engine rbd-mirror export-diff)
 #
 # Scenarios (each tool runs them in phases, (a)+(b), (c), (d) and (d) serial, each in a fresh pool

@@ -173,6 +173,16 @@ def vmhwm_mib(pid):
     return None
 
 
+def bench_ops_per_second(out):
+    """The ops/sec of `rbd bench`'s summary line ("elapsed: ... ops/sec: N ..."), or None."""
+    for line in out.splitlines():
+        if line.startswith("elapsed:"):
+            words = line.split()
+            if "ops/sec:" in words[:-1]:
+                return float(words[words.index("ops/sec:") + 1])
+    return None
+
+
 def cpu_busy():
     """The share of all cores busy over one second, in percent, from /proc/stat."""
     def sample():
@@ -225,16 +235,17 @@ class Pair:
         self.made = False
         self.used_before = {}
 
-    def _auth(self, site):
+    def cli(self, tool, site, *args):
+        """The command line of `rbd` or `ceph` (`tool`) on one site."""
         k = site_key(site)
-        return ["-c", os.environ[f"CSIRR_SITE_{k}_CONF"], "--keyring",
-                os.environ[f"CSIRR_SITE_{k}_KEYRING"]]
+        return [tool, "-c", os.environ[f"CSIRR_SITE_{k}_CONF"], "--keyring",
+                os.environ[f"CSIRR_SITE_{k}_KEYRING"], *args]
 
     def rbd(self, site, *args, **kw):
-        return sh(["rbd", *self._auth(site), *args], **kw)
+        return sh(self.cli("rbd", site, *args), **kw)
 
     def ceph(self, site, *args, **kw):
-        return sh(["ceph", *self._auth(site), *args], **kw)
+        return sh(self.cli("ceph", site, *args), **kw)
 
     def rbd_json(self, site, *args):
         """`rbd ... --format json`, parsed; None when it fails."""
@@ -260,8 +271,8 @@ class Pair:
     def bench_cmd(self, name, pattern, size, total, threads=None):
         """`rbd bench` writing on site-a, as a command line."""
         extra = ["--io-threads", str(threads)] if threads else []
-        return ["rbd", *self._auth("site-a"), "bench", "--io-type", "write", "--io-pattern",
-                pattern, "--io-size", size, *extra, "--io-total", total, self.image(name)]
+        return self.cli("rbd", "site-a", "bench", "--io-type", "write", "--io-pattern", pattern,
+                        "--io-size", size, *extra, "--io-total", total, self.image(name))
 
     def write(self, name, pattern, size, total):
         sh(self.bench_cmd(name, pattern, size, total))
@@ -306,9 +317,9 @@ class Pair:
             for peer in info.get("peers", []):
                 self.rbd(site, "mirror", "pool", "peer", "remove", self.pool, peer["uuid"],
                          check=False, quiet=True)
-            if subprocess.run(["ceph", *self._auth(site), "osd", "pool", "rm", self.pool, self.pool,
-                               "--yes-i-really-really-mean-it"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL).returncode != 0:
+            if subprocess.run(self.cli("ceph", site, "osd", "pool", "rm", self.pool, self.pool,
+                                       "--yes-i-really-really-mean-it"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
                 log(f"warning: cannot delete pool {self.pool} on {site}")
         self.made = False
         if wait:
@@ -575,12 +586,10 @@ class Bench:
             for name, got in rates.items():
                 self.wait_quiet()
                 out = sh(self.pair.bench_cmd(name, "rand", "64K", self.s.j_total, threads=16))
-                bps = [int(float(w[i + 1]) * 65536) for line in out.splitlines()
-                       if "elapsed:" in line for w in [line.split()]
-                       for i in range(len(w) - 1) if w[i] == "ops/sec:"]
-                if not bps:
+                ops = bench_ops_per_second(out)
+                if ops is None:
                     die(f"{tool}: rbd bench on {name} printed no throughput")
-                got.append(bps[0])
+                got.append(ops * 65536)
         plain, journaled = (median(v) / (1 << 20) for v in rates.values())
         self.fig.jres[f"{tool}.j4"] = (f"{plain:.1f} -> {journaled:.1f} MiB/s"
                                        f" (-{100 * (1 - journaled / plain):.0f}%)")
@@ -970,17 +979,16 @@ class Mirror(Tool):
                 return count
 
             out = self.b.timing("write-for", s.s_write_seconds, *names)
-            demote = subprocess.run(["rbd", *pair._auth("site-a"), "mirror", "pool", "demote",
-                                     s.pool], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True)
+            demote = subprocess.run(pair.cli("rbd", "site-a", "mirror", "pool", "demote", s.pool),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if demote.returncode:
                 die(f"mirror pool demote failed: {demote.stdout}")
             rounds, n = 0, 0
             with open(os.path.join(work, "mirror-promote.txt"), "a") as log_file:
                 while rounds < s.timeout * 10:
                     rounds += 1
-                    subprocess.run(["rbd", *pair._auth("site-b"), "mirror", "pool", "promote",
-                                    s.pool], stdout=log_file, stderr=subprocess.STDOUT)
+                    subprocess.run(pair.cli("rbd", "site-b", "mirror", "pool", "promote", s.pool),
+                                   stdout=log_file, stderr=subprocess.STDOUT)
                     n = primaries()
                     if n == len(names):
                         break

@@ -18,20 +18,23 @@ import sys
 TOOLS = ("engine", "rbd-mirror", "export-diff")
 
 
-def med(values):
-    """Median and 'lo-hi' range of a list of numbers (None when empty)."""
+def med(values, digits=2):
+    """Median and 'lo-hi' range of a list of numbers, the range with `digits`
+    decimals (None when empty)."""
     if not values:
         return None, ""
     m = statistics.median(values)
-    rng = f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else ""
+    rng = f"{min(values):.{digits}f}-{max(values):.{digits}f}" if len(values) > 1 else ""
     return m, rng
 
 
 def cell(values, unit="s"):
-    m, rng = med(values)
+    """Seconds with two decimals, MiB whole."""
+    digits = 2 if unit == "s" else 0
+    m, rng = med(values, digits)
     if m is None:
         return "-"
-    text = f"{m:.2f} {unit}" if unit == "s" else f"{m:.0f} {unit}"
+    text = f"{m:.{digits}f} {unit}"
     return f"{text} ({rng})" if rng else text
 
 
