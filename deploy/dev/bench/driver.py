@@ -65,10 +65,10 @@ def site_key(site):
     return "A" if site == "site-a" else "B"
 
 
-def sh(cmd, check=True, quiet=False, env=None, stdin=None):
+def sh(cmd, check=True, quiet=False, env=None):
     """Runs `cmd` and returns its stdout; `quiet` drops its stderr; with `check` a
     failure ends the run."""
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, stdin=stdin,
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env,
                        stderr=subprocess.DEVNULL if quiet else None)
     if check and p.returncode != 0:
         die(f"`{shlex.join(cmd)}` exited with {p.returncode}")
