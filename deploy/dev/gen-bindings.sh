@@ -22,4 +22,26 @@ ver=$(dpkg-query -W -f='${Version}' librbd-dev 2>/dev/null || echo unknown)
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 rustfmt --edition 2024 "$out"
+# Every `unsafe` in the tree carries a SAFETY note just above it, generated code too: say
+# once per declaration what holds. A callback type that rustfmt keeps on one line gets
+# its note above `pub type ... =` (rustfmt drops a comment inside that line). Idempotent.
+python3 - "$out" <<'PY'
+import re
+import sys
+
+path = sys.argv[1]
+BLOCK = "bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers."
+CALLBACK = "a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind."
+out = []
+for line in open(path).read().split("\n"):
+    text = BLOCK if 'unsafe extern "C" {' in line else CALLBACK if 'unsafe extern "C" fn' in line else None
+    if text:
+        one_line_alias = line.rstrip().endswith(">;") and out and out[-1].rstrip().endswith("=")
+        at = len(out) - 1 if one_line_alias else len(out)
+        if at == 0 or "SAFETY" not in out[at - 1]:
+            indent = re.match(r" *", line if at == len(out) else out[at]).group(0)
+            out.insert(at, f"{indent}// SAFETY: {text}")
+    out.append(line)
+open(path, "w").write("\n".join(out))
+PY
 echo "wrote $out ($(wc -l < "$out") lines)"

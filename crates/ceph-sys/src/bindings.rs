@@ -315,6 +315,7 @@ const _: () = {
 pub type rados_write_op_t = *mut ::std::os::raw::c_void;
 pub type rados_read_op_t = *mut ::std::os::raw::c_void;
 pub type rados_completion_t = *mut ::std::os::raw::c_void;
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_version(
         major: *mut ::std::os::raw::c_int,
@@ -322,12 +323,14 @@ unsafe extern "C" {
         extra: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_create(
         cluster: *mut rados_t,
         id: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_create2(
         pcluster: *mut rados_t,
@@ -336,12 +339,14 @@ unsafe extern "C" {
         flags: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_create_with_context(
         cluster: *mut rados_t,
         cct: rados_config_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ping_monitor(
         cluster: rados_t,
@@ -350,18 +355,22 @@ unsafe extern "C" {
         outstrlen: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_connect(cluster: rados_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_shutdown(cluster: rados_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_conf_read_file(
         cluster: rados_t,
         path: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_conf_parse_argv(
         cluster: rados_t,
@@ -369,6 +378,7 @@ unsafe extern "C" {
         argv: *mut *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_conf_parse_argv_remainder(
         cluster: rados_t,
@@ -377,12 +387,14 @@ unsafe extern "C" {
         remargv: *mut *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_conf_parse_env(
         cluster: rados_t,
         var: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_conf_set(
         cluster: rados_t,
@@ -390,6 +402,7 @@ unsafe extern "C" {
         value: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_conf_get(
         cluster: rados_t,
@@ -398,12 +411,14 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_cluster_stat(
         cluster: rados_t,
         result: *mut rados_cluster_stat_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_cluster_fsid(
         cluster: rados_t,
@@ -411,9 +426,11 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_wait_for_latest_osdmap(cluster: rados_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_list(
         cluster: rados_t,
@@ -421,6 +438,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_inconsistent_pg_list(
         cluster: rados_t,
@@ -429,18 +447,22 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_cct(cluster: rados_t) -> rados_config_t;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_get_instance_id(cluster: rados_t) -> u64;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_get_min_compatible_osd(
         cluster: rados_t,
         require_osd_release: *mut i8,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_get_min_compatible_client(
         cluster: rados_t,
@@ -448,6 +470,7 @@ unsafe extern "C" {
         require_min_compat_client: *mut i8,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_create(
         cluster: rados_t,
@@ -455,6 +478,7 @@ unsafe extern "C" {
         ioctx: *mut rados_ioctx_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_create2(
         cluster: rados_t,
@@ -462,24 +486,30 @@ unsafe extern "C" {
         ioctx: *mut rados_ioctx_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_destroy(io: rados_ioctx_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_cct(io: rados_ioctx_t) -> rados_config_t;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_get_cluster(io: rados_ioctx_t) -> rados_t;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_pool_stat(
         io: rados_ioctx_t,
         stats: *mut rados_pool_stat_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_lookup(cluster: rados_t, pool_name: *const ::std::os::raw::c_char) -> i64;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_reverse_lookup(
         cluster: rados_t,
@@ -488,12 +518,14 @@ unsafe extern "C" {
         maxlen: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_create(
         cluster: rados_t,
         pool_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_create_with_auid(
         cluster: rados_t,
@@ -501,6 +533,7 @@ unsafe extern "C" {
         auid: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_create_with_crush_rule(
         cluster: rados_t,
@@ -508,6 +541,7 @@ unsafe extern "C" {
         crush_rule_num: u8,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_create_with_all(
         cluster: rados_t,
@@ -516,6 +550,7 @@ unsafe extern "C" {
         crush_rule_num: u8,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_get_base_tier(
         cluster: rados_t,
@@ -523,39 +558,48 @@ unsafe extern "C" {
         base_tier: *mut i64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pool_delete(
         cluster: rados_t,
         pool_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_pool_set_auid(io: rados_ioctx_t, auid: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_pool_get_auid(io: rados_ioctx_t, auid: *mut u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_pool_requires_alignment(io: rados_ioctx_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_pool_requires_alignment2(
         io: rados_ioctx_t,
         req: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_pool_required_alignment(io: rados_ioctx_t) -> u64;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_pool_required_alignment2(
         io: rados_ioctx_t,
         alignment: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_get_id(io: rados_ioctx_t) -> i64;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_get_pool_name(
         io: rados_ioctx_t,
@@ -563,12 +607,15 @@ unsafe extern "C" {
         maxlen: ::std::os::raw::c_uint,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_locator_set_key(io: rados_ioctx_t, key: *const ::std::os::raw::c_char);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const ::std::os::raw::c_char);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_get_namespace(
         io: rados_ioctx_t,
@@ -576,30 +623,36 @@ unsafe extern "C" {
         maxlen: ::std::os::raw::c_uint,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_nobjects_list_open(
         io: rados_ioctx_t,
         ctx: *mut rados_list_ctx_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_nobjects_list_get_pg_hash_position(ctx: rados_list_ctx_t) -> u32;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_nobjects_list_seek(ctx: rados_list_ctx_t, pos: u32) -> u32;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_nobjects_list_seek_cursor(
         ctx: rados_list_ctx_t,
         cursor: rados_object_list_cursor,
     ) -> u32;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_nobjects_list_get_cursor(
         ctx: rados_list_ctx_t,
         cursor: *mut rados_object_list_cursor,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_nobjects_list_next(
         ctx: rados_list_ctx_t,
@@ -608,6 +661,7 @@ unsafe extern "C" {
         nspace: *mut *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_nobjects_list_next2(
         ctx: rados_list_ctx_t,
@@ -619,24 +673,30 @@ unsafe extern "C" {
         nspace_size: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_nobjects_list_close(ctx: rados_list_ctx_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_object_list_begin(io: rados_ioctx_t) -> rados_object_list_cursor;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_object_list_end(io: rados_ioctx_t) -> rados_object_list_cursor;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_object_list_is_end(
         io: rados_ioctx_t,
         cur: rados_object_list_cursor,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_object_list_cursor_free(io: rados_ioctx_t, cur: rados_object_list_cursor);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_object_list_cursor_cmp(
         io: rados_ioctx_t,
@@ -644,6 +704,7 @@ unsafe extern "C" {
         rhs: rados_object_list_cursor,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_object_list(
         io: rados_ioctx_t,
@@ -656,9 +717,11 @@ unsafe extern "C" {
         next: *mut rados_object_list_cursor,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_object_list_free(result_size: usize, results: *mut rados_object_list_item);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_object_list_slice(
         io: rados_ioctx_t,
@@ -670,18 +733,21 @@ unsafe extern "C" {
         split_finish: *mut rados_object_list_cursor,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_snap_create(
         io: rados_ioctx_t,
         snapname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_snap_remove(
         io: rados_ioctx_t,
         snapname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_snap_rollback(
         io: rados_ioctx_t,
@@ -689,6 +755,7 @@ unsafe extern "C" {
         snapname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_rollback(
         io: rados_ioctx_t,
@@ -696,15 +763,18 @@ unsafe extern "C" {
         snapname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_snap_set_read(io: rados_ioctx_t, snap: rados_snap_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_selfmanaged_snap_create(
         io: rados_ioctx_t,
         snapid: *mut rados_snap_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_ioctx_selfmanaged_snap_create(
         io: rados_ioctx_t,
@@ -712,12 +782,14 @@ unsafe extern "C" {
         completion: rados_completion_t,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_selfmanaged_snap_remove(
         io: rados_ioctx_t,
         snapid: rados_snap_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_ioctx_selfmanaged_snap_remove(
         io: rados_ioctx_t,
@@ -725,6 +797,7 @@ unsafe extern "C" {
         completion: rados_completion_t,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_selfmanaged_snap_rollback(
         io: rados_ioctx_t,
@@ -732,6 +805,7 @@ unsafe extern "C" {
         snapid: rados_snap_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_selfmanaged_snap_set_write_ctx(
         io: rados_ioctx_t,
@@ -740,6 +814,7 @@ unsafe extern "C" {
         num_snaps: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_snap_list(
         io: rados_ioctx_t,
@@ -747,6 +822,7 @@ unsafe extern "C" {
         maxlen: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_snap_lookup(
         io: rados_ioctx_t,
@@ -754,6 +830,7 @@ unsafe extern "C" {
         id: *mut rados_snap_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_snap_get_name(
         io: rados_ioctx_t,
@@ -762,6 +839,7 @@ unsafe extern "C" {
         maxlen: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_ioctx_snap_get_stamp(
         io: rados_ioctx_t,
@@ -769,9 +847,11 @@ unsafe extern "C" {
         t: *mut time_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_get_last_version(io: rados_ioctx_t) -> u64;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write(
         io: rados_ioctx_t,
@@ -781,6 +861,7 @@ unsafe extern "C" {
         off: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_full(
         io: rados_ioctx_t,
@@ -789,6 +870,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_writesame(
         io: rados_ioctx_t,
@@ -799,6 +881,7 @@ unsafe extern "C" {
         off: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_append(
         io: rados_ioctx_t,
@@ -807,6 +890,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read(
         io: rados_ioctx_t,
@@ -816,6 +900,7 @@ unsafe extern "C" {
         off: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_checksum(
         io: rados_ioctx_t,
@@ -830,12 +915,14 @@ unsafe extern "C" {
         checksum_len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_remove(
         io: rados_ioctx_t,
         oid: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_trunc(
         io: rados_ioctx_t,
@@ -843,6 +930,7 @@ unsafe extern "C" {
         size: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_cmpext(
         io: rados_ioctx_t,
@@ -852,6 +940,7 @@ unsafe extern "C" {
         off: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_getxattr(
         io: rados_ioctx_t,
@@ -861,6 +950,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_setxattr(
         io: rados_ioctx_t,
@@ -870,6 +960,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_rmxattr(
         io: rados_ioctx_t,
@@ -877,6 +968,7 @@ unsafe extern "C" {
         name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_getxattrs(
         io: rados_ioctx_t,
@@ -884,6 +976,7 @@ unsafe extern "C" {
         iter: *mut rados_xattrs_iter_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_getxattrs_next(
         iter: rados_xattrs_iter_t,
@@ -892,9 +985,11 @@ unsafe extern "C" {
         len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_getxattrs_end(iter: rados_xattrs_iter_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_omap_get_next(
         iter: rados_omap_iter_t,
@@ -903,6 +998,7 @@ unsafe extern "C" {
         len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_omap_get_next2(
         iter: rados_omap_iter_t,
@@ -912,12 +1008,15 @@ unsafe extern "C" {
         val_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_omap_iter_size(iter: rados_omap_iter_t) -> ::std::os::raw::c_uint;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_omap_get_end(iter: rados_omap_iter_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_stat(
         io: rados_ioctx_t,
@@ -926,6 +1025,7 @@ unsafe extern "C" {
         pmtime: *mut time_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_exec(
         io: rados_ioctx_t,
@@ -939,8 +1039,10 @@ unsafe extern "C" {
     ) -> ::std::os::raw::c_int;
 }
 pub type rados_callback_t = ::std::option::Option<
+    // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
     unsafe extern "C" fn(cb: rados_completion_t, arg: *mut ::std::os::raw::c_void),
 >;
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_create_completion(
         cb_arg: *mut ::std::os::raw::c_void,
@@ -949,6 +1051,7 @@ unsafe extern "C" {
         pc: *mut rados_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_create_completion2(
         cb_arg: *mut ::std::os::raw::c_void,
@@ -956,39 +1059,51 @@ unsafe extern "C" {
         pc: *mut rados_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_wait_for_complete(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_wait_for_safe(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_is_complete(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_is_safe(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_wait_for_complete_and_cb(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_wait_for_safe_and_cb(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_is_complete_and_cb(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_is_safe_and_cb(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_get_return_value(c: rados_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_get_version(c: rados_completion_t) -> u64;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_release(c: rados_completion_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_write(
         io: rados_ioctx_t,
@@ -999,6 +1114,7 @@ unsafe extern "C" {
         off: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_append(
         io: rados_ioctx_t,
@@ -1008,6 +1124,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_write_full(
         io: rados_ioctx_t,
@@ -1017,6 +1134,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_writesame(
         io: rados_ioctx_t,
@@ -1028,6 +1146,7 @@ unsafe extern "C" {
         off: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_remove(
         io: rados_ioctx_t,
@@ -1035,6 +1154,7 @@ unsafe extern "C" {
         completion: rados_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_read(
         io: rados_ioctx_t,
@@ -1045,15 +1165,18 @@ unsafe extern "C" {
         off: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_flush(io: rados_ioctx_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_flush_async(
         io: rados_ioctx_t,
         completion: rados_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_stat(
         io: rados_ioctx_t,
@@ -1063,6 +1186,7 @@ unsafe extern "C" {
         pmtime: *mut time_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_cmpext(
         io: rados_ioctx_t,
@@ -1073,12 +1197,14 @@ unsafe extern "C" {
         off: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_cancel(
         io: rados_ioctx_t,
         completion: rados_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_exec(
         io: rados_ioctx_t,
@@ -1092,6 +1218,7 @@ unsafe extern "C" {
         out_len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_getxattr(
         io: rados_ioctx_t,
@@ -1102,6 +1229,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_setxattr(
         io: rados_ioctx_t,
@@ -1112,6 +1240,7 @@ unsafe extern "C" {
         len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_rmxattr(
         io: rados_ioctx_t,
@@ -1120,6 +1249,7 @@ unsafe extern "C" {
         name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_getxattrs(
         io: rados_ioctx_t,
@@ -1129,9 +1259,11 @@ unsafe extern "C" {
     ) -> ::std::os::raw::c_int;
 }
 pub type rados_watchcb_t = ::std::option::Option<
+    // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
     unsafe extern "C" fn(opcode: u8, ver: u64, arg: *mut ::std::os::raw::c_void),
 >;
 pub type rados_watchcb2_t = ::std::option::Option<
+    // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
     unsafe extern "C" fn(
         arg: *mut ::std::os::raw::c_void,
         notify_id: u64,
@@ -1142,8 +1274,10 @@ pub type rados_watchcb2_t = ::std::option::Option<
     ),
 >;
 pub type rados_watcherrcb_t = ::std::option::Option<
+    // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
     unsafe extern "C" fn(pre: *mut ::std::os::raw::c_void, cookie: u64, err: ::std::os::raw::c_int),
 >;
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_watch(
         io: rados_ioctx_t,
@@ -1154,6 +1288,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_watch2(
         io: rados_ioctx_t,
@@ -1164,6 +1299,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_watch3(
         io: rados_ioctx_t,
@@ -1175,6 +1311,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_watch(
         io: rados_ioctx_t,
@@ -1186,6 +1323,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_watch2(
         io: rados_ioctx_t,
@@ -1198,9 +1336,11 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_watch_check(io: rados_ioctx_t, cookie: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_unwatch(
         io: rados_ioctx_t,
@@ -1208,9 +1348,11 @@ unsafe extern "C" {
         cookie: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_unwatch2(io: rados_ioctx_t, cookie: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_unwatch(
         io: rados_ioctx_t,
@@ -1218,6 +1360,7 @@ unsafe extern "C" {
         completion: rados_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_notify(
         io: rados_ioctx_t,
@@ -1227,6 +1370,7 @@ unsafe extern "C" {
         buf_len: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_notify(
         io: rados_ioctx_t,
@@ -1239,6 +1383,7 @@ unsafe extern "C" {
         reply_buffer_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_notify2(
         io: rados_ioctx_t,
@@ -1250,6 +1395,7 @@ unsafe extern "C" {
         reply_buffer_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_decode_notify_response(
         reply_buffer: *mut ::std::os::raw::c_char,
@@ -1260,6 +1406,7 @@ unsafe extern "C" {
         nr_timeouts: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_free_notify_response(
         acks: *mut notify_ack_t,
@@ -1267,6 +1414,7 @@ unsafe extern "C" {
         timeouts: *mut notify_timeout_t,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_notify_ack(
         io: rados_ioctx_t,
@@ -1277,27 +1425,32 @@ unsafe extern "C" {
         buf_len: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_watch_flush(cluster: rados_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_watch_flush(
         cluster: rados_t,
         completion: rados_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_cache_pin(
         io: rados_ioctx_t,
         o: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_cache_unpin(
         io: rados_ioctx_t,
         o: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_set_alloc_hint(
         io: rados_ioctx_t,
@@ -1306,6 +1459,7 @@ unsafe extern "C" {
         expected_write_size: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_set_alloc_hint2(
         io: rados_ioctx_t,
@@ -1315,21 +1469,27 @@ unsafe extern "C" {
         flags: u32,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_create_write_op() -> rados_write_op_t;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_release_write_op(write_op: rados_write_op_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_set_flags(write_op: rados_write_op_t, flags: ::std::os::raw::c_int);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_assert_exists(write_op: rados_write_op_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_assert_version(write_op: rados_write_op_t, ver: u64);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_cmpext(
         write_op: rados_write_op_t,
@@ -1339,6 +1499,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_cmpxattr(
         write_op: rados_write_op_t,
@@ -1348,6 +1509,7 @@ unsafe extern "C" {
         value_len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_omap_cmp(
         write_op: rados_write_op_t,
@@ -1358,6 +1520,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_omap_cmp2(
         write_op: rados_write_op_t,
@@ -1369,6 +1532,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_setxattr(
         write_op: rados_write_op_t,
@@ -1377,9 +1541,11 @@ unsafe extern "C" {
         value_len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_rmxattr(write_op: rados_write_op_t, name: *const ::std::os::raw::c_char);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_create(
         write_op: rados_write_op_t,
@@ -1387,6 +1553,7 @@ unsafe extern "C" {
         category: *const ::std::os::raw::c_char,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_write(
         write_op: rados_write_op_t,
@@ -1395,6 +1562,7 @@ unsafe extern "C" {
         offset: u64,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_write_full(
         write_op: rados_write_op_t,
@@ -1402,6 +1570,7 @@ unsafe extern "C" {
         len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_writesame(
         write_op: rados_write_op_t,
@@ -1411,6 +1580,7 @@ unsafe extern "C" {
         offset: u64,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_append(
         write_op: rados_write_op_t,
@@ -1418,15 +1588,19 @@ unsafe extern "C" {
         len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_remove(write_op: rados_write_op_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_truncate(write_op: rados_write_op_t, offset: u64);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_zero(write_op: rados_write_op_t, offset: u64, len: u64);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_exec(
         write_op: rados_write_op_t,
@@ -1437,6 +1611,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_omap_set(
         write_op: rados_write_op_t,
@@ -1446,6 +1621,7 @@ unsafe extern "C" {
         num: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_omap_set2(
         write_op: rados_write_op_t,
@@ -1456,6 +1632,7 @@ unsafe extern "C" {
         num: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_omap_rm_keys(
         write_op: rados_write_op_t,
@@ -1463,6 +1640,7 @@ unsafe extern "C" {
         keys_len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_omap_rm_keys2(
         write_op: rados_write_op_t,
@@ -1471,6 +1649,7 @@ unsafe extern "C" {
         keys_len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_omap_rm_range2(
         write_op: rados_write_op_t,
@@ -1480,9 +1659,11 @@ unsafe extern "C" {
         key_end_len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_omap_clear(write_op: rados_write_op_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_set_alloc_hint(
         write_op: rados_write_op_t,
@@ -1490,6 +1671,7 @@ unsafe extern "C" {
         expected_write_size: u64,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_set_alloc_hint2(
         write_op: rados_write_op_t,
@@ -1498,6 +1680,7 @@ unsafe extern "C" {
         flags: u32,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_operate(
         write_op: rados_write_op_t,
@@ -1507,6 +1690,7 @@ unsafe extern "C" {
         flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_write_op_operate2(
         write_op: rados_write_op_t,
@@ -1516,6 +1700,7 @@ unsafe extern "C" {
         flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_write_op_operate(
         write_op: rados_write_op_t,
@@ -1526,21 +1711,27 @@ unsafe extern "C" {
         flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_create_read_op() -> rados_read_op_t;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_release_read_op(read_op: rados_read_op_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_set_flags(read_op: rados_read_op_t, flags: ::std::os::raw::c_int);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_assert_exists(read_op: rados_read_op_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_assert_version(read_op: rados_read_op_t, ver: u64);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_cmpext(
         read_op: rados_read_op_t,
@@ -1550,6 +1741,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_cmpxattr(
         read_op: rados_read_op_t,
@@ -1559,6 +1751,7 @@ unsafe extern "C" {
         value_len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_getxattrs(
         read_op: rados_read_op_t,
@@ -1566,6 +1759,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_omap_cmp(
         read_op: rados_read_op_t,
@@ -1576,6 +1770,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_omap_cmp2(
         read_op: rados_read_op_t,
@@ -1587,6 +1782,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_stat(
         read_op: rados_read_op_t,
@@ -1595,6 +1791,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_read(
         read_op: rados_read_op_t,
@@ -1605,6 +1802,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_checksum(
         read_op: rados_read_op_t,
@@ -1619,6 +1817,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_exec(
         read_op: rados_read_op_t,
@@ -1631,6 +1830,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_exec_user_buf(
         read_op: rados_read_op_t,
@@ -1644,6 +1844,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_omap_get_vals(
         read_op: rados_read_op_t,
@@ -1654,6 +1855,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_omap_get_vals2(
         read_op: rados_read_op_t,
@@ -1665,6 +1867,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_omap_get_keys(
         read_op: rados_read_op_t,
@@ -1674,6 +1877,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_omap_get_keys2(
         read_op: rados_read_op_t,
@@ -1684,6 +1888,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_omap_get_vals_by_keys(
         read_op: rados_read_op_t,
@@ -1693,6 +1898,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_omap_get_vals_by_keys2(
         read_op: rados_read_op_t,
@@ -1703,6 +1909,7 @@ unsafe extern "C" {
         prval: *mut ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_read_op_operate(
         read_op: rados_read_op_t,
@@ -1711,6 +1918,7 @@ unsafe extern "C" {
         flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_read_op_operate(
         read_op: rados_read_op_t,
@@ -1720,6 +1928,7 @@ unsafe extern "C" {
         flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_lock_exclusive(
         io: rados_ioctx_t,
@@ -1731,6 +1940,7 @@ unsafe extern "C" {
         flags: u8,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_lock_shared(
         io: rados_ioctx_t,
@@ -1743,6 +1953,7 @@ unsafe extern "C" {
         flags: u8,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_unlock(
         io: rados_ioctx_t,
@@ -1751,6 +1962,7 @@ unsafe extern "C" {
         cookie: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_aio_unlock(
         io: rados_ioctx_t,
@@ -1760,6 +1972,7 @@ unsafe extern "C" {
         completion: rados_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_list_lockers(
         io: rados_ioctx_t,
@@ -1776,6 +1989,7 @@ unsafe extern "C" {
         addrs_len: *mut usize,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_break_lock(
         io: rados_ioctx_t,
@@ -1785,6 +1999,7 @@ unsafe extern "C" {
         cookie: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_blocklist_add(
         cluster: rados_t,
@@ -1792,6 +2007,7 @@ unsafe extern "C" {
         expire_seconds: u32,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_blacklist_add(
         cluster: rados_t,
@@ -1799,24 +2015,30 @@ unsafe extern "C" {
         expire_seconds: u32,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_getaddrs(
         cluster: rados_t,
         addrs: *mut *mut ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_set_osdmap_full_try(io: rados_ioctx_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_unset_osdmap_full_try(io: rados_ioctx_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_set_pool_full_try(io: rados_ioctx_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_unset_pool_full_try(io: rados_ioctx_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_application_enable(
         io: rados_ioctx_t,
@@ -1824,6 +2046,7 @@ unsafe extern "C" {
         force: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_application_list(
         io: rados_ioctx_t,
@@ -1831,6 +2054,7 @@ unsafe extern "C" {
         values_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_application_metadata_get(
         io: rados_ioctx_t,
@@ -1840,6 +2064,7 @@ unsafe extern "C" {
         value_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_application_metadata_set(
         io: rados_ioctx_t,
@@ -1848,6 +2073,7 @@ unsafe extern "C" {
         value: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_application_metadata_remove(
         io: rados_ioctx_t,
@@ -1855,6 +2081,7 @@ unsafe extern "C" {
         key: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_application_metadata_list(
         io: rados_ioctx_t,
@@ -1865,6 +2092,7 @@ unsafe extern "C" {
         vals_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_mon_command(
         cluster: rados_t,
@@ -1878,6 +2106,7 @@ unsafe extern "C" {
         outslen: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_mgr_command(
         cluster: rados_t,
@@ -1891,6 +2120,7 @@ unsafe extern "C" {
         outslen: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_mgr_command_target(
         cluster: rados_t,
@@ -1905,6 +2135,7 @@ unsafe extern "C" {
         outslen: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_mon_command_target(
         cluster: rados_t,
@@ -1919,9 +2150,11 @@ unsafe extern "C" {
         outslen: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_buffer_free(buf: *mut ::std::os::raw::c_char);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_osd_command(
         cluster: rados_t,
@@ -1936,6 +2169,7 @@ unsafe extern "C" {
         outslen: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_pg_command(
         cluster: rados_t,
@@ -1951,6 +2185,7 @@ unsafe extern "C" {
     ) -> ::std::os::raw::c_int;
 }
 pub type rados_log_callback_t = ::std::option::Option<
+    // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
     unsafe extern "C" fn(
         arg: *mut ::std::os::raw::c_void,
         line: *const ::std::os::raw::c_char,
@@ -1963,6 +2198,7 @@ pub type rados_log_callback_t = ::std::option::Option<
     ),
 >;
 pub type rados_log_callback2_t = ::std::option::Option<
+    // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
     unsafe extern "C" fn(
         arg: *mut ::std::os::raw::c_void,
         line: *const ::std::os::raw::c_char,
@@ -1976,6 +2212,7 @@ pub type rados_log_callback2_t = ::std::option::Option<
         msg: *const ::std::os::raw::c_char,
     ),
 >;
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_monitor_log(
         cluster: rados_t,
@@ -1984,6 +2221,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_monitor_log2(
         cluster: rados_t,
@@ -1992,6 +2230,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_service_register(
         cluster: rados_t,
@@ -2000,24 +2239,29 @@ unsafe extern "C" {
         metadata_dict: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_service_update_status(
         cluster: rados_t,
         status_dict: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_objects_list_open(
         io: rados_ioctx_t,
         ctx: *mut rados_list_ctx_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_objects_list_get_pg_hash_position(ctx: rados_list_ctx_t) -> u32;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_objects_list_seek(ctx: rados_list_ctx_t, pos: u32) -> u32;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_objects_list_next(
         ctx: rados_list_ctx_t,
@@ -2025,6 +2269,7 @@ unsafe extern "C" {
         key: *mut *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rados_objects_list_close(ctx: rados_list_ctx_t);
 }
@@ -2033,15 +2278,18 @@ pub type rbd_image_options_t = *mut ::std::os::raw::c_void;
 pub type rbd_pool_stats_t = *mut ::std::os::raw::c_void;
 pub type rbd_completion_t = *mut ::std::os::raw::c_void;
 pub type rbd_callback_t = ::std::option::Option<
+    // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
     unsafe extern "C" fn(cb: rbd_completion_t, arg: *mut ::std::os::raw::c_void),
 >;
 pub type librbd_progress_fn_t = ::std::option::Option<
+    // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
     unsafe extern "C" fn(
         offset: u64,
         total: u64,
         ptr: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int,
 >;
+// SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
 pub type rbd_update_callback_t =
     ::std::option::Option<unsafe extern "C" fn(arg: *mut ::std::os::raw::c_void)>;
 pub const RBD_SNAP_NAMESPACE_TYPE_USER: rbd_snap_namespace_type_t = 0;
@@ -2459,6 +2707,7 @@ const _: () = {
 pub const RBD_LOCK_MODE_EXCLUSIVE: rbd_lock_mode_t = 0;
 pub const RBD_LOCK_MODE_SHARED: rbd_lock_mode_t = 1;
 pub type rbd_lock_mode_t = ::std::os::raw::c_uint;
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_version(
         major: *mut ::std::os::raw::c_int,
@@ -2659,12 +2908,15 @@ const _: () = {
     ["Offset of field: rbd_encryption_luks2_format_options_t::passphrase_size"]
         [::std::mem::offset_of!(rbd_encryption_luks2_format_options_t, passphrase_size) - 16usize];
 };
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_set_string(
         opts: rbd_image_options_t,
@@ -2672,6 +2924,7 @@ unsafe extern "C" {
         optval: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_set_uint64(
         opts: rbd_image_options_t,
@@ -2679,6 +2932,7 @@ unsafe extern "C" {
         optval: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_get_string(
         opts: rbd_image_options_t,
@@ -2687,6 +2941,7 @@ unsafe extern "C" {
         maxlen: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_get_uint64(
         opts: rbd_image_options_t,
@@ -2694,6 +2949,7 @@ unsafe extern "C" {
         optval: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_is_set(
         opts: rbd_image_options_t,
@@ -2701,36 +2957,45 @@ unsafe extern "C" {
         is_set: *mut bool,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_unset(
         opts: rbd_image_options_t,
         optname: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_clear(opts: rbd_image_options_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_options_is_empty(opts: rbd_image_options_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_spec_cleanup(image: *mut rbd_image_spec_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: usize);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_linked_image_spec_cleanup(image: *mut rbd_linked_image_spec_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_linked_image_spec_list_cleanup(
         images: *mut rbd_linked_image_spec_t,
         num_images: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_spec_cleanup(snap: *mut rbd_snap_spec_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list(
         io: rados_ioctx_t,
@@ -2738,6 +3003,7 @@ unsafe extern "C" {
         size: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list2(
         io: rados_ioctx_t,
@@ -2745,6 +3011,7 @@ unsafe extern "C" {
         max_images: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_create(
         io: rados_ioctx_t,
@@ -2753,6 +3020,7 @@ unsafe extern "C" {
         order: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_create2(
         io: rados_ioctx_t,
@@ -2762,6 +3030,7 @@ unsafe extern "C" {
         order: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_create3(
         io: rados_ioctx_t,
@@ -2773,6 +3042,7 @@ unsafe extern "C" {
         stripe_count: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_create4(
         io: rados_ioctx_t,
@@ -2781,6 +3051,7 @@ unsafe extern "C" {
         opts: rbd_image_options_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_clone(
         p_ioctx: rados_ioctx_t,
@@ -2792,6 +3063,7 @@ unsafe extern "C" {
         c_order: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_clone2(
         p_ioctx: rados_ioctx_t,
@@ -2805,6 +3077,7 @@ unsafe extern "C" {
         stripe_count: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_clone3(
         p_ioctx: rados_ioctx_t,
@@ -2815,12 +3088,14 @@ unsafe extern "C" {
         c_opts: rbd_image_options_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_remove(
         io: rados_ioctx_t,
         name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_remove_with_progress(
         io: rados_ioctx_t,
@@ -2829,6 +3104,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_rename(
         src_io_ctx: rados_ioctx_t,
@@ -2836,6 +3112,7 @@ unsafe extern "C" {
         destname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_move(
         io: rados_ioctx_t,
@@ -2843,6 +3120,7 @@ unsafe extern "C" {
         delay: u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_get(
         io: rados_ioctx_t,
@@ -2850,9 +3128,11 @@ unsafe extern "C" {
         info: *mut rbd_trash_image_info_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_get_cleanup(info: *mut rbd_trash_image_info_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_list(
         io: rados_ioctx_t,
@@ -2860,9 +3140,11 @@ unsafe extern "C" {
         num_entries: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_list_cleanup(trash_entries: *mut rbd_trash_image_info_t, num_entries: usize);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_purge(
         io: rados_ioctx_t,
@@ -2870,6 +3152,7 @@ unsafe extern "C" {
         threshold: f32,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_purge_with_progress(
         io: rados_ioctx_t,
@@ -2879,6 +3162,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_remove(
         io: rados_ioctx_t,
@@ -2886,6 +3170,7 @@ unsafe extern "C" {
         force: bool,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_remove_with_progress(
         io: rados_ioctx_t,
@@ -2895,6 +3180,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_trash_restore(
         io: rados_ioctx_t,
@@ -2902,6 +3188,7 @@ unsafe extern "C" {
         name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_prepare(
         ioctx: rados_ioctx_t,
@@ -2911,6 +3198,7 @@ unsafe extern "C" {
         opts: rbd_image_options_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_prepare_import(
         source_spec: *const ::std::os::raw::c_char,
@@ -2919,12 +3207,14 @@ unsafe extern "C" {
         opts: rbd_image_options_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_execute(
         ioctx: rados_ioctx_t,
         image_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_execute_with_progress(
         ioctx: rados_ioctx_t,
@@ -2933,12 +3223,14 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_abort(
         ioctx: rados_ioctx_t,
         image_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_abort_with_progress(
         ioctx: rados_ioctx_t,
@@ -2947,12 +3239,14 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_commit(
         ioctx: rados_ioctx_t,
         image_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_commit_with_progress(
         ioctx: rados_ioctx_t,
@@ -2961,6 +3255,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_status(
         ioctx: rados_ioctx_t,
@@ -2969,9 +3264,11 @@ unsafe extern "C" {
         status_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_migration_status_cleanup(status: *mut rbd_image_migration_status_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_site_name_get(
         cluster: rados_t,
@@ -2979,24 +3276,28 @@ unsafe extern "C" {
         max_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_site_name_set(
         cluster: rados_t,
         name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_mode_get(
         io_ctx: rados_ioctx_t,
         mirror_mode: *mut rbd_mirror_mode_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_mode_set(
         io_ctx: rados_ioctx_t,
         mirror_mode: rbd_mirror_mode_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_uuid_get(
         io_ctx: rados_ioctx_t,
@@ -3004,6 +3305,7 @@ unsafe extern "C" {
         max_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_bootstrap_create(
         io_ctx: rados_ioctx_t,
@@ -3011,6 +3313,7 @@ unsafe extern "C" {
         max_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_bootstrap_import(
         io_ctx: rados_ioctx_t,
@@ -3018,6 +3321,7 @@ unsafe extern "C" {
         token: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_add(
         io_ctx: rados_ioctx_t,
@@ -3028,6 +3332,7 @@ unsafe extern "C" {
         client_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_set_name(
         io_ctx: rados_ioctx_t,
@@ -3035,6 +3340,7 @@ unsafe extern "C" {
         site_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_set_client_name(
         io_ctx: rados_ioctx_t,
@@ -3042,6 +3348,7 @@ unsafe extern "C" {
         client_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_set_direction(
         io_ctx: rados_ioctx_t,
@@ -3049,12 +3356,14 @@ unsafe extern "C" {
         direction: rbd_mirror_peer_direction_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_remove(
         io_ctx: rados_ioctx_t,
         uuid: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_list(
         io_ctx: rados_ioctx_t,
@@ -3062,12 +3371,14 @@ unsafe extern "C" {
         max_peers: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_list_cleanup(
         peers: *mut rbd_mirror_peer_site_t,
         max_peers: ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_get_attributes(
         p: rados_ioctx_t,
@@ -3079,6 +3390,7 @@ unsafe extern "C" {
         key_value_count: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_site_set_attributes(
         p: rados_ioctx_t,
@@ -3088,6 +3400,7 @@ unsafe extern "C" {
         key_value_count: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_global_status_list(
         io_ctx: rados_ioctx_t,
@@ -3098,6 +3411,7 @@ unsafe extern "C" {
         len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_global_status_list_cleanup(
         image_ids: *mut *mut ::std::os::raw::c_char,
@@ -3105,6 +3419,7 @@ unsafe extern "C" {
         len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_add(
         io_ctx: rados_ioctx_t,
@@ -3114,12 +3429,14 @@ unsafe extern "C" {
         client_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_remove(
         io_ctx: rados_ioctx_t,
         uuid: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_list(
         io_ctx: rados_ioctx_t,
@@ -3127,12 +3444,14 @@ unsafe extern "C" {
         max_peers: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_list_cleanup(
         peers: *mut rbd_mirror_peer_t,
         max_peers: ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_set_client(
         io_ctx: rados_ioctx_t,
@@ -3140,6 +3459,7 @@ unsafe extern "C" {
         client_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_set_cluster(
         io_ctx: rados_ioctx_t,
@@ -3147,6 +3467,7 @@ unsafe extern "C" {
         cluster_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_get_attributes(
         p: rados_ioctx_t,
@@ -3158,6 +3479,7 @@ unsafe extern "C" {
         key_value_count: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_peer_set_attributes(
         p: rados_ioctx_t,
@@ -3167,6 +3489,7 @@ unsafe extern "C" {
         key_value_count: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_status_list(
         io_ctx: rados_ioctx_t,
@@ -3177,6 +3500,7 @@ unsafe extern "C" {
         len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_status_list_cleanup(
         image_ids: *mut *mut ::std::os::raw::c_char,
@@ -3184,6 +3508,7 @@ unsafe extern "C" {
         len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_status_summary(
         io_ctx: rados_ioctx_t,
@@ -3192,6 +3517,7 @@ unsafe extern "C" {
         maxlen: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_instance_id_list(
         io_ctx: rados_ioctx_t,
@@ -3202,6 +3528,7 @@ unsafe extern "C" {
         len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_instance_id_list_cleanup(
         image_ids: *mut *mut ::std::os::raw::c_char,
@@ -3209,6 +3536,7 @@ unsafe extern "C" {
         len: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_info_list(
         io_ctx: rados_ioctx_t,
@@ -3221,6 +3549,7 @@ unsafe extern "C" {
         num_entries: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_info_list_cleanup(
         image_ids: *mut *mut ::std::os::raw::c_char,
@@ -3228,6 +3557,7 @@ unsafe extern "C" {
         num_entries: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_metadata_get(
         io_ctx: rados_ioctx_t,
@@ -3236,6 +3566,7 @@ unsafe extern "C" {
         val_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_metadata_set(
         io_ctx: rados_ioctx_t,
@@ -3243,12 +3574,14 @@ unsafe extern "C" {
         value: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_metadata_remove(
         io_ctx: rados_ioctx_t,
         key: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_metadata_list(
         io_ctx: rados_ioctx_t,
@@ -3260,6 +3593,7 @@ unsafe extern "C" {
         vals_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_config_pool_list(
         io_ctx: rados_ioctx_t,
@@ -3267,12 +3601,14 @@ unsafe extern "C" {
         max_options: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_config_pool_list_cleanup(
         options: *mut rbd_config_option_t,
         max_options: ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_open(
         io: rados_ioctx_t,
@@ -3281,6 +3617,7 @@ unsafe extern "C" {
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_open_by_id(
         io: rados_ioctx_t,
@@ -3289,6 +3626,7 @@ unsafe extern "C" {
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_open(
         io: rados_ioctx_t,
@@ -3298,6 +3636,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_open_by_id(
         io: rados_ioctx_t,
@@ -3307,6 +3646,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_open_read_only(
         io: rados_ioctx_t,
@@ -3315,6 +3655,7 @@ unsafe extern "C" {
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_open_by_id_read_only(
         io: rados_ioctx_t,
@@ -3323,6 +3664,7 @@ unsafe extern "C" {
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_open_read_only(
         io: rados_ioctx_t,
@@ -3332,6 +3674,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_open_by_id_read_only(
         io: rados_ioctx_t,
@@ -3341,6 +3684,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_features_to_string(
         features: u64,
@@ -3348,21 +3692,26 @@ unsafe extern "C" {
         size: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_features_from_string(
         str_features: *const ::std::os::raw::c_char,
         features: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_close(image: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_close(image: rbd_image_t, c: rbd_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_resize(image: rbd_image_t, size: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_resize2(
         image: rbd_image_t,
@@ -3372,6 +3721,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_resize_with_progress(
         image: rbd_image_t,
@@ -3380,6 +3730,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_stat(
         image: rbd_image_t,
@@ -3387,15 +3738,19 @@ unsafe extern "C" {
         infosize: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_old_format(image: rbd_image_t, old: *mut u8) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_update_features(
         image: rbd_image_t,
@@ -3403,39 +3758,47 @@ unsafe extern "C" {
         enabled: u8,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_op_features(image: rbd_image_t, op_features: *mut u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_stripe_unit(image: rbd_image_t, stripe_unit: *mut u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_stripe_count(
         image: rbd_image_t,
         stripe_count: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_create_timestamp(
         image: rbd_image_t,
         timestamp: *mut timespec,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_access_timestamp(
         image: rbd_image_t,
         timestamp: *mut timespec,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_modify_timestamp(
         image: rbd_image_t,
         timestamp: *mut timespec,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_overlap(image: rbd_image_t, overlap: *mut u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_name(
         image: rbd_image_t,
@@ -3443,6 +3806,7 @@ unsafe extern "C" {
         name_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_id(
         image: rbd_image_t,
@@ -3450,6 +3814,7 @@ unsafe extern "C" {
         id_len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_block_name_prefix(
         image: rbd_image_t,
@@ -3457,9 +3822,11 @@ unsafe extern "C" {
         prefix_len: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_data_pool_id(image: rbd_image_t) -> i64;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_parent_info(
         image: rbd_image_t,
@@ -3471,6 +3838,7 @@ unsafe extern "C" {
         psnapnamelen: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_parent_info2(
         image: rbd_image_t,
@@ -3484,6 +3852,7 @@ unsafe extern "C" {
         psnapnamelen: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_parent(
         image: rbd_image_t,
@@ -3491,6 +3860,7 @@ unsafe extern "C" {
         parent_snap: *mut rbd_snap_spec_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_migration_source_spec(
         image: rbd_image_t,
@@ -3498,9 +3868,11 @@ unsafe extern "C" {
         max_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_flags(image: rbd_image_t, flags: *mut u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_get_group(
         image: rbd_image_t,
@@ -3508,6 +3880,7 @@ unsafe extern "C" {
         group_info_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_set_image_notification(
         image: rbd_image_t,
@@ -3515,21 +3888,25 @@ unsafe extern "C" {
         type_: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_is_exclusive_lock_owner(
         image: rbd_image_t,
         is_owner: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_lock_acquire(
         image: rbd_image_t,
         lock_mode: rbd_lock_mode_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_lock_release(image: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_lock_get_owners(
         image: rbd_image_t,
@@ -3538,12 +3915,14 @@ unsafe extern "C" {
         max_lock_owners: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_lock_get_owners_cleanup(
         lock_owners: *mut *mut ::std::os::raw::c_char,
         lock_owner_count: usize,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_lock_break(
         image: rbd_image_t,
@@ -3551,6 +3930,7 @@ unsafe extern "C" {
         lock_owner: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_rebuild_object_map(
         image: rbd_image_t,
@@ -3558,6 +3938,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_copy(
         image: rbd_image_t,
@@ -3565,9 +3946,11 @@ unsafe extern "C" {
         destname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_copy2(src: rbd_image_t, dest: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_copy3(
         src: rbd_image_t,
@@ -3576,6 +3959,7 @@ unsafe extern "C" {
         dest_opts: rbd_image_options_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_copy4(
         src: rbd_image_t,
@@ -3585,6 +3969,7 @@ unsafe extern "C" {
         sparse_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_copy_with_progress(
         image: rbd_image_t,
@@ -3594,6 +3979,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_copy_with_progress2(
         src: rbd_image_t,
@@ -3602,6 +3988,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_copy_with_progress3(
         image: rbd_image_t,
@@ -3612,6 +3999,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_copy_with_progress4(
         image: rbd_image_t,
@@ -3623,6 +4011,7 @@ unsafe extern "C" {
         sparse_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_deep_copy(
         src: rbd_image_t,
@@ -3631,6 +4020,7 @@ unsafe extern "C" {
         dest_opts: rbd_image_options_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_deep_copy_with_progress(
         image: rbd_image_t,
@@ -3641,6 +4031,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_encryption_format(
         image: rbd_image_t,
@@ -3649,6 +4040,7 @@ unsafe extern "C" {
         opts_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_encryption_load(
         image: rbd_image_t,
@@ -3657,6 +4049,7 @@ unsafe extern "C" {
         opts_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_list(
         image: rbd_image_t,
@@ -3664,9 +4057,11 @@ unsafe extern "C" {
         max_snaps: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_exists(
         image: rbd_image_t,
@@ -3674,12 +4069,14 @@ unsafe extern "C" {
         exists: *mut bool,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_create(
         image: rbd_image_t,
         snapname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_create2(
         image: rbd_image_t,
@@ -3689,12 +4086,14 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_remove(
         image: rbd_image_t,
         snapname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_remove2(
         image: rbd_image_t,
@@ -3704,15 +4103,18 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_remove_by_id(image: rbd_image_t, snap_id: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_rollback(
         image: rbd_image_t,
         snapname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_rollback_with_progress(
         image: rbd_image_t,
@@ -3721,6 +4123,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_rename(
         image: rbd_image_t,
@@ -3728,18 +4131,21 @@ unsafe extern "C" {
         dstsnapsname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_protect(
         image: rbd_image_t,
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_unprotect(
         image: rbd_image_t,
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_is_protected(
         image: rbd_image_t,
@@ -3747,12 +4153,15 @@ unsafe extern "C" {
         is_protected: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_get_limit(image: rbd_image_t, limit: *mut u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_set_limit(image: rbd_image_t, limit: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_get_timestamp(
         image: rbd_image_t,
@@ -3760,15 +4169,18 @@ unsafe extern "C" {
         timestamp: *mut timespec,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_set(
         image: rbd_image_t,
         snapname: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_set_by_id(image: rbd_image_t, snap_id: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_get_name(
         image: rbd_image_t,
@@ -3777,6 +4189,7 @@ unsafe extern "C" {
         name_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_get_id(
         image: rbd_image_t,
@@ -3784,6 +4197,7 @@ unsafe extern "C" {
         snap_id: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_get_namespace_type(
         image: rbd_image_t,
@@ -3791,6 +4205,7 @@ unsafe extern "C" {
         namespace_type: *mut rbd_snap_namespace_type_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_get_group_namespace(
         image: rbd_image_t,
@@ -3799,12 +4214,14 @@ unsafe extern "C" {
         group_snap_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_group_namespace_cleanup(
         group_snap: *mut rbd_snap_group_namespace_t,
         group_snap_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_get_trash_namespace(
         image: rbd_image_t,
@@ -3813,6 +4230,7 @@ unsafe extern "C" {
         max_length: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_get_mirror_namespace(
         image: rbd_image_t,
@@ -3821,15 +4239,18 @@ unsafe extern "C" {
         mirror_snap_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_snap_mirror_namespace_cleanup(
         mirror_snap: *mut rbd_snap_mirror_namespace_t,
         mirror_snap_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_flatten(image: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_flatten_with_progress(
         image: rbd_image_t,
@@ -3837,9 +4258,11 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_sparsify(image: rbd_image_t, sparse_size: usize) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_sparsify_with_progress(
         image: rbd_image_t,
@@ -3848,6 +4271,7 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list_children(
         image: rbd_image_t,
@@ -3857,6 +4281,7 @@ unsafe extern "C" {
         images_len: *mut usize,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list_children2(
         image: rbd_image_t,
@@ -3864,12 +4289,15 @@ unsafe extern "C" {
         max_children: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list_child_cleanup(child: *mut rbd_child_info_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list_children_cleanup(children: *mut rbd_child_info_t, num_children: usize);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list_children3(
         image: rbd_image_t,
@@ -3877,6 +4305,7 @@ unsafe extern "C" {
         max_images: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list_descendants(
         image: rbd_image_t,
@@ -3884,6 +4313,7 @@ unsafe extern "C" {
         max_images: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_list_lockers(
         image: rbd_image_t,
@@ -3898,12 +4328,14 @@ unsafe extern "C" {
         addrs_len: *mut usize,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_lock_exclusive(
         image: rbd_image_t,
         cookie: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_lock_shared(
         image: rbd_image_t,
@@ -3911,12 +4343,14 @@ unsafe extern "C" {
         tag: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_unlock(
         image: rbd_image_t,
         cookie: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_break_lock(
         image: rbd_image_t,
@@ -3924,6 +4358,7 @@ unsafe extern "C" {
         cookie: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_read(
         image: rbd_image_t,
@@ -3932,6 +4367,7 @@ unsafe extern "C" {
         buf: *mut ::std::os::raw::c_char,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_read2(
         image: rbd_image_t,
@@ -3941,12 +4377,14 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_read_iterate(
         image: rbd_image_t,
         ofs: u64,
         len: usize,
         cb: ::std::option::Option<
+            // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
             unsafe extern "C" fn(
                 arg1: u64,
                 arg2: usize,
@@ -3957,12 +4395,14 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> i64;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_read_iterate2(
         image: rbd_image_t,
         ofs: u64,
         len: u64,
         cb: ::std::option::Option<
+            // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
             unsafe extern "C" fn(
                 arg1: u64,
                 arg2: usize,
@@ -3973,6 +4413,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_diff_iterate(
         image: rbd_image_t,
@@ -3980,6 +4421,7 @@ unsafe extern "C" {
         ofs: u64,
         len: u64,
         cb: ::std::option::Option<
+            // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
             unsafe extern "C" fn(
                 arg1: u64,
                 arg2: usize,
@@ -3990,6 +4432,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_diff_iterate2(
         image: rbd_image_t,
@@ -3999,6 +4442,7 @@ unsafe extern "C" {
         include_parent: u8,
         whole_object: u8,
         cb: ::std::option::Option<
+            // SAFETY: a C callback type of the headers; csirr-ceph passes only functions of this signature that never unwind.
             unsafe extern "C" fn(
                 arg1: u64,
                 arg2: usize,
@@ -4009,6 +4453,7 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_write(
         image: rbd_image_t,
@@ -4017,6 +4462,7 @@ unsafe extern "C" {
         buf: *const ::std::os::raw::c_char,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_write2(
         image: rbd_image_t,
@@ -4026,9 +4472,11 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_discard(image: rbd_image_t, ofs: u64, len: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_writesame(
         image: rbd_image_t,
@@ -4039,6 +4487,7 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_write_zeroes(
         image: rbd_image_t,
@@ -4048,6 +4497,7 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_compare_and_write(
         image: rbd_image_t,
@@ -4059,6 +4509,7 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_write(
         image: rbd_image_t,
@@ -4068,6 +4519,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_write2(
         image: rbd_image_t,
@@ -4078,6 +4530,7 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_writev(
         image: rbd_image_t,
@@ -4087,6 +4540,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_read(
         image: rbd_image_t,
@@ -4096,6 +4550,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_read2(
         image: rbd_image_t,
@@ -4106,6 +4561,7 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_readv(
         image: rbd_image_t,
@@ -4115,6 +4571,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_discard(
         image: rbd_image_t,
@@ -4123,6 +4580,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_writesame(
         image: rbd_image_t,
@@ -4134,6 +4592,7 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_write_zeroes(
         image: rbd_image_t,
@@ -4144,6 +4603,7 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_compare_and_write(
         image: rbd_image_t,
@@ -4156,6 +4616,7 @@ unsafe extern "C" {
         op_flags: ::std::os::raw::c_int,
     ) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_create_completion(
         cb_arg: *mut ::std::os::raw::c_void,
@@ -4163,30 +4624,39 @@ unsafe extern "C" {
         c: *mut rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_is_complete(c: rbd_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_wait_for_complete(c: rbd_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_get_arg(c: rbd_completion_t) -> *mut ::std::os::raw::c_void;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_release(c: rbd_completion_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_flush(image: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_invalidate_cache(image: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_poll_io_events(
         image: rbd_image_t,
@@ -4194,6 +4664,7 @@ unsafe extern "C" {
         numcomp: ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_metadata_get(
         image: rbd_image_t,
@@ -4202,6 +4673,7 @@ unsafe extern "C" {
         val_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_metadata_set(
         image: rbd_image_t,
@@ -4209,12 +4681,14 @@ unsafe extern "C" {
         value: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_metadata_remove(
         image: rbd_image_t,
         key: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_metadata_list(
         image: rbd_image_t,
@@ -4226,33 +4700,41 @@ unsafe extern "C" {
         vals_len: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_enable(image: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_enable2(
         image: rbd_image_t,
         mode: rbd_mirror_image_mode_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_disable(image: rbd_image_t, force: bool) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_promote(image: rbd_image_t, force: bool) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_demote(image: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_resync(image: rbd_image_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_create_snapshot(
         image: rbd_image_t,
         snap_id: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_create_snapshot2(
         image: rbd_image_t,
@@ -4260,6 +4742,7 @@ unsafe extern "C" {
         snap_id: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_get_info(
         image: rbd_image_t,
@@ -4267,15 +4750,18 @@ unsafe extern "C" {
         info_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_get_info_cleanup(mirror_image_info: *mut rbd_mirror_image_info_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_get_mode(
         image: rbd_image_t,
         mode: *mut rbd_mirror_image_mode_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_get_global_status(
         image: rbd_image_t,
@@ -4283,11 +4769,13 @@ unsafe extern "C" {
         status_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_global_status_cleanup(
         mirror_image_global_status: *mut rbd_mirror_image_global_status_t,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_get_status(
         image: rbd_image_t,
@@ -4295,6 +4783,7 @@ unsafe extern "C" {
         status_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_mirror_image_get_instance_id(
         image: rbd_image_t,
@@ -4302,6 +4791,7 @@ unsafe extern "C" {
         id_max_length: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_mirror_image_promote(
         image: rbd_image_t,
@@ -4309,12 +4799,14 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_mirror_image_demote(
         image: rbd_image_t,
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_mirror_image_get_info(
         image: rbd_image_t,
@@ -4323,6 +4815,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_mirror_image_get_mode(
         image: rbd_image_t,
@@ -4330,6 +4823,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_mirror_image_get_global_status(
         image: rbd_image_t,
@@ -4338,6 +4832,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_mirror_image_get_status(
         image: rbd_image_t,
@@ -4346,6 +4841,7 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_aio_mirror_image_create_snapshot(
         image: rbd_image_t,
@@ -4354,18 +4850,21 @@ unsafe extern "C" {
         c: rbd_completion_t,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_create(
         p: rados_ioctx_t,
         name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_remove(
         p: rados_ioctx_t,
         name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_list(
         p: rados_ioctx_t,
@@ -4373,6 +4872,7 @@ unsafe extern "C" {
         size: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_rename(
         p: rados_ioctx_t,
@@ -4380,12 +4880,14 @@ unsafe extern "C" {
         dest_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_info_cleanup(
         group_info: *mut rbd_group_info_t,
         group_info_size: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_update_watch(
         image: rbd_image_t,
@@ -4394,9 +4896,11 @@ unsafe extern "C" {
         arg: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_watchers_list(
         image: rbd_image_t,
@@ -4404,9 +4908,11 @@ unsafe extern "C" {
         max_watchers: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num_watchers: usize);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_config_image_list(
         image: rbd_image_t,
@@ -4414,12 +4920,14 @@ unsafe extern "C" {
         max_options: *mut ::std::os::raw::c_int,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_config_image_list_cleanup(
         options: *mut rbd_config_option_t,
         max_options: ::std::os::raw::c_int,
     );
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_image_add(
         group_p: rados_ioctx_t,
@@ -4428,6 +4936,7 @@ unsafe extern "C" {
         image_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_image_remove(
         group_p: rados_ioctx_t,
@@ -4436,6 +4945,7 @@ unsafe extern "C" {
         image_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_image_remove_by_id(
         group_p: rados_ioctx_t,
@@ -4444,6 +4954,7 @@ unsafe extern "C" {
         image_id: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_image_list(
         group_p: rados_ioctx_t,
@@ -4453,6 +4964,7 @@ unsafe extern "C" {
         num_entries: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_image_list_cleanup(
         images: *mut rbd_group_image_info_t,
@@ -4460,6 +4972,7 @@ unsafe extern "C" {
         num_entries: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_snap_create(
         group_p: rados_ioctx_t,
@@ -4467,6 +4980,7 @@ unsafe extern "C" {
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_snap_create2(
         group_p: rados_ioctx_t,
@@ -4475,6 +4989,7 @@ unsafe extern "C" {
         flags: u32,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_snap_remove(
         group_p: rados_ioctx_t,
@@ -4482,6 +4997,7 @@ unsafe extern "C" {
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_snap_rename(
         group_p: rados_ioctx_t,
@@ -4490,6 +5006,7 @@ unsafe extern "C" {
         new_snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_snap_list(
         group_p: rados_ioctx_t,
@@ -4499,6 +5016,7 @@ unsafe extern "C" {
         num_entries: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_snap_list_cleanup(
         snaps: *mut rbd_group_snap_info_t,
@@ -4506,6 +5024,7 @@ unsafe extern "C" {
         num_entries: usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_snap_rollback(
         group_p: rados_ioctx_t,
@@ -4513,6 +5032,7 @@ unsafe extern "C" {
         snap_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_group_snap_rollback_with_progress(
         group_p: rados_ioctx_t,
@@ -4522,18 +5042,21 @@ unsafe extern "C" {
         cbdata: *mut ::std::os::raw::c_void,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_namespace_create(
         io: rados_ioctx_t,
         namespace_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_namespace_remove(
         io: rados_ioctx_t,
         namespace_name: *const ::std::os::raw::c_char,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_namespace_list(
         io: rados_ioctx_t,
@@ -4541,6 +5064,7 @@ unsafe extern "C" {
         size: *mut usize,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_namespace_exists(
         io: rados_ioctx_t,
@@ -4548,15 +5072,19 @@ unsafe extern "C" {
         exists: *mut bool,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_init(io: rados_ioctx_t, force: bool) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_stats_create(stats: *mut rbd_pool_stats_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_stats_destroy(stats: rbd_pool_stats_t);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_stats_option_add_uint64(
         stats: rbd_pool_stats_t,
@@ -4564,9 +5092,11 @@ unsafe extern "C" {
         stat_val: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_pool_stats_get(io: rados_ioctx_t, stats: rbd_pool_stats_t) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_quiesce_watch(
         image: rbd_image_t,
@@ -4576,9 +5106,11 @@ unsafe extern "C" {
         handle: *mut u64,
     ) -> ::std::os::raw::c_int;
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_quiesce_complete(image: rbd_image_t, handle: u64, r: ::std::os::raw::c_int);
 }
+// SAFETY: bindgen's declarations of the Ceph 16.2 C API; only csirr-ceph calls them, through its safe wrappers.
 unsafe extern "C" {
     pub fn rbd_quiesce_unwatch(image: rbd_image_t, handle: u64) -> ::std::os::raw::c_int;
 }

@@ -34,6 +34,8 @@ unsafe extern "C" {
         oid: *const c_char,
         off: u64,
         len: u64,
+        // SAFETY: `done` is called once, with `arg` and the finished read, on a librados
+        // thread; csirr-ceph passes a function of this signature that never unwinds.
         done: unsafe extern "C" fn(*mut c_void, *mut c_void),
         arg: *mut c_void,
     ) -> c_int;
@@ -49,6 +51,8 @@ unsafe extern "C" {
         offs: *const u64,
         bufs: *const *const c_char,
         lens: *const usize,
+        // SAFETY: `done` is called once, with `arg` and the result, on a librados thread;
+        // csirr-ceph passes a function of this signature that never unwinds.
         done: unsafe extern "C" fn(*mut c_void, c_int),
         arg: *mut c_void,
     ) -> c_int;
