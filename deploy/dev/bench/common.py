@@ -4,6 +4,7 @@ The pair's environment (`deploy/dev/ceph-pair.sh env`) names each site's
 configuration and keyring.
 """
 import os
+import urllib.request
 
 import rados
 
@@ -18,3 +19,13 @@ def connect(site, cache=True):
     c = rados.Rados(conffile=os.environ[f"CSIRR_SITE_{s}_CONF"], name="client.admin", conf=conf)
     c.connect(timeout=30)
     return c
+
+
+def engine_metrics(port, timeout=2):
+    """The lines of the replaying sidecar's Prometheus page on 127.0.0.1:`port`
+    (None while it cannot be read)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+            return r.read().decode().splitlines()
+    except OSError:
+        return None

@@ -26,11 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import rbd
 
-from common import connect
+from common import connect, engine_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SITES = ("site-a", "site-b")
@@ -526,13 +525,13 @@ class Bench:
 
     def journal_phase(self, tool, p, pid, replaying):
         """Phase (j) once the caller enabled the images: waits until every replica
-        replays (`replaying(image)`), then (j0) idle CPU of PID, (j1) single-write lag,
+        replays (`replaying(images)` counts those that do), then (j0) idle CPU of PID, (j1) single-write lag,
         (j2) load, (j3) bursts and (j4) the primary's throughput."""
         s, j = self.s, self.fig.jres
         names = [f"{p}j", *s.journal_idle(p)]
         start, ready = time.time(), 0
         while time.time() - start < s.timeout:
-            ready = sum(1 for n in names if replaying(n))
+            ready = replaying(names)
             if ready == len(names):
                 break
             time.sleep(0.2)
@@ -880,15 +879,11 @@ class Engine(Tool):
                     "replication_source": {"volume": {"volume_id": self.pair.image(img)}},
                     "parameters": {"mirroringMode": "journal"}}) is None:
                 die(f"EnableVolumeReplication {img} (journal) failed")
-        url = f"http://127.0.0.1:{self.s.j_port}/metrics"
 
-        def replaying(img):
-            try:
-                text = urllib.request.urlopen(url, timeout=5).read().decode()
-            except OSError:
-                return False
-            return any(line.startswith("csi_rbd_replicator_journal_caught_up_timestamp_seconds{")
-                       and f'image="{img}"' in line for line in text.splitlines())
+        def replaying(names):
+            caught_up = [line for line in engine_metrics(self.s.j_port, timeout=5) or []
+                         if line.startswith("csi_rbd_replicator_journal_caught_up_timestamp_seconds{")]
+            return sum(1 for n in names if any(f'image="{n}"' in line for line in caught_up))
 
         self.b.journal_phase("engine", p, self.bproc.pid, replaying)
 
@@ -921,9 +916,7 @@ class Mirror(Tool):
                 ["rbd-mirror", "--cluster", "site-b", "--id", "admin", "-f", "--log-file",
                  os.path.join(work, "rbd-mirror.log")], out, cwd=work)
         for _ in range(120):
-            status = self.pair.rbd_json("site-b", "mirror", "pool", "status", self.s.pool,
-                                        "--verbose") or {}
-            if any(d.get("leader") for d in status.get("daemons", [])):
+            if any(d.get("leader") for d in self.pool_status().get("daemons", [])):
                 break
             if self.proc.poll() is not None:
                 die(f"rbd-mirror exited; see {work}/rbd-mirror.out")
@@ -938,6 +931,15 @@ class Mirror(Tool):
         log(f"rbd-mirror: CPU seconds in phase ({phase}): {cpu}")
         self.b.procs.stop(self.proc)
         return cpu
+
+    def pool_status(self):
+        """Site-b's `mirror pool status --verbose` ({} while it cannot be read)."""
+        return self.pair.rbd_json("site-b", "mirror", "pool", "status", self.s.pool,
+                                  "--verbose") or {}
+
+    def replicas(self):
+        """The images of the pool status, one dict each."""
+        return self.pool_status().get("images", [])
 
     def phase_c(self):
         self.fig.record("rbd-mirror", "c", self.b.timing("mirror-enable", f"{self.prefix}c"))
@@ -957,8 +959,7 @@ class Mirror(Tool):
             pair.rbd(site, "mirror", "pool", "enable", s.pool, "pool", "--site-name", site)
         deadline, n = time.time() + s.timeout, 0
         while True:
-            status = pair.rbd_json("site-b", "mirror", "pool", "status", s.pool, "--verbose") or {}
-            n = sum(1 for i in status.get("images", []) if i.get("state") == "up+replaying"
+            n = sum(1 for i in self.replicas() if i.get("state") == "up+replaying"
                     and '"entries_behind_primary":0' in (i.get("description") or ""))
             if n == len(names):
                 break
@@ -1008,9 +1009,9 @@ class Mirror(Tool):
         for img in [f"{p}j", *self.s.journal_idle(p)]:
             self.pair.rbd("site-a", "mirror", "image", "enable", self.pair.image(img), "journal")
 
-        def replaying(img):
-            st = self.pair.rbd_json("site-b", "mirror", "image", "status", self.pair.image(img))
-            return (st or {}).get("state") == "up+replaying"
+        def replaying(names):
+            up = {i.get("name") for i in self.replicas() if i.get("state") == "up+replaying"}
+            return sum(1 for n in names if n in up)
 
         self.b.journal_phase("rbd-mirror", p, self.proc.pid, replaying)
 

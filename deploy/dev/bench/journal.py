@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import rbd
 
@@ -28,12 +27,11 @@ def connect(site):
 def behind(tool, ib, name, port):
     """(entries, bytes) the replica is behind, as the tool reports it (None: unknown)."""
     if tool == "engine":
-        try:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-        except OSError:
+        lines = common.engine_metrics(port)
+        if lines is None:
             return None, None
         got = {}
-        for line in body.splitlines():
+        for line in lines:
             for m, k in (("csi_rbd_replicator_journal_behind_entries{", "e"),
                          ("csi_rbd_replicator_journal_behind_bytes{", "b")):
                 if line.startswith(m) and f'image="{name}"' in line:
